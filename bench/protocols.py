@@ -1,0 +1,77 @@
+"""The two contracts every plug-in implements: ``Algorithm`` and ``Reward``.
+
+Algorithm lifecycle (driven only by ``bench.runner.run``)::
+
+    algo = AlgoClass(config, sampler=SamplerSpec, seed=int)    # config: the class's frozen Config
+    algo.load_state_dict(state)                                 # only when resuming
+    for iteration in 0, 1, ...:
+        plan = algo.plan(iteration)                             # RolloutPlan (pure, seeded)
+        rollout = engine.run(plan, batch, iteration)            # runner -> engine, no gradients
+        rewards = reward(rollout.images, prompts, meta)         # runner -> reward
+        adv = algo.advantages(batch, rollout, rewards)          # Advantages per edge
+        stats = algo.update(policy, engine, optimizer, batch, rollout, adv)   # UpdateStats
+    algo.state_dict()                                           # checkpoints
+
+Rules: an algorithm never reads a clock, the budget or the reward model and never writes logs;
+it draws randomness only from ``bench.seeding.generator(seed, iteration, stage)``; every hook
+returns a value and stashes nothing on another stage. ``update`` may call ``engine.logp`` (the only
+way to get log-probs with gradients), ``optimizer.zero_grad/step`` and
+``torch.nn.utils.clip_grad_norm_`` on ``policy.trainable_parameters()``.
+
+Reward lifecycle: constructed lazily by the registry (``load_reward``); heavy weights load on the
+first call, never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
+
+from torch import Tensor
+
+from bench.types import Advantages, PromptBatch, RewardOutput, Rollout, RolloutPlan, UpdateStats
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """An RL post-training algorithm (see the module docstring for the lifecycle)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        """What to sample this iteration (modes per step, branching, group size, noise)."""
+        ...
+
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        """Per-edge advantages from the leaves' rewards."""
+        ...
+
+    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        """One policy update on this iteration's rollout."""
+        ...
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state that must survive a resume (e.g. DDPO's per-prompt buffers)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ...
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A reward model: images in [0, 1] -> float32 scores.
+
+    name:    registry name
+    version: changes whenever the scores would change (weights, preprocessing, formula); reports
+             refuse to plot runs with different versions on one axis
+    """
+
+    name: str
+    version: str
+
+    def __call__(self, images: Tensor, prompts: Sequence[str], meta: Sequence[Mapping[str, Any]]
+                 ) -> RewardOutput:
+        """images: [L, 3, H, W] float in [0, 1]; prompts/meta: [L]. Returns scores [L] float32."""
+        ...

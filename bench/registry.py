@@ -1,0 +1,134 @@
+"""One table of lazy import strings for every plug-in (lm-eval style).
+
+``bench`` never imports ``algorithms``, ``rewards``, ``sweeps`` or ``reports`` directly: it names them
+here and imports them on first use, so ``bench --help`` and ``bench list`` stay fast and the layering
+test can check the import graph. Unknown names raise ``UsageError`` with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UsageError(ValueError):
+    """A user mistake (unknown name, bad value, contradictory options): the CLI prints the message
+    and exits with status 2."""
+
+
+def did_you_mean(name: str, valid: list[str] | tuple[str, ...] | Any, what: str) -> str:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {what} {name!r}.{hint} Valid: {', '.join(valid)}."
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "module:attribute"
+    description: str
+
+
+ALGORITHMS: dict[str, Entry] = {
+    "grpo": Entry("algorithms.grpo:GRPO",
+                  "Minimal chain GRPO (all steps SDE, group-normalised leaf advantage); harness smoke tests"),
+    "ddpo": Entry("algorithms.ddpo:DDPO",
+                  "DDPO (Black et al. 2023): i.i.d. chains, per-prompt reward statistics, PPO-clip"),
+    "dancegrpo": Entry("algorithms.dancegrpo:DanceGRPO",
+                       "DanceGRPO (arXiv 2505.07818): all-SDE groups with shared noise, random trained steps"),
+    "mixgrpo": Entry("algorithms.mixgrpo:MixGRPO",
+                     "MixGRPO (arXiv 2507.21802): SDE sliding window, ODE elsewhere; Flash variant option"),
+    "treegrpo": Entry("algorithms.treegrpo:TreeGRPO",
+                      "TreeGRPO (arXiv 2512.08153): shared-prefix trees, k-ary SDE branching, per-edge advantages"),
+}
+
+REWARDS: dict[str, Entry] = {
+    "shapes_pref": Entry("rewards.shapes_pref:ShapesPref",
+                         "Learned CLIP-style scorer of the shapes world (stand-in for HPS/CLIPScore)"),
+    "shapes_attr": Entry("rewards.shapes_attr:ShapesAttr",
+                         "Exact procedural checker of the shapes world: colour, shape, size, position in [0, 1]"),
+    "brightness": Entry("rewards.toy:Brightness", "Toy: mean pixel brightness in [0, 1]"),
+    "jpeg_compressibility": Entry("rewards.toy:JpegCompressibility",
+                                  "Toy (DDPO): negative JPEG size in kB at quality 95"),
+    "hpsv2": Entry("rewards.hpsv2:HPSv2", "HPSv2 / HPSv2.1 human preference score (open_clip ViT-H-14)"),
+    "image_reward": Entry("rewards.image_reward:ImageRewardScorer", "ImageReward 1.5 (BLIP + MLP head)"),
+    "clip_score": Entry("rewards.clip_score:ClipScore", "CLIPScore: cosine image-text similarity (open_clip)"),
+    "pickscore": Entry("rewards.pickscore:PickScore", "PickScore (CLIP-H fine-tuned on Pick-a-Pic)"),
+    "aesthetic": Entry("rewards.aesthetic:Aesthetic", "LAION aesthetic predictor (MLP on CLIP ViT-L/14)"),
+}
+
+#: Reward that combines several ("a=1.0,b=0.5" specs); named by string to keep the layering.
+WEIGHTED_REWARD = "rewards.combine:WeightedSum"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named model: where its weights come from and the sampling defaults of its papers.
+
+    source:  "package:<dir under bench/>" for shipped weights, "tiny-random" for an in-process random
+             model, or "path" for a local diffusers directory given by --model-path / model.path
+    """
+
+    source: str
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelPreset] = {
+    "shapes": ModelPreset("package:shapes/model",
+                          "Embedded tiny text-to-image flow model of the shapes world (32x32 pixels, CPU)",
+                          {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.shift": 1.0}),
+    "tiny-random": ModelPreset("tiny-random",
+                               "Random tiny SD3-style flow model built in-process (tests, smoke runs)",
+                               {"sampler.steps": 6, "sampler.guidance": 1.0, "sampler.noise_level": 0.7,
+                                "sampler.shift": 1.0}),
+    "tiny-random-ddim": ModelPreset("tiny-random-ddim",
+                                    "Random tiny epsilon-prediction UNet + DDIM built in-process (DDPO tests)",
+                                    {"sampler.steps": 6, "sampler.guidance": 1.0, "sampler.noise_level": 1.0,
+                                     "sampler.shift": 1.0}),
+}
+
+#: Algorithm presets reproducing the papers' settings (``--preset NAME``): dotted overrides.
+PRESETS: dict[str, dict[str, Any]] = {}
+
+#: Subcommands implemented outside ``bench`` (``bench NAME ...`` -> ``module.main(argv) -> int``).
+COMMANDS: dict[str, Entry] = {
+    "compare": Entry("reports.compare:main", "Run several algorithms under one budget and seeds, then report"),
+    "sweep": Entry("sweeps.cli:main", "Optuna sweep over k, d, window and friends"),
+    "report": Entry("reports.cli:main", "Build a PDF report from run directories"),
+}
+
+
+def load_object(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise NotImplementedError(f"{target} is registered but its module {module!r} does not exist yet")
+        raise
+    try:
+        return getattr(mod, attr)
+    except AttributeError as e:
+        raise NotImplementedError(f"{module} has no {attr!r} (registered as {target})") from e
+
+
+def algorithm_class(name: str) -> Any:
+    if name not in ALGORITHMS:
+        raise UsageError(did_you_mean(name, ALGORITHMS, "algorithm"))
+    return load_object(ALGORITHMS[name].target)
+
+
+def reward_class(name: str) -> Any:
+    if name not in REWARDS:
+        raise UsageError(did_you_mean(name, REWARDS, "reward"))
+    return load_object(REWARDS[name].target)
+
+
+def model_preset(name: str) -> ModelPreset:
+    if name not in MODELS:
+        raise UsageError(did_you_mean(name, MODELS, "model"))
+    return MODELS[name]

@@ -1,0 +1,205 @@
+"""Step math: pure functions, fp32, one typed return value each.
+
+Conventions (ALGORITHMS.md §0): flow matching x_sigma = (1 - sigma) x0 + sigma eps, sigma: 1 -> 0, the
+model predicts the velocity v ~ eps - x0, dt = sigma_next - sigma < 0. Epsilon-prediction models use
+DDIM on the alpha_bar schedule.
+
+Every step returns ``StepOutput(prev_sample, log_prob, mean, std)``:
+  prev_sample [B, ...]  the next latent (sampled, or the one passed in)
+  log_prob    [B]       Gaussian log-density of prev_sample under N(mean, std^2), *mean* over the
+                        non-batch dims as in every reference implementation (ALGORITHMS.md §9.1);
+                        NaN for deterministic steps
+  mean        [B, ...]  the step's mean (the deterministic update for ODE steps)
+  std         [B]       the step's standard deviation (0 for deterministic steps)
+
+When ``prev_sample`` is given, no noise is drawn and its log-prob under the step is returned (this
+is how ``engine.logp`` recomputes log-probs with gradients: gradients flow through ``mean``).
+``sigma``-like arguments are python floats or tensors of shape [B].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    prev_sample: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+@dataclass(frozen=True)
+class DPMStepOutput(StepOutput):
+    """A DPM-Solver++ step also returns its data prediction, which the next multistep update needs."""
+
+    x0: Tensor = None  # type: ignore[assignment]
+
+
+def _per_sample(v: float | Tensor, like: Tensor) -> Tensor:
+    """A float or [B] tensor -> float32 tensor of shape [B, 1, 1, ...] broadcastable against ``like``."""
+    t = torch.as_tensor(v, dtype=torch.float32, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(like.shape[0])
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Per-sample mean over non-batch dims of log N(x; mean, std^2); ``x`` is treated as data
+    (detached), gradients flow through ``mean``. ``std`` broadcasts against ``x``."""
+    lp = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.dim())))
+
+
+def _sample_or_take(mean: Tensor, std: Tensor, prev_sample: Tensor | None,
+                    generator: torch.Generator | None) -> Tensor:
+    if prev_sample is not None:
+        return prev_sample.to(torch.float32)
+    gen_device = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return mean + std * noise.to(mean.device)
+
+
+def flow_ode_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor
+                  ) -> StepOutput:
+    """Flow-matching Euler step x_next = x + (sigma_next - sigma) * v (the probability-flow ODE;
+    identical to diffusers' ``FlowMatchEulerDiscreteScheduler.step``)."""
+    x = x_t.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, sn = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    mean = x + (sn - s) * v
+    B = x.shape[0]
+    nan = torch.full((B,), float("nan"), device=x.device)
+    return StepOutput(prev_sample=mean, log_prob=nan, mean=mean, std=torch.zeros(B, device=x.device))
+
+
+def flow_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+                  noise_level: float, prev_sample: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> StepOutput:
+    """Flow-GRPO SDE step (Liu et al. 2025, flow_grpo ``sde_step_with_logprob``; ALGORITHMS.md §5).
+
+    Reverse-time SDE dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw with
+    sigma_t = a * sqrt(t / (1 - t)), a = ``noise_level``, discretised with step dt = sigma_next - sigma:
+
+        std_dev_t = a * sqrt(sigma / (1 - sigma'))   with sigma' = sigma_next where sigma == 1
+        mean      = x (1 + std_dev_t^2 / (2 sigma) dt) + v (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) dt
+        x_next    = mean + std_dev_t sqrt(-dt) z
+    """
+    x = x_t.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, sn = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    dt = sn - s
+    s_den = torch.where(s >= 1.0, sn, s)  # avoid 1/(1-1) at the first step, as Flow-GRPO does
+    std_dev_t = torch.sqrt(s / (1 - s_den)) * noise_level
+    mean = x * (1 + std_dev_t**2 / (2 * s) * dt) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_dev_t * torch.sqrt(-dt)
+    nxt = _sample_or_take(mean, std, prev_sample, generator)
+    return StepOutput(prev_sample=nxt, log_prob=gaussian_log_prob(nxt, mean, std), mean=mean,
+                      std=std.reshape(-1))
+
+
+def dance_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+                   noise_level: float, prev_sample: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> StepOutput:
+    """DanceGRPO SDE step (Xue et al. 2025, ``flux_step`` with ``sde_solver``; ALGORITHMS.md §2.1).
+
+        x0_hat = x - sigma v;  score = -(x - (1 - sigma) x0_hat) / sigma^2
+        mean   = x + dsigma v - (eta^2 / 2) score dsigma;   std = eta sqrt(-dsigma)
+    """
+    x = x_t.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, sn = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    dsigma = sn - s
+    x0_hat = x - s * v
+    score = -(x - x0_hat * (1 - s)) / s**2
+    mean = x + dsigma * v + (-0.5 * noise_level**2 * score) * dsigma
+    std = noise_level * torch.sqrt(-dsigma)
+    nxt = _sample_or_take(mean, std, prev_sample, generator)
+    return StepOutput(prev_sample=nxt, log_prob=gaussian_log_prob(nxt, mean, std), mean=mean,
+                      std=std.reshape(-1))
+
+
+def ddim_step(eps: Tensor, x_t: Tensor, alpha_bar_t: float | Tensor, alpha_bar_prev: float | Tensor,
+              eta: float, prev_sample: Tensor | None = None, generator: torch.Generator | None = None,
+              clip_sample: float | None = None) -> StepOutput:
+    """DDIM step with log-prob for epsilon-prediction models (Song et al. 2021, eq. 12; DDPO's
+    ``ddim_step_with_logprob``; ALGORITHMS.md §1.1). ``eta = 0`` is deterministic DDIM (log_prob NaN),
+    ``eta = 1`` is DDPM-like ancestral sampling (DDPO's setting).
+
+        x0_hat = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+        var    = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev);  std = eta sqrt(var)
+        mean   = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - std^2) eps
+    """
+    x = x_t.to(torch.float32)
+    e = eps.to(torch.float32)
+    ab, abp = _per_sample(alpha_bar_t, x), _per_sample(alpha_bar_prev, x)
+    x0 = (x - torch.sqrt(1 - ab) * e) / torch.sqrt(ab)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    var = (1 - abp) / (1 - ab) * (1 - ab / abp)
+    std = eta * torch.sqrt(var)
+    mean = torch.sqrt(abp) * x0 + torch.sqrt((1 - abp - std**2).clamp_min(0)) * e
+    if eta == 0:
+        B = x.shape[0]
+        nan = torch.full((B,), float("nan"), device=x.device)
+        return StepOutput(prev_sample=mean, log_prob=nan, mean=mean, std=torch.zeros(B, device=x.device))
+    nxt = _sample_or_take(mean, std, prev_sample, generator)
+    return StepOutput(prev_sample=nxt, log_prob=gaussian_log_prob(nxt, mean, std), mean=mean,
+                      std=std.reshape(-1))
+
+
+def flow_dpm2_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+                   prev_x0: Tensor | None = None, sigma_prev: float | Tensor | None = None
+                   ) -> DPMStepOutput:
+    """Deterministic multistep DPM-Solver++(2M), midpoint form, on a flow-matching schedule
+    (Lu et al. 2022, arXiv 2211.01095, Alg. 2; used by MixGRPO-Flash after its SDE window).
+
+    With alpha = 1 - sigma, lambda = log(alpha / sigma), h = lambda_next - lambda and the data
+    prediction x0 = x - sigma v:
+        first order:  x_next = (sigma_next / sigma) x - alpha_next (e^{-h} - 1) x0
+        second order: D1 = (x0 - x0_prev) / r, r = (lambda - lambda_prev) / h, and the extra term
+                      - 0.5 alpha_next (e^{-h} - 1) D1
+    The last step (sigma_next = 0) returns x0 (lower-order final step, as diffusers does).
+    """
+    x = x_t.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, sn = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    x0 = x - s * v
+    B = x.shape[0]
+    nan = torch.full((B,), float("nan"), device=x.device)
+    zeros = torch.zeros(B, device=x.device)
+    if bool((sn <= 0).all()):
+        return DPMStepOutput(prev_sample=x0, log_prob=nan, mean=x0, std=zeros, x0=x0)
+    if bool((s >= 1).any()):  # lambda = -inf at sigma = 1: fall back to Euler, exact there
+        out = x + (sn - s) * v
+        return DPMStepOutput(prev_sample=out, log_prob=nan, mean=out, std=zeros, x0=x0)
+    lam = torch.log(1 - s) - torch.log(s)
+    lam_n = torch.log(1 - sn) - torch.log(sn)
+    h = lam_n - lam
+    phi = torch.expm1(-h)  # e^{-h} - 1
+    out = (sn / s) * x - (1 - sn) * phi * x0
+    if prev_x0 is not None and sigma_prev is not None:
+        sp = _per_sample(sigma_prev, x)
+        lam_p = torch.log(1 - sp) - torch.log(sp)
+        r = (lam - lam_p) / h
+        d1 = (x0 - prev_x0.to(torch.float32)) / r
+        out = out - 0.5 * (1 - sn) * phi * d1
+    return DPMStepOutput(prev_sample=out, log_prob=nan, mean=out, std=zeros, x0=x0)
+
+
+def time_shift(sigma: Tensor, shift: float) -> Tensor:
+    """SD3/FLUX time shift sigma' = shift sigma / (1 + (shift - 1) sigma) (DanceGRPO ``sd3_time_shift``)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
+    """The flow schedule every treebench flow rollout uses: linspace(1, 0, T + 1), time-shifted
+    (DanceGRPO/MixGRPO's schedule; ALGORITHMS.md §2.1). Returns [T+1] float32."""
+    return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(torch.float32)
