@@ -76,6 +76,8 @@ class RolloutPlan:
     sigmas:           optional explicit sigma schedule [T+1] (1 -> 0) overriding the model's default;
                       MixGRPO-Flash uses it for its compressed post-window schedule
     keep_latents:     keep every node's latent in the Rollout (needed to recompute log-probs)
+    info:             algorithm-specific scalars describing the plan, logged with the iteration under
+                      namespaced keys (e.g. {"treegrpo/window_start": 3})
     """
 
     num_steps: int
@@ -88,6 +90,7 @@ class RolloutPlan:
     guidance: float = 1.0
     sigmas: tuple[float, ...] | None = None
     keep_latents: bool = True
+    info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         T = self.num_steps
@@ -287,3 +290,20 @@ class SamplerSpec:
     sde_type: str = "flow_grpo"
     shift: float = 1.0
     prediction: str = "flow"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Resolved training settings an algorithm's ``update`` needs (from the ``train.*`` config section).
+
+    micro_batch:      max rows in one denoiser call with gradients (a CFG-guided evaluation takes 2
+                      rows); the algorithm splits its trained edges into micro-batches of at most this
+                      and accumulates gradients
+    optimizer_steps:  optimizer steps per iteration (the trained edges are split into this many
+                      mini-batches; gradient accumulation = micro-batches per mini-batch)
+    max_grad_norm:    gradient clipping threshold (<= 0 disables clipping)
+    """
+
+    micro_batch: int = 64
+    optimizer_steps: int = 1
+    max_grad_norm: float = 1.0
