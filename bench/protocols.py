@@ -2,7 +2,7 @@
 
 Algorithm lifecycle (driven only by ``bench.runner.run``)::
 
-    algo = AlgoClass(config, sampler=SamplerSpec, seed=int)    # config: the class's frozen Config
+    algo = AlgoClass(config, sampler=SamplerSpec, train=TrainSpec, seed=int)  # config: frozen Config
     algo.load_state_dict(state)                                 # only when resuming
     for iteration in 0, 1, ...:
         plan = algo.plan(iteration)                             # RolloutPlan (pure, seeded)

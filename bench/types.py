@@ -157,6 +157,8 @@ class Rollout:
     nfe:        denoiser forward passes spent (a CFG-guided evaluation counts 2)
     plan:       the plan that produced it
     iteration:  training iteration the rollout belongs to
+    conditioning: the encoded prompts [P] (a ``bench.policy.Conditioning``) the engine reuses to
+                recompute log-probs
     """
 
     latents: Tensor | None
@@ -173,6 +175,7 @@ class Rollout:
     nfe: int
     plan: RolloutPlan
     iteration: int = 0
+    conditioning: Any = None
 
     @property
     def num_nodes(self) -> int:

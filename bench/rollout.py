@@ -1,0 +1,223 @@
+"""The shared rollout engine: executes any ``RolloutPlan`` for a whole prompt batch.
+
+Only the engine calls the denoiser. It
+
+* batches the frontier of every tree across all prompts into one denoiser call per level (chunked so
+  that no call exceeds ``max_micro_batch`` rows; a CFG-guided evaluation takes 2 rows: cond + uncond
+  are batched together),
+* applies the step rule of each level (ODE / SDE with k children from ONE evaluation / DPM-Solver++),
+* draws all noise of a level in one call from a generator derived from (seed, iteration, stage), so
+  results do not depend on micro-batching,
+* counts denoiser forward passes exactly (``nfe_rollout``, ``nfe_update``, ``nfe_eval``; a guided
+  evaluation counts 2),
+* recomputes log-probs with gradients through *the same* step functions (``logp``), one evaluation
+  per distinct parent for all of its children (TreeGRPO's amortisation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bench import sde
+from bench.policy import Conditioning, Policy
+from bench.seeding import generator
+from bench.types import PromptBatch, Rollout, RolloutPlan
+
+
+@dataclass(frozen=True)
+class EdgeEval:
+    """Recomputed statistics of M edges parent(n) -> n.
+
+    log_prob [M] (with gradients), mean [M, C, h, w], std [M]."""
+
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-level schedule of a rollout: ``levels`` [T+1] (sigmas for flow models, alpha_bar for
+    epsilon models) and ``timesteps`` [T] (what the denoiser sees at step i)."""
+
+    levels: Tensor
+    timesteps: Tensor
+
+
+class RolloutEngine:
+    def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0):
+        if max_micro_batch < 1:
+            raise ValueError("max_micro_batch must be >= 1")
+        self.policy = policy
+        self.max_micro_batch = int(max_micro_batch)
+        self.seed = int(seed)
+        self.shift = float(shift)
+        self.nfe_rollout = 0
+        self.nfe_update = 0
+        self.nfe_eval = 0
+
+    # ---- schedules -----------------------------------------------------------------------------
+    def schedule(self, plan: RolloutPlan) -> Schedule:
+        T = plan.num_steps
+        if self.policy.prediction == "flow":
+            levels = (torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None
+                      else sde.flow_sigmas(T, self.shift))
+            return Schedule(levels, self.policy.timestep_values(levels[:T]))
+        if plan.sigmas is not None:
+            raise ValueError("explicit sigma schedules are only supported for flow models")
+        if any(m == "dpm2" for m in plan.modes):
+            raise ValueError("DPM-Solver++ steps are only supported for flow models")
+        levels, ts = self.policy.ddim_alpha_bars(T)
+        return Schedule(levels, ts)
+
+    # ---- denoiser evaluation -------------------------------------------------------------------
+    def _evaluate(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
+                  guidance: float) -> tuple[Tensor, int]:
+        """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
+        B = x.shape[0]
+        if guidance > 1.0:
+            empty = self.policy.empty_conditioning()
+            c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])
+            out = self.policy.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), c)
+            uncond, text = out.chunk(2)
+            return uncond + guidance * (text - uncond), 2 * B
+        return self.policy.predict(x, timesteps, cond.take(prompt_idx)), B
+
+    @torch.no_grad()
+    def _evaluate_chunked(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
+                          guidance: float) -> tuple[Tensor, int]:
+        rows = max(1, self.max_micro_batch // (2 if guidance > 1.0 else 1))
+        outs, nfe = [], 0
+        for s in range(0, x.shape[0], rows):
+            o, n = self._evaluate(x[s:s + rows], timesteps[s:s + rows], prompt_idx[s:s + rows], cond, guidance)
+            outs.append(o)
+            nfe += n
+        return torch.cat(outs), nfe
+
+    def _step(self, mode: str, plan: RolloutPlan, out: Tensor, x: Tensor, lvl: Tensor, sched: Schedule,
+              prev_sample: Tensor | None = None, gen: torch.Generator | None = None) -> sde.StepOutput:
+        """Apply the step rule of ``mode`` to rows whose latents sit at levels ``lvl`` [B]."""
+        a, b = sched.levels[lvl].to(x.device), sched.levels[lvl + 1].to(x.device)
+        if self.policy.prediction == "epsilon":
+            eta = plan.noise_level if mode == "sde" else 0.0
+            return sde.ddim_step(out, x, a, b, eta, prev_sample=prev_sample, generator=gen)
+        if mode == "ode":
+            return sde.flow_ode_step(out, x, a, b)
+        if mode == "sde":
+            fn = sde.flow_sde_step if plan.sde_type == "flow_grpo" else sde.dance_sde_step
+            return fn(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
+        raise ValueError(f"mode {mode!r} has no single-step rule")
+
+    # ---- rollout -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, plan: RolloutPlan, batch: PromptBatch, iteration: int, *, stage: str = "rollout",
+            conditioning: Conditioning | None = None) -> Rollout:
+        """Sample the plan for every prompt of the batch. ``stage`` names the noise stream and the NFE
+        counter ("rollout" -> nfe_rollout, "eval" -> nfe_eval)."""
+        pol = self.policy
+        dev = pol.device
+        T, G, P = plan.num_steps, plan.trees_per_prompt, len(batch)
+        sched = self.schedule(plan)
+        cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
+        gen = generator(self.seed, iteration, stage)
+        shape = pol.latent_shape
+
+        if plan.shared_noise:  # one initial noise per prompt, shared by its G roots
+            x = torch.randn((P, *shape), generator=gen).repeat_interleave(G, dim=0)
+        else:
+            x = torch.randn((P * G, *shape), generator=gen)
+        x = x.to(dev)
+        n0 = P * G
+        lat, parent, level, prompt, tree, logp, train = ([x], [torch.full((n0,), -1)], [torch.zeros(n0, dtype=torch.long)],
+                                                         [torch.arange(P).repeat_interleave(G)], [torch.arange(n0)],
+                                                         [torch.full((n0,), float("nan"))],
+                                                         [torch.zeros(n0, dtype=torch.bool)])
+        front_ids = torch.arange(n0)
+        front_prompt, front_tree = prompt[0], tree[0]
+        prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
+        next_id = n0
+        nfe = 0
+        for i in range(T):
+            F = x.shape[0]
+            mode, k = plan.modes[i], plan.branch[i]
+            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance)
+            nfe += n
+            lvl = torch.full((F,), i, dtype=torch.long)
+            if mode == "dpm2":
+                s_prev = sched.levels[i - 1] if (i > 0 and prev_x0 is not None) else None
+                st = sde.flow_dpm2_step(out, x, sched.levels[i], sched.levels[i + 1],
+                                        prev_x0=prev_x0 if s_prev is not None else None, sigma_prev=s_prev)
+                new_x0 = st.x0
+            else:
+                if k > 1:
+                    out, x, lvl = (out.repeat_interleave(k, 0), x.repeat_interleave(k, 0),
+                                   lvl.repeat_interleave(k))
+                st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
+                new_x0 = (x - sched.levels[i].to(dev) * out) if pol.prediction == "flow" else None
+            x = st.prev_sample
+            F2 = x.shape[0]
+            ids = torch.arange(next_id, next_id + F2)
+            next_id += F2
+            lat.append(x)
+            parent.append(front_ids.repeat_interleave(k) if k > 1 else front_ids)
+            level.append(torch.full((F2,), i + 1, dtype=torch.long))
+            front_prompt = front_prompt.repeat_interleave(k) if k > 1 else front_prompt
+            front_tree = front_tree.repeat_interleave(k) if k > 1 else front_tree
+            prompt.append(front_prompt)
+            tree.append(front_tree)
+            is_sde = mode == "sde"
+            logp.append(st.log_prob.float().cpu() if is_sde else torch.full((F2,), float("nan")))
+            train.append(torch.full((F2,), is_sde, dtype=torch.bool))
+            prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
+            front_ids = ids
+
+        leaves = front_ids
+        images = torch.cat([pol.decode(x[s:s + self.max_micro_batch])
+                            for s in range(0, x.shape[0], self.max_micro_batch)]).float().cpu()
+        if stage == "eval":
+            self.nfe_eval += nfe
+        else:
+            self.nfe_rollout += nfe
+        return Rollout(latents=torch.cat(lat) if plan.keep_latents else None, parent=torch.cat(parent),
+                       level=torch.cat(level), prompt=torch.cat(prompt), tree=torch.cat(tree),
+                       logp_old=torch.cat(logp), trainable=torch.cat(train), leaves=leaves, images=images,
+                       sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe, plan=plan,
+                       iteration=iteration, conditioning=cond)
+
+    # ---- log-probs with gradients --------------------------------------------------------------
+    def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
+        """Log-probs of the edges parent(n) -> n for child nodes ``nodes`` [M], with gradients through
+        the denoiser. One (guided) evaluation per distinct parent serves all of its children; the NFE
+        go to ``nfe_update``. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
+        without gradients (for the KL term)."""
+        if rollout.latents is None:
+            raise ValueError("rollout was sampled with keep_latents=False; log-probs cannot be recomputed")
+        plan = rollout.plan
+        nodes = torch.as_tensor(nodes, dtype=torch.long)
+        par = rollout.parent[nodes]
+        if bool((par < 0).any()):
+            raise ValueError("roots have no incoming edge")
+        lvl = rollout.level[par]
+        modes = {plan.modes[int(i)] for i in lvl.unique()}
+        if modes - {"sde"}:
+            raise ValueError(f"log-probs exist only for SDE edges; got edges from {sorted(modes)} steps")
+        uniq, inv = torch.unique(par, return_inverse=True)
+        sched = Schedule(rollout.sigmas, rollout.timesteps)
+        lat = rollout.latents
+        dev = self.policy.device
+        x_u = lat[uniq.to(lat.device)].to(dev)
+        t_u = sched.timesteps[rollout.level[uniq]]
+        p_u = rollout.prompt[uniq]
+        if reference:
+            with torch.no_grad(), self.policy.reference():
+                out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+        else:
+            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+        self.nfe_update += n
+        inv = inv.to(dev)
+        st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched,
+                        prev_sample=lat[nodes.to(lat.device)].to(dev))
+        return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std)
