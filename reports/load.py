@@ -1,0 +1,371 @@
+"""Run directories -> tidy pandas frames (reads docs/RUNDIR.md, schema_version 1; writes nothing).
+
+``load(paths)`` accepts run directories (a directory holding ``manifest.json``) and any directory
+containing run directories at any depth (a ``bench compare`` output, a sweep's ``trials/<n>/``), and
+returns a :class:`RunSet` with three frames keyed by ``run``:
+
+* ``runs``       one row per run: identity (algorithm, label, seed, reward + version, device, git),
+                 totals from ``final.json`` (or the last iteration when a run has not finished),
+                 mean seconds per iteration and per phase, peak memory, ``cfg.<dotted key>`` columns
+                 for the algorithm's config (``cfg.algo.k``...)
+* ``iterations`` one row per iteration record, with ``run``, ``algo``, ``label``, ``seed`` prepended
+* ``evals``      one row per eval record, likewise
+
+``check_comparable`` refuses to put runs with different schema versions, training reward
+(name@version), held-out reward versions, or (for wall-clock axes) devices on one axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from bench.registry import UsageError
+
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+#: Canonical order of algorithms on every page (others follow alphabetically).
+ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
+
+#: Budget axes: name -> (column in iterations/evals, axis label with unit)
+X_AXES = {
+    "samples": ("samples_total", "scored samples (images)"),
+    "nfe": ("nfe_total", "denoiser forward passes (NFE)"),
+    "seconds": ("seconds_total", "training wall-clock (s)"),
+}
+
+# Config keys that differ between runs without making them different methods (seed, output paths,
+# budget, logging); used when deciding whether runs of one algorithm are variants.
+_IGNORED_CONFIG_LEAVES = {"seed", "out", "out_dir", "output", "run_name", "overwrite", "resume",
+                          "name", "spec", "budget", "tensorboard", "wandb", "device", "log_every"}
+
+
+@dataclass
+class RunSet:
+    runs: pd.DataFrame
+    iterations: pd.DataFrame
+    evals: pd.DataFrame
+    manifests: dict[str, dict] = field(default_factory=dict)
+    finals: dict[str, dict] = field(default_factory=dict)
+    trials: pd.DataFrame | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        """Run groups (algorithm, or algorithm + varying config) in canonical order."""
+        return order_labels(self.runs.drop_duplicates("label")[["label", "algo"]].itertuples(index=False))
+
+    def train_eval_key(self) -> str:
+        """``eval/<training reward>``: the training reward as measured by the held-out evaluation."""
+        names = self.runs["reward"].unique()
+        return f"eval/{names[0]}"
+
+    def eval_keys(self) -> list[str]:
+        """Every ``eval/<reward>`` mean column (no ``/std`` or component columns); training reward first."""
+        keys = []
+        for m in self.manifests.values():
+            for r in m.get("eval_rewards") or []:
+                k = f"eval/{r['name']}"
+                if k not in keys:
+                    keys.append(k)
+        if self.evals is not None and not self.evals.empty:
+            for c in self.evals.columns:
+                if c.startswith("eval/") and c.count("/") == 1 and c not in keys:
+                    keys.append(c)
+        t = self.train_eval_key() if len(self.runs) else None
+        return sorted(keys, key=lambda k: (k != t, keys.index(k)))
+
+    def heldout_keys(self) -> list[str]:
+        t = self.train_eval_key()
+        return [k for k in self.eval_keys() if k != t]
+
+
+# --------------------------------------------------------------------------------------- discovery
+
+def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every run directory (holding manifest.json) at or below the given paths, in a stable order."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise UsageError(f"{p}: no such file or directory")
+        if p.is_file():
+            if p.name == "manifest.json":
+                p = p.parent
+            else:
+                raise UsageError(f"{p}: expected a run directory (holding manifest.json) or a directory of them")
+        before = len(found)
+        _walk(p, found)
+        if len(found) == before:
+            raise UsageError(f"{p}: no run directories (directories holding manifest.json) found at or below it")
+    seen, unique = set(), []
+    for d in found:
+        r = d.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(d)
+    return unique
+
+
+def _walk(d: Path, out: list[Path]) -> None:
+    if (d / "manifest.json").is_file():
+        out.append(d)
+        return
+    for child in sorted(d.iterdir(), key=lambda c: _natural_key(c.name)):
+        if child.is_dir() and child.name not in ("checkpoints", "samples") and not child.name.startswith("."):
+            _walk(child, out)
+
+
+def _natural_key(s: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# --------------------------------------------------------------------------------------- reading
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON Lines file; a truncated last line (a run still writing) is skipped with a
+    warning, a bad line elsewhere is an error naming the file and line."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                warnings.warn(f"{path}:{n}: skipping incomplete last line (run still writing?)", stacklevel=2)
+                continue
+            raise UsageError(f"{path}:{n}: not valid JSON ({e})") from e
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"algo": {"k": 3}} -> {"algo.k": 3}; lists become tuples (hashable)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_value(manifest: dict, dotted: str, default: Any = None) -> Any:
+    cur: Any = manifest.get("config") or {}
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return default
+        cur = cur[part]
+    return cur
+
+
+def _mean(values: Sequence[Any]) -> float:
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _max(values: Sequence[Any]) -> float:
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return max(xs) if xs else math.nan
+
+
+def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> dict[str, Any]:
+    algo = (m.get("algorithm") or {}).get("name") or config_value(m, "algo.name") or "unknown"
+    reward = m.get("reward") or {}
+    dev = m.get("device") or {}
+    git = m.get("git") or {}
+    last = its[-1] if its else {}
+    row: dict[str, Any] = {
+        "run": run_id, "path": str(path), "run_name": m.get("run_name", path.name), "algo": algo,
+        "seed": m.get("seed", config_value(m, "seed")),
+        "schema_version": m.get("schema_version"),
+        "reward": reward.get("name"), "reward_version": str(reward.get("version")),
+        "reward_spec": reward.get("spec"),
+        "eval_rewards": ", ".join(f"{r.get('name')}@{r.get('version')}" for r in m.get("eval_rewards") or []),
+        "model": (m.get("model") or {}).get("name"),
+        "device_type": dev.get("type"), "device_name": dev.get("name"), "device_count": dev.get("count"),
+        "budget_spec": (m.get("budget") or {}).get("spec"),
+        "git_commit": git.get("commit"), "git_dirty": git.get("dirty"),
+        "created": m.get("created"),
+        "stop_reason": final.get("stop_reason", "incomplete (no final.json)"),
+        "iterations": final.get("iterations", len(its)),
+        "samples_total": final.get("samples_total", last.get("samples_total", math.nan)),
+        "nfe_total": final.get("nfe_total", last.get("nfe_total", math.nan)),
+        "seconds_total": final.get("seconds_total", last.get("seconds_total", math.nan)),
+        "wall_seconds": final.get("wall_seconds", math.nan),
+        "s_per_iter": _mean([r.get("t_iteration_s") for r in its]),
+        "peak_mem_mb": _max([r.get("peak_mem_mb") for r in its]),
+    }
+    for phase in ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s"):
+        row[phase] = _mean([r.get(phase) for r in its])
+    for k, v in flatten((m.get("config") or {}).get("algo") or {}, "algo.").items():
+        row[f"cfg.{k}"] = v
+    return row
+
+
+def load(paths: Iterable[str | os.PathLike]) -> RunSet:
+    """Read every run directory at or below ``paths`` into a :class:`RunSet`."""
+    paths = list(paths)
+    dirs = find_run_dirs(paths)
+    ids = _run_ids(dirs)
+    rows, it_frames, ev_frames, manifests, finals = [], [], [], {}, {}
+    for run_id, d in zip(ids, dirs):
+        m = read_json(d / "manifest.json")
+        final = read_json(d / "final.json") if (d / "final.json").is_file() else {}
+        its = read_jsonl(d / "iterations.jsonl")
+        evs = read_jsonl(d / "evals.jsonl")
+        manifests[run_id], finals[run_id] = m, final
+        rows.append(_run_row(run_id, d, m, final, its))
+        it_frames.append(pd.DataFrame(its).assign(run=run_id))
+        ev_frames.append(pd.DataFrame(evs).assign(run=run_id))
+    runs = pd.DataFrame(rows)
+    runs["label"] = _labels(runs)
+    runs = _sort_runs(runs)
+    ident = runs[["run", "algo", "label", "seed"]]
+    iterations = _concat(it_frames, ident)
+    evals = _concat(ev_frames, ident)
+    return RunSet(runs=runs, iterations=iterations, evals=evals, manifests=manifests, finals=finals,
+                  trials=_read_trials(paths))
+
+
+def _concat(frames: list[pd.DataFrame], ident: pd.DataFrame) -> pd.DataFrame:
+    frames = [f for f in frames if not f.empty and len(f.columns) > 1]
+    if not frames:
+        return pd.DataFrame(columns=["run", "algo", "label", "seed", "iteration"])
+    df = pd.concat(frames, ignore_index=True)
+    df = ident.merge(df, on="run", how="right")
+    return df
+
+
+def _run_ids(dirs: list[Path]) -> list[str]:
+    """Paths relative to the deepest common parent (``treegrpo/seed0``); unique by construction."""
+    resolved = [d.resolve() for d in dirs]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath([str(r) for r in resolved]))
+    return [str(r.relative_to(common)) or r.name for r in resolved]
+
+
+def _read_trials(paths: list) -> pd.DataFrame | None:
+    frames = []
+    for p in paths:
+        f = Path(p) / "trials.csv"
+        if f.is_file():
+            frames.append(pd.read_csv(f).assign(study=str(p)))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+# --------------------------------------------------------------------------------------- labels
+
+def _labels(runs: pd.DataFrame) -> list[str]:
+    """Algorithm name, plus the config values that vary between that algorithm's runs
+    (``treegrpo k=3 d=2``) so that variants are never averaged together as seeds."""
+    cfg_cols = [c for c in runs.columns if c.startswith("cfg.")
+                and c.split(".")[-1] not in _IGNORED_CONFIG_LEAVES]
+    labels = []
+    varying: dict[str, list[str]] = {}
+    for algo, grp in runs.groupby("algo", sort=False):
+        cols = []
+        for c in cfg_cols:
+            vals = grp[c].map(repr).unique()
+            if len(vals) > 1:
+                cols.append(c)
+        varying[algo] = cols
+    for _, r in runs.iterrows():
+        parts = [r["algo"]]
+        for c in varying[r["algo"]]:
+            parts.append(f"{c.split('.')[-1]}={_fmt_value(r[c])}")
+        labels.append(" ".join(parts))
+    return labels
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def order_labels(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """(label, algo) pairs -> labels in canonical algorithm order, then natural label order."""
+    pairs = list(pairs)
+
+    def key(p):
+        label, algo = p
+        rank = ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER)
+        return (rank, algo if rank == len(ALGO_ORDER) else "", _natural_key(label))
+
+    return [label for label, _ in sorted(pairs, key=key)]
+
+
+def _sort_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    order = order_labels(runs.drop_duplicates("label")[["label", "algo"]].itertuples(index=False))
+    rank = {lab: i for i, lab in enumerate(order)}
+    runs = runs.assign(_r=runs["label"].map(rank), _s=pd.to_numeric(runs["seed"], errors="coerce"))
+    return runs.sort_values(["_r", "_s", "run"]).drop(columns=["_r", "_s"]).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------- checks
+
+def _differ(runs: pd.DataFrame, values: pd.Series, what: str) -> str | None:
+    groups: dict[str, list[str]] = {}
+    for run, v in zip(runs["run"], values):
+        groups.setdefault(str(v), []).append(str(run))
+    if len(groups) <= 1:
+        return None
+    parts = []
+    for v, rs in groups.items():
+        shown = ", ".join(rs[:4]) + (f" and {len(rs) - 4} more" if len(rs) > 4 else "")
+        parts.append(f"{v} ({shown})")
+    return f"runs differ in {what}: " + "; ".join(parts)
+
+
+def comparability_problems(runs: pd.DataFrame, wall_clock: bool = False) -> list[str]:
+    """Why these runs cannot share an axis (empty list: they can)."""
+    problems = []
+    checks = [
+        (runs["schema_version"], "run-directory schema version"),
+        (runs["reward"].astype(str) + "@" + runs["reward_version"].astype(str), "training reward (name@version)"),
+        (runs["eval_rewards"], "evaluation rewards (name@version)"),
+    ]
+    if wall_clock:
+        checks.append((runs["device_type"].astype(str) + ":" + runs["device_name"].astype(str)
+                       + " x" + runs["device_count"].astype(str), "device (wall-clock axes need one device)"))
+    for values, what in checks:
+        msg = _differ(runs, values, what)
+        if msg:
+            problems.append(msg)
+    bad = sorted({v for v in runs["schema_version"] if v not in SUPPORTED_SCHEMA_VERSIONS}, key=str)
+    if bad:
+        problems.append(f"unsupported run-directory schema version(s) {bad} "
+                        f"(this report reads {list(SUPPORTED_SCHEMA_VERSIONS)})")
+    return problems
+
+
+def check_comparable(runs: pd.DataFrame, wall_clock: bool = False) -> None:
+    """Raise UsageError saying which runs differ in what, if they cannot share an axis."""
+    problems = comparability_problems(runs, wall_clock)
+    if problems:
+        raise UsageError("cannot put these runs on one axis: " + " | ".join(problems)
+                         + ". Report them separately (pass only comparable run directories).")

@@ -1,0 +1,388 @@
+"""Plot functions: ``f(ax, data, ...) -> ax``. They draw on a given matplotlib Axes and never save.
+
+Every algorithm has a fixed colour on every page (``color``); variants of one algorithm (e.g. several
+k/d settings) share its colour and differ by line style / marker.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLORS = {
+    "ddpo": "#1f77b4",       # blue
+    "dancegrpo": "#ff7f0e",  # orange
+    "mixgrpo": "#2ca02c",    # green
+    "treegrpo": "#d62728",   # red
+    "grpo": "#9467bd",       # purple
+}
+_OTHER_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+PHASE_LABELS = {
+    "t_rollout_s": "rollout",
+    "t_reward_s": "reward",
+    "t_advantage_s": "advantage",
+    "t_update_s": "update",
+}
+PHASE_COLORS = {"t_rollout_s": "#4c72b0", "t_reward_s": "#dd8452", "t_advantage_s": "#55a868",
+                "t_update_s": "#c44e52"}
+
+
+def algo_of(label: str) -> str:
+    return str(label).split(" ")[0]
+
+
+def color(label: str) -> str:
+    """Fixed colour of the label's algorithm (first word); unknown algorithms hash to a stable colour."""
+    algo = algo_of(label)
+    if algo in COLORS:
+        return COLORS[algo]
+    return _OTHER_COLORS[zlib.crc32(algo.encode()) % len(_OTHER_COLORS)]
+
+
+def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """label -> {color, linestyle, marker}; the n-th variant of one algorithm gets the n-th style."""
+    seen: dict[str, int] = {}
+    out = {}
+    for lab in labels:
+        n = seen.get(algo_of(lab), 0)
+        seen[algo_of(lab)] = n + 1
+        out[lab] = {"color": color(lab), "linestyle": _LINESTYLES[n % len(_LINESTYLES)],
+                    "marker": _MARKERS[n % len(_MARKERS)]}
+    return out
+
+
+def _legend(ax: plt.Axes, **kw: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=kw.pop("fontsize", 8), framealpha=0.85, **kw)
+
+
+def note(ax: plt.Axes, text: str) -> plt.Axes:
+    """An empty panel that says why it is empty."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes,
+            color="#555555")
+    return ax
+
+
+# --------------------------------------------------------------------------------------- curves
+
+def learning_curves(
+    ax: plt.Axes,
+    curves: pd.DataFrame,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    labels: Sequence[str] | None = None,
+    threshold: float | None = None,
+) -> plt.Axes:
+    """IQM curve per label with its 95% bootstrap CI band. ``curves``: label, x, value, lo, hi, n
+    (stats.aggregate_curves)."""
+    labels = list(labels) if labels is not None else list(dict.fromkeys(curves["label"]))
+    st = styles(labels)
+    for lab in labels:
+        g = curves[curves["label"] == lab]
+        if g.empty:
+            continue
+        s = st[lab]
+        n = int(g["n"].iloc[0])
+        ax.plot(g["x"], g["value"], color=s["color"], linestyle=s["linestyle"], lw=1.6,
+                label=f"{lab} (n={n})")
+        ax.fill_between(g["x"], g["lo"], g["hi"], color=s["color"], alpha=0.18, lw=0)
+    if threshold is not None and np.isfinite(threshold):
+        ax.axhline(threshold, color="#444444", lw=0.8, ls=":", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if curves.empty:
+        return note(ax, "no data for this axis")
+    _legend(ax, loc="best")
+    return ax
+
+
+def pareto(
+    ax: plt.Axes,
+    points: pd.DataFrame,
+    cost_label: str,
+    reward_label: str,
+    log_x: bool = False,
+) -> plt.Axes:
+    """Final reward (IQM, 95% CI bars) vs cost per label; the non-dominated set (column ``front``)
+    drawn filled and joined by a step line, dominated points hollow. ``points``: label, cost,
+    value, lo, hi, front."""
+    pts = points[np.isfinite(points["cost"].astype(float)) & np.isfinite(points["value"].astype(float))]
+    if pts.empty:
+        return note(ax, f"no finite {cost_label} values")
+    st = styles(list(pts["label"]))
+    for _, r in pts.iterrows():
+        s = st[r["label"]]
+        yerr = np.array([[r["value"] - r["lo"]], [r["hi"] - r["value"]]])
+        ax.errorbar(r["cost"], r["value"], yerr=np.clip(yerr, 0, None), color=s["color"], capsize=3, lw=1,
+                    zorder=2)
+        ax.scatter(r["cost"], r["value"], s=70 if r["front"] else 45, marker=s["marker"], zorder=3,
+                   facecolors=s["color"] if r["front"] else "white", edgecolors=s["color"], linewidths=1.6,
+                   label=r["label"])
+    front = pts[pts["front"]].sort_values("cost")
+    if len(front) > 1:
+        ax.step(front["cost"], front["value"], where="post", color="#333333", lw=1, ls="--", zorder=1,
+                label="Pareto front")
+    ax.set_xlabel(cost_label)
+    ax.set_ylabel(reward_label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
+    _legend(ax, loc="best", fontsize=7)
+    return ax
+
+
+def phase_breakdown(ax: plt.Axes, phases: pd.DataFrame) -> plt.Axes:
+    """Horizontal stacked bars: mean seconds per iteration in each phase, one bar per label.
+    ``phases``: label + the four ``t_*_s`` columns (+ optional ``other_s``)."""
+    if phases.empty:
+        return note(ax, "no timing records")
+    labels = list(phases["label"])[::-1]  # first label on top
+    y = np.arange(len(labels))
+    left = np.zeros(len(labels))
+    cols = [c for c in PHASE_LABELS if c in phases] + (["other_s"] if "other_s" in phases else [])
+    for c in cols:
+        vals = phases.set_index("label").loc[labels, c].astype(float).fillna(0.0).to_numpy()
+        ax.barh(y, vals, left=left, color=PHASE_COLORS.get(c, "#bbbbbb"), label=PHASE_LABELS.get(c, "other"),
+                edgecolor="white", height=0.6)
+        left += vals
+    for yi, total in zip(y, left):
+        ax.text(total, yi, f" {total:.3g} s", va="center", fontsize=8)
+    ax.set_yticks(y, labels)
+    for t in ax.get_yticklabels():
+        t.set_color(color(t.get_text()))
+    ax.set_xlabel("seconds per training iteration (mean over iterations and seeds)")
+    ax.set_xlim(0, max(left.max(), 1e-9) * 1.18)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=len(cols), fontsize=8, frameon=False)
+    return ax
+
+
+def heatmap(
+    ax: plt.Axes,
+    table: pd.DataFrame,
+    title: str,
+    cbar_label: str,
+    fmt: str = "{:.3g}",
+    cmap: str = "viridis",
+    higher_is_better: bool = True,
+) -> plt.Axes:
+    """Annotated heatmap of a pivot table (index = rows, e.g. d; columns = e.g. k); the best cell is boxed."""
+    if table.empty:
+        return note(ax, "no grid data")
+    vals = table.to_numpy(dtype=float)
+    im = ax.imshow(vals, cmap=cmap if higher_is_better else cmap + "_r", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(table.columns)), [str(c) for c in table.columns])
+    ax.set_yticks(range(len(table.index)), [str(i) for i in table.index])
+    ax.set_xlabel(str(table.columns.name))
+    ax.set_ylabel(str(table.index.name))
+    ax.set_title(title, fontsize=10)
+    finite = np.isfinite(vals)
+    lo, hi = (np.nanmin(vals), np.nanmax(vals)) if finite.any() else (0, 1)
+    for (i, j), v in np.ndenumerate(vals):
+        if not np.isfinite(v):
+            ax.text(j, i, "-", ha="center", va="center", fontsize=8, color="#888888")
+            continue
+        frac = (v - lo) / (hi - lo) if hi > lo else 0.5
+        dark = frac < 0.5 if higher_is_better else frac > 0.5
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+    if finite.any():
+        bi, bj = np.unravel_index(np.nanargmax(vals) if higher_is_better else np.nanargmin(vals), vals.shape)
+        ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="black", lw=2))
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label(cbar_label, fontsize=8)
+    return ax
+
+
+def param_curve(ax: plt.Axes, data: pd.DataFrame, xlabel: str, ylabel: str, title: str | None = None) -> plt.Axes:
+    """Final metric (IQM with CI bars) vs a scalar parameter (e.g. window size), one line per label.
+    ``data``: label, param, value, lo, hi."""
+    if data.empty:
+        return note(ax, "no data")
+    labels = list(dict.fromkeys(data["label"]))
+    st = styles(labels)
+    for lab in labels:
+        g = data[data["label"] == lab].sort_values("param")
+        s = st[lab]
+        ax.errorbar(g["param"], g["value"], yerr=[g["value"] - g["lo"], g["hi"] - g["value"]],
+                    color=s["color"], marker=s["marker"], linestyle=s["linestyle"], capsize=3, label=lab)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="best")
+    return ax
+
+
+# --------------------------------------------------------------------------------------- images
+
+def _load_image(path: Path) -> np.ndarray | None:
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError):
+        return None
+
+
+def image_grid(
+    ax: plt.Axes,
+    rows: Sequence[tuple[str, Sequence[tuple[str, str | Path | None]]]],
+    title: str | None = None,
+    pad: int = 4,
+) -> plt.Axes:
+    """A mosaic of images: ``rows`` = [(row label, [(column label, png path or None), ...]), ...].
+    Missing images are drawn grey. Row labels are coloured by algorithm."""
+    rows = [(lab, list(cells)) for lab, cells in rows if cells]
+    if not rows:
+        return note(ax, "no sample images (samples/eval_*.png) in these runs")
+    images = [[_load_image(Path(p)) if p else None for _, p in cells] for _, cells in rows]
+    present = [im for r in images for im in r if im is not None]
+    if not present:
+        return note(ax, "sample image files are missing or unreadable")
+    h = max(im.shape[0] for im in present)
+    w = max(im.shape[1] for im in present)
+    ncol = max(len(c) for _, c in rows)
+    vpad = max(pad, int(0.22 * h))  # room for the column labels above each row
+    top = vpad
+    canvas = np.ones((top + len(rows) * (h + vpad) - vpad, ncol * (w + pad) - pad, 3), dtype=np.float32)
+    for i, r in enumerate(images):
+        for j in range(ncol):
+            y0, x0 = top + i * (h + vpad), j * (w + pad)
+            im = r[j] if j < len(r) else None
+            if im is None:
+                canvas[y0:y0 + h, x0:x0 + w] = 0.85 if j < len(r) else 1.0
+            else:
+                canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_yticks([top + i * (h + vpad) + h / 2 for i in range(len(rows))], [lab for lab, _ in rows], fontsize=8)
+    for t in ax.get_yticklabels():
+        t.set_color(color(t.get_text()))
+    # column labels per cell (rows may have different checkpoints): written above each image
+    for i, (_, cells) in enumerate(rows):
+        for j, (clab, _) in enumerate(cells):
+            ax.text(j * (w + pad) + w / 2, top + i * (h + vpad) - 1, clab, ha="center", va="bottom",
+                    fontsize=7, color="#333333")
+    ax.set_xticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10, pad=12)
+    return ax
+
+
+# --------------------------------------------------------------------------------------- reward hacking
+
+def reward_hacking_panel(
+    ax: plt.Axes,
+    evals: pd.DataFrame,
+    train_key: str,
+    heldout_keys: Sequence[str],
+    flags: Sequence[bool],
+    title: str | None = None,
+    x: str = "iteration",
+    xlabel: str = "training iteration",
+    window: int = 3,
+) -> plt.Axes:
+    """Training reward (left axis, solid) and held-out rewards (right axis, dashed) at each eval;
+    eval windows that triggered the reward-hacking rule are shaded."""
+    if evals.empty or train_key not in evals:
+        return note(ax, "no evaluation records")
+    xs = evals[x].to_numpy(dtype=float)
+    ax.plot(xs, evals[train_key], color="#222222", marker="o", ms=3, lw=1.5, label=f"{train_key} (training reward)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{train_key} (training reward)", fontsize=8)
+    ax2 = ax.twinx()
+    palette = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+    for i, k in enumerate(h for h in heldout_keys if h in evals):
+        ax2.plot(xs, evals[k], color=palette[i % len(palette)], marker="s", ms=3, lw=1.2, ls="--",
+                 label=f"{k} (held-out)")
+    ax2.set_ylabel("held-out reward", fontsize=8)
+    for k, (lo, hi) in enumerate(flag_spans(xs, flags, window)):
+        ax.axvspan(lo, hi, color="#ffcc00", alpha=0.3, lw=0, label=None if k else "reward hacking flagged")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+               frameon=False)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def flag_spans(xs: Sequence[float], flags: Sequence[bool], window: int = 3) -> list[tuple[float, float]]:
+    """Merged x-intervals covered by flagged windows (a flag at eval i covers evals i-window+1 .. i)."""
+    spans: list[tuple[float, float]] = []
+    for i, f in enumerate(flags):
+        if not f:
+            continue
+        lo, hi = float(xs[max(0, i - window + 1)]), float(xs[i])
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
+# --------------------------------------------------------------------------------------- tables
+
+def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_widths: Sequence[float] | None = None,
+          fontsize: int = 8) -> plt.Axes:
+    """A DataFrame as a table filling the axes (all cells as given: format numbers beforehand)."""
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    if frame.empty:
+        return note(ax, "nothing to tabulate")
+    import textwrap
+
+    cells = frame.astype(str).to_numpy()
+    headers = ["\n".join(textwrap.wrap(str(c), 22)) or " " for c in frame.columns]
+    if col_widths is None:  # proportional to the longest line in each column
+        lens = [max([len(x) for x in cells[:, j]] + [max(len(x) for x in headers[j].split("\n"))])
+                for j in range(cells.shape[1])]
+        col_widths = [n / sum(lens) for n in lens]
+    tab = ax.table(cellText=cells, colLabels=headers, loc="upper center",
+                   cellLoc="center", colLoc="center", colWidths=col_widths)
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(fontsize)
+    tab.scale(1, 1.35)
+    header_lines = max(h.count("\n") + 1 for h in headers)
+    for (r, c), cell in tab.get_celld().items():
+        if r == 0:
+            cell.set_facecolor("#e8e8e8")
+            cell.set_text_props(weight="bold")
+            cell.set_height(cell.get_height() * (0.6 + 0.55 * header_lines))
+        elif c == 0:
+            cell.get_text().set_color(color(cell.get_text().get_text()))
+    return ax
+
+
+def text_block(ax: plt.Axes, lines: Sequence[str] | Mapping[str, str], fontsize: int = 9, top: float = 1.0) -> plt.Axes:
+    """Left-aligned text lines (or key: value pairs) for title and notes pages."""
+    ax.set_axis_off()
+    if isinstance(lines, Mapping):
+        lines = [f"{k}: {v}" for k, v in lines.items()]
+    ax.text(0.0, top, "\n".join(lines), ha="left", va="top", fontsize=fontsize, family="monospace",
+            transform=ax.transAxes, wrap=True)
+    return ax

@@ -1,0 +1,284 @@
+"""Statistics for comparing runs under equal budgets. Pure functions of arrays/frames.
+
+Aggregation follows the rliable protocol (Agarwal et al., "Deep RL at the Edge of the Statistical
+Precipice", NeurIPS 2021, arXiv 2108.13264), implemented here because the ``rliable`` package pulls in
+arch/statsmodels/seaborn:
+
+* interquartile mean (IQM): the mean of the middle 50% of all run x task scores, i.e.
+  ``scipy.stats.trim_mean(scores, 0.25)`` (``int(0.25 * n)`` values cut from each end);
+* stratified bootstrap: resample runs with replacement independently within each task, recompute the
+  statistic; 95% confidence interval = the 2.5th and 97.5th percentiles (rliable's default "percentile"
+  method);
+* probability of improvement P(X > Y) = mean over tasks of the Mann-Whitney U statistic / (n_x * n_y)
+  (ties count 1/2), with a CI from independent stratified bootstraps of X and Y.
+
+A "task" here is one score column (e.g. one eval reward or one grid point); a single 1-D array of
+per-seed scores is one task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Statistic = Callable[..., np.ndarray]
+
+
+# --------------------------------------------------------------------------------------- aggregates
+
+def iqm(scores: Any, axis: int | None = None) -> Any:
+    """Interquartile mean: trimmed mean cutting ``int(0.25 * n)`` values from each end.
+    ``axis=None`` flattens (all runs x tasks, as rliable does)."""
+    a = np.asarray(scores, dtype=float)
+    if axis is None:
+        a, axis = a.reshape(-1), 0
+    a = np.sort(np.moveaxis(a, axis, -1), axis=-1)
+    n = a.shape[-1]
+    if n == 0:
+        raise ValueError("iqm of an empty array")
+    cut = int(0.25 * n)
+    return a[..., cut:n - cut].mean(axis=-1)
+
+
+def mean(scores: Any, axis: int | None = None) -> Any:
+    return np.mean(np.asarray(scores, dtype=float), axis=axis)
+
+
+def median(scores: Any, axis: int | None = None) -> Any:
+    return np.median(np.asarray(scores, dtype=float), axis=axis)
+
+
+def _as_matrix(scores: Any) -> np.ndarray:
+    a = np.asarray(scores, dtype=float)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"scores must be [runs] or [runs, tasks] with at least one run, got {a.shape}")
+    return a
+
+
+def stratified_bootstrap(scores: Any, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """[reps, runs, tasks] resamples: runs drawn with replacement independently within each task."""
+    a = _as_matrix(scores)
+    n, t = a.shape
+    idx = rng.integers(0, n, size=(reps, n, t))
+    return np.take_along_axis(np.broadcast_to(a, (reps, n, t)), idx, axis=1)
+
+
+def bootstrap_ci(
+    scores: Any,
+    statistic: Statistic = iqm,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(point, lower, upper): statistic over all runs x tasks and its stratified-bootstrap percentile CI."""
+    a = _as_matrix(scores)
+    point = float(statistic(a, axis=None))
+    boot = stratified_bootstrap(a, reps, np.random.default_rng(seed))
+    values = statistic(boot.reshape(reps, -1), axis=1)
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return point, float(lo), float(hi)
+
+
+def pointwise_ci(
+    curves: Any,
+    statistic: Statistic = iqm,
+    reps: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For curves [runs, points]: (point [P], lower [P], upper [P]) treating each point as its own task
+    (one bootstrap of the runs, shared across points, so the band is a coherent set of curves)."""
+    a = np.asarray(curves, dtype=float)
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(f"curves must be [runs, points], got {a.shape}")
+    point = statistic(a, axis=0)
+    idx = np.random.default_rng(seed).integers(0, a.shape[0], size=(reps, a.shape[0]))
+    boot = a[idx]  # [reps, runs, points]
+    values = statistic(boot, axis=1)  # [reps, points]
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)], axis=0)
+    return point, lo, hi
+
+
+def probability_of_improvement(x: Any, y: Any) -> float:
+    """P(X > Y): per task, the fraction of (x_i, y_j) pairs with x_i > y_j (ties 1/2), averaged over
+    tasks. x: [runs_x] or [runs_x, tasks]; y likewise with the same tasks."""
+    a, b = _as_matrix(x), _as_matrix(y)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"x and y need the same tasks, got {a.shape[1]} and {b.shape[1]}")
+    diff = a[:, None, :] - b[None, :, :]  # [nx, ny, tasks]
+    u = (diff > 0).sum(axis=(0, 1)) + 0.5 * (diff == 0).sum(axis=(0, 1))
+    return float(np.mean(u / (a.shape[0] * b.shape[0])))
+
+
+def probability_of_improvement_ci(
+    x: Any, y: Any, reps: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(P(X > Y), lower, upper) with independent stratified bootstraps of X and Y."""
+    a, b = _as_matrix(x), _as_matrix(y)
+    rng = np.random.default_rng(seed)
+    ba, bb = stratified_bootstrap(a, reps, rng), stratified_bootstrap(b, reps, rng)
+    diff = ba[:, :, None, :] - bb[:, None, :, :]  # [reps, nx, ny, tasks]
+    u = (diff > 0).sum(axis=(1, 2)) + 0.5 * (diff == 0).sum(axis=(1, 2))
+    values = (u / (a.shape[0] * b.shape[0])).mean(axis=1)
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.percentile(values, [100 * alpha, 100 * (1 - alpha)])
+    return probability_of_improvement(a, b), float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------- budget grid
+
+def interpolate(xs: Any, ys: Any, grid: Any) -> np.ndarray:
+    """Piecewise-linear y on ``grid``; NaN outside [min(xs), max(xs)] (no extrapolation).
+    Non-finite points are dropped; repeated x keeps the last record."""
+    xs, ys, grid = (np.asarray(v, dtype=float) for v in (xs, ys, grid))
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    out = np.full(grid.shape, np.nan)
+    if xs.size == 0:
+        return out
+    order = np.argsort(xs, kind="stable")
+    xs, ys = xs[order], ys[order]
+    keep = np.append(xs[1:] != xs[:-1], True)  # last of each repeated x
+    xs, ys = xs[keep], ys[keep]
+    inside = (grid >= xs[0]) & (grid <= xs[-1])
+    out[inside] = np.interp(grid[inside], xs, ys)
+    return out
+
+
+def budget_grid(frame: pd.DataFrame, x: str, points: int = 60) -> np.ndarray:
+    """Shared grid from 0 to the largest budget any run reached on column ``x``."""
+    top = pd.to_numeric(frame[x], errors="coerce").max() if len(frame) else float("nan")
+    if not np.isfinite(top) or top <= 0:
+        return np.zeros(1)
+    return np.linspace(0.0, float(top), points)
+
+
+def curves_on_grid(frame: pd.DataFrame, x: str, y: str, grid: Any) -> tuple[list[str], np.ndarray]:
+    """(run ids, [runs, points]) of column y interpolated onto grid, one row per run."""
+    runs, rows = [], []
+    for run, g in frame.groupby("run", sort=False):
+        if y not in g:
+            continue
+        runs.append(run)
+        rows.append(interpolate(pd.to_numeric(g[x], errors="coerce"), pd.to_numeric(g[y], errors="coerce"),
+                                grid))
+    return runs, (np.vstack(rows) if rows else np.empty((0, len(np.asarray(grid)))))
+
+
+def aggregate_curves(
+    frame: pd.DataFrame, x: str, y: str, points: int = 60, reps: int = 2000, seed: int = 0,
+    statistic: Statistic = iqm,
+) -> pd.DataFrame:
+    """Tidy learning curves: per label and grid point the IQM over runs and its 95% CI.
+
+    A grid point is kept for a label only where every run of that label has data (so the aggregate
+    never silently drops the seeds that stopped early). Columns: label, x, value, lo, hi, n."""
+    if frame.empty or y not in frame:
+        return pd.DataFrame(columns=["label", "x", "value", "lo", "hi", "n"])
+    shared = budget_grid(frame, x, points)
+    out = []
+    for label, g in frame.groupby("label", sort=False):
+        # the shared grid plus this label's end point (the budget every one of its runs reached), so
+        # a curve ends exactly at its final value rather than at the last shared grid point before it
+        ends = g.groupby("run")[x].apply(lambda v: pd.to_numeric(v, errors="coerce").max())
+        grid = np.union1d(shared, [float(ends.min())]) if np.isfinite(ends.min()) else shared
+        _, curves = curves_on_grid(g, x, y, grid)
+        if curves.shape[0] == 0:
+            continue
+        full = np.all(np.isfinite(curves), axis=0)
+        if not full.any():
+            continue
+        value, lo, hi = pointwise_ci(curves[:, full], statistic, reps=reps, seed=seed)
+        out.append(pd.DataFrame({"label": label, "x": grid[full], "value": value, "lo": lo, "hi": hi,
+                                 "n": curves.shape[0]}))
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(
+        columns=["label", "x", "value", "lo", "hi", "n"])
+
+
+# --------------------------------------------------------------------------------------- thresholds
+
+def time_to_threshold(xs: Any, ys: Any, threshold: float, rtol: float = 1e-9) -> float:
+    """The first budget x at which the piecewise-linear curve (xs, ys) reaches ``threshold``
+    (linear interpolation inside the crossing segment); NaN if it never does. Values within
+    ``rtol * |threshold|`` below it count as reaching it (a curve reaches its own final value despite
+    rounding in the aggregation)."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    threshold = float(threshold) - rtol * max(abs(float(threshold)), 1e-12)
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    order = np.argsort(xs, kind="stable")
+    xs, ys = xs[order], ys[order]
+    for i in range(len(xs)):
+        if ys[i] >= threshold:
+            if i == 0:
+                return float(xs[0])
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return float(x0 + (threshold - y0) * (x1 - x0) / (y1 - y0))
+    return math.nan
+
+
+def speedups(
+    curves: pd.DataFrame, baseline: str, threshold: float
+) -> pd.DataFrame:
+    """From aggregate_curves output: per label, budget to reach ``threshold`` on its IQM curve and
+    speed-up = baseline's budget / label's budget (NaN when either never reaches it)."""
+    rows = []
+    base = curves[curves["label"] == baseline]
+    t_base = time_to_threshold(base["x"], base["value"], threshold) if not base.empty else math.nan
+    for label, g in curves.groupby("label", sort=False):
+        t = time_to_threshold(g["x"], g["value"], threshold)
+        s = t_base / t if (np.isfinite(t) and np.isfinite(t_base) and t > 0) else math.nan
+        rows.append({"label": label, "threshold": threshold, "budget_to_threshold": t,
+                     "baseline": baseline, "baseline_budget": t_base, "speedup": s})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------- Pareto
+
+def pareto_mask(reward: Sequence[float], cost: Sequence[float]) -> np.ndarray:
+    """True for non-dominated points (maximise reward, minimise cost). A point is dominated when
+    another has reward >= and cost <= with at least one strict; NaN points are never on the front."""
+    r, c = np.asarray(reward, dtype=float), np.asarray(cost, dtype=float)
+    ok = np.isfinite(r) & np.isfinite(c)
+    mask = np.zeros(r.shape, dtype=bool)
+    for i in np.flatnonzero(ok):
+        better_or_eq = ok & (r >= r[i]) & (c <= c[i])
+        strictly = (r > r[i]) | (c < c[i])
+        mask[i] = not np.any(better_or_eq & strictly)
+    return mask
+
+
+# --------------------------------------------------------------------------------------- reward hacking
+
+def reward_hacking_flags(
+    records: Sequence[Mapping[str, Any]],
+    train_key: str,
+    heldout_keys: Sequence[str],
+    window: int = 3,
+) -> list[bool]:
+    """Per eval record: True when, over the last ``window`` consecutive eval records ending at it, the
+    training reward's eval key strictly increases at every step while some held-out key strictly
+    decreases at every step. Records missing a key (or non-finite) never flag that key."""
+    flags = []
+    for end in range(len(records)):
+        if end + 1 < window:
+            flags.append(False)
+            continue
+        win = records[end + 1 - window:end + 1]
+
+        def strictly(key: str, sign: int) -> bool:
+            vals = [r.get(key) for r in win]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+                return False
+            return all(sign * (b - a) > 0 for a, b in zip(vals, vals[1:]))
+
+        flags.append(strictly(train_key, +1) and any(strictly(k, -1) for k in heldout_keys if k != train_key))
+    return flags

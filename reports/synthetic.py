@@ -1,0 +1,198 @@
+"""Synthetic run directories with known values (docs/RUNDIR.md, schema_version 1).
+
+Used by the report tests and by ``bench compare``'s tests as a stand-in runner: every number written
+is a closed-form function of the arguments, so statistics over these runs can be checked by hand.
+
+Defaults, per iteration ``i`` (0-based) of ``iterations``:
+  samples_total = (i + 1) * samples_per_iter, nfe_total = (i + 1) * nfe_per_iter,
+  seconds_total = (i + 1) * sum(phase_seconds), reward_mean = train_curve(i + 1),
+and per evaluation after ``j`` completed iterations (j = 0, eval_every, 2 * eval_every, ..., iterations):
+  eval/<training reward> = train_curve(j), eval/<held-out reward> = heldout_curve(j).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PHASES = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s")
+
+
+def linear_curve(start: float, slope: float) -> Callable[[int], float]:
+    """reward(j) = start + slope * j (j = completed iterations)."""
+    return lambda j: start + slope * j
+
+
+def _write_png(path: Path, iteration: int, algo: str, size: int = 48) -> None:
+    from PIL import Image, ImageDraw
+
+    hue = zlib.crc32(algo.encode()) % 200
+    img = Image.new("RGB", (size * 2, size), (20 + hue // 2, 20, 60))
+    draw = ImageDraw.Draw(img)
+    r = 4 + (iteration * 3) % (size // 2 - 4)
+    for k, cx in enumerate((size // 2, size + size // 2)):
+        draw.ellipse([cx - r, size // 2 - r, cx + r, size // 2 + r], fill=(255, 80 + 60 * k, hue))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def write_run(
+    path: str | Path,
+    *,
+    algo: str = "grpo",
+    seed: int = 0,
+    iterations: int = 10,
+    samples_per_iter: int = 16,
+    nfe_per_iter: float = 320.0,
+    phase_seconds: Sequence[float] = (1.0, 0.2, 0.05, 0.75),
+    train_curve: Callable[[int], float] | None = None,
+    heldout_curve: Callable[[int], float] | None = None,
+    eval_every: int = 2,
+    reward: str = "shapes_pref",
+    reward_version: str = "1",
+    heldout: str = "shapes_attr",
+    heldout_version: str = "1",
+    schema_version: int = 1,
+    device_name: str = "cpu",
+    device_type: str = "cpu",
+    peak_mem_mb: float = 100.0,
+    algo_config: dict[str, Any] | None = None,
+    budget_spec: str = "10it",
+    git_commit: str = "0123456789abcdef0123456789abcdef01234567",
+    images: bool = True,
+    final: bool = True,
+) -> Path:
+    """Write one synthetic run directory and return its path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    train_curve = train_curve or linear_curve(0.1, 0.01)
+    heldout_curve = heldout_curve or linear_curve(0.2, 0.005)
+    algo_config = dict(algo_config or {})
+    step_seconds = float(sum(phase_seconds))
+    manifest = {
+        "schema_version": schema_version,
+        "created": "2026-11-26T00:00:00Z",
+        "run_name": path.name,
+        "config": {"algo": {"name": algo, **algo_config}, "model": {"name": "tiny-random"},
+                   "sampler": {"steps": 10}, "train": {"lr": 1e-4},
+                   "reward": {"spec": reward}, "eval": {"every": eval_every},
+                   "budget": budget_spec, "seed": seed},
+        "algorithm": {"name": algo, "config": algo_config},
+        "model": {"name": "tiny-random", "path": "", "weights_sha256": "0" * 64, "prediction": "flow"},
+        "reward": {"spec": reward, "name": reward, "version": reward_version},
+        "eval_rewards": [{"name": reward, "version": reward_version},
+                         {"name": heldout, "version": heldout_version}],
+        "budget": {"spec": budget_spec, "seconds": None, "samples": None, "nfe": None,
+                   "iterations": iterations},
+        "seed": seed,
+        "git": {"commit": git_commit, "dirty": False},
+        "packages": {"torch": "2.13.0", "treebench": "0.1.0"},
+        "device": {"type": device_type, "name": device_name, "count": 1},
+        "prompts": {"train": {"name": "shapes", "sha256": "a" * 64, "count": 64},
+                    "eval": {"name": "shapes-eval", "sha256": "b" * 64, "count": 8}},
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    with open(path / "iterations.jsonl", "w") as f:
+        for i in range(iterations):
+            r = float(train_curve(i + 1))
+            rec = {
+                "iteration": i, "samples": samples_per_iter,
+                "samples_total": (i + 1) * samples_per_iter,
+                "nfe_rollout": nfe_per_iter * 0.75, "nfe_update": nfe_per_iter * 0.25,
+                "nfe_total": (i + 1) * nfe_per_iter,
+                "seconds_total": (i + 1) * step_seconds,
+                **dict(zip(PHASES, (float(s) for s in phase_seconds))),
+                "t_iteration_s": step_seconds,
+                "reward_mean": r, "reward_std": 0.1, "reward_min": r - 0.2, "reward_max": r + 0.2,
+                f"reward/{reward}": r,
+                "loss": -0.01, "approx_kl": 1e-4, "clip_frac": 0.0, "grad_norm": 1.0,
+                "first_ratio": 1.0, "kl": 0.0, "lr": 1e-4, "peak_mem_mb": float(peak_mem_mb),
+                "edges": samples_per_iter * 4, "optimizer_steps": 1, "micro_batches": 1,
+                "zero_spread_frac": 0.0,
+            }
+            f.write(json.dumps(rec) + "\n")
+
+    evals = []
+    for j in sorted(set(list(range(0, iterations + 1, max(1, eval_every))) + [iterations])):
+        png = f"samples/eval_{j:06d}.png"
+        if images:
+            _write_png(path / png, j, algo)
+        tr, ho = float(train_curve(j)), float(heldout_curve(j))
+        evals.append({
+            "iteration": j, "samples_total": j * samples_per_iter, "nfe_total": j * nfe_per_iter,
+            "seconds_total": j * step_seconds, "t_eval_s": 0.5,
+            f"eval/{reward}": tr, f"eval/{reward}/std": 0.05,
+            f"eval/{heldout}": ho, f"eval/{heldout}/std": 0.05,
+            "samples_png": png, "reward_hacking": False,
+        })
+    with open(path / "evals.jsonl", "w") as f:
+        for e in evals:
+            f.write(json.dumps(e) + "\n")
+
+    if final:
+        best = max(evals, key=lambda e: e[f"eval/{reward}"])
+        (path / "final.json").write_text(json.dumps({
+            "stop_reason": "budget_iterations", "iterations": iterations,
+            "samples_total": iterations * samples_per_iter, "nfe_total": iterations * nfe_per_iter,
+            "seconds_total": iterations * step_seconds,
+            "wall_seconds": iterations * step_seconds + 0.5 * len(evals),
+            "final_eval": evals[-1],
+            "best_eval": {"key": f"eval/{reward}", "value": best[f"eval/{reward}"],
+                          "iteration": best["iteration"]},
+        }, indent=2))
+    return path
+
+
+def write_comparison(
+    root: str | Path,
+    algos: Sequence[str] = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo"),
+    seeds: Sequence[int] = (0, 1, 2),
+    **kwargs: Any,
+) -> list[Path]:
+    """A ``bench compare``-shaped tree ROOT/<algo>/seed<s>/ with distinct, known curves per algorithm:
+    algorithm number a (in the given order) learns at slope 0.01 * (a + 1) per iteration plus
+    0.001 * seed, spends (1 + a) / 2 s rollout per iteration (so later ones are slower) and
+    320 - 40 * a NFE per iteration."""
+    out = []
+    fixed_phases = kwargs.pop("phase_seconds", None)
+    for a, algo in enumerate(algos):
+        for s in seeds:
+            slope = 0.01 * (a + 1) + 0.001 * s
+            out.append(write_run(
+                Path(root) / algo / f"seed{s}", algo=algo, seed=s,
+                train_curve=linear_curve(0.1, slope),
+                heldout_curve=linear_curve(0.2, slope / 2 if algo != "ddpo" else -0.002),
+                phase_seconds=fixed_phases or ((1 + a) / 2, 0.2, 0.05, 0.75),
+                nfe_per_iter=320.0 - 40.0 * a, peak_mem_mb=100.0 + 50 * a, **kwargs))
+    return out
+
+
+def write_sweep(
+    root: str | Path,
+    algo: str = "treegrpo",
+    ks: Sequence[int] = (2, 3, 4),
+    ds: Sequence[int] = (1, 2, 3),
+    seeds: Sequence[int] = (0, 1),
+    **kwargs: Any,
+) -> list[Path]:
+    """A sweep-shaped tree ROOT/trials/<n>/ over algo.k x algo.d (+ ROOT/trials.csv). Run (k, d) learns
+    at slope 0.005 * k * d / (1 + 0.1 * (k * d - 6) ** 2) (best near k * d = 6), takes k ** d / 4 s
+    rollout per iteration and uses 50 * k ** d MB peak memory."""
+    out, rows = [], []
+    n = 0
+    for k in ks:
+        for d in ds:
+            for s in seeds:
+                slope = 0.005 * k * d / (1 + 0.1 * (k * d - 6) ** 2) + 0.0005 * s
+                out.append(write_run(
+                    Path(root) / "trials" / str(n), algo=algo, seed=s, algo_config={"k": k, "d": d},
+                    train_curve=linear_curve(0.1, slope), heldout_curve=linear_curve(0.2, slope / 2),
+                    phase_seconds=(k ** d / 4, 0.2, 0.05, 0.5), peak_mem_mb=50.0 * k ** d, **kwargs))
+                rows.append(f"{n},{k},{d},{s},COMPLETE")
+                n += 1
+    (Path(root) / "trials.csv").write_text("number,params_k,params_d,seed,state\n" + "\n".join(rows) + "\n")
+    return out
