@@ -5,8 +5,10 @@ Nothing here knows which algorithm calls it; algorithms never import each other.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +30,152 @@ def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: floa
         if v.numel() < 2:
             continue
         out[m] = (v - v.mean()) / (v.std(unbiased=unbiased) + eps)
+    return out
+
+
+class PerPromptStatTracker:
+    """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch ``stat_tracking.py``;
+    ALGORITHMS.md §1.2 and §8.2).
+
+    For every prompt of the batch the batch's rewards of that prompt are appended to a per-prompt
+    FIFO buffer of at most ``buffer_size`` values (kept across iterations) *before* the statistics
+    are read. If the buffer then holds fewer than ``min_count`` values, the mean and population std
+    of the *whole current batch* (all prompts) are used instead. A = (r - mean) / (std + eps), with
+    numpy's population std (ddof = 0) and eps = 1e-6 as in the reference code.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6):
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        if min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {min_count}")
+        self.buffer_size = int(buffer_size)
+        self.min_count = int(min_count)
+        self.eps = float(eps)
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: Sequence[str], rewards: Tensor) -> Tensor:
+        """prompts [L] (one per reward), rewards [L] -> advantages [L] float32."""
+        r = rewards.detach().double().cpu()
+        if len(prompts) != r.numel():
+            raise ValueError(f"{len(prompts)} prompts for {r.numel()} rewards")
+        out = torch.empty_like(r)
+        batch_mean, batch_std = r.mean(), r.std(unbiased=False)
+        by_prompt: dict[str, list[int]] = {}
+        for j, p in enumerate(prompts):
+            by_prompt.setdefault(p, []).append(j)
+        for p, idx in by_prompt.items():
+            buf = self.buffers.setdefault(p, deque(maxlen=self.buffer_size))
+            buf.extend(float(r[j]) for j in idx)
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf), dtype=torch.float64)
+                mean, std = hist.mean(), hist.std(unbiased=False)
+            ii = torch.tensor(idx)
+            out[ii] = (r[ii] - mean) / (std + self.eps)
+        return out.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable: settings and every buffer (oldest value first)."""
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "eps": self.eps,
+                "buffers": {p: list(b) for p, b in self.buffers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.buffer_size = int(state.get("buffer_size", self.buffer_size))
+        self.min_count = int(state.get("min_count", self.min_count))
+        self.eps = float(state.get("eps", self.eps))
+        self.buffers = {str(p): deque((float(v) for v in vals), maxlen=self.buffer_size)
+                        for p, vals in dict(state.get("buffers", {})).items()}
+
+
+def weighted_advantage_sum(advantages: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """MixGRPO's ``advantage_aggr`` multi-reward rule (ALGORITHMS.md §3.2, §8.3): A = sum_m w_m A_m
+    with the weights normalised to sum to 1. ``advantages``: name -> [L]; ``weights``: name -> w."""
+    if not advantages:
+        raise ValueError("no advantages to aggregate")
+    missing = sorted(set(advantages) - set(weights))
+    if missing:
+        raise ValueError(f"no weight for {missing}")
+    total = sum(float(weights[m]) for m in advantages)
+    if total <= 0:
+        raise ValueError("advantage weights must sum to a positive number")
+    return sum(advantages[m].float() * (float(weights[m]) / total) for m in advantages)
+
+
+def node_depth(parent: Tensor) -> Tensor:
+    """[N] long: number of edges from each node up to its root (roots: 0). ``parent`` [N], -1 = root."""
+    parent = parent.long()
+    N = parent.numel()
+    depth = torch.zeros(N, dtype=torch.long)
+    cur = parent.clone()
+    for _ in range(N + 1):
+        alive = cur >= 0
+        if not bool(alive.any()):
+            return depth
+        depth[alive] += 1
+        cur[alive] = parent[cur[alive]]
+    raise ValueError("parent pointers contain a cycle")
+
+
+WEIGHTINGS = ("uniform", "softmax_logprob")
+
+
+def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: str) -> Tensor:
+    """Per-edge advantages of a forest by backing up leaf values (TreeGRPO, Ding & Ye 2025,
+    arXiv 2512.08153; ALGORITHMS.md §4.2, §8.1).
+
+    parent:      [N] long, parent node id, -1 for roots
+    leaf_values: [N] float, the normalised leaf advantage at leaves (nodes without children); ignored
+                 elsewhere
+    logp:        [N] float, log-prob of the edge parent -> n; NaN where that edge was deterministic
+    weighting:   "uniform" (released code: mean over children) or "softmax_logprob" (paper reading:
+                 weights = softmax of the children's edge log-probs)
+
+    Returns [N] float32: A(parent(n) -> n) = V(n) for every non-root n, NaN at roots, where
+    V(leaf) = leaf value and V(u) = sum_{c in children(u)} w_u(c) V(c). A node with a single child
+    (an ODE link or a non-branching SDE step) passes its child's value through unchanged; leaves may
+    sit at different depths.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
+    parent = parent.long().cpu()
+    N = parent.numel()
+    if leaf_values.numel() != N or logp.numel() != N:
+        raise ValueError(f"parent, leaf_values and logp must all have N={N} entries")
+    leaf_values = leaf_values.detach().double().cpu()
+    logp = logp.detach().double().cpu()
+    has_parent = parent >= 0
+    n_children = torch.zeros(N, dtype=torch.long).index_add_(0, parent[has_parent],
+                                                             torch.ones(int(has_parent.sum()), dtype=torch.long))
+    value = torch.full((N,), float("nan"), dtype=torch.float64)
+    is_leaf = n_children == 0
+    value[is_leaf] = leaf_values[is_leaf]
+    depth = node_depth(parent)
+    # a child is always one level below its parent, so processing levels bottom-up sees every child's
+    # value before its parent's
+    for dep in range(int(depth.max()) if N else 0, 0, -1):
+        ch = torch.nonzero((depth == dep) & has_parent).flatten()
+        par = parent[ch]
+        if weighting == "uniform":
+            w = 1.0 / n_children[par].double()
+        else:
+            lp = logp[ch].clone()
+            single = n_children[par] == 1
+            lp[single] = 0.0  # a lone child gets weight 1 whatever its edge (ODE links have no log-prob)
+            if bool(torch.isnan(lp).any()):
+                bad = int(ch[torch.isnan(lp)][0])
+                raise ValueError(f"softmax_logprob weighting needs the log-prob of every sibling edge; the edge "
+                                 f"into node {bad} (parent {int(parent[bad])}) has none")
+            m = torch.full((N,), -math.inf, dtype=torch.float64).scatter_reduce(0, par, lp, reduce="amax")
+            e = torch.exp(lp - m[par])
+            z = torch.zeros(N, dtype=torch.float64).index_add_(0, par, e)
+            w = e / z[par]
+        acc = torch.zeros(N, dtype=torch.float64).index_add_(0, par, w * value[ch])
+        u = torch.unique(par)
+        value[u] = acc[u]
+    out = value.float()
+    out[~has_parent] = float("nan")
     return out
 
 
@@ -68,6 +216,50 @@ def chain_edge_advantages(rollout: Rollout, leaf_adv: Tensor) -> Tensor:
     out = torch.full((rollout.num_nodes,), float("nan"))
     ok = (owner >= 0) & (rollout.parent >= 0)
     out[ok] = leaf_adv.float()[owner[ok]]
+    return out
+
+
+def progressive_window_start(iteration: int, shift_interval: int, stride: int, max_start: int,
+                             roll_back: bool) -> int:
+    """Start of a progressively sliding window (MixGRPO ``GRPOTrainingStates`` "progressive";
+    TreeGRPO's released code; ALGORITHMS.md §3.1, §4.1): the window starts at step 0 and moves by
+    ``stride`` steps every ``shift_interval`` iterations. Past ``max_start`` it restarts at 0
+    (``roll_back``) or stays at the last position ``<= max_start``. A pure function of the
+    iteration, so resuming from a checkpoint continues the same schedule."""
+    if shift_interval < 1:
+        raise ValueError(f"shift_interval must be >= 1, got {shift_interval}")
+    if max_start < 0:
+        raise ValueError(f"max_start must be >= 0, got {max_start}")
+    if stride <= 0:
+        return 0
+    moves = iteration // shift_interval
+    positions = max_start // stride + 1  # starts 0, stride, 2 stride, ... <= max_start
+    if roll_back:
+        return (moves % positions) * stride
+    return min(moves, positions - 1) * stride
+
+
+def random_step_subset(num_chains: int, num_steps: int, num_train: int, gen: torch.Generator) -> Tensor:
+    """[num_chains, num_train] long: for every chain an independent random permutation of steps
+    0..num_steps-1, truncated to its first ``num_train`` entries (DDPO ``perms``; DanceGRPO trains
+    ``int((T - 1) * timestep_fraction)`` of the first T - 1 steps; ALGORITHMS.md §1.3, §2.3)."""
+    if not 0 <= num_train <= num_steps:
+        raise ValueError(f"num_train must be in [0, {num_steps}], got {num_train}")
+    keys = torch.rand((num_chains, num_steps), generator=gen)
+    return torch.argsort(keys, dim=1)[:, :num_train]
+
+
+def chain_step_edges(rollout: Rollout) -> Tensor:
+    """[C, T] long: node id of the edge produced by step i of chain c (chains in root order), for an
+    unbranched rollout; -1 where a chain has no node at that level."""
+    if rollout.plan.leaves_per_tree != 1:
+        raise ValueError("chain_step_edges needs an unbranched rollout (branch factor 1 at every step)")
+    T = rollout.plan.num_steps
+    C = int((rollout.parent < 0).sum())
+    out = torch.full((C, T), -1, dtype=torch.long)
+    has_parent = rollout.parent >= 0
+    ids = torch.nonzero(has_parent).flatten()
+    out[rollout.tree[ids], rollout.level[ids] - 1] = ids
     return out
 
 
@@ -139,7 +331,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         if train.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
         optimizer.step()
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,

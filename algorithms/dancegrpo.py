@@ -1,0 +1,147 @@
+"""DanceGRPO: GRPO on all steps of a stochastic flow sampler, with group-shared initial noise.
+
+Xue et al., "DanceGRPO: Unleashing GRPO on Visual Generation", arXiv 2505.07818; reference code
+XueZeyue/DanceGRPO ``fastvideo/train_grpo_flux.py`` (ALGORITHMS.md §2).
+
+Implementation details:
+- Sampling (``plan``): all T steps are SDE steps (``grpo=True`` at every step). The SDE is
+  ``sampler.sde``: treebench's default is Flow-GRPO's for every algorithm (ALGORITHMS.md §12);
+  ``sampler.sde=dance`` selects DanceGRPO's own step (``flux_step`` with ``sde_solver``, eta 0.3 in
+  the paper preset). ``group_size`` chains per prompt start from ONE shared initial noise
+  (``--init_same_noise``); treebench shares it within a prompt's group only (the reference code also
+  shares it across the prompts of a rank, ALGORITHMS.md §9.11).
+- Advantages (``advantages``): group normalisation over the prompt's ``group_size`` rewards,
+  (r - mean) / (std + 1e-8) with torch's *unbiased* std (``train_one_step``); every step of a chain
+  carries its leaf's advantage.
+- Trained steps (``_trained_edges``): the last denoising step is never trained (the reference slices
+  ``[:, :-1]``); of the first T - 1 steps each chain trains an independent random subset of
+  ``int((T - 1) * timestep_fraction)`` steps (``torch.randperm`` per sample), fraction 0.6.
+- Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clipped surrogate per (chain, step) with
+  the rollout's stored log-probs, advantages clamped to +-5, clip range 1e-4; the reference divides
+  every term by (gradient accumulation x trained steps), i.e. a mean over the accumulated terms,
+  which ``ppo_update``'s "mean" reduction reproduces. No KL term (``beta`` = 0).
+- Not reproduced: FLUX's distilled guidance embedding (treebench models use CFG when
+  ``sampler.guidance`` > 1), EMA, FSDP; optimizer settings are harness ``train.*`` settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from algorithms.common import (
+    chain_edge_advantages,
+    chain_step_edges,
+    group_normalize,
+    ppo_update,
+    random_step_subset,
+)
+from bench.seeding import generator
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
+
+
+@dataclass(frozen=True)
+class DanceGRPOConfig:
+    """DanceGRPO settings (``algo.<field>``).
+
+    group_size:        chains (images) per prompt [count]; default 12 (``--num_generations 12``)
+    timestep_fraction: fraction of the first T - 1 steps trained per chain [0, 1]; default 0.6
+                       (``--timestep_fraction 0.6``)
+    shared_noise:      the group's chains start from one initial noise; default True
+                       (``--init_same_noise``)
+    clip_range:        PPO epsilon [ratio]; default 1e-4 (``--clip_range``)
+    adv_clip_max:      advantage clamp [std units]; default 5 (``--adv_clip_max``)
+    std_eps:           added to the group std; default 1e-8 (``train_one_step``)
+    beta:              weight of the KL to the reference; default 0 (DanceGRPO has no KL term)
+    """
+
+    group_size: int = 12
+    timestep_fraction: float = 0.6
+    shared_noise: bool = True
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    std_eps: float = 1e-8
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
+                             f"got {self.group_size!r}")
+        if not 0.0 < float(self.timestep_fraction) <= 1.0:
+            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        if not float(self.clip_range) > 0:
+            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
+        if not float(self.adv_clip_max) > 0:
+            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
+        if not float(self.std_eps) >= 0:
+            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
+        if float(self.beta) < 0:
+            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+
+
+class DanceGRPO:
+    name: ClassVar[str] = "dancegrpo"
+    Config: ClassVar[type] = DanceGRPOConfig
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # scripts/finetune/finetune_flux_grpo.sh (FLUX.1-dev): 16 steps, DanceGRPO SDE eta 0.3, shift 3,
+        # G = 12, fraction 0.6 (FLUX's distilled guidance has no treebench equivalent: guidance unchanged)
+        "dancegrpo-paper": {"sampler.steps": 16, "sampler.noise_level": 0.3, "sampler.sde": "dance",
+                            "sampler.shift": 3.0, "algo.group_size": 12, "algo.timestep_fraction": 0.6,
+                            "algo.clip_range": 1e-4},
+        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7
+        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo"},
+    }
+
+    def __init__(self, config: DanceGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
+        self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        if self._n_train() < 1:
+            raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
+                             f"sampler.steps={sampler.steps} (int((T - 1) * fraction) must be >= 1)")
+
+    def _n_train(self) -> int:
+        return int((self.sampler.steps - 1) * float(self.config.timestep_fraction))
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        T = self.sampler.steps
+        return RolloutPlan(num_steps=T, modes=("sde",) * T, branch=(1,) * T,
+                           trees_per_prompt=self.config.group_size, shared_noise=self.config.shared_noise,
+                           noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
+                           guidance=self.sampler.guidance,
+                           info={"dancegrpo/trained_steps": float(self._n_train())})
+
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=True, eps=self.config.std_eps)
+        return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
+
+    def _trained_edges(self, rollout: Rollout) -> torch.Tensor:
+        gen = generator(self.seed, rollout.iteration, "update")
+        step_edges = chain_step_edges(rollout)[:, :-1]  # [C, T-1]: the last step is never trained
+        C, Tm1 = step_edges.shape
+        chosen = torch.gather(step_edges, 1, random_step_subset(C, Tm1, self._n_train(), gen))
+        chosen = chosen[torch.randperm(C, generator=gen)].flatten()
+        return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+
+    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        edges = self._trained_edges(rollout)
+        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
+                          beta=self.config.beta)
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None

@@ -1,0 +1,171 @@
+"""DDPO: Denoising Diffusion Policy Optimization.
+
+Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning",
+arXiv 2305.13301 (ICLR 2024); reference code kvablack/ddpo-pytorch (ALGORITHMS.md §1).
+
+Implementation details:
+- Sampling (``plan``): every one of the T steps is stochastic. On epsilon-prediction models the engine
+  uses DDIM with eta = ``sampler.noise_level`` (DDPO's setting is eta = 1, i.e. DDPM-like variance,
+  ``ddim_step_with_logprob``); on flow models the same algorithm runs on the flow SDE
+  (``sampler.sde``), as the GRPO papers re-ran it. Initial noises are i.i.d. (no shared noise): DDPO
+  has no groups, it draws prompts i.i.d. from a small set; treebench samples ``group_size`` i.i.d.
+  chains per drawn prompt, so prompts repeat within and across iterations.
+- Advantages (``advantages``): per-prompt statistics tracking (``PerPromptStatTracker`` in
+  ``algorithms.common``): a FIFO buffer of the last ``buffer_size`` rewards of every prompt string,
+  persisted across iterations (and in ``state_dict``); batch mean / population std while a buffer
+  holds fewer than ``min_count`` rewards; eps 1e-6. With ``per_prompt_stat_tracking = False`` the
+  whole batch is normalised with the unbiased std + 1e-8 (``scripts/train.py``).
+- Trained steps (``_trained_edges``): for every chain an independent random permutation of its T steps;
+  the first ``int(T * timestep_fraction)`` are trained (fraction 1.0 = all steps, in random order).
+- Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clipped surrogate per (chain, step) with
+  the old log-probs stored at sampling time, advantages clamped to +-``adv_clip_max``, clip range
+  1e-4, mean over the trained terms, gradients accumulated over the whole batch (one optimizer step
+  per ``train.optimizer_steps`` mini-batch); CFG recomputed in the update with the sampling guidance.
+  No KL term by default (``beta`` enables treebench's optional KL to the reference).
+- Not reproduced: LoRA vs full fine-tuning and the optimizer are harness settings (``model.*``,
+  ``train.*``); DDPO's ``num_inner_epochs`` is 1, as here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from algorithms.common import (
+    PerPromptStatTracker,
+    chain_edge_advantages,
+    chain_step_edges,
+    ppo_update,
+    random_step_subset,
+)
+from bench.seeding import generator
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
+
+
+@dataclass(frozen=True)
+class DDPOConfig:
+    """DDPO settings (``algo.<field>``).
+
+    group_size:        i.i.d. chains (images) per drawn prompt per iteration [count]; default 4
+                       (ddpo-pytorch draws each image's prompt i.i.d. from 45 animals: 256 images per
+                       epoch is ~5.7 per prompt; treebench draws prompts per iteration)
+    timestep_fraction: fraction of each chain's T steps trained, a fresh random subset per chain
+                       [0, 1]; default 1.0 (ddpo-pytorch ``train.timestep_fraction``)
+    per_prompt_stat_tracking: normalise rewards with per-prompt buffers (True) or over the whole
+                       batch (False); default True (ddpo-pytorch ``per_prompt_stat_tracking``)
+    buffer_size:       rewards kept per prompt [count]; default 16 (ddpo-pytorch ``config/base.py``;
+                       its aesthetic configs use 32)
+    min_count:         rewards a prompt needs before its own statistics are used [count]; default 16
+                       (``config/base.py``)
+    clip_range:        PPO epsilon on the per-step ratio [ratio]; default 1e-4 (``train.clip_range``)
+    adv_clip_max:      advantages are clamped to +-this [std units]; default 5 (``train.adv_clip_max``)
+    beta:              weight of the KL to the reference model; default 0 (DDPO has no KL term)
+    """
+
+    group_size: int = 4
+    timestep_fraction: float = 1.0
+    per_prompt_stat_tracking: bool = True
+    buffer_size: int = 16
+    min_count: int = 16
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"algo.group_size must be an integer >= 1, got {self.group_size!r}")
+        if not 0.0 < float(self.timestep_fraction) <= 1.0:
+            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
+            raise ValueError(f"algo.buffer_size must be an integer >= 1, got {self.buffer_size!r}")
+        if not isinstance(self.min_count, int) or self.min_count < 1:
+            raise ValueError(f"algo.min_count must be an integer >= 1, got {self.min_count!r}")
+        if self.per_prompt_stat_tracking and self.min_count > self.buffer_size:
+            raise ValueError(f"algo.min_count ({self.min_count}) > algo.buffer_size ({self.buffer_size}): "
+                             f"per-prompt statistics would never be used")
+        if not float(self.clip_range) > 0:
+            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
+        if not float(self.adv_clip_max) > 0:
+            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
+        if float(self.beta) < 0:
+            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+
+
+class DDPO:
+    name: ClassVar[str] = "ddpo"
+    Config: ClassVar[type] = DDPOConfig
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # ddpo-pytorch config/base.py + dgx.py on SD 1.x: 50 DDIM steps, eta 1, CFG 5, full fraction
+        # (its LoRA learning rate 3e-4 is left to train.lr: it depends on LoRA vs full fine-tuning)
+        "ddpo-paper": {"sampler.steps": 50, "sampler.guidance": 5.0, "sampler.noise_level": 1.0,
+                       "algo.timestep_fraction": 1.0, "algo.buffer_size": 16, "algo.min_count": 16,
+                       "algo.clip_range": 1e-4},
+    }
+
+    def __init__(self, config: DDPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
+        self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        if int(sampler.steps * config.timestep_fraction) < 1:
+            raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
+                             f"sampler.steps={sampler.steps}")
+        self.tracker = PerPromptStatTracker(config.buffer_size, config.min_count, eps=1e-6)
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        T = self.sampler.steps
+        return RolloutPlan(num_steps=T, modes=("sde",) * T, branch=(1,) * T,
+                           trees_per_prompt=self.config.group_size, shared_noise=False,
+                           noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
+                           guidance=self.sampler.guidance,
+                           info={"ddpo/trained_steps": float(self._n_train())})
+
+    def _n_train(self) -> int:
+        return int(self.sampler.steps * self.config.timestep_fraction)
+
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        scores = rewards.scores.float()
+        if self.config.per_prompt_stat_tracking:
+            texts = [batch.prompts[int(p)] for p in rollout.leaf_prompts()]
+            leaf = self.tracker.update(texts, scores)
+            tracked = sum(1 for t in set(texts) if len(self.tracker.buffers[t]) >= self.config.min_count)
+            metrics = {"ddpo/tracked_prompt_frac": tracked / max(1, len(set(texts))),
+                       "ddpo/tracked_prompts_total": float(len(self.tracker.buffers))}
+        else:
+            std = scores.std(unbiased=True) if scores.numel() > 1 else torch.tensor(0.0)
+            leaf = (scores - scores.mean()) / (std + 1e-8)
+            metrics = {}
+        return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf, metrics=metrics)
+
+    def _trained_edges(self, rollout: Rollout) -> torch.Tensor:
+        """Child node ids of the trained edges: chains in random order, each chain's random subset of
+        steps in its random order (ddpo-pytorch ``perms``)."""
+        gen = generator(self.seed, rollout.iteration, "update")
+        step_edges = chain_step_edges(rollout)  # [C, T]
+        C, T = step_edges.shape
+        steps = random_step_subset(C, T, self._n_train(), gen)  # [C, n]
+        chosen = torch.gather(step_edges, 1, steps)
+        chosen = chosen[torch.randperm(C, generator=gen)].flatten()
+        return chosen[rollout.trainable[chosen.clamp_min(0)] & (chosen >= 0)]
+
+    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        edges = self._trained_edges(rollout)
+        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
+                          beta=self.config.beta)
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])

@@ -1,0 +1,256 @@
+"""MixGRPO: mixed ODE-SDE sampling with a sliding SDE window (and MixGRPO-Flash).
+
+Li et al., "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE", arXiv 2507.21802;
+reference code Tencent-Hunyuan/MixGRPO (read for the behaviour only, ALGORITHMS.md §3).
+
+Implementation details:
+- Sampling (``plan``): SDE steps only inside the current window of ``window`` consecutive steps,
+  deterministic Euler (ODE) before and after it (``training_strategy="part"``). The SDE is
+  ``sampler.sde`` (Flow-GRPO's by default, which is also what the released scripts use,
+  ``--flow_grpo_sampling``). The ``group_size`` chains of a prompt share one initial noise
+  (``--init_same_noise``).
+- Window schedule (``_window``; ``algorithms.common.progressive_window_start``): "progressive" starts
+  at step 0 (noisiest first) and moves by ``window_stride`` every ``shift_interval`` iterations, and
+  rolls back to 0 past the end (``--roll_back``); "random" draws a start per iteration. As in the
+  reference, the window is clipped to end before step T - 2 (``max_timesteps = T - 2``, so the
+  last windows shrink) and the last step is never trained. Positions whose clipped window would be
+  empty are skipped (the reference only reaches them for T smaller than its 25 steps). The schedule
+  is a pure function of the iteration; its position is reported in ``state_dict`` and logged as
+  ``mixgrpo/window_start``.
+- MixGRPO-Flash (``flash = True``, preset ``mixgrpo-flash``; ``_flash_sigmas``): up to the end of the
+  window the schedule is unchanged; after it the remaining schedule is replaced by a compressed one
+  of ``num_post = int((T - last) * compress_ratio)`` sigmas (``linspace(sigma[last + 1], 0, num_post)``,
+  time-shifted; at least 2 so it ends at sigma = 0) integrated with deterministic 2nd-order
+  multistep DPM-Solver++ (plan mode "dpm2", ``bench.sde.flow_dpm2_step``). Sampling only: trained
+  steps are window steps, whose sigmas equal the uncompressed schedule's.
+- Advantages (``advantages``): per-prompt group normalisation with torch's unbiased std + 1e-8;
+  ``multi_reward = "advantage_aggr"`` normalises every reward component separately and averages them
+  with equal weights (MixGRPO's ``advantage_aggr`` with its default weights 1.0 each,
+  ``algorithms.common.weighted_advantage_sum``); the default "reward_aggr" normalises the combined
+  reward.
+- Loss (``update`` -> ``algorithms.common.ppo_update``): every window step of every chain, steps in
+  order, chains in random order (``timestep_fraction`` is unused in "part" mode, as in the code);
+  PPO clipped surrogate with stored log-probs, advantages clamped to +-5, clip range 1e-4, mean over
+  the terms (the reference divides by gradient accumulation x window length). No KL (``beta`` = 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from algorithms.common import (
+    chain_edge_advantages,
+    chain_step_edges,
+    group_normalize,
+    ppo_update,
+    progressive_window_start,
+    weighted_advantage_sum,
+)
+from bench import sde
+from bench.seeding import generator
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
+
+SAMPLE_STRATEGIES = ("progressive", "random")
+MULTI_REWARD = ("reward_aggr", "advantage_aggr")
+
+
+@dataclass(frozen=True)
+class MixGRPOConfig:
+    """MixGRPO settings (``algo.<field>``).
+
+    group_size:      chains (images) per prompt [count]; default 12 (``--num_generations 12``)
+    window:          SDE window size w [steps]; default 4 (``--group_size 4`` in the MixGRPO scripts)
+    window_stride:   steps the window moves at each shift [steps]; default 1 (``--prog_overlap_step 1``;
+                     0 freezes the window, the "Flash*" setting)
+    shift_interval:  iterations between window shifts [iterations]; default 25 (``--iters_per_group 25``;
+                     20 for Flash)
+    sample_strategy: "progressive" (sliding window) or "random" (uniform start each iteration);
+                     default "progressive" (``--sample_strategy progressive``)
+    roll_back:       restart the progressive window at step 0 after the last position; default True
+                     (``--roll_back``)
+    flash:           MixGRPO-Flash: 2nd-order DPM-Solver++ on a compressed post-window schedule;
+                     default False (``--dpm_algorithm_type null``)
+    compress_ratio:  Flash: fraction of the post-window steps kept [0, 1]; default 0.4
+                     (``--dpm_post_compress_ratio 0.4``; 0.2 in the Flash* script)
+    shared_noise:    the group's chains start from one initial noise; default True (``--init_same_noise``)
+    multi_reward:    "reward_aggr" (normalise the combined reward) or "advantage_aggr" (normalise each
+                     reward component, average with equal weights); default "reward_aggr" (the combined
+                     treebench reward; the MixGRPO scripts use advantage_aggr over HPS/ImageReward/PickScore)
+    clip_range:      PPO epsilon [ratio]; default 1e-4 (``--clip_range``)
+    adv_clip_max:    advantage clamp [std units]; default 5 (``--adv_clip_max``)
+    std_eps:         added to the group std; default 1e-8
+    beta:            weight of the KL to the reference; default 0 (``--kl_coeff 0.0``)
+    """
+
+    group_size: int = 12
+    window: int = 4
+    window_stride: int = 1
+    shift_interval: int = 25
+    sample_strategy: str = "progressive"
+    roll_back: bool = True
+    flash: bool = False
+    compress_ratio: float = 0.4
+    shared_noise: bool = True
+    multi_reward: str = "reward_aggr"
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    std_eps: float = 1e-8
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
+                             f"got {self.group_size!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"algo.window must be an integer >= 1, got {self.window!r}")
+        if not isinstance(self.window_stride, int) or self.window_stride < 0:
+            raise ValueError(f"algo.window_stride must be an integer >= 0, got {self.window_stride!r}")
+        if not isinstance(self.shift_interval, int) or self.shift_interval < 1:
+            raise ValueError(f"algo.shift_interval must be an integer >= 1, got {self.shift_interval!r}")
+        if self.sample_strategy not in SAMPLE_STRATEGIES:
+            raise ValueError(f"algo.sample_strategy must be one of {', '.join(SAMPLE_STRATEGIES)}, "
+                             f"got {self.sample_strategy!r}")
+        if not 0.0 < float(self.compress_ratio) <= 1.0:
+            raise ValueError(f"algo.compress_ratio must be in (0, 1], got {self.compress_ratio!r}")
+        if self.multi_reward not in MULTI_REWARD:
+            raise ValueError(f"algo.multi_reward must be one of {', '.join(MULTI_REWARD)}, got {self.multi_reward!r}")
+        if not float(self.clip_range) > 0:
+            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
+        if not float(self.adv_clip_max) > 0:
+            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
+        if not float(self.std_eps) >= 0:
+            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
+        if float(self.beta) < 0:
+            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+
+
+class MixGRPO:
+    name: ClassVar[str] = "mixgrpo"
+    Config: ClassVar[type] = MixGRPOConfig
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # finetune_flux_grpo_MixGRPO.sh (FLUX.1-dev): T = 25, Flow-GRPO SDE 0.7, shift 3, G = 12, w = 4,
+        # stride 1 every 25 iterations, roll back
+        "mixgrpo-paper": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
+                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4, "algo.window_stride": 1,
+                          "algo.shift_interval": 25, "algo.flash": False},
+        # MixGRPO-Flash: DPM-Solver++(2M) on the post-window schedule compressed to 0.4, shift every 20
+        "mixgrpo-flash": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
+                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4, "algo.window_stride": 1,
+                          "algo.shift_interval": 20, "algo.flash": True, "algo.compress_ratio": 0.4},
+        # MixGRPO-Flash*: frozen window [0, 4), compression 0.2
+        "mixgrpo-flash-frozen": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
+                                 "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
+                                 "algo.window_stride": 0, "algo.flash": True, "algo.compress_ratio": 0.2},
+        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7
+        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo"},
+    }
+
+    def __init__(self, config: MixGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
+        self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        T = sampler.steps
+        if T < 3:
+            raise ValueError(f"MixGRPO needs sampler.steps >= 3 (its window ends before step T - 2), got {T}")
+        if config.window > T:
+            raise ValueError(f"algo.window={config.window} > sampler.steps={T}")
+        if config.flash and sampler.prediction != "flow":
+            raise ValueError("algo.flash (DPM-Solver++ post-window steps) needs a flow-matching model; "
+                             f"this model predicts {sampler.prediction!r}")
+        self._last_window: tuple[int, int] = self._window(0)
+        self._last_iteration = 0
+
+    # ---- window ----
+    def _max_end(self) -> int:
+        return self.sampler.steps - 2  # MixGRPO's max_timesteps: the window ends before step T - 2
+
+    def _window(self, iteration: int) -> tuple[int, int]:
+        """(start, end) of the SDE window at ``iteration``, end exclusive."""
+        c = self.config
+        max_end = self._max_end()
+        if c.sample_strategy == "progressive":
+            start = progressive_window_start(iteration, c.shift_interval, c.window_stride, max_end - 1,
+                                             c.roll_back)
+        else:  # a full window at a uniformly random position
+            hi = max(0, max_end - c.window)
+            start = int(torch.randint(0, hi + 1, (1,), generator=generator(self.seed, iteration, "plan")))
+        return start, min(start + c.window, max_end)
+
+    def _flash_sigmas(self, last: int) -> tuple[float, ...]:
+        """MixGRPO-Flash schedule: the shifted schedule up to sigma index ``last`` + 1, then
+        ``num_post`` sigmas linspace(sigma_unshifted[last + 1], 0, num_post), time-shifted."""
+        T, shift = self.sampler.steps, self.sampler.shift
+        base = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64)
+        full = sde.time_shift(base, shift)
+        num_post = max(int((T - last) * float(self.config.compress_ratio)), 2)
+        post = sde.time_shift(torch.linspace(float(base[last + 1]), 0.0, num_post, dtype=torch.float64), shift)
+        return tuple(float(s) for s in torch.cat([full[:last + 1], post]))
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        c, T = self.config, self.sampler.steps
+        start, end = self._window(iteration)
+        self._last_window, self._last_iteration = (start, end), int(iteration)
+        sigmas = None
+        if c.flash:
+            sigmas = self._flash_sigmas(end - 1)
+            n = len(sigmas) - 1
+            modes = tuple("ode" if i < start else "sde" if i < end else "dpm2" for i in range(n))
+        else:
+            n = T
+            modes = tuple("sde" if start <= i < end else "ode" for i in range(n))
+        return RolloutPlan(num_steps=n, modes=modes, branch=(1,) * n, trees_per_prompt=c.group_size,
+                           shared_noise=c.shared_noise, noise_level=self.sampler.noise_level,
+                           sde_type=self.sampler.sde_type, guidance=self.sampler.guidance, sigmas=sigmas,
+                           info={"mixgrpo/window_start": float(start), "mixgrpo/window_size": float(end - start),
+                                 "mixgrpo/sampling_steps": float(n)})
+
+    # ---- advantages and update ----
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        groups = rollout.leaf_prompts()
+
+        def norm(r: torch.Tensor) -> torch.Tensor:
+            return group_normalize(r, groups, unbiased=True, eps=self.config.std_eps)
+
+        if self.config.multi_reward == "advantage_aggr":
+            if not rewards.components:
+                raise ValueError("algo.multi_reward=advantage_aggr needs a reward with named components "
+                                 "(e.g. --reward a=1.0,b=1.0)")
+            per = {k: norm(v) for k, v in rewards.components.items()}
+            leaf = weighted_advantage_sum(per, {k: 1.0 for k in per})
+        else:
+            leaf = norm(rewards.scores)
+        return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
+
+    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        # the window steps are the plan's only SDE (trainable) steps: train all of them, in step order,
+        # chains in random order
+        step_edges = chain_step_edges(rollout)  # [C, T]
+        gen = generator(self.seed, rollout.iteration, "update")
+        edges = step_edges[torch.randperm(step_edges.shape[0], generator=gen)].flatten()
+        edges = edges[(edges >= 0) & rollout.trainable[edges.clamp_min(0)]]
+        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
+                          beta=self.config.beta)
+
+    def state_dict(self) -> dict:
+        start, end = self._last_window
+        return {"config": asdict(self.config), "iteration": self._last_iteration, "window_start": start,
+                "window_end": end}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        # the schedule is a pure function of the iteration; the saved position is restored for reporting
+        if "window_start" in state:
+            self._last_window = (int(state["window_start"]), int(state.get("window_end", state["window_start"])))
+            self._last_iteration = int(state.get("iteration", 0))

@@ -1,0 +1,221 @@
+"""TreeGRPO: tree-structured rollouts with shared prefixes and per-edge advantages.
+
+Ding & Ye, "TreeGRPO", arXiv 2512.08153 (ICLR 2026); the authors' released code (``train.py``,
+``pipelines_with_logprob/stablediffusion3.py``); ALGORITHMS.md §4 and §12.
+
+Implementation details:
+- Sampling (``plan``): every tree starts from one root noise (shared by all its leaves by
+  construction); ``trees_per_prompt`` trees per prompt with independent root noises. Inside an SDE
+  window of ``window`` consecutive steps (default = ``d``) the ``d`` branching steps (the first d of
+  the window by default, ``branch_at``) are SDE steps with ``k`` children each, all drawn around the
+  mean of ONE denoiser evaluation (the engine expands a node's output k times before the step);
+  remaining window steps are single-child SDE steps; every step outside the window is a
+  deterministic ODE (Euler) step. A tree has k^d leaves.
+- Window (``_window_start``): "random" (paper: a random consecutive window per iteration, drawn from
+  ``bench.seeding.generator(seed, iteration, "plan")``) by default; "progressive" (released code:
+  starts at step 0 and moves by ``window_stride`` every ``shift_interval`` = 50 iterations) as an
+  option. Either way the window avoids the last step when the schedule leaves room (the code asserts
+  the window ends before step T - 1).
+- Advantages (``advantages``): leaf rewards normalised per prompt over all leaves of all its trees,
+  (r - mean) / (std + 1e-8) with the *population* std (``update_advantages``); edge advantages by
+  ``algorithms.common.tree_backup``: A(u -> c) = V(c), V(leaf) = leaf advantage, V(u) = weighted mean
+  of its children's edge advantages, single-child (ODE or non-branching) links pass values through.
+  Weights: ``softmax_logprob`` (softmax of the children's sampling-time edge log-probs, the paper's
+  "weighted by branch probability" reading, treebench's default per ALGORITHMS.md §12) or ``uniform``
+  (released code: plain mean).
+- Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clipped surrogate on every SDE edge of
+  the window, parents in random order; all k children of a parent get their new log-probs from ONE
+  denoiser evaluation (``engine.logp`` evaluates each distinct parent once), so an update costs
+  (k^d - 1)/(k - 1) evaluations per tree (x2 with CFG) for k(k^d - 1)/(k - 1) edge terms when
+  window = d. Advantages clamped to +-5, clip range 1e-4. ``loss_agg = "sum"`` (code default) sums
+  the children's terms of a parent and averages over parents; "mean" averages over edges. No KL by
+  default (``beta``).
+- Not reproduced: the released code's gradient-accumulation override (about 2 optimizer steps per
+  iteration; the ``treegrpo-code`` preset sets ``train.optimizer_steps = 2`` instead) and its
+  batch-size-1 loops (treebench batches whole tree levels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from algorithms.common import WEIGHTINGS, group_normalize, ppo_update, progressive_window_start, tree_backup
+from bench.seeding import generator
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
+
+WINDOW_MODES = ("random", "progressive")
+BRANCH_AT = ("first", "last")
+LOSS_AGG = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class TreeGRPOConfig:
+    """TreeGRPO settings (``algo.<field>``).
+
+    k:                branching factor: children per node at a branching step [count]; default 3 (paper's
+                      best trade-off; released code 2)
+    d:                branching depth: branching steps per tree [steps]; default 3 (paper; code 4)
+    window:           SDE window length W >= d [steps]; default None = d (released code: every window
+                      step branches)
+    window_mode:      "random" (paper: random consecutive window each iteration) or "progressive"
+                      (released code: sliding window); default "random"
+    window_stride:    progressive: steps the window moves per shift [steps]; default 1 (code ``tree.s``)
+    shift_interval:   progressive: iterations between shifts [iterations]; default 50 (code ``tree.tou``)
+    roll_back:        progressive: restart at step 0 after the last position (True) or stay there
+                      (False); default False (the code stops at its assertion)
+    branch_at:        which d steps of the window branch: "first" or "last"; default "first"
+    trees_per_prompt: independent root noises (trees) per prompt [count]; default 1 (code
+                      ``sample.num_trees``)
+    weighting:        edge-advantage weights in the backup: "softmax_logprob" (paper reading) or
+                      "uniform" (released code); default "softmax_logprob" (ALGORITHMS.md §12)
+    loss_agg:         "sum" over a parent's children, mean over parents (code ``tree.loss_agg``), or
+                      "mean" over all edges; default "sum"
+    clip_range:       PPO epsilon [ratio]; default 1e-4 (code ``clip_range``)
+    adv_clip_max:     advantage clamp [std units]; default 5 (code ``adv_clip_max``)
+    std_eps:          added to the per-prompt population std of leaf rewards; default 1e-8
+    beta:             weight of the KL to the reference; default 0 (no KL in the code)
+    """
+
+    k: int = 3
+    d: int = 3
+    window: int | None = None
+    window_mode: str = "random"
+    window_stride: int = 1
+    shift_interval: int = 50
+    roll_back: bool = False
+    branch_at: str = "first"
+    trees_per_prompt: int = 1
+    weighting: str = "softmax_logprob"
+    loss_agg: str = "sum"
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    std_eps: float = 1e-8
+    beta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"algo.k (branching factor) must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.d, int) or self.d < 1:
+            raise ValueError(f"algo.d (branching depth) must be an integer >= 1, got {self.d!r}")
+        if self.window is not None:
+            if not isinstance(self.window, int) or self.window < 1:
+                raise ValueError(f"algo.window must be an integer >= 1 (or null = algo.d), got {self.window!r}")
+            if self.d > self.window:
+                raise ValueError(f"algo.d={self.d} > algo.window={self.window}: the branching steps must lie "
+                                 f"inside the SDE window")
+        if self.window_mode not in WINDOW_MODES:
+            raise ValueError(f"algo.window_mode must be one of {', '.join(WINDOW_MODES)}, got {self.window_mode!r}")
+        if not isinstance(self.window_stride, int) or self.window_stride < 0:
+            raise ValueError(f"algo.window_stride must be an integer >= 0, got {self.window_stride!r}")
+        if not isinstance(self.shift_interval, int) or self.shift_interval < 1:
+            raise ValueError(f"algo.shift_interval must be an integer >= 1, got {self.shift_interval!r}")
+        if self.branch_at not in BRANCH_AT:
+            raise ValueError(f"algo.branch_at must be one of {', '.join(BRANCH_AT)}, got {self.branch_at!r}")
+        if not isinstance(self.trees_per_prompt, int) or self.trees_per_prompt < 1:
+            raise ValueError(f"algo.trees_per_prompt must be an integer >= 1, got {self.trees_per_prompt!r}")
+        if self.k ** self.d * self.trees_per_prompt < 2:
+            raise ValueError("a prompt needs at least 2 leaves for group-relative advantages: raise algo.k "
+                             "or algo.trees_per_prompt")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.loss_agg not in LOSS_AGG:
+            raise ValueError(f"algo.loss_agg must be one of {', '.join(LOSS_AGG)}, got {self.loss_agg!r}")
+        if not float(self.clip_range) > 0:
+            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
+        if not float(self.adv_clip_max) > 0:
+            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
+        if not float(self.std_eps) >= 0:
+            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
+        if float(self.beta) < 0:
+            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+
+
+class TreeGRPO:
+    name: ClassVar[str] = "treegrpo"
+    Config: ClassVar[type] = TreeGRPOConfig
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # the paper's setting (SD3.5-medium, 512^2): T = 10, CFG 4.5, noise 0.7, best shape k = 3, d = 3
+        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo", "algo.k": 3, "algo.d": 3, "algo.window_mode": "random",
+                           "algo.weighting": "softmax_logprob"},
+        # the released code's configs/base.yaml: k = 2, window = d = 4 from step 0, sliding by 1 every 50
+        # iterations, uniform weights, summed children loss, ~2 optimizer steps per iteration
+        "treegrpo-code": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                          "sampler.sde": "flow_grpo", "algo.k": 2, "algo.d": 4, "algo.window": 4,
+                          "algo.window_mode": "progressive", "algo.window_stride": 1, "algo.shift_interval": 50,
+                          "algo.weighting": "uniform", "algo.loss_agg": "sum", "train.optimizer_steps": 2},
+    }
+
+    def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
+        self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        T, W = sampler.steps, self.window
+        if W > T:
+            raise ValueError(f"algo.window={W} > sampler.steps={T}: the SDE window must fit in the schedule")
+        if config.d > W:
+            raise ValueError(f"algo.d={config.d} > algo.window={W}")
+
+    @property
+    def window(self) -> int:
+        return self.config.window if self.config.window is not None else self.config.d
+
+    def _max_start(self) -> int:
+        """Last window start: the window ends before the last step when the schedule leaves room."""
+        T, W = self.sampler.steps, self.window
+        return max(0, T - W - 1)
+
+    def _window_start(self, iteration: int) -> int:
+        c = self.config
+        if c.window_mode == "progressive":
+            return progressive_window_start(iteration, c.shift_interval, c.window_stride, self._max_start(),
+                                            c.roll_back)
+        return int(torch.randint(0, self._max_start() + 1, (1,), generator=generator(self.seed, iteration, "plan")))
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        c, T, W = self.config, self.sampler.steps, self.window
+        s0 = self._window_start(iteration)
+        b0 = s0 if c.branch_at == "first" else s0 + W - c.d
+        modes = tuple("sde" if s0 <= i < s0 + W else "ode" for i in range(T))
+        branch = tuple(c.k if b0 <= i < b0 + c.d else 1 for i in range(T))
+        return RolloutPlan(num_steps=T, modes=modes, branch=branch, trees_per_prompt=c.trees_per_prompt,
+                           shared_noise=False, noise_level=self.sampler.noise_level,
+                           sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
+                           info={"treegrpo/window_start": float(s0), "treegrpo/window": float(W),
+                                 "treegrpo/branch_start": float(b0), "treegrpo/leaves": float(c.k ** c.d)})
+
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False, eps=self.config.std_eps)
+        values = torch.full((rollout.num_nodes,), float("nan"))
+        values[rollout.leaves] = leaf
+        edge = tree_backup(rollout.parent, values, rollout.logp_old, self.config.weighting)
+        tr = rollout.trainable
+        metrics = {"treegrpo/edge_adv_abs_mean": float(edge[tr].abs().mean()) if bool(tr.any()) else 0.0}
+        return Advantages(edge=edge, leaf=leaf, metrics=metrics)
+
+    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        edges = torch.nonzero(rollout.trainable).flatten()
+        # random edge order = random parent order (ppo_update keeps a parent's children together and
+        # scores them from one evaluation)
+        edges = edges[torch.randperm(edges.numel(), generator=generator(self.seed, rollout.iteration, "update"))]
+        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
+                          beta=self.config.beta,
+                          reduction="sum_children" if self.config.loss_agg == "sum" else "mean")
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
