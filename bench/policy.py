@@ -192,6 +192,15 @@ def _import_class(library: str, name: str) -> Any:
     return getattr(importlib.import_module(library), name)
 
 
+def _quiet_libraries() -> None:
+    """No per-file progress bars from diffusers/transformers when loading small components."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
 def read_model_index(path: Path) -> dict[str, Any]:
     idx = path / "model_index.json"
     if not idx.is_file():
@@ -208,6 +217,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a pipeline directory into a ``Policy`` (text encoder and VAE frozen, denoiser trainable)."""
     path = Path(path)
     index = read_model_index(path)
+    _quiet_libraries()
     cls = index.get("_class_name")
     if cls != TREEBENCH_CLASS:
         raise NotImplementedError(

@@ -84,11 +84,14 @@ MODELS: dict[str, ModelPreset] = {
     "tiny-random": ModelPreset("tiny-random",
                                "Random tiny SD3-style flow model built in-process (tests, smoke runs)",
                                {"sampler.steps": 6, "sampler.guidance": 1.0, "sampler.noise_level": 0.7,
-                                "sampler.shift": 1.0}),
+                                "sampler.shift": 1.0, "reward.name": "brightness", "eval.rewards": ["brightness"],
+                                "train.prompts_per_iteration": 2, "eval.num_prompts": 4, "train.lr": 1e-4}),
     "tiny-random-ddim": ModelPreset("tiny-random-ddim",
                                     "Random tiny epsilon-prediction UNet + DDIM built in-process (DDPO tests)",
                                     {"sampler.steps": 6, "sampler.guidance": 1.0, "sampler.noise_level": 1.0,
-                                     "sampler.shift": 1.0}),
+                                     "sampler.shift": 1.0, "reward.name": "brightness",
+                                     "eval.rewards": ["brightness"], "train.prompts_per_iteration": 2,
+                                     "eval.num_prompts": 4, "train.lr": 1e-4}),
 }
 
 #: Algorithm presets reproducing the papers' settings (``--preset NAME``): dotted overrides.

@@ -1,0 +1,90 @@
+"""Equal budgets: wall-clock training seconds, scored samples, denoiser forward passes, iterations.
+
+``Budget.parse("2h,5000samples")``: comma-separated limits, the first one reached stops the run. The
+runner checks at iteration boundaries, so a run may overshoot by at most one iteration; totals in
+``final.json`` are exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bench.registry import UsageError
+
+FORMS = ("24h", "90m", "45s", "1.5h", "5000samples", "2e6nfe", "300it", "2h,5000samples")
+_UNIT = {
+    "h": ("seconds", 3600.0), "hr": ("seconds", 3600.0), "hours": ("seconds", 3600.0),
+    "m": ("seconds", 60.0), "min": ("seconds", 60.0), "minutes": ("seconds", 60.0),
+    "s": ("seconds", 1.0), "sec": ("seconds", 1.0), "seconds": ("seconds", 1.0),
+    "samples": ("samples", 1.0), "sample": ("samples", 1.0), "img": ("samples", 1.0), "images": ("samples", 1.0),
+    "nfe": ("nfe", 1.0),
+    "it": ("iterations", 1.0), "iter": ("iterations", 1.0), "iters": ("iterations", 1.0),
+    "iterations": ("iterations", 1.0),
+}
+_TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$")
+
+STOP_REASONS = {"seconds": "budget_seconds", "samples": "budget_samples", "nfe": "budget_nfe",
+                "iterations": "budget_iterations"}
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Cumulative consumption: training seconds (rollout+reward+advantage+update), images scored,
+    denoiser forward passes (rollout + update), completed iterations."""
+
+    seconds: float = 0.0
+    samples: int = 0
+    nfe: int = 0
+    iterations: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    spec: str
+    seconds: float | None = None
+    samples: int | None = None
+    nfe: float | None = None
+    iterations: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Budget":
+        if not isinstance(spec, str) or not spec.strip():
+            raise UsageError(f"empty budget. Valid forms: {', '.join(FORMS)}")
+        limits: dict[str, float] = {}
+        for term in spec.split(","):
+            m = _TERM.match(term)
+            unit = m and _UNIT.get(m.group(2).lower())
+            if not m or not unit:
+                raise UsageError(f"bad budget term {term.strip()!r} in {spec!r}. Valid forms: {', '.join(FORMS)} "
+                                 f"(units: h, m, s, samples, nfe, it; combine with commas, first reached stops)")
+            key, mult = unit
+            value = float(m.group(1)) * mult
+            if value <= 0:
+                raise UsageError(f"budget term {term.strip()!r} must be positive. Valid forms: {', '.join(FORMS)}")
+            if key in limits:
+                raise UsageError(f"budget {spec!r} limits {key} twice; give each currency once. "
+                                 f"Valid forms: {', '.join(FORMS)}")
+            limits[key] = value
+        return cls(spec=spec.strip(), seconds=limits.get("seconds"),
+                   samples=int(limits["samples"]) if "samples" in limits else None,
+                   nfe=limits.get("nfe"),
+                   iterations=int(limits["iterations"]) if "iterations" in limits else None)
+
+    def exhausted(self, t: Totals) -> str | None:
+        """The stop reason if any limit is reached, else None."""
+        for key in ("iterations", "samples", "nfe", "seconds"):
+            lim = getattr(self, key)
+            if lim is not None and getattr(t, key) >= lim:
+                return STOP_REASONS[key]
+        return None
+
+    def fraction(self, t: Totals) -> float:
+        """Largest consumed fraction over the limits (progress bars, ETA)."""
+        fr = [getattr(t, k) / getattr(self, k) for k in ("iterations", "samples", "nfe", "seconds")
+              if getattr(self, k)]
+        return min(1.0, max(fr)) if fr else 0.0
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "seconds": self.seconds, "samples": self.samples, "nfe": self.nfe,
+                "iterations": self.iterations}

@@ -1,0 +1,144 @@
+"""``bench`` command line. Importing this module imports neither torch nor any model: subcommands
+import what they need when they run, so ``bench --help`` and ``bench list`` stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, UsageError, did_you_mean, load_object
+
+EPILOG = """examples:
+  bench run --algo treegrpo --budget 10m            # embedded shapes world on CPU
+  bench run --algo dancegrpo --budget 3it --out runs/x --set train.lr=1e-5
+  bench run --algo treegrpo --preset treegrpo-paper --model sd3.5-medium --model-path DIR --budget 24h
+  bench list"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its message, add the hint
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)} (default treegrpo)")
+    p.add_argument("--reward", help="training reward: a name or a weighted spec 'hpsv2=1.0,clip_score=1.0' "
+                                    "(default: the model preset's)")
+    p.add_argument("--eval-rewards", help="comma-separated held-out rewards (default: the model preset's)")
+    p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
+    p.add_argument("--model-path", help="local diffusers pipeline directory (overrides the preset's source)")
+    p.add_argument("--budget", help="e.g. 24h, 90m, 45s, 5000samples, 2e6nfe, 300it, or '2h,5000samples' "
+                                    "(first reached stops; default 10m)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--out", help="run directory (default runs/<algo>_<time>)")
+    p.add_argument("--config", help="YAML config file (nested sections or dotted keys)")
+    p.add_argument("--preset", help="algorithm preset reproducing a paper's setting (bench list)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set algo.k=3 --set train.lr=1e-5 (repeatable)")
+    p.add_argument("--train-prompts", help="prompt set name or file for training")
+    p.add_argument("--eval-prompts", help="prompt set name or file for evaluation")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def flags_from_args(a: argparse.Namespace) -> dict:
+    flags = {"algo.name": a.algo, "reward.name": a.reward, "model.name": a.model, "model.path": a.model_path,
+             "budget": a.budget, "seed": a.seed, "out": a.out, "data.train_prompts": a.train_prompts,
+             "data.eval_prompts": a.eval_prompts, "model.device": a.device}
+    if a.eval_rewards:
+        flags["eval.rewards"] = [r.strip() for r in a.eval_rewards.split(",") if r.strip()]
+    if a.overwrite:
+        flags["run.overwrite"] = True
+    if a.no_progress:
+        flags["run.progress"] = False
+    return flags
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from bench import config
+
+    cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset, flags=flags_from_args(a))
+    from bench import runner
+
+    summary = runner.run(cfg)
+    return 0 if summary.stop_reason not in ("error", "nonfinite") else 1
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    def section(title: str, items: dict) -> None:
+        print(f"{title}:")
+        for name, e in items.items():
+            print(f"  {name:<22} {getattr(e, 'description', '')}")
+
+    section("algorithms", ALGORITHMS)
+    section("rewards", REWARDS)
+    section("models", MODELS)
+    if a.presets:
+        print("presets (--preset):")
+        for name, e in ALGORITHMS.items():
+            try:
+                presets = getattr(load_object(e.target), "PRESETS", {}) or {}
+            except NotImplementedError:
+                continue
+            for p, overrides in presets.items():
+                print(f"  {p:<22} {name}: {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+    else:
+        print("presets: bench list --presets")
+    from bench.prompts import builtin_sets
+
+    print("prompt sets:")
+    for name, path in builtin_sets().items():
+        print(f"  {name:<22} {path.name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench", description="treebench: benchmark online RL post-training of text-to-image "
+                                          "diffusion/flow models under equal budgets.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="train one algorithm under a budget", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(r)
+    ls = sub.add_parser("list", help="algorithms, rewards, models, presets, prompt sets")
+    ls.add_argument("--presets", action="store_true", help="also list algorithm presets (imports algorithms)")
+    for name, e in COMMANDS.items():
+        sub.add_parser(name, help=e.description, add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            fn = load_object(COMMANDS[argv[0]].target)
+        except NotImplementedError as e:
+            print(f"bench {argv[0]}: not available: {e}", file=sys.stderr)
+            return 2
+        return _guard(lambda: int(fn(argv[1:]) or 0))
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in ("run", "list"):
+        parser.exit(2, f"bench: error: {did_you_mean(argv[0], ['run', 'list', *COMMANDS], 'command')}\n")
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 0
+    return _guard(lambda: {"run": cmd_run, "list": cmd_list}[a.command](a))
+
+
+def _guard(fn) -> int:  # noqa: ANN001
+    try:
+        return fn()
+    except UsageError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"bench: not implemented: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

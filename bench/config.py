@@ -1,0 +1,251 @@
+"""Run configuration: one nested dict, resolved in a fixed order and validated with teaching errors.
+
+Precedence (later wins): ``DEFAULTS`` < model preset defaults < algorithm preset (``--preset``) <
+config file (``--config FILE.yaml``) < ``--set key=value`` < the explicit CLI flags (``--algo``,
+``--reward``, ``--model``, ``--budget``, ``--seed``, ``--out``).
+
+Keys are dotted paths (``sampler.steps``, ``train.lr``, ``algo.k``). Every section except ``algo`` is
+checked against ``DEFAULTS``; ``algo.*`` keys are checked against the chosen algorithm's ``Config``
+dataclass. Unknown keys fail with a did-you-mean (exit 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from bench.registry import UsageError, algorithm_class, did_you_mean, model_preset
+
+DEFAULTS: dict[str, Any] = {
+    "algo": {"name": "treegrpo"},
+    "model": {
+        "name": "shapes",        # preset name (bench list)
+        "path": None,            # local pipeline directory; overrides the preset's source
+        "device": "auto",        # auto | cpu | cuda | cuda:N
+        "mixed_precision": "no",  # no | bf16 | fp16 (autocast; step math and log-probs stay fp32)
+    },
+    "sampler": {
+        "steps": None,           # T; None = the model preset's default
+        "guidance": None,        # CFG scale; <= 1 disables CFG
+        "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
+        "sde": "flow_grpo",      # flow_grpo | dance (flow models)
+        "shift": None,           # flow time shift
+    },
+    "train": {
+        "prompts_per_iteration": 8,
+        "lr": 1e-5,
+        "weight_decay": 1e-4,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "adam_eps": 1e-8,
+        "max_grad_norm": 1.0,
+        "micro_batch": 64,       # max rows per denoiser call (rollout and update; CFG takes 2 rows)
+        "optimizer_steps": 1,    # optimizer steps per iteration
+    },
+    "reward": {
+        "name": None,            # "shapes_pref" or a weighted spec "hpsv2=1.0,clip_score=1.0"; None = preset's
+        "normalize": "none",     # none | zscore (per component, weighted specs)
+        "options": {},           # {reward_name: {option: value}}
+    },
+    "eval": {
+        "every": 10,             # evaluate every N iterations (0 = only at start and end)
+        "num_prompts": 32,       # first N prompts of the eval set
+        "rewards": None,         # list; None = the preset's
+        "grid": 16,              # images in each saved sample grid
+        "at_start": True,
+    },
+    "data": {"train_prompts": None, "eval_prompts": None},
+    "run": {
+        "overwrite": False,
+        "progress": True,
+        "tensorboard": False,
+    },
+    "budget": "10m",
+    "seed": 0,
+    "out": None,
+}
+
+#: Settings that follow from the model preset when the user does not give them.
+PRESET_KEYS = ("sampler.steps", "sampler.guidance", "sampler.noise_level", "sampler.shift", "train.lr",
+               "train.prompts_per_iteration", "reward.name", "eval.rewards", "data.train_prompts",
+               "data.eval_prompts")
+
+MODEL_FALLBACKS: dict[str, Any] = {"sampler.shift": 1.0, "sampler.noise_level": 0.7, "sampler.guidance": 1.0,
+                                   "sampler.steps": 10, "reward.name": "shapes_pref",
+                                   "eval.rewards": ["shapes_pref", "shapes_attr"],
+                                   "data.train_prompts": "shapes-train", "data.eval_prompts": "shapes-eval"}
+
+
+def parse_value(text: str) -> Any:
+    """--set values: int, float (1e-5 too), bool, null, [a, b] lists, else the string."""
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null", "~"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    if t.startswith("[") or t.startswith("{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(t)
+        except yaml.YAMLError as e:
+            raise UsageError(f"cannot parse value {text!r}: {e}") from None
+    return t
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"--set expects key=value (e.g. --set train.lr=1e-5), got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and k != "options" and not (prefix == "" and k in ("budget", "seed", "out")):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise UsageError(f"config file {p} must contain a mapping of settings, got {type(data).__name__}")
+    return flatten(data)
+
+
+def _set(cfg: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        if part not in node or not isinstance(node[part], dict):
+            valid = [k for k, v in node.items() if isinstance(v, dict)] if i == 0 else list(node)
+            raise UsageError(did_you_mean(".".join(parts[:i + 1]), [".".join(parts[:i]) + ("." if i else "") + v
+                                                                        for v in valid], "config section"))
+        node = node[part]
+    leaf = parts[-1]
+    if parts[0] != "algo" and leaf not in node:
+        prefix = ".".join(parts[:-1])
+        valid = [f"{prefix}.{k}" if prefix else k for k in node]
+        raise UsageError(did_you_mean(key, valid, "config key"))
+    if parts[0] == "reward" and leaf == "options" and not isinstance(value, Mapping):
+        raise UsageError("reward.options must be a mapping {reward_name: {option: value}}")
+    node[leaf] = value
+
+
+def algorithm_fields(algo_name: str) -> dict[str, Any]:
+    cls = algorithm_class(algo_name)
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+            for f in dataclasses.fields(cls.Config)}
+
+
+def resolve(overrides: Mapping[str, Any] | None = None, *, config_file: str | Path | None = None,
+            preset: str | None = None, flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Build the fully resolved config dict (see the module docstring for the order)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    layers: list[dict[str, Any]] = []
+    file_layer = load_config_file(config_file) if config_file else {}
+    set_layer = dict(overrides or {})
+    flag_layer = {k: v for k, v in (flags or {}).items() if v is not None}
+    # the algorithm and model names decide which presets and fields apply
+    for layer in (file_layer, set_layer, flag_layer):
+        for k in ("algo.name", "model.name"):
+            if k in layer:
+                _set(cfg, k, layer[k])
+    algo_name = cfg["algo"]["name"]
+    fields = algorithm_fields(algo_name)
+    model = model_preset(cfg["model"]["name"])
+    layers.append(dict(model.defaults))
+    if preset:
+        presets = getattr(algorithm_class(algo_name), "PRESETS", {}) or {}
+        if preset not in presets:
+            raise UsageError(did_you_mean(preset, list(presets) or ["(none)"], f"preset for algorithm {algo_name!r}"))
+        layers.append(dict(presets[preset]))
+    layers += [file_layer, set_layer, flag_layer]
+    user_keys: set[str] = set()
+    for i, layer in enumerate(layers):
+        for k, v in layer.items():
+            if k.startswith("algo.") and k != "algo.name":
+                name = k.split(".", 1)[1]
+                if name not in fields:
+                    raise UsageError(did_you_mean(k, [f"algo.{f}" for f in fields],
+                                                  f"setting for algorithm {algo_name!r}:"))
+            _set(cfg, k, v)
+            if i >= 1:
+                user_keys.add(k)
+    for name, default in fields.items():
+        cfg["algo"].setdefault(name, default)
+    for k in PRESET_KEYS:
+        sec, key = k.split(".")
+        if cfg[sec][key] is None:
+            cfg[sec][key] = MODEL_FALLBACKS.get(k)
+    if isinstance(cfg["eval"]["rewards"], str):
+        cfg["eval"]["rewards"] = [r.strip() for r in cfg["eval"]["rewards"].split(",") if r.strip()]
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UsageError(msg)
+
+    s, t, e = cfg["sampler"], cfg["train"], cfg["eval"]
+    need(isinstance(s["steps"], int) and s["steps"] >= 1, f"sampler.steps must be an integer >= 1, got {s['steps']!r}")
+    need(isinstance(s["guidance"], (int, float)), f"sampler.guidance must be a number, got {s['guidance']!r}")
+    need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
+         f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
+    need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(isinstance(t["prompts_per_iteration"], int) and t["prompts_per_iteration"] >= 1,
+         f"train.prompts_per_iteration must be an integer >= 1, got {t['prompts_per_iteration']!r}")
+    need(isinstance(t["lr"], (int, float)) and t["lr"] >= 0, f"train.lr must be a number >= 0, got {t['lr']!r}")
+    need(isinstance(t["micro_batch"], int) and t["micro_batch"] >= 1,
+         f"train.micro_batch must be an integer >= 1, got {t['micro_batch']!r}")
+    need(isinstance(t["optimizer_steps"], int) and t["optimizer_steps"] >= 1,
+         f"train.optimizer_steps must be an integer >= 1, got {t['optimizer_steps']!r}")
+    need(isinstance(e["every"], int) and e["every"] >= 0, f"eval.every must be an integer >= 0, got {e['every']!r}")
+    need(isinstance(e["num_prompts"], int) and e["num_prompts"] >= 1,
+         f"eval.num_prompts must be an integer >= 1, got {e['num_prompts']!r}")
+    need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
+    need(cfg["model"]["mixed_precision"] in ("no", "bf16", "fp16"),
+         f"model.mixed_precision must be no, bf16 or fp16, got {cfg['model']['mixed_precision']!r}")
+    need(cfg["reward"]["normalize"] in ("none", "zscore"),
+         f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
+    need(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+
+
+def algorithm_config(cfg: Mapping[str, Any]) -> Any:
+    """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> UsageError)."""
+    cls = algorithm_class(cfg["algo"]["name"])
+    params = {k: v for k, v in cfg["algo"].items() if k != "name"}
+    try:
+        return cls.Config(**params)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
