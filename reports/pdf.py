@@ -423,6 +423,7 @@ def _kd_page(w: _Writer, c: _Context) -> None:
                 plots.note(ax, title + ": omitted (runs on different devices)")
                 continue
             tab = cf.pivot(index="d", columns="k", values=col).sort_index().sort_index(axis=1)
+            tab.index.name, tab.columns.name = "d (branching depth, SDE steps)", "k (branching factor)"
             plots.heatmap(ax, tab, title, cbar, fmt=fmt, higher_is_better=better_high)
     w.save(fig, heading)
 
@@ -463,8 +464,8 @@ def _checkpoints(ev: pd.DataFrame, n: int) -> list[int]:
 
 
 def _cell_label(c: _Context, ev: pd.DataFrame, i: int, keys: Sequence[str]) -> str:
-    vals = [f"{k.split('/', 1)[-1]} {_fmt(ev.loc[i, k])}" for k in keys if k in ev]
-    return f"it {int(ev.loc[i, 'iteration'])}: " + ", ".join(vals)
+    vals = [_fmt(ev.loc[i, k]) for k in keys if k in ev]
+    return f"it {int(ev.loc[i, 'iteration'])}: " + " / ".join(vals)
 
 
 def _sample_rows(c: _Context, runs: Sequence[str], pick: dict[str, Sequence[int]] | None = None,
@@ -528,7 +529,8 @@ def _hacking_pages(w: _Writer, c: _Context) -> None:
         heading = "Reward hacking: eval samples of the flagged windows"
         fig, axes = w.page(heading)
         plots.image_grid(axes[0, 0], _sample_rows(c, list(pick), pick, keys=c.rs.eval_keys()),
-                         title="column labels: training iteration: eval rewards")
+                         title="column labels: training iteration: "
+                               + " / ".join(k.split("/", 1)[-1] for k in c.rs.eval_keys()))
         w.save(fig, heading)
 
 

@@ -51,14 +51,30 @@ def color(label: str) -> str:
     return _OTHER_COLORS[zlib.crc32(algo.encode()) % len(_OTHER_COLORS)]
 
 
+def shade(base: str, t: float) -> str:
+    """The base colour darkened (t < 0, towards black) or lightened (t > 0, towards white) by |t|."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    rgb = np.array(to_rgb(base))
+    target = np.ones(3) if t > 0 else np.zeros(3)
+    return to_hex(rgb + abs(t) * (target - rgb))
+
+
 def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """label -> {color, linestyle, marker}; the n-th variant of one algorithm gets the n-th style."""
+    """label -> {color, linestyle, marker}. Variants of one algorithm keep its hue, spread from darker
+    to lighter shades, and cycle line styles and markers, so they stay distinguishable."""
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[algo_of(lab)] = counts.get(algo_of(lab), 0) + 1
     seen: dict[str, int] = {}
     out = {}
     for lab in labels:
-        n = seen.get(algo_of(lab), 0)
-        seen[algo_of(lab)] = n + 1
-        out[lab] = {"color": color(lab), "linestyle": _LINESTYLES[n % len(_LINESTYLES)],
+        algo = algo_of(lab)
+        n = seen.get(algo, 0)
+        seen[algo] = n + 1
+        m = counts[algo]
+        t = 0.0 if m == 1 else -0.45 + 0.95 * n / (m - 1)
+        out[lab] = {"color": shade(color(lab), t), "linestyle": _LINESTYLES[n % len(_LINESTYLES)],
                     "marker": _MARKERS[n % len(_MARKERS)]}
     return out
 
@@ -322,7 +338,7 @@ def reward_hacking_panel(
         ax.axvspan(lo, hi, color="#ffcc00", alpha=0.3, lw=0, label=None if k else "reward hacking flagged")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
                frameon=False)
     ax.grid(alpha=0.3)
     if title:

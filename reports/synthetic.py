@@ -196,3 +196,43 @@ def write_sweep(
                 n += 1
     (Path(root) / "trials.csv").write_text("number,params_k,params_d,seed,state\n" + "\n".join(rows) + "\n")
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A stand-in for ``bench run`` (same flags) that writes a synthetic run directory instantly:
+    ``python -m reports.synthetic run --algo A --budget B --seed S --out DIR [--set fail=1] ...``.
+    Used to test ``bench compare`` without training; ``--set fail=1`` exits with status 3."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="synthetic-bench")
+    p.add_argument("command", choices=["run"])
+    p.add_argument("--algo", required=True)
+    p.add_argument("--budget", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reward", default="shapes_pref")
+    p.add_argument("--model", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    sets = dict(kv.split("=", 1) for kv in a.set)
+    print(f"synthetic run {a.algo} seed {a.seed} budget {a.budget} -> {a.out}", flush=True)
+    if sets.get("fail") == "1":
+        print("synthetic failure requested", file=sys.stderr, flush=True)
+        return 3
+    order = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
+    rank = order.index(a.algo) if a.algo in order else len(order)
+    slope = 0.01 * (rank + 1) + 0.001 * a.seed
+    write_run(a.out, algo=a.algo, seed=a.seed, reward=a.reward, budget_spec=a.budget,
+              train_curve=linear_curve(0.1, slope), heldout_curve=linear_curve(0.2, slope / 2),
+              phase_seconds=((1 + rank) / 2, 0.2, 0.05, 0.75), nfe_per_iter=320.0 - 40.0 * rank,
+              peak_mem_mb=100.0 + 50 * rank, images=True)
+    print("done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

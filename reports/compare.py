@@ -1,0 +1,164 @@
+"""``bench compare``: train every algorithm under one budget on the same prompts and seeds, then report.
+
+    bench compare --algos ddpo,dancegrpo,mixgrpo,treegrpo --budget 20m --seeds 3 --out DIR
+
+runs ``bench run --algo A --budget B --seed S --out DIR/A/seedS [passthrough]`` once per algorithm and
+seed, each in its own subprocess (so no state leaks between runs and each gets a fresh device), in
+seed-major order (all algorithms for seed 0, then seed 1, ...) so that an interrupted comparison still
+has every algorithm at the seeds it finished, streams their output prefixed with ``[A seedS]``, and
+finally writes DIR/report.pdf from whatever run directories exist. Every run receives exactly the same
+passthrough options (model, reward, config file, preset, --set overrides), so prompts, evaluation and
+seeds are identical across algorithms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.registry import ALGORITHMS, UsageError, did_you_mean
+
+#: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
+RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
+
+
+def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--algos", required=True, help="comma-separated algorithms, e.g. ddpo,dancegrpo,mixgrpo,treegrpo")
+    p.add_argument("--budget", required=True, help="budget of every run, e.g. 20m, 5000samples, 2e6nfe, 300it")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds N (runs seeds 0..N-1) or a comma-separated list, e.g. 0,1,7 (default 3)")
+    p.add_argument("--out", required=True, help="output directory: DIR/<algo>/seed<s>/ and DIR/report.pdf")
+    p.add_argument("--model", default=None, help="model preset or path passed to every run")
+    p.add_argument("--reward", default=None, help="training reward spec passed to every run")
+    p.add_argument("--config", default=None, help="YAML config file passed to every run")
+    p.add_argument("--preset", default=None, help="preset passed to every run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed to every run (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
+    p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds"),
+                   help="budget axis of the report's learning curves (default: samples)")
+    p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
+    p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
+    return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    text = text.strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give a positive count (3) or a comma-separated list (0,1,7)") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: repeated seed")
+    return seeds
+
+
+def parse_algos(text: str) -> list[str]:
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos:
+        raise UsageError("--algos: give at least one algorithm, e.g. --algos ddpo,treegrpo")
+    for a in algos:
+        if a not in ALGORITHMS:
+            raise UsageError(did_you_mean(a, list(ALGORITHMS), "algorithm"))
+    if len(set(algos)) != len(algos):
+        raise UsageError(f"--algos {text!r}: repeated algorithm")
+    return algos
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag in ("model", "reward", "config", "preset"):
+        v = getattr(args, flag)
+        if v is not None:
+            out += [f"--{flag}", v]
+    for kv in args.set:
+        if "=" not in kv:
+            raise UsageError(f"--set {kv!r}: expected KEY=VALUE")
+        out += ["--set", kv]
+    if args.overwrite:
+        out.append("--overwrite")
+    return out
+
+
+def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str]) -> list[str]:
+    return [*RUNNER, "run", "--algo", algo, "--budget", budget, "--seed", str(seed),
+            "--out", str(out / algo / f"seed{seed}"), *extra]
+
+
+def _stream(cmd: list[str], prefix: str) -> int:
+    """Run cmd, echo its merged stdout/stderr line by line with a prefix; return its exit status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(f"{prefix} {line}", end="" if line.endswith("\n") else "\n", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        algos, seeds, extra = parse_algos(args.algos), parse_seeds(args.seeds), passthrough(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.baseline is not None and args.baseline not in algos:
+        print(f"error: --baseline {args.baseline!r} is not among --algos ({', '.join(algos)})", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    jobs = [(a, s, run_command(a, s, args.budget, out, extra)) for s in seeds for a in algos]
+    if args.dry_run:
+        for _, _, cmd in jobs:
+            print(subprocess.list2cmdline(cmd))
+        return 0
+
+    failed: list[str] = []
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        for n, (algo, seed, cmd) in enumerate(jobs, 1):
+            prefix = f"[{algo} seed{seed}]"
+            print(f"== compare {n}/{len(jobs)}: {subprocess.list2cmdline(cmd)}", flush=True)
+            t0 = time.monotonic()
+            rc = _stream(cmd, prefix)
+            took = time.monotonic() - t0
+            print(f"== {prefix} exit {rc} after {took:.1f} s", flush=True)
+            if rc != 0:
+                failed.append(f"{algo} seed{seed} (exit {rc})")
+
+    report = out / "report.pdf"
+    try:
+        from reports.pdf import ReportOptions, build_report
+
+        pages = build_report([out], report, ReportOptions(x=args.x, baseline=args.baseline,
+                                                          title=f"bench compare --budget {args.budget}"))
+    except UsageError as e:
+        print(f"error: cannot build the report: {e}", file=sys.stderr)
+        return 1 if failed else 2
+    print(f"wrote {report} ({len(pages)} pages)")
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

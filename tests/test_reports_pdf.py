@@ -1,0 +1,100 @@
+"""Reports built end-to-end from synthetic run directories with known values."""
+
+import re
+
+import pytest
+
+from bench.registry import UsageError
+from reports import cli, stats
+from reports.load import load
+from reports.pdf import ReportOptions, build_report, final_table
+from reports.synthetic import linear_curve, write_comparison, write_run, write_sweep
+
+FAST = {"reps": 200, "points": 20}
+
+
+def pdf_pages(path) -> int:
+    """Page objects in a matplotlib PDF (it writes no object streams, so they are plain text)."""
+    return len(re.findall(rb"/Type\s*/Page\b", path.read_bytes()))
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp")
+    write_comparison(root)
+    return root
+
+
+def test_comparison_report_pages(comparison, tmp_path):
+    out = tmp_path / "report.pdf"
+    pages = build_report([comparison], out, ReportOptions(**FAST))
+    # title, curves, curves per currency, Pareto, timing, samples, reward hacking (flagged: ddpo's
+    # held-out reward falls in the synthetic runs) + its sample grid, tables
+    assert len(pages) == 9 and pdf_pages(out) == 9
+    assert pages[0] == "treebench report" and pages[-1].startswith("Tables (baseline: dancegrpo)")
+    assert "FLAGGED in 3 run(s)" in pages[6]
+
+
+def test_final_iqm_and_speedup_known_values(comparison):
+    rs = load([comparison])
+    # treegrpo (index 3): slopes 0.040, 0.041, 0.042 per iteration, 10 iterations -> 0.50, 0.51, 0.52
+    ft = final_table(rs, "eval/shapes_pref", reps=500).set_index("label")
+    assert ft.loc["treegrpo", "value"] == pytest.approx(0.51)
+    # resampled means of 3 values lie in [0.50, 0.52]; each extreme has p = 1/27 > 2.5%
+    assert 0.50 - 1e-12 <= ft.loc["treegrpo", "lo"] < 0.51 < ft.loc["treegrpo", "hi"] <= 0.52 + 1e-12
+    assert ft.loc["dancegrpo", "value"] == pytest.approx(0.31)
+    # dancegrpo's final IQM 0.31 at 160 samples; treegrpo's mean slope 0.041/16 per sample reaches it at
+    # 0.21 / 0.041 * 16 = 81.95 samples -> 160 / 81.95 = 1.952x
+    curves = stats.aggregate_curves(rs.evals, "samples_total", "eval/shapes_pref", points=20, reps=200)
+    sp = stats.speedups(curves, "dancegrpo", 0.31).set_index("label")
+    assert sp.loc["treegrpo", "budget_to_threshold"] == pytest.approx(0.21 / 0.041 * 16)
+    assert sp.loc["treegrpo", "speedup"] == pytest.approx(160 / (0.21 / 0.041 * 16))
+    assert sp.loc["ddpo", "speedup"] != sp.loc["ddpo", "speedup"]  # never reaches it: NaN
+
+
+def test_sweep_report_has_kd_page(tmp_path):
+    write_sweep(tmp_path / "study", ks=(2, 3), ds=(1, 2), seeds=(0,))
+    pages = build_report([tmp_path / "study"], tmp_path / "s.pdf", ReportOptions(**FAST))
+    assert any(p.startswith("k/d ablation") for p in pages)
+    assert not any(p.startswith("Window size") for p in pages)
+    assert pdf_pages(tmp_path / "s.pdf") == len(pages)
+
+
+def test_window_page_and_custom_metric(tmp_path):
+    for w in (2, 4):
+        for s in (0, 1):
+            write_run(tmp_path / f"w{w}" / f"seed{s}", algo="mixgrpo", seed=s, algo_config={"window": w},
+                      train_curve=linear_curve(0.1, 0.01 * w))
+    pages = build_report([tmp_path], tmp_path / "w.pdf",
+                         ReportOptions(metric="eval/shapes_attr", baseline="mixgrpo window=2", **FAST))
+    assert any(p.startswith("Window size (algo.window)") for p in pages)
+    with pytest.raises(UsageError, match="metric 'eval/nope'"):
+        build_report([tmp_path], tmp_path / "x.pdf", ReportOptions(metric="eval/nope", **FAST))
+
+
+def test_mixed_reward_versions_refused_by_report_and_cli(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "a", reward_version="1")
+    write_run(tmp_path / "runs" / "b", reward_version="2")
+    with pytest.raises(UsageError, match="training reward"):
+        build_report([tmp_path / "runs"], tmp_path / "r.pdf", ReportOptions(**FAST))
+    assert cli.main([str(tmp_path / "runs"), "--out", str(tmp_path / "r.pdf")]) == 2
+    assert "shapes_pref@2 (b)" in capsys.readouterr().err
+    assert not (tmp_path / "r.pdf").exists()
+
+
+def test_mixed_devices_only_drop_wall_clock(tmp_path):
+    write_run(tmp_path / "runs" / "a", algo="ddpo", device_type="cuda", device_name="NVIDIA H100")
+    write_run(tmp_path / "runs" / "b", algo="treegrpo", device_type="cuda", device_name="NVIDIA A100")
+    pages = build_report([tmp_path / "runs"], tmp_path / "r.pdf", ReportOptions(**FAST))
+    assert pdf_pages(tmp_path / "r.pdf") == len(pages)
+    with pytest.raises(UsageError, match="device"):
+        build_report([tmp_path / "runs"], tmp_path / "s.pdf", ReportOptions(x="seconds", **FAST))
+
+
+def test_cli(comparison, tmp_path, capsys):
+    out = tmp_path / "c.pdf"
+    assert cli.main([str(comparison), "--out", str(out), "--x", "nfe", "--baseline", "ddpo", "--reps", "200",
+                     "--threshold", "0.2"]) == 0
+    assert out.exists() and "wrote" in capsys.readouterr().out
+    assert cli.main([str(comparison), "--out", str(out), "--baseline", "nope", "--reps", "200"]) == 2
+    assert "choose one of: ddpo, dancegrpo, mixgrpo, treegrpo" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""Known-answer tests of reports.stats (IQM, stratified bootstrap, probability of improvement, budget
+grid, time-to-threshold, Pareto set, reward-hacking rule)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports import stats
+
+
+# --------------------------------------------------------------------------------------- IQM
+
+def test_iqm_hand_computed():
+    assert stats.iqm([1, 2, 3, 4, 5, 6, 7, 8]) == pytest.approx(4.5)  # cut 2 each side: mean(3,4,5,6)
+    assert stats.iqm([10, 1, 2, 3]) == pytest.approx(2.5)  # sorted 1,2,3,10 -> mean(2,3)
+    assert stats.iqm([[1, 2], [3, 100]]) == pytest.approx(2.5)  # all runs x tasks flattened
+    assert stats.iqm([0.2, 0.4, 0.9]) == pytest.approx(0.5)  # n=3: int(0.75)=0 cut -> plain mean
+    np.testing.assert_allclose(stats.iqm([[1, 5], [2, 6], [3, 7], [100, 8]], axis=0), [2.5, 6.5])
+
+
+def test_iqm_matches_scipy_trim_mean():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 5, 7, 10, 13):
+        a = rng.normal(size=n)
+        assert stats.iqm(a) == pytest.approx(scipy_stats.trim_mean(a, 0.25))
+
+
+# --------------------------------------------------------------------------------------- bootstrap
+
+def test_bootstrap_ci_constant_scores_is_a_point():
+    assert stats.bootstrap_ci([0.3, 0.3, 0.3, 0.3], reps=500) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_bootstrap_ci_two_values():
+    # resampled means of {0, 1}: 0 (p=1/4), 0.5 (1/2), 1 (1/4); both tails hold > 2.5% -> CI [0, 1]
+    assert stats.bootstrap_ci([0.0, 1.0], stats.mean, reps=2000) == pytest.approx((0.5, 0.0, 1.0))
+
+
+def test_bootstrap_is_stratified_per_task():
+    # [[0, 0], [1, 1]]: resampling runs independently per task gives 4 independent draws of {0, 1},
+    # so the mean is Binomial(4, 1/2) / 4 -- 0.25 with p = 4/16. Resampling whole rows would never
+    # produce 0.25 (only 0, 0.5, 1).
+    boot = stats.stratified_bootstrap([[0, 0], [1, 1]], reps=4000, rng=np.random.default_rng(1))
+    assert boot.shape == (4000, 2, 2)
+    means = boot.reshape(4000, -1).mean(axis=1)
+    for value, p in [(0.0, 1 / 16), (0.25, 4 / 16), (0.5, 6 / 16), (0.75, 4 / 16), (1.0, 1 / 16)]:
+        assert np.mean(np.isclose(means, value)) == pytest.approx(p, abs=0.03)
+
+
+def test_bootstrap_ci_stratified_two_tasks():
+    # task 1 constant 10; task 2 resamples {0, 1}: mean over 4 = (20 + a + b) / 4, a + b in {0, 1, 2}
+    p, lo, hi = stats.bootstrap_ci([[10, 0], [10, 1]], stats.mean, reps=2000)
+    assert (p, lo, hi) == pytest.approx((5.25, 5.0, 5.5))
+
+
+def test_pointwise_ci_per_point():
+    curves = np.array([[0.0, 1.0, 2.0], [0.0, 3.0, 2.0]])
+    point, lo, hi = stats.pointwise_ci(curves, stats.mean, reps=1000)
+    np.testing.assert_allclose(point, [0.0, 2.0, 2.0])
+    np.testing.assert_allclose(lo, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(hi, [0.0, 3.0, 2.0])
+
+
+# --------------------------------------------------------------------------------------- P(improvement)
+
+def test_probability_of_improvement_hand_computed():
+    assert stats.probability_of_improvement([1, 2, 3], [0, 0, 0]) == 1.0
+    assert stats.probability_of_improvement([1, 2, 3], [1, 2, 3]) == 0.5
+    # pairs: (1,2)=0 (1,0)=1 (2,2)=1/2 (2,0)=1 -> 2.5/4
+    assert stats.probability_of_improvement([1, 2], [2, 0]) == pytest.approx(0.625)
+    # two tasks: P=1 on the first, 0 on the second -> mean 0.5
+    assert stats.probability_of_improvement([[1, 0], [1, 0]], [[0, 1], [0, 1]]) == pytest.approx(0.5)
+
+
+def test_probability_of_improvement_ci_separated():
+    assert stats.probability_of_improvement_ci([5, 6, 7], [1, 2], reps=300) == pytest.approx((1.0, 1.0, 1.0))
+    p, lo, hi = stats.probability_of_improvement_ci([1, 2], [2, 0], reps=2000)
+    assert p == pytest.approx(0.625) and 0.0 <= lo <= p <= hi <= 1.0
+
+
+def test_probability_of_improvement_mismatched_tasks():
+    with pytest.raises(ValueError, match="same tasks"):
+        stats.probability_of_improvement([[1, 2]], [[1, 2, 3]])
+
+
+# --------------------------------------------------------------------------------------- budget grid
+
+def test_interpolate_no_extrapolation():
+    out = stats.interpolate([0, 10, 20], [0, 1, 4], [-1, 0, 5, 15, 20, 25])
+    np.testing.assert_allclose(out, [np.nan, 0, 0.5, 2.5, 4, np.nan])
+
+
+def test_aggregate_curves_ends_at_each_label_budget():
+    rows = []
+    for run, slope in [("a0", 1.0), ("a1", 3.0)]:
+        for x in (0, 10, 20):
+            rows.append({"run": run, "label": "a", "x": x, "y": slope * x})
+    for x in (0, 10, 30):  # label b reaches further: the shared grid is [0, 30]
+        rows.append({"run": "b0", "label": "b", "x": x, "y": -x})
+    df = stats.aggregate_curves(pd.DataFrame(rows), "x", "y", points=4, reps=200)
+    a = df[df["label"] == "a"]
+    np.testing.assert_allclose(a["x"], [0, 10, 20])  # grid 0,10,20,30 truncated at 20 (a's end)
+    np.testing.assert_allclose(a["value"], [0, 20, 40])  # mean of slopes 1 and 3 (IQM of 2 = mean)
+    np.testing.assert_allclose(a["lo"], [0, 10, 20])
+    np.testing.assert_allclose(a["hi"], [0, 30, 60])
+    assert (a["n"] == 2).all()
+    np.testing.assert_allclose(df[df["label"] == "b"]["value"], [0, -10, -20, -30])
+
+
+def test_time_to_threshold():
+    assert stats.time_to_threshold([0, 10, 20], [0, 0.5, 1.0], 0.75) == pytest.approx(15.0)
+    assert stats.time_to_threshold([0, 10, 20], [0.8, 0.9, 1.0], 0.75) == 0.0
+    assert math.isnan(stats.time_to_threshold([0, 10, 20], [0, 0.5, 0.7], 0.75))
+    # a curve reaches its own final value
+    assert stats.time_to_threshold([0, 3], [0.1, 0.1 + 0.2], 0.30000000000000004) == pytest.approx(3.0)
+
+
+def test_speedups():
+    curves = pd.DataFrame({
+        "label": ["base"] * 3 + ["fast"] * 3,
+        "x": [0, 50, 100, 0, 50, 100],
+        "value": [0, 0.25, 0.5, 0, 0.5, 1.0],
+    })
+    sp = stats.speedups(curves, "base", 0.5).set_index("label")
+    assert sp.loc["fast", "budget_to_threshold"] == pytest.approx(50)
+    assert sp.loc["fast", "speedup"] == pytest.approx(2.0)
+    assert sp.loc["base", "speedup"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------- Pareto
+
+def test_pareto_mask_hand_made():
+    #            A     B    C    D     E    F (= B)  G (NaN)
+    reward = [1.0, 0.8, 0.7, 1.0, 0.5, 0.8, float("nan")]
+    cost = [10.0, 5.0, 6.0, 12.0, 1.0, 5.0, 1.0]
+    # C is dominated by B (more reward, less cost); D by A (same reward, less cost)
+    assert stats.pareto_mask(reward, cost).tolist() == [True, True, False, False, True, True, False]
+
+
+# --------------------------------------------------------------------------------------- reward hacking
+
+def test_reward_hacking_flags_known_answers():
+    train = [1, 2, 3, 4, 4, 5, 6, 7]
+    held = [5, 4, 3, 3, 2, 1, 0, 1]
+    recs = [{"eval/tr": t, "eval/ho": h, "eval/flat": 1.0} for t, h in zip(train, held)]
+    flags = stats.reward_hacking_flags(recs, "eval/tr", ["eval/flat", "eval/ho"])
+    # i=2: 1,2,3 up and 5,4,3 down; i=3: held-out 4,3,3 not strictly down; i=4,5: train not strictly up;
+    # i=6: 4,5,6 up and 2,1,0 down; i=7: held-out 1,0,1 not monotone
+    assert flags == [False, False, True, False, False, False, True, False]
+
+
+def test_reward_hacking_needs_a_full_window_and_finite_values():
+    recs = [{"eval/tr": 1, "eval/ho": 3}, {"eval/tr": 2, "eval/ho": 2}]
+    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False]
+    recs.append({"eval/tr": 3})  # held-out missing at the last eval
+    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, False]
+    recs[-1]["eval/ho"] = 1
+    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, True]
+    # the training key itself never counts as held-out
+    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/tr"]) == [False, False, False]
+    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"], window=2) == [False, True, True]
