@@ -205,7 +205,8 @@ def hf_clip_image_cfg(processor_dir) -> dict:
     from pathlib import Path
 
     cfg = {"shortest": 224, "crop": (224, 224), "mean": CLIP_MEAN, "std": CLIP_STD}
-    if processor_dir is None or not (Path(processor_dir) / "preprocessor_config.json").is_file():
+    if processor_dir is None or not any((Path(processor_dir) / f).is_file()
+                                        for f in ("preprocessor_config.json", "processor_config.json")):
         return cfg
     from transformers import CLIPImageProcessor
 

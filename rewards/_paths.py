@@ -55,7 +55,7 @@ def hf_cache_snapshot(repo_id: str, must_contain: Sequence[str] = ("config.json"
         snap = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and friends: not cached
         return None
-    return snap if all((snap / f).exists() for f in must_contain) else None
+    return snap if all(any((snap / f).exists() for f in alt.split("|")) for alt in must_contain) else None
 
 
 class Finder:
@@ -87,7 +87,7 @@ class Finder:
                 if c.is_file():
                     return c
         else:
-            self.tried.append(f"${WEIGHTS_ENV}/{self.reward}/... (${WEIGHTS_ENV} is not set)")
+            self.tried += [f"${WEIGHTS_ENV}/{self.reward}/{rel} (${WEIGHTS_ENV} is not set)" for rel in layout]
         for d in extra_dirs:
             for rel in layout:
                 c = Path(d).expanduser() / Path(rel).name
@@ -104,8 +104,8 @@ class Finder:
     def directory(self, explicit: str | os.PathLike | None, layout: Iterable[str],
                   hub_repos: Iterable[str] = (), must_contain: Sequence[str] = ("config.json",)) -> Path | None:
         """First directory containing all of ``must_contain``, same order as :meth:`file`."""
-        def ok(d: Path) -> bool:
-            return d.is_dir() and all((d / f).exists() for f in must_contain)
+        def ok(d: Path) -> bool:  # an entry "a|b" is satisfied by either file
+            return d.is_dir() and all(any((d / f).exists() for f in alt.split("|")) for alt in must_contain)
 
         if explicit:
             d = Path(explicit).expanduser()
@@ -119,7 +119,7 @@ class Finder:
                 if ok(d):
                     return d
         else:
-            self.tried.append(f"${WEIGHTS_ENV}/{self.reward}/... (${WEIGHTS_ENV} is not set)")
+            self.tried += [f"${WEIGHTS_ENV}/{self.reward}/{rel}/ (${WEIGHTS_ENV} is not set)" for rel in layout]
         for repo_id in hub_repos:
             self.tried.append(f"HF cache: {repo_id}")
             snap = hf_cache_snapshot(repo_id, must_contain)

@@ -54,11 +54,12 @@ class PickScore(LazyReward):
         proc_explicit = self.processor_path
         if proc_explicit is None and model is not None:
             for cand in (model.parent / "processor", model):
-                if (cand / "preprocessor_config.json").is_file() and (cand / "tokenizer_config.json").is_file():
+                if (((cand / "preprocessor_config.json").is_file() or (cand / "processor_config.json").is_file())
+                        and (cand / "tokenizer_config.json").is_file()):
                     proc_explicit = str(cand)
                     break
         proc = finder.directory(proc_explicit, ["processor"], hub_repos=[PROCESSOR_REPO],
-                                must_contain=("preprocessor_config.json", "tokenizer_config.json"))
+                                must_contain=("preprocessor_config.json|processor_config.json", "tokenizer_config.json"))
         if model is None or proc is None:
             raise finder.missing(
                 f"the PickScore model directory ({PICKSCORE_REPO}: config.json + model weights) and the CLIP "
