@@ -534,15 +534,9 @@ def _hacking_pages(w: _Writer, c: _Context) -> None:
         w.save(fig, heading)
 
 
-def _tables_page(w: _Writer, c: _Context) -> None:
+def _final_rows(c: _Context) -> pd.DataFrame:
+    """Final IQM [95% CI] per eval reward and P(improvement over the baseline) on the primary metric."""
     rs = c.rs
-    heading = f"Tables (baseline: {c.baseline})"
-    fig = plt.figure(figsize=PAGE_SIZE)
-    fig.suptitle(heading, fontsize=13, fontweight="bold", x=0.02, ha="left")
-    gs = fig.add_gridspec(3, 1, height_ratios=[1.1, 1.1, 0.9], hspace=0.35, left=0.04, right=0.96,
-                          top=0.9, bottom=0.05)
-
-    # 1. final IQM +- CI for every eval reward; n; P(improvement over baseline) on the metric
     keys = rs.eval_keys()
     fin = {k: (c.final if k == c.metric else final_table(rs, k, c.opt.reps)).set_index("label") for k in keys}
     fs = final_scores(rs, c.metric)
@@ -554,54 +548,117 @@ def _tables_page(w: _Writer, c: _Context) -> None:
             f = fin[k].loc[lab]
             row[f"final {k} IQM [95% CI]"] = _fmt_ci(f["value"], f["lo"], f["hi"])
         mine = fs.loc[fs["label"] == lab, "value"].to_numpy(dtype=float)
+        col = f"P(improve over baseline) on {c.metric} [95% CI]"
         if lab != c.baseline and mine.size and base_scores.size:
             p, lo, hi = stats.probability_of_improvement_ci(mine, base_scores, reps=c.opt.reps)
-            row["P(improve over baseline) [95% CI]"] = f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+            row[col] = f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
         else:
-            row["P(improve over baseline) [95% CI]"] = "-"
+            row[col] = "-"
         rows.append(row)
-    plots.table(fig.add_subplot(gs[0]), pd.DataFrame(rows),
-                title=f"Final rewards at each run's last evaluation (IQM over seeds) and probability of "
-                      f"improvement on {c.metric}")
+    return pd.DataFrame(rows)
 
-    # 2. cost per method
+
+def _cost_rows(c: _Context) -> pd.DataFrame:
     rows = []
+    wall = (lambda v, d=3: _fmt(v, d)) if c.wall_ok else (lambda v, d=3: "n/a")
     for _, r in c.costs.iterrows():
         rows.append({
             "method": r["label"],
-            "s / iteration": _fmt(r["s_per_iter"]) if c.wall_ok else "n/a",
-            "rollout s/it": _fmt(r["t_rollout_s"]) if c.wall_ok else "n/a",
-            "update s/it": _fmt(r["t_update_s"]) if c.wall_ok else "n/a",
+            "s / iteration": wall(r["s_per_iter"]),
+            "rollout s/it": wall(r["t_rollout_s"]),
+            "reward s/it": wall(r["t_reward_s"]),
+            "update s/it": wall(r["t_update_s"]),
             "iterations": _fmt(r["iterations"], 4),
             "samples": _fmt(r["samples_total"], 6),
             "NFE": _fmt(r["nfe_total"], 4),
             "NFE / sample": _fmt(r["nfe_total"] / r["samples_total"]),
-            "train seconds": _fmt(r["seconds_total"], 4) if c.wall_ok else "n/a",
-            "peak MB": _fmt(r["peak_mem_mb"], 4) if c.wall_ok else "n/a",
+            "train seconds": wall(r["seconds_total"], 4),
+            "peak MB": wall(r["peak_mem_mb"], 4),
         })
-    plots.table(fig.add_subplot(gs[1]), pd.DataFrame(rows), title="Cost per method (mean over runs)")
+    return pd.DataFrame(rows)
 
-    # 3. speed-up to reach the threshold, per budget currency
-    ax = fig.add_subplot(gs[2])
-    lines = [f"Budget to reach {c.metric} >= R = {_fmt(c.threshold, 4)} on the IQM curve; speed-up = "
-             f"baseline's budget / method's budget:"]
-    for axis in X_AXES:
-        if not c.axis_allowed(axis) or not np.isfinite(c.threshold):
+
+_AXIS_NAMES = {"samples": "samples", "nfe": "NFE", "seconds": "seconds"}
+_AXIS_WORDS = {"samples": "", "nfe": "", "seconds": " of training wall-clock"}
+
+
+def _speedup_rows(c: _Context) -> tuple[pd.DataFrame, list[str]]:
+    """Budget to reach R and speed-up vs the baseline per budget currency; plus one sentence per method
+    on the wall-clock axis (or the chosen axis when wall-clock is not comparable)."""
+    axes = [a for a in X_AXES if c.axis_allowed(a)]
+    if not np.isfinite(c.threshold):
+        return pd.DataFrame(), ["(no threshold: the baseline has no final evaluation)"]
+    sp = {a: stats.speedups(c.curve(a, c.metric), c.baseline, c.threshold).set_index("label") for a in axes}
+    rows = []
+    for lab in c.rs.labels:
+        row = {"method": lab}
+        for a in axes:
+            s = sp[a].loc[lab] if lab in sp[a].index else None
+            row[f"{_AXIS_NAMES[a]} to reach R"] = _fmt_budget(s["budget_to_threshold"], a) if s is not None else "-"
+            row[f"speed-up ({_AXIS_NAMES[a]})"] = (f"{s['speedup']:.2f}x" if s is not None and np.isfinite(s["speedup"])
+                                      else "-")
+        rows.append(row)
+    sentence_axis = "seconds" if "seconds" in axes else c.opt.x
+    lines = []
+    for lab in c.rs.labels:
+        if lab == c.baseline or lab not in sp[sentence_axis].index:
             continue
-        sp = stats.speedups(c.curve(axis, c.metric), c.baseline, c.threshold)
-        for _, s in sp.iterrows():
-            if s["label"] == c.baseline:
-                continue
-            if np.isfinite(s["speedup"]):
-                word = "faster" if s["speedup"] >= 1 else "slower"
-                factor = s["speedup"] if s["speedup"] >= 1 else 1 / s["speedup"]
-                lines.append(f"  [{axis:>7}] {s['label']} is {factor:.1f}x {word} than {c.baseline} to reach "
-                             f"reward {c.threshold:.3g} ({_fmt_budget(s['budget_to_threshold'], axis)} vs "
-                             f"{_fmt_budget(s['baseline_budget'], axis)})")
+        s = sp[sentence_axis].loc[lab]
+        if np.isfinite(s["speedup"]):
+            word = "faster" if s["speedup"] >= 1 else "slower"
+            factor = s["speedup"] if s["speedup"] >= 1 else 1 / s["speedup"]
+            lines.append(f"{lab} is {factor:.1f}x {word} than {c.baseline} to reach reward {c.threshold:.3g} "
+                         f"({_fmt_budget(s['budget_to_threshold'], sentence_axis)} vs "
+                         f"{_fmt_budget(s['baseline_budget'], sentence_axis)}{_AXIS_WORDS[sentence_axis]})")
+        else:
+            mine, base = s["budget_to_threshold"], s["baseline_budget"]
+            lines.append(
+                f"{lab} {'reaches' if np.isfinite(mine) else 'does not reach'} reward {c.threshold:.3g}"
+                + (f" ({_fmt_budget(mine, sentence_axis)}{_AXIS_WORDS[sentence_axis]})" if np.isfinite(mine) else "")
+                + f"; {c.baseline} {'needs ' + _fmt_budget(base, sentence_axis) if np.isfinite(base) else 'does not'}")
+    return pd.DataFrame(rows), lines
+
+
+def _tables_page(w: _Writer, c: _Context) -> None:
+    """Tables, packed top-down onto as few pages as fit: final rewards, cost, speed-up, sentences."""
+    speed, lines = _speedup_rows(c)
+    sections: list[tuple[str, Any]] = [
+        (f"Final rewards at each run's last evaluation (IQM over seeds; baseline {c.baseline})", _final_rows(c)),
+        ("Cost per method (mean over runs)", _cost_rows(c)),
+        (f"Budget to reach {c.metric} >= R = {_fmt(c.threshold, 4)} on the IQM curve; speed-up = the "
+         f"baseline's ({c.baseline}) budget / the method's budget", speed),
+        ("In words:", _wrap(lines, 140)),
+    ]
+    title_pt, gap_pt, line_pt = 20.0, 16.0, 8 * 1.3
+    page_h = PAGE_SIZE[1] * 72
+    top, bottom = 0.92 * page_h, 0.05 * page_h
+
+    def body_pt(body: Any) -> float:
+        return plots.table_height_pt(body) if isinstance(body, pd.DataFrame) else line_pt * max(len(body), 1)
+
+    pages: list[list[tuple[str, Any]]] = [[]]
+    used = 0.0
+    for sec in sections:
+        need = title_pt + body_pt(sec[1]) + gap_pt
+        if pages[-1] and used + need > top - bottom:
+            pages.append([])
+            used = 0.0
+        pages[-1].append(sec)
+        used += need
+    for n, secs in enumerate(pages, 1):
+        heading = f"Tables (baseline: {c.baseline})" + (f" ({n}/{len(pages)})" if len(pages) > 1 else "")
+        fig = plt.figure(figsize=PAGE_SIZE)
+        fig.suptitle(heading, fontsize=13, fontweight="bold", x=0.02, ha="left")
+        y = top
+        for title, body in secs:
+            h = body_pt(body)
+            y -= title_pt
+            ax = fig.add_axes((0.04, (y - h) / page_h, 0.92, h / page_h))
+            if isinstance(body, pd.DataFrame):
+                plots.table(ax, body, title=title)
             else:
-                lines.append(f"  [{axis:>7}] {s['label']}: {_fmt_budget(s['budget_to_threshold'], axis)}; "
-                             f"{c.baseline}: {_fmt_budget(s['baseline_budget'], axis)}")
-    if len(lines) == 1:
-        lines.append("  (no threshold: the baseline has no final evaluation)")
-    plots.text_block(ax, _wrap(lines, 150), fontsize=8)
-    w.save(fig, heading, tight=False)
+                ax.set_axis_off()
+                ax.set_title(title, fontsize=10, loc="left")
+                plots.text_block(ax, body, fontsize=8, top=1.0)
+            y -= h + gap_pt
+        w.save(fig, heading, tight=False)

@@ -85,11 +85,15 @@ def _legend(ax: plt.Axes, **kw: Any) -> None:
         ax.legend(fontsize=kw.pop("fontsize", 8), framealpha=0.85, **kw)
 
 
-def note(ax: plt.Axes, text: str) -> plt.Axes:
-    """An empty panel that says why it is empty."""
+def note(ax: plt.Axes, text: str, width: int | None = None) -> plt.Axes:
+    """An empty panel that says why it is empty (text wrapped to the panel's width)."""
+    import textwrap
+
     ax.set_axis_off()
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes,
-            color="#555555")
+    if width is None:  # ~ characters of 9 pt text that fit the panel
+        width = max(20, int(ax.get_position().width * ax.figure.get_figwidth() * 72 / 5.6))
+    wrapped = "\n".join(textwrap.fill(par, width) for par in text.split("\n"))
+    ax.text(0.5, 0.5, wrapped, ha="center", va="center", fontsize=9, transform=ax.transAxes, color="#555555")
     return ax
 
 
@@ -362,6 +366,19 @@ def flag_spans(xs: Sequence[float], flags: Sequence[bool], window: int = 3) -> l
 
 # --------------------------------------------------------------------------------------- tables
 
+HEADER_WRAP = 26  # characters per header line
+ROW_SCALE = 1.35  # table row height in text heights
+
+
+def table_height_pt(frame: pd.DataFrame, fontsize: int = 8) -> float:
+    """Height in points that ``table`` draws for this frame (header lines + rows)."""
+    import textwrap
+
+    row = 10 * 1.2 * ROW_SCALE  # matplotlib sizes default cells from Table.FONTSIZE (10), not the set size
+    lines = max([len(textwrap.wrap(str(c), HEADER_WRAP)) or 1 for c in frame.columns] or [1])
+    return row * (0.6 + 0.55 * lines) + row * len(frame)
+
+
 def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_widths: Sequence[float] | None = None,
           fontsize: int = 8) -> plt.Axes:
     """A DataFrame as a table filling the axes (all cells as given: format numbers beforehand)."""
@@ -373,7 +390,7 @@ def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_width
     import textwrap
 
     cells = frame.astype(str).to_numpy()
-    headers = ["\n".join(textwrap.wrap(str(c), 22)) or " " for c in frame.columns]
+    headers = ["\n".join(textwrap.wrap(str(c), HEADER_WRAP)) or " " for c in frame.columns]
     if col_widths is None:  # proportional to the longest line in each column
         lens = [max([len(x) for x in cells[:, j]] + [max(len(x) for x in headers[j].split("\n"))])
                 for j in range(cells.shape[1])]
@@ -382,7 +399,7 @@ def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_width
                    cellLoc="center", colLoc="center", colWidths=col_widths)
     tab.auto_set_font_size(False)
     tab.set_fontsize(fontsize)
-    tab.scale(1, 1.35)
+    tab.scale(1, ROW_SCALE)
     header_lines = max(h.count("\n") + 1 for h in headers)
     for (r, c), cell in tab.get_celld().items():
         if r == 0:
