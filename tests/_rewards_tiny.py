@@ -230,3 +230,15 @@ def build_image_reward(root: Path, seed: int = 0) -> dict:
 
 BUILDERS = {"hpsv2": build_hpsv2, "image_reward": build_image_reward, "clip_score": build_clip_score,
             "pickscore": build_pickscore, "aesthetic": build_aesthetic}
+
+
+@lru_cache(maxsize=1)
+def shared_weights() -> tuple[Path, dict]:
+    """All tiny checkpoints, built once per test process (removed at exit): (root, options per reward)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="treebench-reward-weights-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root, {name: build(root) for name, build in BUILDERS.items()}

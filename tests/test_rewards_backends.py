@@ -23,10 +23,8 @@ PROMPTS = ["a red cat on the left", "a small blue circle", "photo of a city at n
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    opts = {name: build(root) for name, build in T.BUILDERS.items()}
-    return root, opts
+def weights():
+    return T.shared_weights()
 
 
 @pytest.fixture
