@@ -1,0 +1,316 @@
+"""``bench sweep``: Optuna studies over an algorithm's settings, one ordinary run directory per trial.
+
+    bench sweep --algo treegrpo --space k,d,window --trials 40 --budget-per-trial 5m \\
+        --objective eval/shapes_attr --study kd --storage postgresql://user@host/db --out runs/kd
+    bench sweep --algo treegrpo --grid k=2,3,4 d=1,2,3 --budget-per-trial 5m --out runs/kd-grid
+    bench sweep --algo treegrpo --space k,d --multi-objective nfe --trials 30 --budget-per-trial 200it
+
+Output: ``<out>/trials/<number>/`` (run directories), ``<out>/trials.csv`` (one row per trial: state,
+value(s), params_*, reason, run_dir, ...), ``<out>/pareto.csv`` (multi-objective), ``<out>/sweep.json``
+and, with the default storage, ``<out>/sweeps/<study>.journal``. See docs/SWEEPS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.registry import ALGORITHMS, MODELS, UsageError, did_you_mean
+
+PRUNERS = ("median", "hyperband", "none")
+SAMPLERS = ("tpe", "random")
+#: Sweep defaults under the user's --set: no eval of the (identical) base model at iteration 0 in every
+#: trial, no progress bars.
+SWEEP_DEFAULTS = {"eval.at_start": False, "run.progress": False}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(f"bench sweep: {message} (see bench sweep --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench sweep", description=__doc__.split("\n\n")[0],
+                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", default="treegrpo", help=f"algorithm: {', '.join(ALGORITHMS)} (default treegrpo)")
+    p.add_argument("--space", help="comma-separated built-in parameters to search (e.g. k,d,window; 'all'); "
+                                   "default per algorithm: treegrpo k,d,window; mixgrpo window,window_stride,"
+                                   "shift_interval; dancegrpo/ddpo timestep_fraction; grpo group_size")
+    p.add_argument("--space-file", help="YAML search space (docs/SWEEPS.md); --space then selects from it")
+    p.add_argument("--grid", nargs="+", action="extend", metavar="NAME=V1,V2",
+                   help="exhaustive grid, e.g. --grid k=2,3,4 d=1,2,3 (names as in --space or config keys)")
+    p.add_argument("--trials", type=int, help="trials in the study in total, over all workers (default 20; "
+                                              "a grid: its size)")
+    p.add_argument("--budget-per-trial", default="5m", help="budget of every trial: 5m, 300it, 2e6nfe, ... "
+                                                            "(default 5m)")
+    p.add_argument("--objective", help="held-out eval key to maximise, eval/<reward>[/<component>] "
+                                       "(default: eval/<first eval reward>)")
+    p.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    p.add_argument("--multi-objective", choices=("seconds", "nfe", "samples"),
+                   help="also minimise this cost of a trial -> a Pareto set (no pruning)")
+    p.add_argument("--study", help="study name (default <algo>-sweep, <algo>-grid with --grid)")
+    p.add_argument("--storage", help="journal file (*.journal), sqlite:///FILE.db, postgresql://USER@HOST/DB "
+                                     "(default: <out>/sweeps/<study>.journal)")
+    p.add_argument("--out", help="output directory (default runs/sweep-<study>)")
+    p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
+    p.add_argument("--model-path", help="local diffusers pipeline directory")
+    p.add_argument("--reward", help="training reward name or weighted spec")
+    p.add_argument("--eval-rewards", help="comma-separated held-out rewards")
+    p.add_argument("--config", help="YAML config file applied to every trial")
+    p.add_argument("--preset", help="algorithm preset applied to every trial")
+    p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="fixed overrides for every trial, e.g. --set sampler.steps=10 eval.every=5")
+    p.add_argument("--seed", type=int, help="run seed shared by all trials (default 0)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default tpe (ignored with --grid)")
+    p.add_argument("--sampler-seed", type=int, help="seed of the Optuna sampler (default: fresh per worker)")
+    p.add_argument("--n-jobs", type=int, default=1, help="worker processes started on this machine (default 1)")
+    p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between trial heartbeats (default 30)")
+    p.add_argument("--grace", type=float, default=600.0,
+                   help="a running trial of another host without heartbeat for this long is re-queued "
+                        "(default 600 s; same-host trials are re-queued as soon as their process is gone)")
+    return p
+
+
+# ---- assembling the sweep --------------------------------------------------------------------------------
+def _flags(a: argparse.Namespace) -> dict[str, Any]:
+    flags = {"algo.name": a.algo, "model.name": a.model, "model.path": a.model_path, "reward.name": a.reward,
+             "budget": a.budget_per_trial, "seed": 0 if a.seed is None else a.seed, "model.device": a.device}
+    if a.eval_rewards:
+        flags["eval.rewards"] = [r.strip() for r in a.eval_rewards.split(",") if r.strip()]
+    return flags
+
+
+def _space(a: argparse.Namespace):
+    from sweeps import spaces
+
+    names = [n.strip() for n in a.space.split(",") if n.strip()] if a.space else None
+    if a.grid:
+        if a.space or a.space_file:
+            raise UsageError("--grid enumerates a fixed grid and cannot be combined with --space/--space-file; "
+                             "fix other settings with --set")
+        grid, keys = spaces.parse_grid(a.grid, a.algo)
+        return spaces.grid_space(grid, keys), grid
+    if a.space_file:
+        return spaces.select(spaces.load_space_file(a.space_file, a.algo), names), None
+    return spaces.builtin_space(a.algo, names), None
+
+
+def _check_space_keys(space: Any, base_cfg: dict[str, Any]) -> None:
+    from bench.config import DEFAULTS
+
+    for p in space.params:
+        parts = p.key.split(".")
+        if parts[0] == "algo":
+            if len(parts) != 2 or parts[1] not in base_cfg["algo"]:
+                raise UsageError(did_you_mean(p.key, [f"algo.{k}" for k in base_cfg["algo"] if k != "name"],
+                                              f"setting for algorithm {base_cfg['algo']['name']!r}:"))
+            continue
+        node: Any = DEFAULTS
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                raise UsageError(f"search-space parameter {p.name!r} sets unknown config key {p.key!r} "
+                                 f"(see bench run --help and bench/config.py DEFAULTS)")
+            node = node[part]
+
+
+def _sampler(a: argparse.Namespace, grid: dict | None):
+    import optuna
+
+    if grid is not None:
+        return optuna.samplers.GridSampler(grid, seed=a.sampler_seed)
+    if a.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=a.sampler_seed)
+    # constant_liar: running trials count as bad guesses, so parallel workers spread out
+    return optuna.samplers.TPESampler(seed=a.sampler_seed, constant_liar=True)
+
+
+def _pruner(a: argparse.Namespace, multi: bool):
+    import optuna
+
+    if multi or a.pruner == "none":
+        if multi and a.pruner != "median":
+            print("bench sweep: note: multi-objective trials cannot be pruned; --pruner ignored", file=sys.stderr)
+        return optuna.pruners.NopPruner()
+    if a.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+
+
+def _definition(a: argparse.Namespace, space: Any, objective: str, base_sets: dict, flags: dict) -> dict:
+    """What makes trials comparable; a worker joining the study must agree on all of it."""
+    return {"algo": a.algo, "objective": objective, "direction": a.direction, "multi_objective": a.multi_objective,
+            "budget_per_trial": a.budget_per_trial, "seed": flags["seed"], "model": a.model,
+            "model_path": a.model_path, "reward": a.reward, "eval_rewards": a.eval_rewards, "config": a.config,
+            "preset": a.preset, "sets": base_sets, "space": space.to_dict()}
+
+
+def prepare(a: argparse.Namespace):
+    from bench import config as config_mod
+    from bench.budget import Budget
+    from sweeps.objective import SweepSpec, check_objective_key
+
+    if a.algo not in ALGORITHMS:
+        raise UsageError(did_you_mean(a.algo, ALGORITHMS, "algorithm"))
+    if a.trials is not None and a.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {a.trials}")
+    if a.n_jobs < 1:
+        raise UsageError(f"--n-jobs must be >= 1, got {a.n_jobs}")
+    Budget.parse(a.budget_per_trial)
+    space, grid = _space(a)
+    base_sets = {**SWEEP_DEFAULTS, **config_mod.parse_sets(a.sets)}
+    flags = _flags(a)
+    base_cfg = config_mod.resolve(base_sets, config_file=a.config, preset=a.preset, flags=flags)
+    _check_space_keys(space, base_cfg)
+    objective = a.objective or f"eval/{base_cfg['eval']['rewards'][0]}"
+    check_objective_key(objective, base_cfg)
+    study = a.study or f"{a.algo}-{'grid' if grid else 'sweep'}"
+    out = Path(a.out or f"runs/sweep-{study}").expanduser()
+    spec = SweepSpec(out=out, space=space, objective=objective, base_overrides=base_sets, flags=flags,
+                     config_file=a.config, preset=a.preset, cost=a.multi_objective, heartbeat_s=a.heartbeat,
+                     base_cfg=base_cfg)
+    return spec, grid, study, _definition(a, space, objective, base_sets, flags)
+
+
+# ---- running ----------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    spec, grid, study_name, definition = prepare(a)
+    from sweeps import spaces
+    from sweeps import study as st
+
+    import optuna
+
+    out = spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    storage, where = st.make_storage(a.storage, out, study_name)
+    multi = spec.cost is not None
+    directions = [a.direction] + (["minimize"] if multi else [])
+    value_names = ["value"] + ([f"cost_{spec.cost}"] if multi else [])
+    study, created = st.open_study(study_name, storage, directions, definition, _sampler(a, grid),
+                                   _pruner(a, multi))
+    trials_dir = out / "trials"
+    if created and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise UsageError(f"{trials_dir} holds trials of another study; choose another --out (or --study/--storage "
+                         f"of the study that wrote them)")
+    with warnings.catch_warnings():  # metric names are experimental in Optuna; they label the dashboard
+        warnings.simplefilter("ignore")
+        study.set_metric_names([spec.objective] + ([spec.cost] if multi else []))
+    target = a.trials or (spaces.grid_size(grid) if grid else 20)
+    print(f"bench sweep: study {study_name!r} ({'created' if created else 'joined'}) in {where}; "
+          f"{'grid of ' + str(spaces.grid_size(grid)) if grid else str(target)} trials of {a.algo} "
+          f"(budget {a.budget_per_trial} each, seed {spec.flags['seed']}), objective {spec.objective}"
+          f"{' + ' + spec.cost if multi else ''}; space: "
+          f"{'; '.join(p.describe() for p in spec.space.params)}", flush=True)
+    seed = int(spec.flags["seed"])
+    requeued = st.requeue_dead_trials(study, storage, a.grace)
+    if requeued:
+        print(f"bench sweep: re-queued trial(s) {requeued} whose worker died", flush=True)
+
+    def write_table(*_: Any) -> None:
+        st.write_csv(out / "trials.csv", st.trial_rows(study, value_names, seed))
+
+    code = 0
+    try:
+        if a.n_jobs > 1:
+            code = _spawn_workers(argv, a.n_jobs)
+        else:
+            _optimize(study, storage, spec, target, grid, a, write_table)
+    except KeyboardInterrupt:
+        print("bench sweep: interrupted; the running trial was re-queued: run the same command to resume",
+              file=sys.stderr)
+        code = 130
+    finally:
+        write_table()
+    return _finish(study, out, value_names, seed, study_name, where, definition, multi) if code == 0 else code
+
+
+def _optimize(study: Any, storage: Any, spec: Any, target: int, grid: dict | None, a: argparse.Namespace,
+              write_table: Any) -> None:
+    from sweeps import study as st
+    from sweeps.objective import Objective, TrialFailed
+
+    def after_trial(study_: Any, trial: Any) -> None:
+        write_table()
+        st.requeue_dead_trials(study_, storage, a.grace)
+        waiting = study_.get_trials(deepcopy=False, states=(_waiting(),))
+        if st.counted_trials(study_) >= target and not waiting:
+            study_.stop()
+
+    if st.counted_trials(study) >= target and not study.get_trials(deepcopy=False, states=(_waiting(),)):
+        print(f"bench sweep: the study already has {st.counted_trials(study)} trials (target {target}); "
+              f"nothing to run", flush=True)
+        return
+    study.optimize(Objective(spec), n_trials=None if grid and a.trials is None else target,
+                   catch=(TrialFailed,), callbacks=[after_trial], gc_after_trial=True)
+
+
+def _waiting() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.WAITING
+
+
+def _spawn_workers(argv: list[str], n: int) -> int:
+    """Start ``n`` worker processes of this same sweep (they join the study just created) and wait."""
+    env = dict(os.environ)
+    gpus = _cuda_count()
+    procs = []
+    for i in range(n):
+        wenv = dict(env)
+        if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+            wenv["CUDA_VISIBLE_DEVICES"] = str(i % gpus)  # one device per worker
+        procs.append(subprocess.Popen([sys.executable, "-m", "sweeps.cli", *argv, "--n-jobs", "1"], env=wenv))
+        time.sleep(0.5)
+    codes = [p.wait() for p in procs]
+    bad = [c for c in codes if c != 0]
+    if bad:
+        print(f"bench sweep: {len(bad)} worker(s) exited with status {bad}", file=sys.stderr)
+    return bad[0] if bad else 0
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _finish(study: Any, out: Path, value_names: list[str], seed: int, name: str, where: str,
+            definition: dict, multi: bool) -> int:
+    from sweeps import study as st
+
+    rows = st.trial_rows(study, value_names, seed)
+    summary = st.summarize(study, value_names)
+    if multi and "pareto" in summary:
+        st.write_csv(out / "pareto.csv", st.pareto_rows(study, value_names, seed))
+    info = {"study": name, "storage": where, "definition": definition, **summary}
+    (out / "sweep.json").write_text(json.dumps(info, indent=2, default=str))
+    print(f"bench sweep: {study.study_name}: {st.describe_states(rows)} -> {out / 'trials.csv'}")
+    if "best" in summary:
+        b = summary["best"]
+        print(f"  best: trial {b['number']} value {b['value']:.6g} params {b['params']}")
+    for p in summary.get("pareto", []):
+        print(f"  pareto: trial {p['number']} value {p['value']:.6g} {value_names[1]} {p[value_names[1]]:.6g} "
+              f"params {p['params']}")
+    complete = summary["states"].get("COMPLETE", 0)
+    return 0 if complete or not rows else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"bench sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,200 @@
+"""The sweep objective: one trial = one ordinary ``bench.runner.run`` in this process.
+
+Each trial samples overrides from the space, resolves the run config on top of the sweep's base
+settings (fixed seed: every trial trains on the same prompts and evaluates on the same prompts and
+noise), writes a normal run directory ``<out>/trials/<number>/`` and returns the final held-out value
+of the objective key (and the cost in multi-objective mode).
+
+Outcomes:
+- an invalid combination (space constraint, or a setting the algorithm refuses, e.g. d > window)
+  -> PRUNED, ``reason`` = the message; no run directory;
+- held-out evaluations are reported as intermediate values (step = completed iterations); when the
+  pruner says so the run stops (stop reason "pruned") -> PRUNED;
+- an exception, a non-finite loss/reward (stop reason "nonfinite"), running out of memory -> FAIL with
+  ``reason``; the sweep goes on;
+- a mistake in the sweep itself (objective key absent from the eval records) -> ``SweepAbort``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+
+from bench import config as config_mod
+from bench import runner
+from bench.registry import UsageError, algorithm_class
+from bench.types import SamplerSpec, TrainSpec
+from sweeps.spaces import InvalidCombination, Space, sample
+from sweeps.study import Heartbeat
+
+COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
+
+
+class SweepAbort(UsageError):
+    """A mistake in the sweep definition found while running a trial: stops the whole sweep."""
+
+
+class TrialFailed(Exception):
+    """Raised by the objective so that Optuna records the trial as FAIL (the sweep continues)."""
+
+
+@dataclass
+class SweepSpec:
+    """Everything a trial needs besides the sampled parameters."""
+
+    out: Path
+    space: Space
+    objective: str                         # eval key, e.g. "eval/shapes_attr"
+    base_overrides: dict[str, Any]         # --set + sweep defaults (dotted keys)
+    flags: dict[str, Any]                  # algo.name, model.name, budget, seed, ...
+    config_file: str | None = None
+    preset: str | None = None
+    cost: str | None = None                # None | "seconds" | "nfe" | "samples" (multi-objective)
+    heartbeat_s: float = 30.0
+    base_cfg: dict[str, Any] = field(default_factory=dict)  # the resolved base config (bounds, checks)
+
+    def resolve(self, overrides: Mapping[str, Any], out: Path | None) -> dict[str, Any]:
+        flags = dict(self.flags)
+        flags["out"] = str(out) if out is not None else None
+        return config_mod.resolve({**self.base_overrides, **overrides}, config_file=self.config_file,
+                                  preset=self.preset, flags=flags)
+
+
+def check_objective_key(key: str, cfg: Mapping[str, Any]) -> None:
+    """The objective must be a held-out eval key of a reward the runs evaluate."""
+    valid = [f"eval/{r}" for r in cfg["eval"]["rewards"]]
+    parts = key.split("/")
+    if len(parts) < 2 or parts[0] != "eval" or parts[1] not in cfg["eval"]["rewards"] or key.endswith("/std") \
+            and len(parts) == 3:
+        hint = ""
+        if not key.startswith("eval/"):
+            hint = " The objective is a held-out evaluation value (evals.jsonl), written eval/<reward>."
+        raise UsageError(f"unknown objective {key!r}.{hint} Valid: {', '.join(valid)} (or eval/<reward>/<component>"
+                         f"); add rewards to evaluate with --eval-rewards a,b")
+
+
+def validate_run_config(cfg: Mapping[str, Any]) -> None:
+    """Build the algorithm exactly as the runner would, without loading a model: catches combinations
+    such as algo.d > algo.window or a window longer than the schedule before any run directory exists."""
+    algo_cfg = config_mod.algorithm_config(cfg)
+    s, t = cfg["sampler"], cfg["train"]
+    sampler = SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]), noise_level=float(s["noise_level"]),
+                          sde_type=s["sde"], shift=float(s["shift"]),
+                          prediction="epsilon" if cfg["model"]["name"].endswith("ddim") else "flow")
+    train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
+                      max_grad_norm=float(t["max_grad_norm"]))
+    try:
+        algorithm_class(cfg["algo"]["name"])(algo_cfg, sampler, train, int(cfg["seed"]))
+    except ValueError as e:
+        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e).lower()
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Objective:
+    """``Objective(spec)(trial) -> value`` (or ``(value, cost)``) for ``study.optimize``."""
+
+    def __init__(self, spec: SweepSpec, run_fn: Callable[..., runner.RunSummary] | None = None):
+        self.spec = spec
+        self.run_fn = run_fn or runner.run  # tests substitute a failing run
+
+    def _prune(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("reason", reason)
+        raise optuna.TrialPruned(reason)
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("reason", reason)
+        raise TrialFailed(reason)
+
+    def _requeue_interrupted(self, trial: optuna.Trial) -> None:
+        """Ctrl-C: the trial ends FAIL and its parameters wait for the resumed sweep."""
+        trial.set_user_attr("reason", "interrupted; re-queued")
+        trial.study.enqueue_trial(dict(trial.params), user_attrs={"requeued_from": trial.number})
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        spec = self.spec
+        try:
+            overrides = sample(trial, spec.space, spec.base_cfg)
+            cfg = spec.resolve(overrides, spec.out / "trials" / str(trial.number))
+            validate_run_config(cfg)
+        except (InvalidCombination, UsageError) as e:
+            self._prune(trial, f"invalid combination: {e}")
+        cfg["run"]["overwrite"] = True  # trial numbers are unique within a study
+        trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))
+        trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
+        reporter = _Reporter(trial, spec.objective, multi=spec.cost is not None)
+        try:
+            with Heartbeat(trial, spec.heartbeat_s):
+                summary = self.run_fn(cfg, on_eval=reporter, progress=False)
+        except SweepAbort:
+            raise
+        except UsageError as e:  # refused when the model was loaded (e.g. a window longer than its schedule)
+            self._prune(trial, f"invalid combination: {e}")
+        except KeyboardInterrupt:
+            self._requeue_interrupted(trial)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of one trial is recorded, the sweep goes on
+            oom = _is_oom(e)
+            _free_memory()
+            self._fail(trial, f"{'out of memory' if oom else 'error'}: {type(e).__name__}: {e}")
+        for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "seconds_total"):
+            trial.set_user_attr(k, getattr(summary, k))
+        if summary.stop_reason == "pruned":
+            self._prune(trial, reporter.prune_reason or "pruned")
+        if summary.stop_reason == "interrupted":
+            self._requeue_interrupted(trial)
+            raise KeyboardInterrupt
+        if summary.stop_reason == "nonfinite":
+            self._fail(trial, f"nonfinite: loss, reward or gradient norm became NaN/inf at iteration "
+                              f"{summary.iterations - 1}")
+        final = summary.final_eval or {}
+        if spec.objective not in final:
+            if final:
+                raise SweepAbort(f"objective {spec.objective!r} is not in the eval records; they hold: "
+                                 f"{', '.join(k for k in final if k.startswith('eval/'))}")
+            self._fail(trial, f"no final evaluation (stop reason {summary.stop_reason})")
+        value = float(final[spec.objective])
+        if not math.isfinite(value):
+            self._fail(trial, f"nonfinite: final {spec.objective} = {value}")
+        if spec.cost is None:
+            return value
+        return value, float(getattr(summary, COSTS[spec.cost]))
+
+
+class _Reporter:
+    """``on_eval`` callback: reports held-out values to Optuna and stops the run when it is pruned."""
+
+    def __init__(self, trial: optuna.Trial, key: str, multi: bool):
+        self.trial, self.key, self.multi = trial, key, multi
+        self.prune_reason: str | None = None
+
+    def __call__(self, rec: Mapping[str, Any]) -> None:
+        if self.key not in rec:
+            raise SweepAbort(f"objective {self.key!r} is not in the eval records; they hold: "
+                             f"{', '.join(k for k in rec if k.startswith('eval/'))}")
+        if self.multi:  # Optuna cannot prune multi-objective trials
+            return
+        step, value = int(rec["iteration"]), float(rec[self.key])
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, step)
+        if step > 0 and self.trial.should_prune():
+            self.prune_reason = f"pruned at iteration {step}: {self.key} = {value:.6g}"
+            raise runner.StopRun("pruned")

@@ -1,0 +1,312 @@
+"""Study storage, joining, dead-worker recovery and the trials table.
+
+Storage (``--storage``): a journal file by default (``<out>/sweeps/<study>.journal``; several processes
+on one machine, or on machines sharing the file system, append to it under a file lock), or an RDB
+URL (``sqlite:///sweep.db``, ``postgresql://user@host/db``, ``mysql://...``) so that workers on many
+machines join one study.
+
+Dead workers: every running trial records its worker (host, pid, process start time) and a heartbeat
+(unix time, refreshed every ``heartbeat_s``). A RUNNING trial whose worker process is gone (same host)
+or whose heartbeat is older than ``grace_s`` is marked FAIL with the reason and its parameters are
+enqueued again, so a resumed sweep re-runs it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from bench.registry import UsageError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+SWEEP_ATTR = "treebench_sweep"
+
+
+# ---- storage -------------------------------------------------------------------------------------------
+def journal_path(out: Path, study: str) -> Path:
+    return Path(out) / "sweeps" / f"{study}.journal"
+
+
+def _postgres_url(url: str) -> str:
+    """postgresql:// means psycopg2 to SQLAlchemy; use psycopg (3) when only that is installed."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is not None:
+        return url
+    if importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    raise UsageError("a PostgreSQL storage needs a driver: pip install 'treebench[sweeps]' (installs psycopg)")
+
+
+def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
+    """(optuna storage, description). ``url``: None (journal under ``out``), a ``*.journal`` / ``*.log``
+    path, ``journal:PATH``, or an SQLAlchemy URL."""
+    if url is None or url.startswith("journal:") or url.endswith((".journal", ".log")) or "://" not in url:
+        if url is not None and "://" not in url and not url.startswith("journal:") \
+                and not url.endswith((".journal", ".log")):
+            raise UsageError(f"--storage {url!r}: give a journal file (*.journal), sqlite:///FILE.db, "
+                             f"postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+        path = journal_path(out, study) if url is None else Path(url.split("journal:", 1)[-1]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(path))), f"journal file {path}"
+    from optuna.storages import RDBStorage
+
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # several local workers write one file: wait for its lock instead of failing at once
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    else:
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+    try:
+        return RDBStorage(_postgres_url(url), **kwargs), url.split("@")[-1] if "@" in url else url
+    except ImportError as e:
+        raise UsageError(f"--storage {url}: missing database driver ({e}); for PostgreSQL: "
+                         f"pip install 'treebench[sweeps]'") from None
+    except Exception as e:  # unreachable server, bad credentials, bad URL
+        raise UsageError(f"--storage {url}: cannot open the database: {type(e).__name__}: {e}") from None
+
+
+# ---- joining a study -----------------------------------------------------------------------------------
+def open_study(name: str, storage: Any, directions: Sequence[str], definition: Mapping[str, Any],
+               sampler: Any, pruner: Any) -> tuple[optuna.Study, bool]:
+    """Create the study or join it (``load_if_exists``); a worker whose sweep definition differs from the
+    study's (algorithm, objective, budget, seed, space, ...) is refused. Returns (study, created)."""
+    existing = set(optuna.get_all_study_names(storage))
+    study = optuna.create_study(study_name=name, storage=storage, directions=list(directions), sampler=sampler,
+                                pruner=pruner, load_if_exists=True)
+    created = name not in existing
+    stored = study.user_attrs.get(SWEEP_ATTR)
+    if stored is None:
+        study.set_user_attr(SWEEP_ATTR, json.loads(json.dumps(dict(definition), default=str)))
+        return study, created
+    mine = json.loads(json.dumps(dict(definition), default=str))
+    diff = [k for k in sorted(set(stored) | set(mine)) if stored.get(k) != mine.get(k)]
+    if diff:
+        lines = "\n".join(f"  {k}: study has {stored.get(k)!r}, this worker has {mine.get(k)!r}" for k in diff)
+        raise UsageError(f"study {name!r} already exists with a different sweep definition:\n{lines}\n"
+                         f"Trials of one study must be comparable: join it with the same settings, or pick "
+                         f"another --study name.")
+    return study, created
+
+
+# ---- workers, heartbeats, dead trials ------------------------------------------------------------------
+def _proc_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def worker_identity() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid)}
+
+
+def worker_alive(worker: Mapping[str, Any] | None) -> bool | None:
+    """True/False for a worker on this host, None when it runs elsewhere (or is unknown)."""
+    if not worker or worker.get("host") != socket.gethostname():
+        return None
+    pid = int(worker.get("pid", -1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start = _proc_start(pid)
+    return start is not None and (worker.get("start") is None or start == worker.get("start"))
+
+
+class Heartbeat:
+    """Refreshes the trial's ``heartbeat`` user attribute every ``interval`` seconds while it runs."""
+
+    def __init__(self, trial: optuna.Trial, interval: float):
+        self.trial, self.interval = trial, float(interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial.number}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.trial.set_user_attr("heartbeat", time.time())
+            except Exception:  # a storage hiccup must not kill the trial; the next beat retries
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self.trial.set_user_attr("worker", worker_identity())
+        self.trial.set_user_attr("heartbeat", time.time())
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+
+def stale_reason(t: optuna.trial.FrozenTrial, grace_s: float, now: float | None = None) -> str | None:
+    """Why a RUNNING trial is considered dead, or None while it may still be alive."""
+    now = time.time() if now is None else now
+    worker = t.user_attrs.get("worker")
+    alive = worker_alive(worker)
+    if alive is False:
+        return f"worker {worker['host']}:{worker['pid']} died while the trial was running"
+    if alive is True:
+        return None
+    beat = t.user_attrs.get("heartbeat")
+    if beat is None and t.datetime_start is not None:
+        beat = t.datetime_start.timestamp()
+    if beat is not None and now - float(beat) > grace_s:
+        who = f"{worker['host']}:{worker['pid']}" if worker else "unknown worker"
+        return f"no heartbeat from {who} for {now - float(beat):.0f} s (grace {grace_s:.0f} s)"
+    return None
+
+
+def requeue_dead_trials(study: optuna.Study, storage: Any, grace_s: float, out: Path | None = None) -> list[int]:
+    """Fail RUNNING trials whose worker died and enqueue their parameters again; returns their numbers."""
+    requeued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = stale_reason(t, grace_s)
+        if reason is None:
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "reason", f"{reason}; re-queued")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another worker got there first
+        study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+        _close_dead_run_dir(t, reason)
+        requeued.append(t.number)
+    return requeued
+
+
+def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Give the dead trial's run directory a final.json (stop_reason "error") so readers see it ended."""
+    run_dir = t.user_attrs.get("run_dir")
+    if not run_dir or not Path(run_dir).is_dir() or (Path(run_dir) / "final.json").exists():
+        return
+    last: dict[str, Any] = {}
+    its = Path(run_dir) / "iterations.jsonl"
+    if its.is_file():
+        lines = [ln for ln in its.read_text().splitlines() if ln.strip()]
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+            except json.JSONDecodeError:
+                last = {}
+    final = {"stop_reason": "error", "iterations": int(last.get("iteration", -1)) + 1,
+             "samples_total": last.get("samples_total", 0), "nfe_total": last.get("nfe_total", 0),
+             "seconds_total": last.get("seconds_total", 0.0), "wall_seconds": None, "final_eval": None,
+             "best_eval": None, "error": f"sweep trial {t.number}: {reason}; re-queued"}
+    tmp = Path(run_dir) / "final.json.tmp"
+    tmp.write_text(json.dumps(final, indent=2))
+    os.replace(tmp, Path(run_dir) / "final.json")
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that use up the study's --trials target: all but WAITING ones and dead-worker failures
+    that were re-queued (their re-run counts instead)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue
+        if t.state == TrialState.FAIL and str(t.user_attrs.get("reason", "")).endswith("re-queued"):
+            continue
+        n += 1
+    return n
+
+
+# ---- the trials table ----------------------------------------------------------------------------------
+TABLE_ATTRS = ("stop_reason", "reason", "iterations", "samples_total", "nfe_total", "seconds_total",
+               "run_dir", "requeued_from")
+
+
+def trial_rows(study: optuna.Study, value_names: Sequence[str], seed: int) -> list[dict[str, Any]]:
+    trials = study.get_trials(deepcopy=False)
+    param_names: list[str] = []
+    for t in trials:
+        for p in t.params:
+            if p not in param_names:
+                param_names.append(p)
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name}
+        vals = t.values or [None] * len(value_names)
+        for name, v in zip(value_names, vals):
+            row[name] = v
+        for p in param_names:
+            row[f"params_{p}"] = t.params.get(p)
+        row["seed"] = seed
+        for a in TABLE_ATTRS:
+            row[a] = t.user_attrs.get(a)
+        if t.state == TrialState.FAIL and not row["reason"]:
+            row["reason"] = t.system_attrs.get("fail_reason")
+        w = t.user_attrs.get("worker")
+        row["worker"] = f"{w['host']}:{w['pid']}" if isinstance(w, Mapping) else None
+        row["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
+        row["datetime_complete"] = t.datetime_complete.isoformat() if t.datetime_complete else None
+        row["duration_s"] = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_start and t.datetime_complete else None
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols or ["number"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    os.replace(tmp, path)  # atomic: concurrent workers never leave a torn table
+
+
+def pareto_rows(study: optuna.Study, value_names: Sequence[str], seed: int) -> list[dict[str, Any]]:
+    best = {t.number for t in study.best_trials}
+    return [r for r in trial_rows(study, value_names, seed) if r["number"] in best]
+
+
+def summarize(study: optuna.Study, value_names: Sequence[str]) -> dict[str, Any]:
+    states: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    out: dict[str, Any] = {"trials": sum(states.values()), "states": states}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and all(math.isfinite(v) for v in t.values)]
+    if complete and len(value_names) == 1:
+        b = study.best_trial
+        out["best"] = {"number": b.number, value_names[0]: b.value, "params": b.params}
+    elif complete:
+        out["pareto"] = [{"number": t.number, **dict(zip(value_names, t.values)), "params": t.params}
+                         for t in study.best_trials]
+    return out
+
+
+def describe_states(rows: Iterable[Mapping[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
