@@ -13,6 +13,7 @@ EPILOG = """examples:
   bench run --algo treegrpo --budget 10m            # embedded shapes world on CPU
   bench run --algo dancegrpo --budget 3it --out runs/x --set train.lr=1e-5
   bench run --algo treegrpo --preset treegrpo-paper --model sd3.5-medium --model-path DIR --budget 24h
+  bench run --resume runs/x --budget 48h             # continue a killed run, extending its budget
   bench list"""
 
 
@@ -41,6 +42,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-prompts", help="prompt set name or file for evaluation")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped or killed run from its newest valid checkpoint, with its own "
+                        "configuration (only --budget may extend it; see docs/ERRORS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -60,10 +64,23 @@ def flags_from_args(a: argparse.Namespace) -> dict:
 def cmd_run(a: argparse.Namespace) -> int:
     from bench import config
 
-    cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset, flags=flags_from_args(a))
+    if a.resume:
+        from bench import checkpoint
+
+        cfg = checkpoint.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
+                                       flags=flags_from_args(a))
+    else:
+        cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
+                             flags=flags_from_args(a))
     from bench import runner
 
-    summary = runner.run(cfg)
+    try:
+        summary = runner.run(cfg, resume=bool(a.resume))
+    except runner.RunFailure as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    if summary.stop_reason == "interrupted":
+        return 130
     return 0 if summary.stop_reason not in ("error", "nonfinite") else 1
 
 
@@ -133,6 +150,11 @@ def _guard(fn) -> int:  # noqa: ANN001
     try:
         return fn()
     except UsageError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a reward's own MissingWeightsError(ValueError) is a usage problem too
+        if not any(c.__name__ == "MissingWeightsError" for c in type(e).__mro__):
+            raise
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:

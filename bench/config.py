@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
         "overwrite": False,
         "progress": True,
         "tensorboard": False,
+        "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
+        "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
+        "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)
     },
     "budget": "10m",
     "seed": 0,
@@ -239,6 +242,15 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(cfg["reward"]["normalize"] in ("none", "zscore"),
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
     need(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    ru = cfg["run"]
+    need(isinstance(ru["checkpoint_every"], int) and not isinstance(ru["checkpoint_every"], bool)
+         and ru["checkpoint_every"] >= 0,
+         f"run.checkpoint_every must be an integer >= 0 (iterations; 0 = only on SIGINT/SIGTERM), "
+         f"got {ru['checkpoint_every']!r}")
+    need(isinstance(ru["keep_checkpoints"], int) and not isinstance(ru["keep_checkpoints"], bool)
+         and ru["keep_checkpoints"] >= 1,
+         f"run.keep_checkpoints must be an integer >= 1, got {ru['keep_checkpoints']!r}")
+    need(ru["on_nonfinite"] in ("stop", "skip"), f"run.on_nonfinite must be stop or skip, got {ru['on_nonfinite']!r}")
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:

@@ -46,6 +46,7 @@ METRICS: dict[str, str] = {
     "micro_batches": "forward+backward micro-batches this iteration (gradient accumulation)",
     "zero_spread_frac": "fraction of prompts whose images all got the same reward (no learning signal)",
     "<algo>/<key>": "algorithm-specific value (window position, leaves per tree, ...)",
+    "nonfinite": "only on an iteration with NaN/inf: where (reward | logp | grad | loss); its update was not applied",
     "t_eval_s": "seconds spent in this evaluation (outside the training budget)",
     "eval/<reward>": "mean held-out reward over the eval prompts (deterministic ODE sampling, fixed noise)",
     "eval/<reward>/std": "population std of the held-out reward",

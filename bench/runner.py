@@ -8,17 +8,23 @@ budget. Same config + seed on CPU gives an identical iterations.jsonl apart from
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
 from bench.budget import Budget, Totals
 from bench.policy import Policy, load_policy, tiny_pipeline_dir, weights_hash
@@ -51,6 +57,37 @@ class StopRun(Exception):
     def __init__(self, reason: str = "stopped"):
         super().__init__(reason)
         self.reason = reason
+
+
+class RunFailure(RuntimeError):
+    """A run stopped by a fault with a clear cause (the CLI prints the message, exits 1, no traceback)."""
+
+
+class RewardError(RunFailure):
+    """The reward model raised; the message names the file holding the batch's prompts."""
+
+
+class OutOfMemory(RunFailure):
+    """The device ran out of memory; the message says which settings lower memory."""
+
+
+class NonFiniteGrad(Exception):
+    """Raised before an optimizer step whose gradients hold NaN/inf, so the step is never applied."""
+
+
+class _Interrupted(Exception):
+    """SIGINT/SIGTERM seen at a phase boundary before the update: the state is still consistent."""
+
+
+def _is_missing_weights(e: BaseException) -> bool:
+    """Rewards define their own ``MissingWeightsError(ValueError)`` (bench may not import rewards)."""
+    return any(c.__name__ == "MissingWeightsError" for c in type(e).__mro__)
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+                                  and "cuda" in str(e).lower())
 
 
 # ---- building blocks --------------------------------------------------------------------------------
@@ -126,13 +163,49 @@ class PhaseTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def prepare_out_dir(cfg: Mapping[str, Any]) -> Path:
+def out_path(cfg: Mapping[str, Any]) -> Path:
     out = cfg.get("out") or f"runs/{cfg['algo']['name']}_{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        if not cfg["run"]["overwrite"]:
-            raise UsageError(f"run directory {out} already exists and is not empty; pass --overwrite to replace "
-                             f"it or choose another --out")
+    return Path(out).expanduser()
+
+
+def check_out_dir(cfg: Mapping[str, Any], resume: bool = False) -> Path:
+    """Validate the run directory before anything is built or deleted."""
+    out = out_path(cfg)
+    if resume:
+        if not (out / "manifest.json").is_file():
+            raise UsageError(f"--resume {out}: not a run directory (no manifest.json); nothing to resume")
+        if not os.access(out, os.W_OK):
+            raise UsageError(f"cannot write to run directory {out}: permission denied")
+        return out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not cfg["run"]["overwrite"]:
+        if (out / "manifest.json").is_file():
+            done = sum(1 for _ in open(out / "iterations.jsonl")) if (out / "iterations.jsonl").is_file() else 0
+            cks = ckpt_mod.list_checkpoints(out)
+            where = f"newest checkpoint {cks[0].name}" if cks else "no checkpoint"
+            raise UsageError(f"run directory {out} already holds a run ({done} iterations logged, {where}); "
+                             f"pass --resume {out} to continue it, --overwrite to replace it, or choose "
+                             f"another --out")
+        raise UsageError(f"run directory {out} already exists and is not empty; pass --overwrite to replace "
+                         f"it or choose another --out")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK):
+        why = "is not a directory" if not anc.is_dir() else "is not writable"
+        raise UsageError(f"cannot create run directory {out}: {anc} {why}; choose another --out")
+    return out
+
+
+def prepare_out_dir(cfg: Mapping[str, Any]) -> Path:
+    """Check, then create (or with run.overwrite replace) the run directory."""
+    out = check_out_dir(cfg)
+    return create_out_dir(out, bool(cfg["run"]["overwrite"]))
+
+
+def create_out_dir(out: Path, overwrite: bool) -> Path:
+    if out.is_dir() and any(out.iterdir()) and overwrite:
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +268,9 @@ def _score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: 
 class Run:
     """State of one training run (built by ``run``; split into stages so each stays short)."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], resume: bool = False):
         self.cfg = cfg
+        self.resume = resume
         self.seed = int(cfg["seed"])
         self.budget = Budget.parse(str(cfg["budget"]))
         self.device = resolve_device(cfg["model"]["device"])
@@ -204,7 +278,10 @@ class Run:
         algo_cfg = config_mod.algorithm_config(cfg)
         self.train_prompts: PromptSet = load_prompt_set(cfg["data"]["train_prompts"])
         self.eval_prompts: PromptSet = load_prompt_set(cfg["data"]["eval_prompts"])
-        self.out = prepare_out_dir(cfg)
+        # everything is validated before the run directory is created, replaced or resumed
+        self.out = check_out_dir(cfg, resume)
+        if resume:
+            ckpt_mod.check_resume_config(self.out, ckpt_mod.saved_config(self.out), cfg)
         torch.manual_seed(self.seed)
         self.policy = build_policy(cfg, self.device)
         s = cfg["sampler"]
@@ -219,23 +296,33 @@ class Run:
         except ValueError as e:
             raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
         r = cfg["reward"]
-        self.reward = build_reward(r["name"], self.device, r["options"], r["normalize"])
+        self.reward = _build_reward_checked(r["name"], self.device, r["options"], r["normalize"])
         self.eval_rewards = {name: (self.reward if name == r["name"] else
-                                    build_reward(name, self.device, r["options"]))
+                                    _build_reward_checked(name, self.device, r["options"]))
                              for name in cfg["eval"]["rewards"]}
         self.engine = RolloutEngine(self.policy, max_micro_batch=self.train.micro_batch, seed=self.seed,
                                     shift=self.sampler.shift)
         params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=float(t["lr"]), betas=(float(t["beta1"]), float(t["beta2"])),
                                            eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]))
+        # NaN/inf gradients never reach the weights: the step is refused before it is applied
+        self.optimizer.register_step_pre_hook(self._check_grads)
+        self.first_plan = self.algo.plan(0)
+        self.arith = batch_arithmetic(self.first_plan, int(t["prompts_per_iteration"]), self.train.micro_batch,
+                                      self.train.optimizer_steps)
+        if not resume:
+            create_out_dir(self.out, bool(cfg["run"]["overwrite"]))
         self.log = RunLog(self.out, tensorboard=bool(cfg["run"]["tensorboard"]))
         self.totals = Totals()
         self.evals: list[dict[str, Any]] = []
         self.eval_batch = self.eval_prompts.head(int(cfg["eval"]["num_prompts"]))
         self.eval_cond = None
-        self.first_plan = self.algo.plan(0)
-        self.arith = batch_arithmetic(self.first_plan, int(t["prompts_per_iteration"]), self.train.micro_batch,
-                                      self.train.optimizer_steps)
+        self.stop_requested: str | None = None   # name of the signal asking for a clean stop
+        self.in_update = False                   # inside advantages/update: state not checkpointable
+        self.last_checkpoint: int | None = None
+        self.checkpoint_seconds = 0.0
+        self.wall_before = 0.0                   # wall seconds of earlier processes (resumed runs)
+        self.resumed_from: str | None = None
 
     def manifest(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -253,28 +340,163 @@ class Run:
             "prompts": {"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
         }
 
+    # ---- start / resume ----
+    def start(self) -> list[dict[str, Any]]:
+        """Write the manifest; when resuming, restore the newest valid checkpoint and cut the logs back
+        to it. Returns the iteration records already in the run directory."""
+        if not self.resume:
+            self.log.write_manifest(self.manifest())
+            return []
+        ck = ckpt_mod.load_latest(self.out)
+        if ck is None:
+            ckpt_mod.warn(f"{self.out} has no checkpoint: the run restarts from iteration 0")
+            kept = ckpt_mod.repair_logs(self.out, 0, [])
+        else:
+            self.restore(ck)
+            kept = ckpt_mod.repair_logs(self.out, ck.iteration, self.evals)
+            self.resumed_from = ck.path.name
+        man_path = self.out / "manifest.json"
+        manifest = json.loads(man_path.read_text())
+        manifest.pop("schema_version", None)
+        old_budget = manifest.get("config", {}).get("budget")
+        manifest["resumes"] = [*manifest.get("resumes", []), {
+            "time": now_iso(), "checkpoint": self.resumed_from, "iteration": self.totals.iterations,
+            "budget": {"before": old_budget, "after": self.cfg["budget"]}, "git": git_state(),
+            "micro_batch": self.cfg["train"]["micro_batch"], "host": host_info()}]
+        manifest["config"] = self.cfg
+        manifest["budget"] = self.budget.to_dict()
+        manifest["batch"] = self.arith
+        self.log.write_manifest(manifest)
+        t = self.totals
+        print(f"resuming {self.out} from {self.resumed_from or 'the start'}: {t.iterations} iterations, "
+              f"{t.samples} samples, {t.nfe} NFE, {t.seconds:.1f} s training already done", flush=True)
+        return kept
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.policy.denoiser.named_parameters() if p.requires_grad}
+
+    def checkpoint(self) -> Path:
+        """Save the state after ``totals.iterations`` completed iterations (outside the budget)."""
+        t0 = time.perf_counter()
+        state = {"totals": asdict(self.totals), "evals": self.evals, "algorithm": self.algo.state_dict(),
+                 "engine": {"nfe_rollout": self.engine.nfe_rollout, "nfe_update": self.engine.nfe_update,
+                            "nfe_eval": self.engine.nfe_eval},
+                 "wall_seconds": self.wall_before + time.perf_counter() - self._wall0,
+                 "checkpoint_seconds": self.checkpoint_seconds}
+        path = ckpt_mod.save(self.out, self.totals.iterations, policy=self.trainable_state(),
+                             optimizer=self.optimizer.state_dict(), state=state,
+                             keep=int(self.cfg["run"]["keep_checkpoints"]))
+        self.last_checkpoint = self.totals.iterations
+        self.checkpoint_seconds += time.perf_counter() - t0
+        return path
+
+    def restore(self, ck: ckpt_mod.Checkpoint) -> None:
+        params = self.trainable_state()
+        missing, extra = sorted(set(params) - set(ck.policy)), sorted(set(ck.policy) - set(params))
+        if missing or extra:
+            raise UsageError(f"checkpoint {ck.path} does not match the model's trainable parameters "
+                             f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for n, p in params.items():
+                if tuple(ck.policy[n].shape) != tuple(p.shape):
+                    raise UsageError(f"checkpoint {ck.path}: parameter {n} has shape {tuple(ck.policy[n].shape)}, "
+                                     f"the model has {tuple(p.shape)}")
+                p.copy_(ck.policy[n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(ck.optimizer)
+        self.algo.load_state_dict(ck.state.get("algorithm", {}))
+        self.totals = Totals(**ck.state["totals"])
+        self.evals = [dict(e) for e in ck.state.get("evals", [])]
+        eng = ck.state.get("engine", {})
+        self.engine.nfe_rollout = int(eng.get("nfe_rollout", 0))
+        self.engine.nfe_update = int(eng.get("nfe_update", 0))
+        self.engine.nfe_eval = int(eng.get("nfe_eval", 0))
+        self.wall_before = float(ck.state.get("wall_seconds", 0.0))
+        self.checkpoint_seconds = float(ck.state.get("checkpoint_seconds", 0.0))
+        self.last_checkpoint = ck.iteration
+        ckpt_mod.set_rng_state(ck.rng_tensors, ck.rng_json)
+
+    # ---- faults ----
+    def _check_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteGrad("non-finite gradient")
+
+    def _check_stop(self) -> None:
+        if self.stop_requested is not None:
+            raise _Interrupted(self.stop_requested)
+
+    def _score(self, reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor,
+               iteration: int, stage: str) -> RewardOutput:
+        try:
+            return _score(reward, images, batch, leaf_prompts)
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every reward failure is reported the same way
+            if _is_missing_weights(e):
+                raise UsageError(str(e)) from None
+            if _is_oom(e):
+                raise
+            path = self._save_failed_batch(reward, batch, leaf_prompts, images, iteration, stage, e)
+            name = getattr(reward, "name", type(reward).__name__)
+            raise RewardError(f"reward {name!r} failed while scoring the {stage} batch of iteration {iteration}: "
+                              f"{type(e).__name__}: {e}\n  the batch's prompts and the traceback are saved in "
+                              f"{path}") from e
+
+    def _save_failed_batch(self, reward: Any, batch: PromptBatch, leaf_prompts: torch.Tensor, images: torch.Tensor,
+                           iteration: int, stage: str, e: BaseException) -> Path:
+        d = self.out / "debug"
+        d.mkdir(exist_ok=True)
+        path = d / f"failed_{'batch' if stage == 'train' else stage}_{iteration:06d}.json"
+        idx = leaf_prompts.tolist()
+        obj = {"iteration": iteration, "stage": stage, "reward": getattr(reward, "name", type(reward).__name__),
+               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+               "prompts": list(batch.prompts), "prompt_ids": list(batch.prompt_ids),
+               "metadata": [dict(m) for m in batch.metadata], "image_prompt_index": idx,
+               "images": {"shape": list(images.shape), "dtype": str(images.dtype),
+                          "finite": bool(torch.isfinite(images).all())}}
+        path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        return path
+
     # ---- one iteration ----
     def iteration(self, i: int) -> dict[str, Any]:
         timer = PhaseTimer(self.device)
         batch = self.train_prompts.sample(int(self.cfg["train"]["prompts_per_iteration"]), self.seed, i)
         nfe_r0, nfe_u0 = self.engine.nfe_rollout, self.engine.nfe_update
+        self._check_stop()
         with timer("rollout"):
             plan = self.algo.plan(i)
             rollout: Rollout = self.engine.run(plan, batch, i)
+        self._check_stop()
         with timer("reward"):
-            rewards = _score(self.reward, rollout.images, batch, rollout.leaf_prompts())
-        with timer("advantage"):
-            adv = self.algo.advantages(batch, rollout, rewards)
-        with timer("update"):
-            self.policy.train(True)
-            stats = self.algo.update(self.policy, self.engine, self.optimizer, batch, rollout, adv)
-            self.policy.train(False)
+            rewards = self._score(self.reward, rollout.images, batch, rollout.leaf_prompts(), i, "train")
+        self._check_stop()
+        nonfinite = None
+        logp = rollout.logp_old[rollout.trainable]
+        if not bool(torch.isfinite(rewards.scores).all()):
+            nonfinite = "reward"
+        elif logp.numel() and not bool(torch.isfinite(logp).all()):
+            nonfinite = "logp"
+        adv, stats = None, None
+        if nonfinite is None:
+            self.in_update = True  # from here the algorithm's state changes: not checkpointable until done
+            with timer("advantage"):
+                adv = self.algo.advantages(batch, rollout, rewards)
+            with timer("update"):
+                self.policy.train(True)
+                try:
+                    stats = self.algo.update(self.policy, self.engine, self.optimizer, batch, rollout, adv)
+                except NonFiniteGrad:
+                    nonfinite = "grad"
+                    self.optimizer.zero_grad(set_to_none=True)
+                finally:
+                    self.policy.train(False)
         nfe_r = self.engine.nfe_rollout - nfe_r0
         nfe_u = self.engine.nfe_update - nfe_u0
         secs = sum(timer.seconds.get(p, 0.0) for p in PHASES)
         self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + rollout.num_leaves,
                              nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1)
         sc = rewards.scores
+        nan = float("nan")
         rec: dict[str, Any] = {
             "iteration": i, "samples": rollout.num_leaves, "samples_total": self.totals.samples,
             "nfe_rollout": nfe_r, "nfe_update": nfe_u, "nfe_total": self.totals.nfe,
@@ -283,13 +505,20 @@ class Run:
             "reward_mean": float(sc.mean()), "reward_std": float(sc.std(unbiased=False)),
             "reward_min": float(sc.min()), "reward_max": float(sc.max()),
             **{f"reward/{k}": float(v.float().mean()) for k, v in rewards.components.items()},
-            "loss": stats.loss, "approx_kl": stats.approx_kl, "clip_frac": stats.clip_frac,
-            "grad_norm": stats.grad_norm, "first_ratio": stats.first_ratio, "kl": stats.kl,
+            "loss": stats.loss if stats else nan, "approx_kl": stats.approx_kl if stats else nan,
+            "clip_frac": stats.clip_frac if stats else nan, "grad_norm": stats.grad_norm if stats else nan,
+            "first_ratio": stats.first_ratio if stats else nan, "kl": stats.kl if stats else nan,
             "lr": self.optimizer.param_groups[0]["lr"], "peak_mem_mb": peak_mem_mb(self.device),
-            "edges": stats.edges, "optimizer_steps": stats.optimizer_steps, "micro_batches": stats.micro_batches,
+            "edges": stats.edges if stats else 0, "optimizer_steps": stats.optimizer_steps if stats else 0,
+            "micro_batches": stats.micro_batches if stats else 0,
             "zero_spread_frac": zero_spread_fraction(sc, rollout.leaf_prompts()),
-            **dict(plan.info), **dict(adv.metrics), **dict(stats.metrics),
+            **dict(plan.info), **(dict(adv.metrics) if adv else {}), **(dict(stats.metrics) if stats else {}),
         }
+        if nonfinite is None and not _check_finite(rec):
+            nonfinite = "loss"
+        if nonfinite is not None:
+            rec["nonfinite"] = nonfinite
+        self.in_update = False
         return rec
 
     # ---- evaluation ----
@@ -305,7 +534,7 @@ class Run:
                                "nfe_total": self.totals.nfe, "seconds_total": self.totals.seconds}
         with torch.no_grad():
             for name, reward in self.eval_rewards.items():
-                out = _score(reward, roll.images, self.eval_batch, roll.leaf_prompts())
+                out = self._score(reward, roll.images, self.eval_batch, roll.leaf_prompts(), iteration, "eval")
                 rec[f"eval/{name}"] = float(out.scores.mean())
                 rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
                 for k, v in out.components.items():
@@ -327,71 +556,152 @@ class Run:
         return rec
 
 
+def _build_reward_checked(spec: str, device: torch.device, options: Mapping[str, Any],
+                          normalize: str = "none") -> Any:
+    """``build_reward`` with a reward's own ValueError (bad option, missing weights) as a usage error."""
+    try:
+        return build_reward(spec, device, options, normalize)
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(f"reward {spec!r}: {e}") from None
+
+
 def _check_finite(rec: Mapping[str, Any]) -> bool:
     return all(math.isfinite(rec[k]) for k in ("reward_mean", "loss", "grad_norm", "approx_kl"))
 
 
+@contextlib.contextmanager
+def _stop_signals(r: Run):
+    """SIGINT/SIGTERM ask for a clean stop: the run finishes the current phase (or the update, once
+    started), writes a checkpoint and stops with reason "interrupted". A second signal stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if r.stop_requested is not None:
+            raise KeyboardInterrupt
+        r.stop_requested = name
+        print(f"\n{name}: stopping cleanly after the current phase and writing a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _oom_failure(r: Run, e: BaseException) -> OutOfMemory:
+    t = r.cfg["train"]
+    return OutOfMemory(
+        f"out of memory on {r.device} at iteration {r.totals.iterations} ({str(e).splitlines()[0][:200]}).\n"
+        f"  Lower train.micro_batch (now {t['micro_batch']} rows per denoiser call, e.g. --set "
+        f"train.micro_batch={max(1, int(t['micro_batch']) // 2)}): it changes memory, not results, and may be "
+        f"changed on --resume.\n  Or lower train.prompts_per_iteration (now {t['prompts_per_iteration']}; this "
+        f"changes the algorithm's batch) or use model.mixed_precision=bf16."
+        + (f"\n  The run can continue from its last checkpoint: bench run --resume {r.out} --set "
+           f"train.micro_batch=N" if r.last_checkpoint is not None else ""))
+
+
 def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = None,
-        on_eval: Callable[[dict], None] | None = None, progress: bool | None = None) -> RunSummary:
+        on_eval: Callable[[dict], None] | None = None, progress: bool | None = None,
+        resume: bool = False) -> RunSummary:
     """Train under the budget and write the run directory. ``cfg`` is a resolved config
-    (``bench.config.resolve``); callbacks may raise ``StopRun`` to stop early."""
+    (``bench.config.resolve``; for ``resume=True`` normally ``bench.checkpoint.resume_config``);
+    callbacks may raise ``StopRun`` to stop early. With ``resume`` the run continues in ``cfg['out']``
+    from its newest valid checkpoint."""
     cfg = dict(cfg)
-    r = Run(cfg)
+    r = Run(cfg, resume=resume)
+    r._wall0 = time.perf_counter()
+    records = r.start()
     show = cfg["run"]["progress"] if progress is None else progress
-    r.log.write_manifest(r.manifest())
     _announce(r)
     every = int(cfg["eval"]["every"])
-    stop_reason, error = None, None
-    records: list[dict[str, Any]] = []
+    ckpt_every = int(cfg["run"]["checkpoint_every"])
+    skip_nonfinite = cfg["run"]["on_nonfinite"] == "skip"
+    stop_reason, error, failure = None, None, None
     bar = _progress_bar(r) if show else None
-    wall0 = time.perf_counter()
-    last_eval_it = -1
-    try:
-        if cfg["eval"]["at_start"]:
-            rec = r.evaluate(0)
-            last_eval_it = 0
-            if on_eval:
-                on_eval(rec)
-        i = 0
-        while True:
-            stop_reason = r.budget.exhausted(r.totals)
-            if stop_reason:
-                break
-            rec = r.iteration(i)
-            r.log.iteration(rec)
-            records.append(rec)
-            if i == 0 and abs(rec["first_ratio"] - 1.0) > 1e-3:
-                print(f"warning: first importance ratio {rec['first_ratio']:.6f} != 1: rollout and update "
-                      f"log-probs disagree (mixed precision or nondeterministic kernels?)", file=sys.stderr)
-            if bar is not None:
-                _advance(bar, r, rec)
-            i += 1
-            if not _check_finite(rec):
-                stop_reason = "nonfinite"
-                break
-            if on_iteration:
-                on_iteration(rec)
-            if every and i % every == 0:
-                ev = r.evaluate(i)
-                last_eval_it = i
+    last_eval_it = r.evals[-1]["iteration"] if r.evals else -1
+    with _stop_signals(r):
+        try:
+            if cfg["eval"]["at_start"] and r.totals.iterations == 0 and not r.evals:
+                rec = r.evaluate(0)
+                last_eval_it = 0
                 if on_eval:
-                    on_eval(ev)
-    except StopRun as e:
-        stop_reason = e.reason
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-    except Exception as e:  # recorded in final.json, then re-raised
-        stop_reason, error = "error", f"{type(e).__name__}: {e}"
-        raise
-    finally:
+                    on_eval(rec)
+            i = r.totals.iterations
+            while True:
+                stop_reason = r.budget.exhausted(r.totals)
+                if stop_reason:
+                    break
+                r._check_stop()
+                rec = r.iteration(i)
+                r.log.iteration(rec)
+                records.append(rec)
+                if i == 0 and abs(rec["first_ratio"] - 1.0) > 1e-3:
+                    print(f"warning: first importance ratio {rec['first_ratio']:.6f} != 1: rollout and update "
+                          f"log-probs disagree (mixed precision or nondeterministic kernels?)", file=sys.stderr)
+                if bar is not None:
+                    _advance(bar, r, rec)
+                i += 1
+                if "nonfinite" in rec:
+                    what = {"reward": "rewards", "logp": "rollout log-probs", "grad": "gradients",
+                            "loss": "loss statistics"}[rec["nonfinite"]]
+                    if not skip_nonfinite:
+                        print(f"error: NaN/inf in the {what} of iteration {i - 1}; stopping (stop_reason "
+                              f"nonfinite). The weights were not updated with it; the last checkpoint "
+                              f"({r.last_checkpoint if r.last_checkpoint is not None else 'none'}) is valid. Set "
+                              f"run.on_nonfinite=skip to skip such batches.", file=sys.stderr, flush=True)
+                        stop_reason = "nonfinite"
+                        break
+                    print(f"warning: NaN/inf in the {what} of iteration {i - 1}; batch skipped "
+                          f"(run.on_nonfinite=skip)", file=sys.stderr, flush=True)
+                if on_iteration:
+                    on_iteration(rec)
+                if every and i % every == 0:
+                    ev = r.evaluate(i)
+                    last_eval_it = i
+                    if on_eval:
+                        on_eval(ev)
+                if ckpt_every and i % ckpt_every == 0:
+                    r.checkpoint()
+        except StopRun as e:
+            stop_reason = e.reason
+        except (_Interrupted, KeyboardInterrupt):
+            stop_reason = "interrupted"
+        except Exception as e:  # noqa: BLE001 - recorded in final.json, then re-raised
+            failure = e
+            if _is_oom(e):
+                failure = _oom_failure(r, e)
+                failure.__cause__ = e
+            stop_reason, error = "error", f"{type(failure).__name__}: {failure}"
         if bar is not None:
             bar.close()
+        # a checkpoint at the stop, unless the state is mid-update or must not move past a NaN batch
+        want = stop_reason == "interrupted" or (ckpt_every > 0 and stop_reason not in ("nonfinite",))
+        if want and not r.in_update and r.last_checkpoint != r.totals.iterations:
+            try:
+                r.checkpoint()
+            except Exception as e:  # noqa: BLE001 - the run's outcome matters more than this checkpoint
+                ckpt_mod.warn(f"could not write the final checkpoint: {type(e).__name__}: {e}")
+        if stop_reason == "interrupted":
+            if r.in_update:
+                ckpt_mod.warn(f"interrupted during an update: no checkpoint of the partial iteration; resume "
+                              f"continues from iteration {r.last_checkpoint}")
+            print(f"interrupted: resume with  bench run --resume {r.out}", file=sys.stderr, flush=True)
         final_eval = None
-        if error is None and stop_reason != "nonfinite":
+        if error is None and stop_reason not in ("nonfinite", "interrupted"):
             with contextlib.suppress(Exception):
                 final_eval = r.evals[-1] if last_eval_it == r.totals.iterations else r.evaluate(r.totals.iterations)
-        summary = _final(r, stop_reason or "error", error, final_eval, time.perf_counter() - wall0)
+        wall = r.wall_before + time.perf_counter() - r._wall0
+        summary = _final(r, stop_reason or "error", error, final_eval, wall)
         r.log.final(summary)
+    if failure is not None:
+        raise failure
     print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
           f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training -> {r.out}")
     return RunSummary(out_dir=r.out, stop_reason=stop_reason or "error", iterations=r.totals.iterations,
@@ -407,7 +717,10 @@ def _final(r: Run, stop_reason: str, error: str | None, final_eval: dict | None,
         best = {"key": key, "value": top.get(key), "iteration": top["iteration"]}
     out = {"stop_reason": stop_reason, "iterations": r.totals.iterations, "samples_total": r.totals.samples,
            "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds, "wall_seconds": wall,
-           "final_eval": final_eval, "best_eval": best, "finished": now_iso()}
+           "final_eval": final_eval, "best_eval": best, "finished": now_iso(),
+           "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
+                          if r.last_checkpoint is not None else None),
+           "checkpoint_seconds": r.checkpoint_seconds}
     if error:
         out["error"] = error
     return out

@@ -1,0 +1,460 @@
+"""Checkpoints and exact resume.
+
+A checkpoint is a directory ``RUN/checkpoints/step_<n:06d>/`` holding the state after ``n`` completed
+training iterations::
+
+    policy.safetensors      trainable denoiser weights (LoRA adapters only, when LoRA is on)
+    optimizer.safetensors   every tensor of the optimizer state (Adam moments, step counters)
+    rng.safetensors         torch CPU generator state and one state per CUDA device
+    state.json              iteration, budget totals, evaluations so far, algorithm ``state_dict``,
+                            the non-tensor optimizer state, Python / NumPy RNG states, engine counters
+    meta.json               format version, iteration, size and sha256 of every file above
+
+Nothing is pickled: tensors go to safetensors, everything else to JSON; loading never unpickles.
+Writes are atomic: everything goes to a temporary directory, each file is fsynced, ``meta.json`` is
+written last, then the directory is renamed into place and its parent fsynced. A checkpoint whose
+``meta.json`` is missing or whose files do not match their recorded sha256 is corrupt; resume then
+falls back to the previous one with a warning. The last ``run.keep_checkpoints`` are kept.
+
+Resume (``bench run --resume RUN``) continues a run from its newest valid checkpoint with the run's own
+configuration. Only settings that cannot change the records may differ (``RESUME_MUTABLE``), and the
+budget may only be extended. ``iterations.jsonl`` keeps the records of the checkpointed iterations (a
+partial last line from a killed process is dropped, later records are recomputed) and ``evals.jsonl``
+is rewritten from the checkpoint's evaluations, so no iteration is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bench.registry import UsageError
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_PREFIX = "step_"
+_TMP_PREFIX = ".tmp_"
+
+#: Settings that may differ on resume because they cannot change a record: where the run lives,
+#: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
+#: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
+RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.checkpoint_every",
+                  "run.keep_checkpoints", "train.micro_batch")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory is incomplete or corrupt."""
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- tensors <-> JSON (no pickle) -------------------------------------------------------------------
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    """JSON-able form of ``obj``; tensors are moved to ``tensors`` and referenced by name."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {key!r}")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if set(obj) == {"__items__"}:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+# ---- RNG ------------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Global generator states: tensors (torch CPU / CUDA) and JSON (Python, NumPy)."""
+    import numpy as np
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    py = random.getstate()
+    npst = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npst[0], [int(x) for x in npst[1]], int(npst[2]), int(npst[3]), float(npst[4])]}
+    return tensors, js
+
+
+def set_rng_state(tensors: Mapping[str, torch.Tensor], js: Mapping[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        torch.cuda.set_rng_state_all(cuda[:n])
+    if "python" in js:
+        v, state, gauss = js["python"]
+        random.setstate((v, tuple(state), gauss))
+    if "numpy" in js:
+        name, keys, pos, has_gauss, cached = js["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---- files ----------------------------------------------------------------------------------------
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path))
+    _fsync_path(path)
+
+
+def step_dir(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"{_PREFIX}{iteration:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories of a run, newest (highest iteration) first; temporary ones excluded."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit():
+            found.append((int(p.name[len(_PREFIX):]), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save(run_dir: str | os.PathLike, iteration: int, *, policy: Mapping[str, torch.Tensor],
+         optimizer: Mapping[str, Any], state: Mapping[str, Any], keep: int) -> Path:
+    """Write the checkpoint after ``iteration`` completed iterations atomically; keep the newest ``keep``.
+
+    policy:    trainable weights by parameter name
+    optimizer: ``torch.optim.Optimizer.state_dict()``
+    state:     JSON-serialisable run state (iteration, totals, evals, algorithm state, ...)
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(Path(run_dir), iteration)
+    tmp = root / f"{_TMP_PREFIX}{final.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    opt_tensors: dict[str, torch.Tensor] = {}
+    opt_json = _encode(dict(optimizer), opt_tensors, "optimizer")
+    rng_tensors, rng_json = rng_state()
+    _write_tensors(tmp / "policy.safetensors", {k: v.detach().cpu().contiguous() for k, v in policy.items()})
+    _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
+    _write_tensors(tmp / "rng.safetensors", rng_tensors)
+    _write_json(tmp / "state.json", {**state, "iteration": iteration, "optimizer": opt_json, "rng": rng_json})
+    files = {}
+    for name in ("policy.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    _write_json(tmp / "meta.json", {"format": FORMAT_VERSION, "iteration": iteration,
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "files": files})
+    _fsync_path(tmp)
+    if final.exists():  # the same iteration saved again (e.g. a resumed run that was already finished)
+        old = root / f"{_TMP_PREFIX}old_{final.name}_{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(root)
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints and any leftover temporary directories."""
+    for p in list_checkpoints(run_dir)[max(1, int(keep)):]:
+        shutil.rmtree(p, ignore_errors=True)
+    root = Path(run_dir) / CHECKPOINT_DIR
+    for p in root.glob(f"{_TMP_PREFIX}*"):
+        try:
+            pid = int(p.name.rsplit("_", 1)[1])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid != os.getpid():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    iteration: int
+    state: dict[str, Any]            # state.json without the optimizer / rng entries
+    policy: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]        # an Optimizer.state_dict() again
+    rng_tensors: dict[str, torch.Tensor]
+    rng_json: dict[str, Any]
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify one checkpoint directory; ``CheckpointError`` says what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: meta.json missing or unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{path}: meta.json has an unknown format")
+    for name in ("policy.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        rec = meta["files"].get(name)
+        f = path / name
+        if rec is None or not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if f.stat().st_size != rec.get("bytes") or _sha256(f) != rec.get("sha256"):
+            raise CheckpointError(f"{path}: {name} does not match its recorded size/sha256 (corrupt)")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        policy = load_file(str(path / "policy.safetensors"))
+        opt_t = load_file(str(path / "optimizer.safetensors"))
+        rng_t = load_file(str(path / "rng.safetensors"))
+        optimizer = _decode(state.pop("optimizer"), opt_t)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    rng_json = state.pop("rng", {})
+    if state.get("iteration") != meta.get("iteration"):
+        raise CheckpointError(f"{path}: state.json and meta.json disagree on the iteration")
+    return Checkpoint(path=path, iteration=int(state["iteration"]), state=state, policy=policy,
+                      optimizer=optimizer, rng_tensors=rng_t, rng_json=rng_json)
+
+
+def load_latest(run_dir: str | os.PathLike) -> Checkpoint | None:
+    """The newest valid checkpoint (warning about each corrupt newer one); None when the run has none.
+    Raises ``UsageError`` when checkpoints exist but none is valid."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for p in found:
+        try:
+            ck = load(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            warn(f"skipping checkpoint {p.name}: {e}; falling back to the previous checkpoint")
+            continue
+        return ck
+    if found:
+        raise UsageError(f"no valid checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: " + "; ".join(problems)
+                         + ". Start the run again with --overwrite.")
+    return None
+
+
+# ---- run-log repair -------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSON Lines file and the number of unreadable lines dropped (a partial last line
+    from a killed process)."""
+    if not path.is_file():
+        return [], 0
+    out, bad = [], 0
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            if n != len(lines) - 1:
+                warn(f"{path}: line {n + 1} is not valid JSON; dropped")
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    return out, bad
+
+
+def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+    from bench.runlog import _clean
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(_clean(r)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cut the run's logs back to the checkpoint after ``iteration`` completed iterations; returns the
+    iteration records kept (exactly iterations 0 .. iteration-1)."""
+    it_path = run_dir / "iterations.jsonl"
+    recs, bad = read_jsonl(it_path)
+    if bad:
+        warn(f"{it_path}: dropped {bad} incomplete line(s) left by the interrupted process")
+    kept = [r for r in recs if isinstance(r.get("iteration"), int) and r["iteration"] < iteration]
+    if [r["iteration"] for r in kept] != list(range(iteration)):
+        raise UsageError(f"{it_path} does not hold iterations 0..{iteration - 1} that checkpoint step_{iteration:06d} "
+                         f"expects; the run directory was modified. Start again with --overwrite.")
+    dropped = len(recs) - len(kept)
+    if dropped:
+        print(f"resume: discarding {dropped} iteration record(s) after iteration {iteration - 1}; they are "
+              f"recomputed from the checkpoint", file=sys.stderr)
+    rewrite_jsonl(it_path, kept)
+    rewrite_jsonl(run_dir / "evals.jsonl", evals)
+    with_final = run_dir / "final.json"
+    if with_final.exists():
+        with_final.unlink()
+    return kept
+
+
+# ---- configuration on resume ----------------------------------------------------------------------
+_MISSING = object()
+
+
+def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any], explicit: set[str] | None = None,
+                ignore: tuple[str, ...] = RESUME_MUTABLE + ("budget",)) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every setting that differs. Keys absent from the saved config
+    (added by a newer treebench) only count when given explicitly."""
+    from bench.config import flatten
+
+    a, b = flatten(saved), flatten(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+        if va is _MISSING and not (explicit and k in explicit):
+            continue
+        if va != vb:
+            out.append((k, None if va is _MISSING else va, None if vb is _MISSING else vb))
+    return out
+
+
+def check_budget_extension(old_spec: str, new_spec: str) -> None:
+    """A resumed run may raise or drop budget limits but not lower or add one (a shorter budget would
+    make the run incomparable with the one it was started as; to stop early, interrupt it)."""
+    from bench.budget import Budget
+
+    old, new = Budget.parse(str(old_spec)), Budget.parse(str(new_spec))
+    bad = []
+    for cur in ("seconds", "samples", "nfe", "iterations"):
+        o, n = getattr(old, cur), getattr(new, cur)
+        if n is not None and (o is None or n < o):
+            bad.append(f"{cur}: {'unlimited' if o is None else o} -> {n}")
+    if bad:
+        raise UsageError(f"on resume the budget may only be extended (raise a limit or drop it), not lowered "
+                         f"or given a new limit: {old.spec!r} -> {new.spec!r} ({'; '.join(bad)})")
+
+
+def format_diff(diff: list[tuple[str, Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {a!r} (run) -> {b!r} (now)" for k, a, b in diff)
+
+
+def check_resume_config(run_dir: Path, saved: Mapping[str, Any], new: Mapping[str, Any],
+                        explicit: set[str] | None = None) -> None:
+    diff = config_diff(saved, new, explicit)
+    if diff:
+        raise UsageError(f"cannot resume {run_dir}: the configuration differs from the one the run was started "
+                         f"with:\n{format_diff(diff)}\nOn resume only the budget may be extended and "
+                         f"{', '.join(k for k in RESUME_MUTABLE if k not in ('out', 'run.overwrite'))} may "
+                         f"change; start a new run (another --out) to change anything else.")
+    check_budget_extension(saved["budget"], new["budget"])
+
+
+def saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such run directory")
+    man = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(man.read_text())
+    except OSError:
+        raise UsageError(f"--resume {run_dir}: not a run directory (no manifest.json); nothing to resume") from None
+    except ValueError as e:
+        raise UsageError(f"--resume {run_dir}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise UsageError(f"--resume {run_dir}: manifest.json has no config")
+    return manifest["config"]
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
+                  config_file: str | os.PathLike | None = None, preset: str | None = None,
+                  flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config to resume ``run_dir`` with: the run's saved config with the user's options applied on
+    top (same precedence as ``bench.config.resolve``), refused with a diff when they change anything
+    but ``RESUME_MUTABLE`` settings or extend the budget."""
+    from bench import config
+    from bench.registry import algorithm_class, did_you_mean
+
+    run_dir = Path(run_dir)
+    saved = saved_config(run_dir)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if flags.get("out") is not None and Path(flags["out"]).resolve() != run_dir.resolve():
+        raise UsageError(f"--out {flags['out']} and --resume {run_dir} name different run directories; "
+                         f"give only --resume")
+    if flags.get("run.overwrite"):
+        raise UsageError("--overwrite and --resume contradict each other: --overwrite deletes the run that "
+                         "--resume continues")
+    layer: dict[str, Any] = dict(config.flatten(saved))
+    explicit: set[str] = set()
+    if preset:
+        algo = flags.get("algo.name", saved.get("algo", {}).get("name"))
+        presets = getattr(algorithm_class(algo), "PRESETS", {}) or {}
+        if preset not in presets:
+            raise UsageError(did_you_mean(preset, list(presets) or ["(none)"], f"preset for algorithm {algo!r}"))
+        layer.update(presets[preset])
+        explicit |= set(presets[preset])
+    if config_file:
+        file_layer = config.load_config_file(config_file)
+        layer.update(file_layer)
+        explicit |= set(file_layer)
+    layer.update(overrides or {})
+    explicit |= set(overrides or {})
+    explicit |= set(flags)
+    flags = {**flags, "out": str(run_dir), "run.overwrite": False}
+    new = config.resolve(layer, flags=flags)
+    check_resume_config(run_dir, saved, new, explicit)
+    return new
