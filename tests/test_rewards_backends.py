@@ -308,3 +308,46 @@ def test_gpu_throughput(name):
 def test_every_model_reward_is_registered():
     for name in MODEL_REWARDS:
         assert name in REWARDS
+
+
+# --- full-size architecture (opt-in: pytest -m slow) ----------------------------------------------
+
+#: BLIP's ``med_config.json`` as shipped with ImageReward (BERT-base with cross-attention).
+BLIP_MED_CONFIG = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+                   "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
+                   "intermediate_size": 3072, "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+                   "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
+                   "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+
+
+@pytest.mark.slow
+def test_image_reward_full_size_architecture_matches_package(tmp_path, monkeypatch):
+    """The package's real ImageReward (ViT-L/16 at 224, BERT-base, MLP(768)) with random weights: our
+    loader infers the same architecture from the checkpoint (strict key/shape match) and scores equal."""
+    d = tmp_path / "image_reward"
+    T.write_bert_tokenizer(d / "bert-base-uncased")
+    (d / "med_config.json").write_text(json.dumps(BLIP_MED_CONFIG))
+    from rewards._compat import import_image_reward
+
+    ir = import_image_reward()
+    saved = ir.blip_pretrain.init_tokenizer
+    from transformers import BertTokenizer
+
+    ir.blip_pretrain.init_tokenizer = lambda: BertTokenizer.from_pretrained(str(d / "bert-base-uncased"))
+    try:
+        torch.manual_seed(0)
+        pkg = ir.image_reward.ImageReward(med_config=str(d / "med_config.json"), device="cpu").eval()
+    finally:
+        ir.blip_pretrain.init_tokenizer = saved
+    torch.save(pkg.state_dict(), d / "ImageReward.pt")
+    monkeypatch.setenv("TREEBENCH_WEIGHTS", str(tmp_path))
+    ours = reward_class("image_reward")(device="cpu")
+    ours.ensure_loaded()
+    ref_sd, our_sd = pkg.state_dict(), ours.net.state_dict()
+    assert set(our_sd) <= set(ref_sd)
+    assert all(our_sd[k].shape == ref_sd[k].shape for k in our_sd)
+    assert ours.net.blip.visual_encoder.blocks[0].attn.num_heads == 16 and ours.image_size == 224
+    x = _quantised(2, 224, 224)
+    with torch.no_grad():
+        ref = torch.tensor([pkg.score(p, _pil(img)) for p, img in zip(PROMPTS[:2], x)])
+    assert torch.allclose(ours(x, PROMPTS[:2], None).scores, ref, atol=1e-3)
