@@ -162,7 +162,8 @@ class TreeGRPO:
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
         T, W = sampler.steps, self.window
         if W > T:
-            raise ValueError(f"algo.window={W} > sampler.steps={T}: the SDE window must fit in the schedule")
+            what = f"algo.window={W}" if config.window is not None else f"algo.d={W} (algo.window = algo.d)"
+            raise ValueError(f"{what} > sampler.steps={T}: the SDE window must fit in the schedule")
         if config.d > W:
             raise ValueError(f"algo.d={config.d} > algo.window={W}")
 
