@@ -11,7 +11,8 @@ resized tensor is clamped to [0, 1] as 8-bit saturation would.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +91,8 @@ def resize_shortest_center_crop(x: Tensor, size: int | Sequence[int], clamp: boo
     x = resize_bicubic(x, (nh, nw))
     if clamp:
         x = x.clamp(0.0, 1.0)
-    top = int(round((nh - th) / 2.0))
-    left = int(round((nw - tw) / 2.0))
+    top = round((nh - th) / 2.0)
+    left = round((nw - tw) / 2.0)
     return x[..., top:top + th, left:left + tw]
 
 
@@ -231,7 +232,7 @@ def hf_clip_preprocess(images: Tensor, cfg: dict) -> Tensor:
     h, w = images.shape[-2:]
     nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
     x = resize_bicubic(images, (nh, nw)).clamp(0.0, 1.0)
-    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+    top, left = round((nh - ch) / 2.0), round((nw - cw) / 2.0)
     if top < 0 or left < 0:
         x = F.pad(x, (max(0, -left), max(0, -left), max(0, -top), max(0, -top)))
         top, left = max(0, top), max(0, left)

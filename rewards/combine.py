@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ class WeightedSum:
             raise ValueError(f"WeightedSum parts must have distinct names, got {names}")
         for n, w, r in parts:
             if not callable(r):
-                raise ValueError(f"part {n!r} is not a reward (not callable)")
+                raise TypeError(f"part {n!r} is not a reward (not callable)")
             if not math.isfinite(float(w)):
                 raise ValueError(f"weight of {n!r} must be finite, got {w!r}")
         self.parts = [(str(n), float(w), r) for n, w, r in parts]
@@ -83,7 +84,7 @@ class WeightedSum:
         self.name = format_reward_spec([(n, w) for n, w, _ in self.parts])
 
     @classmethod
-    def from_spec(cls, spec: str, make: Callable[[str], Any], normalize: str = "none") -> "WeightedSum":
+    def from_spec(cls, spec: str, make: Callable[[str], Any], normalize: str = "none") -> WeightedSum:
         """Build from ``"a=1.0,b=0.5"`` with ``make(name) -> reward``."""
         return cls([(n, w, make(n)) for n, w in parse_reward_spec(spec)], normalize=normalize)
 

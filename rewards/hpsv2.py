@@ -29,8 +29,8 @@ Weights (never downloaded here):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -46,12 +46,12 @@ def load_hps_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """The ``state_dict`` of an HPS checkpoint (a ``torch.save``'d dict with key ``state_dict``)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - e.g. pickled objects other than tensors
+    except Exception as e:
         raise ValueError(f"cannot read HPS checkpoint {path} with torch.load(weights_only=True): {e}") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry, got {type(ckpt).__name__}")
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+        raise ValueError(f"{path}: expected a dict with a 'state_dict' entry, got {type(ckpt).__name__}")  # noqa: TRY004
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 class HPSv2(LazyReward):
@@ -92,7 +92,7 @@ class HPSv2(LazyReward):
 
         model = create_model(self.arch, pretrained=None, precision="fp32", device="cpu", jit=False,
                              output_dict=True)
-        missing, unexpected = model.load_state_dict(load_hps_checkpoint(self._files[0]), strict=False)
+        missing, _unexpected = model.load_state_dict(load_hps_checkpoint(self._files[0]), strict=False)
         if missing:
             raise ValueError(f"{self._files[0]}: not an HPS checkpoint for {self.arch}: missing "
                              f"{len(missing)} keys, e.g. {missing[:3]}")

@@ -31,8 +31,8 @@ or the package's ``~/.cache/ImageReward``, or the HF cache):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ def _vit_shape(sd: dict[str, Tensor], prefix: str = "blip.visual_encoder.") -> d
     except KeyError as e:
         raise ValueError(f"not an ImageReward checkpoint: no {e.args[0]!r}") from None
     dim, patch = int(proj.shape[0]), int(proj.shape[-1])
-    grid = int(round((pos.shape[1] - 1) ** 0.5))
+    grid = round((pos.shape[1] - 1) ** 0.5)
     depth = 1 + max(int(k[len(prefix):].split(".")[1]) for k in sd if k.startswith(prefix + "blocks."))
     return {"img_size": grid * patch, "patch_size": patch, "embed_dim": dim, "depth": depth,
             "num_heads": max(1, dim // BLIP_HEAD_DIM)}

@@ -22,9 +22,7 @@ TINY_OPEN_CLIP_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-TINY_BERT_WORDS = ("a an the of on in with and red green blue yellow black white small large big cat dog "
-                   "circle square triangle diamond photo painting left right top bottom center house tree "
-                   "car sky sun moon city river mountain flower bird horse man woman child").split()
+TINY_BERT_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "red", "green", "blue", "yellow", "black", "white", "small", "large", "big", "cat", "dog", "circle", "square", "triangle", "diamond", "photo", "painting", "left", "right", "top", "bottom", "center", "house", "tree", "car", "sky", "sun", "moon", "city", "river", "mountain", "flower", "bird", "horse", "man", "woman", "child"]
 
 
 def _register_open_clip_config(module, name: str, root: Path) -> None:
@@ -74,7 +72,8 @@ def _clip_bpe() -> tuple[dict, list[str]]:
     """CLIP's byte-level BPE vocab (49408 tokens) and merges, rebuilt from open_clip's bundled file."""
     import open_clip.tokenizer as tk
 
-    merges = gzip.open(tk.default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    with gzip.open(tk.default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = list(tk.bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars]
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]

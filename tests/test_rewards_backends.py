@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import _rewards_tiny as T
 import numpy as np
 import pytest
 import torch
 
-import _rewards_tiny as T
 from bench.registry import REWARDS, reward_class
 
 MODEL_REWARDS = ("hpsv2", "image_reward", "clip_score", "pickscore", "aesthetic")
@@ -254,7 +254,7 @@ def test_import_loads_nothing_heavy():
             "rewards.aesthetic, rewards.combine, rewards.cli\n"
             "heavy = [m for m in ('open_clip', 'hpsv2', 'ImageReward', 'torchvision', 'timm', 'transformers') "
             "if m in sys.modules]\nprint(heavy)\nassert not heavy, heavy")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -351,3 +351,24 @@ def test_image_reward_full_size_architecture_matches_package(tmp_path, monkeypat
     with torch.no_grad():
         ref = torch.tensor([pkg.score(p, _pil(img)) for p, img in zip(PROMPTS[:2], x)])
     assert torch.allclose(ours(x, PROMPTS[:2], None).scores, ref, atol=1e-3)
+
+
+# --- bench rewards check ----------------------------------------------------------------------------
+
+def test_rewards_check_cli(env, capsys, tmp_path, monkeypatch):
+    from bench.registry import UsageError
+    from rewards.cli import main
+
+    _, opts = env
+    assert main(["check", "--json", "aesthetic", "pickscore", "image_reward"]) == 0
+    res = {r["reward"]: r for r in json.loads(capsys.readouterr().out)}
+    assert all(r["ok"] and r["status"] == "ok" and r["files"] for r in res.values())
+    assert main(["check", "brightness"]) == 0 and "built-in" in capsys.readouterr().out
+
+    monkeypatch.setenv("TREEBENCH_WEIGHTS", str(tmp_path / "none"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert main(["check", "aesthetic"]) == 1
+    out = capsys.readouterr().out
+    assert "missing-weights" in out and "sac+logos+ava1-l14-linearMSE.pth" in out
+    with pytest.raises(UsageError, match="did you mean|Did you mean"):
+        main(["check", "hpsv"])
