@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 #: Environment variable naming the root of the local weights tree.
 WEIGHTS_ENV = "TREEBENCH_WEIGHTS"

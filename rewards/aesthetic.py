@@ -24,8 +24,8 @@ Weights (never downloaded here): ``$TREEBENCH_WEIGHTS/aesthetic/sac+logos+ava1-l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -15,8 +15,9 @@ import argparse
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 #: Python modules each model-based reward needs (rewards not listed need only the core install).
 REQUIRED_MODULES: dict[str, tuple[str, ...]] = {

@@ -22,14 +22,22 @@ repository (e.g. ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from rewards._common import (CLIP_MEAN, CLIP_STD, LazyReward, autocast, normalize, resize_bicubic,
-                             resize_longest_pad, resize_shortest_center_crop)
+from rewards._common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LazyReward,
+    autocast,
+    normalize,
+    resize_bicubic,
+    resize_longest_pad,
+    resize_shortest_center_crop,
+)
 from rewards._paths import Finder
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

@@ -21,7 +21,8 @@ Precision: fp16 autocast on CUDA, like ``hpsv2.score``'s ``torch.cuda.amp.autoca
 Weights (never downloaded here):
     ``$TREEBENCH_WEIGHTS/hpsv2/HPS_v2_compressed.pt``     (version "v2.0")
     ``$TREEBENCH_WEIGHTS/hpsv2/HPS_v2.1_compressed.pt``   (version "v2.1", the default)
-  or the option ``path=...`` (file, or directory holding it), ``$HPS_ROOT`` / ``~/.cache/hpsv2``
+  (or ``.safetensors`` conversions of them, same stem), or the option ``path=...`` (file, or directory
+  holding it), ``$HPS_ROOT`` / ``~/.cache/hpsv2``
   (the hpsv2 package's own cache), or the HF cache of ``xswu/HPSv2``. Obtain with
   ``huggingface-cli download xswu/HPSv2 HPS_v2.1_compressed.pt`` on a machine with network.
 """
@@ -43,11 +44,20 @@ HPS_HUB_REPO = "xswu/HPSv2"
 
 
 def load_hps_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The ``state_dict`` of an HPS checkpoint (a ``torch.save``'d dict with key ``state_dict``)."""
+    """The ``state_dict`` of an HPS checkpoint (a ``torch.save``'d dict with key ``state_dict``, read
+    with ``weights_only=True``), or of a ``.safetensors`` conversion of it."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read HPS checkpoint {path} with torch.load(weights_only=True): {e}") from e
+    except Exception as e:  # e.g. pickled objects other than tensors
+        raise ValueError(
+            f"cannot read HPS checkpoint {path} with torch.load(weights_only=True): {e}\nIf you trust the file, "
+            f"convert it once to safetensors and pass path=<the .safetensors file>: python -c \"import torch; "
+            f"from safetensors.torch import save_file; sd = torch.load('{path}', weights_only=False)['state_dict']; "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path}.safetensors')\"") from e
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a dict with a 'state_dict' entry, got {type(ckpt).__name__}")  # noqa: TRY004
@@ -74,7 +84,8 @@ class HPSv2(LazyReward):
         fname = HPS_FILES[self.hps_version]
         finder = Finder(self.name)
         pkg_root = Path(os.environ.get("HPS_ROOT") or "~/.cache/hpsv2").expanduser()
-        hit = finder.file(self.path, [fname], hub=[(HPS_HUB_REPO, fname)], extra_dirs=[pkg_root])
+        hit = finder.file(self.path, [fname, fname.replace(".pt", ".safetensors")], hub=[(HPS_HUB_REPO, fname)],
+                          extra_dirs=[pkg_root])
         if hit is None:
             raise finder.missing(
                 f"{fname} (HPS {self.hps_version} checkpoint, ~1.7 GB, a dict with 'state_dict' of an "

@@ -22,14 +22,20 @@ cache of both repositories.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from rewards._common import (LazyReward, autocast, hf_clip_image_cfg, hf_clip_image_embeds, hf_clip_preprocess,
-                             hf_clip_text_embeds)
+from rewards._common import (
+    LazyReward,
+    autocast,
+    hf_clip_image_cfg,
+    hf_clip_image_embeds,
+    hf_clip_preprocess,
+    hf_clip_text_embeds,
+)
 from rewards._paths import Finder
 
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"

@@ -372,3 +372,16 @@ def test_rewards_check_cli(env, capsys, tmp_path, monkeypatch):
     assert "missing-weights" in out and "sac+logos+ava1-l14-linearMSE.pth" in out
     with pytest.raises(UsageError, match="did you mean|Did you mean"):
         main(["check", "hpsv"])
+
+
+def test_hpsv2_accepts_a_safetensors_conversion(env, tmp_path):
+    from safetensors.torch import save_file
+
+    root, opts = env
+    sd = torch.load(root / "hpsv2" / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "HPS_v2.1_compressed.safetensors"))
+    x = _quantised(2, 32, 32)
+    a = reward_class("hpsv2")(**opts["hpsv2"])(x, PROMPTS[:2], None).scores
+    r = reward_class("hpsv2")(path=str(tmp_path), **opts["hpsv2"])
+    assert torch.equal(r(x, PROMPTS[:2], None).scores, a)
+    assert r._files[0].suffix == ".safetensors"

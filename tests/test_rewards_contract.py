@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import _rewards_tiny as T
 import pytest
 import torch
 
-import _rewards_tiny as T
 from bench.registry import REWARDS, WEIGHTED_REWARD, load_object, reward_class
 
 L = 5
