@@ -438,3 +438,26 @@ def test_required_presets_exist():
     assert "mixgrpo-paper" in algorithm_class("mixgrpo").PRESETS
     assert "dancegrpo-paper" in algorithm_class("dancegrpo").PRESETS
     assert "ddpo-paper" in algorithm_class("ddpo").PRESETS
+
+
+def test_mixgrpo_advantage_aggr_normalises_each_component(flow_policy):
+    algo = make("mixgrpo", {"multi_reward": "advantage_aggr"})
+    eng = RolloutEngine(flow_policy, max_micro_batch=64, seed=0)
+    roll = eng.run(algo.plan(0), BATCH, 0)
+    g = torch.tensor([1.0, 3.0, 2.0, 6.0, 0.0, 1.0])
+    h = torch.tensor([2.0, 1.0, 3.0, 0.3, 0.5, 0.5])
+    adv = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h}))
+    # prompt 0 = leaves 0..2: a -> [-1, 1, 0], b -> [0, -1, 1] (unbiased std 1 each) -> mean of the two
+    assert torch.allclose(adv.leaf[:3], torch.tensor([-0.5, 0.0, 0.5]), atol=1e-5)
+    with pytest.raises(ValueError, match="components"):
+        algo.advantages(BATCH, roll, RewardOutput(g))
+
+
+def test_ddpo_without_stat_tracking_normalises_the_batch(flow_policy):
+    algo = make("ddpo", {"per_prompt_stat_tracking": False})
+    eng = RolloutEngine(flow_policy, max_micro_batch=64, seed=0)
+    roll = eng.run(algo.plan(0), BATCH, 0)
+    r = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    adv = algo.advantages(BATCH, roll, RewardOutput(r))
+    assert torch.allclose(adv.leaf, torch.tensor([-0.9258201, 0.0, -0.4629100, 1.3887301]), atol=1e-5)
+    assert algo.state_dict()["tracker"]["buffers"] == {}
