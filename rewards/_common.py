@@ -185,7 +185,8 @@ class LazyReward:
         scores: list[Tensor] = []
         comps: dict[str, list[Tensor]] = {}
         for sl in chunks(L, self.batch_size):
-            x = images[sl].to(self.device, torch.float32)
+            # clamp like the 8-bit conversion the authors' PIL pipelines start from
+            x = images[sl].to(self.device, torch.float32).clamp(0.0, 1.0)
             s, c = self._score(x, list(prompts[sl]))
             scores.append(s.detach().float().cpu())
             for k, v in c.items():
