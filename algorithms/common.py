@@ -146,8 +146,8 @@ def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: st
     leaf_values = leaf_values.detach().double().cpu()
     logp = logp.detach().double().cpu()
     has_parent = parent >= 0
-    n_children = torch.zeros(N, dtype=torch.long).index_add_(0, parent[has_parent],
-                                                             torch.ones(int(has_parent.sum()), dtype=torch.long))
+    ones = torch.ones(int(has_parent.sum()), dtype=torch.long)
+    n_children = torch.zeros(N, dtype=torch.long).index_add_(0, parent[has_parent], ones)
     value = torch.full((N,), float("nan"), dtype=torch.float64)
     is_leaf = n_children == 0
     value[is_leaf] = leaf_values[is_leaf]
@@ -165,8 +165,8 @@ def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: st
             lp[single] = 0.0  # a lone child gets weight 1 whatever its edge (ODE links have no log-prob)
             if bool(torch.isnan(lp).any()):
                 bad = int(ch[torch.isnan(lp)][0])
-                raise ValueError(f"softmax_logprob weighting needs the log-prob of every sibling edge; the edge "
-                                 f"into node {bad} (parent {int(parent[bad])}) has none")
+                raise ValueError(f"softmax_logprob weighting needs the log-prob of every sibling edge; the "
+                                 f"edge into node {bad} (parent {int(parent[bad])}) has none")
             m = torch.full((N,), -math.inf, dtype=torch.float64).scatter_reduce(0, par, lp, reduce="amax")
             e = torch.exp(lp - m[par])
             z = torch.zeros(N, dtype=torch.float64).index_add_(0, par, e)

@@ -125,7 +125,8 @@ class MixGRPOConfig:
         if not 0.0 < float(self.compress_ratio) <= 1.0:
             raise ValueError(f"algo.compress_ratio must be in (0, 1], got {self.compress_ratio!r}")
         if self.multi_reward not in MULTI_REWARD:
-            raise ValueError(f"algo.multi_reward must be one of {', '.join(MULTI_REWARD)}, got {self.multi_reward!r}")
+            raise ValueError(f"algo.multi_reward must be one of {', '.join(MULTI_REWARD)}, "
+                             f"got {self.multi_reward!r}")
         if not float(self.clip_range) > 0:
             raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
         if not float(self.adv_clip_max) > 0:
@@ -143,12 +144,13 @@ class MixGRPO:
         # finetune_flux_grpo_MixGRPO.sh (FLUX.1-dev): T = 25, Flow-GRPO SDE 0.7, shift 3, G = 12, w = 4,
         # stride 1 every 25 iterations, roll back
         "mixgrpo-paper": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4, "algo.window_stride": 1,
-                          "algo.shift_interval": 25, "algo.flash": False},
+                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
+                          "algo.window_stride": 1, "algo.shift_interval": 25, "algo.flash": False},
         # MixGRPO-Flash: DPM-Solver++(2M) on the post-window schedule compressed to 0.4, shift every 20
         "mixgrpo-flash": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4, "algo.window_stride": 1,
-                          "algo.shift_interval": 20, "algo.flash": True, "algo.compress_ratio": 0.4},
+                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
+                          "algo.window_stride": 1, "algo.shift_interval": 20, "algo.flash": True,
+                          "algo.compress_ratio": 0.4},
         # MixGRPO-Flash*: frozen window [0, 4), compression 0.2
         "mixgrpo-flash-frozen": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
                                  "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
@@ -194,7 +196,8 @@ class MixGRPO:
         base = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64)
         full = sde.time_shift(base, shift)
         num_post = max(int((T - last) * float(self.config.compress_ratio)), 2)
-        post = sde.time_shift(torch.linspace(float(base[last + 1]), 0.0, num_post, dtype=torch.float64), shift)
+        post = sde.time_shift(torch.linspace(float(base[last + 1]), 0.0, num_post, dtype=torch.float64),
+                              shift)
         return tuple(float(s) for s in torch.cat([full[:last + 1], post]))
 
     def plan(self, iteration: int) -> RolloutPlan:
@@ -212,7 +215,8 @@ class MixGRPO:
         return RolloutPlan(num_steps=n, modes=modes, branch=(1,) * n, trees_per_prompt=c.group_size,
                            shared_noise=c.shared_noise, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance, sigmas=sigmas,
-                           info={"mixgrpo/window_start": float(start), "mixgrpo/window_size": float(end - start),
+                           info={"mixgrpo/window_start": float(start),
+                                 "mixgrpo/window_size": float(end - start),
                                  "mixgrpo/sampling_steps": float(n)})
 
     # ---- advantages and update ----
@@ -252,5 +256,6 @@ class MixGRPO:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         # the schedule is a pure function of the iteration; the saved position is restored for reporting
         if "window_start" in state:
-            self._last_window = (int(state["window_start"]), int(state.get("window_end", state["window_start"])))
+            start = int(state["window_start"])
+            self._last_window = (start, int(state.get("window_end", start)))
             self._last_iteration = int(state.get("iteration", 0))

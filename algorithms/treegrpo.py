@@ -111,12 +111,14 @@ class TreeGRPOConfig:
             raise ValueError(f"algo.d (branching depth) must be an integer >= 1, got {self.d!r}")
         if self.window is not None:
             if not isinstance(self.window, int) or self.window < 1:
-                raise ValueError(f"algo.window must be an integer >= 1 (or null = algo.d), got {self.window!r}")
+                raise ValueError(f"algo.window must be an integer >= 1 (or null = algo.d), "
+                                 f"got {self.window!r}")
             if self.d > self.window:
                 raise ValueError(f"algo.d={self.d} > algo.window={self.window}: the branching steps must lie "
                                  f"inside the SDE window")
         if self.window_mode not in WINDOW_MODES:
-            raise ValueError(f"algo.window_mode must be one of {', '.join(WINDOW_MODES)}, got {self.window_mode!r}")
+            raise ValueError(f"algo.window_mode must be one of {', '.join(WINDOW_MODES)}, "
+                             f"got {self.window_mode!r}")
         if not isinstance(self.window_stride, int) or self.window_stride < 0:
             raise ValueError(f"algo.window_stride must be an integer >= 0, got {self.window_stride!r}")
         if not isinstance(self.shift_interval, int) or self.shift_interval < 1:
@@ -154,8 +156,9 @@ class TreeGRPO:
         # iterations, uniform weights, summed children loss, ~2 optimizer steps per iteration
         "treegrpo-code": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                           "sampler.sde": "flow_grpo", "algo.k": 2, "algo.d": 4, "algo.window": 4,
-                          "algo.window_mode": "progressive", "algo.window_stride": 1, "algo.shift_interval": 50,
-                          "algo.weighting": "uniform", "algo.loss_agg": "sum", "train.optimizer_steps": 2},
+                          "algo.window_mode": "progressive", "algo.window_stride": 1,
+                          "algo.shift_interval": 50, "algo.weighting": "uniform", "algo.loss_agg": "sum",
+                          "train.optimizer_steps": 2},
     }
 
     def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
@@ -181,7 +184,8 @@ class TreeGRPO:
         if c.window_mode == "progressive":
             return progressive_window_start(iteration, c.shift_interval, c.window_stride, self._max_start(),
                                             c.roll_back)
-        return int(torch.randint(0, self._max_start() + 1, (1,), generator=generator(self.seed, iteration, "plan")))
+        gen = generator(self.seed, iteration, "plan")
+        return int(torch.randint(0, self._max_start() + 1, (1,), generator=gen))
 
     def plan(self, iteration: int) -> RolloutPlan:
         c, T, W = self.config, self.sampler.steps, self.window
@@ -196,7 +200,8 @@ class TreeGRPO:
                                  "treegrpo/branch_start": float(b0), "treegrpo/leaves": float(c.k ** c.d)})
 
     def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
-        leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False, eps=self.config.std_eps)
+        leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False,
+                               eps=self.config.std_eps)
         values = torch.full((rollout.num_nodes,), float("nan"))
         values[rollout.leaves] = leaf
         edge = tree_backup(rollout.parent, values, rollout.logp_old, self.config.weighting)
@@ -209,7 +214,8 @@ class TreeGRPO:
         edges = torch.nonzero(rollout.trainable).flatten()
         # random edge order = random parent order (ppo_update keeps a parent's children together and
         # scores them from one evaluation)
-        edges = edges[torch.randperm(edges.numel(), generator=generator(self.seed, rollout.iteration, "update"))]
+        gen = generator(self.seed, rollout.iteration, "update")
+        edges = edges[torch.randperm(edges.numel(), generator=gen)]
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
                           clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
                           beta=self.config.beta,
