@@ -250,6 +250,7 @@ def _optimize(study: Any, storage: Any, spec: Any, target: int, grid: dict | Non
         print(f"bench sweep: the study already has {st.counted_trials(study)} trials (target {target}); "
               f"nothing to run", flush=True)
         return
+    spec.target = target
     study.optimize(Objective(spec), n_trials=None if grid and a.trials is None else target,
                    catch=(TrialFailed,), callbacks=[after_trial], gc_after_trial=True)
 

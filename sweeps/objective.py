@@ -30,7 +30,7 @@ from bench import runner
 from bench.registry import UsageError, algorithm_class
 from bench.types import SamplerSpec, TrainSpec
 from sweeps.spaces import InvalidCombination, Space, sample
-from sweeps.study import Heartbeat
+from sweeps.study import Heartbeat, counts
 
 COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
 
@@ -56,6 +56,7 @@ class SweepSpec:
     preset: str | None = None
     cost: str | None = None                # None | "seconds" | "nfe" | "samples" (multi-objective)
     heartbeat_s: float = 30.0
+    target: int | None = None              # --trials: trials of the study in total, over all workers
     base_cfg: dict[str, Any] = field(default_factory=dict)  # the resolved base config (bounds, checks)
 
     def resolve(self, overrides: Mapping[str, Any], out: Path | None) -> dict[str, Any]:
@@ -130,6 +131,13 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> Any:
         spec = self.spec
+        if spec.target is not None:
+            # parallel workers may both start a trial as the study reaches its target: the later one is
+            # surplus and ends at once (it still shows in the table, with this reason)
+            ahead = sum(counts(t) for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number)
+            if ahead >= spec.target:
+                trial.study.stop()
+                self._prune(trial, f"surplus: the study already had its {spec.target} trials")
         try:
             overrides = sample(trial, spec.space, spec.base_cfg)
             cfg = spec.resolve(overrides, spec.out / "trials" / str(trial.number))

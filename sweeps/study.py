@@ -72,13 +72,18 @@ def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    try:
-        return RDBStorage(_postgres_url(url), **kwargs), url.split("@")[-1] if "@" in url else url
-    except ImportError as e:
-        raise UsageError(f"--storage {url}: missing database driver ({e}); for PostgreSQL: "
-                         f"pip install 'treebench[sweeps]'") from None
-    except Exception as e:  # unreachable server, bad credentials, bad URL
-        raise UsageError(f"--storage {url}: cannot open the database: {type(e).__name__}: {e}") from None
+    where = url.split("@")[-1] if "@" in url else url
+    for attempt in range(5):
+        try:
+            return RDBStorage(_postgres_url(url), **kwargs), where
+        except ImportError as e:
+            raise UsageError(f"--storage {url}: missing database driver ({e}); for PostgreSQL: "
+                             f"pip install 'treebench[sweeps]'") from None
+        except Exception as e:  # unreachable server, bad credentials, bad URL, or two workers creating
+            if attempt == 4:    # the schema at the same moment (retried)
+                raise UsageError(f"--storage {url}: cannot open the database: {type(e).__name__}: {e}") from None
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 # ---- joining a study -----------------------------------------------------------------------------------
@@ -220,17 +225,16 @@ def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
     os.replace(tmp, Path(run_dir) / "final.json")
 
 
+def counts(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial uses up the study's --trials target: all but WAITING ones and failures that were
+    re-queued (their re-run counts instead)."""
+    if t.state == TrialState.WAITING:
+        return False
+    return not (t.state == TrialState.FAIL and str(t.user_attrs.get("reason", "")).endswith("re-queued"))
+
+
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that use up the study's --trials target: all but WAITING ones and dead-worker failures
-    that were re-queued (their re-run counts instead)."""
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.WAITING:
-            continue
-        if t.state == TrialState.FAIL and str(t.user_attrs.get("reason", "")).endswith("re-queued"):
-            continue
-        n += 1
-    return n
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
 # ---- the trials table ----------------------------------------------------------------------------------
