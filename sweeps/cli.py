@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench.registry import ALGORITHMS, MODELS, UsageError, did_you_mean
 
@@ -185,10 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     spec, grid, study_name, definition = prepare(a)
+
     from sweeps import spaces
     from sweeps import study as st
-
-    import optuna
 
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)

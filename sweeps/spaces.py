@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from bench.config import algorithm_fields, parse_value
 from bench.registry import ALGORITHMS, UsageError, did_you_mean

@@ -20,8 +20,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -79,7 +80,7 @@ def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
         except ImportError as e:
             raise UsageError(f"--storage {url}: missing database driver ({e}); for PostgreSQL: "
                              f"pip install 'treebench[sweeps]'") from None
-        except Exception as e:  # unreachable server, bad credentials, bad URL, or two workers creating
+        except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials, bad URL, or two workers creating
             if attempt == 4:    # the schema at the same moment (retried)
                 raise UsageError(f"--storage {url}: cannot open the database: {type(e).__name__}: {e}") from None
             time.sleep(1.0 + attempt)
@@ -150,17 +151,17 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self.trial.set_user_attr("heartbeat", time.time())
-            except Exception:  # a storage hiccup must not kill the trial; the next beat retries
+            except Exception:  # noqa: BLE001, S110 - a storage hiccup must not kill the trial; next beat retries
                 pass
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> Heartbeat:  # noqa: PYI034
         self.trial.set_user_attr("worker", worker_identity())
         self.trial.set_user_attr("heartbeat", time.time())
         if self.interval > 0:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)

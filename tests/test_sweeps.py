@@ -14,13 +14,13 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from optuna.trial import TrialState  # noqa: E402
+from optuna.trial import TrialState
 
-from bench.registry import UsageError  # noqa: E402
-from bench.runner import RunSummary  # noqa: E402
-from sweeps import cli, spaces  # noqa: E402
-from sweeps import study as st  # noqa: E402
-from sweeps.objective import Objective, TrialFailed  # noqa: E402
+from bench.registry import UsageError
+from bench.runner import RunSummary
+from sweeps import cli, spaces
+from sweeps import study as st
+from sweeps.objective import Objective, TrialFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-random", "--budget-per-trial", "1it", "--pruner", "none",
@@ -46,7 +46,7 @@ def _study(out, name):
 
 def _spec(tmp_path, *args):
     a = cli.build_parser().parse_args(["--algo", "grpo", "--out", str(tmp_path), *TINY, *args])
-    spec, grid, name, _ = cli.prepare(a)
+    spec, _grid, _name, _ = cli.prepare(a)
     return spec
 
 
@@ -178,7 +178,7 @@ def test_resume_requeues_a_trial_whose_worker_died(tmp_path, small_space):
     out = tmp_path / "r"
     args = ["--algo", "grpo", "--space-file", small_space, "--study", "r", "--out", str(out), *TINY]
     assert cli.main([*args, "--trials", "1"]) == 0
-    study, storage = _study(out, "r")
+    study, _ = _study(out, "r")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     t = study.ask()
