@@ -206,7 +206,8 @@ class TreeGRPO:
         values[rollout.leaves] = leaf
         edge = tree_backup(rollout.parent, values, rollout.logp_old, self.config.weighting)
         tr = rollout.trainable
-        metrics = {"treegrpo/edge_adv_abs_mean": float(edge[tr].abs().mean()) if bool(tr.any()) else 0.0}
+        metrics = {"treegrpo/edge_adv_abs_mean": float(edge[tr].abs().mean()) if bool(tr.any()) else 0.0,
+                   "treegrpo/softmax_weight_max": _mean_max_sibling_weight(rollout)}
         return Advantages(edge=edge, leaf=leaf, metrics=metrics)
 
     def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
@@ -226,3 +227,23 @@ class TreeGRPO:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+def _mean_max_sibling_weight(rollout: Rollout) -> float:
+    """Diagnostic: mean over branching parents of the largest softmax(edge log-prob) weight among its
+    children (1/k = uniform; 1 = one child takes all the weight). Shows how far the paper's
+    probability weighting is from the code's uniform mean on per-dimension mean log-probs."""
+    par = rollout.parent
+    has = par >= 0
+    n_children = torch.bincount(par[has], minlength=rollout.num_nodes)
+    ch = torch.nonzero(has & (n_children[par.clamp_min(0)] > 1)).flatten()
+    if ch.numel() == 0:
+        return 1.0
+    p, lp = par[ch], rollout.logp_old[ch].double()
+    N = rollout.num_nodes
+    m = torch.full((N,), -float("inf"), dtype=torch.float64).scatter_reduce(0, p, lp, reduce="amax")
+    e = torch.exp(lp - m[p])
+    z = torch.zeros(rollout.num_nodes, dtype=torch.float64).index_add_(0, p, e)
+    w = e / z[p]
+    wmax = torch.zeros(rollout.num_nodes, dtype=torch.float64).scatter_reduce(0, p, w, reduce="amax")
+    return float(wmax[torch.unique(p)].mean())

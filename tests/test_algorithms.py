@@ -461,3 +461,14 @@ def test_ddpo_without_stat_tracking_normalises_the_batch(flow_policy):
     adv = algo.advantages(BATCH, roll, RewardOutput(r))
     assert torch.allclose(adv.leaf, torch.tensor([-0.9258201, 0.0, -0.4629100, 1.3887301]), atol=1e-5)
     assert algo.state_dict()["tracker"]["buffers"] == {}
+
+
+def test_treegrpo_softmax_weight_diagnostic(flow_policy):
+    algo = make("treegrpo")
+    eng = RolloutEngine(flow_policy, max_micro_batch=64, seed=0)
+    roll = eng.run(algo.plan(0), BATCH, 0)
+    w = algo.advantages(BATCH, roll, brightness(roll)).metrics["treegrpo/softmax_weight_max"]
+    assert 0.5 <= w <= 1.0  # k = 2: between uniform and one-hot
+    kids = roll.children()
+    maxima = [float(torch.softmax(roll.logp_old[torch.tensor(c)].double(), 0).max()) for c in kids if len(c) > 1]
+    assert len(maxima) == P * 3 and math.isclose(w, sum(maxima) / len(maxima), rel_tol=1e-9)
