@@ -98,12 +98,36 @@ def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[st
 
 
 def _stream(cmd: list[str], prefix: str) -> int:
-    """Run cmd, echo its merged stdout/stderr line by line with a prefix; return its exit status."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    """Run cmd and echo its merged stdout/stderr line by line with a prefix; return its exit status.
+
+    Progress bars redraw with carriage returns: on a terminal they keep redrawing one prefixed line;
+    in a log file only each bar's final state (the text before a newline) is written."""
+    tty = sys.stdout.isatty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    buf, drawn = b"", False
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            print(f"{prefix} {line}", end="" if line.endswith("\n") else "\n", flush=True)
+        while True:
+            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                break
+            buf += chunk
+            while True:
+                cuts = [i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0]
+                if not cuts:
+                    break
+                i = min(cuts)
+                seg, sep, buf = buf[:i].decode("utf-8", "replace"), buf[i:i + 1], buf[i + 1:]
+                if sep == b"\n":
+                    sys.stdout.write(("\r" if drawn else "") + f"{prefix} {seg}\n")
+                    drawn = False
+                elif tty and seg:
+                    sys.stdout.write(f"\r{prefix} {seg}")
+                    drawn = True
+                sys.stdout.flush()
+        if buf:
+            sys.stdout.write(("\r" if drawn else "") + f"{prefix} {buf.decode('utf-8', 'replace')}\n")
+            sys.stdout.flush()
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()

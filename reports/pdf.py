@@ -181,7 +181,9 @@ def build_report(
         else:
             raise UsageError(f"baseline {opt.baseline!r} is not among the compared runs; "
                              f"choose one of: {', '.join(labels)}")
-    metric = opt.metric or rs.train_eval_key()
+    metric = opt.metric
+    if metric is None:  # the training reward as evaluated; else the first eval reward logged
+        metric = next((k for k in [rs.train_eval_key(), *rs.eval_keys()] if k in rs.evals), rs.train_eval_key())
     if metric not in rs.evals:
         raise UsageError(f"metric {metric!r} is not in the eval records; available: {', '.join(rs.eval_keys())}")
 
@@ -369,8 +371,11 @@ def _pareto_page(w: _Writer, c: _Context) -> None:
         pts = c.final.copy()
         pts["cost"] = pts["label"].map(costs[col])
         pts["front"] = stats.pareto_mask(pts["value"], pts["cost"])
-        plots.pareto(ax, pts, label, _reward_label(c.rs, c.metric))
-    w.save(fig, heading)
+        plots.pareto(ax, pts, label, _reward_label(c.rs, c.metric), legend=False)
+    handles = plots.legend_handles(c.rs.labels)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(len(handles), 8),
+               fontsize=8, frameon=False)
+    w.save(fig, heading, rect_top=0.92)
 
 
 def _timing_page(w: _Writer, c: _Context) -> None:
@@ -504,7 +509,8 @@ def _samples_page(w: _Writer, c: _Context) -> None:
 def _hacking_pages(w: _Writer, c: _Context) -> None:
     flagged = [run for run, f in c.hacking.items() if any(f)]
     shown = flagged[:4] if flagged else c.rs.runs.drop_duplicates("label")["run"].tolist()[:4]
-    heading = "Reward hacking: " + (f"FLAGGED in {len(flagged)} run(s)" if flagged else "not flagged")
+    heading = "Reward hacking: " + (f"FLAGGED in {len(flagged)} run(s)" if flagged else
+                                    "not flagged" if c.rs.heldout_keys() else "no held-out reward to check")
     rule = ("Rule: over 3 consecutive evaluations the training reward's eval score rises at every step while "
             "some held-out reward falls at every step. Shaded: the flagged evaluation windows.")
     n = max(len(shown), 1)

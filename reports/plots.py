@@ -119,7 +119,7 @@ def learning_curves(
         s = st[lab]
         n = int(g["n"].iloc[0])
         ax.plot(g["x"], g["value"], color=s["color"], linestyle=s["linestyle"], lw=1.6,
-                label=f"{lab} (n={n})")
+                marker=s["marker"] if len(g) < 4 else None, ms=4, label=f"{lab} (n={n})")
         ax.fill_between(g["x"], g["lo"], g["hi"], color=s["color"], alpha=0.18, lw=0)
     if threshold is not None and np.isfinite(threshold):
         ax.axhline(threshold, color="#444444", lw=0.8, ls=":", label=f"threshold {threshold:.3g}")
@@ -140,6 +140,7 @@ def pareto(
     cost_label: str,
     reward_label: str,
     log_x: bool = False,
+    legend: bool = True,
 ) -> plt.Axes:
     """Final reward (IQM, 95% CI bars) vs cost per label; the non-dominated set (column ``front``)
     drawn filled and joined by a step line, dominated points hollow. ``points``: label, cost,
@@ -166,8 +167,23 @@ def pareto(
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.15)
-    _legend(ax, loc="best", fontsize=7)
+    if legend:
+        _legend(ax, loc="best", fontsize=7)
     return ax
+
+
+def legend_handles(labels: Sequence[str], front: bool = True) -> list:
+    """Proxy legend entries (one marker per label, + the Pareto-front line) for a shared figure legend."""
+    from matplotlib.lines import Line2D
+
+    st = styles(labels)
+    hs = [Line2D([], [], color=st[lab]["color"], marker=st[lab]["marker"], linestyle="none", markersize=7,
+                 label=lab) for lab in labels]
+    if front:
+        hs.append(Line2D([], [], color="#333333", lw=1, ls="--", label="Pareto front"))
+        hs.append(Line2D([], [], color="#777777", marker="o", markerfacecolor="white", linestyle="none",
+                         label="hollow: dominated"))
+    return hs
 
 
 def phase_breakdown(ax: plt.Axes, phases: pd.DataFrame) -> plt.Axes:
@@ -284,6 +300,7 @@ def image_grid(
     w = max(im.shape[1] for im in present)
     ncol = max(len(c) for _, c in rows)
     vpad = max(pad, int(0.22 * h))  # room for the column labels above each row
+    pad = max(pad, int(0.08 * w))  # checkpoints clearly apart even when each image is itself a grid
     top = vpad
     canvas = np.ones((top + len(rows) * (h + vpad) - vpad, ncol * (w + pad) - pad, 3), dtype=np.float32)
     for i, r in enumerate(images):
@@ -295,6 +312,10 @@ def image_grid(
             else:
                 canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im
     ax.imshow(canvas, interpolation="nearest")
+    for i, r in enumerate(images):  # a thin frame per checkpoint
+        for j in range(len(r)):
+            ax.add_patch(plt.Rectangle((j * (w + pad) - 0.5, top + i * (h + vpad) - 0.5), w, h, fill=False,
+                                       ec="#999999", lw=0.6))
     ax.set_yticks([top + i * (h + vpad) + h / 2 for i in range(len(rows))], [lab for lab, _ in rows], fontsize=8)
     for t in ax.get_yticklabels():
         t.set_color(color(t.get_text()))
@@ -332,9 +353,22 @@ def reward_hacking_panel(
     ax.plot(xs, evals[train_key], color="#222222", marker="o", ms=3, lw=1.5, label=f"{train_key} (training reward)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{train_key} (training reward)", fontsize=8)
+    if x == "iteration":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    held = [h for h in heldout_keys if h in evals and h != train_key]
+    if not held:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        ax.text(0.5, 0.5, "no held-out eval reward logged:\nreward hacking cannot be detected", ha="center",
+                va="center", transform=ax.transAxes, fontsize=8, color="#777777")
+        ax.grid(alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=9)
+        return ax
     ax2 = ax.twinx()
     palette = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
-    for i, k in enumerate(h for h in heldout_keys if h in evals):
+    for i, k in enumerate(held):
         ax2.plot(xs, evals[k], color=palette[i % len(palette)], marker="s", ms=3, lw=1.2, ls="--",
                  label=f"{k} (held-out)")
     ax2.set_ylabel("held-out reward", fontsize=8)

@@ -135,8 +135,9 @@ def probability_of_improvement_ci(
 
 # --------------------------------------------------------------------------------------- budget grid
 
-def interpolate(xs: Any, ys: Any, grid: Any) -> np.ndarray:
-    """Piecewise-linear y on ``grid``; NaN outside [min(xs), max(xs)] (no extrapolation).
+def interpolate(xs: Any, ys: Any, grid: Any, hold_last: bool = False) -> np.ndarray:
+    """Piecewise-linear y on ``grid``; NaN before min(xs) and (unless ``hold_last``, which keeps the
+    final value: a stopped run keeps its final policy) after max(xs); no other extrapolation.
     Non-finite points are dropped; repeated x keeps the last record."""
     xs, ys, grid = (np.asarray(v, dtype=float) for v in (xs, ys, grid))
     ok = np.isfinite(xs) & np.isfinite(ys)
@@ -148,8 +149,8 @@ def interpolate(xs: Any, ys: Any, grid: Any) -> np.ndarray:
     xs, ys = xs[order], ys[order]
     keep = np.append(xs[1:] != xs[:-1], True)  # last of each repeated x
     xs, ys = xs[keep], ys[keep]
-    inside = (grid >= xs[0]) & (grid <= xs[-1])
-    out[inside] = np.interp(grid[inside], xs, ys)
+    inside = (grid >= xs[0]) & ((grid <= xs[-1]) | hold_last)
+    out[inside] = np.interp(grid[inside], xs, ys)  # np.interp holds the end values outside
     return out
 
 
@@ -161,7 +162,8 @@ def budget_grid(frame: pd.DataFrame, x: str, points: int = 60) -> np.ndarray:
     return np.linspace(0.0, float(top), points)
 
 
-def curves_on_grid(frame: pd.DataFrame, x: str, y: str, grid: Any) -> tuple[list[str], np.ndarray]:
+def curves_on_grid(frame: pd.DataFrame, x: str, y: str, grid: Any, hold_last: bool = False
+                   ) -> tuple[list[str], np.ndarray]:
     """(run ids, [runs, points]) of column y interpolated onto grid, one row per run."""
     runs, rows = [], []
     for run, g in frame.groupby("run", sort=False):
@@ -169,7 +171,7 @@ def curves_on_grid(frame: pd.DataFrame, x: str, y: str, grid: Any) -> tuple[list
             continue
         runs.append(run)
         rows.append(interpolate(pd.to_numeric(g[x], errors="coerce"), pd.to_numeric(g[y], errors="coerce"),
-                                grid))
+                                grid, hold_last))
     return runs, (np.vstack(rows) if rows else np.empty((0, len(np.asarray(grid)))))
 
 
@@ -179,18 +181,26 @@ def aggregate_curves(
 ) -> pd.DataFrame:
     """Tidy learning curves: per label and grid point the IQM over runs and its 95% CI.
 
-    A grid point is kept for a label only where every run of that label has data (so the aggregate
-    never silently drops the seeds that stopped early). Columns: label, x, value, lo, hi, n."""
+    Each run is interpolated linearly between its records and holds its final value after it stopped
+    (a run that spent less of the budget keeps its final policy), up to the label's longest run; a grid
+    point is kept only where every run of the label has started (so the aggregate never silently drops
+    seeds). The last point is therefore the IQM of the runs' final values.
+    Columns: label, x, value, lo, hi, n."""
     if frame.empty or y not in frame:
         return pd.DataFrame(columns=["label", "x", "value", "lo", "hi", "n"])
     shared = budget_grid(frame, x, points)
     out = []
     for label, g in frame.groupby("label", sort=False):
-        # the shared grid plus this label's end point (the budget every one of its runs reached), so
-        # a curve ends exactly at its final value rather than at the last shared grid point before it
-        ends = g.groupby("run")[x].apply(lambda v: pd.to_numeric(v, errors="coerce").max())
-        grid = np.union1d(shared, [float(ends.min())]) if np.isfinite(ends.min()) else shared
-        _, curves = curves_on_grid(g, x, y, grid)
+        # the shared grid plus every budget at which one of this label's runs logged a record, so
+        # a curve ends exactly at its final value and short runs (a few records) are not lost between
+        # grid points
+        xs = pd.to_numeric(g[x], errors="coerce").to_numpy(dtype=float)
+        xs = xs[np.isfinite(xs)]
+        if xs.size == 0:
+            continue
+        grid = np.union1d(shared, xs)
+        grid = grid[grid <= xs.max()]
+        _, curves = curves_on_grid(g, x, y, grid, hold_last=True)
         if curves.shape[0] == 0:
             continue
         full = np.all(np.isfinite(curves), axis=0)

@@ -57,3 +57,9 @@ def test_failed_runs_are_reported(fake_runner, tmp_path, capsys):
 def test_usage_errors(argv, message, tmp_path, capsys):
     assert compare.main([*argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_stream_keeps_final_progress_state_in_logs(capsys):
+    code = "import sys; sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\ndone\\n'); sys.stdout.write('tail')"
+    assert compare._stream([sys.executable, "-c", code], "[x]") == 0
+    assert capsys.readouterr().out == "[x] bar 100%\n[x] done\n[x] tail\n"

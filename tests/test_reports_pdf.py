@@ -25,14 +25,15 @@ def comparison(tmp_path_factory):
     return root
 
 
-def test_comparison_report_pages(comparison, tmp_path):
+def test_comparison_report_pages_via_cli(comparison, tmp_path, capsys):
     out = tmp_path / "report.pdf"
-    pages = build_report([comparison], out, ReportOptions(**FAST))
+    assert cli.main([str(comparison), "--out", str(out), "--reps", "200", "--x", "nfe"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"wrote {out} (9 pages: treebench report; Learning curves vs denoiser forward passes")
     # title, curves, curves per currency, Pareto, timing, samples, reward hacking (flagged: ddpo's
     # held-out reward falls in the synthetic runs) + its sample grid, tables
-    assert len(pages) == 9 and pdf_pages(out) == 9
-    assert pages[0] == "treebench report" and pages[-1].startswith("Tables (baseline: dancegrpo)")
-    assert "FLAGGED in 3 run(s)" in pages[6]
+    assert pdf_pages(out) == 9
+    assert "Reward hacking: FLAGGED in 3 run(s)" in text and text.rstrip().endswith("Tables (baseline: dancegrpo))")
 
 
 def test_final_iqm_and_speedup_known_values(comparison):
@@ -91,10 +92,10 @@ def test_mixed_devices_only_drop_wall_clock(tmp_path):
         build_report([tmp_path / "runs"], tmp_path / "s.pdf", ReportOptions(x="seconds", **FAST))
 
 
-def test_cli(comparison, tmp_path, capsys):
+def test_cli_usage_errors(comparison, tmp_path, capsys):
     out = tmp_path / "c.pdf"
-    assert cli.main([str(comparison), "--out", str(out), "--x", "nfe", "--baseline", "ddpo", "--reps", "200",
-                     "--threshold", "0.2"]) == 0
-    assert out.exists() and "wrote" in capsys.readouterr().out
     assert cli.main([str(comparison), "--out", str(out), "--baseline", "nope", "--reps", "200"]) == 2
     assert "choose one of: ddpo, dancegrpo, mixgrpo, treegrpo" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert not out.exists()

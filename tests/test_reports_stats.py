@@ -91,6 +91,8 @@ def test_probability_of_improvement_mismatched_tasks():
 def test_interpolate_no_extrapolation():
     out = stats.interpolate([0, 10, 20], [0, 1, 4], [-1, 0, 5, 15, 20, 25])
     np.testing.assert_allclose(out, [np.nan, 0, 0.5, 2.5, 4, np.nan])
+    out = stats.interpolate([10, 0, 20], [1, 0, 4], [-1, 0, 5, 15, 20, 25], hold_last=True)
+    np.testing.assert_allclose(out, [np.nan, 0, 0.5, 2.5, 4, 4])
 
 
 def test_aggregate_curves_ends_at_each_label_budget():
@@ -98,15 +100,19 @@ def test_aggregate_curves_ends_at_each_label_budget():
     for run, slope in [("a0", 1.0), ("a1", 3.0)]:
         for x in (0, 10, 20):
             rows.append({"run": run, "label": "a", "x": x, "y": slope * x})
+    rows.append({"run": "a2", "label": "a", "x": 5, "y": 10.0})  # one record, then holds 10
+    rows.append({"run": "a2", "label": "a", "x": 15, "y": 10.0})
     for x in (0, 10, 30):  # label b reaches further: the shared grid is [0, 30]
         rows.append({"run": "b0", "label": "b", "x": x, "y": -x})
     df = stats.aggregate_curves(pd.DataFrame(rows), "x", "y", points=4, reps=200)
     a = df[df["label"] == "a"]
-    np.testing.assert_allclose(a["x"], [0, 10, 20])  # grid 0,10,20,30 truncated at 20 (a's end)
-    np.testing.assert_allclose(a["value"], [0, 20, 40])  # mean of slopes 1 and 3 (IQM of 2 = mean)
-    np.testing.assert_allclose(a["lo"], [0, 10, 20])
-    np.testing.assert_allclose(a["hi"], [0, 30, 60])
-    assert (a["n"] == 2).all()
+    # shared grid 0,10,20,30 + a's record budgets 5, 15; up to a's end (20); from a2's start (5)
+    np.testing.assert_allclose(a["x"], [5, 10, 15, 20])
+    # IQM of 3 runs = mean: (x + 3x + 10) / 3; a2 holds 10 after x = 15
+    np.testing.assert_allclose(a["value"], [(5 + 15 + 10) / 3, (10 + 30 + 10) / 3, (15 + 45 + 10) / 3,
+                                            (20 + 60 + 10) / 3])
+    assert (a["lo"] <= a["value"]).all() and (a["value"] <= a["hi"]).all()
+    assert (a["n"] == 3).all()
     np.testing.assert_allclose(df[df["label"] == "b"]["value"], [0, -10, -20, -30])
 
 
