@@ -27,7 +27,7 @@ import torch
 from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
 from bench.budget import Budget, Totals
-from bench.policy import Policy, load_policy, tiny_pipeline_dir, weights_hash
+from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
 from bench.registry import WEIGHTED_REWARD, UsageError, algorithm_class, load_object, model_preset, reward_class
 from bench.rollout import RolloutEngine
@@ -116,8 +116,16 @@ def model_dir(cfg: Mapping[str, Any]) -> Path:
 
 
 def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
-    mp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["model"]["mixed_precision"]]
-    return load_policy(model_dir(cfg), device=device, autocast_dtype=mp)
+    # (scale) real and random-architecture presets, LoRA, precision options: bench.policy / docs/SCALE.md
+    from bench.policy import build_random_policy, model_options
+
+    m = cfg["model"]
+    mp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[m["mixed_precision"]]
+    opts = model_options(m, device)
+    source = model_preset(m["name"]).source
+    if source.startswith("random:") and not m.get("path"):
+        return build_random_policy(source.split(":", 1)[1], device=device, autocast_dtype=mp, options=opts)
+    return load_policy(model_dir(cfg), device=device, autocast_dtype=mp, options=opts)
 
 
 def build_reward(spec: str, device: torch.device, options: Mapping[str, Any], normalize: str = "none") -> Any:
@@ -282,12 +290,12 @@ class Run:
         self.out = check_out_dir(cfg, resume)
         if resume:
             ckpt_mod.check_resume_config(self.out, ckpt_mod.saved_config(self.out), cfg)
-        torch.manual_seed(self.seed)
-        self.policy = build_policy(cfg, self.device)
+        # the algorithm and the rewards are checked before the (possibly large) model is loaded
+        prediction = read_model_index(model_dir(cfg)).get("treebench", {}).get("prediction", "flow")
         s = cfg["sampler"]
         self.sampler = SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]),
                                    noise_level=float(s["noise_level"]), sde_type=s["sde"], shift=float(s["shift"]),
-                                   prediction=self.policy.prediction)
+                                   prediction=prediction)
         t = cfg["train"]
         self.train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                                max_grad_norm=float(t["max_grad_norm"]))
@@ -300,6 +308,11 @@ class Run:
         self.eval_rewards = {name: (self.reward if name == r["name"] else
                                     _build_reward_checked(name, self.device, r["options"]))
                              for name in cfg["eval"]["rewards"]}
+        torch.manual_seed(self.seed)
+        self.policy = build_policy(cfg, self.device)
+        if self.policy.prediction != prediction:
+            raise UsageError(f"{self.policy.path}: the model predicts {self.policy.prediction!r} but its "
+                             f"model_index.json says {prediction!r}")
         self.engine = RolloutEngine(self.policy, max_micro_batch=self.train.micro_batch, seed=self.seed,
                                     shift=self.sampler.shift)
         params = self.policy.trainable_parameters()
