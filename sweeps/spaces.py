@@ -13,8 +13,8 @@ built-in spaces below are plain data; ``treegrpo(trial)``, ``mixgrpo(trial)``, .
     constraints: ["d <= window"]                     # violated -> the trial is pruned with the reason
     fixed: {sampler.steps: 10}                       # extra overrides for every trial
 
-A bound or constraint operand is a number, or ``NAME`` / ``NAME + N`` / ``NAME - N`` where NAME is a
-parameter sampled earlier in the list or a resolved config key (``sampler.steps``). Invalid
+A bound or constraint side is a number, a NAME, or a sum/difference of them (``sampler.steps - 2``,
+``window - d``) where NAME is a parameter sampled earlier in the list or a resolved config key. Invalid
 combinations raise ``InvalidCombination``; the objective prunes such trials with the message as reason.
 """
 
@@ -45,7 +45,7 @@ class Param:
     name:    Optuna parameter name (``params_<name>`` in trials.csv)
     key:     the dotted config key it sets (``algo.k``, ``train.lr``)
     kind:    "int", "float" or "categorical"
-    low/high: bounds (int/float): a number or an expression "NAME", "NAME + N", "NAME - N"
+    low/high: bounds (int/float): a number or an expression such as "d" or "sampler.steps - 2"
     log:     sample on a log scale (int/float)
     step:    grid step (int/float), None = continuous / 1 for ints
     choices: the values (categorical)
@@ -204,8 +204,8 @@ SPACE_FUNCTIONS: dict[str, Callable[..., dict]] = {"treegrpo": treegrpo, "mixgrp
                                                     "dancegrpo": dancegrpo, "ddpo": ddpo, "grpo": grpo}
 
 
-# ---- expressions: "NAME", "NAME + N", numbers -----------------------------------------------------------
-_EXPR = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(?:([+-])\s*([0-9.eE+-]+))?\s*$")
+# ---- expressions: sums and differences of numbers, parameter names and config keys -------------------------
+_TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)|([A-Za-z_][\w.]*)|([+-]))")
 _CMP = re.compile(r"^(.+?)(<=|>=|==|!=|<|>)(.+)$")
 _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
         ">": operator.gt}
@@ -224,31 +224,43 @@ def _lookup(name: str, values: Mapping[str, Any], base: Mapping[str, Any] | None
 
 
 def evaluate(expr: Any, values: Mapping[str, Any], base: Mapping[str, Any] | None) -> Any:
-    """A number, or NAME [+- N] looked up among sampled values, then the resolved config."""
-    if isinstance(expr, bool) or expr is None:
-        return expr
-    if isinstance(expr, (int, float)):
+    """A number, or terms joined by + and - (``d``, ``sampler.steps - 2``, ``window - d``); names are
+    looked up among the values sampled so far, then in the resolved config."""
+    if isinstance(expr, bool) or expr is None or isinstance(expr, (int, float)):
         return expr
     text = str(expr).strip()
     num = parse_value(text)
     if isinstance(num, (int, float)) and not isinstance(num, bool):
         return num
-    m = _EXPR.match(text)
-    if not m:
-        raise UsageError(f"cannot read {expr!r} in the search space: use a number, NAME, NAME + N or NAME - N")
-    v = _lookup(m.group(1), values, base)
-    if m.group(2):
-        off = parse_value(m.group(3))
-        if not isinstance(off, (int, float)):
-            raise UsageError(f"cannot read offset {m.group(3)!r} in {expr!r}")
-        v = v + off if m.group(2) == "+" else v - off
-    return v
+    total: Any = 0
+    sign, pos, expect_term = 1, 0, True
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            break
+        number, name, op = m.groups()
+        if expect_term and (number or name):
+            v = parse_value(number) if number else _lookup(name, values, base)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                if len(text.split()) == 1:  # a lone non-numeric name (e.g. a categorical value)
+                    return v
+                raise UsageError(f"{name!r} in {expr!r} is not a number ({v!r})")
+            total, expect_term = total + sign * v, False
+        elif not expect_term and op:
+            sign, expect_term = (1 if op == "+" else -1), True
+        else:
+            break
+        pos = m.end()
+    if expect_term or text[pos:].strip():
+        raise UsageError(f"cannot read {expr!r} in the search space: use a number, a parameter or config key, "
+                         f"or a sum/difference of them (e.g. 'sampler.steps - 2', 'window - d')")
+    return total
 
 
 def check_constraint(text: str, values: Mapping[str, Any], base: Mapping[str, Any] | None) -> bool:
     m = _CMP.match(text)
     if not m:
-        raise UsageError(f"constraint {text!r} must compare two terms, e.g. 'd <= window' or 'k - 1 <= 3'")
+        raise UsageError(f"constraint {text!r} must compare two terms, e.g. 'd <= window' or 'window - d <= 2'")
     return bool(_OPS[m.group(2)](evaluate(m.group(1), values, base), evaluate(m.group(3), values, base)))
 
 
@@ -257,11 +269,12 @@ def sample(trial: Any, space: Space, base: Mapping[str, Any] | None = None) -> d
     """Ask ``trial`` for every parameter in order; return ``{config key: value}`` (plus ``space.fixed``)."""
     values: dict[str, Any] = {}
     overrides: dict[str, Any] = dict(space.fixed)
+    known = dict(space.fixed)  # names in bounds: sampled parameters, then fixed keys, then the base config
     for p in space.params:
         if p.kind == "categorical":
             v = trial.suggest_categorical(p.name, list(p.choices))
         else:
-            lo, hi = evaluate(p.low, values, base), evaluate(p.high, values, base)
+            lo, hi = evaluate(p.low, known, base), evaluate(p.high, known, base)
             if lo > hi:
                 raise InvalidCombination(f"{p.name} has an empty range [{p.low}={lo}, {p.high}={hi}] with "
                                          f"{_fmt(values)}")
@@ -270,9 +283,10 @@ def sample(trial: Any, space: Space, base: Mapping[str, Any] | None = None) -> d
             else:
                 v = trial.suggest_float(p.name, float(lo), float(hi), step=p.step, log=p.log)
         values[p.name] = v
+        known[p.name] = v
         overrides[p.key] = v
     for c in space.constraints:
-        if not check_constraint(c, values, base):
+        if not check_constraint(c, known, base):
             raise InvalidCombination(f"constraint {c!r} violated by {_fmt(values)}")
     return overrides
 

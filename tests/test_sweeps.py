@@ -64,15 +64,28 @@ def test_yaml_space_keys_bounds_constraints(tmp_path):
     f = tmp_path / "space.yaml"
     f.write_text("params:\n  k: {type: int, low: 2, high: 3}\n  lr: {type: float, low: 1e-6, high: 1e-4, log: true}\n"
                  "  weighting: [uniform, softmax_logprob]\n  train.optimizer_steps: {type: int, low: 1, high: k}\n"
-                 "constraints: ['train.optimizer_steps < k']\nfixed: {sampler.steps: 4}\n")
+                 "  window: {type: int, low: 1, high: sampler.steps - 1}\n"
+                 "constraints: ['train.optimizer_steps < k', 'window - k <= 0']\nfixed: {sampler.steps: 4}\n")
     space = spaces.load_space_file(f, "treegrpo")
-    assert [p.key for p in space.params] == ["algo.k", "train.lr", "algo.weighting", "train.optimizer_steps"]
+    assert [p.key for p in space.params] == ["algo.k", "train.lr", "algo.weighting", "train.optimizer_steps",
+                                             "algo.window"]
     assert space.params[1].low == 1e-6  # YAML reads 1e-6 as text: converted
-    ov = space(optuna.trial.FixedTrial({"k": 3, "lr": 1e-5, "weighting": "uniform", "train.optimizer_steps": 2}))
+    fixed = {"k": 3, "lr": 1e-5, "weighting": "uniform", "train.optimizer_steps": 2, "window": 3}
+    ov = space(optuna.trial.FixedTrial(fixed), {"sampler": {"steps": 50}})
     assert ov == {"sampler.steps": 4, "algo.k": 3, "train.lr": 1e-5, "algo.weighting": "uniform",
-                  "train.optimizer_steps": 2}
+                  "train.optimizer_steps": 2, "algo.window": 3}
     with pytest.raises(spaces.InvalidCombination, match="train.optimizer_steps < k"):
-        space(optuna.trial.FixedTrial({"k": 2, "lr": 1e-5, "weighting": "uniform", "train.optimizer_steps": 2}))
+        space(optuna.trial.FixedTrial({**fixed, "k": 2}))
+    with pytest.raises(spaces.InvalidCombination, match="window - k <= 0"):
+        space(optuna.trial.FixedTrial({**fixed, "k": 2, "train.optimizer_steps": 1}))  # window 3 > k 2
+    # the window's upper bound follows the space's fixed sampler.steps (4), not the base config (50)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        try:
+            assert space(study.ask(), {"sampler": {"steps": 50}})["algo.window"] <= 3
+        except spaces.InvalidCombination:
+            pass
+    assert spaces.evaluate("window - d + 1", {"window": 5, "d": 2}, None) == 4
 
 
 def test_bad_user_input_teaches(tmp_path):
