@@ -196,3 +196,25 @@ def test_checkpoint_roundtrip_without_pickle_and_pruning(tmp_path):
     (tmp_path / "checkpoints" / "step_000004" / "state.json").write_text("{}")
     with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
         checkpoint.load(tmp_path / "checkpoints" / "step_000004")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,model,sets", [
+    ("ddpo", "tiny-random-ddim", ["--set", "algo.group_size=2", "--set", "algo.min_count=1"]),
+    ("dancegrpo", "tiny-random", ["--set", "algo.group_size=2"]),
+    ("mixgrpo", "tiny-random", ["--set", "algo.group_size=2", "--set", "algo.window=1",
+                                "--set", "algo.shift_interval=1"]),
+    ("treegrpo", "tiny-random", ["--set", "algo.k=2", "--set", "algo.d=1", "--set", "algo.window_mode=progressive",
+                                 "--set", "algo.shift_interval=1"]),
+])
+def test_every_algorithm_resumes_exactly(algo, model, sets, tmp_path):
+    args = ["--algo", algo, "--model", model, "--budget", "3it", "--set", "sampler.steps=3",
+            "--set", "eval.every=2", "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=3",
+            "--no-progress", *sets]
+    ref = tmp_path / "ref"
+    assert main(["run", *args, "--out", str(ref)]) == 0
+    run = _copy(ref, tmp_path)
+    for name in ("step_000003", "step_000002"):  # as if killed during iteration 1
+        shutil.rmtree(run / "checkpoints" / name)
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert_same_run(ref, run)
