@@ -28,15 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.registry import UsageError
 from reports import plots, stats
 from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
-
-import matplotlib.pyplot as plt  # noqa: E402  (plots selected the Agg backend)
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
@@ -289,6 +288,12 @@ def _title_page(w: _Writer, c: _Context) -> None:
         f"Git commit(s):   {', '.join(git) or 'unknown'}",
         "Packages:        " + ", ".join(k + " " + "/".join(sorted(v)) for k, v in sorted(pk.items())),
         f"Run dates:       {', '.join(sorted(_unique(str(x)[:10] for x in r['created'])))}",
+    ]
+    if rs.trials is not None:
+        states = rs.trials["state"].value_counts().to_dict() if "state" in rs.trials else {}
+        lines.append(f"Sweep trials:    {len(rs.trials)} in trials.csv"
+                     + (" (" + ", ".join(f"{k} x{v}" for k, v in states.items()) + ")" if states else ""))
+    lines += [
         "",
         f"Budget axis:     {X_AXES[c.opt.x][1]}",
         f"Primary metric:  {c.metric}  (final = value at each run's last evaluation)",
@@ -327,7 +332,7 @@ def _wrap(lines: Sequence[str], width: int) -> list[str]:
 
 def _curves_page(w: _Writer, c: _Context) -> None:
     axis = c.opt.x
-    xcol, xlabel = X_AXES[axis]
+    xlabel = X_AXES[axis][1]
     keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
         (k, _reward_label(c.rs, k)) for k in c.rs.eval_keys()]
     n = len(keys)
@@ -397,6 +402,8 @@ def _timing_page(w: _Writer, c: _Context) -> None:
     for y, v in enumerate(per[::-1]):
         ax.text(v, y, f" {_fmt(v)}", va="center", fontsize=8)
     ax.set_yticks(range(len(labs)), labs)
+    for t in ax.get_yticklabels():
+        t.set_color(plots.color(t.get_text()))
     ax.set_xlabel("denoiser forward passes (NFE) per scored sample")
     ax.set_xlim(0, np.nanmax(per, initial=1) * 1.25 if np.isfinite(per).any() else 1)
     ax.grid(axis="x", alpha=0.3)
@@ -418,7 +425,8 @@ def _kd_page(w: _Writer, c: _Context) -> None:
         for (k, d), cell in ga.groupby(["cfg.algo.k", "cfg.algo.d"]):
             v = cell["final"].dropna().to_numpy(dtype=float)
             cells.append({"k": k, "d": d, "reward": stats.iqm(v) if v.size else math.nan,
-                          "s_iter": cell["s_per_iter"].mean(), "mem": cell["peak_mem_mb"].mean()})
+                          "s_iter": cell["s_per_iter"].mean(), "mem": cell["peak_mem_mb"].mean(),
+                          "short": bool((~cell["stop_reason"].astype(str).str.startswith("budget")).any())})
         cf = pd.DataFrame(cells)
         specs = [("reward", f"{algo}: final {c.metric} (IQM)", c.metric, "{:.3f}", True, True),
                  ("s_iter", f"{algo}: seconds / iteration", "s / iteration", "{:.3g}", False, False),
@@ -429,7 +437,11 @@ def _kd_page(w: _Writer, c: _Context) -> None:
                 continue
             tab = cf.pivot(index="d", columns="k", values=col).sort_index().sort_index(axis=1)
             tab.index.name, tab.columns.name = "d (branching depth, SDE steps)", "k (branching factor)"
-            plots.heatmap(ax, tab, title, cbar, fmt=fmt, higher_is_better=better_high)
+            marks = cf.pivot(index="d", columns="k", values="short").reindex_like(tab).fillna(False)
+            plots.heatmap(ax, tab, title, cbar, fmt=fmt, higher_is_better=better_high, marks=marks)
+    if (~g["stop_reason"].astype(str).str.startswith("budget")).any():
+        fig.text(0.02, 0.01, "* includes runs that did not spend their whole budget (pruned, interrupted or "
+                 "failed): their final values come from fewer iterations.", fontsize=8)
     w.save(fig, heading)
 
 
@@ -465,7 +477,7 @@ def _checkpoints(ev: pd.DataFrame, n: int) -> list[int]:
     idx = list(range(len(ev)))
     if len(idx) <= n:
         return idx
-    return sorted({int(round(i)) for i in np.linspace(0, len(idx) - 1, n)})
+    return sorted({round(i) for i in np.linspace(0, len(idx) - 1, n)})
 
 
 def _cell_label(c: _Context, ev: pd.DataFrame, i: int, keys: Sequence[str]) -> str:
@@ -631,8 +643,8 @@ def _tables_page(w: _Writer, c: _Context) -> None:
     sections: list[tuple[str, Any]] = [
         (f"Final rewards at each run's last evaluation (IQM over seeds; baseline {c.baseline})", _final_rows(c)),
         ("Cost per method (mean over runs)", _cost_rows(c)),
-        (f"Budget to reach {c.metric} >= R = {_fmt(c.threshold, 4)} on the IQM curve; speed-up = the "
-         f"baseline's ({c.baseline}) budget / the method's budget", speed),
+        ((f"Budget to reach {c.metric} >= R = {_fmt(c.threshold, 4)} on the IQM curve; speed-up = the "
+          f"baseline's ({c.baseline}) budget / the method's budget"), speed),
         ("In words:", _wrap(lines, 140)),
     ]
     title_pt, gap_pt, line_pt = 20.0, 16.0, 8 * 1.3

@@ -14,9 +14,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 COLORS = {
     "ddpo": "#1f77b4",       # blue
@@ -80,7 +80,7 @@ def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _legend(ax: plt.Axes, **kw: Any) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+    handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=kw.pop("fontsize", 8), framealpha=0.85, **kw)
 
@@ -220,8 +220,10 @@ def heatmap(
     fmt: str = "{:.3g}",
     cmap: str = "viridis",
     higher_is_better: bool = True,
+    marks: pd.DataFrame | None = None,
 ) -> plt.Axes:
-    """Annotated heatmap of a pivot table (index = rows, e.g. d; columns = e.g. k); the best cell is boxed."""
+    """Annotated heatmap of a pivot table (index = rows, e.g. d; columns = e.g. k); the best cell is boxed.
+    ``marks`` (same shape, bool) appends a "*" to the marked cells' numbers."""
     if table.empty:
         return note(ax, "no grid data")
     vals = table.to_numpy(dtype=float)
@@ -239,7 +241,9 @@ def heatmap(
             continue
         frac = (v - lo) / (hi - lo) if hi > lo else 0.5
         dark = frac < 0.5 if higher_is_better else frac > 0.5
-        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        star = "*" if marks is not None and bool(marks.to_numpy()[i, j]) else ""
+        ax.text(j, i, fmt.format(v) + star, ha="center", va="center", fontsize=8,
+                color="white" if dark else "black")
     if finite.any():
         bi, bj = np.unravel_index(np.nanargmax(vals) if higher_is_better else np.nanargmin(vals), vals.shape)
         ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="black", lw=2))
@@ -428,6 +432,7 @@ def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_width
     if col_widths is None:  # proportional to the longest line in each column
         lens = [max([len(x) for x in cells[:, j]] + [max(len(x) for x in headers[j].split("\n"))])
                 for j in range(cells.shape[1])]
+        lens = [n + 3 for n in lens]  # cell padding
         col_widths = [n / sum(lens) for n in lens]
     tab = ax.table(cellText=cells, colLabels=headers, loc="upper center",
                    cellLoc="center", colLoc="center", colWidths=col_widths)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -277,18 +278,18 @@ def reward_hacking_flags(
     """Per eval record: True when, over the last ``window`` consecutive eval records ending at it, the
     training reward's eval key strictly increases at every step while some held-out key strictly
     decreases at every step. Records missing a key (or non-finite) never flag that key."""
+    def strictly(win: Sequence[Mapping[str, Any]], key: str, sign: int) -> bool:
+        vals = [r.get(key) for r in win]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
+            return False
+        return all(sign * (b - a) > 0 for a, b in pairwise(vals))
+
     flags = []
     for end in range(len(records)):
         if end + 1 < window:
             flags.append(False)
             continue
         win = records[end + 1 - window:end + 1]
-
-        def strictly(key: str, sign: int) -> bool:
-            vals = [r.get(key) for r in win]
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-                return False
-            return all(sign * (b - a) > 0 for a, b in zip(vals, vals[1:]))
-
-        flags.append(strictly(train_key, +1) and any(strictly(k, -1) for k in heldout_keys if k != train_key))
+        flags.append(strictly(win, train_key, +1)
+                     and any(strictly(win, k, -1) for k in heldout_keys if k != train_key))
     return flags

@@ -130,8 +130,7 @@ def write_run(
             "samples_png": png, "reward_hacking": False,
         })
     with open(path / "evals.jsonl", "w") as f:
-        for e in evals:
-            f.write(json.dumps(e) + "\n")
+        f.writelines(json.dumps(e) + "\n" for e in evals)
 
     if final:
         best = max(evals, key=lambda e: e[f"eval/{reward}"])

@@ -9,7 +9,6 @@ import pytest
 
 from reports import stats
 
-
 # --------------------------------------------------------------------------------------- IQM
 
 def test_iqm_hand_computed():
