@@ -188,7 +188,7 @@ def test_treegrpo_window_longer_than_depth(flow_policy):
 
 
 # ---- log-probs, advantages, update direction ---------------------------------------------------------
-@pytest.mark.parametrize("name", PAPER_ALGOS)
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_logp_equals_logp_old_before_any_update(flow_policy, name):
     algo = make(name, steps=4, guidance=3.0)
     eng = RolloutEngine(flow_policy, max_micro_batch=64, seed=0)
