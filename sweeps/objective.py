@@ -12,7 +12,9 @@ Outcomes:
   pruner says so the run stops (stop reason "pruned") -> PRUNED;
 - an exception, a non-finite loss/reward (stop reason "nonfinite"), running out of memory -> FAIL with
   ``reason``; the sweep goes on;
-- a mistake in the sweep itself (objective key absent from the eval records) -> ``SweepAbort``.
+- a mistake in the sweep itself (objective key absent from the eval records, a model that cannot be
+  loaded, any other usage error the runner raises that is not about the algorithm's settings)
+  -> ``SweepAbort``: the sweep stops with the message.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from bench.types import SamplerSpec, TrainSpec
 from sweeps.spaces import InvalidCombination, Space, sample
 from sweeps.study import Heartbeat, counts
 
+#: How the runner words a setting the algorithm refuses (a combination problem, not a broken sweep).
+ALGO_REFUSED = "invalid settings for algorithm"
 COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
 
 
@@ -93,7 +97,7 @@ def validate_run_config(cfg: Mapping[str, Any]) -> None:
     try:
         algorithm_class(cfg["algo"]["name"])(algo_cfg, sampler, train, int(cfg["seed"]))
     except ValueError as e:
-        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
+        raise UsageError(f"{ALGO_REFUSED} {cfg['algo']['name']!r}: {e}") from None
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -154,7 +158,10 @@ class Objective:
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
         except SweepAbort:
             raise
-        except UsageError as e:  # refused when the model was loaded (e.g. a window longer than its schedule)
+        except UsageError as e:
+            if not str(e).startswith(ALGO_REFUSED):  # e.g. no model at the path: every trial would fail
+                raise SweepAbort(str(e)) from None
+            # refused once the model was loaded (e.g. a window longer than its schedule)
             self._prune(trial, f"invalid combination: {e}")
         except KeyboardInterrupt:
             self._requeue_interrupted(trial)

@@ -105,6 +105,9 @@ def test_bad_user_input_teaches(tmp_path):
     with pytest.raises(UsageError, match="journal file"):
         run("--algo", "grpo", "--storage", "postgres-server-1")
     assert not (tmp_path / "x" / "trials").exists()
+    # a usage error that every trial would hit (no model at the path) stops the sweep instead of pruning
+    with pytest.raises(UsageError, match="no model found"):
+        cli.main(["--out", str(tmp_path / "y"), *TINY, "--algo", "grpo", "--model-path", str(tmp_path / "none")])
 
 
 # ---- sweeps on the tiny model ---------------------------------------------------------------------------
