@@ -63,3 +63,9 @@ def test_stream_keeps_final_progress_state_in_logs(capsys):
     code = "import sys; sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\ndone\\n'); sys.stdout.write('tail')"
     assert compare._stream([sys.executable, "-c", code], "[x]") == 0
     assert capsys.readouterr().out == "[x] bar 100%\n[x] done\n[x] tail\n"
+
+
+def test_report_only_without_runs_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert compare.main(["--algos", "ddpo", "--budget", "1m", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no run directories" in capsys.readouterr().err

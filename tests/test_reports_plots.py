@@ -1,0 +1,71 @@
+"""reports.plots: every function draws on the given Axes, returns it, labels axes with units and uses
+the fixed algorithm colours."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from reports import plots
+
+
+@pytest.fixture
+def ax():
+    fig, ax = plt.subplots()
+    yield ax
+    plt.close(fig)
+
+
+def test_fixed_colours():
+    assert plots.color("treegrpo") == plots.COLORS["treegrpo"] == plots.color("treegrpo k=3 d=2")
+    assert len({plots.color(a) for a in ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")}) == 5
+    assert plots.color("mystery") == plots.color("mystery")  # stable for unknown names
+    st = plots.styles(["treegrpo k=2", "treegrpo k=3", "ddpo"])
+    assert st["ddpo"]["color"] == plots.COLORS["ddpo"]
+    assert st["treegrpo k=2"]["color"] != st["treegrpo k=3"]["color"]  # shades of one hue
+
+
+def test_learning_curves(ax):
+    curves = pd.DataFrame({"label": ["ddpo"] * 3, "x": [0, 1, 2], "value": [0.1, 0.2, 0.3],
+                           "lo": [0.0, 0.1, 0.2], "hi": [0.2, 0.3, 0.4], "n": 3})
+    assert plots.learning_curves(ax, curves, "scored samples (images)", "reward", threshold=0.25) is ax
+    assert ax.get_xlabel() == "scored samples (images)"
+    assert ax.lines[0].get_color() == plots.COLORS["ddpo"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ddpo (n=3)", "threshold 0.25"]
+
+
+def test_pareto_front_filled_dominated_hollow(ax):
+    pts = pd.DataFrame({"label": ["ddpo", "treegrpo"], "cost": [2.0, 1.0], "value": [0.1, 0.3],
+                        "lo": [0.0, 0.2], "hi": [0.2, 0.4], "front": [False, True]})
+    assert plots.pareto(ax, pts, "seconds per training iteration (s)", "reward") is ax
+    from matplotlib.collections import PathCollection
+
+    faces = [c.get_facecolors()[0][:3] for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(faces) == 2
+    assert np.allclose(faces[0], 1.0)  # ddpo dominated: hollow (white face)
+    assert np.allclose(faces[1], matplotlib.colors.to_rgb(plots.COLORS["treegrpo"]))  # front: filled
+    assert ax.get_xlabel().endswith("(s)")
+
+
+def test_phase_breakdown_heatmap_grid_and_hacking(ax, tmp_path):
+    phases = pd.DataFrame({"label": ["ddpo", "treegrpo"], "t_rollout_s": [1.0, 2.0], "t_reward_s": [0.1, 0.1],
+                           "t_advantage_s": [0.0, 0.0], "t_update_s": [0.5, 0.4]})
+    assert plots.phase_breakdown(ax, phases) is ax
+    assert "seconds" in ax.get_xlabel()
+    fig, axes = plt.subplots(1, 3)
+    tab = pd.DataFrame([[1.0, 2.0], [3.0, np.nan]], index=pd.Index([1, 2], name="d"),
+                       columns=pd.Index([2, 3], name="k"))
+    assert plots.heatmap(axes[0], tab, "reward", "reward") is axes[0]
+    assert (axes[0].get_xlabel(), axes[0].get_ylabel()) == ("k", "d")
+    from PIL import Image
+
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(tmp_path / "a.png")
+    rows = [("ddpo s0", [("it 0", tmp_path / "a.png"), ("it 2", None)])]
+    assert plots.image_grid(axes[1], rows) is axes[1]
+    ev = pd.DataFrame({"iteration": [0, 1, 2], "eval/tr": [1, 2, 3], "eval/ho": [3, 2, 1]})
+    assert plots.reward_hacking_panel(axes[2], ev, "eval/tr", ["eval/ho"], [False, False, True]) is axes[2]
+    assert plots.flag_spans([0, 1, 2, 3], [False, False, True, True]) == [(0.0, 3.0)]
+    plt.close(fig)
