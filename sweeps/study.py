@@ -119,14 +119,23 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
 
 
-def worker_identity() -> dict[str, Any]:
+def _pid_namespace() -> str | None:
+    """Containers on one host may share a host name but not their process ids."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def worker_identity(heartbeat_s: float | None = None) -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _proc_start(pid)}
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": pid, "start": _proc_start(pid),
+            "heartbeat_s": heartbeat_s}
 
 
 def worker_alive(worker: Mapping[str, Any] | None) -> bool | None:
-    """True/False for a worker on this host, None when it runs elsewhere (or is unknown)."""
-    if not worker or worker.get("host") != socket.gethostname():
+    """True/False for a worker on this host (and process namespace), None when it runs elsewhere."""
+    if not worker or worker.get("host") != socket.gethostname() or worker.get("pidns") != _pid_namespace():
         return None
     pid = int(worker.get("pid", -1))
     try:
@@ -155,7 +164,7 @@ class Heartbeat:
                 pass
 
     def __enter__(self) -> Heartbeat:  # noqa: PYI034
-        self.trial.set_user_attr("worker", worker_identity())
+        self.trial.set_user_attr("worker", worker_identity(self.interval))
         self.trial.set_user_attr("heartbeat", time.time())
         if self.interval > 0:
             self._thread.start()
@@ -176,6 +185,11 @@ def stale_reason(t: optuna.trial.FrozenTrial, grace_s: float, now: float | None 
         return f"worker {worker['host']}:{worker['pid']} died while the trial was running"
     if alive is True:
         return None
+    interval = (worker or {}).get("heartbeat_s")
+    if interval is not None and float(interval) <= 0:
+        return None  # that worker sends no heartbeats: only its own host can tell that it died
+    if interval is not None:
+        grace_s = max(grace_s, 3 * float(interval))
     beat = t.user_attrs.get("heartbeat")
     if beat is None and t.datetime_start is not None:
         beat = t.datetime_start.timestamp()

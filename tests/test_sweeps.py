@@ -4,7 +4,6 @@ import csv
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -199,7 +198,7 @@ def test_resume_requeues_a_trial_whose_worker_died(tmp_path, small_space):
     dead.wait()
     t = study.ask()
     t.suggest_int("group_size", 2, 8)
-    t.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid, "start": "0"})
+    t.set_user_attr("worker", {**st.worker_identity(30.0), "pid": dead.pid, "start": "0"})
     assert cli.main([*args, "--trials", "2"]) == 0
     trials = _study(out, "r")[0].trials
     assert [x.state for x in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
@@ -254,3 +253,21 @@ def test_two_workers_share_a_postgres_study(tmp_path, small_space):
     study = optuna.load_study(study_name=name, storage=st.make_storage(url, tmp_path, name)[0])
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 4 and len({t.user_attrs["worker"]["pid"] for t in done}) == 2
+
+
+def test_stale_trial_detection_for_remote_workers():
+    def running(**attrs):
+        return optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs=attrs)
+
+    remote = {"host": "elsewhere", "pidns": None, "pid": 1, "start": None, "heartbeat_s": 30.0}
+    now = 1_000_000.0
+    assert st.stale_reason(running(worker=remote, heartbeat=now - 60), 600, now) is None
+    assert "no heartbeat from elsewhere:1 for 700 s" in st.stale_reason(running(worker=remote, heartbeat=now - 700),
+                                                                         600, now)
+    # the grace period is at least three heartbeat intervals
+    slow = {**remote, "heartbeat_s": 400.0}
+    assert st.stale_reason(running(worker=slow, heartbeat=now - 700), 600, now) is None
+    # a worker without heartbeats is never declared dead from another host
+    assert st.stale_reason(running(worker={**remote, "heartbeat_s": 0}, heartbeat=now - 10**6), 600, now) is None
+    # this very process is alive
+    assert st.stale_reason(running(worker=st.worker_identity(30.0), heartbeat=now - 10**6), 600, now) is None
