@@ -25,6 +25,16 @@ DEFAULTS: dict[str, Any] = {
         "path": None,            # local pipeline directory; overrides the preset's source
         "device": "auto",        # auto | cpu | cuda | cuda:N
         "mixed_precision": "no",  # no | bf16 | fp16 (autocast; step math and log-probs stay fp32)
+        # ---- scale (docs/SCALE.md) ----
+        "resolution": None,      # image side in pixels (real/random pipelines); None = the preset's
+        "lora_rank": 0,          # LoRA rank (peft); 0 = full fine-tuning of the denoiser
+        "lora_alpha": None,      # LoRA alpha; None = the rank (scale 1)
+        "lora_targets": None,    # list of module-name suffixes; None = the architecture's default
+        "gradient_checkpointing": False,
+        "compile": False,        # torch.compile the denoiser
+        "guidance_embedding": 3.5,  # guidance input of guidance-distilled transformers (FLUX.1-dev)
+        "use_t5": True,          # SD3: load the T5 text encoder when the pipeline has one
+        "distributed": "auto",   # auto (accelerate when launched with > 1 process) | off
     },
     "sampler": {
         "steps": None,           # T; None = the model preset's default
@@ -239,6 +249,18 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
     need(cfg["model"]["mixed_precision"] in ("no", "bf16", "fp16"),
          f"model.mixed_precision must be no, bf16 or fp16, got {cfg['model']['mixed_precision']!r}")
+    m = cfg["model"]
+    need(m["resolution"] is None or (isinstance(m["resolution"], int) and m["resolution"] >= 8
+                                     and m["resolution"] % 8 == 0),
+         f"model.resolution must be null or an integer multiple of 8, got {m['resolution']!r}")
+    need(isinstance(m["lora_rank"], int) and not isinstance(m["lora_rank"], bool) and m["lora_rank"] >= 0,
+         f"model.lora_rank must be an integer >= 0 (0 = full fine-tuning), got {m['lora_rank']!r}")
+    need(m["lora_alpha"] is None or isinstance(m["lora_alpha"], (int, float)),
+         f"model.lora_alpha must be null or a number, got {m['lora_alpha']!r}")
+    need(m["lora_targets"] is None or (isinstance(m["lora_targets"], list) and m["lora_targets"]
+                                       and all(isinstance(t, str) for t in m["lora_targets"])),
+         f"model.lora_targets must be null or a non-empty list of module names, got {m['lora_targets']!r}")
+    need(m["distributed"] in ("auto", "off"), f"model.distributed must be auto or off, got {m['distributed']!r}")
     need(cfg["reward"]["normalize"] in ("none", "zscore"),
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
     need(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")

@@ -68,13 +68,33 @@ class ModelPreset:
     """A named model: where its weights come from and the sampling defaults of its papers.
 
     source:  "package:<dir under bench/>" for shipped weights, "tiny-random" for an in-process random
-             model, or "path" for a local diffusers directory given by --model-path / model.path
+             model, "random:<spec>" for a real architecture with random weights built from
+             bench/presets/<spec>.json, or "path" for a local diffusers directory given by --model-path /
+             model.path
     """
 
     source: str
     description: str
     defaults: dict[str, Any] = field(default_factory=dict)
 
+
+# Sampling/training defaults of the real models, from the papers (ALGORITHMS.md §4.1, §3.1, §1):
+# SD3.5: TreeGRPO / Flow-GRPO (512 px, T=10, CFG 4.5, noise 0.7, scheduler shift 3, LoRA r32/alpha 64, lr 3e-4);
+# FLUX.1-dev: MixGRPO (720 px, T=25, shift 3, distilled guidance 3.5 -> no CFG); SD1.5: DDPO (DDIM eta 1,
+# T=50, CFG 5, LoRA r4, lr 3e-4). All bf16 autocast.
+_SD35 = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.shift": 3.0,
+         "model.resolution": 512, "model.lora_rank": 32, "model.lora_alpha": 64, "model.mixed_precision": "bf16",
+         "train.lr": 3e-4}
+_FLUX = {"sampler.steps": 25, "sampler.guidance": 1.0, "sampler.noise_level": 0.7, "sampler.shift": 3.0,
+         "model.resolution": 720, "model.guidance_embedding": 3.5, "model.lora_rank": 32, "model.lora_alpha": 64,
+         "model.mixed_precision": "bf16", "train.lr": 3e-4}
+_SD15 = {"sampler.steps": 50, "sampler.guidance": 5.0, "sampler.noise_level": 1.0, "sampler.shift": 1.0,
+         "model.resolution": 512, "model.lora_rank": 4, "model.lora_alpha": 4, "model.mixed_precision": "bf16",
+         "train.lr": 3e-4}
+_REAL_REWARDS = {"reward.name": "hpsv2", "eval.rewards": ["hpsv2", "image_reward", "aesthetic", "clip_score"],
+                 "data.train_prompts": "t2i-compbench-train", "data.eval_prompts": "partiprompts"}
+_RANDOM_REWARDS = {"reward.name": "brightness", "eval.rewards": ["brightness"],
+                   "data.train_prompts": "t2i-compbench-train", "data.eval_prompts": "partiprompts"}
 
 MODELS: dict[str, ModelPreset] = {
     "shapes": ModelPreset("package:shapes/model",
@@ -92,6 +112,27 @@ MODELS: dict[str, ModelPreset] = {
                                      "sampler.shift": 1.0, "reward.name": "brightness",
                                      "eval.rewards": ["brightness"], "train.prompts_per_iteration": 2,
                                      "eval.num_prompts": 4, "train.lr": 1e-4}),
+    # ---- real models (local diffusers directories) and their random-weight twins (docs/SCALE.md) ----
+    "sd3.5-medium": ModelPreset("path", "Stable Diffusion 3.5 Medium (StableDiffusion3Pipeline dir via --model-path); "
+                                "TreeGRPO/Flow-GRPO setting: 512 px, T=10, CFG 4.5, shift 3, LoRA r32",
+                                {**_SD35, **_REAL_REWARDS}),
+    "sd3.5-large": ModelPreset("path", "Stable Diffusion 3.5 Large (--model-path); same sampling setting as Medium",
+                               {**_SD35, **_REAL_REWARDS}),
+    "flux.1-dev": ModelPreset("path", "FLUX.1-dev (FluxPipeline dir via --model-path); MixGRPO/DanceGRPO setting: "
+                              "720 px, T=25, shift 3, guidance embedding 3.5 (1 NFE/step, no CFG), LoRA r32",
+                              {**_FLUX, **_REAL_REWARDS}),
+    "sd1.5": ModelPreset("path", "Stable Diffusion 1.5 (StableDiffusionPipeline dir via --model-path); DDPO setting: "
+                         "DDIM eta 1, 512 px, T=50, CFG 5, LoRA r4", {**_SD15, **_REAL_REWARDS,
+                                                                       "reward.name": "aesthetic"}),
+    "sd3.5-medium-random": ModelPreset("random:sd3.5-medium-random", "SD3.5-Medium architecture, random weights "
+                                       "(timing/memory without downloads); sampling as sd3.5-medium",
+                                       {**_SD35, **_RANDOM_REWARDS}),
+    "sd3.5-large-random": ModelPreset("random:sd3.5-large-random", "SD3.5-Large architecture, random weights",
+                                      {**_SD35, **_RANDOM_REWARDS}),
+    "flux.1-dev-random": ModelPreset("random:flux.1-dev-random", "FLUX.1-dev architecture, random weights",
+                                     {**_FLUX, **_RANDOM_REWARDS}),
+    "sd1.5-random": ModelPreset("random:sd1.5-random", "SD1.5 architecture (UNet + DDIM), random weights",
+                                {**_SD15, **_RANDOM_REWARDS}),
 }
 
 #: Algorithm presets reproducing the papers' settings (``--preset NAME``): dotted overrides.
