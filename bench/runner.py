@@ -27,6 +27,7 @@ import torch
 from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
 from bench.budget import Budget, Totals
+from bench.distributed import Dist, NullLog
 from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
 from bench.registry import WEIGHTED_REWARD, UsageError, algorithm_class, load_object, model_preset, reward_class
@@ -113,6 +114,17 @@ def model_dir(cfg: Mapping[str, Any]) -> Path:
         return tiny_pipeline_dir("epsilon")
     raise UsageError(f"model preset {m['name']!r} loads from a local directory: pass --model-path DIR "
                      f"(a diffusers pipeline directory you downloaded)")
+
+
+def model_prediction(cfg: Mapping[str, Any]) -> str:
+    """(scale) "flow" or "epsilon", read before the model loads (treebench, real and random pipelines)."""
+    from bench.policy import index_prediction, random_preset_spec
+
+    m = cfg["model"]
+    source = model_preset(m["name"]).source
+    if source.startswith("random:") and not m.get("path"):
+        return index_prediction({"_class_name": random_preset_spec(source.split(":", 1)[1])["pipeline"]})
+    return index_prediction(read_model_index(model_dir(cfg)))
 
 
 def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
@@ -282,16 +294,19 @@ class Run:
         self.seed = int(cfg["seed"])
         self.budget = Budget.parse(str(cfg["budget"]))
         self.device = resolve_device(cfg["model"]["device"])
+        # (scale) one process, or data-parallel under `accelerate launch` (bench/distributed.py)
+        self.dist = Dist.from_config(cfg, self.device)
+        self.device = self.dist.device(self.device)
         algo_cls = algorithm_class(cfg["algo"]["name"])
         algo_cfg = config_mod.algorithm_config(cfg)
         self.train_prompts: PromptSet = load_prompt_set(cfg["data"]["train_prompts"])
         self.eval_prompts: PromptSet = load_prompt_set(cfg["data"]["eval_prompts"])
         # everything is validated before the run directory is created, replaced or resumed
-        self.out = check_out_dir(cfg, resume)
+        self.out = check_out_dir(cfg, resume) if self.dist.is_main else out_path(cfg)
         if resume:
             ckpt_mod.check_resume_config(self.out, ckpt_mod.saved_config(self.out), cfg)
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
-        prediction = read_model_index(model_dir(cfg)).get("treebench", {}).get("prediction", "flow")
+        prediction = model_prediction(cfg)
         s = cfg["sampler"]
         self.sampler = SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]),
                                    noise_level=float(s["noise_level"]), sde_type=s["sde"], shift=float(s["shift"]),
@@ -313,8 +328,9 @@ class Run:
         if self.policy.prediction != prediction:
             raise UsageError(f"{self.policy.path}: the model predicts {self.policy.prediction!r} but its "
                              f"model_index.json says {prediction!r}")
-        self.engine = RolloutEngine(self.policy, max_micro_batch=self.train.micro_batch, seed=self.seed,
-                                    shift=self.sampler.shift)
+        self.dist.prepare_policy(self.policy)  # (scale) DDP wrapper for the update's forward passes
+        self.engine = RolloutEngine(self.policy, max_micro_batch=self.train.micro_batch,
+                                    seed=self.dist.rollout_seed(self.seed), shift=self.sampler.shift)
         params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=float(t["lr"]), betas=(float(t["beta1"]), float(t["beta2"])),
                                            eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]))
@@ -323,9 +339,9 @@ class Run:
         self.first_plan = self.algo.plan(0)
         self.arith = batch_arithmetic(self.first_plan, int(t["prompts_per_iteration"]), self.train.micro_batch,
                                       self.train.optimizer_steps)
-        if not resume:
+        if not resume and self.dist.is_main:
             create_out_dir(self.out, bool(cfg["run"]["overwrite"]))
-        self.log = RunLog(self.out, tensorboard=bool(cfg["run"]["tensorboard"]))
+        self.log = RunLog(self.out, tensorboard=bool(cfg["run"]["tensorboard"])) if self.dist.is_main else NullLog()
         self.totals = Totals()
         self.evals: list[dict[str, Any]] = []
         self.eval_batch = self.eval_prompts.head(int(cfg["eval"]["num_prompts"]))
@@ -357,9 +373,17 @@ class Run:
     def start(self) -> list[dict[str, Any]]:
         """Write the manifest; when resuming, restore the newest valid checkpoint and cut the logs back
         to it. Returns the iteration records already in the run directory."""
+        if not self.dist.is_main:  # (scale) other ranks only restore the state; rank 0 owns the files
+            ck = ckpt_mod.load_latest(self.out) if self.resume else None
+            if ck is not None:
+                self.restore(ck)
+            return []
         if not self.resume:
             self.log.write_manifest(self.manifest())
             return []
+        man_path = self.out / "manifest.json"
+        manifest = json.loads(man_path.read_text())
+        self._check_same_inputs(manifest)
         ck = ckpt_mod.load_latest(self.out)
         if ck is None:
             ckpt_mod.warn(f"{self.out} has no checkpoint: the run restarts from iteration 0")
@@ -368,8 +392,6 @@ class Run:
             self.restore(ck)
             kept = ckpt_mod.repair_logs(self.out, ck.iteration, self.evals)
             self.resumed_from = ck.path.name
-        man_path = self.out / "manifest.json"
-        manifest = json.loads(man_path.read_text())
         manifest.pop("schema_version", None)
         old_budget = manifest.get("config", {}).get("budget")
         manifest["resumes"] = [*manifest.get("resumes", []), {
@@ -385,11 +407,39 @@ class Run:
               f"{t.samples} samples, {t.nfe} NFE, {t.seconds:.1f} s training already done", flush=True)
         return kept
 
+    def _check_same_inputs(self, manifest: Mapping[str, Any]) -> None:
+        """A resumed run must see the same prompts, model weights and reward versions."""
+        changed = []
+        for split, ps in (("train", self.train_prompts), ("eval", self.eval_prompts)):
+            old = manifest.get("prompts", {}).get(split, {}).get("sha256")
+            if old and old != ps.sha256:
+                changed.append(f"the {split} prompt set {ps.name!r} (sha256 {old[:12]}... -> {ps.sha256[:12]}...)")
+        old_w = manifest.get("model", {}).get("weights_sha256")
+        if old_w and old_w != weights_hash(self.policy.path):
+            changed.append(f"the model weights in {self.policy.path}")
+        old_r = {e.get("name"): e.get("version") for e in manifest.get("eval_rewards", [])}
+        old_r[manifest.get("reward", {}).get("spec")] = manifest.get("reward", {}).get("version")
+        for name, rw in {self.cfg["reward"]["name"]: self.reward, **self.eval_rewards}.items():
+            v = str(getattr(rw, "version", "unknown"))
+            if old_r.get(name) not in (None, v):
+                changed.append(f"the version of reward {name!r} ({old_r[name]} -> {v})")
+        if changed:
+            raise UsageError(f"cannot resume {self.out}: {'; '.join(changed)} changed since the run started, so "
+                             f"the resumed iterations would not continue the same run. Restore them or start "
+                             f"a new run.")
+        old_git, git = manifest.get("git", {}), git_state()
+        if old_git.get("commit") and git.get("commit") and old_git["commit"] != git["commit"]:
+            ckpt_mod.warn(f"the code changed since the run started (git {old_git['commit'][:10]} -> "
+                          f"{git['commit'][:10]}); results may differ from an uninterrupted run")
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.policy.denoiser.named_parameters() if p.requires_grad}
 
     def checkpoint(self) -> Path:
         """Save the state after ``totals.iterations`` completed iterations (outside the budget)."""
+        if not self.dist.is_main:  # (scale) the state is identical on every rank; rank 0 writes it
+            self.last_checkpoint = self.totals.iterations
+            return self.out
         t0 = time.perf_counter()
         state = {"totals": asdict(self.totals), "evals": self.evals, "algorithm": self.algo.state_dict(),
                  "engine": {"nfe_rollout": self.engine.nfe_rollout, "nfe_update": self.engine.nfe_update,
@@ -473,7 +523,8 @@ class Run:
     # ---- one iteration ----
     def iteration(self, i: int) -> dict[str, Any]:
         timer = PhaseTimer(self.device)
-        batch = self.train_prompts.sample(int(self.cfg["train"]["prompts_per_iteration"]), self.seed, i)
+        global_batch = self.train_prompts.sample(int(self.cfg["train"]["prompts_per_iteration"]), self.seed, i)
+        batch = self.dist.shard(global_batch)  # (scale) this rank's prompts (all of them in one process)
         nfe_r0, nfe_u0 = self.engine.nfe_rollout, self.engine.nfe_update
         self._check_stop()
         with timer("rollout"):
@@ -489,11 +540,13 @@ class Run:
             nonfinite = "reward"
         elif logp.numel() and not bool(torch.isfinite(logp).all()):
             nonfinite = "logp"
-        adv, stats = None, None
+        nonfinite = self.dist.any_flag(nonfinite)  # (scale) one rank's bad batch is skipped by all
+        adv, stats, view = None, None, None
         if nonfinite is None:
             self.in_update = True  # from here the algorithm's state changes: not checkpointable until done
             with timer("advantage"):
-                adv = self.algo.advantages(batch, rollout, rewards)
+                # (scale) computed on every rank's data (the single-process result), local part kept
+                adv, view = self.dist.advantages(self.algo, global_batch, batch, rollout, rewards)
             with timer("update"):
                 self.policy.train(True)
                 try:
@@ -505,13 +558,17 @@ class Run:
                     self.policy.train(False)
         nfe_r = self.engine.nfe_rollout - nfe_r0
         nfe_u = self.engine.nfe_update - nfe_u0
+        # (scale) budgets count globally: samples and NFE of all ranks, seconds of the slowest
+        n_samples, nfe_r, nfe_u, timer.seconds = self.dist.totals(rollout.num_leaves, nfe_r, nfe_u, timer.seconds)
+        if view is not None:
+            rollout, rewards = view.rollout, view.rewards
         secs = sum(timer.seconds.get(p, 0.0) for p in PHASES)
-        self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + rollout.num_leaves,
+        self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
                              nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1)
         sc = rewards.scores
         nan = float("nan")
         rec: dict[str, Any] = {
-            "iteration": i, "samples": rollout.num_leaves, "samples_total": self.totals.samples,
+            "iteration": i, "samples": n_samples, "samples_total": self.totals.samples,
             "nfe_rollout": nfe_r, "nfe_update": nfe_u, "nfe_total": self.totals.nfe,
             "seconds_total": self.totals.seconds,
             **{f"t_{p}_s": timer.seconds.get(p, 0.0) for p in PHASES}, "t_iteration_s": secs,
@@ -536,6 +593,8 @@ class Run:
 
     # ---- evaluation ----
     def evaluate(self, iteration: int) -> dict[str, Any]:
+        if not self.dist.is_main:  # (scale) rank 0 evaluates and logs
+            return {"iteration": iteration}
         t0 = time.perf_counter()
         T = self.sampler.steps
         plan = RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=1,
@@ -631,8 +690,9 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     r = Run(cfg, resume=resume)
     r._wall0 = time.perf_counter()
     records = r.start()
-    show = cfg["run"]["progress"] if progress is None else progress
-    _announce(r)
+    show = (cfg["run"]["progress"] if progress is None else progress) and r.dist.is_main
+    if r.dist.is_main:
+        _announce(r)
     every = int(cfg["eval"]["every"])
     ckpt_every = int(cfg["run"]["checkpoint_every"])
     skip_nonfinite = cfg["run"]["on_nonfinite"] == "skip"

@@ -18,7 +18,7 @@ from bench.cli import main
 from bench.rollout import RolloutEngine
 from bench.runlog import TIMING_KEYS
 
-ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "4it", "--seed", "3",
+ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--seed", "3",
         "--set", "sampler.steps=3", "--set", "algo.group_size=2", "--set", "eval.every=2",
         "--set", "run.checkpoint_every=1", "--no-progress"]
 
@@ -56,7 +56,7 @@ def _copy(ref, tmp_path, name="copy"):
 
 
 def test_sigkill_at_random_iteration_then_resume_equals_uninterrupted(ref, tmp_path, capsys):
-    k = random.randint(1, 3)  # kill once this many iterations are logged
+    k = random.randint(1, 2)  # kill once this many iterations are logged (of 3)
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     with open(tmp_path / "child.log", "w") as log:
@@ -103,15 +103,15 @@ def test_sigterm_mid_rollout_checkpoints_then_resume_equals_uninterrupted(ref, t
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(ref, tmp_path, capsys):
     run = _copy(ref, tmp_path)
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_000004", "step_000003"]
-    f = run / "checkpoints" / "step_000004" / "policy.safetensors"
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_000003", "step_000002"]
+    f = run / "checkpoints" / "step_000003" / "policy.safetensors"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     assert main(["run", "--resume", str(run), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "skipping checkpoint step_000004" in err and "corrupt" in err and "previous checkpoint" in err
-    assert_same_run(ref, run)  # iteration 3 recomputed from step_000003, identical
+    assert "skipping checkpoint step_000003" in err and "corrupt" in err and "previous checkpoint" in err
+    assert_same_run(ref, run)  # iteration 2 recomputed from step_000002, identical
 
 
 def test_no_valid_checkpoint_is_a_usage_error(ref, tmp_path, capsys):
@@ -128,9 +128,9 @@ def test_resume_extends_budget_and_refuses_other_changes(ref, tmp_path, capsys):
     assert main(["run", "--resume", str(run), "--set", "train.lr=0.5", "--seed", "4"]) == 2
     err = capsys.readouterr().err
     assert "train.lr: 0.0001 (run) -> 0.5 (now)" in err and "seed: 3 (run) -> 4 (now)" in err
-    assert main(["run", "--resume", str(run), "--budget", "3it"]) == 2
+    assert main(["run", "--resume", str(run), "--budget", "2it"]) == 2
     assert "may only be extended" in capsys.readouterr().err
-    assert main(["run", "--resume", str(run), "--budget", "4it,1h"]) == 2  # a new limit is not an extension
+    assert main(["run", "--resume", str(run), "--budget", "3it,1h"]) == 2  # a new limit is not an extension
     assert main(["run", "--resume", str(run), "--overwrite"]) == 2
     assert "contradict" in capsys.readouterr().err
     assert main(["run", "--resume", str(run), "--out", str(tmp_path / "other")]) == 2
@@ -138,22 +138,32 @@ def test_resume_extends_budget_and_refuses_other_changes(ref, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert _records(run / "iterations.jsonl") == _records(ref / "iterations.jsonl")  # untouched
     # extension: one more iteration on top of the finished run; micro-batch may change (memory only)
-    assert main(["run", "--resume", str(run), "--budget", "5it", "--set", "train.micro_batch=3",
+    assert main(["run", "--resume", str(run), "--budget", "4it", "--set", "train.micro_batch=3",
                  "--no-progress"]) == 0
     recs = _records(run / "iterations.jsonl")
-    assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4] and recs[:4] == _records(ref / "iterations.jsonl")
+    assert [r["iteration"] for r in recs] == [0, 1, 2, 3] and recs[:3] == _records(ref / "iterations.jsonl")
     man = json.loads((run / "manifest.json").read_text())
-    assert man["config"]["budget"] == "5it" and man["resumes"][-1]["budget"] == {"before": "4it", "after": "5it"}
+    assert man["config"]["budget"] == "4it" and man["resumes"][-1]["budget"] == {"before": "3it", "after": "4it"}
     final = json.loads((run / "final.json").read_text())
-    assert final["iterations"] == 5 and final["samples_total"] == 5 * 4
+    assert final["iterations"] == 4 and final["samples_total"] == 4 * 4
     evals = _records(run / "evals.jsonl")
-    assert [e["iteration"] for e in evals] == [0, 2, 4, 5]  # the eval at 4 is not repeated
+    assert [e["iteration"] for e in evals] == [0, 2, 4]  # the eval at 2 is not repeated; the old final one (3) is gone
+
+
+def test_resume_refuses_changed_prompts(ref, tmp_path, capsys):
+    run = _copy(ref, tmp_path)
+    man = json.loads((run / "manifest.json").read_text())
+    man["prompts"]["train"]["sha256"] = "0" * 64  # as if the prompt file had been edited since
+    (run / "manifest.json").write_text(json.dumps(man))
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 2
+    assert "the train prompt set" in capsys.readouterr().err
+    assert (run / "final.json").is_file()  # nothing touched
 
 
 def test_existing_run_dir_points_to_resume(ref, tmp_path, capsys):
     assert main(["run", *ARGS, "--out", str(ref)]) == 2
     err = capsys.readouterr().err
-    assert f"--resume {ref}" in err and "--overwrite" in err and "4 iterations logged" in err
+    assert f"--resume {ref}" in err and "--overwrite" in err and "3 iterations logged" in err
 
 
 # ---- checkpoint files ---------------------------------------------------------------------------------
