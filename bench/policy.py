@@ -288,7 +288,7 @@ class Policy:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> None:
-        self.denoiser.train(mode)
+        (self.train_module if self.train_module is not None else self.denoiser).train(mode)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -349,6 +349,16 @@ def read_model_index(path: Path) -> dict[str, Any]:
             f"Download the model yourself (e.g. `huggingface-cli download <repo> --local-dir DIR`) and pass "
             f"--model-path DIR.")
     return json.loads(idx.read_text())
+
+
+def index_prediction(index: dict[str, Any]) -> str:
+    """"flow" or "epsilon" from a model_index.json (without loading anything)."""
+    cls = index.get("_class_name")
+    if cls == "StableDiffusionPipeline":
+        return "epsilon"
+    if cls in REAL_PIPELINES:
+        return "flow"
+    return index.get("treebench", {}).get("prediction", "flow")
 
 
 def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu",
