@@ -34,7 +34,11 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="number of seeds N (runs seeds 0..N-1) or a comma-separated list, e.g. 0,1,7 (default 3)")
     p.add_argument("--out", required=True, help="output directory: DIR/<algo>/seed<s>/ and DIR/report.pdf")
     p.add_argument("--model", default=None, help="model preset or path passed to every run")
+    p.add_argument("--model-path", default=None, help="local diffusers pipeline directory passed to every run")
     p.add_argument("--reward", default=None, help="training reward spec passed to every run")
+    p.add_argument("--eval-rewards", default=None,
+                   help="comma-separated held-out rewards passed to every run (needed for reward-hacking checks)")
+    p.add_argument("--device", default=None, help="device passed to every run")
     p.add_argument("--config", default=None, help="YAML config file passed to every run")
     p.add_argument("--preset", default=None, help="preset passed to every run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -79,10 +83,10 @@ def parse_algos(text: str) -> list[str]:
 
 def passthrough(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
-    for flag in ("model", "reward", "config", "preset"):
+    for flag in ("model", "model_path", "reward", "eval_rewards", "config", "preset", "device"):
         v = getattr(args, flag)
         if v is not None:
-            out += [f"--{flag}", v]
+            out += [f"--{flag.replace('_', '-')}", v]
     for kv in args.set:
         if "=" not in kv:
             raise UsageError(f"--set {kv!r}: expected KEY=VALUE")

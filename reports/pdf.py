@@ -481,7 +481,7 @@ def _checkpoints(ev: pd.DataFrame, n: int) -> list[int]:
 
 
 def _cell_label(c: _Context, ev: pd.DataFrame, i: int, keys: Sequence[str]) -> str:
-    vals = [_fmt(ev.loc[i, k]) for k in keys if k in ev]
+    vals = [_fmt(ev.loc[i, k], 4) for k in keys if k in ev]
     return f"it {int(ev.loc[i, 'iteration'])}: " + " / ".join(vals)
 
 
@@ -520,7 +520,8 @@ def _samples_page(w: _Writer, c: _Context) -> None:
 
 def _hacking_pages(w: _Writer, c: _Context) -> None:
     flagged = [run for run, f in c.hacking.items() if any(f)]
-    shown = flagged[:4] if flagged else c.rs.runs.drop_duplicates("label")["run"].tolist()[:4]
+    # flagged runs first, then the first seed of each label for context, four panels at most
+    shown = list(dict.fromkeys(flagged[:4] + c.rs.runs.drop_duplicates("label")["run"].tolist()))[:4]
     heading = "Reward hacking: " + (f"FLAGGED in {len(flagged)} run(s)" if flagged else
                                     "not flagged" if c.rs.heldout_keys() else "no held-out reward to check")
     rule = ("Rule: over 3 consecutive evaluations the training reward's eval score rises at every step while "
@@ -531,7 +532,8 @@ def _hacking_pages(w: _Writer, c: _Context) -> None:
     train, held = c.rs.train_eval_key(), c.rs.heldout_keys()
     for ax, run in zip(axes.flat, shown):
         ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration")
-        plots.reward_hacking_panel(ax, ev, train, held, c.hacking.get(run, []), title=run)
+        plots.reward_hacking_panel(ax, ev, train, held, c.hacking.get(run, []),
+                                   title=f"{run}: FLAGGED" if run in flagged else f"{run}: not flagged")
     for ax in list(axes.flat)[len(shown):]:
         ax.set_axis_off()
     if not shown:
