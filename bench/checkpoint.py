@@ -440,17 +440,21 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
                          "--resume continues")
     layer: dict[str, Any] = dict(config.flatten(saved))
     explicit: set[str] = set()
+    file_layer = config.load_config_file(config_file) if config_file else {}
+    algo = saved.get("algo", {}).get("name")
+    for src in (file_layer, overrides or {}, flags):
+        if src.get("algo.name") not in (None, algo):
+            raise UsageError(f"cannot resume {run_dir}: the configuration differs from the one the run was started "
+                             f"with:\n{format_diff([('algo.name', algo, src['algo.name'])])}\nA run cannot change its "
+                             f"algorithm; start a new run (another --out).")
     if preset:
-        algo = flags.get("algo.name", saved.get("algo", {}).get("name"))
         presets = getattr(algorithm_class(algo), "PRESETS", {}) or {}
         if preset not in presets:
             raise UsageError(did_you_mean(preset, list(presets) or ["(none)"], f"preset for algorithm {algo!r}"))
         layer.update(presets[preset])
         explicit |= set(presets[preset])
-    if config_file:
-        file_layer = config.load_config_file(config_file)
-        layer.update(file_layer)
-        explicit |= set(file_layer)
+    layer.update(file_layer)
+    explicit |= set(file_layer)
     layer.update(overrides or {})
     explicit |= set(overrides or {})
     explicit |= set(flags)

@@ -79,6 +79,7 @@ CASES = [
     ("resume-not-run", "--resume of a directory that is not a run", ["run", "--resume", "{tmp}/full_dir"]),
     ("resume-changed", "--resume with a changed setting",
      ["run", "--resume", "{tmp}/old_run", "--set", "train.lr=0.5", "--set", "algo.group_size=3"]),
+    ("resume-algo", "--resume with another algorithm", ["run", "--resume", "{tmp}/old_run", "--algo", "treegrpo"]),
     ("resume-shrink", "--resume with a smaller budget", ["run", "--resume", "{tmp}/old_run", "--budget", "2it"]),
     ("resume-overwrite", "--resume with --overwrite", ["run", "--resume", "{tmp}/old_run", "--overwrite"]),
     ("resume-out", "--resume with another --out", ["run", "--resume", "{tmp}/old_run", "--out", "{tmp}/other"]),
