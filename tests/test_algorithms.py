@@ -28,6 +28,16 @@ BATCH = PromptBatch(("a red circle", "a blue square"))
 P = len(BATCH)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared, busy machine a second
+    spinning thread makes these tests several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def flow_policy(tiny_flow_dir):
     return load_policy(tiny_flow_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import config, runner
 from bench.registry import ALGORITHMS, UsageError, algorithm_class
@@ -14,6 +15,16 @@ from bench.registry import ALGORITHMS, UsageError, algorithm_class
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
          "mixgrpo": {"algo.group_size": 2, "algo.window": 2, "algo.shift_interval": 1},
          "treegrpo": {"algo.k": 2, "algo.d": 2}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared, busy machine a second
+    spinning thread makes these tests several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, algo, model="tiny-random", **sets):
