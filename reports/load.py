@@ -253,6 +253,12 @@ def _concat(frames: list[pd.DataFrame], ident: pd.DataFrame) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=["run", "algo", "label", "seed", "iteration"])
     df = pd.concat(frames, ignore_index=True)
+    for col in df.columns:  # the run log writes non-finite floats as null / "inf" / "-inf"
+        if col != "run" and not pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col]):
+            try:
+                df[col] = pd.to_numeric(df[col])
+            except (ValueError, TypeError):
+                pass
     df = ident.merge(df, on="run", how="right")
     return df
 

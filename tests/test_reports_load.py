@@ -106,3 +106,16 @@ def test_manifest_fields_read(tmp_path):
     r = L.load([d]).runs.iloc[0]
     assert (r["algo"], r["seed"], r["cfg.algo.window"], r["label"]) == ("mixgrpo", 7, 4, "mixgrpo")
     assert r["git_commit"].startswith("0123") and r["device_name"] == "cpu"
+
+
+def test_non_finite_values_as_the_run_log_writes_them(tmp_path):
+    d = write_run(tmp_path / "r")
+    lines = (d / "iterations.jsonl").read_text().splitlines()
+    rec = json.loads(lines[3])
+    rec["reward_mean"], rec["loss"], rec["grad_norm"] = None, "inf", "-inf"
+    lines[3] = json.dumps(rec)
+    (d / "iterations.jsonl").write_text("\n".join(lines) + "\n")
+    it = L.load([d]).iterations
+    assert it["loss"].dtype.kind == "f" and it["loss"].iloc[3] == float("inf")
+    assert it["grad_norm"].iloc[3] == float("-inf") and it["reward_mean"].isna().iloc[3]
+    assert it["samples_total"].dtype.kind == "i"
