@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.budget import Budget
 from bench.registry import ALGORITHMS, UsageError, did_you_mean
 
 #: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
@@ -27,7 +28,9 @@ RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
 
 
 def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train every algorithm under one budget on the same prompts and seeds "
+                               "(one `bench run` subprocess each), then write DIR/report.pdf.")
     p.add_argument("--algos", required=True, help="comma-separated algorithms, e.g. ddpo,dancegrpo,mixgrpo,treegrpo")
     p.add_argument("--budget", required=True, help="budget of every run, e.g. 20m, 5000samples, 2e6nfe, 300it")
     p.add_argument("--seeds", default="3",
@@ -146,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         algos, seeds, extra = parse_algos(args.algos), parse_seeds(args.seeds), passthrough(args)
+        Budget.parse(args.budget)  # fail before starting any run
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ def test_failed_runs_are_reported(fake_runner, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--algos", "treegrop", "--budget", "1m"], "Did you mean 'treegrpo'"),
     (["--algos", "ddpo", "--budget", "1m", "--seeds", "0"], "--seeds '0'"),
+    (["--algos", "ddpo", "--budget", "20q"], "bad budget term '20q'"),
     (["--algos", "ddpo", "--budget", "1m", "--set", "novalue"], "KEY=VALUE"),
     (["--algos", "ddpo", "--budget", "1m", "--baseline", "treegrpo"], "not among --algos"),
 ])
