@@ -7,7 +7,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, UsageError, did_you_mean, load_object
+from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, Entry, UsageError, did_you_mean, load_object
+
+#: (scale) subcommands implemented inside bench, dispatched like the registry's COMMANDS
+BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
+                                                          "merged/full denoiser weights")}
 
 EPILOG = """examples:
   bench run --algo treegrpo --budget 10m            # embedded shapes world on CPU
@@ -122,23 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(r)
     ls = sub.add_parser("list", help="algorithms, rewards, models, presets, prompt sets")
     ls.add_argument("--presets", action="store_true", help="also list algorithm presets (imports algorithms)")
-    for name, e in COMMANDS.items():
+    for name, e in {**COMMANDS, **BENCH_COMMANDS}.items():
         sub.add_parser(name, help=e.description, add_help=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
+    commands = {**COMMANDS, **BENCH_COMMANDS}
+    if argv and argv[0] in commands:
         try:
-            fn = load_object(COMMANDS[argv[0]].target)
+            fn = load_object(commands[argv[0]].target)
         except NotImplementedError as e:
             print(f"bench {argv[0]}: not available: {e}", file=sys.stderr)
             return 2
         return _guard(lambda: int(fn(argv[1:]) or 0))
     parser = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in ("run", "list"):
-        parser.exit(2, f"bench: error: {did_you_mean(argv[0], ['run', 'list', *COMMANDS], 'command')}\n")
+        parser.exit(2, f"bench: error: {did_you_mean(argv[0], ['run', 'list', *commands], 'command')}\n")
     a = parser.parse_args(argv)
     if a.command is None:
         parser.print_help()

@@ -1,0 +1,126 @@
+"""Export trained weights for use outside treebench: ``bench export-lora RUN_DIR --out DIR [--merge]``.
+
+* LoRA runs (``model.lora_rank > 0``): ``DIR/pytorch_lora_weights.safetensors`` in the diffusers format
+  (keys ``transformer.*`` / ``unet.*``, with the adapter's rank/alpha/targets as metadata), loadable with
+  ``pipe.load_lora_weights(DIR)`` on the base pipeline. With ``--merge`` also
+  ``DIR/merged/<transformer|unet>/``: the denoiser with the adapter fused into its weights, a drop-in
+  replacement for the same folder of the base pipeline.
+* Full fine-tuning runs (``model.lora_rank = 0``): ``DIR/<transformer|unet>/``, the trained denoiser.
+
+The base model is rebuilt from the run's manifest (``model.path`` must still point at it) and the
+trained weights come from the run's newest valid checkpoint (or ``--checkpoint N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from bench.registry import UsageError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _pipeline_saver(policy: Any) -> tuple[Any, str]:
+    """The diffusers pipeline class whose ``save_lora_weights`` writes this denoiser's family, and the
+    keyword of its LoRA layers."""
+    import diffusers
+
+    if policy._is_unet:
+        return diffusers.StableDiffusionPipeline, "unet"
+    if policy.family == "flux":
+        return diffusers.FluxPipeline, "transformer"
+    return diffusers.StableDiffusion3Pipeline, "transformer"
+
+
+def save_lora(policy: Any, out_dir: str | Path) -> Path:
+    """Write the denoiser's LoRA adapter in the diffusers format (DIR/pytorch_lora_weights.safetensors)."""
+    from peft.utils import get_peft_model_state_dict
+
+    den = policy.denoiser
+    if not getattr(den, "_hf_peft_config_loaded", False):
+        raise UsageError("the model has no LoRA adapter (model.lora_rank = 0): export the full denoiser instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(den).items()}
+    cls, key = _pipeline_saver(policy)
+    meta = den.peft_config["default"].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    cls.save_lora_weights(out, **{f"{key}_lora_layers": layers, f"{key}_lora_adapter_metadata": meta},
+                          weight_name=LORA_WEIGHT_NAME)
+    return out / LORA_WEIGHT_NAME
+
+
+def save_merged(policy: Any, out_dir: str | Path) -> Path:
+    """Fuse the LoRA adapter into a copy of the base weights and save the plain denoiser
+    (``DIR/<transformer|unet>/``). The policy's own denoiser is left unchanged."""
+    import copy
+
+    den = copy.deepcopy(policy.denoiser)
+    if getattr(den, "_hf_peft_config_loaded", False):
+        den.fuse_lora(lora_scale=1.0)
+        den.unload_lora()
+    out = Path(out_dir) / ("unet" if policy._is_unet else "transformer")
+    den.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu") -> Any:
+    """Rebuild a run's policy (base model + adapter) and load its trained weights from a checkpoint."""
+    from bench import checkpoint as ckpt_mod
+    from bench.runner import build_policy
+
+    run_dir = Path(run_dir)
+    man = run_dir / "manifest.json"
+    if not man.is_file():
+        raise UsageError(f"{run_dir} is not a run directory (no manifest.json)")
+    cfg = json.loads(man.read_text())["config"]
+    if checkpoint is None:
+        ck = ckpt_mod.load_latest(run_dir)
+        if ck is None:
+            raise UsageError(f"{run_dir} has no checkpoint to export (run.checkpoint_every > 0 writes them)")
+    else:
+        path = ckpt_mod.step_dir(run_dir, int(checkpoint))
+        if not path.is_dir():
+            have = ", ".join(p.name for p in ckpt_mod.list_checkpoints(run_dir)) or "none"
+            raise UsageError(f"no checkpoint {path}; available: {have}")
+        ck = ckpt_mod.load(path)
+    policy = build_policy(cfg, torch.device(device))
+    params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
+    missing = sorted(set(params) - set(ck.policy))
+    if missing:
+        raise UsageError(f"checkpoint {ck.path} does not match the model rebuilt from {man} "
+                         f"(missing {missing[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(ck.policy[n].to(p.device, p.dtype))
+    return policy
+
+
+def export(run_dir: str | Path, out_dir: str | Path, checkpoint: int | None = None, merge: bool = False,
+           device: str = "cpu") -> list[Path]:
+    policy = load_trained_policy(run_dir, checkpoint, device)
+    if not policy.is_lora:
+        return [save_merged(policy, out_dir)]
+    written = [save_lora(policy, out_dir)]
+    if merge:
+        written.append(save_merged(policy, Path(out_dir) / "merged"))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench export-lora", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: newest)")
+    p.add_argument("--merge", action="store_true", help="also write the denoiser with the adapter fused in")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    for path in export(a.run_dir, a.out, a.checkpoint, a.merge, a.device):
+        print(f"wrote {path}")
+    return 0
