@@ -311,6 +311,11 @@ def _title_page(w: _Writer, c: _Context) -> None:
     if len(incomplete):
         notes.append("Runs not stopped by their budget: "
                      + ", ".join(f"{a} ({b})" for a, b in zip(incomplete["run"], incomplete["stop_reason"])))
+    if len(git) > 1:
+        notes.append(f"The runs come from {len(git)} different code versions (git commits above); "
+                     "differences between methods may partly be code changes.")
+    elif any(bool(d) for d in r["git_dirty"].dropna()):
+        notes.append("The runs come from a working tree with uncommitted changes (dirty).")
     flagged = [run for run, f in c.hacking.items() if any(f)]
     if flagged:
         notes.append("Reward hacking flagged in: " + ", ".join(flagged))
@@ -627,13 +632,13 @@ def _speedup_rows(c: _Context) -> tuple[pd.DataFrame, list[str]]:
         if np.isfinite(s["speedup"]):
             word = "faster" if s["speedup"] >= 1 else "slower"
             factor = s["speedup"] if s["speedup"] >= 1 else 1 / s["speedup"]
-            lines.append(f"{lab} is {factor:.1f}x {word} than {c.baseline} to reach reward {c.threshold:.3g} "
+            lines.append(f"{lab} is {factor:.1f}x {word} than {c.baseline} to reach reward {_fmt(c.threshold, 4)} "
                          f"({_fmt_budget(s['budget_to_threshold'], sentence_axis)} vs "
                          f"{_fmt_budget(s['baseline_budget'], sentence_axis)}{_AXIS_WORDS[sentence_axis]})")
         else:
             mine, base = s["budget_to_threshold"], s["baseline_budget"]
             lines.append(
-                f"{lab} {'reaches' if np.isfinite(mine) else 'does not reach'} reward {c.threshold:.3g}"
+                f"{lab} {'reaches' if np.isfinite(mine) else 'does not reach'} reward {_fmt(c.threshold, 4)}"
                 + (f" ({_fmt_budget(mine, sentence_axis)}{_AXIS_WORDS[sentence_axis]})" if np.isfinite(mine) else "")
                 + f"; {c.baseline} {'needs ' + _fmt_budget(base, sentence_axis) if np.isfinite(base) else 'does not'}")
     return pd.DataFrame(rows), lines
