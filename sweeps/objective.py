@@ -30,6 +30,7 @@ import optuna
 
 from bench import config as config_mod
 from bench import runner
+from bench.budget import Budget, Totals
 from bench.registry import UsageError, algorithm_class
 from bench.types import SamplerSpec, TrainSpec
 from sweeps.spaces import InvalidCombination, Space, sample
@@ -152,7 +153,8 @@ class Objective:
         cfg["run"]["overwrite"] = True  # trial numbers are unique within a study
         trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
-        reporter = _Reporter(trial, spec.objective, multi=spec.cost is not None)
+        reporter = _Reporter(trial, spec.objective, multi=spec.cost is not None,
+                             budget=Budget.parse(str(cfg["budget"])))
         try:
             with Heartbeat(trial, spec.heartbeat_s):
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
@@ -197,9 +199,17 @@ class Objective:
 class _Reporter:
     """``on_eval`` callback: reports held-out values to Optuna and stops the run when it is pruned."""
 
-    def __init__(self, trial: optuna.Trial, key: str, multi: bool):
-        self.trial, self.key, self.multi = trial, key, multi
+    def __init__(self, trial: optuna.Trial, key: str, multi: bool, budget: Budget | None = None):
+        self.trial, self.key, self.multi, self.budget = trial, key, multi, budget
         self.prune_reason: str | None = None
+
+    def _finished(self, rec: Mapping[str, Any]) -> bool:
+        """The evaluation after the last iteration: the run is done, pruning would only discard it."""
+        if self.budget is None:
+            return False
+        totals = Totals(seconds=float(rec["seconds_total"]), samples=int(rec["samples_total"]),
+                        nfe=int(rec["nfe_total"]), iterations=int(rec["iteration"]))
+        return self.budget.exhausted(totals) is not None
 
     def __call__(self, rec: Mapping[str, Any]) -> None:
         if self.key not in rec:
@@ -211,6 +221,6 @@ class _Reporter:
         if not math.isfinite(value):
             return
         self.trial.report(value, step)
-        if step > 0 and self.trial.should_prune():
+        if step > 0 and not self._finished(rec) and self.trial.should_prune():
             self.prune_reason = f"pruned at iteration {step}: {self.key} = {value:.6g}"
             raise runner.StopRun("pruned")

@@ -159,6 +159,11 @@ def test_pruned_trial_stops_early_and_shows_as_pruned(tmp_path):
     assert t.intermediate_values and min(t.intermediate_values) == 1
     final = json.loads((tmp_path / "trials" / "0" / "final.json").read_text())
     assert final["stop_reason"] == "pruned" and final["iterations"] == 1
+    # the evaluation after the last iteration is reported but never pruned: the run is already done
+    spec = _spec(tmp_path / "last", "--budget-per-trial", "1it")
+    study = optuna.create_study(pruner=_AlwaysPrune(), direction="maximize")
+    study.optimize(Objective(spec), n_trials=1, catch=(TrialFailed,))
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].intermediate_values
 
 
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
