@@ -50,7 +50,7 @@ URL="postgresql://postgres@127.0.0.1:$PORT/treebench"
 echo "== two workers: bench sweep --storage $URL --study demo --trials $TRIALS"
 run_worker() {
   HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 "$PY" -m bench.cli sweep --algo grpo --model tiny-random --space group_size \
-    --trials "$TRIALS" --budget-per-trial "$BUDGET" --study demo --storage "$URL" --out "$WORK/$1" \
+    --trials "$TRIALS" --budget-per-trial "$BUDGET" --pruner none --study demo --storage "$URL" --out "$WORK/$1" \
     --set sampler.steps=3 eval.every=1 eval.num_prompts=2 train.prompts_per_iteration=1 >"$WORK/$1.log" 2>&1
 }
 t0=$(date +%s)
