@@ -320,8 +320,7 @@ def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(_clean(r)) + "\n")
+        f.writelines(json.dumps(_clean(r)) + "\n" for r in records)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

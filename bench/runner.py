@@ -201,7 +201,8 @@ def check_out_dir(cfg: Mapping[str, Any], resume: bool = False) -> Path:
         raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not cfg["run"]["overwrite"]:
         if (out / "manifest.json").is_file():
-            done = sum(1 for _ in open(out / "iterations.jsonl")) if (out / "iterations.jsonl").is_file() else 0
+            it_file = out / "iterations.jsonl"
+            done = it_file.read_bytes().count(b"\n") if it_file.is_file() else 0
             cks = ckpt_mod.list_checkpoints(out)
             where = f"newest checkpoint {cks[0].name}" if cks else "no checkpoint"
             raise UsageError(f"run directory {out} already holds a run ({done} iterations logged, {where}); "
@@ -494,7 +495,7 @@ class Run:
             return _score(reward, images, batch, leaf_prompts)
         except UsageError:
             raise
-        except Exception as e:  # noqa: BLE001 - every reward failure is reported the same way
+        except Exception as e:  # every reward failure is reported the same way
             if _is_missing_weights(e):
                 raise UsageError(str(e)) from None
             if _is_oom(e):

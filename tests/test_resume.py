@@ -199,7 +199,7 @@ def test_checkpoint_roundtrip_without_pickle_and_pruning(tmp_path):
     assert torch.equal(torch.rand(5), expected_draw)
     # a leftover temporary directory of a killed writer is ignored and cleaned by the next save
     (tmp_path / "checkpoints" / ".tmp_step_000004_999999").mkdir()
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)][0] == "step_000003"
+    assert checkpoint.list_checkpoints(tmp_path)[0].name == "step_000003"
     checkpoint.save(tmp_path, 4, policy=dict(net.named_parameters()), optimizer=opt.state_dict(), state=state,
                     keep=2)
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
