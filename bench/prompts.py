@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.registry import UsageError, did_you_mean
+from bench.registry import UsageError, suggestions
 from bench.seeding import generator
 from bench.types import PromptBatch
 
@@ -72,8 +72,8 @@ def load_prompt_set(spec: str) -> PromptSet:
     if path is None:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise UsageError(f"prompt set {spec!r} is neither a file nor a built-in set. "
-                             + did_you_mean(spec, list(sets), "built-in prompt set"))
+            raise UsageError(f"prompt set {spec!r} is neither a file nor a built-in prompt set. "
+                             f"{suggestions(spec, list(sets))}")
     if not path.is_file():
         raise UsageError(f"prompt set {spec!r}: {path} is not a file")
     raw = path.read_bytes()

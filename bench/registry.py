@@ -18,11 +18,16 @@ class UsageError(ValueError):
     and exits with status 2."""
 
 
-def did_you_mean(name: str, valid: list[str] | tuple[str, ...] | Any, what: str) -> str:
+def suggestions(name: str, valid: list[str] | tuple[str, ...] | Any) -> str:
+    """"Did you mean 'x'? Valid: a, b, c." (the did-you-mean part only when something is close)."""
     valid = sorted(valid)
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return f"unknown {what} {name!r}.{hint} Valid: {', '.join(valid)}."
+    hint = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}Valid: {', '.join(valid)}."
+
+
+def did_you_mean(name: str, valid: list[str] | tuple[str, ...] | Any, what: str) -> str:
+    return f"unknown {what} {name!r}. {suggestions(name, valid)}"
 
 
 @dataclass(frozen=True)
