@@ -100,7 +100,7 @@ def hard_negative(a: world.Attributes, attr: str, rng: np.random.Generator) -> w
 
 
 def train(out: Path, minutes: float, seed: int = 0, max_steps: int | None = None, batch_size: int = 96,
-          per_combo: int = 24, lr: float = 2e-3, log_every: int = 50) -> ShapesPrefNet:
+          per_combo: int = 24, lr: float = 2e-3, log_every: int = 25, width: int = 16) -> ShapesPrefNet:
     t0 = time.time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -108,7 +108,7 @@ def train(out: Path, minutes: float, seed: int = 0, max_steps: int | None = None
     combos = world.split("train")
     bank = render_bank(combos, per_combo, seed)
     colour_of = torch.tensor([COLOUR_INDEX[a.colour] for a in combos])
-    net = ShapesPrefNet(world.VOCABULARY)
+    net = ShapesPrefNet(world.VOCABULARY, width=width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total = max_steps or 10**9
     print(f"training shapes_pref: {sum(p.numel() for p in net.parameters()) / 1e3:.0f} K parameters, "
@@ -198,8 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=96)
     p.add_argument("--per-combo", type=int, default=24)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--width", type=int, default=16, help="channels of the first conv layer")
     a = p.parse_args(argv)
-    train(a.out, a.minutes, seed=a.seed, max_steps=a.steps, batch_size=a.batch_size, per_combo=a.per_combo)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    train(a.out, a.minutes, seed=a.seed, max_steps=a.steps, batch_size=a.batch_size, per_combo=a.per_combo,
+          width=a.width)
     return 0
 
 

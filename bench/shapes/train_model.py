@@ -17,8 +17,8 @@ Training follows exactly the conventions the policy samples with (bench/policy.p
 Training images are jittered renders (``world.render(attrs, rng)``) of the *train* split only.
 
 The model is deliberately stopped early: the shipped one gets roughly half of the held-out prompts
-fully right, which leaves room for RL post-training to show. ``--snapshot-every`` writes intermediate
-EMA pipelines so the stopping point can be chosen by evaluation (scripts/eval_shapes_base.py).
+fully right, which leaves room for RL post-training to show. ``--snapshot-every N`` writes an EMA pipeline every
+N steps (next to ``--out``) so the stopping point can be chosen by evaluation (scripts/eval_shapes_base.py).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def train(out: Path, minutes: float, seed: int = 0, max_steps: int | None = None, batch_size: int = 128,
           lr: float = 5e-4, ema_decay: float = 0.999, cfg_dropout: float = 0.1, per_combo: int = 64,
-          snapshot_every: float | None = None, guidance: float = DEFAULT_GUIDANCE, log_every: int = 50) -> dict:
+          snapshot_every: int | None = None, guidance: float = DEFAULT_GUIDANCE, log_every: int = 50) -> dict:
     t_start = time.time()
     den, text, tok, sch = build_components(seed)
     combos = world.split("train")
@@ -121,7 +121,7 @@ def train(out: Path, minutes: float, seed: int = 0, max_steps: int | None = None
     print(f"training shapes model: {n_params / 1e6:.2f} M parameters, {len(combos)} train combinations, "
           f"batch {batch_size}, lr {lr}, budget {minutes} min" + (f" / {max_steps} steps" if max_steps else ""),
           flush=True)
-    step, next_snap, losses = 0, snapshot_every, []
+    step, losses = 0, []
     deadline = t_start + 60 * minutes
     while time.time() < deadline and (max_steps is None or step < max_steps):
         ci = torch.randint(len(combos), (batch_size,), generator=gen)
@@ -145,12 +145,11 @@ def train(out: Path, minutes: float, seed: int = 0, max_steps: int | None = None
         elapsed = (time.time() - t_start) / 60
         if step % log_every == 0:
             print(f"step {step:6d}  loss {np.mean(losses[-log_every:]):.4f}  {elapsed:6.2f} min", flush=True)
-        if next_snap is not None and elapsed >= next_snap:
-            snap = out.parent / f"{out.name}-snapshots" / f"min{int(round(next_snap)):03d}"
+        if snapshot_every and step % snapshot_every == 0:
+            snap = out.parent / f"{out.name}-snapshots" / f"step{step:05d}"
             save_pipeline(snap, denoiser=ema_den, text_encoder=ema_text, tokenizer=tok, scheduler=sch,
                           meta=model_meta(guidance))
-            print(f"snapshot {snap} at step {step}", flush=True)
-            next_snap += snapshot_every
+            print(f"snapshot {snap} at {elapsed:.2f} min", flush=True)
     save_pipeline(out, denoiser=ema_den, text_encoder=ema_text, tokenizer=tok, scheduler=sch,
                   meta=model_meta(guidance))
     info = {"steps": step, "minutes": round((time.time() - t_start) / 60, 2), "seed": seed,
@@ -170,9 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--per-combo", type=int, default=64, help="jittered renders per train combination")
-    p.add_argument("--snapshot-every", type=float, default=None, help="minutes between EMA snapshots")
+    p.add_argument("--snapshot-every", type=int, default=None, help="steps between EMA snapshots")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale stored as the default")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is much faster on a machine shared with other jobs)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     train(a.out, a.minutes, seed=a.seed, max_steps=a.steps, batch_size=a.batch_size, lr=a.lr,
           per_combo=a.per_combo, snapshot_every=a.snapshot_every, guidance=a.guidance)
     return 0
