@@ -7,8 +7,8 @@
   replacement for the same folder of the base pipeline.
 * Full fine-tuning runs (``model.lora_rank = 0``): ``DIR/<transformer|unet>/``, the trained denoiser.
 
-The base model is rebuilt from the run's manifest (``model.path`` must still point at it) and the
-trained weights come from the run's newest valid checkpoint (or ``--checkpoint N``).
+The base model is rebuilt in float32 from the run's manifest (``model.path`` must still point at it)
+and the trained weights come from the run's newest valid checkpoint (or ``--checkpoint N``).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
             have = ", ".join(p.name for p in ckpt_mod.list_checkpoints(run_dir)) or "none"
             raise UsageError(f"no checkpoint {path}; available: {have}")
         ck = ckpt_mod.load(path)
+    # the base model in float32 whatever the run's mixed precision: merges are exact, outputs comparable
+    cfg["model"] = {**cfg["model"], "mixed_precision": "no", "compile": False, "gradient_checkpointing": False}
     policy = build_policy(cfg, torch.device(device))
     params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(ck.policy))

@@ -1,10 +1,20 @@
-"""Benchmarks (not tests): ``python -m bench.perf engine [--json]``.
+"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``.
 
 ``engine``: the rollout engine's throughput as a ratio of the raw denoiser's forward throughput on the
 same model, micro-batch and number of evaluations, both measured in this run (best of ``--repeats``),
 for a chain plan (G chains per prompt, all SDE) and a k=3, d=3 tree plan (TreeGRPO's paper setting).
 ratio = (engine evaluations / s) / (raw evaluations / s); 1.0 means the engine adds no overhead
 beyond the denoiser calls (target >= 0.95). With ``--json`` the last line is one JSON object.
+
+``paper-table``: the TreeGRPO paper's time-per-iteration comparison (SD3.5-medium, 512 px, T = 10,
+CFG 4.5, Flow-GRPO SDE noise 0.7, shift 3) for DanceGRPO (G = 12, trained fraction 0.6), MixGRPO
+(G = 12, window 4) and TreeGRPO (k = 3, d = 3), each a real ``bench run`` on the same model preset,
+prompts per iteration and micro-batch: seconds per iteration and per phase (mean over the timed
+iterations after warm-up), peak device memory, NFE, and the ratios to DanceGRPO beside the paper's
+numbers (8 GPUs: TreeGRPO 72.0, MixGRPO 145.4, DanceGRPO 184.0 s/iter). Default model
+``sd3.5-medium-random`` (real architecture, random weights: timing needs no download); ``--quick
+--model tiny-random`` runs the same code path on CPU in seconds. Writes JSON (``--out``). See
+docs/SCALE.md for the GPU command.
 """
 
 from __future__ import annotations
@@ -98,6 +108,95 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     return out
 
 
+#: the TreeGRPO paper's time per iteration (s/iter, 8 GPUs, SD3.5-medium; ALGORITHMS.md §7.1)
+PAPER_S_PER_ITER = {"dancegrpo": 184.0, "mixgrpo": 145.4, "treegrpo": 72.0}
+#: the paper's comparison setting, shared by the three algorithms
+PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
+                 "sampler.shift": 3.0}
+PAPER_ALGOS: dict[str, dict[str, Any]] = {
+    "dancegrpo": {"algo.group_size": 12, "algo.timestep_fraction": 0.6},
+    "mixgrpo": {"algo.group_size": 12, "algo.window": 4},
+    "treegrpo": {"algo.k": 3, "algo.d": 3},
+}
+PHASE_KEYS = ("rollout", "reward", "advantage", "update")
+
+
+def _paper_row(algo: str, model: str, overrides: dict[str, Any], iterations: int, warmup: int,
+               device: str) -> dict[str, Any]:
+    """One algorithm: a real ``bench run`` for warmup + iterations iterations; timings of the last ones."""
+    import tempfile
+
+    from bench import config, runner
+
+    sets = {**PAPER_SAMPLER, **PAPER_ALGOS[algo], "eval.every": 0, "eval.at_start": False, "eval.num_prompts": 1,
+            "run.checkpoint_every": 0, "model.device": device, **overrides}
+    with tempfile.TemporaryDirectory(prefix=f"paper_table_{algo}_") as tmp:
+        cfg = config.resolve(sets, flags={"algo.name": algo, "model.name": model, "budget": f"{warmup + iterations}it",
+                                          "out": tmp, "run.overwrite": True, "run.progress": False})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        summary = runner.run(cfg, progress=False)
+        recs = [r for r in summary.records if r["iteration"] >= warmup]
+    n = max(1, len(recs))
+    row: dict[str, Any] = {"s_per_iter": sum(r["t_iteration_s"] for r in recs) / n,
+                           **{f"{p}_s": sum(r[f"t_{p}_s"] for r in recs) / n for p in PHASE_KEYS},
+                           "peak_mem_gb": max(r["peak_mem_mb"] for r in recs) / 1024,
+                           "nfe_rollout": recs[-1]["nfe_rollout"], "nfe_update": recs[-1]["nfe_update"],
+                           "images": recs[-1]["samples"], "iterations_timed": len(recs),
+                           "settings": {k: v for k, v in sets.items() if k.startswith(("algo.", "sampler.", "train.",
+                                                                                         "model."))}}
+    return row
+
+
+def paper_table(model: str = "sd3.5-medium-random", prompts: int = 2, iterations: int = 2, warmup: int = 1,
+                device: str = "auto", algos: tuple[str, ...] = ("dancegrpo", "mixgrpo", "treegrpo"),
+                overrides: dict[str, Any] | None = None,
+                algo_overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Time per iteration of the paper's three algorithms under one setting (see the module docstring).
+    ``overrides`` apply to every algorithm, ``algo_overrides[name]`` to one (tests shrink groups with it)."""
+    from bench.runner import resolve_device
+    from bench.runlog import device_info
+
+    dev = resolve_device(device)
+    sets = {"train.prompts_per_iteration": prompts, **(overrides or {})}
+    out: dict[str, Any] = {"model": model, "device": device_info(dev), "prompts_per_iteration": prompts,
+                           "iterations": iterations, "warmup": warmup, "overrides": sets,
+                           "paper_s_per_iter": PAPER_S_PER_ITER, "results": {}}
+    for algo in algos:
+        try:
+            row_sets = {**sets, **(algo_overrides or {}).get(algo, {})}
+            out["results"][algo] = _paper_row(algo, model, row_sets, iterations, warmup, str(dev))
+        except Exception as e:  # noqa: BLE001 - one algorithm's failure (e.g. OOM) must not lose the others
+            out["results"][algo] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base = out["results"].get("dancegrpo", {}).get("s_per_iter")
+    for algo, row in out["results"].items():
+        if "s_per_iter" in row and base:
+            row["ratio_to_dancegrpo"] = row["s_per_iter"] / base
+        if algo in PAPER_S_PER_ITER:
+            row["paper_s_per_iter"] = PAPER_S_PER_ITER[algo]
+            row["paper_ratio_to_dancegrpo"] = PAPER_S_PER_ITER[algo] / PAPER_S_PER_ITER["dancegrpo"]
+    return out
+
+
+def format_paper_table(res: dict[str, Any]) -> str:
+    head = (f"{'algorithm':<10} {'s/iter':>8} {'rollout':>8} {'reward':>7} {'adv':>6} {'update':>8} "
+            f"{'peak GB':>8} {'NFE roll':>8} {'NFE upd':>8} {'images':>6} {'x Dance':>8} {'paper':>7} {'paper x':>8}")
+    lines = [f"model {res['model']} on {res['device'].get('name', res['device'])}, {res['prompts_per_iteration']} "
+             f"prompts/iteration, mean of {res['iterations']} iterations after {res['warmup']} warm-up", head]
+    for algo, r in res["results"].items():
+        if "error" in r:
+            lines.append(f"{algo:<10} error: {r['error']}")
+            continue
+        lines.append(f"{algo:<10} {r['s_per_iter']:8.2f} {r['rollout_s']:8.2f} {r['reward_s']:7.2f} "
+                     f"{r['advantage_s']:6.2f} {r['update_s']:8.2f} {r['peak_mem_gb']:8.2f} {r['nfe_rollout']:8d} "
+                     f"{r['nfe_update']:8d} {r['images']:6d} {r.get('ratio_to_dancegrpo', float('nan')):8.3f} "
+                     f"{r.get('paper_s_per_iter', float('nan')):7.1f} {r.get('paper_ratio_to_dancegrpo', float('nan')):8.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +209,37 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="auto")
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--json", action="store_true")
+    t = sub.add_parser("paper-table", help="the TreeGRPO paper's time-per-iteration table (DanceGRPO, MixGRPO, "
+                                           "TreeGRPO) on one model")
+    t.add_argument("--model", default="sd3.5-medium-random", help="model preset (default sd3.5-medium-random)")
+    t.add_argument("--model-path", default=None, help="local diffusers directory (real weights) for the preset")
+    t.add_argument("--prompts", type=int, default=None, help="prompts per iteration (default 2; --quick 1)")
+    t.add_argument("--iterations", type=int, default=None, help="timed iterations per algorithm (default 2; --quick 1)")
+    t.add_argument("--warmup", type=int, default=1, help="untimed iterations first (compilation, allocator)")
+    t.add_argument("--algos", default="dancegrpo,mixgrpo,treegrpo")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--quick", action="store_true", help="CPU smoke: 1 prompt, 1 timed iteration, micro-batch 64, "
+                                                       "no gradient checkpointing (use with --model tiny-random)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every algorithm (e.g. model.lora_rank=0)")
+    t.add_argument("--out", default="paper_table.json", help="JSON output (default paper_table.json)")
     a = p.parse_args(argv)
+    if a.what == "paper-table":
+        from bench.config import parse_sets
+
+        # GPU default: micro-batches of 16 rows with gradient checkpointing keep SD3.5-M's update well
+        # inside 80 GB (STACK.md: 16 rows fwd+bwd take 58 GB without, 12 GB with checkpointing)
+        sets = {} if a.quick else {"train.micro_batch": 16, "model.gradient_checkpointing": True}
+        if a.model_path:
+            sets["model.path"] = a.model_path
+        sets.update(parse_sets(a.sets))
+        res = paper_table(a.model, a.prompts or (1 if a.quick else 2), a.iterations or (1 if a.quick else 2),
+                          a.warmup, a.device, tuple(x.strip() for x in a.algos.split(",") if x.strip()), sets)
+        print(format_paper_table(res))
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {a.out}")
+        return 0
     if a.what == "engine":
         res = engine_benchmark(a.model, a.prompts, a.micro_batch, a.repeats, a.device, a.guidance)
         for name in ("chain", "tree_k3_d3"):

@@ -425,7 +425,14 @@ def _to(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Modul
     """Move to a device, and cast only when the dtype differs (diffusers warns on every cast)."""
     module.to(device)
     if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        module.to(dtype)
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # its "should be kept in float32: []" notice is noise for a deliberate cast
+        try:
+            module.to(dtype)
+        finally:
+            dlog.set_verbosity(level)
     return module
 
 
@@ -533,7 +540,7 @@ def _load_real_pipeline(path: Path, index: dict[str, Any], device: torch.device,
         if "image_encoder" in index:
             kwargs["image_encoder"] = None
     dtype = options.frozen_dtype or torch.float32
-    pipe = getattr(diffusers, cls_name).from_pretrained(path, torch_dtype=dtype, **kwargs)
+    pipe = getattr(diffusers, cls_name).from_pretrained(path, dtype=dtype, **kwargs)
     return policy_from_pipeline(pipe, family, path, device, autocast_dtype, options)
 
 
