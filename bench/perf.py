@@ -144,6 +144,7 @@ def _paper_row(algo: str, model: str, overrides: dict[str, Any], iterations: int
                            "peak_mem_gb": max(r["peak_mem_mb"] for r in recs) / 1024,
                            "nfe_rollout": recs[-1]["nfe_rollout"], "nfe_update": recs[-1]["nfe_update"],
                            "images": recs[-1]["samples"], "iterations_timed": len(recs),
+                           "s_per_image": sum(r["t_iteration_s"] for r in recs) / max(1, sum(r["samples"] for r in recs)),
                            "settings": {k: v for k, v in sets.items() if k.startswith(("algo.", "sampler.", "train.",
                                                                                          "model."))}}
     return row
@@ -183,7 +184,8 @@ def paper_table(model: str = "sd3.5-medium-random", prompts: int = 2, iterations
 
 def format_paper_table(res: dict[str, Any]) -> str:
     head = (f"{'algorithm':<10} {'s/iter':>8} {'rollout':>8} {'reward':>7} {'adv':>6} {'update':>8} "
-            f"{'peak GB':>8} {'NFE roll':>8} {'NFE upd':>8} {'images':>6} {'x Dance':>8} {'paper':>7} {'paper x':>8}")
+            f"{'peak GB':>8} {'NFE roll':>8} {'NFE upd':>8} {'images':>6} {'s/image':>8} {'x Dance':>8} {'paper':>7} "
+            f"{'paper x':>8}")
     lines = [f"model {res['model']} on {res['device'].get('name', res['device'])}, {res['prompts_per_iteration']} "
              f"prompts/iteration, mean of {res['iterations']} iterations after {res['warmup']} warm-up", head]
     for algo, r in res["results"].items():
@@ -192,7 +194,7 @@ def format_paper_table(res: dict[str, Any]) -> str:
             continue
         lines.append(f"{algo:<10} {r['s_per_iter']:8.2f} {r['rollout_s']:8.2f} {r['reward_s']:7.2f} "
                      f"{r['advantage_s']:6.2f} {r['update_s']:8.2f} {r['peak_mem_gb']:8.2f} {r['nfe_rollout']:8d} "
-                     f"{r['nfe_update']:8d} {r['images']:6d} {r.get('ratio_to_dancegrpo', float('nan')):8.3f} "
+                     f"{r['nfe_update']:8d} {r['images']:6d} {r['s_per_image']:8.3f} {r.get('ratio_to_dancegrpo', float('nan')):8.3f} "
                      f"{r.get('paper_s_per_iter', float('nan')):7.1f} {r.get('paper_ratio_to_dancegrpo', float('nan')):8.3f}")
     return "\n".join(lines)
 

@@ -367,6 +367,7 @@ class Run:
                              for n, r in self.eval_rewards.items()],
             "budget": self.budget.to_dict(), "seed": self.seed, "git": git_state(), "packages": package_versions(),
             "device": device_info(self.device), "host": host_info(), "batch": self.arith,
+            "world_size": self.dist.world_size,  # (scale) processes training data-parallel
             "prompts": {"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
         }
 
@@ -776,8 +777,9 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
         r.log.final(summary)
     if failure is not None:
         raise failure
-    print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
-          f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training -> {r.out}")
+    if r.dist.is_main:
+        print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
+              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training -> {r.out}")
     return RunSummary(out_dir=r.out, stop_reason=stop_reason or "error", iterations=r.totals.iterations,
                       samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
                       final_eval=final_eval, records=records)

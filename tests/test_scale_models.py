@@ -125,7 +125,7 @@ def test_bench_run_on_real_class_pipeline(saved, tmp_path, family, algo, model):
     """The runner end to end on a real-class pipeline dir: preset defaults (LoRA, bf16), model path."""
     sets = {"model.path": str(saved[family]), "model.resolution": 32, "sampler.steps": 3, "model.lora_rank": 2,
             "reward.name": "brightness", "eval.rewards": ["brightness"], "eval.num_prompts": 1,
-            "train.prompts_per_iteration": 1, "run.checkpoint_every": 0}
+            "train.prompts_per_iteration": 1, "run.checkpoint_every": 0, "eval.at_start": False}
     sets.update({"algo.k": 2, "algo.d": 1} if algo == "treegrpo" else
                 {"sampler.guidance": 1.0, "algo.group_size": 2, "model.mixed_precision": "no"})
     cfg = config.resolve(sets, flags={"algo.name": algo, "model.name": model, "budget": "1it",
