@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,8 +47,9 @@ from bench.types import Advantages, PromptBatch, RewardOutput, Rollout
 
 #: launcher prefix for ``accelerate launch`` from this venv: the launcher process gets the torchvision
 #: import fix (bench/_torchvision_fix.py) even where the .pth hook of scripts/install.sh is absent
-ACCELERATE_CLI = ("-c", "import bench._torchvision_fix as f; f.install(); import sys; "
-                  "from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; main()")
+_LAUNCHER = ("import bench._torchvision_fix as f; f.install(); import sys; "
+             "from accelerate.commands.accelerate_cli import main; sys.argv[0] = 'accelerate'; main()")
+ACCELERATE_CLI = ("-c", _LAUNCHER)
 
 
 def launch_command(script: Sequence[str], num_processes: int = 2, cpu: bool = True) -> list[str]:
@@ -96,11 +98,11 @@ class Dist:
         self.is_main = self.rank == 0
 
     @classmethod
-    def single(cls) -> "Dist":
+    def single(cls) -> Dist:
         return cls(None)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device) -> "Dist":
+    def from_config(cls, cfg: dict[str, Any], device: torch.device) -> Dist:
         """One process unless launched with several and ``model.distributed`` is ``auto``."""
         if cfg["model"].get("distributed", "auto") == "off" or launched_world_size() <= 1:
             return cls.single()

@@ -186,8 +186,9 @@ def format_paper_table(res: dict[str, Any]) -> str:
     head = (f"{'algorithm':<10} {'s/iter':>8} {'rollout':>8} {'reward':>7} {'adv':>6} {'update':>8} "
             f"{'peak GB':>8} {'NFE roll':>8} {'NFE upd':>8} {'images':>6} {'s/image':>8} {'x Dance':>8} {'paper':>7} "
             f"{'paper x':>8}")
-    lines = [f"model {res['model']} on {res['device'].get('name', res['device'])}, {res['prompts_per_iteration']} "
-             f"prompts/iteration, mean of {res['iterations']} iterations after {res['warmup']} warm-up", head]
+    title = (f"model {res['model']} on {res['device'].get('name', res['device'])}, {res['prompts_per_iteration']} "
+             f"prompts/iteration, mean of {res['iterations']} iterations after {res['warmup']} warm-up")
+    lines = [title, head]
     for algo, r in res["results"].items():
         if "error" in r:
             lines.append(f"{algo:<10} error: {r['error']}")

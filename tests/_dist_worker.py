@@ -13,9 +13,9 @@ import json
 import math
 import sys
 
-import bench  # noqa: F401  (torchvision fix)
 import torch
 
+import bench  # noqa: F401  (torchvision fix)
 from bench import config, runner
 from bench.distributed import Dist, split_rollout
 from bench.policy import load_policy, tiny_pipeline_dir

@@ -61,8 +61,7 @@ def test_shard_keeps_whole_prompts_and_checks_divisibility():
     assert d.rollout_seed(7) != 7 and Dist.single().rollout_seed(7) == 7
 
 
-def test_single_process_dist_is_a_no_op(tree_rollout):
-    roll, rew = tree_rollout
+def test_single_process_dist_is_a_no_op():
     d = Dist.single()
     assert d.shard(PROMPTS) is PROMPTS and d.any_flag(None) is None
     assert d.totals(3, 4, 5, {"rollout": 1.0}) == (3, 4, 5, {"rollout": 1.0})
@@ -77,7 +76,7 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
     worker = Path(__file__).with_name("_dist_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     p = subprocess.run(launch_command([str(worker), str(report), str(run_dir)]), capture_output=True, text=True,
-                       env=env, timeout=600)
+                       env=env, timeout=600, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["world_size"] == 2

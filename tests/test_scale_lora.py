@@ -77,9 +77,8 @@ def test_kl_term_uses_reference_with_lora():
 def test_full_finetuning_has_no_reference():
     pol = load_policy(tiny_pipeline_dir("flow"))
     assert not pol.is_lora and all(p.requires_grad for p in pol.denoiser.parameters())
-    with pytest.raises(NotImplementedError, match="lora_rank"):
-        with pol.reference():
-            pass
+    with pytest.raises(NotImplementedError, match="lora_rank"), pol.reference():
+        pass
 
 
 def test_unknown_lora_targets_fail_with_names():
@@ -158,3 +157,11 @@ def test_run_with_lora_bf16_then_export(tmp_path):
         lora_out = base.predict(x, t, cond)
         torch.testing.assert_close(merged.predict(x, t, cond), lora_out, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(lora_out, want, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_option_keeps_parameter_names():
+    """model.compile compiles in place (nn.Module.compile): checkpoint keys do not change."""
+    plain = load_policy(tiny_pipeline_dir("flow"))
+    comp = load_policy(tiny_pipeline_dir("flow"), options=ModelOptions(compile=True))
+    assert [n for n, _ in comp.denoiser.named_parameters()] == [n for n, _ in plain.denoiser.named_parameters()]
+    assert getattr(comp.denoiser, "_compiled_call_impl", None) is not None

@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from bench import config, runner
-from bench.policy import (REAL_PIPELINES, REDUCED, MissingWeightsError, ModelOptions, build_random_pipeline,
-                          build_random_policy, load_policy, random_preset_spec)
+from bench.policy import (
+    REAL_PIPELINES,
+    REDUCED,
+    MissingWeightsError,
+    ModelOptions,
+    build_random_pipeline,
+    build_random_policy,
+    load_policy,
+    random_preset_spec,
+)
 from bench.registry import MODELS
 
 SPECS = {"sd3": "sd3.5-medium-random", "flux": "flux.1-dev-random", "sd": "sd1.5-random"}
