@@ -138,6 +138,17 @@ MODELS: dict[str, ModelPreset] = {
                                      {**_FLUX, **_RANDOM_REWARDS}),
     "sd1.5-random": ModelPreset("random:sd1.5-random", "SD1.5 architecture (UNet + DDIM), random weights",
                                 {**_SD15, **_RANDOM_REWARDS}),
+    # the same classes and code paths shrunk to CPU size (bench.policy.REDUCED, 32 px): smoke tests
+    "sd3.5-medium-random-reduced": ModelPreset("random:sd3.5-medium-random:reduced",
+                                               "SD3.5 pipeline classes at tiny sizes (32 px), random weights: CPU "
+                                               "smoke of the real-model path",
+                                               {**_SD35, **_RANDOM_REWARDS, "model.resolution": 32}),
+    "flux.1-dev-random-reduced": ModelPreset("random:flux.1-dev-random:reduced",
+                                             "FLUX pipeline classes at tiny sizes (32 px), random weights",
+                                             {**_FLUX, **_RANDOM_REWARDS, "model.resolution": 32}),
+    "sd1.5-random-reduced": ModelPreset("random:sd1.5-random:reduced",
+                                        "SD1.5 pipeline classes at tiny sizes (32 px), random weights",
+                                        {**_SD15, **_RANDOM_REWARDS, "model.resolution": 32}),
 }
 
 #: Algorithm presets reproducing the papers' settings (``--preset NAME``): dotted overrides.

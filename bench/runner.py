@@ -123,7 +123,7 @@ def model_prediction(cfg: Mapping[str, Any]) -> str:
     m = cfg["model"]
     source = model_preset(m["name"]).source
     if source.startswith("random:") and not m.get("path"):
-        return index_prediction({"_class_name": random_preset_spec(source.split(":", 1)[1])["pipeline"]})
+        return index_prediction({"_class_name": random_preset_spec(source.split(":")[1])["pipeline"]})
     return index_prediction(read_model_index(model_dir(cfg)))
 
 
@@ -136,7 +136,8 @@ def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
     opts = model_options(m, device)
     source = model_preset(m["name"]).source
     if source.startswith("random:") and not m.get("path"):
-        return build_random_policy(source.split(":", 1)[1], device=device, autocast_dtype=mp, options=opts)
+        _, name, *flags = source.split(":")
+        return build_random_policy(name, device=device, autocast_dtype=mp, options=opts, reduced="reduced" in flags)
     return load_policy(model_dir(cfg), device=device, autocast_dtype=mp, options=opts)
 
 

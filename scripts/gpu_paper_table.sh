@@ -31,9 +31,11 @@ for m in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetenso
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 EOF
-# 1. smoke: the same code path on a tiny model (seconds); stops here if the environment is broken
-"$PY" -m bench.perf paper-table --model tiny-random --quick --device cuda --out "$OUT/smoke.json" \
-  > "$OUT/smoke.log" 2>&1 || { tail -40 "$OUT/smoke.log"; exit 1; }
+# 1. smoke: the same code path (SD3 pipeline classes, LoRA, bf16, checkpointing) at tiny sizes (seconds);
+#    stops here if the environment is broken
+"$PY" -m bench.perf paper-table --model sd3.5-medium-random-reduced --prompts 1 --iterations 1 --warmup 0 \
+  --set sampler.steps=4 --device cuda --out "$OUT/smoke.json" > "$OUT/smoke.log" 2>&1 \
+  || { tail -40 "$OUT/smoke.log"; exit 1; }
 tail -5 "$OUT/smoke.log"
 # 2. the table: SD3.5-medium architecture (random weights), 512 px, T=10, CFG 4.5, noise 0.7, shift 3,
 #    LoRA r32 bf16, micro-batch 16 rows with gradient checkpointing; DanceGRPO G=12 f=0.6, MixGRPO G=12 w=4,

@@ -142,3 +142,15 @@ def test_bench_run_on_real_class_pipeline(saved, tmp_path, family, algo, model):
     assert s.stop_reason == "budget_iterations" and s.iterations == 1
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert man["model"]["prediction"] == ("epsilon" if family == "sd" else "flow")
+
+
+@pytest.mark.parametrize("name,cls", [("sd3.5-medium-random-reduced", "SD3Transformer2DModel"),
+                                      ("flux.1-dev-random-reduced", "FluxTransformer2DModel"),
+                                      ("sd1.5-random-reduced", "UNet2DConditionModel")])
+def test_reduced_random_presets_build_through_the_runner(name, cls):
+    """The CPU-size twins of the random presets load through runner.build_policy with the presets' LoRA."""
+    cfg = config.resolve({"model.device": "cpu"}, flags={"algo.name": "grpo", "model.name": name})
+    assert runner.model_prediction(cfg) == ("epsilon" if name.startswith("sd1.5") else "flow")
+    pol = runner.build_policy(cfg, torch.device("cpu"))
+    assert type(pol.denoiser).__name__ == cls and pol.is_lora and pol.resolution == 32
+    assert pol.autocast_dtype == torch.bfloat16 and pol.text_encoder.dtype == torch.bfloat16
