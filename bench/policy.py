@@ -351,6 +351,23 @@ def read_model_index(path: Path) -> dict[str, Any]:
     return json.loads(idx.read_text())
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local directory as given, or a hub id ("org/name") already in the local Hugging Face cache
+    (looked up offline: nothing is downloaded)."""
+    p = Path(path).expanduser()
+    text = str(path)
+    if p.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any lookup failure means "not available offline"
+        raise MissingWeightsError(
+            f"{text!r} is neither a local directory nor a model in the local Hugging Face cache ({type(e).__name__}). "
+            f"Download it first (`huggingface-cli download {text} --local-dir DIR`) and pass --model-path DIR") from None
+
+
 def index_prediction(index: dict[str, Any]) -> str:
     """"flow" or "epsilon" from a model_index.json (without loading anything)."""
     cls = index.get("_class_name")
@@ -365,7 +382,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu",
                 autocast_dtype: torch.dtype | None = None, options: ModelOptions | None = None) -> Policy:
     """Load a pipeline directory into a ``Policy`` (text encoder and VAE frozen, denoiser trainable,
     or LoRA-wrapped with its base frozen when ``options.lora_rank > 0``)."""
-    path = Path(path)
+    path = resolve_model_path(path)
     index = read_model_index(path)
     _quiet_libraries()
     options = options or ModelOptions()

@@ -104,7 +104,9 @@ def resolve_device(name: str) -> torch.device:
 def model_dir(cfg: Mapping[str, Any]) -> Path:
     m = cfg["model"]
     if m.get("path"):
-        return Path(m["path"]).expanduser()
+        from bench.policy import resolve_model_path  # (scale) a local dir or a hub id in the offline cache
+
+        return resolve_model_path(m["path"])
     source = model_preset(m["name"]).source
     if source.startswith("package:"):
         return Path(__file__).resolve().parent / source.split(":", 1)[1]

@@ -154,3 +154,21 @@ def test_reduced_random_presets_build_through_the_runner(name, cls):
     pol = runner.build_policy(cfg, torch.device("cpu"))
     assert type(pol.denoiser).__name__ == cls and pol.is_lora and pol.resolution == 32
     assert pol.autocast_dtype == torch.bfloat16 and pol.text_encoder.dtype == torch.bfloat16
+
+
+def test_model_path_may_be_a_hub_id_in_the_local_cache(saved, tmp_path, monkeypatch):
+    """model.path "org/name" resolves offline through the Hugging Face cache; absent -> MissingWeightsError."""
+    import huggingface_hub.constants as hc
+
+    from bench.policy import resolve_model_path
+
+    repo = tmp_path / "hub" / "models--org--tiny-sd3"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(saved["sd3"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model_path("org/tiny-sd3") == snap
+    assert load_policy("org/tiny-sd3", options=ModelOptions(resolution=32)).family == "sd3"
+    with pytest.raises(MissingWeightsError, match="huggingface-cli download org/absent"):
+        resolve_model_path("org/absent")
