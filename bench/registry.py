@@ -104,7 +104,7 @@ _RANDOM_REWARDS = {"reward.name": "brightness", "eval.rewards": ["brightness"],
 MODELS: dict[str, ModelPreset] = {
     "shapes": ModelPreset("package:shapes/model",
                           "Embedded tiny text-to-image flow model of the shapes world (32x32 pixels, CPU)",
-                          {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                          {"sampler.steps": 10, "sampler.guidance": 3.0, "sampler.noise_level": 0.7,
                            "sampler.shift": 1.0}),
     "tiny-random": ModelPreset("tiny-random",
                                "Random tiny SD3-style flow model built in-process (tests, smoke runs)",
