@@ -45,7 +45,20 @@ METRICS: dict[str, str] = {
     "optimizer_steps": "optimizer steps this iteration",
     "micro_batches": "forward+backward micro-batches this iteration (gradient accumulation)",
     "zero_spread_frac": "fraction of prompts whose images all got the same reward (no learning signal)",
-    "<algo>/<key>": "algorithm-specific value (window position, leaves per tree, ...)",
+    # algorithm-specific keys (namespaced by the algorithm's registry name)
+    "ddpo/trained_steps": "DDPO: denoising steps trained per chain (int(T * timestep_fraction))",
+    "ddpo/tracked_prompt_frac": "DDPO: fraction of this batch's prompts normalised with their own history",
+    "ddpo/tracked_prompts_total": "DDPO: prompts with a statistics buffer so far",
+    "dancegrpo/trained_steps": "DanceGRPO: steps trained per chain (int((T - 1) * timestep_fraction))",
+    "mixgrpo/window_start": "MixGRPO: first step of the SDE window",
+    "mixgrpo/window_size": "MixGRPO: SDE steps in the window this iteration (shrinks near the end)",
+    "mixgrpo/sampling_steps": "MixGRPO: denoising steps actually sampled (fewer with Flash's compressed schedule)",
+    "treegrpo/window_start": "TreeGRPO: first step of the SDE window",
+    "treegrpo/window": "TreeGRPO: SDE window length",
+    "treegrpo/branch_start": "TreeGRPO: first branching step",
+    "treegrpo/leaves": "TreeGRPO: leaves (images) per tree, k^d",
+    "treegrpo/edge_adv_abs_mean": "TreeGRPO: mean |edge advantage| over trained edges",
+    "treegrpo/softmax_weight_max": "TreeGRPO: largest softmax_logprob sibling weight (1/k = uniform)",
     "nonfinite": "only on an iteration with NaN/inf: where (reward | logp | grad | loss); its update was not applied",
     "t_eval_s": "seconds spent in this evaluation (outside the training budget)",
     "eval/<reward>": "mean held-out reward over the eval prompts (deterministic ODE sampling, fixed noise)",
@@ -66,8 +79,6 @@ def metric_documented(key: str) -> bool:
     parts = key.split("/")
     for pat in METRICS:
         pp = pat.split("/")
-        if pp[0] == "<algo>" and len(parts) >= 2:
-            return True
         if len(pp) == len(parts) and all(a == b or a.startswith("<") for a, b in zip(pp, parts)):
             return True
         if len(parts) > len(pp) >= 2 and pp[-1].startswith("<") and all(

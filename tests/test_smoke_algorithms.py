@@ -10,6 +10,7 @@ import torch
 
 from bench import config, runner
 from bench.registry import ALGORITHMS, UsageError, algorithm_class
+from bench.runlog import metric_documented
 
 #: small per-algorithm settings (tiny model, 4 steps) so each run takes about a second
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
@@ -48,6 +49,9 @@ def test_two_iterations_through_the_runner(tmp_path, algo):
         assert r["nfe_rollout"] > 0 and r["nfe_update"] > 0 and r["edges"] > 0
         assert abs(r["first_ratio"] - 1.0) < 1e-3
     assert recs[-1]["nfe_total"] == sum(r["nfe_rollout"] + r["nfe_update"] for r in recs)
+    for r in recs:  # every key the algorithm logs is in the METRICS glossary
+        undocumented = [k for k in r if not metric_documented(k)]
+        assert not undocumented, undocumented
     if algo in ("treegrpo", "mixgrpo"):
         assert f"{algo}/window_start" in recs[0]
     if algo == "treegrpo":
