@@ -26,8 +26,9 @@ Detection (resolution-independent: lengths are fractions of the image width W):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.policy import load_policy  # noqa: E402
-from bench.shapes import world  # noqa: E402
-from bench.shapes.sampling import sample_images  # noqa: E402
-from rewards.shapes_attr import ShapesAttr  # noqa: E402
+from bench.policy import load_policy
+from bench.shapes import world
+from bench.shapes.sampling import sample_images
+from rewards.shapes_attr import ShapesAttr
 
 
 def pairwise_agreement(pref: np.ndarray, attr: np.ndarray, groups: np.ndarray) -> tuple[float, int]:
@@ -86,7 +86,7 @@ def save_grid(path: Path, images: torch.Tensor, prompts: Sequence[str], per_prom
     draw = ImageDraw.Draw(canvas)
     draw.text((label_w + pad, 2), "samples (deterministic ODE, fixed noise)", fill=(0, 0, 0))
     draw.text((label_w + cols * (R + pad) + pad, 2), "exact render", fill=(0, 0, 0))
-    to_img = lambda x: Image.fromarray((x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)).resize(  # noqa: E731
+    to_img = lambda x: Image.fromarray((x.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)).resize(
         (R, R), Image.NEAREST)
     for r in range(n_rows):
         y = 18 + r * (R + pad)

@@ -22,8 +22,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.shapes import world  # noqa: E402
-from rewards.shapes_pref import ShapesPrefNet, save_net  # noqa: E402
+from bench.shapes import world
+from rewards.shapes_pref import ShapesPrefNet, save_net
 
 BG = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1)
 PALETTE = torch.tensor([world.COLOURS[c] for c in world.COLOURS])  # [6, 3]
@@ -93,7 +93,7 @@ def degrade(x: torch.Tensor, kind: str, colour_idx: torch.Tensor, partner: torch
             gen: torch.Generator, is_circle: torch.Tensor | None = None) -> torch.Tensor:
     """Flawed versions of renders x [B, 3, H, W] (negatives for their own prompt)."""
     B = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, 1, 1, 1, generator=gen)  # noqa: E731
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, 1, 1, 1, generator=gen)
     if kind == "noise":
         out = x + u(0.12, 0.45) * torch.randn(x.shape, generator=gen)
     elif kind == "blur":
@@ -223,7 +223,7 @@ def evaluate(net: ShapesPrefNet, per_combo: int = 4, seed: int = 12345, split: s
         deg_all.append(s_true > s_d)
         res[f"acc_degraded_{k}"] = float(deg_all[-1].float().mean())
     res["acc_degraded"] = float(torch.stack(deg_all).float().mean())
-    res["n_images"] = int(len(owners))
+    res["n_images"] = len(owners)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
 
 

@@ -9,7 +9,7 @@ and conditioning the rollout engine uses for deterministic evaluation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

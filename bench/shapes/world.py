@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,7 @@ class Attributes:
         return {"colour": self.colour, "shape": self.shape, "size": self.size, "position": self.position}
 
     @staticmethod
-    def from_mapping(m: Mapping[str, Any]) -> "Attributes":
+    def from_mapping(m: Mapping[str, Any]) -> Attributes:
         missing = [a for a in ATTRIBUTES if a not in m]
         if missing:
             raise ValueError(f"shapes metadata lacks {missing}; expected keys {list(ATTRIBUTES)}")
@@ -117,7 +118,7 @@ def split(name: str) -> list[Attributes]:
     if name not in ("train", "eval"):
         raise ValueError(f"unknown shapes split {name!r}; valid: train, eval")
     combos = all_combinations()
-    n_eval = int(round(HELDOUT_FRACTION * len(combos)))
+    n_eval = round(HELDOUT_FRACTION * len(combos))
     seed = SPLIT_SEED
     while True:
         perm = np.random.default_rng(seed).permutation(len(combos))
@@ -182,7 +183,7 @@ def render(attrs: Attributes | Mapping[str, Any] | str, rng: np.random.Generator
     half = side / 2
     cx = float(np.clip(cx, half + 0.5, resolution - half - 0.5))
     cy = float(np.clip(cy, half + 0.5, resolution - half - 0.5))
-    to8 = lambda c: tuple(int(round(v * 255)) for v in np.clip(c, 0, 1))  # noqa: E731
+    to8 = lambda c: tuple(round(float(v) * 255) for v in np.clip(c, 0, 1))
     img = Image.new("RGB", (big, big), to8(bg))
     draw = ImageDraw.Draw(img)
     S = SUPERSAMPLE
