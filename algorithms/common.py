@@ -179,6 +179,19 @@ def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: st
     return out
 
 
+def check_ppo_settings(config: Any) -> None:
+    """The checks every algorithm's Config shares (each raises ValueError naming the ``algo.<key>``):
+    clip_range > 0, adv_clip_max > 0, std_eps >= 0 (when the config has it), beta >= 0."""
+    if not float(config.clip_range) > 0:
+        raise ValueError(f"algo.clip_range must be > 0, got {config.clip_range!r}")
+    if not float(config.adv_clip_max) > 0:
+        raise ValueError(f"algo.adv_clip_max must be > 0, got {config.adv_clip_max!r}")
+    if hasattr(config, "std_eps") and not float(config.std_eps) >= 0:
+        raise ValueError(f"algo.std_eps must be >= 0, got {config.std_eps!r}")
+    if float(config.beta) < 0:
+        raise ValueError(f"algo.beta must be >= 0, got {config.beta!r}")
+
+
 @dataclass(frozen=True)
 class PPOTerms:
     """Per-edge PPO quantities: loss [M] (with gradients), ratio [M], clipped [M] bool."""

@@ -34,6 +34,7 @@ import torch
 from algorithms.common import (
     chain_edge_advantages,
     chain_step_edges,
+    check_ppo_settings,
     group_normalize,
     ppo_update,
     random_step_subset,
@@ -80,14 +81,7 @@ class DanceGRPOConfig:
                              f"got {self.group_size!r}")
         if not 0.0 < float(self.timestep_fraction) <= 1.0:
             raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
-        if not float(self.clip_range) > 0:
-            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
-        if not float(self.adv_clip_max) > 0:
-            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
-        if not float(self.std_eps) >= 0:
-            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
-        if float(self.beta) < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+        check_ppo_settings(self)
 
 
 class DanceGRPO:

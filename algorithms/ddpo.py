@@ -37,6 +37,7 @@ from algorithms.common import (
     PerPromptStatTracker,
     chain_edge_advantages,
     chain_step_edges,
+    check_ppo_settings,
     ppo_update,
     random_step_subset,
 )
@@ -94,12 +95,7 @@ class DDPOConfig:
         if self.per_prompt_stat_tracking and self.min_count > self.buffer_size:
             raise ValueError(f"algo.min_count ({self.min_count}) > algo.buffer_size ({self.buffer_size}): "
                              f"per-prompt statistics would never be used")
-        if not float(self.clip_range) > 0:
-            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
-        if not float(self.adv_clip_max) > 0:
-            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
-        if float(self.beta) < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+        check_ppo_settings(self)
 
 
 class DDPO:

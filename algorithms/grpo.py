@@ -19,8 +19,16 @@ import torch
 
 from algorithms.common import chain_edge_advantages, group_normalize, ppo_update
 from bench.seeding import generator
-from bench.types import (Advantages, PromptBatch, RewardOutput, Rollout, RolloutPlan, SamplerSpec, TrainSpec,
-                         UpdateStats)
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
 
 
 @dataclass(frozen=True)

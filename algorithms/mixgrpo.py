@@ -44,6 +44,7 @@ import torch
 from algorithms.common import (
     chain_edge_advantages,
     chain_step_edges,
+    check_ppo_settings,
     group_normalize,
     ppo_update,
     progressive_window_start,
@@ -127,14 +128,7 @@ class MixGRPOConfig:
         if self.multi_reward not in MULTI_REWARD:
             raise ValueError(f"algo.multi_reward must be one of {', '.join(MULTI_REWARD)}, "
                              f"got {self.multi_reward!r}")
-        if not float(self.clip_range) > 0:
-            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
-        if not float(self.adv_clip_max) > 0:
-            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
-        if not float(self.std_eps) >= 0:
-            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
-        if float(self.beta) < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+        check_ppo_settings(self)
 
 
 class MixGRPO:

@@ -42,7 +42,14 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from algorithms.common import WEIGHTINGS, group_normalize, ppo_update, progressive_window_start, tree_backup
+from algorithms.common import (
+    WEIGHTINGS,
+    check_ppo_settings,
+    group_normalize,
+    ppo_update,
+    progressive_window_start,
+    tree_backup,
+)
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -134,14 +141,7 @@ class TreeGRPOConfig:
             raise ValueError(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.loss_agg not in LOSS_AGG:
             raise ValueError(f"algo.loss_agg must be one of {', '.join(LOSS_AGG)}, got {self.loss_agg!r}")
-        if not float(self.clip_range) > 0:
-            raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
-        if not float(self.adv_clip_max) > 0:
-            raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
-        if not float(self.std_eps) >= 0:
-            raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
-        if float(self.beta) < 0:
-            raise ValueError(f"algo.beta must be >= 0, got {self.beta!r}")
+        check_ppo_settings(self)
 
 
 class TreeGRPO:
