@@ -137,16 +137,22 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """Parse a user's YAML file; a missing file or bad YAML is a usage error naming ``what``."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"config file {p} does not exist")
+        raise UsageError(f"{what} {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {p} is not valid YAML: {e}") from None
+        raise UsageError(f"{what} {p} is not valid YAML: {e}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    data = read_yaml_file(p, "config file")
     if data is None:
         return {}
     if not isinstance(data, Mapping):

@@ -383,16 +383,10 @@ def space_from_dict(data: Any, algo: str, where: str = "space file") -> Space:
 
 
 def load_space_file(path: str | Path, algo: str) -> Space:
-    import yaml
+    from bench.config import read_yaml_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"space file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UsageError(f"space file {p} is not valid YAML: {e}") from None
-    return space_from_dict(data, algo, where=f"space file {p}")
+    data = read_yaml_file(path, "space file")
+    return space_from_dict(data, algo, where=f"space file {Path(path)}")
 
 
 def select(space: Space, names: Sequence[str] | None) -> Space:
