@@ -24,8 +24,9 @@ Implementation details:
   multistep DPM-Solver++ (plan mode "dpm2", ``bench.sde.flow_dpm2_step``). Sampling only: trained
   steps are window steps, whose sigmas equal the uncompressed schedule's.
 - Advantages (``advantages``): per-prompt group normalisation with torch's unbiased std + 1e-8;
-  ``multi_reward = "advantage_aggr"`` normalises every reward component separately and averages them
-  with equal weights (MixGRPO's ``advantage_aggr`` with its default weights 1.0 each,
+  ``multi_reward = "advantage_aggr"`` normalises every top-level reward component (each part of a
+  weighted reward such as ``hpsv2=1,image_reward=1,pickscore=1``) separately and averages them with
+  equal weights (MixGRPO's ``advantage_aggr`` with its default weights 1.0 each,
   ``algorithms.common.weighted_advantage_sum``); the default "reward_aggr" normalises the combined
   reward.
 - Loss (``update`` -> ``algorithms.common.ppo_update``): every window step of every chain, steps in
@@ -224,7 +225,10 @@ class MixGRPO:
             if not rewards.components:
                 raise ValueError("algo.multi_reward=advantage_aggr needs a reward with named components "
                                  "(e.g. --reward a=1.0,b=1.0)")
-            per = {k: norm(v) for k, v in rewards.components.items()}
+            # one advantage per reward model: a weighted reward's parts are its top-level components;
+            # "<part>/<sub>" keys are a part's own diagnostics and must not get a vote of their own
+            parts = {k: v for k, v in rewards.components.items() if "/" not in k}
+            per = {k: norm(v) for k, v in parts.items()}
             leaf = weighted_advantage_sum(per, {k: 1.0 for k in per})
         else:
             leaf = norm(rewards.scores)

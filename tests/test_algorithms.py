@@ -459,6 +459,9 @@ def test_mixgrpo_advantage_aggr_normalises_each_component(flow_policy):
     adv = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h}))
     # prompt 0 = leaves 0..2: a -> [-1, 1, 0], b -> [0, -1, 1] (unbiased std 1 each) -> mean of the two
     assert torch.allclose(adv.leaf[:3], torch.tensor([-0.5, 0.0, 0.5]), atol=1e-5)
+    # a part's own diagnostics ("a/sub") are not a third reward model
+    sub = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h, "a/sub": -g}))
+    assert torch.allclose(sub.leaf, adv.leaf, atol=1e-6)
     with pytest.raises(ValueError, match="components"):
         algo.advantages(BATCH, roll, RewardOutput(g))
 
