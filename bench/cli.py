@@ -91,8 +91,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 def cmd_list(a: argparse.Namespace) -> int:
     def section(title: str, items: dict) -> None:
         print(f"{title}:")
+        width = max(22, *(len(n) for n in items))
         for name, e in items.items():
-            print(f"  {name:<22} {getattr(e, 'description', '')}")
+            print(f"  {name:<{width}} {getattr(e, 'description', '')}")
 
     section("algorithms", ALGORITHMS)
     section("rewards", REWARDS)
