@@ -35,24 +35,14 @@ import importlib.util
 import sys
 import types
 import warnings
-from typing import Any
-
-_KEEP: list[Any] = []  # torch.library.Library objects must stay alive for their schemas to stay defined
 
 
 def fix_torchvision() -> None:
-    """Define ``torchvision::nms``/``qnms`` schemas if missing (before torchvision is imported)."""
-    import torch
+    """Define ``torchvision::nms``/``qnms`` schemas if missing (before torchvision is imported).
+    The fix itself lives in ``bench._torchvision_fix`` (one copy for the whole project)."""
+    from bench._torchvision_fix import define_missing_ops
 
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (raises when the schema is absent)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _KEEP.append(lib)
+    define_missing_ops()
 
 
 # ---------------------------------------------------------------------------------------------------
