@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 FORMS = ("24h", "90m", "45s", "1.5h", "5000samples", "2e6nfe", "300it", "2h,5000samples")
 _UNIT = {

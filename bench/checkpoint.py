@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.registry import UsageError
+from bench.errors import CheckpointError, UsageError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -50,10 +50,6 @@ _TMP_PREFIX = ".tmp_"
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
 RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.checkpoint_every",
                   "run.keep_checkpoints", "train.micro_batch")
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory is incomplete or corrupt."""
 
 
 def warn(msg: str) -> None:

@@ -7,7 +7,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, Entry, UsageError, did_you_mean, load_object
+from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, Entry, did_you_mean, load_object
+
+from bench.errors import RunFailure, UsageError
 
 #: (scale) subcommands implemented inside bench, dispatched like the registry's COMMANDS
 BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
@@ -80,7 +82,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     try:
         summary = runner.run(cfg, resume=bool(a.resume))
-    except runner.RunFailure as e:
+    except RunFailure as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
     if summary.stop_reason == "interrupted":
@@ -156,11 +158,6 @@ def _guard(fn) -> int:  # noqa: ANN001
     try:
         return fn()
     except UsageError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # a reward's own MissingWeightsError(ValueError) is a usage problem too
-        if not any(c.__name__ == "MissingWeightsError" for c in type(e).__mro__):
-            raise
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:

@@ -16,7 +16,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from bench.registry import UsageError, algorithm_class, did_you_mean, model_preset
+from bench.registry import algorithm_class, did_you_mean, model_preset
+
+from bench.errors import AlgorithmSettingsError, UsageError
 
 DEFAULTS: dict[str, Any] = {
     "algo": {"name": "treegrpo"},
@@ -282,10 +284,10 @@ def _validate(cfg: dict[str, Any]) -> None:
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:
-    """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> UsageError)."""
+    """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> AlgorithmSettingsError)."""
     cls = algorithm_class(cfg["algo"]["name"])
     params = {k: v for k, v in cfg["algo"].items() if k != "name"}
     try:
         return cls.Config(**params)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
+        raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None

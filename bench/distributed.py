@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from bench.seeding import derive_seed
 from bench.types import Advantages, PromptBatch, RewardOutput, Rollout
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 

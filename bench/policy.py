@@ -55,7 +55,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bench.registry import UsageError
+from bench.errors import MissingWeightsError, UsageError
 
 TREEBENCH_CLASS = "TreebenchPipeline"
 #: diffusers pipeline classes ``load_policy`` understands -> model family
@@ -99,10 +99,6 @@ class ModelOptions:
             raise UsageError(f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UsageError(f"model.resolution must be a multiple of 8, got {self.resolution}")
-
-
-class MissingWeightsError(UsageError):
-    """Model or reward weights were not found locally; the message names the paths looked for."""
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class UsageError(ValueError):
-    """A user mistake (unknown name, bad value, contradictory options): the CLI prints the message
-    and exits with status 2."""
+from bench.errors import UsageError
 
 
 def suggestions(name: str, valid: list[str] | tuple[str, ...] | Any) -> str:

@@ -165,7 +165,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                from bench.registry import UsageError
+                from bench.errors import UsageError
 
                 raise UsageError(f"run.tensorboard=true needs the tensorboard package ({e}); "
                                  f"pip install tensorboard") from None

@@ -30,7 +30,9 @@ from bench.budget import Budget, Totals
 from bench.distributed import Dist, NullLog
 from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
-from bench.registry import WEIGHTED_REWARD, UsageError, algorithm_class, load_object, model_preset, reward_class
+from bench.registry import WEIGHTED_REWARD, algorithm_class, load_object, model_preset, reward_class
+from bench.errors import (AlgorithmSettingsError, Interrupted, NonFiniteGrad, OutOfMemory, RewardError,
+                          StopRun, UsageError, is_out_of_memory)
 from bench.rollout import RolloutEngine
 from bench.runlog import (RunLog, device_info, git_state, host_info, now_iso, package_versions,
                           reward_hacking_flag)
@@ -49,46 +51,6 @@ class RunSummary:
     seconds_total: float
     final_eval: dict[str, Any] | None = None
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-
-class StopRun(Exception):
-    """Raised by an ``on_iteration`` / ``on_eval`` callback to stop the run early (e.g. a pruned sweep
-    trial); ``reason`` becomes the stop reason."""
-
-    def __init__(self, reason: str = "stopped"):
-        super().__init__(reason)
-        self.reason = reason
-
-
-class RunFailure(RuntimeError):
-    """A run stopped by a fault with a clear cause (the CLI prints the message, exits 1, no traceback)."""
-
-
-class RewardError(RunFailure):
-    """The reward model raised; the message names the file holding the batch's prompts."""
-
-
-class OutOfMemory(RunFailure):
-    """The device ran out of memory; the message says which settings lower memory."""
-
-
-class NonFiniteGrad(Exception):
-    """Raised before an optimizer step whose gradients hold NaN/inf, so the step is never applied."""
-
-
-class _Interrupted(Exception):
-    """SIGINT/SIGTERM seen at a phase boundary before the update: the state is still consistent."""
-
-
-def _is_missing_weights(e: BaseException) -> bool:
-    """Rewards define their own ``MissingWeightsError(ValueError)`` (bench may not import rewards)."""
-    return any(c.__name__ == "MissingWeightsError" for c in type(e).__mro__)
-
-
-def _is_oom(e: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-                                  and "cuda" in str(e).lower())
 
 
 # ---- building blocks --------------------------------------------------------------------------------
@@ -321,7 +283,7 @@ class Run:
         try:
             self.algo = algo_cls(algo_cfg, self.sampler, self.train, self.seed)
         except ValueError as e:
-            raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
+            raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
         r = cfg["reward"]
         self.reward = _build_reward_checked(r["name"], self.device, r["options"], r["normalize"])
         self.eval_rewards = {name: (self.reward if name == r["name"] else
@@ -491,18 +453,16 @@ class Run:
 
     def _check_stop(self) -> None:
         if self.stop_requested is not None:
-            raise _Interrupted(self.stop_requested)
+            raise Interrupted(self.stop_requested)
 
     def _score(self, reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor,
                iteration: int, stage: str) -> RewardOutput:
         try:
             return _score(reward, images, batch, leaf_prompts)
-        except UsageError:
+        except UsageError:  # including a reward's MissingWeightsError
             raise
         except Exception as e:  # every reward failure is reported the same way
-            if _is_missing_weights(e):
-                raise UsageError(str(e)) from None
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 raise
             path = self._save_failed_batch(reward, batch, leaf_prompts, images, iteration, stage, e)
             name = getattr(reward, "name", type(reward).__name__)
@@ -749,11 +709,11 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
                     r.checkpoint()
         except StopRun as e:
             stop_reason = e.reason
-        except (_Interrupted, KeyboardInterrupt):
+        except (Interrupted, KeyboardInterrupt):
             stop_reason = "interrupted"
         except Exception as e:  # noqa: BLE001 - recorded in final.json, then re-raised
             failure = e
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 failure = _oom_failure(r, e)
                 failure.__cause__ = e
             stop_reason, error = "error", f"{type(failure).__name__}: {failure}"

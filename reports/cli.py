@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 
 def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:

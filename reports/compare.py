@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.budget import Budget
-from bench.registry import ALGORITHMS, UsageError, did_you_mean
+from bench.registry import ALGORITHMS, did_you_mean
+from bench.errors import UsageError
 
 #: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
 RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 

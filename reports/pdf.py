@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import plots, stats
 from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
 

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.registry import ALGORITHMS, MODELS, UsageError, did_you_mean
+from bench.registry import ALGORITHMS, MODELS, did_you_mean
+
+from bench.errors import UsageError
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")

@@ -31,13 +31,12 @@ import optuna
 from bench import config as config_mod
 from bench import runner
 from bench.budget import Budget, Totals
-from bench.registry import UsageError, algorithm_class
+from bench.registry import algorithm_class
+from bench.errors import AlgorithmSettingsError, StopRun, UsageError, is_out_of_memory
 from bench.types import SamplerSpec, TrainSpec
 from sweeps.spaces import InvalidCombination, Space, sample
 from sweeps.study import Heartbeat, counts
 
-#: How the runner words a setting the algorithm refuses (a combination problem, not a broken sweep).
-ALGO_REFUSED = "invalid settings for algorithm"
 COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
 
 
@@ -98,13 +97,7 @@ def validate_run_config(cfg: Mapping[str, Any]) -> None:
     try:
         algorithm_class(cfg["algo"]["name"])(algo_cfg, sampler, train, int(cfg["seed"]))
     except ValueError as e:
-        raise UsageError(f"{ALGO_REFUSED} {cfg['algo']['name']!r}: {e}") from None
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e).lower()
+        raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
 
 
 def _free_memory() -> None:
@@ -160,16 +153,15 @@ class Objective:
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
         except SweepAbort:
             raise
-        except UsageError as e:
-            if not str(e).startswith(ALGO_REFUSED):  # e.g. no model at the path: every trial would fail
-                raise SweepAbort(str(e)) from None
-            # refused once the model was loaded (e.g. a window longer than its schedule)
+        except AlgorithmSettingsError as e:  # refused once the model was loaded (a window longer than its schedule)
             self._prune(trial, f"invalid combination: {e}")
+        except UsageError as e:  # e.g. no model at the path: every trial would fail
+            raise SweepAbort(str(e)) from None
         except KeyboardInterrupt:
             self._requeue_interrupted(trial)
             raise
         except Exception as e:  # noqa: BLE001 - any failure of one trial is recorded, the sweep goes on
-            oom = _is_oom(e)
+            oom = is_out_of_memory(e)
             _free_memory()
             self._fail(trial, f"{'out of memory' if oom else 'error'}: {type(e).__name__}: {e}")
         for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "seconds_total"):
@@ -223,4 +215,4 @@ class _Reporter:
         self.trial.report(value, step)
         if step > 0 and not self._finished(rec) and self.trial.should_prune():
             self.prune_reason = f"pruned at iteration {step}: {self.key} = {value:.6g}"
-            raise runner.StopRun("pruned")
+            raise StopRun("pruned")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import algorithm_fields, parse_value
-from bench.registry import ALGORITHMS, UsageError, did_you_mean
+from bench.registry import ALGORITHMS, did_you_mean
+from bench.errors import UsageError
 
 KINDS = ("int", "float", "categorical")
 

@@ -9,16 +9,13 @@ import torch
 
 from bench import checkpoint, runner
 from bench.cli import main
+from bench.errors import MissingWeightsError
 from bench.rollout import RolloutEngine
 from bench.types import RewardOutput
 
 BASE = ["run", "--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--set", "sampler.steps=3",
         "--set", "algo.group_size=2", "--set", "eval.every=0", "--set", "eval.at_start=false",
         "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=3", "--no-progress"]
-
-
-class MissingWeightsError(ValueError):
-    """What rewards raise when their weights are absent (rewards/_paths.py defines its own)."""
 
 
 class Faulty:
@@ -175,7 +172,7 @@ def _cfg(out):
 ])
 def test_reliability_settings_are_validated(key, value, msg):
     from bench import config
-    from bench.registry import UsageError
+    from bench.errors import UsageError
 
     with pytest.raises(UsageError, match=msg):
         config.resolve({key: value}, flags={"algo.name": "grpo", "model.name": "tiny-random"})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import load as L
 from reports.synthetic import write_comparison, write_run, write_sweep
 

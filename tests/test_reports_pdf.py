@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import cli, stats
 from reports.load import load
 from reports.pdf import ReportOptions, build_report, final_table

@@ -356,7 +356,7 @@ def test_image_reward_full_size_architecture_matches_package(tmp_path, monkeypat
 # --- bench rewards check ----------------------------------------------------------------------------
 
 def test_rewards_check_cli(env, capsys, tmp_path, monkeypatch):
-    from bench.registry import UsageError
+    from bench.errors import UsageError
     from rewards.cli import main
 
     _, opts = env

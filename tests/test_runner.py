@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import config, runner
-from bench.registry import UsageError
+from bench.errors import UsageError
 from bench.runlog import METRICS, TIMING_KEYS, metric_documented
 
 REQUIRED = ["iteration", "samples_total", "nfe_total", "seconds_total", "t_rollout_s", "t_reward_s",

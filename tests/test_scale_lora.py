@@ -10,7 +10,8 @@ import torch
 from bench import config, runner
 from bench.cli import main as cli_main
 from bench.policy import ModelOptions, load_policy, tiny_pipeline_dir
-from bench.registry import UsageError, algorithm_class
+from bench.registry import algorithm_class
+from bench.errors import UsageError
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bench import config, runner
-from bench.registry import ALGORITHMS, UsageError, algorithm_class
+from bench.registry import ALGORITHMS, algorithm_class
+from bench.errors import UsageError
 from bench.runlog import metric_documented
 
 #: small per-algorithm settings (tiny model, 4 steps) so each run takes about a second

@@ -15,7 +15,7 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from bench.runner import RunSummary
 from sweeps import cli, spaces
 from sweeps import study as st
