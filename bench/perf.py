@@ -72,8 +72,8 @@ def _paired_best(fns: dict, repeats: int, device: torch.device) -> dict[str, flo
 def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int = 64, repeats: int = 3,
                      device: str = "auto", guidance: float | None = None) -> dict[str, Any]:
     from bench import config
+    from bench.models import build_policy, resolve_device
     from bench.rollout import RolloutEngine
-    from bench.runner import build_policy, resolve_device
     from bench.types import PromptBatch, RolloutPlan
 
     cfg = config.resolve({}, flags={"algo.name": "grpo", "model.name": model})
@@ -156,7 +156,7 @@ def paper_table(model: str = "sd3.5-medium-random", prompts: int = 2, iterations
                 algo_overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time per iteration of the paper's three algorithms under one setting (see the module docstring).
     ``overrides`` apply to every algorithm, ``algo_overrides[name]`` to one (tests shrink groups with it)."""
-    from bench.runner import resolve_device
+    from bench.models import resolve_device
     from bench.runlog import device_info
 
     dev = resolve_device(device)

@@ -135,7 +135,7 @@ MODELS: dict[str, ModelPreset] = {
                                      {**_FLUX, **_RANDOM_REWARDS}),
     "sd1.5-random": ModelPreset("random:sd1.5-random", "SD1.5 architecture (UNet + DDIM), random weights",
                                 {**_SD15, **_RANDOM_REWARDS}),
-    # the same classes and code paths shrunk to CPU size (bench.policy.REDUCED, 32 px): smoke tests
+    # the same classes and code paths shrunk to CPU size (bench.random_models.REDUCED, 32 px): smoke tests
     "sd3.5-medium-random-reduced": ModelPreset("random:sd3.5-medium-random:reduced",
                                                "SD3.5 pipeline classes at tiny sizes (32 px), random weights: CPU "
                                                "smoke of the real-model path",

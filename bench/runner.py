@@ -28,14 +28,29 @@ from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
 from bench.budget import Budget, Totals
 from bench.distributed import Dist, NullLog
-from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
+from bench.errors import (
+    AlgorithmSettingsError,
+    Interrupted,
+    NonFiniteGrad,
+    OutOfMemory,
+    RewardError,
+    StopRun,
+    UsageError,
+    is_out_of_memory,
+)
+from bench.models import build_policy, model_prediction, resolve_device, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
-from bench.registry import WEIGHTED_REWARD, algorithm_class, load_object, model_preset, reward_class
-from bench.errors import (AlgorithmSettingsError, Interrupted, NonFiniteGrad, OutOfMemory, RewardError,
-                          StopRun, UsageError, is_out_of_memory)
+from bench.registry import WEIGHTED_REWARD, algorithm_class, load_object, reward_class
 from bench.rollout import RolloutEngine
-from bench.runlog import (RunLog, device_info, git_state, host_info, now_iso, package_versions,
-                          reward_hacking_flag)
+from bench.runlog import (
+    RunLog,
+    device_info,
+    git_state,
+    host_info,
+    now_iso,
+    package_versions,
+    reward_hacking_flag,
+)
 from bench.types import PromptBatch, RewardOutput, Rollout, RolloutPlan, SamplerSpec, TrainSpec
 
 PHASES = ("rollout", "reward", "advantage", "update")
@@ -54,57 +69,6 @@ class RunSummary:
 
 
 # ---- building blocks --------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"model.device={name!r} but CUDA is not available on this machine (use cpu or auto)")
-    return dev
-
-
-def model_dir(cfg: Mapping[str, Any]) -> Path:
-    m = cfg["model"]
-    if m.get("path"):
-        from bench.policy import resolve_model_path  # (scale) a local dir or a hub id in the offline cache
-
-        return resolve_model_path(m["path"])
-    source = model_preset(m["name"]).source
-    if source.startswith("package:"):
-        return Path(__file__).resolve().parent / source.split(":", 1)[1]
-    if source == "tiny-random":
-        return tiny_pipeline_dir("flow")
-    if source == "tiny-random-ddim":
-        return tiny_pipeline_dir("epsilon")
-    raise UsageError(f"model preset {m['name']!r} loads from a local directory: pass --model-path DIR "
-                     f"(a diffusers pipeline directory you downloaded)")
-
-
-def model_prediction(cfg: Mapping[str, Any]) -> str:
-    """(scale) "flow" or "epsilon", read before the model loads (treebench, real and random pipelines)."""
-    from bench.policy import index_prediction, random_preset_spec
-
-    m = cfg["model"]
-    source = model_preset(m["name"]).source
-    if source.startswith("random:") and not m.get("path"):
-        return index_prediction({"_class_name": random_preset_spec(source.split(":")[1])["pipeline"]})
-    return index_prediction(read_model_index(model_dir(cfg)))
-
-
-def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
-    # (scale) real and random-architecture presets, LoRA, precision options: bench.policy / docs/SCALE.md
-    from bench.policy import build_random_policy, model_options
-
-    m = cfg["model"]
-    mp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[m["mixed_precision"]]
-    opts = model_options(m, device)
-    source = model_preset(m["name"]).source
-    if source.startswith("random:") and not m.get("path"):
-        _, name, *flags = source.split(":")
-        return build_random_policy(name, device=device, autocast_dtype=mp, options=opts, reduced="reduced" in flags)
-    return load_policy(model_dir(cfg), device=device, autocast_dtype=mp, options=opts)
-
-
 def build_reward(spec: str, device: torch.device, options: Mapping[str, Any], normalize: str = "none") -> Any:
     """A reward from a name or a weighted spec "a=1.0,b=0.5" (itself a reward)."""
     if "=" in spec or "," in spec:

@@ -18,7 +18,8 @@ import torch
 import bench  # noqa: F401  (torchvision fix)
 from bench import config, runner
 from bench.distributed import Dist, split_rollout
-from bench.policy import load_policy, tiny_pipeline_dir
+from bench.models import load_policy
+from bench.random_models import tiny_pipeline_dir
 from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput

@@ -13,7 +13,7 @@ import torch
 
 from bench import sde
 from bench.config import DEFAULTS
-from bench.policy import load_policy
+from bench.models import load_policy
 from bench.protocols import Algorithm
 from bench.registry import ALGORITHMS, algorithm_class
 from bench.rollout import RolloutEngine

@@ -9,9 +9,11 @@ import torch
 
 from bench import config, runner
 from bench.cli import main as cli_main
-from bench.policy import ModelOptions, load_policy, tiny_pipeline_dir
-from bench.registry import algorithm_class
 from bench.errors import UsageError
+from bench.models import load_policy
+from bench.policy import ModelOptions
+from bench.random_models import tiny_pipeline_dir
+from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 
