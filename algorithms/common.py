@@ -1,4 +1,9 @@
-"""Small pure functions shared by the algorithms (each has known-answer tests).
+"""What the algorithms share, each piece with known-answer tests:
+
+* pure functions: group normalisation, tree backup, PPO-clip terms, KL, window schedules, edge selection;
+* ``PerPromptStatTracker``: DDPO's per-prompt reward statistics (stateful; its algorithm checkpoints it);
+* ``ppo_update``: the PPO-clip update loop (micro-batches, gradient accumulation, optimizer steps) that
+  every algorithm's ``update`` ends in; it returns ``UpdateStats`` including the update's NFE.
 
 Nothing here knows which algorithm calls it; algorithms never import each other.
 """
@@ -13,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from bench.errors import NonFiniteGrad
 from bench.types import Rollout, TrainSpec, UpdateStats
 
 
@@ -309,7 +315,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     per_micro = max(1, train.micro_batch // cfg)
 
     tot_loss = tot_kl = tot_akl = tot_clip = 0.0
-    n_terms = 0
+    n_terms = nfe = 0
     first_ratio: float | None = None
     grad_norm = 0.0
     micro_batches = 0
@@ -325,11 +331,13 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             idx = torch.tensor([j for g in mb[c:c + per_micro] for j in g], dtype=torch.long)
             e = edges[idx]
             ev = engine.logp(rollout, e)
+            nfe += ev.nfe
             old = rollout.logp_old[e].to(ev.log_prob.device)
             terms = ppo_clip_loss(ev.log_prob, old, adv[idx].to(ev.log_prob.device), clip_range, adv_clip_max)
             loss = terms.loss.sum() / denom
             if beta > 0:
                 ref = engine.logp(rollout, e, reference=True)
+                nfe += ref.nfe
                 kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), ev.std.detach())
                 loss = loss + beta * kl.sum() / denom
                 tot_kl += float(kl.detach().sum())
@@ -346,8 +354,12 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         else:
             norms = [p.grad.norm() for p in params if p.grad is not None]
             grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
-        optimizer.step()
+        try:
+            optimizer.step()
+        except NonFiniteGrad as e:  # the runner still counts what the refused update cost
+            e.nfe = nfe
+            raise
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,
-                       kl=tot_kl / n_terms)
+                       kl=tot_kl / n_terms, nfe=nfe)

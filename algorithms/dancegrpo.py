@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     chain_edge_advantages,
@@ -39,6 +40,8 @@ from algorithms.common import (
     ppo_update,
     random_step_subset,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -98,6 +101,18 @@ class DanceGRPO:
                            "sampler.sde": "flow_grpo"},
     }
 
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "dancegrpo/trained_steps": "DanceGRPO: steps trained per chain (int((T - 1) * timestep_fraction))",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "timestep_fraction": {"type": "float", "low": 0.1, "high": 1.0, "help": "trained fraction of steps"},
+        "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ('timestep_fraction',)
+
     def __init__(self, config: DanceGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
         if self._n_train() < 1:
@@ -127,7 +142,7 @@ class DanceGRPO:
         chosen = chosen[torch.randperm(C, generator=gen)].flatten()
         return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     PerPromptStatTracker,
@@ -41,6 +42,8 @@ from algorithms.common import (
     ppo_update,
     random_step_subset,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -109,6 +112,22 @@ class DDPO:
                        "algo.clip_range": 1e-4},
     }
 
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "ddpo/trained_steps": "DDPO: denoising steps trained per chain (int(T * timestep_fraction))",
+        "ddpo/tracked_prompt_frac": "DDPO: fraction of this batch's prompts normalised with their own history",
+        "ddpo/tracked_prompts_total": "DDPO: prompts with a statistics buffer so far",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "timestep_fraction": {"type": "float", "low": 0.1, "high": 1.0},
+        "group_size": {"type": "int", "low": 2, "high": 8},
+        "per_prompt_stat_tracking": [True, False],
+        "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ('timestep_fraction',)
+
     def __init__(self, config: DDPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
         if int(sampler.steps * config.timestep_fraction) < 1:
@@ -152,7 +171,7 @@ class DDPO:
         chosen = chosen[torch.randperm(C, generator=gen)].flatten()
         return chosen[rollout.trainable[chosen.clamp_min(0)] & (chosen >= 0)]
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,

@@ -16,8 +16,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, group_normalize, ppo_update
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -54,6 +57,16 @@ class GRPO:
     Config: ClassVar[type] = GRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {}
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "group_size": {"type": "int", "low": 2, "high": 8},
+        "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ('group_size',)
+
     def __init__(self, config: GRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, seed
 
@@ -68,7 +81,7 @@ class GRPO:
         leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False, eps=self.config.std_eps)
         return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = torch.nonzero(rollout.trainable).flatten()
         perm = torch.randperm(edges.numel(), generator=generator(self.seed, rollout.iteration, "update"))

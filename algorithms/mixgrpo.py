@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     chain_edge_advantages,
@@ -52,6 +53,8 @@ from algorithms.common import (
     weighted_advantage_sum,
 )
 from bench import sde
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -155,6 +158,25 @@ class MixGRPO:
                            "sampler.sde": "flow_grpo"},
     }
 
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "mixgrpo/window_start": "MixGRPO: first step of the SDE window",
+        "mixgrpo/window_size": "MixGRPO: SDE steps in the window this iteration (shrinks near the end)",
+        "mixgrpo/sampling_steps": "MixGRPO: denoising steps actually sampled (fewer with Flash's compressed schedule)",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        # the window ends before step T - 2 (MixGRPO's max_timesteps), so longer windows are clipped
+        "window": {"type": "int", "low": 1, "high": "sampler.steps - 2", "help": "SDE window size"},
+        "window_stride": {"type": "int", "low": 0, "high": 2, "help": "steps per window shift"},
+        "shift_interval": {"type": "int", "low": 5, "high": 50, "step": 5, "help": "iterations between shifts"},
+        "sample_strategy": ["progressive", "random"],
+        "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
+        "flash": [False, True],
+    }
+    search_default: ClassVar[tuple[str, ...]] = ('window', 'window_stride', 'shift_interval')
+
     def __init__(self, config: MixGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
         T = sampler.steps
@@ -165,8 +187,6 @@ class MixGRPO:
         if config.flash and sampler.prediction != "flow":
             raise ValueError("algo.flash (DPM-Solver++ post-window steps) needs a flow-matching model; "
                              f"this model predicts {sampler.prediction!r}")
-        self._last_window: tuple[int, int] = self._window(0)
-        self._last_iteration = 0
 
     # ---- window ----
     def _max_end(self) -> int:
@@ -198,7 +218,6 @@ class MixGRPO:
     def plan(self, iteration: int) -> RolloutPlan:
         c, T = self.config, self.sampler.steps
         start, end = self._window(iteration)
-        self._last_window, self._last_iteration = (start, end), int(iteration)
         sigmas = None
         if c.flash:
             sigmas = self._flash_sigmas(end - 1)
@@ -234,7 +253,7 @@ class MixGRPO:
             leaf = norm(rewards.scores)
         return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         # the window steps are the plan's only SDE (trainable) steps: train all of them, in step order,
         # chains in random order
@@ -247,13 +266,8 @@ class MixGRPO:
                           beta=self.config.beta)
 
     def state_dict(self) -> dict:
-        start, end = self._last_window
-        return {"config": asdict(self.config), "iteration": self._last_iteration, "window_start": start,
-                "window_end": end}
+        # the window is a pure function of the iteration (``plan`` keeps no state): nothing to restore
+        return {"config": asdict(self.config)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # the schedule is a pure function of the iteration; the saved position is restored for reporting
-        if "window_start" in state:
-            start = int(state["window_start"])
-            self._last_window = (start, int(state.get("window_end", start)))
-            self._last_iteration = int(state.get("iteration", 0))
+        pass

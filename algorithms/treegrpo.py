@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     WEIGHTINGS,
@@ -50,6 +51,8 @@ from algorithms.common import (
     progressive_window_start,
     tree_backup,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -161,6 +164,29 @@ class TreeGRPO:
                           "train.optimizer_steps": 2},
     }
 
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "treegrpo/window_start": "TreeGRPO: first step of the SDE window",
+        "treegrpo/window": "TreeGRPO: SDE window length",
+        "treegrpo/branch_start": "TreeGRPO: first branching step",
+        "treegrpo/leaves": "TreeGRPO: leaves (images) per tree, k^d",
+        "treegrpo/edge_adv_abs_mean": "TreeGRPO: mean |edge advantage| over trained edges",
+        "treegrpo/softmax_weight_max": "TreeGRPO: largest softmax_logprob sibling weight (1/k = uniform)",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "k": {"type": "int", "low": 2, "high": 4, "help": "branching factor"},
+        "d": {"type": "int", "low": 1, "high": 3, "help": "branching depth"},
+        # the window holds the d branching steps, so it is constrained to [d, T] (not pruned)
+        "window": {"type": "int", "low": "d", "high": "sampler.steps", "help": "SDE window length"},
+        "weighting": ["softmax_logprob", "uniform"],
+        "window_mode": ["random", "progressive"],
+        "branch_at": ["first", "last"],
+        "trees_per_prompt": {"type": "int", "low": 1, "high": 3},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ('k', 'd', 'window')
+
     def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
         T, W = sampler.steps, self.window
@@ -210,7 +236,7 @@ class TreeGRPO:
                    "treegrpo/softmax_weight_max": _mean_max_sibling_weight(rollout)}
         return Advantages(edge=edge, leaf=leaf, metrics=metrics)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = torch.nonzero(rollout.trainable).flatten()
         # random edge order = random parent order (ppo_update keeps a parent's children together and

@@ -7,11 +7,10 @@ import argparse
 import sys
 from typing import Sequence
 
-from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, Entry, did_you_mean, load_object
-
 from bench.errors import RunFailure, UsageError
+from bench.registry import ALGORITHMS, COMMANDS, MODELS, Entry, algorithms, did_you_mean, load_object, rewards
 
-#: (scale) subcommands implemented inside bench, dispatched like the registry's COMMANDS
+#: Subcommands implemented inside bench, dispatched like the registry's COMMANDS
 BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
                                                           "merged/full denoiser weights")}
 
@@ -30,9 +29,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)} (default treegrpo)")
-    p.add_argument("--reward", help="training reward: a name or a weighted spec 'hpsv2=1.0,clip_score=1.0' "
-                                    "(default: the model preset's)")
+    p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)}, an installed plug-in (bench list) or "
+                                  f"module:Class (docs/PLUGINS.md; default treegrpo)")
+    p.add_argument("--reward", help="training reward: a name, module:Class, or a weighted spec "
+                                    "'hpsv2=1.0,clip_score=1.0' (default: the model preset's)")
     p.add_argument("--eval-rewards", help="comma-separated held-out rewards (default: the model preset's)")
     p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
     p.add_argument("--model-path", help="local diffusers pipeline directory (overrides the preset's source)")
@@ -71,9 +71,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from bench import config
 
     if a.resume:
-        from bench import checkpoint
+        from bench import resume
 
-        cfg = checkpoint.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
+        cfg = resume.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
                                        flags=flags_from_args(a))
     else:
         cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
@@ -97,12 +97,12 @@ def cmd_list(a: argparse.Namespace) -> int:
         for name, e in items.items():
             print(f"  {name:<{width}} {getattr(e, 'description', '')}")
 
-    section("algorithms", ALGORITHMS)
-    section("rewards", REWARDS)
+    section("algorithms", algorithms())
+    section("rewards", rewards())
     section("models", MODELS)
     if a.presets:
         print("presets (--preset):")
-        for name, e in ALGORITHMS.items():
+        for name, e in algorithms().items():
             try:
                 presets = getattr(load_object(e.target), "PRESETS", {}) or {}
             except NotImplementedError:

@@ -16,9 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from bench.registry import algorithm_class, did_you_mean, model_preset
-
 from bench.errors import AlgorithmSettingsError, UsageError
+from bench.registry import algorithm_class, did_you_mean, model_preset
 
 DEFAULTS: dict[str, Any] = {
     "algo": {"name": "treegrpo"},

@@ -51,7 +51,12 @@ class StopRun(Exception):
 
 
 class NonFiniteGrad(Exception):
-    """Raised before an optimizer step whose gradients hold NaN/inf, so the step is never applied."""
+    """Raised before an optimizer step whose gradients hold NaN/inf, so the step is never applied.
+    ``nfe``: denoiser forward passes the refused update had spent (set by the update on the way out)."""
+
+    def __init__(self, message: str = "non-finite gradient", nfe: int = 0):
+        super().__init__(message)
+        self.nfe = nfe
 
 
 class Interrupted(Exception):

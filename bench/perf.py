@@ -27,19 +27,16 @@ from typing import Any
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.timing import sync
 
 
 def _best_time(fn, repeats: int, device: torch.device) -> float:  # noqa: ANN001
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -108,7 +105,8 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     return out
 
 
-#: the TreeGRPO paper's time per iteration (s/iter, 8 GPUs, SD3.5-medium; ALGORITHMS.md §7.1)
+#: the TreeGRPO paper's time per iteration (s/iter, 8 GPUs, SD3.5-medium; TreeGRPO arXiv 2512.08153, its
+#: efficiency comparison table)
 PAPER_S_PER_ITER = {"dancegrpo": 184.0, "mixgrpo": 145.4, "treegrpo": 72.0}
 #: the paper's comparison setting, shared by the three algorithms
 PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",

@@ -31,11 +31,12 @@ from bench.types import PromptBatch, Rollout, RolloutPlan
 class EdgeEval:
     """Recomputed statistics of M edges parent(n) -> n.
 
-    log_prob [M] (with gradients), mean [M, C, h, w], std [M]."""
+    log_prob [M] (with gradients), mean [M, C, h, w], std [M]; nfe: denoiser forward passes spent."""
 
     log_prob: Tensor
     mean: Tensor
     std: Tensor
+    nfe: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,4 +221,4 @@ class RolloutEngine:
         inv = inv.to(dev)
         st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched,
                         prev_sample=lat[nodes.to(lat.device)].to(dev))
-        return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std)
+        return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std, nfe=n)

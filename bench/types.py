@@ -29,7 +29,9 @@ from torch import Tensor
 #: "sde": stochastic step with a log-prob; "dpm2": deterministic 2nd-order multistep DPM-Solver++
 #: (MixGRPO-Flash post-window steps, flow models only).
 STEP_MODES = ("ode", "sde", "dpm2")
-#: SDE families for flow models (ALGORITHMS.md §5 and §2.1). Epsilon models always use DDIM.
+#: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
+#: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
+#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py). Epsilon models always use DDIM.
 SDE_TYPES = ("flow_grpo", "dance")
 
 
@@ -259,6 +261,8 @@ class UpdateStats:
     optimizer_steps: optimizer steps taken
     micro_batches:   denoiser calls with gradients (forward+backward micro-batches)
     kl:              mean KL to the reference (0 when beta = 0)
+    nfe:             denoiser forward passes the update spent (recomputed log-probs and reference
+                     evaluations; a guided evaluation counts 2, the backward pass is not counted)
     metrics:         algorithm-specific scalars, keys namespaced "algo/key"
     """
 
@@ -271,6 +275,7 @@ class UpdateStats:
     optimizer_steps: int
     micro_batches: int
     kl: float = 0.0
+    nfe: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 

@@ -21,6 +21,7 @@ from bench.distributed import Dist, split_rollout
 from bench.models import load_policy
 from bench.random_models import tiny_pipeline_dir
 from bench.registry import algorithm_class
+from bench.resume import trainable_state
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput
 
@@ -95,7 +96,7 @@ def check_training(dist: Dist, out_dir: str) -> dict:
     runner.Run = orig
     r = holder["run"]
     h = hashlib.sha256()
-    for n, p in sorted(r.trainable_state().items()):
+    for n, p in sorted(trainable_state(r.policy).items()):
         h.update(n.encode())
         h.update(p.detach().cpu().numpy().tobytes())
     hashes = dist.gather(h.hexdigest())

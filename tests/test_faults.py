@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import checkpoint, runner
+from bench import checkpoint, runner, scoring
 from bench.cli import main
 from bench.errors import MissingWeightsError
 from bench.rollout import RolloutEngine
@@ -42,7 +42,7 @@ class Faulty:
 
 
 def _use_reward(monkeypatch, fail_call, mode):
-    monkeypatch.setattr(runner, "build_reward", lambda spec, device, options, normalize="none": Faulty(fail_call, mode))
+    monkeypatch.setattr(scoring, "build_reward", lambda spec, device, options, normalize="none": Faulty(fail_call, mode))
 
 
 def _records(path):
@@ -69,12 +69,12 @@ def test_nan_gradient_is_never_applied_and_skip_continues(tmp_path, monkeypatch)
 
     orig = GRPO.update
 
-    def poisoned(self, policy, engine, optimizer, batch, rollout, adv):
+    def poisoned(self, policy, engine, optimizer, rollout, adv):
         if rollout.iteration != 1:
-            return orig(self, policy, engine, optimizer, batch, rollout, adv)
+            return orig(self, policy, engine, optimizer, rollout, adv)
         h = policy.trainable_parameters()[0].register_hook(lambda g: torch.full_like(g, float("inf")))
         try:
-            return orig(self, policy, engine, optimizer, batch, rollout, adv)
+            return orig(self, policy, engine, optimizer, rollout, adv)
         finally:
             h.remove()
 

@@ -30,7 +30,7 @@ def _grpo_iteration(pol, lr=5e-2, beta=0.0):
     adv = algo.advantages(PROMPTS, roll, RewardOutput(scores))
     opt = torch.optim.SGD(pol.trainable_parameters(), lr=lr)
     pol.train(True)
-    stats = algo.update(pol, eng, opt, PROMPTS, roll, adv)
+    stats = algo.update(pol, eng, opt, roll, adv)
     pol.train(False)
     return roll, stats
 

@@ -11,7 +11,7 @@ import torch
 from bench import config, runner
 from bench.registry import ALGORITHMS, algorithm_class
 from bench.errors import UsageError
-from bench.runlog import metric_documented
+from bench.records import metric_documented
 
 #: small per-algorithm settings (tiny model, 4 steps) so each run takes about a second
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},

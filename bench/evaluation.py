@@ -1,0 +1,57 @@
+"""Held-out evaluation: fixed prompts, fixed noise, deterministic (all-ODE) sampling, every eval reward;
+timed but outside the training budget; flags possible reward hacking."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from bench.runlog import reward_hacking_flag, save_grid
+from bench.scoring import score
+from bench.types import RolloutPlan
+
+
+def eval_plan(sampler: Any) -> RolloutPlan:
+    """One deterministic chain per eval prompt with the sampler's steps and guidance."""
+    T = sampler.steps
+    return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=1,
+                       guidance=sampler.guidance, keep_latents=False)
+
+
+def evaluate(r: Any, iteration: int) -> dict[str, Any]:
+    """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
+    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
+    if not r.dist.is_main:  # rank 0 evaluates and logs
+        return {"iteration": iteration}
+    t0 = time.perf_counter()
+    if r.eval_conditioning is None:
+        r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
+    roll = r.engine.run(eval_plan(r.spec.sampler), r.eval_batch, 0, stage="eval", conditioning=r.eval_conditioning)
+    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
+                           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds}
+    with torch.no_grad():
+        for name, reward in r.eval_rewards.items():
+            out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
+                        stage="eval")
+            rec[f"eval/{name}"] = float(out.scores.mean())
+            rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
+            for k, v in out.components.items():
+                rec[f"eval/{name}/{k}"] = float(v.mean())
+    grid_dir = r.out / "samples"
+    grid_dir.mkdir(exist_ok=True)
+    png = grid_dir / f"eval_{iteration:06d}.png"
+    save_grid(roll.images[: r.spec.eval.grid], png)
+    rec["samples_png"] = str(png.relative_to(r.out))
+    r.evals.append(rec)
+    train_name = r.spec.reward.name
+    rec["reward_hacking"] = reward_hacking_flag(
+        r.evals, f"eval/{train_name}", [f"eval/{n}" for n in r.eval_rewards if n != train_name])
+    rec["t_eval_s"] = time.perf_counter() - t0
+    if rec["reward_hacking"]:
+        print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
+              f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
+    r.log.evaluation(rec)
+    return rec

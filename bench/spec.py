@@ -1,0 +1,139 @@
+"""The run spec: a resolved config turned, once, into frozen typed records.
+
+``bench.config.resolve`` merges defaults, presets, the config file and ``--set`` into a nested dict and
+validates it; ``RunSpec.from_config`` then reads that dict once (every cast happens here) and the
+runner, sweeps and perf use the typed fields. ``spec.config`` keeps the resolved dict itself, which is
+what manifests and checkpoints store (it is the user-facing format, see docs/RUNDIR.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from bench import config as config_mod
+from bench.budget import Budget
+from bench.types import SamplerSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """name: preset (bench list); path: local pipeline dir or hub id (None = the preset's source);
+    device: "auto" | "cpu" | "cuda[:N]"; prediction: "flow" | "epsilon", read from the model index
+    before any weights load."""
+
+    name: str
+    path: str | None
+    device: str
+    prediction: str
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW settings (``train.*``)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """name: a registry name, ``module:Class`` or a weighted spec "a=1.0,b=0.5"; options: per-reward
+    constructor options; normalize: "none" | "zscore" (weighted specs)."""
+
+    name: str
+    normalize: str
+    options: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation: rewards evaluated, every N iterations (0 = start and end only), at start or
+    not, first N prompts of the eval set, images per saved grid."""
+
+    rewards: tuple[str, ...]
+    every: int
+    at_start: bool
+    num_prompts: int
+    grid: int
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-directory and reliability settings (``run.*``)."""
+
+    out: Path
+    overwrite: bool
+    progress: bool
+    tensorboard: bool
+    checkpoint_every: int
+    keep_checkpoints: int
+    on_nonfinite: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run needs, typed. ``algo_config`` is the algorithm's own frozen ``Config``."""
+
+    config: dict[str, Any]
+    algo_name: str
+    algo_config: Any
+    model: ModelSpec
+    sampler: SamplerSpec
+    train: TrainSpec
+    optimizer: OptimizerSpec
+    prompts_per_iteration: int
+    reward: RewardSpec
+    eval: EvalSpec
+    train_prompts: str
+    eval_prompts: str
+    run: RunOptions
+    budget: Budget
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "RunSpec":
+        """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
+        algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
+        cannot be found; loads no weights."""
+        from bench.models import model_prediction
+
+        cfg = copy.deepcopy(dict(cfg))
+        m, t, r, e, ru = cfg["model"], cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
+        prediction = model_prediction(cfg)
+        return cls(
+            config=cfg, algo_name=cfg["algo"]["name"], algo_config=config_mod.algorithm_config(cfg),
+            model=ModelSpec(name=m["name"], path=m.get("path"), device=m["device"], prediction=prediction),
+            sampler=sampler_spec(cfg, prediction),
+            train=TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
+                            max_grad_norm=float(t["max_grad_norm"])),
+            optimizer=OptimizerSpec(lr=float(t["lr"]), beta1=float(t["beta1"]), beta2=float(t["beta2"]),
+                                    eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"])),
+            prompts_per_iteration=int(t["prompts_per_iteration"]),
+            reward=RewardSpec(name=r["name"], normalize=r["normalize"], options=dict(r["options"])),
+            eval=EvalSpec(rewards=tuple(e["rewards"]), every=int(e["every"]), at_start=bool(e["at_start"]),
+                          num_prompts=int(e["num_prompts"]), grid=int(e["grid"])),
+            train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],
+            run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
+                           tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),
+                           keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"]),
+            budget=Budget.parse(str(cfg["budget"])), seed=int(cfg["seed"]))
+
+
+def sampler_spec(cfg: Mapping[str, Any], prediction: str) -> SamplerSpec:
+    """The ``sampler.*`` section as the ``SamplerSpec`` algorithms are constructed with."""
+    s = cfg["sampler"]
+    return SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]), noise_level=float(s["noise_level"]),
+                       sde_type=s["sde"], shift=float(s["shift"]), prediction=prediction)
+
+
+def out_path(cfg: Mapping[str, Any]) -> Path:
+    """``out``, or ``runs/<algo>_<timestamp>`` when none is given."""
+    out = cfg.get("out") or f"runs/{cfg['algo']['name']}_{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(out).expanduser()
