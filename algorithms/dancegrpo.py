@@ -111,7 +111,7 @@ class DanceGRPO:
         "timestep_fraction": {"type": "float", "low": 0.1, "high": 1.0, "help": "trained fraction of steps"},
         "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
     }
-    search_default: ClassVar[tuple[str, ...]] = ('timestep_fraction',)
+    search_default: ClassVar[tuple[str, ...]] = ("timestep_fraction",)
 
     def __init__(self, config: DanceGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)

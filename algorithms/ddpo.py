@@ -126,7 +126,7 @@ class DDPO:
         "per_prompt_stat_tracking": [True, False],
         "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
     }
-    search_default: ClassVar[tuple[str, ...]] = ('timestep_fraction',)
+    search_default: ClassVar[tuple[str, ...]] = ("timestep_fraction",)
 
     def __init__(self, config: DDPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)

@@ -65,7 +65,7 @@ class GRPO:
         "group_size": {"type": "int", "low": 2, "high": 8},
         "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
     }
-    search_default: ClassVar[tuple[str, ...]] = ('group_size',)
+    search_default: ClassVar[tuple[str, ...]] = ("group_size",)
 
     def __init__(self, config: GRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, seed

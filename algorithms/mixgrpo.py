@@ -175,7 +175,7 @@ class MixGRPO:
         "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
         "flash": [False, True],
     }
-    search_default: ClassVar[tuple[str, ...]] = ('window', 'window_stride', 'shift_interval')
+    search_default: ClassVar[tuple[str, ...]] = ("window", "window_stride", "shift_interval")
 
     def __init__(self, config: MixGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)

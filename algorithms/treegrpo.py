@@ -185,7 +185,7 @@ class TreeGRPO:
         "branch_at": ["first", "last"],
         "trees_per_prompt": {"type": "int", "low": 1, "high": 3},
     }
-    search_default: ClassVar[tuple[str, ...]] = ('k', 'd', 'window')
+    search_default: ClassVar[tuple[str, ...]] = ("k", "d", "window")
 
     def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)

@@ -71,13 +71,14 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     from bench import config
     from bench.models import build_policy, resolve_device
     from bench.rollout import RolloutEngine
+    from bench.spec import RunSpec
     from bench.types import PromptBatch, RolloutPlan
 
-    cfg = config.resolve({}, flags={"algo.name": "grpo", "model.name": model})
+    spec = RunSpec.from_config(config.resolve({}, flags={"algo.name": "grpo", "model.name": model}))
     dev = resolve_device(device)
-    policy = build_policy(cfg, dev)
-    T = int(cfg["sampler"]["steps"])
-    g = float(cfg["sampler"]["guidance"] if guidance is None else guidance)
+    policy = build_policy(spec.config, dev)
+    T = spec.sampler.steps
+    g = spec.sampler.guidance if guidance is None else float(guidance)
     batch = PromptBatch(tuple(f"a small blue square on the top {i}" for i in range(prompts)))
     k, d, s0 = 3, 3, 2
     modes, branch = ["ode"] * T, [1] * T
@@ -90,9 +91,8 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     out: dict[str, Any] = {"model": model, "device": str(dev), "steps": T, "guidance": g, "prompts": prompts,
                            "micro_batch_rows": micro_batch, "torch_threads": torch.get_num_threads()}
     for name, plan in plans.items():
-        engine = RolloutEngine(policy, max_micro_batch=micro_batch, seed=0, shift=float(cfg["sampler"]["shift"]))
-        engine.run(plan, batch, 0)  # warm-up
-        nfe = engine.nfe_rollout
+        engine = RolloutEngine(policy, max_micro_batch=micro_batch, seed=0, shift=spec.sampler.shift)
+        nfe = engine.run(plan, batch, 0).nfe  # warm-up
         calls = -(-nfe // micro_batch)
         raw = _raw_forward(policy, micro_batch, calls)
         raw()  # warm-up

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 
@@ -28,14 +29,7 @@ BATCH = PromptBatch(("a red circle", "a blue square"))
 P = len(BATCH)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared, busy machine a second
-    spinning thread makes these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -382,9 +376,12 @@ def test_invalid_combination_with_the_sampler(name, over, steps, prediction, key
         make(name, over, steps=steps, prediction=prediction)
 
 
-# ---- contract tests over the registry -------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_contract(name):
+# ---- contract tests over the registry (and an installed plug-in), no per-algorithm branches -------------
+CONTRACT = [*sorted(ALGORITHMS), "example_bestofgroup"]  # the last from the example plug-in package
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_contract(name, plugin_installed):
     cls = algorithm_class(name)
     assert cls.name == name
     assert dataclasses.is_dataclass(cls.Config) and cls.Config.__dataclass_params__.frozen
@@ -392,28 +389,37 @@ def test_contract(name):
     doc = cls.Config.__doc__ or ""
     for f in dataclasses.fields(cls.Config):
         assert f.default is not dataclasses.MISSING, f"{name}: algo.{f.name} has no default"
-        if name in PAPER_ALGOS:
-            assert f.name in doc, f"{name}: algo.{f.name} is not documented in the Config docstring"
+        assert f.name in doc, f"{name}: algo.{f.name} is not documented in the Config docstring"
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.__setattr__(dataclasses.fields(cls.Config)[0].name, None)
     sp = SamplerSpec(steps=10, guidance=4.5, noise_level=0.7)
     algo = cls(cfg, sp, TrainSpec(), 0)
     assert isinstance(algo, Algorithm)
+    assert list(inspect.signature(cls.update).parameters) == ["self", "policy", "engine", "optimizer", "rollout",
+                                                               "adv"]
     plan = algo.plan(3)
     assert isinstance(plan, RolloutPlan)
-    assert plan == cls(cfg, sp, TrainSpec(), 0).plan(3) and dict(plan.info) == dict(cls(cfg, sp, TrainSpec(), 0)
-                                                                                     .plan(3).info)
-    assert all(k.startswith(f"{name}/") for k in plan.info), plan.info
+    fresh = cls(cfg, sp, TrainSpec(), 0)
+    assert plan == fresh.plan(3) and dict(plan.info) == dict(fresh.plan(3).info)
+    for i in (0, 7, 2):  # plan is pure: planning other iterations first changes nothing
+        algo.plan(i)
+    assert algo.plan(3) == plan
+    # every key it logs is its own (namespaced by its name) and declared with a meaning
+    assert set(plan.info) <= set(cls.log_keys) and all(k.startswith(f"{name}/") for k in cls.log_keys)
+    assert all(isinstance(v, str) and v for v in cls.log_keys.values())
+    # its search space names its own settings and its default is part of it
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    assert set(cls.search_space) <= fields and cls.search_default and set(cls.search_default) <= set(cls.search_space)
     state = json.loads(json.dumps(algo.state_dict()))
     other = cls(cfg, sp, TrainSpec(), 0)
     other.load_state_dict(state)
     assert json.loads(json.dumps(other.state_dict())) == state
-    if name in PAPER_ALGOS:
-        import algorithms
 
-        mod = __import__(cls.__module__, fromlist=["_"])
-        assert mod.__doc__ and "arXiv" in mod.__doc__ and "Implementation details" in mod.__doc__
-        assert algorithms is not None
+
+@pytest.mark.parametrize("name", PAPER_ALGOS)
+def test_paper_algorithms_cite_their_paper(name):
+    mod = __import__(algorithm_class(name).__module__, fromlist=["_"])
+    assert mod.__doc__ and "arXiv" in mod.__doc__ and "Implementation details" in mod.__doc__
 
 
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))

@@ -22,9 +22,6 @@ MODEL_REWARDS = ("hpsv2", "image_reward", "clip_score", "pickscore", "aesthetic"
 PROMPTS = ["a red cat on the left", "a small blue circle", "photo of a city at night"]
 
 
-@pytest.fixture(scope="module")
-def weights():
-    return T.shared_weights()
 
 
 @pytest.fixture
