@@ -295,6 +295,9 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
 
     reduction: "mean" -> the mini-batch loss is the mean over its edge terms (DDPO/DanceGRPO/MixGRPO);
     "sum_children" -> sum over each parent's children, mean over parents (TreeGRPO's loss_agg "sum").
+
+    Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
+    read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
     """
     edges = torch.as_tensor(edges, dtype=torch.long)
     adv = adv.float()

@@ -2,11 +2,12 @@
 (treebench's format or a real diffusers pipeline), with LoRA, gradient checkpointing and compile.
 
 ``build_policy(cfg, device)`` is the entry point the runner, sweeps and perf use; ``load_policy(path)``
-loads one directory. Random and tiny architectures live in ``bench.random_models``.
+loads one directory; ``build_random_policy`` wraps a random-weight architecture (``bench.random_models``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -20,13 +21,8 @@ from torch import nn
 from bench.errors import MissingWeightsError, UsageError
 from bench.families import LORA_TARGETS, REAL_PIPELINES, denoiser_kind, family_for
 from bench.policy import ModelOptions, Policy
-from bench.random_models import (
-    TREEBENCH_CLASS,
-    build_random_policy,
-    quiet_libraries,
-    random_preset_spec,
-    tiny_pipeline_dir,
-)
+from bench.random_models import (PRESET_DIR, REDUCED, TREEBENCH_CLASS, build_random_pipeline, quiet_libraries,
+                                  random_preset_spec, tiny_pipeline_dir)
 from bench.registry import model_preset
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -343,3 +339,22 @@ def weights_hash(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def build_random_policy(name: str, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                        options: ModelOptions | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                        reduced: bool = False) -> Policy:
+    """A ``Policy`` over a random-weight real architecture (``bench/presets/<name>.json``).
+    ``reduced`` shrinks it to CPU-test size (``REDUCED``; 32 px), keeping every component's class."""
+    quiet_libraries()
+    spec = random_preset_spec(name)
+    options = options or ModelOptions()
+    if reduced:
+        overrides = {**REDUCED[spec["pipeline"]], **(overrides or {})}
+        if options.resolution is None:
+            options = dataclasses.replace(options, resolution=32)
+    if options.resolution is None and spec.get("resolution"):
+        options = dataclasses.replace(options, resolution=int(spec["resolution"]))
+    pipe = build_random_pipeline(spec, device, overrides)
+    return policy_from_pipeline(pipe, REAL_PIPELINES[spec["pipeline"]], PRESET_DIR / f"{name}.json",
+                                torch.device(device), autocast_dtype, options)

@@ -39,7 +39,7 @@ class and encode prompts with its ``encode_prompt``:
 
 ``ModelOptions`` (applied by ``bench.models``) adds LoRA (peft, through diffusers' ``add_adapter``: the
 denoiser's base weights are frozen, text encoders and VAE always are), gradient checkpointing,
-``torch.compile`` and the dtype of frozen weights. ``bench.random_models.build_random_policy`` builds the
+``torch.compile`` and the dtype of frozen weights. ``bench.models.build_random_policy`` builds the
 real architectures with random weights from the configs in ``bench/presets/*.json`` (speed and memory
 measurements without downloading weights).
 """

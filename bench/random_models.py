@@ -5,7 +5,6 @@ random text-to-image pipelines saved in treebench's format (tests and smoke runs
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,8 +14,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
-from bench.families import REAL_PIPELINES, denoiser_kind
-from bench.policy import ModelOptions, Policy
+from bench.families import denoiser_kind
 
 TREEBENCH_CLASS = "TreebenchPipeline"
 
@@ -103,27 +101,6 @@ REDUCED: dict[str, dict[str, dict[str, Any]]] = {
                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
         "text_encoder": {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}, "vae": _TINY_VAE},
 }
-
-
-def build_random_policy(name: str, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                        options: ModelOptions | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                        reduced: bool = False) -> Policy:
-    """A ``Policy`` over a random-weight real architecture (``bench/presets/<name>.json``).
-    ``reduced`` shrinks it to CPU-test size (``REDUCED``; 32 px), keeping every component's class."""
-    quiet_libraries()
-    spec = random_preset_spec(name)
-    options = options or ModelOptions()
-    if reduced:
-        overrides = {**REDUCED[spec["pipeline"]], **(overrides or {})}
-        if options.resolution is None:
-            options = dataclasses.replace(options, resolution=32)
-    if options.resolution is None and spec.get("resolution"):
-        options = dataclasses.replace(options, resolution=int(spec["resolution"]))
-    pipe = build_random_pipeline(spec, device, overrides)
-    from bench.models import policy_from_pipeline  # the loader imports this module for tiny models
-
-    return policy_from_pipeline(pipe, REAL_PIPELINES[spec["pipeline"]], PRESET_DIR / f"{name}.json",
-                                torch.device(device), autocast_dtype, options)
 
 
 # ---- saving and tiny models -------------------------------------------------------------------

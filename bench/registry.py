@@ -225,24 +225,22 @@ def load_spec(spec: str, what: str) -> Any:
     return getattr(mod, attr)
 
 
+def _lookup(name: str, table: dict[str, Entry], what: str) -> Any:
+    if is_spec(name):
+        return load_spec(name, what)
+    if name not in table:
+        raise UsageError(did_you_mean(name, table, what))
+    return load_object(table[name].target)
+
+
 def algorithm_class(name: str) -> Any:
     """A registered name (built-in or entry point) or a ``module:Class`` spec."""
-    if is_spec(name):
-        return load_spec(name, "algorithm")
-    table = algorithms()
-    if name not in table:
-        raise UsageError(did_you_mean(name, table, "algorithm"))
-    return load_object(table[name].target)
+    return _lookup(name, algorithms(), "algorithm")
 
 
 def reward_class(name: str) -> Any:
     """A registered name (built-in or entry point) or a ``module:Class`` spec."""
-    if is_spec(name):
-        return load_spec(name, "reward")
-    table = rewards()
-    if name not in table:
-        raise UsageError(did_you_mean(name, table, "reward"))
-    return load_object(table[name].target)
+    return _lookup(name, rewards(), "reward")
 
 
 def algorithm_log_keys() -> dict[str, str]:

@@ -164,6 +164,11 @@ class Objective:
             oom = is_out_of_memory(e)
             _free_memory()
             self._fail(trial, f"{'out of memory' if oom else 'error'}: {type(e).__name__}: {e}")
+        return self._outcome(trial, summary, reporter)
+
+    def _outcome(self, trial: optuna.Trial, summary: runner.RunSummary, reporter: "_Reporter") -> Any:
+        """The trial's value(s) from a finished run, or PRUNED / FAIL / re-queued with the reason."""
+        spec = self.spec
         for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "seconds_total"):
             trial.set_user_attr(k, getattr(summary, k))
         if summary.stop_reason == "pruned":

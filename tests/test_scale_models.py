@@ -17,7 +17,8 @@ from bench.errors import MissingWeightsError
 from bench.families import REAL_PIPELINES
 from bench.models import load_policy
 from bench.policy import ModelOptions
-from bench.random_models import REDUCED, build_random_pipeline, build_random_policy, random_preset_spec
+from bench.models import build_random_policy
+from bench.random_models import REDUCED, build_random_pipeline, random_preset_spec
 from bench.registry import MODELS
 
 SPECS = {"sd3": "sd3.5-medium-random", "flux": "flux.1-dev-random", "sd": "sd1.5-random"}
