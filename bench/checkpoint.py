@@ -7,7 +7,7 @@ training iterations::
     optimizer.safetensors   every tensor of the optimizer state (Adam moments, step counters)
     rng.safetensors         torch CPU generator state and one state per CUDA device
     state.json              iteration, budget totals, evaluations so far, algorithm ``state_dict``,
-                            the non-tensor optimizer state, Python / NumPy RNG states, engine counters
+                            the non-tensor optimizer state, Python / NumPy RNG states, wall and checkpoint seconds
     meta.json               format version, iteration, size and sha256 of every file above
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON; loading never unpickles.
