@@ -71,6 +71,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
     """Rebuild a run's policy (base model + adapter) and load its trained weights from a checkpoint."""
     from bench import checkpoint as ckpt_mod
     from bench.models import build_policy
+    from bench.spec import ModelSpec
 
     run_dir = Path(run_dir)
     man = run_dir / "manifest.json"
@@ -89,7 +90,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
         ck = ckpt_mod.load(path)
     # the base model in float32 whatever the run's mixed precision: merges are exact, outputs comparable
     cfg["model"] = {**cfg["model"], "mixed_precision": "no", "compile": False, "gradient_checkpointing": False}
-    policy = build_policy(cfg, torch.device(device))
+    policy = build_policy(ModelSpec.from_config(cfg), torch.device(device))
     params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(ck.policy))
     if missing:

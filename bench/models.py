@@ -1,7 +1,7 @@
 """Building a ``Policy``: from a config's model section or preset, from a pipeline directory
 (treebench's format or a real diffusers pipeline), with LoRA, gradient checkpointing and compile.
 
-``build_policy(cfg, device)`` is the entry point the runner, sweeps and perf use; ``load_policy(path)``
+``build_policy(spec.model, device)`` is the entry point the runner, lora export and perf use; ``load_policy(path)``
 loads one directory; ``build_random_policy`` wraps a random-weight architecture (``bench.random_models``).
 """
 
@@ -21,8 +21,15 @@ from torch import nn
 from bench.errors import MissingWeightsError, UsageError
 from bench.families import LORA_TARGETS, REAL_PIPELINES, denoiser_kind, family_for
 from bench.policy import ModelOptions, Policy
-from bench.random_models import (PRESET_DIR, REDUCED, TREEBENCH_CLASS, build_random_pipeline, quiet_libraries,
-                                  random_preset_spec, tiny_pipeline_dir)
+from bench.random_models import (
+    PRESET_DIR,
+    REDUCED,
+    TREEBENCH_CLASS,
+    build_random_pipeline,
+    quiet_libraries,
+    random_preset_spec,
+    tiny_pipeline_dir,
+)
 from bench.registry import model_preset
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,42 +45,40 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def model_dir(cfg: Mapping[str, Any]) -> Path:
-    """The pipeline directory of the configured model: model.path (a local dir or a hub id in the offline
-    cache), the package's shipped weights, or a tiny model built once in the cache."""
-    m = cfg["model"]
-    if m.get("path"):
-        return resolve_model_path(m["path"])
-    source = model_preset(m["name"]).source
+def model_dir(name: str, path: str | None) -> Path:
+    """The pipeline directory of model preset ``name``: ``path`` (model.path: a local dir or a hub id in the
+    offline cache), the package's shipped weights, or a tiny model built once in the cache."""
+    if path:
+        return resolve_model_path(path)
+    source = model_preset(name).source
     if source.startswith("package:"):
         return PACKAGE_DIR / source.split(":", 1)[1]
     if source == "tiny-random":
         return tiny_pipeline_dir("flow")
     if source == "tiny-random-ddim":
         return tiny_pipeline_dir("epsilon")
-    raise UsageError(f"model preset {m['name']!r} loads from a local directory: pass --model-path DIR "
+    raise UsageError(f"model preset {name!r} loads from a local directory: pass --model-path DIR "
                      f"(a diffusers pipeline directory you downloaded)")
 
 
-def model_prediction(cfg: Mapping[str, Any]) -> str:
+def model_prediction(name: str, path: str | None) -> str:
     """"flow" or "epsilon", read before the model loads (treebench, real and random pipelines)."""
-    m = cfg["model"]
-    source = model_preset(m["name"]).source
-    if source.startswith("random:") and not m.get("path"):
+    source = model_preset(name).source
+    if source.startswith("random:") and not path:
         return index_prediction({"_class_name": random_preset_spec(source.split(":")[1])["pipeline"]})
-    return index_prediction(read_model_index(model_dir(cfg)))
+    return index_prediction(read_model_index(model_dir(name, path)))
 
 
-def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
-    """The configured model: real and random-architecture presets, LoRA, precision options (docs/SCALE.md)."""
-    m = cfg["model"]
-    mp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[m["mixed_precision"]]
-    opts = model_options(m, device)
-    source = model_preset(m["name"]).source
-    if source.startswith("random:") and not m.get("path"):
+def build_policy(model: Any, device: torch.device) -> Policy:
+    """The model a ``bench.spec.ModelSpec`` names: real and random-architecture presets, LoRA, precision
+    options (docs/SCALE.md)."""
+    mp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[model.mixed_precision]
+    source = model_preset(model.name).source
+    if source.startswith("random:") and not model.path:
         _, name, *flags = source.split(":")
-        return build_random_policy(name, device=device, autocast_dtype=mp, options=opts, reduced="reduced" in flags)
-    return load_policy(model_dir(cfg), device=device, autocast_dtype=mp, options=opts)
+        return build_random_policy(name, device=device, autocast_dtype=mp, options=model.options,
+                                   reduced="reduced" in flags)
+    return load_policy(model_dir(model.name, model.path), device=device, autocast_dtype=mp, options=model.options)
 
 
 # ---- pipeline directories ----------------------------------------------------------------------------------
@@ -163,7 +168,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu",
                   autocast_dtype=autocast_dtype, options=options)
 
 
-def model_options(model_cfg: dict[str, Any], device: str | torch.device = "cpu") -> ModelOptions:
+def model_options(model_cfg: Mapping[str, Any]) -> ModelOptions:
     """``ModelOptions`` from the ``model`` section of a resolved config. With mixed precision the frozen
     weights (text encoders, VAE, LoRA base weights) are stored in the autocast dtype."""
     mp = model_cfg.get("mixed_precision", "no")

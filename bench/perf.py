@@ -76,7 +76,7 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
 
     spec = RunSpec.from_config(config.resolve({}, flags={"algo.name": "grpo", "model.name": model}))
     dev = resolve_device(device)
-    policy = build_policy(spec.config, dev)
+    policy = build_policy(spec.model, dev)
     T = spec.sampler.steps
     g = spec.sampler.guidance if guidance is None else float(guidance)
     batch = PromptBatch(tuple(f"a small blue square on the top {i}" for i in range(prompts)))

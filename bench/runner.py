@@ -90,7 +90,7 @@ class Run:
             raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
         self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
         torch.manual_seed(spec.seed)
-        self.policy = build_policy(spec.config, self.device)
+        self.policy = build_policy(spec.model, self.device)
         if self.policy.prediction != spec.model.prediction:
             raise UsageError(f"{self.policy.path}: the model predicts {self.policy.prediction!r} but its "
                              f"model_index.json says {spec.model.prediction!r}")

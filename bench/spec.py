@@ -16,19 +16,31 @@ from typing import Any, Mapping
 
 from bench import config as config_mod
 from bench.budget import Budget
+from bench.policy import ModelOptions
 from bench.types import SamplerSpec, TrainSpec
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """name: preset (bench list); path: local pipeline dir or hub id (None = the preset's source);
-    device: "auto" | "cpu" | "cuda[:N]"; prediction: "flow" | "epsilon", read from the model index
+    device: "auto" | "cpu" | "cuda[:N]"; mixed_precision: "no" | "bf16" | "fp16"; options: how it is
+    loaded and trained (LoRA, resolution, ...); prediction: "flow" | "epsilon", read from the model index
     before any weights load."""
 
     name: str
     path: str | None
     device: str
+    mixed_precision: str
+    options: ModelOptions
     prediction: str
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
+        from bench.models import model_options, model_prediction
+
+        m = cfg["model"]
+        return cls(name=m["name"], path=m.get("path"), device=m["device"], mixed_precision=m["mixed_precision"],
+                   options=model_options(m), prediction=model_prediction(m["name"], m.get("path")))
 
 
 @dataclass(frozen=True)
@@ -102,15 +114,12 @@ class RunSpec:
         """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
         algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
         cannot be found; loads no weights."""
-        from bench.models import model_prediction
-
         cfg = copy.deepcopy(dict(cfg))
-        m, t, r, e, ru = cfg["model"], cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
-        prediction = model_prediction(cfg)
+        t, r, e, ru = cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
+        model = ModelSpec.from_config(cfg)
         return cls(
-            config=cfg, algo_name=cfg["algo"]["name"], algo_config=config_mod.algorithm_config(cfg),
-            model=ModelSpec(name=m["name"], path=m.get("path"), device=m["device"], prediction=prediction),
-            sampler=sampler_spec(cfg, prediction),
+            config=cfg, algo_name=cfg["algo"]["name"], algo_config=config_mod.algorithm_config(cfg), model=model,
+            sampler=sampler_spec(cfg, model.prediction),
             train=TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                             max_grad_norm=float(t["max_grad_norm"])),
             optimizer=OptimizerSpec(lr=float(t["lr"]), beta1=float(t["beta1"]), beta2=float(t["beta2"]),

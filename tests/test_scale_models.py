@@ -15,11 +15,11 @@ import torch
 from bench import config, models, runner
 from bench.errors import MissingWeightsError
 from bench.families import REAL_PIPELINES
-from bench.models import load_policy
+from bench.models import build_random_policy, load_policy
 from bench.policy import ModelOptions
-from bench.models import build_random_policy
 from bench.random_models import REDUCED, build_random_pipeline, random_preset_spec
 from bench.registry import MODELS
+from bench.spec import ModelSpec
 
 SPECS = {"sd3": "sd3.5-medium-random", "flux": "flux.1-dev-random", "sd": "sd1.5-random"}
 
@@ -146,8 +146,9 @@ def test_bench_run_on_real_class_pipeline(saved, tmp_path, family, algo, model):
 def test_reduced_random_presets_build_through_the_runner(name, cls):
     """The CPU-size twins of the random presets load through models.build_policy with the presets' LoRA."""
     cfg = config.resolve({"model.device": "cpu"}, flags={"algo.name": "grpo", "model.name": name})
-    assert models.model_prediction(cfg) == ("epsilon" if name.startswith("sd1.5") else "flow")
-    pol = models.build_policy(cfg, torch.device("cpu"))
+    spec = ModelSpec.from_config(cfg)
+    assert spec.prediction == ("epsilon" if name.startswith("sd1.5") else "flow")
+    pol = models.build_policy(spec, torch.device("cpu"))
     assert type(pol.denoiser).__name__ == cls and pol.is_lora and pol.resolution == 32
     assert pol.autocast_dtype == torch.bfloat16 and pol.text_encoder.dtype == torch.bfloat16
 
