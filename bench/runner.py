@@ -26,14 +26,29 @@ import torch
 
 from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
+from bench import sde as sde_mod
 from bench.budget import Budget, Totals
 from bench.distributed import Dist, NullLog
 from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
-from bench.registry import WEIGHTED_REWARD, UsageError, algorithm_class, load_object, model_preset, reward_class
+from bench.registry import (
+    WEIGHTED_REWARD,
+    UsageError,
+    algorithm_class,
+    load_object,
+    model_preset,
+    reward_class,
+)
 from bench.rollout import RolloutEngine
-from bench.runlog import (RunLog, device_info, git_state, host_info, now_iso, package_versions,
-                          reward_hacking_flag)
+from bench.runlog import (
+    RunLog,
+    device_info,
+    git_state,
+    host_info,
+    now_iso,
+    package_versions,
+    reward_hacking_flag,
+)
 from bench.types import PromptBatch, RewardOutput, Rollout, RolloutPlan, SamplerSpec, TrainSpec
 
 PHASES = ("rollout", "reward", "advantage", "update")
@@ -127,6 +142,48 @@ def model_prediction(cfg: Mapping[str, Any]) -> str:
     if source.startswith("random:") and not m.get("path"):
         return index_prediction({"_class_name": random_preset_spec(source.split(":")[1])["pipeline"]})
     return index_prediction(read_model_index(model_dir(cfg)))
+
+
+def model_scheduler(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(family, scheduler config) read before the model loads: family "treebench", "sd3", "flux" or "sd",
+    and the model's ``scheduler/scheduler_config.json`` (random presets: the spec's scheduler config), so
+    the "scheduler" flow schedule takes shift and sigma_min from the model itself."""
+    from bench.policy import REAL_PIPELINES, random_preset_spec
+
+    m = cfg["model"]
+    source = model_preset(m["name"]).source
+    if source.startswith("random:") and not m.get("path"):
+        spec = random_preset_spec(source.split(":")[1])
+        return REAL_PIPELINES[spec["pipeline"]], dict(spec["components"].get("scheduler", {}).get("config", {}))
+    d = model_dir(cfg)
+    family = REAL_PIPELINES.get(read_model_index(d).get("_class_name"), "treebench")
+    f = d / "scheduler" / "scheduler_config.json"
+    return family, (json.loads(f.read_text()) if f.is_file() else {})
+
+
+def resolve_schedule(cfg: Mapping[str, Any], prediction: str) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """(kind, sigmas [T+1], timesteps [T]) of the run's base flow schedule; ("ddim", (), ()) for epsilon
+    models. ``sampler.schedule = auto`` picks each family's reference: FLUX = "linspace" (DanceGRPO /
+    MixGRPO), SD3/SD3.5 and the treebench models (SD3 transformers with a FlowMatchEuler scheduler, the
+    TreeGRPO paper's setting) = "scheduler" (Flow-GRPO / TreeGRPO)."""
+    if prediction != "flow":
+        return "ddim", (), ()
+    s = cfg["sampler"]
+    family, sch_cfg = model_scheduler(cfg)
+    kind = s["schedule"] if s["schedule"] != "auto" else ("linspace" if family == "flux" else "scheduler")
+    shift = float(s["shift"])
+    if kind == "scheduler":
+        model_shift = float(sch_cfg.get("shift", 1.0))
+        if abs(model_shift - shift) > 1e-9:
+            raise UsageError(f"sampler.shift={shift:g} but the model's scheduler config has shift {model_shift:g}; "
+                             f"sampler.schedule=scheduler takes the schedule from the model (use "
+                             f"sampler.schedule=linspace to choose another shift)")
+    try:
+        fs = sde_mod.flow_schedule(kind, int(s["steps"]), shift, sch_cfg,
+                                   int(sch_cfg.get("num_train_timesteps", 1000)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return kind, tuple(float(v) for v in fs.sigmas), tuple(float(v) for v in fs.timesteps)
 
 
 def build_policy(cfg: Mapping[str, Any], device: torch.device) -> Policy:
@@ -285,7 +342,8 @@ def _score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: 
     idx = leaf_prompts.tolist()
     out = reward(images, [batch.prompts[i] for i in idx], [batch.metadata[i] for i in idx])
     return RewardOutput(out.scores.detach().float().cpu(), {k: v.detach().float().cpu()
-                                                              for k, v in out.components.items()})
+                                                              for k, v in out.components.items()},
+                        dict(getattr(out, "weights", {}) or {}))
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -312,9 +370,12 @@ class Run:
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
         prediction = model_prediction(cfg)
         s = cfg["sampler"]
+        self.schedule = resolve_schedule(cfg, prediction)  # (kind, sigmas, timesteps)
         self.sampler = SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]),
                                    noise_level=float(s["noise_level"]), sde_type=s["sde"], shift=float(s["shift"]),
-                                   prediction=prediction)
+                                   prediction=prediction,
+                                   schedule=self.schedule[0] if prediction == "flow" else "scheduler",
+                                   final_image=s["final_image"], sigmas=self.schedule[1] or None)
         t = cfg["train"]
         self.train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                                max_grad_norm=float(t["max_grad_norm"]))
@@ -334,7 +395,13 @@ class Run:
                              f"model_index.json says {prediction!r}")
         self.dist.prepare_policy(self.policy)  # (scale) DDP wrapper for the update's forward passes
         self.engine = RolloutEngine(self.policy, max_micro_batch=self.train.micro_batch,
-                                    seed=self.dist.rollout_seed(self.seed), shift=self.sampler.shift)
+                                    seed=self.dist.rollout_seed(self.seed), shift=self.sampler.shift,
+                                    schedule=self.sampler.schedule)
+        if self.sampler.sigmas is not None:  # the loaded scheduler must give the schedule read before loading
+            got = self.engine.schedule(self.first_plan_like()).levels
+            if not torch.allclose(got, torch.tensor(self.sampler.sigmas), atol=1e-6):
+                raise RuntimeError(f"the loaded model's schedule {got.tolist()} differs from the one read from its "
+                                   f"scheduler config {list(self.sampler.sigmas)}")
         params = self.policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=float(t["lr"]), betas=(float(t["beta1"]), float(t["beta2"])),
                                            eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]))
@@ -372,7 +439,20 @@ class Run:
             "device": device_info(self.device), "host": host_info(), "batch": self.arith,
             "world_size": self.dist.world_size,  # (scale) processes training data-parallel
             "prompts": {"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
+            # the base schedule every rollout and evaluation of T steps uses (MixGRPO-Flash compresses its
+            # post-window part per iteration); epsilon models: DDIM alpha_bar levels and integer timesteps
+            "schedule": self._schedule_record(),
         }
+
+    def first_plan_like(self) -> RolloutPlan:
+        """A plain T-step plan: its schedule is the run's base schedule."""
+        T = self.sampler.steps
+        return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T)
+
+    def _schedule_record(self) -> dict[str, Any]:
+        sched = self.engine.schedule(self.first_plan_like())
+        return {"kind": self.schedule[0], "steps": self.sampler.steps, "shift": self.sampler.shift,
+                "sigmas": [float(v) for v in sched.levels], "timesteps": [float(v) for v in sched.timesteps]}
 
     # ---- start / resume ----
     def start(self) -> list[dict[str, Any]]:
