@@ -170,7 +170,8 @@ class RolloutEngine:
                                    lvl.repeat_interleave(k))
                 st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
                 lv = sched.levels[i].to(dev)
-                new_x0 = (x - lv * out) if pol.prediction == "flow" else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv)
+                new_x0 = ((x - lv * out) if pol.prediction == "flow"
+                          else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv))  # DDIM x0_hat
             x = st.prev_sample
             F2 = x.shape[0]
             ids = torch.arange(next_id, next_id + F2)

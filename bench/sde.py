@@ -1,8 +1,8 @@
 """Step math: pure functions, fp32, one typed return value each.
 
-Conventions (Liu et al. 2025, Flow-GRPO; flow_grpo ``sd3_sde_with_logprob.py``): flow matching x_sigma = (1 - sigma) x0 + sigma eps, sigma: 1 -> 0, the
-model predicts the velocity v ~ eps - x0, dt = sigma_next - sigma < 0. Epsilon-prediction models use
-DDIM on the alpha_bar schedule.
+Conventions (Liu et al. 2025, Flow-GRPO; flow_grpo ``sd3_sde_with_logprob.py``): flow matching
+x_sigma = (1 - sigma) x0 + sigma eps, sigma: 1 -> 0, the model predicts the velocity v ~ eps - x0,
+dt = sigma_next - sigma < 0. Epsilon-prediction models use DDIM on the alpha_bar schedule.
 
 Every step returns ``StepOutput(prev_sample, log_prob, mean, std)``:
   prev_sample [B, ...]  the next latent (sampled, or the one passed in)
@@ -143,8 +143,8 @@ def ddim_step(eps: Tensor, x_t: Tensor, alpha_bar_t: float | Tensor, alpha_bar_p
               eta: float, prev_sample: Tensor | None = None, generator: torch.Generator | None = None,
               clip_sample: float | None = None) -> StepOutput:
     """DDIM step with log-prob for epsilon-prediction models (Song et al. 2021, eq. 12; DDPO's
-    ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py::ddim_step_with_logprob``). ``eta = 0`` is deterministic DDIM (log_prob NaN),
-    ``eta = 1`` is DDPM-like ancestral sampling (DDPO's setting).
+    ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py::ddim_step_with_logprob``). ``eta = 0`` is
+    deterministic DDIM (log_prob NaN), ``eta = 1`` is DDPM-like ancestral sampling (DDPO's setting).
 
         x0_hat = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)
         var    = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev);  std = eta sqrt(var)

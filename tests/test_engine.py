@@ -35,7 +35,8 @@ def tree_plan(T, s0, d, k, guidance=1.0, G=1):
 
 
 def tree_nfe_closed_form(T, s0, d, k):
-    # ALGORITHMS.md §4.4: s0 + sum_{j<d} k^j + (T - s0 - d) k^d evaluations per tree
+    # TreeGRPO (arXiv 2512.08153) cost per tree: s0 shared prefix steps + sum_{j<d} k^j window nodes +
+    # (T - s0 - d) k^d post-window ODE evaluations
     return s0 + sum(k**j for j in range(d)) + (T - s0 - d) * k**d
 
 
