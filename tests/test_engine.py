@@ -137,3 +137,33 @@ def test_dpm2_plan_runs_on_custom_sigmas(tiny_flow_policy):
     r = eng.run(plan, PROMPTS, 0)
     assert r.images.shape[0] == 6 and torch.isfinite(r.images).all()
     assert r.nfe == 3 * (1 + 1 + 2 * 3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flow_policy", "tiny_eps_policy"])
+def test_final_image_x0_decodes_the_last_data_prediction(request, fixture):
+    pol = request.getfixturevalue(fixture)
+    base = RolloutPlan(4, ("sde",) * 4, (1,) * 4, trees_per_prompt=2)
+    import dataclasses
+
+    sample = RolloutEngine(pol, seed=5).run(base, PROMPTS, 0)
+    x0 = RolloutEngine(pol, seed=5).run(dataclasses.replace(base, final_image="x0"), PROMPTS, 0)
+    assert torch.equal(sample.latents, x0.latents)  # same trajectory, only the decoded latent differs
+    assert torch.allclose(sample.images, pol.decode(sample.latents[sample.leaves]).cpu())
+    assert not torch.allclose(sample.images, x0.images)
+    # the data prediction of the last evaluation, recomputed from the stored parent latents
+    par = sample.parent[sample.leaves]
+    xp = sample.latents[par]
+    out = pol.predict(xp, sample.timesteps[-1].expand(len(par)), pol.encode_prompts(PROMPTS.prompts).take(
+        sample.prompt[par]))
+    lv = sample.sigmas[-2]
+    ref = xp - lv * out if pol.prediction == "flow" else (xp - torch.sqrt(1 - lv) * out) / torch.sqrt(lv)
+    assert torch.allclose(x0.images, pol.decode(ref).cpu(), atol=1e-5)
+
+
+def test_ode_last_step_makes_sample_and_x0_identical(tiny_flow_policy):
+    import dataclasses
+
+    base = RolloutPlan(4, ("sde", "sde", "ode", "ode"), (1,) * 4, trees_per_prompt=2)
+    a = RolloutEngine(tiny_flow_policy, seed=5).run(base, PROMPTS, 0)
+    b = RolloutEngine(tiny_flow_policy, seed=5).run(dataclasses.replace(base, final_image="x0"), PROMPTS, 0)
+    assert torch.allclose(a.images, b.images, atol=1e-6)

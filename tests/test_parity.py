@@ -213,3 +213,53 @@ def test_ddpo_ddim_logprobs(fixed_noise):
     # recomputing through the engine's update path gives the stored numbers back
     nodes = torch.nonzero(roll.parent >= 0).flatten()
     close(eng.logp(roll, nodes).log_prob.detach(), roll.logp_old[nodes])
+
+
+# ---- the run's manifest records the schedule the model's own scheduler gives -----------------------------
+def test_sd35_run_manifest_sigmas_equal_the_diffusers_scheduler(tmp_path):
+    """`bench run --model sd3.5-medium-random-reduced --preset treegrpo-paper --budget 1it` (one prompt,
+    no evaluation, to keep it small) writes the sigmas of the SD3.5 config's own scheduler."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from bench import config, runner
+    from bench.policy import random_preset_spec
+
+    cfg = config.resolve({"train.prompts_per_iteration": 1, "eval.every": 0, "eval.at_start": False,
+                          "eval.num_prompts": 1, "run.progress": False},
+                         preset="treegrpo-paper",
+                         flags={"algo.name": "treegrpo", "model.name": "sd3.5-medium-random-reduced",
+                                "budget": "1it", "out": str(tmp_path / "run")})
+    runner.run(cfg)
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    sch = FlowMatchEulerDiscreteScheduler.from_config(
+        random_preset_spec("sd3.5-medium-random")["components"]["scheduler"]["config"])
+    sch.set_timesteps(10)
+    assert man["schedule"]["kind"] == "scheduler"
+    assert man["schedule"]["sigmas"] == [float(s) for s in sch.sigmas]
+    close(man["schedule"]["timesteps"], sch.timesteps.numpy())
+    close(man["schedule"]["sigmas"], SD3_T10)
+
+
+def test_schedule_choice_per_family_and_usage_errors():
+    from bench import config, runner
+    from bench.registry import UsageError
+
+    def resolve(model, **sets):
+        cfg = config.resolve(sets, flags={"algo.name": "grpo", "model.name": model})
+        return runner.resolve_schedule(cfg, runner.model_prediction(cfg))
+
+    kind, sig, ts = resolve("flux.1-dev-random-reduced", **{"sampler.steps": 16})
+    assert kind == "linspace" and ts[:3] == (1000.0, 978.0, 954.0)  # FLUX: DanceGRPO/MixGRPO's schedule
+    close(sig, FLUX_T16)
+    assert resolve("sd3.5-medium-random-reduced")[0] == "scheduler"
+    assert resolve("shapes")[0] == "scheduler"  # the shapes world samples like SD3 (see docs)
+    assert resolve("shapes", **{"sampler.schedule": "linspace", "sampler.shift": 3.0})[0] == "linspace"
+    assert resolve("sd1.5-random-reduced")[0] == "ddim"
+    with pytest.raises(UsageError, match="shift"):
+        resolve("shapes", **{"sampler.shift": 3.0})  # the scheduler schedule takes the model's shift
+    with pytest.raises(UsageError, match="sampler.schedule"):
+        config.resolve({"sampler.schedule": "karras"}, flags={"algo.name": "grpo"})
+    with pytest.raises(UsageError, match="sampler.final_image"):
+        config.resolve({"sampler.final_image": "noisy"}, flags={"algo.name": "grpo"})
