@@ -143,7 +143,7 @@ def mixgrpo_flash_trajectory(T=8, shift=3.0, eta=0.7, G=2, window=2, ratio=0.5):
             k += 1
             continue
         s0, t = full[i], full[i + 1]
-        lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf  # noqa: E731
+        lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf
         h = lam(t) - lam(s0)
         if i == len(full) - 2:  # lower_order_final: first order; at sigma_t = 0 this is x0
             x = (t / s0) * x - (1 - t) * (math.exp(-h) - 1.0) * x0 if t > 0 else x0
