@@ -31,24 +31,10 @@ from bench.budget import Budget, Totals
 from bench.distributed import Dist, NullLog
 from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
 from bench.prompts import PromptSet, load_prompt_set
-from bench.registry import (
-    WEIGHTED_REWARD,
-    UsageError,
-    algorithm_class,
-    load_object,
-    model_preset,
-    reward_class,
-)
+from bench.registry import WEIGHTED_REWARD, UsageError, algorithm_class, load_object, model_preset, reward_class
 from bench.rollout import RolloutEngine
-from bench.runlog import (
-    RunLog,
-    device_info,
-    git_state,
-    host_info,
-    now_iso,
-    package_versions,
-    reward_hacking_flag,
-)
+from bench.runlog import (RunLog, device_info, git_state, host_info, now_iso, package_versions,
+                          reward_hacking_flag)
 from bench.types import PromptBatch, RewardOutput, Rollout, RolloutPlan, SamplerSpec, TrainSpec
 
 PHASES = ("rollout", "reward", "advantage", "update")
