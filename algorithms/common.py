@@ -23,7 +23,8 @@ from bench.types import Rollout, TrainSpec, UpdateStats
 
 
 def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: float) -> Tensor:
-    """(v - mean_g) / (std_g + eps) within each group (GRPO advantage, ALGORITHMS.md §2.2 / §4.2).
+    """(v - mean_g) / (std_g + eps) within each group (GRPO advantage: DanceGRPO/MixGRPO
+    ``train_one_step``, TreeGRPO ``RLTrainer.sample``).
 
     values [L] float, group_ids [L] long. ``unbiased`` selects torch's ddof=1 std (DanceGRPO,
     MixGRPO) or the population std (TreeGRPO, Flow-GRPO). A group of one element gets advantage 0
@@ -40,8 +41,8 @@ def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: floa
 
 
 class PerPromptStatTracker:
-    """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch ``stat_tracking.py``;
-    ALGORITHMS.md §1.2 and §8.2).
+    """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch
+    ``ddpo_pytorch/stat_tracking.py::PerPromptStatTracker``).
 
     For every prompt of the batch the batch's rewards of that prompt are appended to a per-prompt
     FIFO buffer of at most ``buffer_size`` values (kept across iterations) *before* the statistics
@@ -96,7 +97,7 @@ class PerPromptStatTracker:
 
 
 def weighted_advantage_sum(advantages: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """MixGRPO's ``advantage_aggr`` multi-reward rule (ALGORITHMS.md §3.2, §8.3): A = sum_m w_m A_m
+    """MixGRPO's ``advantage_aggr`` multi-reward rule (``fastvideo/train_grpo_flux.py``): A = sum_m w_m A_m
     with the weights normalised to sum to 1. ``advantages``: name -> [L]; ``weights``: name -> w."""
     if not advantages:
         raise ValueError("no advantages to aggregate")
@@ -129,7 +130,7 @@ WEIGHTINGS = ("uniform", "softmax_logprob")
 
 def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: str) -> Tensor:
     """Per-edge advantages of a forest by backing up leaf values (TreeGRPO, Ding & Ye 2025,
-    arXiv 2512.08153; ALGORITHMS.md §4.2, §8.1).
+    arXiv 2512.08153; released ``train.py::RLTrainer.update_advantages``, which uses uniform weights).
 
     parent:      [N] long, parent node id, -1 for roots
     leaf_values: [N] float, the normalised leaf advantage at leaves (nodes without children); ignored
@@ -241,7 +242,8 @@ def chain_edge_advantages(rollout: Rollout, leaf_adv: Tensor) -> Tensor:
 def progressive_window_start(iteration: int, shift_interval: int, stride: int, max_start: int,
                              roll_back: bool) -> int:
     """Start of a progressively sliding window (MixGRPO ``GRPOTrainingStates`` "progressive";
-    TreeGRPO's released code; ALGORITHMS.md §3.1, §4.1): the window starts at step 0 and moves by
+    TreeGRPO's released code, ``RLTrainer`` shifting ``tree_steps`` by ``tree.s`` every ``tree.tou``
+    epochs): the window starts at step 0 and moves by
     ``stride`` steps every ``shift_interval`` iterations. Past ``max_start`` it restarts at 0
     (``roll_back``) or stays at the last position ``<= max_start``. A pure function of the
     iteration, so resuming from a checkpoint continues the same schedule."""
@@ -261,7 +263,7 @@ def progressive_window_start(iteration: int, shift_interval: int, stride: int, m
 def random_step_subset(num_chains: int, num_steps: int, num_train: int, gen: torch.Generator) -> Tensor:
     """[num_chains, num_train] long: for every chain an independent random permutation of steps
     0..num_steps-1, truncated to its first ``num_train`` entries (DDPO ``perms``; DanceGRPO trains
-    ``int((T - 1) * timestep_fraction)`` of the first T - 1 steps; ALGORITHMS.md §1.3, §2.3)."""
+    ``int((T - 1) * timestep_fraction)`` of the first T - 1 steps, ``train_one_step``)."""
     if not 0 <= num_train <= num_steps:
         raise ValueError(f"num_train must be in [0, {num_steps}], got {num_train}")
     keys = torch.rand((num_chains, num_steps), generator=gen)

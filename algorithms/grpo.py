@@ -4,7 +4,9 @@ Not one of the benchmarked papers: a plain Flow-GRPO-style baseline (Liu et al. 
 2505.05470) used by the harness smoke tests and as a sanity reference.
 
 Implementation details:
-- G independent chains per prompt (i.i.d. initial noise), every step SDE (``plan``).
+- G independent chains per prompt (i.i.d. initial noise), every step SDE (``plan``); the final image
+  is the last sampled latent (``sampler.final_image`` default "sample", as Flow-GRPO's
+  ``sd3_pipeline_with_logprob`` decodes it).
 - Leaf advantage = (r - mean_prompt) / (std_prompt + eps), population std (``advantages``).
 - Every SDE edge of every chain carries its leaf's advantage; PPO-clip on all of them, in a random
   order, mean over edges (``update`` -> ``algorithms.common.ppo_update``).
@@ -56,6 +58,7 @@ class GRPO:
     name: ClassVar[str] = "grpo"
     Config: ClassVar[type] = GRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    FINAL_IMAGE: ClassVar[str] = "sample"
 
     #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
     log_keys: ClassVar[dict[str, str]] = {}
@@ -75,7 +78,8 @@ class GRPO:
         return RolloutPlan(num_steps=T, modes=("sde",) * T, branch=(1,) * T,
                            trees_per_prompt=self.config.group_size, shared_noise=False,
                            noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
-                           guidance=self.sampler.guidance)
+                           guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE)
 
     def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
         leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False, eps=self.config.std_eps)

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
         "sde": "flow_grpo",      # flow_grpo | dance (flow models)
         "shift": None,           # flow time shift
+        "schedule": "auto",      # auto | scheduler | linspace (flow models; auto = the model family's reference)
+        "final_image": None,     # sample | x0; None = the algorithm's reference behaviour
     },
     "train": {
         "prompts_per_iteration": 8,
@@ -243,6 +245,10 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
          f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
     need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(s["schedule"] in ("auto", "scheduler", "linspace"),
+         f"sampler.schedule must be auto, scheduler or linspace, got {s['schedule']!r}")
+    need(s["final_image"] in (None, "sample", "x0"),
+         f"sampler.final_image must be sample, x0 or null (the algorithm's default), got {s['final_image']!r}")
     need(isinstance(t["prompts_per_iteration"], int) and t["prompts_per_iteration"] >= 1,
          f"train.prompts_per_iteration must be an integer >= 1, got {t['prompts_per_iteration']!r}")
     need(isinstance(t["lr"], (int, float)) and t["lr"] >= 0, f"train.lr must be a number >= 0, got {t['lr']!r}")

@@ -69,6 +69,20 @@ def model_prediction(name: str, path: str | None) -> str:
     return index_prediction(read_model_index(model_dir(name, path)))
 
 
+def model_scheduler(name: str, path: str | None) -> tuple[str, dict[str, Any]]:
+    """(family, scheduler config) read before the model loads: family "treebench", "sd3", "flux" or "sd",
+    and the model's ``scheduler/scheduler_config.json`` (random presets: the spec's scheduler config), so
+    the "scheduler" flow schedule takes shift and sigma_min from the model itself."""
+    source = model_preset(name).source
+    if source.startswith("random:") and not path:
+        spec = random_preset_spec(source.split(":")[1])
+        return REAL_PIPELINES[spec["pipeline"]], dict(spec["components"].get("scheduler", {}).get("config", {}))
+    d = model_dir(name, path)
+    family = REAL_PIPELINES.get(read_model_index(d).get("_class_name"), "treebench")
+    f = d / "scheduler" / "scheduler_config.json"
+    return family, (json.loads(f.read_text()) if f.is_file() else {})
+
+
 def build_policy(model: Any, device: torch.device) -> Policy:
     """The model a ``bench.spec.ModelSpec`` names: real and random-architecture presets, LoRA, precision
     options (docs/SCALE.md)."""

@@ -49,13 +49,20 @@ class Schedule:
 
 
 class RolloutEngine:
-    def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0):
+    def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0,
+                 schedule: str = "scheduler"):
+        """``schedule`` (flow models): "scheduler" = the policy's own scheduler config's
+        ``set_timesteps`` sigmas; "linspace" = the FLUX trainers' shifted linspace with ``shift`` and
+        quantised timesteps (``bench.sde.FLOW_SCHEDULES``)."""
         if max_micro_batch < 1:
             raise ValueError("max_micro_batch must be >= 1")
+        if schedule not in sde.FLOW_SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(sde.FLOW_SCHEDULES)}")
         self.policy = policy
         self.max_micro_batch = int(max_micro_batch)
         self.seed = int(seed)
         self.shift = float(shift)
+        self.schedule_kind = schedule
         self.nfe_rollout = 0
         self.nfe_update = 0
         self.nfe_eval = 0
@@ -64,9 +71,12 @@ class RolloutEngine:
     def schedule(self, plan: RolloutPlan) -> Schedule:
         T = plan.num_steps
         if self.policy.prediction == "flow":
-            levels = (torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None
-                      else sde.flow_sigmas(T, self.shift))
-            return Schedule(levels, self.policy.timestep_values(levels[:T]))
+            n_train = int(getattr(self.policy.scheduler.config, "num_train_timesteps", 1000))
+            if plan.sigmas is not None:
+                levels = torch.tensor(plan.sigmas, dtype=torch.float32)
+                return Schedule(levels, sde.schedule_timesteps(self.schedule_kind, levels[:T], n_train))
+            fs = sde.flow_schedule(self.schedule_kind, T, self.shift, dict(self.policy.scheduler.config), n_train)
+            return Schedule(fs.sigmas, fs.timesteps)
         if plan.sigmas is not None:
             raise ValueError("explicit sigma schedules are only supported for flow models")
         if any(m == "dpm2" for m in plan.modes):
@@ -108,8 +118,10 @@ class RolloutEngine:
         if mode == "ode":
             return sde.flow_ode_step(out, x, a, b)
         if mode == "sde":
-            fn = sde.flow_sde_step if plan.sde_type == "flow_grpo" else sde.dance_sde_step
-            return fn(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
+            if plan.sde_type == "flow_grpo":
+                return sde.flow_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen,
+                                         log_std_range=plan.log_std_range)
+            return sde.dance_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
         raise ValueError(f"mode {mode!r} has no single-step rule")
 
     # ---- rollout -------------------------------------------------------------------------------
@@ -139,6 +151,7 @@ class RolloutEngine:
         front_ids = torch.arange(n0)
         front_prompt, front_tree = prompt[0], tree[0]
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
+        new_x0: Tensor | None = None
         next_id = n0
         nfe = 0
         for i in range(T):
@@ -157,7 +170,9 @@ class RolloutEngine:
                     out, x, lvl = (out.repeat_interleave(k, 0), x.repeat_interleave(k, 0),
                                    lvl.repeat_interleave(k))
                 st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
-                new_x0 = (x - sched.levels[i].to(dev) * out) if pol.prediction == "flow" else None
+                lv = sched.levels[i].to(dev)
+                new_x0 = ((x - lv * out) if pol.prediction == "flow"
+                          else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv))  # DDIM x0_hat
             x = st.prev_sample
             F2 = x.shape[0]
             ids = torch.arange(next_id, next_id + F2)
@@ -176,8 +191,13 @@ class RolloutEngine:
             front_ids = ids
 
         leaves = front_ids
-        images = torch.cat([pol.decode(x[s:s + self.max_micro_batch])
-                            for s in range(0, x.shape[0], self.max_micro_batch)]).float().cpu()
+        # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
+        # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
+        final = x
+        if plan.final_image == "x0":
+            final = new_x0
+        images = torch.cat([pol.decode(final[s:s + self.max_micro_batch])
+                            for s in range(0, final.shape[0], self.max_micro_batch)]).float().cpu()
         if stage == "eval":
             self.nfe_eval += nfe
         else:

@@ -197,7 +197,7 @@ def create_out_dir(out: Path, overwrite: bool) -> Path:
 
 def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: Any,
              eval_rewards: Mapping[str, Any], device: Any, batch: Mapping[str, Any], world_size: int,
-             prompts: Mapping[str, Any]) -> dict[str, Any]:
+             prompts: Mapping[str, Any], schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """manifest.json of a new run (``spec``: a ``bench.spec.RunSpec``)."""
     from dataclasses import asdict
 
@@ -215,6 +215,9 @@ def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: 
         "device": device_info(device), "host": host_info(), "batch": dict(batch),
         "world_size": world_size,  # processes training data-parallel
         "prompts": dict(prompts),
+        # the base schedule every rollout and evaluation of T steps uses (MixGRPO-Flash compresses its
+        # post-window part per iteration); epsilon models: DDIM alpha_bar levels and integer timesteps
+        "schedule": dict(schedule or {}),
     }
 
 

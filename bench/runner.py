@@ -47,7 +47,7 @@ from bench.models import build_policy, resolve_device, weights_hash
 from bench.prompts import load_prompt_set
 from bench.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.registry import algorithm_class
-from bench.rollout import RolloutEngine
+from bench.rollout import RolloutEngine, Schedule
 from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest, now_iso
 from bench.scoring import build_rewards, score
 from bench.spec import RunSpec
@@ -96,7 +96,9 @@ class Run:
                              f"model_index.json says {spec.model.prediction!r}")
         self.dist.prepare_policy(self.policy)  # DDP wrapper for the update's forward passes
         self.engine = RolloutEngine(self.policy, max_micro_batch=spec.train.micro_batch,
-                                    seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift)
+                                    seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
+                                    schedule=spec.sampler.schedule)
+        self.check_schedule()
         o = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps, weight_decay=o.weight_decay)
@@ -128,8 +130,28 @@ class Run:
                 self.spec, out=self.out, policy=self.policy, weights_sha256=weights_hash(self.policy.path),
                 reward=self.reward, eval_rewards=self.eval_rewards, device=self.device, batch=self.arith,
                 world_size=self.dist.world_size,
-                prompts={"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()}))
+                prompts={"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
+                schedule=self.schedule_record()))
         return []
+
+    def base_schedule(self) -> Schedule:
+        """The schedule of a plain T-step plan: the run's base schedule."""
+        T = self.spec.sampler.steps
+        return self.engine.schedule(RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T))
+
+    def check_schedule(self) -> None:
+        """The loaded model's scheduler must give the schedule read from its config before loading."""
+        want = self.spec.sampler.sigmas
+        if want is not None:
+            got = self.base_schedule().levels
+            if not torch.allclose(got, torch.tensor(want), atol=1e-6):
+                raise RuntimeError(f"the loaded model's schedule {got.tolist()} differs from the one read from "
+                                   f"its scheduler config {list(want)}")
+
+    def schedule_record(self) -> dict[str, Any]:
+        s, sched = self.spec.sampler, self.base_schedule()
+        return {"kind": s.schedule if s.prediction == "flow" else "ddim", "steps": s.steps, "shift": s.shift,
+                "sigmas": [float(v) for v in sched.levels], "timesteps": [float(v) for v in sched.timesteps]}
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.wall0

@@ -60,7 +60,8 @@ def score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: t
     try:
         out = reward(images, [batch.prompts[i] for i in idx], [batch.metadata[i] for i in idx])
         return RewardOutput(out.scores.detach().float().cpu(), {k: v.detach().float().cpu()
-                                                                  for k, v in out.components.items()})
+                                                                  for k, v in out.components.items()},
+                            dict(getattr(out, "weights", {}) or {}))
     except UsageError:  # including a reward's MissingWeightsError on its first call
         raise
     except Exception as e:  # every reward failure is reported the same way

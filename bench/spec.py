@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from bench import config as config_mod
 from bench.budget import Budget
+from bench.errors import UsageError
 from bench.policy import ModelOptions
 from bench.types import SamplerSpec, TrainSpec
 
@@ -136,10 +137,43 @@ class RunSpec:
 
 
 def sampler_spec(cfg: Mapping[str, Any], prediction: str) -> SamplerSpec:
-    """The ``sampler.*`` section as the ``SamplerSpec`` algorithms are constructed with."""
+    """The ``sampler.*`` section as the ``SamplerSpec`` algorithms are constructed with, with the run's
+    base flow schedule resolved (``resolve_schedule``)."""
     s = cfg["sampler"]
+    kind, sigmas, _ = resolve_schedule(cfg, prediction)
     return SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]), noise_level=float(s["noise_level"]),
-                       sde_type=s["sde"], shift=float(s["shift"]), prediction=prediction)
+                       sde_type=s["sde"], shift=float(s["shift"]), prediction=prediction,
+                       schedule=kind if prediction == "flow" else "scheduler", final_image=s["final_image"],
+                       sigmas=sigmas or None)
+
+
+def resolve_schedule(cfg: Mapping[str, Any], prediction: str
+                     ) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """(kind, sigmas [T+1], timesteps [T]) of the run's base flow schedule; ("ddim", (), ()) for epsilon
+    models.
+    ``sampler.schedule = auto`` picks each family's reference: FLUX = "linspace" (DanceGRPO / MixGRPO),
+    SD3/SD3.5 and the treebench models (SD3 transformers with a FlowMatchEuler scheduler, the TreeGRPO
+    paper's setting) = "scheduler" (Flow-GRPO / TreeGRPO). Reads the model's scheduler config, no weights."""
+    from bench import sde
+    from bench.models import model_scheduler
+
+    if prediction != "flow":
+        return "ddim", (), ()
+    s, m = cfg["sampler"], cfg["model"]
+    family, sch_cfg = model_scheduler(m["name"], m.get("path"))
+    kind = s["schedule"] if s["schedule"] != "auto" else ("linspace" if family == "flux" else "scheduler")
+    shift = float(s["shift"])
+    if kind == "scheduler":
+        model_shift = float(sch_cfg.get("shift", 1.0))
+        if abs(model_shift - shift) > 1e-9:
+            raise UsageError(f"sampler.shift={shift:g} but the model's scheduler config has shift {model_shift:g}; "
+                             f"sampler.schedule=scheduler takes the schedule from the model (use "
+                             f"sampler.schedule=linspace to choose another shift)")
+    try:
+        fs = sde.flow_schedule(kind, int(s["steps"]), shift, sch_cfg, int(sch_cfg.get("num_train_timesteps", 1000)))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return kind, tuple(float(v) for v in fs.sigmas), tuple(float(v) for v in fs.timesteps)
 
 
 def out_path(cfg: Mapping[str, Any]) -> Path:

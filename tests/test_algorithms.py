@@ -319,7 +319,7 @@ def test_mixgrpo_default_progressive_schedule_and_state():
 
 def test_mixgrpo_flash_schedule_matches_the_paper_example():
     algo = make("mixgrpo", {"flash": True, "window": 4, "shift_interval": 20}, steps=25)
-    algo.sampler = dataclasses.replace(algo.sampler, shift=3.0)
+    algo.sampler = dataclasses.replace(algo.sampler, shift=3.0, schedule="linspace")
     plan = algo.plan(0)
     # window [0, 4): 4 SDE steps then int(22 * 0.4) - 1 = 7 DPM-Solver++ steps instead of 21 Euler steps
     assert plan.num_steps == 11 and plan.modes == ("sde",) * 4 + ("dpm2",) * 7
@@ -463,14 +463,17 @@ def test_mixgrpo_advantage_aggr_normalises_each_component(flow_policy):
     roll = eng.run(algo.plan(0), BATCH, 0)
     g = torch.tensor([1.0, 3.0, 2.0, 6.0, 0.0, 1.0])
     h = torch.tensor([2.0, 1.0, 3.0, 0.3, 0.5, 0.5])
-    adv = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h}))
+    adv = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h}, {"a": 1.0, "b": 1.0}))
     # prompt 0 = leaves 0..2: a -> [-1, 1, 0], b -> [0, -1, 1] (unbiased std 1 each) -> mean of the two
     assert torch.allclose(adv.leaf[:3], torch.tensor([-0.5, 0.0, 0.5]), atol=1e-5)
-    # a part's own diagnostics ("a/sub") are not a third reward model
-    sub = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h, "a/sub": -g}))
+    # the user's weights, normalised to sum 1 (MixGRPO reward_weights / total): 3:1 -> 0.75 a + 0.25 b
+    w31 = algo.advantages(BATCH, roll, RewardOutput(3 * g + h, {"a": g, "b": h}, {"a": 3.0, "b": 1.0}))
+    assert torch.allclose(w31.leaf[:3], torch.tensor([-0.75, 0.5, 0.25]), atol=1e-5)
+    # a part's own diagnostics ("a/sub") carry no weight and are not a third reward model
+    sub = algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h, "a/sub": -g}, {"a": 1.0, "b": 1.0}))
     assert torch.allclose(sub.leaf, adv.leaf, atol=1e-6)
-    with pytest.raises(ValueError, match="components"):
-        algo.advantages(BATCH, roll, RewardOutput(g))
+    with pytest.raises(ValueError, match="weights"):
+        algo.advantages(BATCH, roll, RewardOutput(g + h, {"a": g, "b": h}))
 
 
 def test_ddpo_without_stat_tracking_normalises_the_batch(flow_policy):
@@ -479,7 +482,8 @@ def test_ddpo_without_stat_tracking_normalises_the_batch(flow_policy):
     roll = eng.run(algo.plan(0), BATCH, 0)
     r = torch.tensor([1.0, 3.0, 2.0, 6.0])
     adv = algo.advantages(BATCH, roll, RewardOutput(r))
-    assert torch.allclose(adv.leaf, torch.tensor([-0.9258201, 0.0, -0.4629100, 1.3887301]), atol=1e-5)
+    # ddpo-pytorch scripts/train.py normalises a numpy array: population std (ddof = 0) + 1e-8
+    assert torch.allclose(adv.leaf, torch.tensor([-1.0690450, 0.0, -0.5345225, 1.6035675]), atol=1e-5)
     assert algo.state_dict()["tracker"]["buffers"] == {}
 
 
