@@ -7,7 +7,7 @@ ratio = (engine evaluations / s) / (raw evaluations / s); 1.0 means the engine a
 beyond the denoiser calls (target >= 0.95). With ``--json`` the last line is one JSON object.
 
 ``paper-table``: the TreeGRPO paper's time-per-iteration comparison (SD3.5-medium, 512 px, T = 10,
-CFG 4.5, Flow-GRPO SDE noise 0.7, shift 3) for DanceGRPO (G = 12, trained fraction 0.6), MixGRPO
+CFG 4.5, Flow-GRPO SDE noise 0.7, the model scheduler's own sigmas: shift 3 on SD3.5) for DanceGRPO (G = 12, trained fraction 0.6), MixGRPO
 (G = 12, window 4) and TreeGRPO (k = 3, d = 3), each a real ``bench run`` on the same model preset,
 prompts per iteration and micro-batch: seconds per iteration and per phase (mean over the timed
 iterations after warm-up), peak device memory, NFE, and the ratios to DanceGRPO beside the paper's
@@ -109,8 +109,8 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
 #: efficiency comparison table)
 PAPER_S_PER_ITER = {"dancegrpo": 184.0, "mixgrpo": 145.4, "treegrpo": 72.0}
 #: the paper's comparison setting, shared by the three algorithms
-PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                 "sampler.shift": 3.0}
+#: (the shift is the model preset's: SD3.5's scheduler config has shift 3, which sampler.schedule=scheduler uses)
+PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo"}
 PAPER_ALGOS: dict[str, dict[str, Any]] = {
     "dancegrpo": {"algo.group_size": 12, "algo.timestep_fraction": 0.6},
     "mixgrpo": {"algo.group_size": 12, "algo.window": 4},
