@@ -66,6 +66,22 @@ METRICS: dict[str, str] = {
     "eval/<reward>/<component>": "mean of a held-out reward component",
     "samples_png": "sample grid of this evaluation, relative to the run directory",
     "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
+    # the call trace and the modeled clock (bench/trace.py, bench/cost.py, docs/COST.md)
+    "trace/<kind>/calls": "calls of one expensive kind this iteration (forward, forward_backward[_checkpointed], "
+                          "vae_decode, text_encode, reward, optimizer_step; reference_forward = the KL pass)",
+    "trace/<kind>/rows": "input rows of those calls (a CFG-guided denoiser evaluation is 2 rows)",
+    "modeled_rollout_s": "modeled seconds of the rollout's calls under the run's cost profile (not wall-clock)",
+    "modeled_reward_s": "modeled seconds of the reward calls",
+    "modeled_advantage_s": "modeled seconds of the advantage phase (no expensive calls: 0)",
+    "modeled_update_s": "modeled seconds of the update's calls (forward+backward, KL reference, optimizer steps)",
+    "modeled_iteration_s": "modeled seconds of this iteration (sum of the modeled phases)",
+    "modeled_seconds_total": "cumulative modeled training seconds (the budget's clock with run.clock=PROFILE)",
+    "modeled_reference_iteration_s": "modeled seconds of the same calls made the released trainers' way "
+                                     "(one image per call, CFG as 2 rows, one trained step per call)",
+    "modeled_speedup_vs_reference": "modeled_reference_iteration_s / modeled_iteration_s",
+    "modeled_peak_mem_mb": "largest modeled peak device memory of a call (profiles that measured memory)",
+    "modeled_unpriced_calls": "calls of kinds the profile has no table for (priced at 0 s; see docs/COST.md)",
+    "modeled_eval_s": "modeled seconds of this evaluation's calls (outside the training budget)",
 }
 
 TIMING_KEYS = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s", "t_iteration_s", "seconds_total",

@@ -26,6 +26,8 @@ import torch
 
 from bench import checkpoint as ckpt_mod
 from bench import config as config_mod
+from bench import cost as cost_mod
+from bench import trace as trace_mod
 from bench.budget import Budget, Totals
 from bench.distributed import Dist, NullLog
 from bench.policy import Policy, load_policy, read_model_index, tiny_pipeline_dir, weights_hash
@@ -296,7 +298,10 @@ class Run:
         self.cfg = cfg
         self.resume = resume
         self.seed = int(cfg["seed"])
-        self.budget = Budget.parse(str(cfg["budget"]))
+        # (cost) modeled seconds from a measured cost profile; a seconds budget may count them (run.clock)
+        self.cost_profile = cost_mod.run_profile(cfg)
+        self.budget = Budget.parse(str(cfg["budget"]), clock=cost_mod.budget_clock(cfg))
+        self.trace_writer: trace_mod.TraceWriter | None = None
         self.device = resolve_device(cfg["model"]["device"])
         # (scale) one process, or data-parallel under `accelerate launch` (bench/distributed.py)
         self.dist = Dist.from_config(cfg, self.device)
@@ -340,6 +345,7 @@ class Run:
                                            eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]))
         # NaN/inf gradients never reach the weights: the step is refused before it is applied
         self.optimizer.register_step_pre_hook(self._check_grads)
+        trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # (cost) optimizer steps in the trace
         self.first_plan = self.algo.plan(0)
         self.arith = batch_arithmetic(self.first_plan, int(t["prompts_per_iteration"]), self.train.micro_batch,
                                       self.train.optimizer_steps)
@@ -371,6 +377,7 @@ class Run:
             "budget": self.budget.to_dict(), "seed": self.seed, "git": git_state(), "packages": package_versions(),
             "device": device_info(self.device), "host": host_info(), "batch": self.arith,
             "world_size": self.dist.world_size,  # (scale) processes training data-parallel
+            "cost_profile": self.cost_profile.describe() if self.cost_profile else None,  # (cost)
             "prompts": {"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
         }
 
@@ -495,6 +502,8 @@ class Run:
 
     def _score(self, reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor,
                iteration: int, stage: str) -> RewardOutput:
+        trace_mod.record_reward(self.engine.recorder, getattr(reward, "name", type(reward).__name__),
+                                images.shape[0], "reward" if stage == "train" else "eval")
         try:
             return _score(reward, images, batch, leaf_prompts)
         except UsageError:
@@ -569,7 +578,8 @@ class Run:
             rollout, rewards = view.rollout, view.rewards
         secs = sum(timer.seconds.get(p, 0.0) for p in PHASES)
         self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
-                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1)
+                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1,
+                             modeled_seconds=self.totals.modeled_seconds)
         sc = rewards.scores
         nan = float("nan")
         rec: dict[str, Any] = {
@@ -593,8 +603,20 @@ class Run:
             nonfinite = "loss"
         if nonfinite is not None:
             rec["nonfinite"] = nonfinite
+        rec.update(self._trace_keys(i))
         self.in_update = False
         return rec
+
+    def _trace_keys(self, i: int) -> dict[str, Any]:
+        """(cost) This iteration's calls: counts per kind, the full trace (run.trace), modeled seconds."""
+        calls = self.engine.recorder.drain()
+        if self.trace_writer is not None:
+            self.trace_writer.write(i, calls)
+        keys: dict[str, Any] = trace_mod.summarize(calls)
+        if self.cost_profile is not None:
+            keys.update(cost_mod.iteration_record(self.cost_profile, calls, self.totals.modeled_seconds))
+            self.totals = Totals(**{**asdict(self.totals), "modeled_seconds": keys["modeled_seconds_total"]})
+        return keys
 
     # ---- evaluation ----
     def evaluate(self, iteration: int) -> dict[str, Any]:
@@ -626,6 +648,11 @@ class Run:
         rec["reward_hacking"] = reward_hacking_flag(
             self.evals, f"eval/{train_name}", [f"eval/{n}" for n in self.eval_rewards if n != train_name])
         rec["t_eval_s"] = time.perf_counter() - t0
+        calls = self.engine.recorder.drain()  # (cost) the evaluation's calls, outside the training budget
+        if self.trace_writer is not None:
+            self.trace_writer.write(iteration, calls, "eval")
+        if self.cost_profile is not None:
+            rec["modeled_eval_s"] = cost_mod.price(self.cost_profile, calls).phases["eval"]
         if rec["reward_hacking"]:
             print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
                   f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
@@ -695,6 +722,8 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     r = Run(cfg, resume=resume)
     r._wall0 = time.perf_counter()
     records = r.start()
+    if cfg["run"]["trace"] and r.dist.is_main:  # (cost) the full call trace
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None)
     show = (cfg["run"]["progress"] if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         _announce(r)
@@ -800,6 +829,9 @@ def _final(r: Run, stop_reason: str, error: str | None, final_eval: dict | None,
            "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
                           if r.last_checkpoint is not None else None),
            "checkpoint_seconds": r.checkpoint_seconds}
+    if r.cost_profile is not None:  # (cost)
+        out["modeled_seconds_total"] = r.totals.modeled_seconds
+        out["cost_profile"] = r.cost_profile.name
     if error:
         out["error"] = error
     return out
@@ -816,6 +848,10 @@ def _announce(r: Run) -> None:
           f"CFG x{a['cfg_factor']}); update: <= {a['max_trainable_parents']} trained parents in "
           f"{a['optimizer_steps']} optimizer step(s), gradient accumulation <= {a['grad_accumulation_max']}\n"
           f"  run directory: {r.out}", flush=True)
+    if r.cost_profile is not None:  # (cost)
+        clock = "the seconds budget counts these modeled seconds" if r.budget.clock == "modeled" else \
+            "the budget counts wall-clock seconds"
+        print(f"  modeled clock: cost profile {r.cost_profile.name} ({r.cost_profile.device}); {clock}", flush=True)
 
 
 def _progress_bar(r: Run) -> Any:
