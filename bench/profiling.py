@@ -1,13 +1,15 @@
 """Measuring cost profiles: ``python -m bench.perf profile --model M --device D --out F.json``.
 
 For the configured model (same loader, options and precision as ``bench run``) it times, per call
-kind, seconds per call at several row counts (mean of ``repeats`` calls after ``warmup`` calls,
+kind, seconds per call at several row counts (median of ``repeats`` calls after ``warmup`` calls,
 device-synchronised) and, on CUDA, the peak memory of each call:
 
 * ``forward``: the denoiser without gradients at 1..64 rows
 * ``forward_backward`` / ``forward_backward_checkpointed``: forward with gradients, loss = mean square of
   the output, backward, zero_grad, with gradient checkpointing off / on, at 1..16 rows (only the
-  parameters the run would train carry gradients: LoRA or full fine-tuning as configured)
+  parameters the run would train carry gradients: LoRA or full fine-tuning as configured);
+  ``--backward-rows 1,2,4,8,16,32,64`` extends the table where memory allows (the CPU profile does, as
+  the shapes runs train 64-row micro-batches)
 * ``vae_decode`` (latent models), ``text_encode`` (prompts), ``reward:<name>`` for the training and
   held-out rewards (images), ``optimizer_step`` (AdamW over the trainable parameters)
 
@@ -17,6 +19,7 @@ The JSON it writes is a ``bench.cost`` profile. ``convert_measurements`` turns a
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -51,7 +54,8 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
         times.append(time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     times.sort()
-    return {"seconds": sum(times) / len(times), "min_seconds": times[0], "median_seconds": times[len(times) // 2],
+    # the median is the profile's value: one call slowed by another process must not move it
+    return {"seconds": times[len(times) // 2], "mean_seconds": sum(times) / len(times), "min_seconds": times[0],
             "peak_mem_mb": mem}
 
 
@@ -98,6 +102,7 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
             log: Callable[[str], None] = print, forward_rows: Sequence[int] = FORWARD_ROWS,
             backward_rows: Sequence[int] = BACKWARD_ROWS, image_rows: Sequence[int] = IMAGE_ROWS) -> dict[str, Any]:
     """Measured points per kind for the model of ``cfg`` (a resolved config) on ``device``."""
+    from bench.prompts import load_prompt_set
     from bench.runner import _build_reward_checked, build_policy
 
     torch.manual_seed(0)
@@ -121,15 +126,16 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     if policy.vae is not None:
         kinds["vae_decode"] = _points(lambda r: (lambda z=lat(r): policy.decode(z)), image_rows, device, warmup,
                                       repeats, log, "vae_decode")
-    kinds["text_encode"] = _points(lambda r: (lambda: policy.encode_prompts(["a small blue square"] * r)),
+    one = load_prompt_set(cfg["data"]["train_prompts"]).head(1)  # a prompt every reward of the world can read
+    prompt, meta = one.prompts[0], dict(one.metadata[0])
+    kinds["text_encode"] = _points(lambda r: (lambda: policy.encode_prompts([prompt] * r)),
                                    image_rows, device, warmup, repeats, log, "text_encode")
     images = policy.decode(lat(1))
     r = cfg["reward"]
     for name in dict.fromkeys([r["name"], *cfg["eval"]["rewards"]]):
         reward = _build_reward_checked(name, device, r["options"], r["normalize"])
         kinds[f"reward:{name}"] = _points(
-            lambda n, rw=reward: (lambda im=images.repeat(n, 1, 1, 1): rw(im, ["a small blue square"] * n,
-                                                                          [{}] * n)),
+            lambda n, rw=reward: (lambda im=images.repeat(n, 1, 1, 1): rw(im, [prompt] * n, [meta] * n)),
             image_rows, device, warmup, repeats, log, f"reward:{name}")
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-12)
     for p in policy.trainable_parameters():
@@ -142,7 +148,7 @@ def profile_json(name: str, model: str, models: Sequence[str], device: str, cond
                  trainable: str, kinds: Mapping[str, Sequence[Mapping[str, Any]]], measured: str,
                  assumptions: Mapping[str, str] | None = None, source: str = "") -> dict[str, Any]:
     """A ``bench.cost`` profile object from measured points (kept: rows, seconds, peak_mem_mb, min/median)."""
-    keep = ("rows", "seconds", "peak_mem_mb", "min_seconds", "median_seconds")
+    keep = ("rows", "seconds", "peak_mem_mb", "min_seconds", "mean_seconds")
     return {"format": FORMAT, "name": name, "model": model, "models": list(models), "device": device,
             "measured": measured, "conditions": conditions, "software": software, "trainable": trainable,
             "source": source,
@@ -169,3 +175,77 @@ def convert_measurements(obj: Mapping[str, Any], name: str, model: str, models: 
     cond = f"{obj.get('conditions', '')}. Rows: {obj.get('rows_are', '')}".strip()
     return profile_json(name, model, models, str(obj.get("device", "")), cond, str(obj.get("software", "")),
                         trainable, kinds, str(obj.get("measured", "")), assumptions, source)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_text() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unavailable"
+
+
+def profile_main(a: Any) -> int:
+    """``python -m bench.perf profile``: measure the configured model and write the profile JSON."""
+    import json
+
+    from bench import config
+    from bench.runner import resolve_device
+    from bench.runlog import device_info, now_iso
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    sets = config.parse_sets(a.sets)
+    if a.model_path:
+        sets["model.path"] = a.model_path
+    cfg = config.resolve(sets, flags={"algo.name": "grpo", "model.name": a.model, "model.device": a.device})
+    dev = resolve_device(a.device)
+    before = load_text()
+    back = tuple(int(x) for x in a.backward_rows.split(",")) if a.backward_rows else BACKWARD_ROWS
+    kinds = measure(cfg, dev, a.warmup, a.repeats, backward_rows=back)
+    m = cfg["model"]
+    rank = int(m["lora_rank"] or 0)
+    info = device_info(dev)
+    dev_name = info.get("name") or str(dev)
+    if dev.type == "cpu":
+        dev_name = f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
+    conditions = (f"{a.model} on {dev_name}, torch threads {torch.get_num_threads()}, mixed precision "
+                  f"{m['mixed_precision']}, resolution {m['resolution'] or 'preset default'}, "
+                  f"{'LoRA rank ' + str(rank) if rank else 'full fine-tuning'}; seconds = median of {a.repeats} calls "
+                  f"after {a.warmup} warm-up calls (mean and min kept), device-synchronised; machine {before} at "
+                  f"the start, {load_text()} at the end. {a.note}".strip())
+    name = a.name or f"{a.model}-{dev.type}"
+    prof = profile_json(name, a.model, [a.model], dev_name, conditions, software(),
+                        f"LoRA rank {rank}" if rank else "full fine-tuning", kinds, now_iso()[:10],
+                        {"unlisted kinds": "a kind missing from 'kinds' is unpriced (0 s) and counted as such"},
+                        "python -m bench.perf profile")
+    with open(a.out, "w") as f:
+        json.dump(prof, f, indent=1)
+        f.write("\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def add_profile_parser(sub: Any) -> None:
+    p = sub.add_parser("profile", help="measure a cost profile (seconds per call vs rows, per call kind)")
+    p.add_argument("--model", default="shapes", help="model preset (default shapes)")
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--name", default=None, help="profile name (default MODEL-DEVICE)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--backward-rows", default=None, help="rows of the forward+backward tables (default 1,2,4,8,16)")
+    p.add_argument("--note", default="", help="free text appended to the conditions (e.g. how busy the machine was)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. model.lora_rank=32 model.mixed_precision=bf16")

@@ -653,6 +653,7 @@ class Run:
             self.trace_writer.write(iteration, calls, "eval")
         if self.cost_profile is not None:
             rec["modeled_eval_s"] = cost_mod.price(self.cost_profile, calls).phases["eval"]
+            rec["modeled_seconds_total"] = self.totals.modeled_seconds
         if rec["reward_hacking"]:
             print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
                   f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)

@@ -186,3 +186,31 @@ def test_bench_run_unknown_clock_exits_2_and_leaves_nothing(tmp_path, capsys):
     rc = cli_main(["run", "--model", "tiny-random", "--budget", "1it", "--clock", "no-such-profile", "--out", str(out)])
     assert rc == 2 and not out.exists()
     assert "cost profile" in capsys.readouterr().err
+
+
+# ---- reports: the modeled-seconds axis ----------------------------------------------------------------
+def test_report_plots_against_modeled_seconds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from reports.load import axis_label, load
+    from reports.pdf import build_report
+
+    prof = _profile(tmp_path, {"forward": [(1, 0.01), (64, 0.1)], "forward_backward": [(1, 0.03), (16, 0.2)]})
+    for algo, sets in (("treegrpo", {"algo.k": 2, "algo.d": 2}), ("dancegrpo", {"algo.group_size": 3})):
+        runner.run(_cfg(tmp_path, algo, f"cmp/{algo}", budget="0.6s",
+                        **{"run.clock": str(prof), "eval.every": 1, "eval.at_start": True, "run.trace": False}, **sets))
+    rs = load([tmp_path / "cmp"])
+    assert set(rs.runs["cost_profile"]) == {"toy"}
+    assert rs.evals["modeled_seconds_total"].notna().all()
+    assert axis_label(rs.runs, "modeled") == "MODELED seconds, cost profile toy (not wall-clock)"
+    pages = build_report(rs, tmp_path / "r.pdf", x="modeled", baseline="dancegrpo")
+    assert (tmp_path / "r.pdf").stat().st_size > 0
+    assert any("MODELED seconds, cost profile toy" in p for p in pages)
+
+
+def test_report_refuses_modeled_axis_without_profile(tmp_path):
+    pytest.importorskip("matplotlib")
+    from reports.pdf import build_report
+
+    runner.run(_cfg(tmp_path, "dancegrpo", "plain", budget="1it", **{"algo.group_size": 3}))
+    with pytest.raises(UsageError, match="cost profile"):
+        build_report([tmp_path / "plain"], tmp_path / "r.pdf", x="modeled")
