@@ -238,18 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _fmt(rep: dict[str, Any]) -> str:
     pr = rep["profile"]
     ph, rph = rep["modeled_phases"], rep["reference_modeled_phases"]
-    lines = [f"{rep['algo']} on {rep['model']}, {rep['prompts_per_iteration']} prompts/iteration, seed {rep['seed']}: "
-             f"MODELED seconds from cost profile {pr['name']} ({pr['device']}); not a measurement of this plan",
-             f"  per iteration (mean of {rep['iterations_simulated']} simulated): {rep['images_per_iteration']:g} "
-             f"images, {rep['nfe_per_iteration']:g} NFE",
+    lines = [(f"{rep['algo']} on {rep['model']}, {rep['prompts_per_iteration']} prompts/iteration, seed {rep['seed']}: "
+              f"MODELED seconds from cost profile {pr['name']} ({pr['device']}); not a measurement of this plan"),
+             (f"  per iteration (mean of {rep['iterations_simulated']} simulated): {rep['images_per_iteration']:g} "
+              f"images, {rep['nfe_per_iteration']:g} NFE"),
              "  iteration 0 call trace: " + ", ".join(
                  f"{k.split('/')[1]} {rep['trace'][k]} calls / {rep['trace'][k[:-5] + 'rows']} rows"
                  for k in rep["trace"] if k.endswith("/calls")),
              f"  {'':<22}{'rollout':>9}{'reward':>9}{'update':>9}{'total s':>10}",
-             f"  {'treebench (batched)':<22}{ph['rollout']:9.2f}{ph['reward']:9.2f}{ph['update']:9.2f}"
-             f"{rep['modeled_seconds_per_iteration']:10.2f}",
-             f"  {'reference trainers':<22}{rph['rollout']:9.2f}{rph['reward']:9.2f}{rph['update']:9.2f}"
-             f"{rep['reference_modeled_seconds_per_iteration']:10.2f}",
+             (f"  {'treebench (batched)':<22}{ph['rollout']:9.2f}{ph['reward']:9.2f}{ph['update']:9.2f}"
+              f"{rep['modeled_seconds_per_iteration']:10.2f}"),
+             (f"  {'reference trainers':<22}{rph['rollout']:9.2f}{rph['reward']:9.2f}{rph['update']:9.2f}"
+              f"{rep['reference_modeled_seconds_per_iteration']:10.2f}"),
              f"  engine speed-up over the reference trainers' batch-1 calls: {rep['speedup_vs_reference']:.2f}x"]
     if rep.get("modeled_peak_mem_mb") is not None:
         lines.append(f"  modeled peak memory of the largest call: {rep['modeled_peak_mem_mb'] / 1024:.1f} GiB")

@@ -74,6 +74,11 @@ def _points(fn_for_rows: Callable[[int], Callable[[], Any]], rows: Sequence[int]
     return pts
 
 
+def _fixed(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """A call of ``fn`` with inputs prepared in advance (so only the call is timed)."""
+    return lambda: fn(*args)
+
+
 def _denoiser_fns(policy: Any, grad: bool) -> Callable[[int], Callable[[], Any]]:
     dev = policy.device
     params = policy.trainable_parameters()
@@ -122,9 +127,11 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     if hasattr(den, "disable_gradient_checkpointing"):
         den.disable_gradient_checkpointing()
     policy.train(False)
-    lat = lambda r: torch.randn(r, *policy.latent_shape, device=device)  # noqa: E731
+    def lat(r: int) -> torch.Tensor:
+        return torch.randn(r, *policy.latent_shape, device=device)
+
     if policy.vae is not None:
-        kinds["vae_decode"] = _points(lambda r: (lambda z=lat(r): policy.decode(z)), image_rows, device, warmup,
+        kinds["vae_decode"] = _points(lambda r: _fixed(policy.decode, lat(r)), image_rows, device, warmup,
                                       repeats, log, "vae_decode")
     one = load_prompt_set(cfg["data"]["train_prompts"]).head(1)  # a prompt every reward of the world can read
     prompt, meta = one.prompts[0], dict(one.metadata[0])
@@ -135,7 +142,7 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     for name in dict.fromkeys([r["name"], *cfg["eval"]["rewards"]]):
         reward = _build_reward_checked(name, device, r["options"], r["normalize"])
         kinds[f"reward:{name}"] = _points(
-            lambda n, rw=reward: (lambda im=images.repeat(n, 1, 1, 1): rw(im, [prompt] * n, [meta] * n)),
+            lambda n, rw=reward: _fixed(rw, images.repeat(n, 1, 1, 1), [prompt] * n, [meta] * n),
             image_rows, device, warmup, repeats, log, f"reward:{name}")
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-12)
     for p in policy.trainable_parameters():
@@ -179,9 +186,10 @@ def convert_measurements(obj: Mapping[str, Any], name: str, model: str, models: 
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -199,8 +207,8 @@ def profile_main(a: Any) -> int:
     import json
 
     from bench import config
-    from bench.runner import resolve_device
     from bench.runlog import device_info, now_iso
+    from bench.runner import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)

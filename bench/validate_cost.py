@@ -63,9 +63,9 @@ def validate(model: str = "shapes", profile: str = "shapes-cpu", algos: tuple[st
 
 
 def format_table(res: dict[str, Any]) -> str:
-    lines = [f"modeled (profile {res['profile']['name']}) vs measured seconds per iteration, model {res['model']}, "
-             f"mean of {res['iterations']} iterations after {res['warmup']} warm-up, torch threads "
-             f"{res['torch_threads']}",
+    lines = [(f"modeled (profile {res['profile']['name']}) vs measured seconds per iteration, model {res['model']}, "
+              f"mean of {res['iterations']} iterations after {res['warmup']} warm-up, torch threads "
+              f"{res['torch_threads']}"),
              f"{'algorithm':<10} {'measured':>9} {'modeled':>9} {'ratio':>6}   " + "  ".join(
                  f"{p[:7]:>13}" for p in PHASES) + "   load before -> after"]
     for algo, r in res["results"].items():

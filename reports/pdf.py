@@ -35,7 +35,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.registry import UsageError
 from reports import plots, stats
-from reports.load import X_AXES, RunSet, axis_label, check_comparable, comparability_problems, load, modeled_profiles
+from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
+from reports.load import axis_label, modeled_profiles  # (cost) the modeled-seconds axis
 
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")

@@ -31,7 +31,8 @@ ASSUMPTIONS = {
 
 
 def main(src: str, out: str) -> None:
-    obj = json.load(open(src))
+    with open(src) as f:
+        obj = json.load(f)
     prof = convert_measurements(
         obj, name="sd3.5-medium-h200", model="sd3.5-medium", models=["sd3.5-medium", "sd3.5-medium-random"],
         trainable="full fine-tuning (all 2.24 B transformer parameters)", assumptions=ASSUMPTIONS,
