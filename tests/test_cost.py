@@ -214,3 +214,26 @@ def test_report_refuses_modeled_axis_without_profile(tmp_path):
     runner.run(_cfg(tmp_path, "dancegrpo", "plain", budget="1it", **{"algo.group_size": 3}))
     with pytest.raises(UsageError, match="cost profile"):
         build_report([tmp_path / "plain"], tmp_path / "r.pdf", x="modeled")
+
+
+# ---- measuring a profile and validating it (smoke: the benchmark code paths, tiny sizes) -------------------
+def test_measured_profile_loads_and_prices_a_run(tmp_path):
+    from bench.profiling import measure, profile_json
+    from bench.validate_cost import format_table, validate
+
+    cfg = config.resolve({}, flags={"algo.name": "grpo", "model.name": "tiny-random"})
+    kinds = measure(cfg, torch.device("cpu"), warmup=0, repeats=1, log=lambda s: None, forward_rows=(1, 2),
+                    backward_rows=(1, 2), image_rows=(1, 2))
+    assert {"forward", "forward_backward", "forward_backward_checkpointed", "text_encode", "reward:brightness",
+            "optimizer_step"} <= set(kinds)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(profile_json("tiny-cpu", "tiny-random", ["tiny-random"], "cpu", "smoke", "", "full",
+                                            kinds, "today")))
+    prof = cost.load_profile(path)
+    assert prof.tables["forward"].rows == (1, 2) and all(s > 0 for s in prof.tables["forward"].seconds)
+    res = validate("tiny-random", str(path), ("treegrpo",), iterations=1, warmup=0,
+                   sets={"algo.k": 2, "algo.d": 2, "sampler.steps": 3})
+    r = res["results"]["treegrpo"]
+    assert r["modeled_s_per_iter"] > 0 and r["measured_s_per_iter"] > 0
+    assert r["ratio"] == pytest.approx(r["modeled_s_per_iter"] / r["measured_s_per_iter"])
+    assert r["unpriced_calls_per_iter"] == 0 and "treegrpo" in format_table(res)
