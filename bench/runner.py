@@ -812,7 +812,9 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
         raise failure
     if r.dist.is_main:
         print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
-              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training -> {r.out}")
+              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training"
+              + (f" ({r.totals.modeled_seconds:.1f} modeled s, profile {r.cost_profile.name})"  # (cost)
+                 if r.cost_profile is not None else "") + f" -> {r.out}")
     return RunSummary(out_dir=r.out, stop_reason=stop_reason or "error", iterations=r.totals.iterations,
                       samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
                       final_eval=final_eval, records=records)
