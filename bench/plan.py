@@ -92,7 +92,7 @@ def model_facts(cfg: dict[str, Any]) -> tuple[str, bool]:
     elif src.startswith("random:") or (src == "path" and f"{m['name']}-random" in MODELS):
         name = src.split(":")[1] if src.startswith("random:") else f"{m['name']}-random"
         spec = random_preset_spec(name)
-        return index_prediction({"_class_name": spec["pipeline"]}), "vae" in spec
+        return index_prediction({"_class_name": spec["pipeline"]}), "vae" in spec.get("components", {})
     else:
         from bench.runner import model_dir
 
@@ -170,7 +170,7 @@ def plan_report(cfg: dict[str, Any], profile: cost_mod.CostProfile, iterations: 
         "images_per_iteration": _mean(images), "trace": trace_mod.summarize(traces[0]),
         "reference_trace": trace_mod.summarize(cost_mod.reference_calls(traces[0])),
         "modeled_peak_mem_mb": max(mems) if mems else None, "unpriced_calls_per_iteration": dict(ours[0].unpriced),
-        "notes": _notes(profile, ours[0], lora),
+        "notes": _notes(profile, ours[0], lora, cfg["model"]["name"]),
     }
     if budget:
         out["budget"] = budget_buys(Budget.parse(budget, clock=clock), s_it, r_it, out["images_per_iteration"],
@@ -178,8 +178,11 @@ def plan_report(cfg: dict[str, Any], profile: cost_mod.CostProfile, iterations: 
     return out
 
 
-def _notes(profile: cost_mod.CostProfile, priced: cost_mod.Priced, lora: bool) -> list[str]:
+def _notes(profile: cost_mod.CostProfile, priced: cost_mod.Priced, lora: bool, model: str) -> list[str]:
     notes = []
+    if profile.models and model not in profile.models:
+        notes.append(f"the profile was measured for {', '.join(profile.models)}, not {model}: these are the "
+                     f"calls of {model} priced as if that model made them")
     if priced.unpriced:
         notes.append("unpriced (0 s, the profile has no measurement): " + ", ".join(
             f"{k} x{n}" for k, n in priced.unpriced.items()))

@@ -103,11 +103,11 @@ def test_budget_on_the_modeled_clock():
 
 
 # ---- the trace of a real run equals bench plan's -----------------------------------------------------------
-def _cfg(tmp_path, algo, name="run", budget="2it", **sets):
+def _cfg(tmp_path, algo, name="run", budget="2it", model="tiny-random", **sets):
     base = {"eval.every": 0, "eval.at_start": False, "sampler.steps": 4, "sampler.guidance": 2.0,
             "train.micro_batch": 6, "run.progress": False, "run.trace": True, "run.checkpoint_every": 0}
     base.update(sets)
-    return config.resolve(base, flags={"algo.name": algo, "model.name": "tiny-random", "budget": budget,
+    return config.resolve(base, flags={"algo.name": algo, "model.name": model, "budget": budget,
                                        "out": str(tmp_path / name)})
 
 
@@ -124,6 +124,18 @@ def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, sets):
     for rec, calls in zip(recs, planned):
         assert {k: v for k, v in rec.items() if k.startswith("trace/")} == summarize(calls)
         assert rec["nfe_rollout"] + rec["nfe_update"] == sum(c.rows for c in calls if c.component == "denoiser")
+
+
+def test_plan_trace_equals_a_latent_models_run_trace(tmp_path):
+    """The real SD3.5 pipeline classes at CPU size: VAE decodes and LoRA included."""
+    cfg = _cfg(tmp_path, "treegrpo", budget="1it", model="sd3.5-medium-random-reduced",
+               **{"algo.k": 2, "algo.d": 1, "sampler.steps": 2, "train.prompts_per_iteration": 1,
+                  "model.gradient_checkpointing": True})
+    s = runner.run(cfg)
+    real = [r["calls"] for r in read_trace(s.out_dir) if r["stage"] == "train"]
+    assert real == simulate(cfg, 1)
+    kinds = {c.kind for c in real[0]}
+    assert {"vae_decode", "forward_backward_checkpointed"} <= kinds
 
 
 def test_modeled_clock_is_deterministic_and_counts_the_budget(tmp_path):
@@ -166,7 +178,7 @@ def test_bench_plan_json(capsys):
               "images_per_iteration", "modeled_phases", "reference_modeled_phases", "trace", "budget"):
         assert k in rep, k
     assert rep["images_per_iteration"] == 8 * 27
-    assert rep["trace"]["trace/reward/rows"] == 216
+    assert rep["trace"]["trace/reward/rows"] == 216 and rep["trace"]["trace/vae_decode/rows"] == 216
     assert sum(rep["modeled_phases"].values()) == pytest.approx(rep["modeled_seconds_per_iteration"])
     assert rep["reference_modeled_seconds_per_iteration"] > rep["modeled_seconds_per_iteration"]
     assert rep["budget"]["treebench"]["iterations"] == math.ceil(86400 / rep["modeled_seconds_per_iteration"])
