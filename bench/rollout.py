@@ -81,9 +81,9 @@ class RolloutEngine:
                   guidance: float, phase: str = "rollout", role: str = "policy") -> tuple[Tensor, int]:
         """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
         B = x.shape[0]
-        grad = torch.is_grad_enabled()
-        self.recorder.denoiser(2 * B if guidance > 1.0 else B, phase=phase, grad=grad, role=role,
-                               checkpointing=self.policy.options.gradient_checkpointing, per_eval=1 + (guidance > 1.0))
+        per = 2 if guidance > 1.0 else 1  # rows per evaluated latent (cond + uncond with CFG)
+        self.recorder.denoiser(per * B, phase=phase, grad=torch.is_grad_enabled(), role=role, per_eval=per,
+                               checkpointing=self.policy.options.gradient_checkpointing)
         if guidance > 1.0:
             empty = self.policy.empty_conditioning()
             c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])

@@ -248,4 +248,5 @@ def test_measured_profile_loads_and_prices_a_run(tmp_path):
     r = res["results"]["treegrpo"]
     assert r["modeled_s_per_iter"] > 0 and r["measured_s_per_iter"] > 0
     assert r["ratio"] == pytest.approx(r["modeled_s_per_iter"] / r["measured_s_per_iter"])
+    assert r["speed_factor"] > 0 and r["speed_corrected_ratio"] == pytest.approx(r["ratio"] * r["speed_factor"])
     assert r["unpriced_calls_per_iter"] == 0 and "treegrpo" in format_table(res)
