@@ -220,8 +220,11 @@ def budget_buys(b: Budget, s_it: float, r_it: float, images: float, nfe: float) 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench plan", description="Price one iteration of a configuration with a "
                                 "measured cost profile, without loading any weights (modeled seconds).")
-    p.add_argument("--algo", required=True, help="algorithm (bench list)")
-    p.add_argument("--preset", default=None, help="algorithm preset (bench list --presets)")
+    p.add_argument("--algo", required=True, help="algorithm (bench list), or several comma-separated: then a "
+                                                 "comparison table with ratios to DanceGRPO (and the TreeGRPO "
+                                                 "paper's, on sd3.5-medium) follows")
+    p.add_argument("--preset", default=None, help="algorithm preset (bench list --presets) for every algorithm, or "
+                                                  "per algorithm: treegrpo=treegrpo-paper,dancegrpo=dancegrpo-paper")
     p.add_argument("--model", default=None, help="model preset (default shapes)")
     p.add_argument("--model-path", default=None, help="local pipeline directory (only its model_index.json is read)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per iteration (train.prompts_per_iteration)")
@@ -269,8 +272,60 @@ def _fmt(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _presets(spec: str | None, algos: list[str]) -> dict[str, str | None]:
+    if not spec or "=" not in spec:
+        return {a: spec for a in algos}
+    out: dict[str, str | None] = {a: None for a in algos}
+    for item in spec.split(","):
+        algo, eq, preset = (x.strip() for x in item.partition("="))
+        if not eq or algo not in out:
+            raise UsageError(f"--preset {spec!r}: expected ALGO=PRESET for algorithms of --algo ({', '.join(algos)})")
+        out[algo] = preset
+    return out
+
+
+def comparison(reps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per algorithm: modeled s/iteration (batched and reference trainers), ratios to DanceGRPO when
+    it is planned, and beside them the TreeGRPO paper's s/iteration on sd3.5-medium (8 GPUs, wall-clock)."""
+    from bench.perf import PAPER_S_PER_ITER
+
+    base = reps.get("dancegrpo")
+    rows = []
+    for algo, r in reps.items():
+        paper = PAPER_S_PER_ITER.get(algo) if str(r["model"]).startswith("sd3.5-medium") else None
+        s, ref = r["modeled_seconds_per_iteration"], r["reference_modeled_seconds_per_iteration"]
+        rows.append({"algo": algo, "preset": r.get("preset"), "modeled_seconds_per_iteration": s,
+                     "ratio_to_dancegrpo": s / base["modeled_seconds_per_iteration"] if base else None,
+                     "reference_modeled_seconds_per_iteration": ref,
+                     "reference_ratio_to_dancegrpo": (ref / base["reference_modeled_seconds_per_iteration"]
+                                                      if base else None),
+                     "speedup_vs_reference": r["speedup_vs_reference"], "paper_s_per_iteration_8gpu": paper,
+                     "paper_ratio_to_dancegrpo": (paper / PAPER_S_PER_ITER["dancegrpo"]
+                                                  if paper and base else None)})
+    return rows
+
+
+def _fmt_comparison(rows: list[dict[str, Any]], profile: str) -> str:
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"comparison: MODELED seconds per iteration (cost profile {profile}); paper = the TreeGRPO paper's "
+             f"wall-clock s/iteration on 8 GPUs (sd3.5-medium only)",
+             f"{'algorithm':<10} {'preset':<16} {'modeled':>8} {'x Dance':>8} {'paper':>7} {'paper x':>8} "
+             f"{'reference':>10} {'x Dance':>8} {'speed-up':>9}"]
+    for r in rows:
+        lines.append(f"{r['algo']:<10} {str(r['preset'] or '-'):<16} {r['modeled_seconds_per_iteration']:8.2f} "
+                     f"{f(r['ratio_to_dancegrpo'], '8.2f'):>8} {f(r['paper_s_per_iteration_8gpu'], '7.1f'):>7} "
+                     f"{f(r['paper_ratio_to_dancegrpo'], '8.2f'):>8} {r['reference_modeled_seconds_per_iteration']:10.2f} "
+                     f"{f(r['reference_ratio_to_dancegrpo'], '8.2f'):>8} {r['speedup_vs_reference']:8.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(list(argv or []))
+    algos = [x.strip() for x in a.algo.split(",") if x.strip()]
+    if not algos:
+        raise UsageError("--algo: give at least one algorithm")
     if a.iterations < 1:
         raise UsageError(f"--iterations must be >= 1, got {a.iterations}")
     if a.prompts is not None and a.prompts < 1:
@@ -279,15 +334,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = config_mod.parse_sets(a.sets)
     if a.prompts is not None:
         sets["train.prompts_per_iteration"] = a.prompts
-    cfg = config_mod.resolve(sets, config_file=a.config, preset=a.preset,
-                             flags={"algo.name": a.algo, "model.name": a.model, "model.path": a.model_path,
-                                    "seed": a.seed})
     if a.budget:
         Budget.parse(a.budget)  # a bad budget is a usage error before any work
-    rep = plan_report(cfg, profile, a.iterations, a.budget)
-    if a.preset:
-        rep["preset"] = a.preset
-    print(json.dumps(rep, indent=1) if a.json else _fmt(rep))
+    presets = _presets(a.preset, algos)
+    cfgs = {algo: config_mod.resolve(dict(sets), config_file=a.config, preset=presets[algo],
+                                     flags={"algo.name": algo, "model.name": a.model, "model.path": a.model_path,
+                                            "seed": a.seed}) for algo in algos}  # all checked before any work
+    reps = {algo: {**plan_report(cfg, profile, a.iterations, a.budget), "preset": presets[algo]}
+            for algo, cfg in cfgs.items()}
+    if len(reps) == 1:
+        rep = reps[algos[0]]
+        print(json.dumps(rep, indent=1) if a.json else _fmt(rep))
+        return 0
+    rows = comparison(reps)
+    if a.json:
+        print(json.dumps({"plans": reps, "comparison": rows}, indent=1))
+    else:
+        print("\n\n".join(_fmt(r) for r in reps.values()) + "\n\n" + _fmt_comparison(rows, profile.name))
     return 0
 
 

@@ -250,3 +250,16 @@ def test_measured_profile_loads_and_prices_a_run(tmp_path):
     assert r["ratio"] == pytest.approx(r["modeled_s_per_iter"] / r["measured_s_per_iter"])
     assert r["speed_factor"] > 0 and r["speed_corrected_ratio"] == pytest.approx(r["ratio"] * r["speed_factor"])
     assert r["unpriced_calls_per_iter"] == 0 and "treegrpo" in format_table(res)
+
+
+def test_bench_plan_compares_algorithms_with_the_paper(capsys):
+    rc = cli_main(["plan", "--algo", "treegrpo,dancegrpo", "--preset", "treegrpo-paper", "--model", "sd3.5-medium",
+                   "--prompts", "2", "--profile", "sd3.5-medium-h200", "--iterations", "1", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["algo"]: r for r in out["comparison"]}
+    assert rows["dancegrpo"]["ratio_to_dancegrpo"] == 1.0
+    assert rows["treegrpo"]["paper_ratio_to_dancegrpo"] == pytest.approx(72.0 / 184.0)
+    t, d = out["plans"]["treegrpo"], out["plans"]["dancegrpo"]
+    assert rows["treegrpo"]["ratio_to_dancegrpo"] == pytest.approx(
+        t["modeled_seconds_per_iteration"] / d["modeled_seconds_per_iteration"])
