@@ -187,7 +187,8 @@ def test_bench_plan_json(capsys):
 @pytest.mark.parametrize("argv", [["--algo", "treegrpo", "--profile", "nope"],
                                   ["--algo", "treegrpo", "--profile", "sd3.5-medium-h200", "--budget", "3 parsecs"],
                                   ["--algo", "treegrpo", "--profile", "sd3.5-medium-h200", "--prompts", "0"],
-                                  ["--algo", "treegrpox", "--profile", "sd3.5-medium-h200"]])
+                                  ["--algo", "treegrpox", "--profile", "sd3.5-medium-h200"],
+                                  ["--algo", "treegrpo,dancegrpo", "--preset", "foo=bar", "--profile", "shapes-cpu"]])
 def test_bench_plan_usage_errors_exit_2(argv, capsys):
     assert cli_main(["plan", *argv]) == 2
     assert "error" in capsys.readouterr().err
