@@ -12,7 +12,10 @@ from bench.registry import ALGORITHMS, COMMANDS, MODELS, Entry, algorithms, did_
 
 #: Subcommands implemented inside bench, dispatched like the registry's COMMANDS
 BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
-                                                          "merged/full denoiser weights")}
+                                                          "merged/full denoiser weights"),
+                  # (cost) docs/COST.md
+                  "plan": Entry("bench.plan:main", "Price one iteration with a measured cost profile (modeled "
+                                                   "seconds, batched vs reference trainers) without loading weights")}
 
 EPILOG = """examples:
   bench run --algo treegrpo --budget 10m            # embedded shapes world on CPU
@@ -52,12 +55,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a stopped or killed run from its newest valid checkpoint, with its own "
                         "configuration (only --budget may extend it; see docs/ERRORS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--clock", help="wall (default) or a cost profile (e.g. sd3.5-medium-h200): a seconds budget then "
+                                   "counts that profile's MODELED seconds, not wall-clock (docs/COST.md)")
 
 
 def flags_from_args(a: argparse.Namespace) -> dict:
     flags = {"algo.name": a.algo, "reward.name": a.reward, "model.name": a.model, "model.path": a.model_path,
              "budget": a.budget, "seed": a.seed, "out": a.out, "data.train_prompts": a.train_prompts,
-             "data.eval_prompts": a.eval_prompts, "model.device": a.device}
+             "data.eval_prompts": a.eval_prompts, "model.device": a.device, "run.clock": a.clock}
     if a.eval_rewards:
         flags["eval.rewards"] = [r.strip() for r in a.eval_rewards.split(",") if r.strip()]
     if a.overwrite:

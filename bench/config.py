@@ -77,6 +77,10 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
         "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
         "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)
+        # ---- cost model (docs/COST.md) ----
+        "cost_profile": None,     # shipped profile name or JSON file: log modeled seconds per iteration
+        "clock": "wall",          # wall | a profile: a seconds budget counts that profile's modeled seconds
+        "trace": False,           # write every expensive call of every iteration to trace.jsonl
     },
     "budget": "10m",
     "seed": 0,
@@ -286,6 +290,11 @@ def _validate(cfg: dict[str, Any]) -> None:
          and ru["keep_checkpoints"] >= 1,
          f"run.keep_checkpoints must be an integer >= 1, got {ru['keep_checkpoints']!r}")
     need(ru["on_nonfinite"] in ("stop", "skip"), f"run.on_nonfinite must be stop or skip, got {ru['on_nonfinite']!r}")
+    need(ru["cost_profile"] is None or isinstance(ru["cost_profile"], str),
+         f"run.cost_profile must be null, a shipped profile name or a JSON file, got {ru['cost_profile']!r}")
+    need(isinstance(ru["clock"], str) and ru["clock"] != "",
+         f"run.clock must be 'wall' or a cost profile (shipped name or JSON file), got {ru['clock']!r}")
+    need(isinstance(ru["trace"], bool), f"run.trace must be true or false, got {ru['trace']!r}")
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:

@@ -35,7 +35,7 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     with torch.no_grad():
         for name, reward in r.eval_rewards.items():
             out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
-                        stage="eval")
+                        stage="eval", recorder=r.engine.recorder)
             rec[f"eval/{name}"] = float(out.scores.mean())
             rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
             for k, v in out.components.items():
@@ -50,6 +50,7 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     rec["reward_hacking"] = reward_hacking_flag(
         r.evals, f"eval/{train_name}", [f"eval/{n}" for n in r.eval_rewards if n != train_name])
     rec["t_eval_s"] = time.perf_counter() - t0
+    rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
     if rec["reward_hacking"]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)

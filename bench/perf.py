@@ -1,4 +1,6 @@
-"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``.
+"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``;
+``profile`` (measure a cost profile, bench/profiling.py) and ``validate-cost`` (modeled vs measured
+seconds per iteration, bench/validate_cost.py): docs/COST.md.
 
 ``engine``: the rollout engine's throughput as a ratio of the raw denoiser's forward throughput on the
 same model, micro-batch and number of evaluations, both measured in this run (best of ``--repeats``),
@@ -224,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every algorithm (e.g. model.lora_rank=0)")
     t.add_argument("--out", default="paper_table.json", help="JSON output (default paper_table.json)")
+    from bench import profiling, validate_cost  # (cost) docs/COST.md
+
+    profiling.add_profile_parser(sub)
+    validate_cost.add_parser(sub)
     a = p.parse_args(argv)
+    if a.what == "profile":
+        return profiling.profile_main(a)
+    if a.what == "validate-cost":
+        return validate_cost.main(a)
     if a.what == "paper-table":
         from bench.config import parse_sets
 

@@ -58,6 +58,8 @@ class IterationRecord:
     algorithm: Mapping[str, float] = field(default_factory=dict, metadata={
         "doc": "algorithm-specific keys, namespaced by the algorithm's registry name (its class's log_keys)",
         "key": None})
+    cost: Mapping[str, Any] = field(default_factory=dict, metadata={
+        "doc": "the iteration's call trace and modeled seconds (bench.cost.COST_KEYS)", "key": None})
     nonfinite: str | None = _doc("only on an iteration with NaN/inf: where (reward | logp | grad | loss); its "
                                  "update was not applied")
 
@@ -69,7 +71,7 @@ class IterationRecord:
             v = getattr(self, f.name)
             if f.name == "reward_components":
                 out.update({f"reward/{k}": x for k, x in v.items()})
-            elif f.name == "algorithm":
+            elif f.name in ("algorithm", "cost"):
                 out.update(v)
             elif f.name != "nonfinite" or v is not None:
                 out[f.name] = v
@@ -96,8 +98,10 @@ TIMING_KEYS = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s", "t_it
 
 
 def record_glossary() -> dict[str, str]:
-    """The fields of ``IterationRecord`` and the eval keys, by logged key."""
-    out = {}
+    """The fields of ``IterationRecord``, the eval keys and the cost keys, by logged key."""
+    from bench.cost import COST_KEYS
+
+    out = dict(COST_KEYS)
     for f in fields(IterationRecord):
         key = f.metadata.get("key", f.name)
         if key is not None:

@@ -24,6 +24,7 @@ from torch import Tensor
 from bench import sde
 from bench.policy import Conditioning, Policy
 from bench.seeding import generator
+from bench.trace import CallRecorder
 from bench.types import PromptBatch, Rollout, RolloutPlan
 
 
@@ -66,6 +67,8 @@ class RolloutEngine:
         self.nfe_rollout = 0
         self.nfe_update = 0
         self.nfe_eval = 0
+        #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
+        self.recorder = CallRecorder()
 
     # ---- schedules -----------------------------------------------------------------------------
     def schedule(self, plan: RolloutPlan) -> Schedule:
@@ -86,9 +89,12 @@ class RolloutEngine:
 
     # ---- denoiser evaluation -------------------------------------------------------------------
     def _evaluate(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                  guidance: float) -> tuple[Tensor, int]:
+                  guidance: float, phase: str = "rollout", role: str = "policy") -> tuple[Tensor, int]:
         """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
         B = x.shape[0]
+        per = 2 if guidance > 1.0 else 1  # rows per evaluated latent (cond + uncond with CFG)
+        self.recorder.denoiser(per * B, phase=phase, grad=torch.is_grad_enabled(), role=role, per_eval=per,
+                               checkpointing=self.policy.options.gradient_checkpointing)
         if guidance > 1.0:
             empty = self.policy.empty_conditioning()
             c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])
@@ -99,11 +105,12 @@ class RolloutEngine:
 
     @torch.no_grad()
     def _evaluate_chunked(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                          guidance: float) -> tuple[Tensor, int]:
+                          guidance: float, phase: str = "rollout") -> tuple[Tensor, int]:
         rows = max(1, self.max_micro_batch // (2 if guidance > 1.0 else 1))
         outs, nfe = [], 0
         for s in range(0, x.shape[0], rows):
-            o, n = self._evaluate(x[s:s + rows], timesteps[s:s + rows], prompt_idx[s:s + rows], cond, guidance)
+            o, n = self._evaluate(x[s:s + rows], timesteps[s:s + rows], prompt_idx[s:s + rows], cond, guidance,
+                                  phase)
             outs.append(o)
             nfe += n
         return torch.cat(outs), nfe
@@ -134,6 +141,9 @@ class RolloutEngine:
         dev = pol.device
         T, G, P = plan.num_steps, plan.trees_per_prompt, len(batch)
         sched = self.schedule(plan)
+        phase = "eval" if stage == "eval" else "rollout"
+        if conditioning is None:
+            self.recorder.record("text_encode", P, phase, "text_encoder")
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
         gen = generator(self.seed, iteration, stage)
         shape = pol.latent_shape
@@ -157,7 +167,7 @@ class RolloutEngine:
         for i in range(T):
             F = x.shape[0]
             mode, k = plan.modes[i], plan.branch[i]
-            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance)
+            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance, phase)
             nfe += n
             lvl = torch.full((F,), i, dtype=torch.long)
             if mode == "dpm2":
@@ -193,11 +203,7 @@ class RolloutEngine:
         leaves = front_ids
         # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
         # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
-        final = x
-        if plan.final_image == "x0":
-            final = new_x0
-        images = torch.cat([pol.decode(final[s:s + self.max_micro_batch])
-                            for s in range(0, final.shape[0], self.max_micro_batch)]).float().cpu()
+        images = self._decode(new_x0 if plan.final_image == "x0" else x, phase)
         if stage == "eval":
             self.nfe_eval += nfe
         else:
@@ -207,6 +213,16 @@ class RolloutEngine:
                        logp_old=torch.cat(logp), trainable=torch.cat(train), leaves=leaves, images=images,
                        sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe, plan=plan,
                        iteration=iteration, conditioning=cond)
+
+    def _decode(self, x: Tensor, phase: str) -> Tensor:
+        """Images [L, 3, H, W] of latents x [L, ...], decoded in chunks of at most max_micro_batch."""
+        parts = []
+        for s in range(0, x.shape[0], self.max_micro_batch):
+            chunk = x[s:s + self.max_micro_batch]
+            if self.policy.vae is not None:  # pixel-space models have no decoder to call
+                self.recorder.record("vae_decode", chunk.shape[0], phase, "vae")
+            parts.append(self.policy.decode(chunk))
+        return torch.cat(parts).float().cpu()
 
     # ---- log-probs with gradients --------------------------------------------------------------
     def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
@@ -234,9 +250,9 @@ class RolloutEngine:
         p_u = rollout.prompt[uniq]
         if reference:
             with torch.no_grad(), self.policy.reference():
-                out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+                out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update", "reference")
         else:
-            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update")
         self.nfe_update += n
         inv = inv.to(dev)
         st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched,

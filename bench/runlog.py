@@ -214,6 +214,7 @@ def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: 
         "budget": spec.budget.to_dict(), "seed": spec.seed, "git": git_state(), "packages": package_versions(),
         "device": device_info(device), "host": host_info(), "batch": dict(batch),
         "world_size": world_size,  # processes training data-parallel
+        "cost_profile": spec.cost_profile.describe() if spec.cost_profile is not None else None,
         "prompts": dict(prompts),
         # the base schedule every rollout and evaluation of T steps uses (MixGRPO-Flash compresses its
         # post-window part per iteration); epsilon models: DDIM alpha_bar levels and integer timesteps

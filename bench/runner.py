@@ -22,7 +22,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from bench import checkpoint as ckpt_mod
+from bench import cost as cost_mod
 from bench import resume as resume_mod
+from bench import trace as trace_mod
 from bench.arithmetic import batch_arithmetic
 from bench.budget import Totals
 from bench.distributed import Dist, NullLog
@@ -103,6 +105,8 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps, weight_decay=o.weight_decay)
         self.optimizer.register_step_pre_hook(refuse_nonfinite_step)  # NaN/inf steps are never applied
+        trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # optimizer steps in the call trace
+        self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
         self.arith = batch_arithmetic(self.algo.plan(0), spec.prompts_per_iteration, spec.train.micro_batch,
                                       spec.train.optimizer_steps)
         if not resume and self.dist.is_main:
@@ -172,7 +176,7 @@ class Run:
         self.check_stop()
         with timer("reward"):
             rewards = score(self.reward, rollout.images, batch, rollout.leaf_prompts(), out_dir=self.out,
-                            iteration=i, stage="train")
+                            iteration=i, stage="train", recorder=self.engine.recorder)
         self.check_stop()
         nonfinite = self.dist.any_flag(nonfinite_inputs(rewards, rollout))  # one rank's bad batch: all skip
         adv, stats, view, update_nfe = None, None, None, 0
@@ -208,8 +212,10 @@ class Run:
         # budgets count globally: samples and NFE of all ranks, seconds of the slowest
         n_samples, nfe_r, nfe_u, seconds = self.dist.totals(rollout.num_leaves, rollout.nfe, update_nfe, seconds)
         secs = sum(seconds.get(p, 0.0) for p in PHASES)
+        cost = self.drain_calls(i)
         self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
-                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1)
+                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1,
+                             modeled_seconds=cost.get("modeled_seconds_total", self.totals.modeled_seconds))
         sc = rewards.scores
         update = {} if stats is None else {
             "loss": stats.loss, "approx_kl": stats.approx_kl, "clip_frac": stats.clip_frac,
@@ -224,7 +230,22 @@ class Run:
             reward_components={k: float(v.float().mean()) for k, v in rewards.components.items()},
             lr=self.optimizer.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device),
             zero_spread_frac=zero_spread_fraction(sc, rollout.leaf_prompts()), **update,
-            algorithm={**plan.info, **(adv.metrics if adv else {}), **(stats.metrics if stats else {})})
+            algorithm={**plan.info, **(adv.metrics if adv else {}), **(stats.metrics if stats else {})}, cost=cost)
+
+    def drain_calls(self, iteration: int, stage: str = "train") -> dict[str, Any]:
+        """The engine's calls since the last drain: written to trace.jsonl (run.trace), summarised per kind
+        and, with a cost profile, priced (training: the modeled keys and running total; eval: its seconds)."""
+        calls = self.engine.recorder.drain()
+        if self.trace_writer is not None:
+            self.trace_writer.write(iteration, calls, stage)
+        profile = self.spec.cost_profile
+        if stage == "eval":
+            return {} if profile is None else {"modeled_eval_s": cost_mod.price(profile, calls).phases["eval"],
+                                               "modeled_seconds_total": self.totals.modeled_seconds}
+        keys: dict[str, Any] = trace_mod.summarize(calls)
+        if profile is not None:
+            keys.update(cost_mod.iteration_record(profile, calls, self.totals.modeled_seconds))
+        return keys
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
@@ -237,6 +258,8 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     from its newest valid checkpoint."""
     r = Run(RunSpec.from_config(cfg), resume=resume)
     records = r.start()
+    if r.spec.run.trace and r.dist.is_main:
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None)
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         _announce(r)
@@ -262,7 +285,9 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
         raise failure
     if r.dist.is_main:
         print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
-              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training -> {r.out}")
+              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training"
+              + (f" ({r.totals.modeled_seconds:.1f} modeled s, profile {r.spec.cost_profile.name})"
+                 if r.spec.cost_profile is not None else "") + f" -> {r.out}")
     return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=r.totals.iterations,
                       samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
                       final_eval=final_eval, records=records)
@@ -344,6 +369,9 @@ def _final(r: Run, stop_reason: str, error: str | None, final_eval: dict | None,
            "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
                           if r.last_checkpoint is not None else None),
            "checkpoint_seconds": r.checkpoint_seconds}
+    if r.spec.cost_profile is not None:
+        out["modeled_seconds_total"] = r.totals.modeled_seconds
+        out["cost_profile"] = r.spec.cost_profile.name
     if error:
         out["error"] = error
     return out
@@ -360,6 +388,10 @@ def _announce(r: Run) -> None:
           f"CFG x{a['cfg_factor']}); update: <= {a['max_trainable_parents']} trained parents in "
           f"{a['optimizer_steps']} optimizer step(s), gradient accumulation <= {a['grad_accumulation_max']}\n"
           f"  run directory: {r.out}", flush=True)
+    if s.cost_profile is not None:
+        clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else
+                 "the budget counts wall-clock seconds")
+        print(f"  modeled clock: cost profile {s.cost_profile.name} ({s.cost_profile.device}); {clock}", flush=True)
 
 
 def _progress_bar() -> Any:

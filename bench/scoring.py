@@ -17,6 +17,7 @@ import torch
 
 from bench.errors import RewardError, UsageError, is_out_of_memory
 from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class
+from bench.trace import CallRecorder, record_reward
 from bench.types import PromptBatch, RewardOutput
 
 
@@ -54,9 +55,13 @@ def build_rewards(spec: Any, eval_names: tuple[str, ...], device: torch.device) 
 
 
 def score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor, *,
-          out_dir: Path, iteration: int, stage: str) -> RewardOutput:
-    """Scores [L] (float32, CPU) of images [L, 3, H, W] whose prompts are ``batch.prompts[leaf_prompts]``."""
+          out_dir: Path, iteration: int, stage: str, recorder: CallRecorder | None = None) -> RewardOutput:
+    """Scores [L] (float32, CPU) of images [L, 3, H, W] whose prompts are ``batch.prompts[leaf_prompts]``;
+    the call goes to ``recorder`` (the call trace) when one is given."""
     idx = leaf_prompts.tolist()
+    if recorder is not None:
+        record_reward(recorder, getattr(reward, "name", type(reward).__name__), images.shape[0],
+                      "reward" if stage == "train" else "eval")
     try:
         out = reward(images, [batch.prompts[i] for i in idx], [batch.metadata[i] for i in idx])
         return RewardOutput(out.scores.detach().float().cpu(), {k: v.detach().float().cpu()

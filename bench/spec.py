@@ -88,6 +88,7 @@ class RunOptions:
     checkpoint_every: int
     keep_checkpoints: int
     on_nonfinite: str
+    trace: bool                  # write every expensive call to trace.jsonl (bench.trace)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,15 @@ class RunSpec:
     run: RunOptions
     budget: Budget
     seed: int
+    cost_profile: Any = None     # a bench.cost.CostProfile pricing the run's calls (run.cost_profile / run.clock)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "RunSpec":
         """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
         algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
         cannot be found; loads no weights."""
+        from bench import cost
+
         cfg = copy.deepcopy(dict(cfg))
         t, r, e, ru = cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
         model = ModelSpec.from_config(cfg)
@@ -132,8 +136,10 @@ class RunSpec:
             train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],
             run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),
-                           keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"]),
-            budget=Budget.parse(str(cfg["budget"])), seed=int(cfg["seed"]))
+                           keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"],
+                           trace=bool(ru["trace"])),
+            budget=Budget.parse(str(cfg["budget"]), clock=cost.budget_clock(cfg)), seed=int(cfg["seed"]),
+            cost_profile=cost.run_profile(cfg))
 
 
 def sampler_spec(cfg: Mapping[str, Any], prediction: str) -> SamplerSpec:

@@ -20,7 +20,7 @@ def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None,
                    help="method the speed-up and probability-of-improvement tables compare against "
                         "(default: dancegrpo if present, else the first method)")
-    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds"),
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds", "modeled"),
                    help="budget axis of the learning curves (default: samples)")
     p.add_argument("--metric", default=None,
                    help="eval key of the primary metric, e.g. eval/shapes_attr "

@@ -49,7 +49,7 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
     p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
-    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds"),
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds", "modeled"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")

@@ -36,6 +36,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 from bench.errors import UsageError
 from reports import plots, stats
 from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
+from reports.load import axis_label, modeled_profiles  # (cost) the modeled-seconds axis
 
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
@@ -129,6 +130,8 @@ def _fmt_budget(v: float, axis: str) -> str:
         return "not reached"
     if axis == "seconds":
         return f"{v:.1f} s" if v < 600 else f"{v / 60:.1f} min"
+    if axis == "modeled":
+        return f"{v:.1f} modeled s" if v < 600 else f"{v / 60:.1f} modeled min"
     return f"{v:.4g} {'samples' if axis == 'samples' else 'NFE'}"
 
 
@@ -166,6 +169,10 @@ def build_report(
     if opt.x not in X_AXES:
         raise UsageError(f"unknown budget axis {opt.x!r}; choose one of {', '.join(X_AXES)}")
     check_comparable(rs.runs, wall_clock=(opt.x == "seconds"))
+    profs = modeled_profiles(rs.runs)
+    if opt.x == "modeled" and (None in profs or len(set(profs)) != 1):  # (cost)
+        raise UsageError(f"--x modeled needs every run priced with one cost profile (run.cost_profile or "
+                         f"run.clock); these runs have {sorted({str(p) for p in profs})}")
     wall_problems = comparability_problems(rs.runs, wall_clock=True)
     wall_ok = not wall_problems
 
@@ -242,6 +249,9 @@ class _Context:
         return self.curves[(axis, key)]
 
     def axis_allowed(self, axis: str) -> bool:
+        if axis == "modeled":  # (cost) one cost profile shared by every run
+            profs = modeled_profiles(self.rs.runs)
+            return bool(profs) and None not in profs and len(set(profs)) == 1
         return axis != "seconds" or self.wall_ok
 
 
@@ -295,7 +305,7 @@ def _title_page(w: _Writer, c: _Context) -> None:
                      + (" (" + ", ".join(f"{k} x{v}" for k, v in states.items()) + ")" if states else ""))
     lines += [
         "",
-        f"Budget axis:     {X_AXES[c.opt.x][1]}",
+        f"Budget axis:     {axis_label(c.rs.runs, c.opt.x)}",
         f"Primary metric:  {c.metric}  (final = value at each run's last evaluation)",
         f"Baseline:        {c.baseline}",
         f"Threshold R:     {_fmt(c.threshold, 4)}"
@@ -337,13 +347,13 @@ def _wrap(lines: Sequence[str], width: int) -> list[str]:
 
 def _curves_page(w: _Writer, c: _Context) -> None:
     axis = c.opt.x
-    xlabel = X_AXES[axis][1]
+    xlabel = axis_label(c.rs.runs, axis)
     keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
         (k, _reward_label(c.rs, k)) for k in c.rs.eval_keys()]
     n = len(keys)
     ncols = 2 if n > 1 else 1
     nrows = math.ceil(n / ncols)
-    heading = f"Learning curves vs {X_AXES[axis][1]}"
+    heading = f"Learning curves vs {xlabel}"
     fig, axes = w.page(heading, nrows, ncols)
     for ax, (key, ylabel) in zip(axes.flat, keys):
         thr = c.threshold if key == c.metric else None
@@ -603,8 +613,8 @@ def _cost_rows(c: _Context) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-_AXIS_NAMES = {"samples": "samples", "nfe": "NFE", "seconds": "seconds"}
-_AXIS_WORDS = {"samples": "", "nfe": "", "seconds": " of training wall-clock"}
+_AXIS_NAMES = {"samples": "samples", "nfe": "NFE", "seconds": "seconds", "modeled": "modeled s"}
+_AXIS_WORDS = {"samples": "", "nfe": "", "seconds": " of training wall-clock", "modeled": " of modeled time"}
 
 
 def _speedup_rows(c: _Context) -> tuple[pd.DataFrame, list[str]]:
