@@ -64,6 +64,8 @@ METRICS: dict[str, str] = {
     "eval/<reward>": "mean held-out reward over the eval prompts (deterministic ODE sampling, fixed noise)",
     "eval/<reward>/std": "population std of the held-out reward",
     "eval/<reward>/<component>": "mean of a held-out reward component",
+    "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
+    "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
     "samples_png": "sample grid of this evaluation, relative to the run directory",
     "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
 }

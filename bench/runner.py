@@ -602,13 +602,19 @@ class Run:
             return {"iteration": iteration}
         t0 = time.perf_counter()
         T = self.sampler.steps
-        plan = RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=1,
+        e = self.cfg["eval"]
+        # several images per prompt, each from its own noise (shared_noise=False), all drawn from
+        # eval.seed: the same prompts and noise for every run whatever its training seed
+        plan = RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T,
+                           trees_per_prompt=int(e["images_per_prompt"]), shared_noise=False,
                            guidance=self.sampler.guidance, keep_latents=False)
         if self.eval_cond is None:
             self.eval_cond = self.policy.encode_prompts(self.eval_batch.prompts)
-        roll = self.engine.run(plan, self.eval_batch, 0, stage="eval", conditioning=self.eval_cond)
+        roll = self.engine.run(plan, self.eval_batch, 0, stage="eval", conditioning=self.eval_cond,
+                               seed=int(e["seed"]))
         rec: dict[str, Any] = {"iteration": iteration, "samples_total": self.totals.samples,
-                               "nfe_total": self.totals.nfe, "seconds_total": self.totals.seconds}
+                               "nfe_total": self.totals.nfe, "seconds_total": self.totals.seconds,
+                               "eval_images": int(roll.images.shape[0])}
         with torch.no_grad():
             for name, reward in self.eval_rewards.items():
                 out = self._score(reward, roll.images, self.eval_batch, roll.leaf_prompts(), iteration, "eval")
@@ -619,8 +625,11 @@ class Run:
         grid_dir = self.out / "samples"
         grid_dir.mkdir(exist_ok=True)
         png = grid_dir / f"eval_{iteration:06d}.png"
-        save_grid(roll.images[: int(self.cfg["eval"]["grid"])], png)
+        # one row per prompt when there are several images per prompt, so a grid shows their spread
+        n_grid, ipp = int(e["grid"]), int(e["images_per_prompt"])
+        save_grid(roll.images[:n_grid], png, ncol=ipp if ipp > 1 else 8)
         rec["samples_png"] = str(png.relative_to(self.out))
+        rec["samples_prompts"] = [self.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[:n_grid]]
         self.evals.append(rec)
         train_name = self.cfg["reward"]["name"]
         rec["reward_hacking"] = reward_hacking_flag(

@@ -6,6 +6,7 @@ k/d settings) share its colour and differ by line style / marker.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -79,6 +80,15 @@ def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def readable_x(ax: plt.Axes, nbins: int = 5) -> None:
+    """At most ``nbins`` x ticks in engineering notation (60k, 1.2M) so large budgets never collide."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    if ax.get_xscale() == "linear":
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def _legend(ax: plt.Axes, **kw: Any) -> None:
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -124,6 +134,7 @@ def learning_curves(
     if threshold is not None and np.isfinite(threshold):
         ax.axhline(threshold, color="#444444", lw=0.8, ls=":", label=f"threshold {threshold:.3g}")
     ax.set_xlabel(xlabel)
+    readable_x(ax)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
@@ -141,6 +152,7 @@ def pareto(
     reward_label: str,
     log_x: bool = False,
     legend: bool = True,
+    annotate: bool = False,
 ) -> plt.Axes:
     """Final reward (IQM, 95% CI bars) vs cost per label; the non-dominated set (column ``front``)
     drawn filled and joined by a step line, dominated points hollow. ``points``: label, cost,
@@ -151,9 +163,13 @@ def pareto(
     st = styles(list(pts["label"]))
     for _, r in pts.iterrows():
         s = st[r["label"]]
-        yerr = np.array([[r["value"] - r["lo"]], [r["hi"] - r["value"]]])
-        ax.errorbar(r["cost"], r["value"], yerr=np.clip(yerr, 0, None), color=s["color"], capsize=3, lw=1,
-                    zorder=2)
+        if np.isfinite(r["lo"]) and np.isfinite(r["hi"]):  # no bar below 3 seeds
+            yerr = np.array([[r["value"] - r["lo"]], [r["hi"] - r["value"]]])
+            ax.errorbar(r["cost"], r["value"], yerr=np.clip(yerr, 0, None), color=s["color"], capsize=3, lw=1,
+                        zorder=2)
+        if annotate:
+            ax.annotate(str(r["label"]), (r["cost"], r["value"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
         ax.scatter(r["cost"], r["value"], s=70 if r["front"] else 45, marker=s["marker"], zorder=3,
                    facecolors=s["color"] if r["front"] else "white", edgecolors=s["color"], linewidths=1.6,
                    label=r["label"])
@@ -165,6 +181,7 @@ def pareto(
     ax.set_ylabel(reward_label)
     if log_x:
         ax.set_xscale("log")
+    readable_x(ax)
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.15)
     if legend:
@@ -210,6 +227,57 @@ def phase_breakdown(ax: plt.Axes, phases: pd.DataFrame) -> plt.Axes:
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=len(cols), fontsize=8, frameon=False)
     return ax
+
+
+def bars(ax: plt.Axes, labels: Sequence[str], values: Sequence[float], xlabel: str) -> plt.Axes:
+    """Horizontal bars, one per label (first on top), coloured by algorithm, with the value printed."""
+    vals = np.asarray(values, dtype=float)[::-1]
+    labs = list(labels)[::-1]
+    ax.barh(range(len(labs)), vals, color=[color(lab) for lab in labs], height=0.6)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_yticks(range(len(labs)), labs)
+    for t in ax.get_yticklabels():
+        t.set_color(color(t.get_text()))
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, np.nanmax(vals, initial=1) * 1.25 if np.isfinite(vals).any() else 1)
+    ax.grid(axis="x", alpha=0.3)
+    return ax
+
+
+def sample_image(ax: plt.Axes, path: Path, row_prompts: Sequence[str], title: str | None = None,
+                 ylabel: str | None = None) -> plt.Axes:
+    """One eval sample grid, large, nearest-neighbour; ``row_prompts`` (the prompt of each image in
+    grid order) label the grid rows on the left when given."""
+    im = _load_image(Path(path))
+    if im is None:
+        return note(ax, f"missing image {Path(path).name}")
+    ax.imshow(im, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if row_prompts:  # one label per grid row: the row's first image's prompt
+        ncol = max(1, int(round(len(row_prompts) / max(1, _grid_rows(len(row_prompts), im)))))
+        rows = [row_prompts[i] for i in range(0, len(row_prompts), ncol)]
+        h = im.shape[0] / len(rows)
+        ax.set_yticks([h * (i + 0.5) for i in range(len(rows))], [textwrap_short(p) for p in rows], fontsize=7)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=9, color=color(ylabel))
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def _grid_rows(n_images: int, im: np.ndarray) -> int:
+    """Rows of a saved grid of n square tiles from its aspect ratio (tiles have a 1-px border each)."""
+    ratio = im.shape[1] / im.shape[0]  # = ncol / nrow
+    best = min(range(1, n_images + 1), key=lambda r: abs(math.ceil(n_images / r) / r - ratio))
+    return best
+
+
+def textwrap_short(text: str, width: int = 34) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(text), width)[:2])
 
 
 def heatmap(

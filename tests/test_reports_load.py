@@ -6,7 +6,7 @@ import pytest
 
 from bench.registry import UsageError
 from reports import load as L
-from reports.synthetic import write_comparison, write_run, write_sweep
+from synthetic_runs import write_comparison, write_run, write_sweep
 
 
 def test_load_comparison_tree(tmp_path):

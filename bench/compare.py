@@ -9,11 +9,20 @@ has every algorithm at the seeds it finished, streams their output prefixed with
 finally writes DIR/report.pdf from whatever run directories exist. Every run receives exactly the same
 passthrough options (model, reward, config file, preset, --set overrides), so prompts, evaluation and
 seeds are identical across algorithms.
+
+Re-running a comparison extends it: a run directory that already finished under the same budget is
+skipped, a killed one (no final.json, or stopped by a signal) is resumed from its newest checkpoint
+(``bench run --resume``) or, without one, started again. Runs from another git commit, or from a
+working tree with uncommitted changes, are refused on one axis unless ``--allow-mixed-code``.
+
+This module only orchestrates: the report is built by the reports package, named here by a lazy
+import string (``bench`` never imports ``reports``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -21,7 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.budget import Budget
-from bench.registry import ALGORITHMS, UsageError, did_you_mean
+from bench.registry import ALGORITHMS, UsageError, did_you_mean, load_object
+
+#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
+#: (the page headings; it prints the verdict). A string so that bench does not import reports.
+REPORT = "reports.cli:compare_report"
 
 #: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
 RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
@@ -50,6 +63,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
+    p.add_argument("--allow-mixed-code", action="store_true",
+                   help="put runs from different git commits or a dirty working tree on one axis anyway "
+                        "(the report marks them loudly)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
     return p
@@ -104,6 +120,69 @@ def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[st
             "--out", str(out / algo / f"seed{seed}"), *extra]
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_state(run_dir: Path, budget: str) -> str:
+    """What to do with one run directory of the comparison:
+    "new" (absent), "done" (finished under this budget), "resume" (killed, has a checkpoint),
+    "restart" (killed before any checkpoint), "failed" (stopped by an error: rerun with --overwrite),
+    or "other-budget" (finished under a different budget: refuse)."""
+    man = _read_json(run_dir / "manifest.json")
+    if man is None:
+        return "new" if not run_dir.exists() or not any(run_dir.iterdir()) else "restart"
+    final = _read_json(run_dir / "final.json")
+    spec = (man.get("budget") or {}).get("spec")
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+    if final is None or final.get("stop_reason") == "interrupted":
+        return "resume" if has_ckpt else "restart"
+    if final.get("stop_reason") in ("error", "nonfinite"):
+        return "failed"
+    if spec is not None and Budget.parse(str(spec)) != Budget.parse(budget):
+        return "other-budget"
+    return "done"
+
+
+def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
+    """Existing run directories whose git commit differs from this checkout's, or that were dirty."""
+    bad = []
+    for d in run_dirs:
+        git = (_read_json(d / "manifest.json") or {}).get("git") or {}
+        if git.get("commit") != here.get("commit"):
+            bad.append(f"{d} (commit {str(git.get('commit'))[:12]})")
+        elif git.get("dirty"):
+            bad.append(f"{d} (dirty working tree)")
+    return bad
+
+
+def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path, extra: Sequence[str],
+              overwrite: bool) -> list[tuple[str, int, str, list[str] | None]]:
+    """(algo, seed, state, command or None) in seed-major order; see ``run_state``."""
+    jobs = []
+    for s in seeds:
+        for a in algos:
+            d = out / a / f"seed{s}"
+            state = "new" if overwrite else run_state(d, budget)
+            if state == "other-budget":
+                man = _read_json(d / "manifest.json") or {}
+                raise UsageError(f"{d} finished under budget {(man.get('budget') or {}).get('spec')!r}, not "
+                                 f"{budget!r}: use another --out, or --overwrite to rerun every run")
+            if state == "done":
+                cmd = None
+            elif state == "resume":
+                cmd = [*RUNNER, "run", "--resume", str(d), "--budget", budget]
+            else:
+                rerun = [*extra] + (["--overwrite"] if state in ("restart", "failed") and "--overwrite" not in extra
+                                    else [])
+                cmd = run_command(a, s, budget, out, rerun)
+            jobs.append((a, s, state, cmd))
+    return jobs
+
+
 def _stream(cmd: list[str], prefix: str) -> int:
     """Run cmd and echo its merged stdout/stderr line by line with a prefix; return its exit status.
 
@@ -150,46 +229,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         algos, seeds, extra = parse_algos(args.algos), parse_seeds(args.seeds), passthrough(args)
         Budget.parse(args.budget)  # fail before starting any run
+        if args.baseline is not None and args.baseline not in algos:
+            raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
+        out = Path(args.out)
+        jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
+        if not args.report_only and not args.allow_mixed_code:
+            _check_code(out, jobs)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.baseline is not None and args.baseline not in algos:
-        print(f"error: --baseline {args.baseline!r} is not among --algos ({', '.join(algos)})", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    jobs = [(a, s, run_command(a, s, args.budget, out, extra)) for s in seeds for a in algos]
     if args.dry_run:
-        for _, _, cmd in jobs:
-            print(subprocess.list2cmdline(cmd))
+        for a, s, state, cmd in jobs:
+            print(subprocess.list2cmdline(cmd) if cmd else f"# {a} seed{s}: already finished, skipped")
         return 0
 
     failed: list[str] = []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
-        for n, (algo, seed, cmd) in enumerate(jobs, 1):
-            prefix = f"[{algo} seed{seed}]"
-            print(f"== compare {n}/{len(jobs)}: {subprocess.list2cmdline(cmd)}", flush=True)
-            t0 = time.monotonic()
-            rc = _stream(cmd, prefix)
-            took = time.monotonic() - t0
-            print(f"== {prefix} exit {rc} after {took:.1f} s", flush=True)
-            if rc != 0:
-                failed.append(f"{algo} seed{seed} (exit {rc})")
+        failed = _train(jobs)
 
-    report = out / "report.pdf"
     try:
-        from reports.pdf import ReportOptions, build_report
-
-        pages = build_report([out], report, ReportOptions(x=args.x, baseline=args.baseline,
-                                                          title=f"bench compare --budget {args.budget}"))
+        pages = load_object(REPORT)(out, out / "report.pdf", baseline=args.baseline, x=args.x,
+                                    title=f"bench compare --budget {args.budget}",
+                                    allow_mixed_code=args.allow_mixed_code)
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
-    print(f"wrote {report} ({len(pages)} pages)")
+    print(f"wrote {out / 'report.pdf'} ({len(pages)} pages)")
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> None:
+    """Refuse to extend a comparison whose existing runs come from other code than this checkout."""
+    from bench.runlog import git_state
+
+    here = git_state()
+    existing = [out / a / f"seed{s}" for a, s, state, _ in jobs if state in ("done", "resume")]
+    bad = code_mismatch(existing, here)
+    if bad:
+        raise UsageError(f"{len(bad)} existing run(s) come from other code than this checkout (commit "
+                         f"{str(here.get('commit'))[:12]}{', dirty' if here.get('dirty') else ''}): "
+                         + "; ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+                         + ". Use a new --out, --overwrite, or --allow-mixed-code (the report then marks it)")
+    if here.get("dirty"):
+        print("warning: this working tree has uncommitted changes: the runs will be marked dirty and the "
+              "report says so; commit first for results that can be rebuilt", file=sys.stderr, flush=True)
+
+
+def _train(jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> list[str]:
+    failed = []
+    todo = [j for j in jobs if j[3] is not None]
+    for a, s, state, cmd in jobs:
+        if cmd is None:
+            print(f"== [{a} seed{s}] already finished under this budget: skipped", flush=True)
+    for n, (algo, seed, state, cmd) in enumerate(todo, 1):
+        prefix = f"[{algo} seed{seed}]"
+        how = {"resume": " (resuming a killed run)", "restart": " (restarting a run killed before its first "
+               "checkpoint)", "failed": " (rerunning a failed run)"}.get(state, "")
+        print(f"== compare {n}/{len(todo)}{how}: {subprocess.list2cmdline(cmd)}", flush=True)
+        t0 = time.monotonic()
+        rc = _stream(cmd, prefix)
+        print(f"== {prefix} exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
+        if rc != 0:
+            failed.append(f"{algo} seed{seed} (exit {rc})")
+    return failed
 
 
 if __name__ == "__main__":

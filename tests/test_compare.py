@@ -2,15 +2,16 @@
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
-from reports import compare
+from bench import compare
 
 
 @pytest.fixture
 def fake_runner(monkeypatch):
-    monkeypatch.setattr(compare, "RUNNER", [sys.executable, "-m", "reports.synthetic"])
+    monkeypatch.setattr(compare, "RUNNER", [sys.executable, str(Path(__file__).with_name("synthetic_runs.py"))])
 
 
 def test_compare_runs_every_algorithm_and_seed_then_reports(fake_runner, tmp_path, capsys):
