@@ -61,11 +61,14 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
     p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
-    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds"),
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled_seconds", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--allow-mixed-code", action="store_true",
                    help="put runs from different git commits or a dirty working tree on one axis anyway "
                         "(the report marks them loudly)")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the report (default 2000)")
+    p.add_argument("--no-report", action="store_true",
+                   help="train only (e.g. one cell of a grid that is reported as a whole later)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
     return p
@@ -229,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         algos, seeds, extra = parse_algos(args.algos), parse_seeds(args.seeds), passthrough(args)
         Budget.parse(args.budget)  # fail before starting any run
+        if args.reps < 100:
+            raise UsageError("--reps must be at least 100")
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
         out = Path(args.out)
@@ -248,10 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         failed = _train(jobs)
 
+    if args.no_report:
+        if failed:
+            print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
     try:
         pages = load_object(REPORT)(out, out / "report.pdf", baseline=args.baseline, x=args.x,
                                     title=f"bench compare --budget {args.budget}",
-                                    allow_mixed_code=args.allow_mixed_code)
+                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps)
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2

@@ -64,7 +64,7 @@ def print_verdict(lines: Sequence[str]) -> None:
 
 
 def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: str | None = None,
-                   x: str = "samples", title: str = "bench compare", allow_mixed_code: bool = False) -> list[str]:
+                   x: str = "samples", title: str = "bench compare", allow_mixed_code: bool = False, reps: int = 2000) -> list[str]:
     """The report step of ``bench compare`` (named by a string in bench.compare): the PDF of every run
     under ``out_dir``, its verdict printed. Runs from different commits or dirty trees are refused
     unless ``allow_mixed_code`` (then the report marks them on its first page)."""
@@ -76,7 +76,7 @@ def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: st
     if problems and not allow_mixed_code:
         raise UsageError("the runs do not come from one clean commit: " + "; ".join(problems)
                          + ". Rerun them from one commit (--overwrite) or pass --allow-mixed-code")
-    rep = report(rs, report_path, ReportOptions(x=x, baseline=baseline, title=title))
+    rep = report(rs, report_path, ReportOptions(x=x, baseline=baseline, title=title, reps=reps))
     print_verdict(rep.verdict)
     return rep.pages
 

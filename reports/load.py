@@ -282,7 +282,7 @@ def _fill_axis_columns(evals: pd.DataFrame, iterations: pd.DataFrame) -> pd.Data
     return evals
 
 
-def axes_present(rs: "RunSet") -> list[str]:
+def axes_present(rs: RunSet) -> list[str]:
     """Budget axes with finite values in every run's eval records, in X_AXES order."""
     out = []
     for name, (col, _) in X_AXES.items():
@@ -293,7 +293,7 @@ def axes_present(rs: "RunSet") -> list[str]:
     return out
 
 
-def budget_axis(rs: "RunSet") -> str | None:
+def budget_axis(rs: RunSet) -> str | None:
     """The axis the budget fixed ("samples", "nfe", "seconds", or None for iteration budgets or budgets
     that differ between runs)."""
     found = set()

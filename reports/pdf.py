@@ -35,13 +35,22 @@ from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.registry import UsageError
 from reports import pages, plots, stats
-from reports.context import (PAGE_SIZE, Context, ReportOptions, Writer, final_scores, final_table,  # noqa: F401
-                             fmt, gain_table, wrap)
+from reports.context import (
+    PAGE_SIZE,
+    Context,
+    ReportOptions,
+    Writer,
+    final_scores,
+    final_table,
+    fmt,
+    gain_table,
+    wrap,
+)
 from reports.export import write_tables
 from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
 from reports.verdict import UNITS, resolution
 
-__all__ = ["ReportOptions", "Report", "report", "build_report", "final_table"]
+__all__ = ["Report", "ReportOptions", "build_report", "final_table", "report"]
 
 
 @dataclass
@@ -146,13 +155,13 @@ def title_page(w: Writer, c: Context) -> None:
     seeds = _seeds(c)
     n = sorted({len(v) for v in seeds.values()})
     head = [f"Compared: {', '.join(f'{lab} ({len(s)} seeds)' for lab, s in seeds.items())}",
-            f"Budget: {', '.join(dict.fromkeys(map(str, c.rs.runs['budget_spec'])))}"
-            f"   Baseline: {c.baseline}   Primary metric: {c.metric} (final = last evaluation)",
+            (f"Budget: {', '.join(dict.fromkeys(map(str, c.rs.runs['budget_spec'])))}"
+             f"   Baseline: {c.baseline}   Primary metric: {c.metric} (final = last evaluation)"),
             f"Evaluation: {_eval_setup(c)}; resolution (standard error of an eval mean): "
             + ", ".join(f"{k.split('/', 1)[-1]} {fmt(resolution(c.rs, k), 2)}" for k in c.rs.eval_keys()),
-            f"Statistics: IQM over seeds; 95% stratified-bootstrap CIs and P(improve) only with >= "
-            f"{stats.MIN_N_FOR_INTERVAL} seeds per method (here {'/'.join(map(str, n))}); gains are paired "
-            f"differences from each run's own iteration 0"]
+            (f"Statistics: IQM over seeds; 95% stratified-bootstrap CIs and P(improve) only with >= "
+             f"{stats.MIN_N_FOR_INTERVAL} seeds per method (here {'/'.join(map(str, n))}); gains are paired "
+             f"differences from each run's own iteration 0")]
     commits = list(dict.fromkeys(f"{str(cm)[:12]}{' (dirty)' if d else ''}"
                                  for cm, d in zip(c.rs.runs["git_commit"], c.rs.runs["git_dirty"])))
     head.append(f"Code: {', '.join(commits)}")
@@ -175,7 +184,7 @@ def setup_page(w: Writer, c: Context) -> None:
     r = c.rs.runs
     heading = "Setup"
     fig, axes = w.page(heading)
-    u = lambda vals: ", ".join(dict.fromkeys(str(v) for v in vals if v is not None and str(v) != "nan"))  # noqa: E731
+    u = lambda vals: ", ".join(dict.fromkeys(str(v) for v in vals if v is not None and str(v) != "nan"))
     pk: dict[str, set] = {}
     for m in c.rs.manifests.values():
         for name, ver in (m.get("packages") or {}).items():
@@ -283,11 +292,11 @@ def table_frames(c: Context) -> dict[str, pd.DataFrame]:
 def tables_pages(w: Writer, c: Context, tables: dict[str, pd.DataFrame]) -> None:
     """Tables, packed top-down onto as few pages as fit: final scores, costs, verdict, sentences."""
     sections: list[tuple[str, Any]] = [
-        (f"Final scores at each run's last evaluation and gains over its own iteration 0 (IQM over seeds; "
-         f"baseline {c.baseline})", tables["final"]),
+        ((f"Final scores at each run's last evaluation and gains over its own iteration 0 (IQM over seeds; "
+          f"baseline {c.baseline})"), tables["final"]),
         ("Cost per method (mean over runs)", tables["costs"]),
-        ("Verdict in numbers (difference: IQM of gains; speed-up: baseline cost / method cost to reach the "
-         "baseline's final score; MDE: minimum detectable effect)", tables["verdict"]),
+        (("Verdict in numbers (difference: IQM of gains; speed-up: baseline cost / method cost to reach the "
+          "baseline's final score; MDE: minimum detectable effect)"), tables["verdict"]),
         ("Verdict:", wrap(c.verdict.lines, 150)),
     ]
     title_pt, gap_pt, line_pt = 20.0, 16.0, 8 * 1.3

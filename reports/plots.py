@@ -256,7 +256,7 @@ def sample_image(ax: plt.Axes, path: Path, row_prompts: Sequence[str], title: st
     ax.set_xticks([])
     ax.set_yticks([])
     if row_prompts:  # one label per grid row: the row's first image's prompt
-        ncol = max(1, int(round(len(row_prompts) / max(1, _grid_rows(len(row_prompts), im)))))
+        ncol = max(1, round(len(row_prompts) / max(1, _grid_rows(len(row_prompts), im))))
         rows = [row_prompts[i] for i in range(0, len(row_prompts), ncol)]
         h = im.shape[0] / len(rows)
         ax.set_yticks([h * (i + 0.5) for i in range(len(rows))], [textwrap_short(p) for p in rows], fontsize=7)

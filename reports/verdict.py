@@ -127,8 +127,9 @@ def metric_verdict(rs: RunSet, key: str, label: str, baseline: str, reps: int) -
         row["sentence"] = (f"{label} {verb} {baseline} on {name}: {what} {sx.point:+.3f} vs {sb.point:+.3f}, "
                            f"difference {ci} (IQM, {_n_text(sx.n, sb.n)} seeds; P(improve) {p:.2f})".replace("n = ", ""))
     else:
+        why = (f"; below the metric's resolution {res:.3f}" if (lo > 0 or hi < 0) else "")
         row["sentence"] = (f"{label} vs {baseline} on {name}: no detectable difference at this budget "
-                           f"({_n_text(sx.n, sb.n)}; minimum detectable effect {mde:.3f}; difference {ci})")
+                           f"({_n_text(sx.n, sb.n)}; minimum detectable effect {mde:.3f}; difference {ci}{why})")
     return row
 
 

@@ -3,12 +3,12 @@
 import re
 
 import pytest
+from synthetic_runs import linear_curve, write_comparison, write_run, write_sweep
 
 from bench.registry import UsageError
 from reports import cli, stats
 from reports.load import load
 from reports.pdf import ReportOptions, build_report, final_table
-from synthetic_runs import linear_curve, write_comparison, write_run, write_sweep
 
 FAST = {"reps": 200, "points": 20}
 
