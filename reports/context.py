@@ -184,11 +184,11 @@ class Writer:
         return fig, axes
 
     def save(self, fig: plt.Figure, heading: str, tight: bool = True, rect_top: float = 0.95,
-             raster: bool = False) -> None:
+             raster: bool = False, rect_bottom: float = 0.02) -> None:
         self.pages.append(heading)
         fig.text(0.98, 0.01, f"{self.title} - page {len(self.pages)}", ha="right", fontsize=7, color="#777777")
         if tight:
-            fig.tight_layout(rect=(0, 0.02, 1, rect_top))
+            fig.tight_layout(rect=(0, rect_bottom, 1, rect_top))
         self.pdf.savefig(fig)
         if self.figures_dir is not None:
             slug = re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")[:60] or "page"

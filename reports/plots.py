@@ -353,57 +353,6 @@ def _load_image(path: Path) -> np.ndarray | None:
         return None
 
 
-def image_grid(
-    ax: plt.Axes,
-    rows: Sequence[tuple[str, Sequence[tuple[str, str | Path | None]]]],
-    title: str | None = None,
-    pad: int = 4,
-) -> plt.Axes:
-    """A mosaic of images: ``rows`` = [(row label, [(column label, png path or None), ...]), ...].
-    Missing images are drawn grey. Row labels are coloured by algorithm."""
-    rows = [(lab, list(cells)) for lab, cells in rows if cells]
-    if not rows:
-        return note(ax, "no sample images (samples/eval_*.png) in these runs")
-    images = [[_load_image(Path(p)) if p else None for _, p in cells] for _, cells in rows]
-    present = [im for r in images for im in r if im is not None]
-    if not present:
-        return note(ax, "sample image files are missing or unreadable")
-    h = max(im.shape[0] for im in present)
-    w = max(im.shape[1] for im in present)
-    ncol = max(len(c) for _, c in rows)
-    vpad = max(pad, int(0.22 * h))  # room for the column labels above each row
-    pad = max(pad, int(0.08 * w))  # checkpoints clearly apart even when each image is itself a grid
-    top = vpad
-    canvas = np.ones((top + len(rows) * (h + vpad) - vpad, ncol * (w + pad) - pad, 3), dtype=np.float32)
-    for i, r in enumerate(images):
-        for j in range(ncol):
-            y0, x0 = top + i * (h + vpad), j * (w + pad)
-            im = r[j] if j < len(r) else None
-            if im is None:
-                canvas[y0:y0 + h, x0:x0 + w] = 0.85 if j < len(r) else 1.0
-            else:
-                canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im
-    ax.imshow(canvas, interpolation="nearest")
-    for i, r in enumerate(images):  # a thin frame per checkpoint
-        for j in range(len(r)):
-            ax.add_patch(plt.Rectangle((j * (w + pad) - 0.5, top + i * (h + vpad) - 0.5), w, h, fill=False,
-                                       ec="#999999", lw=0.6))
-    ax.set_yticks([top + i * (h + vpad) + h / 2 for i in range(len(rows))], [lab for lab, _ in rows], fontsize=8)
-    for t in ax.get_yticklabels():
-        t.set_color(color(t.get_text()))
-    # column labels per cell (rows may have different checkpoints): written above each image
-    for i, (_, cells) in enumerate(rows):
-        for j, (clab, _) in enumerate(cells):
-            ax.text(j * (w + pad) + w / 2, top + i * (h + vpad) - 1, clab, ha="center", va="bottom",
-                    fontsize=7, color="#333333")
-    ax.set_xticks([])
-    for s in ax.spines.values():
-        s.set_visible(False)
-    if title:
-        ax.set_title(title, fontsize=10, pad=12)
-    return ax
-
-
 # --------------------------------------------------------------------------------------- reward hacking
 
 def reward_hacking_panel(

@@ -25,9 +25,8 @@ with 80% power given the seed-to-seed spread, floored at the metric's resolution
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -328,22 +327,6 @@ def time_to_threshold(xs: Any, ys: Any, threshold: float, rtol: float = 1e-9) ->
     return math.nan
 
 
-def speedups(
-    curves: pd.DataFrame, baseline: str, threshold: float
-) -> pd.DataFrame:
-    """From aggregate_curves output: per label, budget to reach ``threshold`` on its IQM curve and
-    speed-up = baseline's budget / label's budget (NaN when either never reaches it)."""
-    rows = []
-    base = curves[curves["label"] == baseline]
-    t_base = time_to_threshold(base["x"], base["value"], threshold) if not base.empty else math.nan
-    for label, g in curves.groupby("label", sort=False):
-        t = time_to_threshold(g["x"], g["value"], threshold)
-        s = t_base / t if (np.isfinite(t) and np.isfinite(t_base) and t > 0) else math.nan
-        rows.append({"label": label, "threshold": threshold, "budget_to_threshold": t,
-                     "baseline": baseline, "baseline_budget": t_base, "speedup": s})
-    return pd.DataFrame(rows)
-
-
 def _first_crossing(grid: np.ndarray, curves: np.ndarray, thr: np.ndarray) -> np.ndarray:
     """Per row of curves [R, P] on grid [P]: the first x where the piecewise-linear curve reaches
     thr [R] (within a relative 1e-9, as time_to_threshold), NaN if never."""
@@ -414,31 +397,3 @@ def pareto_mask(reward: Sequence[float], cost: Sequence[float]) -> np.ndarray:
         strictly = (r > r[i]) | (c < c[i])
         mask[i] = not np.any(better_or_eq & strictly)
     return mask
-
-
-# --------------------------------------------------------------------------------------- reward hacking
-
-def reward_hacking_flags(
-    records: Sequence[Mapping[str, Any]],
-    train_key: str,
-    heldout_keys: Sequence[str],
-    window: int = 3,
-) -> list[bool]:
-    """Per eval record: True when, over the last ``window`` consecutive eval records ending at it, the
-    training reward's eval key strictly increases at every step while some held-out key strictly
-    decreases at every step. Records missing a key (or non-finite) never flag that key."""
-    def strictly(win: Sequence[Mapping[str, Any]], key: str, sign: int) -> bool:
-        vals = [r.get(key) for r in win]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-            return False
-        return all(sign * (b - a) > 0 for a, b in pairwise(vals))
-
-    flags = []
-    for end in range(len(records)):
-        if end + 1 < window:
-            flags.append(False)
-            continue
-        win = records[end + 1 - window:end + 1]
-        flags.append(strictly(win, train_key, +1)
-                     and any(strictly(win, k, -1) for k in heldout_keys if k != train_key))
-    return flags

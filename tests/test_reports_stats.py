@@ -123,50 +123,12 @@ def test_time_to_threshold():
     assert stats.time_to_threshold([0, 3], [0.1, 0.1 + 0.2], 0.30000000000000004) == pytest.approx(3.0)
 
 
-def test_speedups():
-    curves = pd.DataFrame({
-        "label": ["base"] * 3 + ["fast"] * 3,
-        "x": [0, 50, 100, 0, 50, 100],
-        "value": [0, 0.25, 0.5, 0, 0.5, 1.0],
-    })
-    sp = stats.speedups(curves, "base", 0.5).set_index("label")
-    assert sp.loc["fast", "budget_to_threshold"] == pytest.approx(50)
-    assert sp.loc["fast", "speedup"] == pytest.approx(2.0)
-    assert sp.loc["base", "speedup"] == pytest.approx(1.0)
-
-
-# --------------------------------------------------------------------------------------- Pareto
-
 def test_pareto_mask_hand_made():
     #            A     B    C    D     E    F (= B)  G (NaN)
     reward = [1.0, 0.8, 0.7, 1.0, 0.5, 0.8, float("nan")]
     cost = [10.0, 5.0, 6.0, 12.0, 1.0, 5.0, 1.0]
     # C is dominated by B (more reward, less cost); D by A (same reward, less cost)
     assert stats.pareto_mask(reward, cost).tolist() == [True, True, False, False, True, True, False]
-
-
-# --------------------------------------------------------------------------------------- reward hacking
-
-def test_reward_hacking_flags_known_answers():
-    train = [1, 2, 3, 4, 4, 5, 6, 7]
-    held = [5, 4, 3, 3, 2, 1, 0, 1]
-    recs = [{"eval/tr": t, "eval/ho": h, "eval/flat": 1.0} for t, h in zip(train, held)]
-    flags = stats.reward_hacking_flags(recs, "eval/tr", ["eval/flat", "eval/ho"])
-    # i=2: 1,2,3 up and 5,4,3 down; i=3: held-out 4,3,3 not strictly down; i=4,5: train not strictly up;
-    # i=6: 4,5,6 up and 2,1,0 down; i=7: held-out 1,0,1 not monotone
-    assert flags == [False, False, True, False, False, False, True, False]
-
-
-def test_reward_hacking_needs_a_full_window_and_finite_values():
-    recs = [{"eval/tr": 1, "eval/ho": 3}, {"eval/tr": 2, "eval/ho": 2}]
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False]
-    recs.append({"eval/tr": 3})  # held-out missing at the last eval
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, False]
-    recs[-1]["eval/ho"] = 1
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, True]
-    # the training key itself never counts as held-out
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/tr"]) == [False, False, False]
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"], window=2) == [False, True, True]
 
 
 # --------------------------------------------------------------------------------------- small samples
