@@ -61,7 +61,7 @@ METRICS: dict[str, str] = {
     "treegrpo/softmax_weight_max": "TreeGRPO: largest softmax_logprob sibling weight (1/k = uniform)",
     "nonfinite": "only on an iteration with NaN/inf: where (reward | logp | grad | loss); its update was not applied",
     "t_eval_s": "seconds spent in this evaluation (outside the training budget)",
-    "eval/<reward>": "mean held-out reward over the eval prompts (deterministic ODE sampling, fixed noise)",
+    "eval/<reward>": "mean held-out reward over the eval images (deterministic ODE sampling from eval.seed noise)",
     "eval/<reward>/std": "population std of the held-out reward",
     "eval/<reward>/<component>": "mean of a held-out reward component",
     "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",

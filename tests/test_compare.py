@@ -1,4 +1,4 @@
-"""bench compare with a stand-in runner (reports.synthetic's fake `bench run`)."""
+"""bench compare (bench/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
 
 import re
 import sys
@@ -129,3 +129,14 @@ def test_runs_from_other_code_are_refused_unless_allowed(fake_runner, tmp_path, 
     assert "WARNING: these runs do not come from one clean commit" in capsys.readouterr().out
     assert compare.main([*argv, "--report-only"]) == 2  # the report step refuses too
     assert "do not come from one clean commit" in capsys.readouterr().err
+
+
+def test_bench_cli_dispatches_compare_and_report(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["compare", "--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(tmp_path),
+                 "--dry-run"]) == 0
+    assert "--algo ddpo --budget 1it --seed 0" in capsys.readouterr().out
+    write_run(tmp_path / "r", algo="ddpo")
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "r.pdf"), "--x", "modeled_seconds"]) == 2
+    assert "budget axis 'modeled_seconds' (modeled_seconds_total) is not logged" in capsys.readouterr().err

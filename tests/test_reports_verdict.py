@@ -120,3 +120,25 @@ def test_pareto_leaves_out_the_budget_axis_and_flat_quantities(tmp_path):
     assert "samples_total" not in cols and any(w.startswith("total scored samples: methods within 0.0%") for w in why)
     assert "peak_mem_mb" in cols and "s_per_iter" in cols  # 100..250 MB and 1.5..3 s differ between methods
     assert c.budget == "nfe" and "nfe" in verdict.cost_axes(rs, c.budget, c.present, True)
+
+
+def test_a_modeled_cost_column_becomes_a_verdict_axis(tmp_path):
+    for algo, per_it in (("dancegrpo", 2.0), ("treegrpo", 1.0)):
+        for s in range(3):
+            d = write_run(tmp_path / algo / f"seed{s}", algo=algo, seed=s,
+                          train_curve=linear_curve(0.1, 0.02 if algo == "dancegrpo" else 0.04))
+            recs = [json.loads(line) for line in (d / "iterations.jsonl").read_text().splitlines()]
+            for r in recs:  # as a cost model would log it: cumulative modeled seconds
+                r["modeled_seconds_total"] = (r["iteration"] + 1) * per_it
+            (d / "iterations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rs = load([tmp_path])
+    ev = rs.evals[rs.evals["run"] == "treegrpo/seed0"].set_index("iteration")
+    assert ev.loc[0, "modeled_seconds_total"] == 0.0 and ev.loc[4, "modeled_seconds_total"] == 4.0
+    axes = verdict.cost_axes(rs, None, ["samples", "nfe", "modeled_seconds", "seconds"], True)
+    assert axes == ["samples", "nfe", "modeled_seconds"]  # wall clock only when asked for
+    assert verdict.cost_axes(rs, None, ["seconds"], True, include_wall=True) == ["seconds"]
+    row = verdict.cost_verdict(rs, "eval/shapes_pref", "modeled_seconds", "treegrpo", "dancegrpo", REPS)
+    # dancegrpo final 0.30 at 20 modeled s; treegrpo reaches 0.30 after 5 iterations = 5 modeled s -> 4x
+    assert row["speedup"] == pytest.approx(4.0) and "4.0x [4.0, 4.0] fewer modeled seconds (3 seeds)" in row["sentence"]
+    wall = verdict.cost_verdict(rs, "eval/shapes_pref", "seconds", "treegrpo", "dancegrpo", REPS)
+    assert "wall clock on one machine: noisy" in wall["sentence"]
