@@ -45,3 +45,15 @@ def test_eval_seed_changes_the_evaluation_noise(tmp_path):
 def test_bad_eval_settings_are_usage_errors(tmp_path, key, value):
     with pytest.raises(UsageError, match=key):
         _cfg(tmp_path, "x", seed=0, **{key: value})
+
+
+def test_resumed_old_run_keeps_its_evaluation(tmp_path):
+    from bench import checkpoint
+
+    s = runner.run(_cfg(tmp_path, "old", seed=5))
+    man = json.loads((s.out_dir / "manifest.json").read_text())
+    for k in ("images_per_prompt", "seed"):  # as written before these settings existed
+        del man["config"]["eval"][k]
+    (s.out_dir / "manifest.json").write_text(json.dumps(man))
+    cfg = checkpoint.resume_config(s.out_dir, flags={"budget": "2it"})
+    assert cfg["eval"]["images_per_prompt"] == 1 and cfg["eval"]["seed"] == 5

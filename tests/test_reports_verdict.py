@@ -142,3 +142,16 @@ def test_a_modeled_cost_column_becomes_a_verdict_axis(tmp_path):
     assert row["speedup"] == pytest.approx(4.0) and "4.0x [4.0, 4.0] fewer modeled seconds (3 seeds)" in row["sentence"]
     wall = verdict.cost_verdict(rs, "eval/shapes_pref", "seconds", "treegrpo", "dancegrpo", REPS)
     assert "wall clock on one machine: noisy" in wall["sentence"]
+
+
+def test_two_seed_tables_say_why_there_is_no_interval(tmp_path):
+    from reports.pdf import table_frames
+
+    write_comparison(tmp_path, algos=("dancegrpo", "treegrpo"), seeds=(0, 1))
+    rs = load([tmp_path])
+    c = Context(rs, ReportOptions(reps=REPS), "dancegrpo", "eval/shapes_pref", True, [])
+    final = table_frames(c)["final"].set_index("method")
+    assert final.loc["treegrpo", "final shapes_pref IQM [95% CI]"] == "0.300, 0.310 (n = 2, no interval)"
+    assert final.loc["treegrpo", "P(improve over dancegrpo) on shapes_pref [95% CI]"] == "n = 2: needs >= 3 per side"
+    curve = c.curve("nfe", "eval/shapes_pref")
+    assert curve["value"].notna().all() and curve["lo"].isna().all()  # no band from two runs
