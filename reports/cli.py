@@ -34,7 +34,10 @@ def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
     p.add_argument("--wall-verdict", action="store_true",
                    help="also state speed-ups in wall-clock seconds (noisy; said so in every sentence)")
     p.add_argument("--no-files", action="store_true",
-                   help="write only the PDF (no <report>_files/ with per-page PNG/SVG and CSV/Markdown tables)")
+                   help="write only the PDF (no <report>_files/ with per-page images and CSV/Markdown tables)")
+    p.add_argument("--formats", default="png,svg",
+                   help="image formats of the per-page files, comma-separated (default png,svg; SVG is skipped "
+                        "for sample-grid pages)")
     return p
 
 
@@ -43,12 +46,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reps < 100:
         print("error: --reps must be at least 100", file=sys.stderr)
         return 2
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        print(f"error: --formats {args.formats!r}: choose from png, svg, pdf", file=sys.stderr)
+        return 2
     try:
         from reports.pdf import ReportOptions, report
 
         rep = report(args.runs, args.out, ReportOptions(
             x=args.x, baseline=args.baseline, metric=args.metric, threshold=args.threshold,
-            title=args.title, reps=args.reps, wall_verdict=args.wall_verdict, figures=not args.no_files))
+            title=args.title, reps=args.reps, wall_verdict=args.wall_verdict, figures=not args.no_files,
+            figure_formats=formats))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,8 @@ class ReportOptions:
     reps: int = 2000                 # bootstrap resamples
     points: int = 60                 # budget grid points per axis
     wall_verdict: bool = False       # also state speed-ups in (noisy) wall-clock seconds
-    figures: bool = True             # write each page as PNG (+ SVG without images) and the tables as CSV/Markdown
+    figures: bool = True             # write each page as an image file and the tables as CSV/Markdown
+    figure_formats: tuple[str, ...] = ("png", "svg")  # page file formats (SVG skipped for raster pages)
 
 
 # --------------------------------------------------------------------------------------- analysis
@@ -174,8 +175,10 @@ class Writer:
     """Saves each page to the PDF and, when ``figures_dir`` is set, the same figure as
     ``NN_<slug>.png`` (and ``.svg`` for pages without raster images) there."""
 
-    def __init__(self, pdf: Any, title: str, figures_dir: Path | None = None) -> None:
+    def __init__(self, pdf: Any, title: str, figures_dir: Path | None = None,
+                 formats: tuple[str, ...] = ("png", "svg")) -> None:
         self.pdf, self.title, self.pages, self.figures_dir = pdf, title, [], figures_dir
+        self.formats = formats
         self.files: list[Path] = []
 
     def page(self, heading: str, nrows: int = 1, ncols: int = 1, **kw: Any):
@@ -193,9 +196,9 @@ class Writer:
         if self.figures_dir is not None:
             slug = re.sub(r"[^a-z0-9]+", "_", heading.lower()).strip("_")[:60] or "page"
             stem = self.figures_dir / f"{len(self.pages):02d}_{slug}"
-            fig.savefig(stem.with_suffix(".png"), dpi=110)
-            self.files.append(stem.with_suffix(".png"))
-            if not raster:
-                fig.savefig(stem.with_suffix(".svg"))
-                self.files.append(stem.with_suffix(".svg"))
+            for fmt_ in self.formats:
+                if fmt_ == "svg" and raster:  # an SVG of embedded images is just larger
+                    continue
+                fig.savefig(stem.with_suffix("." + fmt_), dpi=110)
+                self.files.append(stem.with_suffix("." + fmt_))
         plt.close(fig)

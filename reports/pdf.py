@@ -111,7 +111,7 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
                 old.unlink()
     tmp = out.with_name(out.name + ".tmp")
     with PdfPages(tmp) as pdf:
-        w = Writer(pdf, opt.title, files_dir)
+        w = Writer(pdf, opt.title, files_dir, opt.figure_formats)
         title_page(w, c)
         setup_page(w, c)
         pages.curves_page(w, c)

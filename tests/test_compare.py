@@ -2,7 +2,6 @@
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
 from synthetic_runs import _head_commit, write_run
@@ -10,12 +9,7 @@ from synthetic_runs import _head_commit, write_run
 from bench import compare
 
 
-@pytest.fixture
-def fake_runner(monkeypatch):
-    monkeypatch.setattr(compare, "RUNNER", [sys.executable, str(Path(__file__).with_name("synthetic_runs.py"))])
-
-
-def test_compare_runs_every_algorithm_and_seed_then_reports(fake_runner, tmp_path, capsys):
+def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--seeds", "2", "--out", str(out),
                        "--reward", "shapes_pref", "--set", "train.lr=1e-5"])
@@ -41,7 +35,7 @@ def test_dry_run_passes_the_same_options_to_every_run(tmp_path, capsys):
     assert "run --algo treegrpo --budget 20m --seed 5 --out" in lines[-1]
 
 
-def test_failed_runs_are_reported(fake_runner, tmp_path, capsys):
+def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
     rc = compare.main(["--algos", "ddpo", "--budget", "1it", "--reps", "200", "--seeds", "1", "--out", str(tmp_path / "f"),
                        "--set", "fail=1"])
     assert rc == 1
@@ -74,7 +68,7 @@ def test_report_only_without_runs_is_a_usage_error(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
 
 
-def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_runner, tmp_path, capsys):
+def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--out", str(out)]
     assert compare.main([*args, "--seeds", "2"]) == 0
@@ -108,7 +102,7 @@ def test_killed_runs_are_resumed_or_restarted(tmp_path, capsys):
     assert "finished under budget '5it'" in capsys.readouterr().err
 
 
-def test_resume_completes_a_killed_run(fake_runner, tmp_path, capsys):
+def test_resume_completes_a_killed_run(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out), "--set", "kill=1"])
     assert rc == 1 and not (out / "ddpo" / "seed0" / "final.json").exists()
@@ -118,7 +112,7 @@ def test_resume_completes_a_killed_run(fake_runner, tmp_path, capsys):
     assert (out / "ddpo" / "seed0" / "final.json").is_file()
 
 
-def test_runs_from_other_code_are_refused_unless_allowed(fake_runner, tmp_path, capsys):
+def test_runs_from_other_code_are_refused_unless_allowed(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     write_run(out / "ddpo" / "seed0", algo="ddpo", git_commit="f" * 40)
     argv = ["--algos", "ddpo,treegrpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out)]

@@ -106,3 +106,13 @@ def test_cli_usage_errors(comparison, tmp_path, capsys):
     assert cli.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_report_file_options(comparison, tmp_path, capsys):
+    assert cli.main([str(comparison), "--out", str(tmp_path / "a.pdf"), "--reps", "200", "--formats", "png"]) == 0
+    files = {p.suffix for p in (tmp_path / "a_files").iterdir()}
+    assert files == {".png", ".csv", ".md"}
+    assert cli.main([str(comparison), "--out", str(tmp_path / "b.pdf"), "--reps", "200", "--no-files"]) == 0
+    assert not (tmp_path / "b_files").exists()
+    assert cli.main([str(comparison), "--out", str(tmp_path / "c.pdf"), "--formats", "gif"]) == 2
+    assert "--formats 'gif'" in capsys.readouterr().err
