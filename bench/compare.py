@@ -237,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
         out = Path(args.out)
+        if not args.report_only and not args.dry_run:
+            check_options(out, extra, args.overwrite)
         jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
         if not args.report_only and not args.allow_mixed_code:
             _check_code(out, jobs)
@@ -251,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
+        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra)}, indent=1) + "\n")
         failed = _train(jobs)
 
     if args.no_report:
@@ -269,6 +272,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+OPTIONS_FILE = "compare.json"
+
+
+def _run_options(extra: Sequence[str]) -> list[str]:
+    return [x for x in extra if x != "--overwrite"]
+
+
+def check_options(out: Path, extra: Sequence[str], overwrite: bool) -> None:
+    """A comparison directory keeps the options its runs were trained with (DIR/compare.json): extending
+    it with other options would put differently configured runs under one label."""
+    saved = _read_json(out / OPTIONS_FILE)
+    if saved is None or overwrite:
+        return
+    before, now = saved.get("options", []), _run_options(extra)
+    if before != now:
+        raise UsageError(f"{out} was trained with options {subprocess.list2cmdline(before) or '(none)'}, not "
+                         f"{subprocess.list2cmdline(now) or '(none)'}: use another --out, the same options, "
+                         f"or --overwrite to retrain every run")
 
 
 def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> None:

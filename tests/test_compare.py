@@ -107,7 +107,9 @@ def test_resume_completes_a_killed_run(fake_bench_run, tmp_path, capsys):
     rc = compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out), "--set", "kill=1"])
     assert rc == 1 and not (out / "ddpo" / "seed0" / "final.json").exists()
     capsys.readouterr()
-    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out)]) == 0
+    # the same options (a resumed `bench run --resume` gets only the budget: the stand-in then finishes)
+    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out),
+                         "--set", "kill=1"]) == 0
     assert "(resuming a killed run)" in capsys.readouterr().out
     assert (out / "ddpo" / "seed0" / "final.json").is_file()
 
@@ -134,3 +136,13 @@ def test_bench_cli_dispatches_compare_and_report(tmp_path, capsys):
     write_run(tmp_path / "r", algo="ddpo")
     assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "r.pdf"), "--x", "modeled_seconds"]) == 2
     assert "budget axis 'modeled_seconds' (modeled_seconds_total) is not logged" in capsys.readouterr().err
+
+
+def test_extending_with_other_options_is_refused(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(out), "--no-report"]
+    assert compare.main([*argv, "--set", "train.lr=1e-5"]) == 0
+    assert compare.main([*argv, "--seeds", "2", "--set", "train.lr=1e-5"]) == 0  # same options: extends
+    capsys.readouterr()
+    assert compare.main([*argv, "--set", "train.lr=2e-5"]) == 2
+    assert "was trained with options --set train.lr=1e-5, not --set train.lr=2e-5" in capsys.readouterr().err
