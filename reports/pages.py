@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reports import plots, stats
+from reports import panels, plots, stats
 from reports.context import Context, Writer, final_scores, fmt, reward_label, varies, wrap
 from reports.load import X_AXES
 
@@ -236,7 +236,7 @@ def samples_pages(w: Writer, c: Context) -> None:
                     continue
                 e = ev.iloc[picks[j]]
                 scores = " / ".join(fmt(e.get(k), 3) for k in c.rs.eval_keys() if k in e)
-                plots.sample_image(ax, path / str(e["samples_png"]), _prompts(e) if j == 0 else [],
+                panels.sample_image(ax, path / str(e["samples_png"]), _prompts(e) if j == 0 else [],
                                    title=f"it {int(e['iteration'])}: {scores}",
                                    ylabel=f"{label} s{seed}" if j == 0 else None)
         fig.text(0.02, 0.015, "Scores: " + " / ".join(k.split("/", 1)[-1] for k in c.rs.eval_keys())
@@ -265,7 +265,7 @@ def hacking_page(w: Writer, c: Context) -> None:
             "each by more than its resolution (standard error of an eval mean), over the run's own iteration 0.")
     empty = "no held-out reward logged" if not held_keys(c) else "no evaluation records"
     lines = [rule, ""] + (list(h["text"]) if not h.empty else [empty])
-    plots.text_block(top, _wrap_lines(lines, 150), fontsize=7)
+    panels.text_block(top, _wrap_lines(lines, 150), fontsize=7)
     train, held = c.rs.train_eval_key(), c.rs.heldout_keys()
     for ax, run in zip(axes[1], shown):
         ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration")

@@ -34,7 +34,7 @@ import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.registry import UsageError
-from reports import pages, plots, stats
+from reports import pages, panels, plots, stats
 from reports.context import (
     PAGE_SIZE,
     Context,
@@ -217,7 +217,7 @@ def setup_page(w: Writer, c: Context) -> None:
                      + ", ".join(f"{a} ({b})" for a, b in zip(short["run"], short["stop_reason"])))
     if notes:
         lines += ["", "Notes:"] + [f"  * {n}" for n in notes]
-    plots.text_block(axes[0, 0], wrap(lines, 120), fontsize=9)
+    panels.text_block(axes[0, 0], wrap(lines, 120), fontsize=9)
     w.save(fig, heading)
 
 
@@ -304,7 +304,7 @@ def tables_pages(w: Writer, c: Context, tables: dict[str, pd.DataFrame]) -> None
     top, bottom = 0.92 * page_h, 0.05 * page_h
 
     def body_pt(body: Any) -> float:
-        return plots.table_height_pt(body) if isinstance(body, pd.DataFrame) else line_pt * max(len(body), 1)
+        return panels.table_height_pt(body) if isinstance(body, pd.DataFrame) else line_pt * max(len(body), 1)
 
     pages: list[list[tuple[str, Any]]] = [[]]
     used = 0.0
@@ -325,10 +325,10 @@ def tables_pages(w: Writer, c: Context, tables: dict[str, pd.DataFrame]) -> None
             y -= title_pt
             ax = fig.add_axes((0.04, (y - h) / page_h, 0.92, h / page_h))
             if isinstance(body, pd.DataFrame):
-                plots.table(ax, body, title=title)
+                panels.table(ax, body, title=title)
             else:
                 ax.set_axis_off()
                 ax.set_title(title, fontsize=10, loc="left")
-                plots.text_block(ax, body, fontsize=8, top=1.0)
+                panels.text_block(ax, body, fontsize=8, top=1.0)
             y -= h + gap_pt
         w.save(fig, heading, tight=False)
