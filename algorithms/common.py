@@ -1,4 +1,9 @@
-"""Small pure functions shared by the algorithms (each has known-answer tests).
+"""What the algorithms share, each piece with known-answer tests:
+
+* pure functions: group normalisation, tree backup, PPO-clip terms, KL, window schedules, edge selection;
+* ``PerPromptStatTracker``: DDPO's per-prompt reward statistics (stateful; its algorithm checkpoints it);
+* ``ppo_update``: the PPO-clip update loop (micro-batches, gradient accumulation, optimizer steps) that
+  every algorithm's ``update`` ends in; it returns ``UpdateStats`` including the update's NFE.
 
 Nothing here knows which algorithm calls it; algorithms never import each other.
 """
@@ -13,11 +18,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from bench.errors import NonFiniteGrad
 from bench.types import Rollout, TrainSpec, UpdateStats
 
 
 def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: float) -> Tensor:
-    """(v - mean_g) / (std_g + eps) within each group (GRPO advantage, ALGORITHMS.md §2.2 / §4.2).
+    """(v - mean_g) / (std_g + eps) within each group (GRPO advantage: DanceGRPO/MixGRPO
+    ``train_one_step``, TreeGRPO ``RLTrainer.sample``).
 
     values [L] float, group_ids [L] long. ``unbiased`` selects torch's ddof=1 std (DanceGRPO,
     MixGRPO) or the population std (TreeGRPO, Flow-GRPO). A group of one element gets advantage 0
@@ -34,8 +41,8 @@ def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: floa
 
 
 class PerPromptStatTracker:
-    """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch ``stat_tracking.py``;
-    ALGORITHMS.md §1.2 and §8.2).
+    """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch
+    ``ddpo_pytorch/stat_tracking.py::PerPromptStatTracker``).
 
     For every prompt of the batch the batch's rewards of that prompt are appended to a per-prompt
     FIFO buffer of at most ``buffer_size`` values (kept across iterations) *before* the statistics
@@ -90,7 +97,7 @@ class PerPromptStatTracker:
 
 
 def weighted_advantage_sum(advantages: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """MixGRPO's ``advantage_aggr`` multi-reward rule (ALGORITHMS.md §3.2, §8.3): A = sum_m w_m A_m
+    """MixGRPO's ``advantage_aggr`` multi-reward rule (``fastvideo/train_grpo_flux.py``): A = sum_m w_m A_m
     with the weights normalised to sum to 1. ``advantages``: name -> [L]; ``weights``: name -> w."""
     if not advantages:
         raise ValueError("no advantages to aggregate")
@@ -123,7 +130,7 @@ WEIGHTINGS = ("uniform", "softmax_logprob")
 
 def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: str) -> Tensor:
     """Per-edge advantages of a forest by backing up leaf values (TreeGRPO, Ding & Ye 2025,
-    arXiv 2512.08153; ALGORITHMS.md §4.2, §8.1).
+    arXiv 2512.08153; released ``train.py::RLTrainer.update_advantages``, which uses uniform weights).
 
     parent:      [N] long, parent node id, -1 for roots
     leaf_values: [N] float, the normalised leaf advantage at leaves (nodes without children); ignored
@@ -235,7 +242,8 @@ def chain_edge_advantages(rollout: Rollout, leaf_adv: Tensor) -> Tensor:
 def progressive_window_start(iteration: int, shift_interval: int, stride: int, max_start: int,
                              roll_back: bool) -> int:
     """Start of a progressively sliding window (MixGRPO ``GRPOTrainingStates`` "progressive";
-    TreeGRPO's released code; ALGORITHMS.md §3.1, §4.1): the window starts at step 0 and moves by
+    TreeGRPO's released code, ``RLTrainer`` shifting ``tree_steps`` by ``tree.s`` every ``tree.tou``
+    epochs): the window starts at step 0 and moves by
     ``stride`` steps every ``shift_interval`` iterations. Past ``max_start`` it restarts at 0
     (``roll_back``) or stays at the last position ``<= max_start``. A pure function of the
     iteration, so resuming from a checkpoint continues the same schedule."""
@@ -255,7 +263,7 @@ def progressive_window_start(iteration: int, shift_interval: int, stride: int, m
 def random_step_subset(num_chains: int, num_steps: int, num_train: int, gen: torch.Generator) -> Tensor:
     """[num_chains, num_train] long: for every chain an independent random permutation of steps
     0..num_steps-1, truncated to its first ``num_train`` entries (DDPO ``perms``; DanceGRPO trains
-    ``int((T - 1) * timestep_fraction)`` of the first T - 1 steps; ALGORITHMS.md §1.3, §2.3)."""
+    ``int((T - 1) * timestep_fraction)`` of the first T - 1 steps, ``train_one_step``)."""
     if not 0 <= num_train <= num_steps:
         raise ValueError(f"num_train must be in [0, {num_steps}], got {num_train}")
     keys = torch.rand((num_chains, num_steps), generator=gen)
@@ -289,6 +297,9 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
 
     reduction: "mean" -> the mini-batch loss is the mean over its edge terms (DDPO/DanceGRPO/MixGRPO);
     "sum_children" -> sum over each parent's children, mean over parents (TreeGRPO's loss_agg "sum").
+
+    Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
+    read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
     """
     edges = torch.as_tensor(edges, dtype=torch.long)
     adv = adv.float()
@@ -309,7 +320,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     per_micro = max(1, train.micro_batch // cfg)
 
     tot_loss = tot_kl = tot_akl = tot_clip = 0.0
-    n_terms = 0
+    n_terms = nfe = 0
     first_ratio: float | None = None
     grad_norm = 0.0
     micro_batches = 0
@@ -325,11 +336,13 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             idx = torch.tensor([j for g in mb[c:c + per_micro] for j in g], dtype=torch.long)
             e = edges[idx]
             ev = engine.logp(rollout, e)
+            nfe += ev.nfe
             old = rollout.logp_old[e].to(ev.log_prob.device)
             terms = ppo_clip_loss(ev.log_prob, old, adv[idx].to(ev.log_prob.device), clip_range, adv_clip_max)
             loss = terms.loss.sum() / denom
             if beta > 0:
                 ref = engine.logp(rollout, e, reference=True)
+                nfe += ref.nfe
                 kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), ev.std.detach())
                 loss = loss + beta * kl.sum() / denom
                 tot_kl += float(kl.detach().sum())
@@ -346,8 +359,12 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         else:
             norms = [p.grad.norm() for p in params if p.grad is not None]
             grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
-        optimizer.step()
+        try:
+            optimizer.step()
+        except NonFiniteGrad as e:  # the runner still counts what the refused update cost
+            e.nfe = nfe
+            raise
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,
-                       kl=tot_kl / n_terms)
+                       kl=tot_kl / n_terms, nfe=nfe)

@@ -1,15 +1,20 @@
 """DanceGRPO: GRPO on all steps of a stochastic flow sampler, with group-shared initial noise.
 
 Xue et al., "DanceGRPO: Unleashing GRPO on Visual Generation", arXiv 2505.07818; reference code
-XueZeyue/DanceGRPO ``fastvideo/train_grpo_flux.py`` (ALGORITHMS.md §2).
+XueZeyue/DanceGRPO ``fastvideo/train_grpo_flux.py`` (``sample_reference_model``, ``run_sample_step``,
+``train_one_step``, ``grpo_one_step``).
 
 Implementation details:
 - Sampling (``plan``): all T steps are SDE steps (``grpo=True`` at every step). The SDE is
-  ``sampler.sde``: treebench's default is Flow-GRPO's for every algorithm (ALGORITHMS.md §12);
-  ``sampler.sde=dance`` selects DanceGRPO's own step (``flux_step`` with ``sde_solver``, eta 0.3 in
-  the paper preset). ``group_size`` chains per prompt start from ONE shared initial noise
-  (``--init_same_noise``); treebench shares it within a prompt's group only (the reference code also
-  shares it across the prompts of a rank, ALGORITHMS.md §9.11).
+  ``sampler.sde``: treebench's default is Flow-GRPO's for every algorithm, so a comparison isolates the
+  algorithms; ``sampler.sde=dance`` selects DanceGRPO's own step (``flux_step`` with ``sde_solver``,
+  eta 0.3 in the paper preset). ``group_size`` chains per prompt start from ONE shared initial noise
+  (``--init_same_noise``); treebench shares it within a prompt's group only (``sample_reference_model``
+  also shares it across the prompts of a rank when ``train_batch_size`` > 1).
+- Final image (``sampler.final_image``, default "x0"): ``run_sample_step`` returns ``pred_original``
+  of its last step, the data prediction x - sigma v of the last denoiser evaluation, and that is what
+  the VAE decodes and the reward scores; the last SDE step's sample (never trained, see below) never
+  reaches the reward. "sample" decodes the sampled last latent instead.
 - Advantages (``advantages``): group normalisation over the prompt's ``group_size`` rewards,
   (r - mean) / (std + 1e-8) with torch's *unbiased* std (``train_one_step``); every step of a chain
   carries its leaf's advantage.
@@ -30,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     chain_edge_advantages,
@@ -39,6 +45,8 @@ from algorithms.common import (
     ppo_update,
     random_step_subset,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -87,16 +95,34 @@ class DanceGRPOConfig:
 class DanceGRPO:
     name: ClassVar[str] = "dancegrpo"
     Config: ClassVar[type] = DanceGRPOConfig
+    #: the reference decodes the last evaluation's x0-prediction (``run_sample_step``: latents = pred_original)
+    FINAL_IMAGE: ClassVar[str] = "x0"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # scripts/finetune/finetune_flux_grpo.sh (FLUX.1-dev): 16 steps, DanceGRPO SDE eta 0.3, shift 3,
         # G = 12, fraction 0.6 (FLUX's distilled guidance has no treebench equivalent: guidance unchanged)
+        # and FLUX's schedule: shifted linspace, quantised timesteps.
+        # Optimizer steps: per rank train_batch_size 1 prompt x num_generations 12 = 12 samples per
+        # iteration, an optimizer step every gradient_accumulation_steps = 4 samples -> 12 / 4 = 3
         "dancegrpo-paper": {"sampler.steps": 16, "sampler.noise_level": 0.3, "sampler.sde": "dance",
-                            "sampler.shift": 3.0, "algo.group_size": 12, "algo.timestep_fraction": 0.6,
-                            "algo.clip_range": 1e-4},
-        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7
+                            "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
+                            "algo.timestep_fraction": 0.6, "algo.clip_range": 1e-4, "train.optimizer_steps": 3},
+        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7;
+        # DanceGRPO's trainer takes 3 optimizer steps per iteration (12 samples, GA 4, as above)
         "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
-                           "sampler.sde": "flow_grpo"},
+                           "sampler.sde": "flow_grpo", "train.optimizer_steps": 3},
     }
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "dancegrpo/trained_steps": "DanceGRPO: steps trained per chain (int((T - 1) * timestep_fraction))",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "timestep_fraction": {"type": "float", "low": 0.1, "high": 1.0, "help": "trained fraction of steps"},
+        "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("timestep_fraction",)
 
     def __init__(self, config: DanceGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
@@ -113,6 +139,7 @@ class DanceGRPO:
                            trees_per_prompt=self.config.group_size, shared_noise=self.config.shared_noise,
                            noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
                            guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
                            info={"dancegrpo/trained_steps": float(self._n_train())})
 
     def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
@@ -127,7 +154,7 @@ class DanceGRPO:
         chosen = chosen[torch.randperm(C, generator=gen)].flatten()
         return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,

@@ -1,7 +1,9 @@
 """DDPO: Denoising Diffusion Policy Optimization.
 
 Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement Learning",
-arXiv 2305.13301 (ICLR 2024); reference code kvablack/ddpo-pytorch (ALGORITHMS.md §1).
+arXiv 2305.13301 (ICLR 2024); reference code kvablack/ddpo-pytorch (``scripts/train.py``,
+``ddpo_pytorch/stat_tracking.py``, ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py``,
+``pipeline_with_logprob.py``).
 
 Implementation details:
 - Sampling (``plan``): every one of the T steps is stochastic. On epsilon-prediction models the engine
@@ -10,11 +12,16 @@ Implementation details:
   (``sampler.sde``), as the GRPO papers re-ran it. Initial noises are i.i.d. (no shared noise): DDPO
   has no groups, it draws prompts i.i.d. from a small set; treebench samples ``group_size`` i.i.d.
   chains per drawn prompt, so prompts repeat within and across iterations.
+- Final image (``sampler.final_image``, default "sample"): ``pipeline_with_logprob`` decodes the latent
+  its last DDIM step sampled (with eta = 1 that step still adds noise of std
+  sqrt((1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)), small at the last step). "x0" decodes the last
+  evaluation's data prediction instead.
 - Advantages (``advantages``): per-prompt statistics tracking (``PerPromptStatTracker`` in
   ``algorithms.common``): a FIFO buffer of the last ``buffer_size`` rewards of every prompt string,
   persisted across iterations (and in ``state_dict``); batch mean / population std while a buffer
   holds fewer than ``min_count`` rewards; eps 1e-6. With ``per_prompt_stat_tracking = False`` the
-  whole batch is normalised with the unbiased std + 1e-8 (``scripts/train.py``).
+  whole batch is normalised with the population std + 1e-8 (``scripts/train.py``: ``rewards`` is a
+  numpy array there, and numpy's ``std`` has ddof = 0).
 - Trained steps (``_trained_edges``): for every chain an independent random permutation of its T steps;
   the first ``int(T * timestep_fraction)`` are trained (fraction 1.0 = all steps, in random order).
 - Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clipped surrogate per (chain, step) with
@@ -32,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     PerPromptStatTracker,
@@ -41,6 +49,8 @@ from algorithms.common import (
     ppo_update,
     random_step_subset,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -101,13 +111,34 @@ class DDPOConfig:
 class DDPO:
     name: ClassVar[str] = "ddpo"
     Config: ClassVar[type] = DDPOConfig
+    #: the reference decodes the last sampled latent (``pipeline_with_logprob``)
+    FINAL_IMAGE: ClassVar[str] = "sample"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # ddpo-pytorch config/base.py + dgx.py on SD 1.x: 50 DDIM steps, eta 1, CFG 5, full fraction
-        # (its LoRA learning rate 3e-4 is left to train.lr: it depends on LoRA vs full fine-tuning)
+        # (its LoRA learning rate 3e-4 is left to train.lr: it depends on LoRA vs full fine-tuning).
+        # Optimizer steps per epoch (num_inner_epochs = 1): samples per GPU / (train.batch_size x GA);
+        # base.py: sample.batch_size 1 x num_batches_per_epoch 2 = 2 samples, train.batch_size 1, GA 1
+        # -> 2; dgx.py aesthetic: 8 x 4 = 32 samples, batch 4, GA 4 -> 2 (compressibility: GA 2 -> 4)
         "ddpo-paper": {"sampler.steps": 50, "sampler.guidance": 5.0, "sampler.noise_level": 1.0,
                        "algo.timestep_fraction": 1.0, "algo.buffer_size": 16, "algo.min_count": 16,
-                       "algo.clip_range": 1e-4},
+                       "algo.clip_range": 1e-4, "train.optimizer_steps": 2},
     }
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "ddpo/trained_steps": "DDPO: denoising steps trained per chain (int(T * timestep_fraction))",
+        "ddpo/tracked_prompt_frac": "DDPO: fraction of this batch's prompts normalised with their own history",
+        "ddpo/tracked_prompts_total": "DDPO: prompts with a statistics buffer so far",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "timestep_fraction": {"type": "float", "low": 0.1, "high": 1.0},
+        "group_size": {"type": "int", "low": 2, "high": 8},
+        "per_prompt_stat_tracking": [True, False],
+        "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("timestep_fraction",)
 
     def __init__(self, config: DDPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
@@ -122,6 +153,7 @@ class DDPO:
                            trees_per_prompt=self.config.group_size, shared_noise=False,
                            noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
                            guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
                            info={"ddpo/trained_steps": float(self._n_train())})
 
     def _n_train(self) -> int:
@@ -136,7 +168,7 @@ class DDPO:
             metrics = {"ddpo/tracked_prompt_frac": tracked / max(1, len(set(texts))),
                        "ddpo/tracked_prompts_total": float(len(self.tracker.buffers))}
         else:
-            std = scores.std(unbiased=True) if scores.numel() > 1 else torch.tensor(0.0)
+            std = scores.std(unbiased=False)  # numpy's population std, as scripts/train.py
             leaf = (scores - scores.mean()) / (std + 1e-8)
             metrics = {}
         return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf, metrics=metrics)
@@ -152,7 +184,7 @@ class DDPO:
         chosen = chosen[torch.randperm(C, generator=gen)].flatten()
         return chosen[rollout.trainable[chosen.clamp_min(0)] & (chosen >= 0)]
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,

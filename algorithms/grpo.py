@@ -4,7 +4,9 @@ Not one of the benchmarked papers: a plain Flow-GRPO-style baseline (Liu et al. 
 2505.05470) used by the harness smoke tests and as a sanity reference.
 
 Implementation details:
-- G independent chains per prompt (i.i.d. initial noise), every step SDE (``plan``).
+- G independent chains per prompt (i.i.d. initial noise), every step SDE (``plan``); the final image
+  is the last sampled latent (``sampler.final_image`` default "sample", as Flow-GRPO's
+  ``sd3_pipeline_with_logprob`` decodes it).
 - Leaf advantage = (r - mean_prompt) / (std_prompt + eps), population std (``advantages``).
 - Every SDE edge of every chain carries its leaf's advantage; PPO-clip on all of them, in a random
   order, mean over edges (``update`` -> ``algorithms.common.ppo_update``).
@@ -16,8 +18,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, group_normalize, ppo_update
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -53,6 +58,17 @@ class GRPO:
     name: ClassVar[str] = "grpo"
     Config: ClassVar[type] = GRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    FINAL_IMAGE: ClassVar[str] = "sample"
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {}
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "group_size": {"type": "int", "low": 2, "high": 8},
+        "clip_range": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("group_size",)
 
     def __init__(self, config: GRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, seed
@@ -62,13 +78,14 @@ class GRPO:
         return RolloutPlan(num_steps=T, modes=("sde",) * T, branch=(1,) * T,
                            trees_per_prompt=self.config.group_size, shared_noise=False,
                            noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
-                           guidance=self.sampler.guidance)
+                           guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE)
 
     def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
         leaf = group_normalize(rewards.scores, rollout.leaf_prompts(), unbiased=False, eps=self.config.std_eps)
         return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = torch.nonzero(rollout.trainable).flatten()
         perm = torch.randperm(edges.numel(), generator=generator(self.seed, rollout.iteration, "update"))

@@ -1,7 +1,8 @@
 """MixGRPO: mixed ODE-SDE sampling with a sliding SDE window (and MixGRPO-Flash).
 
 Li et al., "MixGRPO: Unlocking Flow-based GRPO Efficiency with Mixed ODE-SDE", arXiv 2507.21802;
-reference code Tencent-Hunyuan/MixGRPO (read for the behaviour only, ALGORITHMS.md §3).
+reference code Tencent-Hunyuan/MixGRPO (read for the behaviour only: ``fastvideo/train_grpo_flux.py``,
+``fastvideo/utils/sampling_utils.py::run_sample_step``, ``fastvideo/utils/grpo_states.py``).
 
 Implementation details:
 - Sampling (``plan``): SDE steps only inside the current window of ``window`` consecutive steps,
@@ -9,6 +10,10 @@ Implementation details:
   ``sampler.sde`` (Flow-GRPO's by default, which is also what the released scripts use,
   ``--flow_grpo_sampling``). The ``group_size`` chains of a prompt share one initial noise
   (``--init_same_noise``).
+- Final image (``sampler.final_image``, default "sample"): the released scripts leave
+  ``--drop_last_sample`` off ("True for DanceGRPO but False for MixGRPO"), so ``run_sample_step`` returns
+  the last sampled latent; its last step is an ODE (or DPM-Solver++) step to sigma = 0, whose result is
+  the last evaluation's x0-prediction anyway.
 - Window schedule (``_window``; ``algorithms.common.progressive_window_start``): "progressive" starts
   at step 0 (noisiest first) and moves by ``window_stride`` every ``shift_interval`` iterations, and
   rolls back to 0 past the end (``--roll_back``); "random" draws a start per iteration. As in the
@@ -19,16 +24,18 @@ Implementation details:
   ``mixgrpo/window_start``.
 - MixGRPO-Flash (``flash = True``, preset ``mixgrpo-flash``; ``_flash_sigmas``): up to the end of the
   window the schedule is unchanged; after it the remaining schedule is replaced by a compressed one
-  of ``num_post = int((T - last) * compress_ratio)`` sigmas (``linspace(sigma[last + 1], 0, num_post)``,
-  time-shifted; at least 2 so it ends at sigma = 0) integrated with deterministic 2nd-order
+  of ``num_post = int((T - last) * compress_ratio)`` sigmas (``linspace(u, 0, num_post)`` time-shifted,
+  u = the unshifted time of sigma[last + 1]: ``linspace(1, 0, T + 1)[last + 1]`` in the reference's
+  FLUX schedule, the inverse time shift of the base sigma for any other base schedule; at least 2
+  sigmas so it ends at sigma = 0) integrated with deterministic 2nd-order
   multistep DPM-Solver++ (plan mode "dpm2", ``bench.sde.flow_dpm2_step``). Sampling only: trained
   steps are window steps, whose sigmas equal the uncompressed schedule's.
 - Advantages (``advantages``): per-prompt group normalisation with torch's unbiased std + 1e-8;
-  ``multi_reward = "advantage_aggr"`` normalises every top-level reward component (each part of a
-  weighted reward such as ``hpsv2=1,image_reward=1,pickscore=1``) separately and averages them with
-  equal weights (MixGRPO's ``advantage_aggr`` with its default weights 1.0 each,
-  ``algorithms.common.weighted_advantage_sum``); the default "reward_aggr" normalises the combined
-  reward.
+  ``multi_reward = "advantage_aggr"`` normalises every part of a weighted reward (``--reward
+  hpsv2=1,image_reward=1,pickscore=1``) separately and sums them with the user's weights normalised to
+  sum 1 (``train_grpo_flux.py``: ``reward_weights`` divided by their total, ``merged_advantages +=
+  model_advs * reward_weights[model_name]``; ``algorithms.common.weighted_advantage_sum``); the default
+  "reward_aggr" normalises the combined (weighted-sum) reward.
 - Loss (``update`` -> ``algorithms.common.ppo_update``): every window step of every chain, steps in
   order, chains in random order (``timestep_fraction`` is unused in "part" mode, as in the code);
   PPO clipped surrogate with stored log-probs, advantages clamped to +-5, clip range 1e-4, mean over
@@ -41,6 +48,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     chain_edge_advantages,
@@ -52,6 +60,8 @@ from algorithms.common import (
     weighted_advantage_sum,
 )
 from bench import sde
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -88,12 +98,16 @@ class MixGRPOConfig:
                      (``--dpm_post_compress_ratio 0.4``; 0.2 in the Flash* script)
     shared_noise:    the group's chains start from one initial noise; default True (``--init_same_noise``)
     multi_reward:    "reward_aggr" (normalise the combined reward) or "advantage_aggr" (normalise each
-                     reward component, average with equal weights); default "reward_aggr" (the combined
-                     treebench reward; the MixGRPO scripts use advantage_aggr over HPS/ImageReward/PickScore)
+                     part of a weighted reward, sum with the parts' weights normalised to 1); default
+                     "reward_aggr" (the MixGRPO scripts use advantage_aggr over HPS/ImageReward/PickScore,
+                     weights 1 each)
     clip_range:      PPO epsilon [ratio]; default 1e-4 (``--clip_range``)
     adv_clip_max:    advantage clamp [std units]; default 5 (``--adv_clip_max``)
     std_eps:         added to the group std; default 1e-8
-    beta:            weight of the KL to the reference; default 0 (``--kl_coeff 0.0``)
+    beta:            weight of treebench's KL to the frozen reference model (Flow-GRPO's form); default 0.
+                     Not MixGRPO's ``--kl_coeff``: that weighs 0.5 mean((logp_new - logp_old)^2), a
+                     penalty on the drift from the rollout policy (0.0 in the released scripts, so both
+                     are off by default)
     """
 
     group_size: int = 12
@@ -136,24 +150,50 @@ class MixGRPO:
     name: ClassVar[str] = "mixgrpo"
     Config: ClassVar[type] = MixGRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # finetune_flux_grpo_MixGRPO.sh (FLUX.1-dev): T = 25, Flow-GRPO SDE 0.7, shift 3, G = 12, w = 4,
-        # stride 1 every 25 iterations, roll back
+        # finetune_flux_grpo_MixGRPO.sh (FLUX.1-dev): T = 25, Flow-GRPO SDE 0.7, shift 3 on FLUX's shifted
+        # linspace schedule, G = 12, w = 4, stride 1 every 25 iterations, roll back.
+        # Optimizer steps: per rank train_batch_size 1 prompt x num_generations 12 = 12 samples per
+        # iteration, a step every gradient_accumulation_steps = 3 samples -> 12 / 3 = 4 (all MixGRPO scripts)
         "mixgrpo-paper": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
-                          "algo.window_stride": 1, "algo.shift_interval": 25, "algo.flash": False},
+                          "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
+                          "algo.window": 4, "algo.window_stride": 1, "algo.shift_interval": 25,
+                          "algo.flash": False, "train.optimizer_steps": 4},
         # MixGRPO-Flash: DPM-Solver++(2M) on the post-window schedule compressed to 0.4, shift every 20
         "mixgrpo-flash": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                          "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
-                          "algo.window_stride": 1, "algo.shift_interval": 20, "algo.flash": True,
-                          "algo.compress_ratio": 0.4},
+                          "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
+                          "algo.window": 4, "algo.window_stride": 1, "algo.shift_interval": 20,
+                          "algo.flash": True, "algo.compress_ratio": 0.4, "train.optimizer_steps": 4},
         # MixGRPO-Flash*: frozen window [0, 4), compression 0.2
         "mixgrpo-flash-frozen": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                                 "sampler.shift": 3.0, "algo.group_size": 12, "algo.window": 4,
-                                 "algo.window_stride": 0, "algo.flash": True, "algo.compress_ratio": 0.2},
-        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7
+                                 "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
+                                 "algo.window": 4, "algo.window_stride": 0, "algo.flash": True,
+                                 "algo.compress_ratio": 0.2, "train.optimizer_steps": 4},
+        # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7;
+        # MixGRPO's trainer takes 4 optimizer steps per iteration (12 samples, GA 3, as above)
         "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
-                           "sampler.sde": "flow_grpo"},
+                           "sampler.sde": "flow_grpo", "train.optimizer_steps": 4},
     }
+    #: the released scripts decode the last sampled latent (``--drop_last_sample`` off)
+    FINAL_IMAGE: ClassVar[str] = "sample"
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "mixgrpo/window_start": "MixGRPO: first step of the SDE window",
+        "mixgrpo/window_size": "MixGRPO: SDE steps in the window this iteration (shrinks near the end)",
+        "mixgrpo/sampling_steps": "MixGRPO: denoising steps actually sampled (fewer with Flash's compressed schedule)",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        # the window ends before step T - 2 (MixGRPO's max_timesteps), so longer windows are clipped
+        "window": {"type": "int", "low": 1, "high": "sampler.steps - 2", "help": "SDE window size"},
+        "window_stride": {"type": "int", "low": 0, "high": 2, "help": "steps per window shift"},
+        "shift_interval": {"type": "int", "low": 5, "high": 50, "step": 5, "help": "iterations between shifts"},
+        "sample_strategy": ["progressive", "random"],
+        "group_size": {"type": "int", "low": 4, "high": 16, "step": 4},
+        "flash": [False, True],
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("window", "window_stride", "shift_interval")
 
     def __init__(self, config: MixGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
@@ -165,8 +205,6 @@ class MixGRPO:
         if config.flash and sampler.prediction != "flow":
             raise ValueError("algo.flash (DPM-Solver++ post-window steps) needs a flow-matching model; "
                              f"this model predicts {sampler.prediction!r}")
-        self._last_window: tuple[int, int] = self._window(0)
-        self._last_iteration = 0
 
     # ---- window ----
     def _max_end(self) -> int:
@@ -184,21 +222,30 @@ class MixGRPO:
             start = int(torch.randint(0, hi + 1, (1,), generator=generator(self.seed, iteration, "plan")))
         return start, min(start + c.window, max_end)
 
+    def _base_sigmas(self) -> torch.Tensor:
+        """The run's base schedule [T+1] (resolved by the runner; rebuilt from schedule/shift otherwise)."""
+        sp = self.sampler
+        if sp.sigmas is not None:
+            return torch.tensor(sp.sigmas, dtype=torch.float32)
+        return sde.flow_schedule(sp.schedule, sp.steps, sp.shift, {"shift": sp.shift}).sigmas
+
     def _flash_sigmas(self, last: int) -> tuple[float, ...]:
-        """MixGRPO-Flash schedule: the shifted schedule up to sigma index ``last`` + 1, then
-        ``num_post`` sigmas linspace(sigma_unshifted[last + 1], 0, num_post), time-shifted."""
+        """MixGRPO-Flash schedule (``run_sample_step`` with ``dpm_apply_strategy="post"``): the base
+        schedule up to sigma index ``last`` (the window's last step), then ``num_post`` sigmas
+        time_shift(linspace(u, 0, num_post)) with u the unshifted time of base sigma ``last`` + 1."""
         T, shift = self.sampler.steps, self.sampler.shift
-        base = torch.linspace(1.0, 0.0, T + 1, dtype=torch.float64)
-        full = sde.time_shift(base, shift)
+        full = self._base_sigmas()
+        if self.sampler.schedule == "linspace":  # the reference's own linspace(1, 0, T + 1)[last + 1]
+            u = float(torch.linspace(1.0, 0.0, T + 1, dtype=torch.float32)[last + 1])
+        else:
+            u = float(sde.inverse_time_shift(full[last + 1].double(), shift))
         num_post = max(int((T - last) * float(self.config.compress_ratio)), 2)
-        post = sde.time_shift(torch.linspace(float(base[last + 1]), 0.0, num_post, dtype=torch.float64),
-                              shift)
+        post = sde.time_shift(torch.linspace(u, 0.0, num_post, dtype=torch.float32), shift)
         return tuple(float(s) for s in torch.cat([full[:last + 1], post]))
 
     def plan(self, iteration: int) -> RolloutPlan:
         c, T = self.config, self.sampler.steps
         start, end = self._window(iteration)
-        self._last_window, self._last_iteration = (start, end), int(iteration)
         sigmas = None
         if c.flash:
             sigmas = self._flash_sigmas(end - 1)
@@ -210,6 +257,7 @@ class MixGRPO:
         return RolloutPlan(num_steps=n, modes=modes, branch=(1,) * n, trees_per_prompt=c.group_size,
                            shared_noise=c.shared_noise, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance, sigmas=sigmas,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
                            info={"mixgrpo/window_start": float(start),
                                  "mixgrpo/window_size": float(end - start),
                                  "mixgrpo/sampling_steps": float(n)})
@@ -222,19 +270,18 @@ class MixGRPO:
             return group_normalize(r, groups, unbiased=True, eps=self.config.std_eps)
 
         if self.config.multi_reward == "advantage_aggr":
-            if not rewards.components:
-                raise ValueError("algo.multi_reward=advantage_aggr needs a reward with named components "
-                                 "(e.g. --reward a=1.0,b=1.0)")
-            # one advantage per reward model: a weighted reward's parts are its top-level components;
-            # "<part>/<sub>" keys are a part's own diagnostics and must not get a vote of their own
-            parts = {k: v for k, v in rewards.components.items() if "/" not in k}
-            per = {k: norm(v) for k, v in parts.items()}
-            leaf = weighted_advantage_sum(per, {k: 1.0 for k in per})
+            if not rewards.weights:
+                raise ValueError("algo.multi_reward=advantage_aggr needs a weighted reward whose parts carry "
+                                 "weights (e.g. --reward hpsv2=1.0,pickscore=1.0)")
+            # one advantage per reward model (the weighted reward's parts; "<part>/<sub>" diagnostics carry
+            # no weight and get no vote), summed with the user's weights normalised to sum 1
+            per = {k: norm(rewards.components[k]) for k in rewards.weights}
+            leaf = weighted_advantage_sum(per, dict(rewards.weights))
         else:
             leaf = norm(rewards.scores)
         return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         # the window steps are the plan's only SDE (trainable) steps: train all of them, in step order,
         # chains in random order
@@ -247,13 +294,8 @@ class MixGRPO:
                           beta=self.config.beta)
 
     def state_dict(self) -> dict:
-        start, end = self._last_window
-        return {"config": asdict(self.config), "iteration": self._last_iteration, "window_start": start,
-                "window_end": end}
+        # the window is a pure function of the iteration (``plan`` keeps no state): nothing to restore
+        return {"config": asdict(self.config)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # the schedule is a pure function of the iteration; the saved position is restored for reporting
-        if "window_start" in state:
-            start = int(state["window_start"])
-            self._last_window = (start, int(state.get("window_end", start)))
-            self._last_iteration = int(state.get("iteration", 0))
+        pass

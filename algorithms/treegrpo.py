@@ -1,7 +1,9 @@
 """TreeGRPO: tree-structured rollouts with shared prefixes and per-edge advantages.
 
-Ding & Ye, "TreeGRPO", arXiv 2512.08153 (ICLR 2026); the authors' released code (``train.py``,
-``pipelines_with_logprob/stablediffusion3.py``); ALGORITHMS.md §4 and §12.
+Ding & Ye, "TreeGRPO: Tree-Advantage GRPO for Online RL Post-Training of Diffusion Models", arXiv
+2512.08153 (ICLR 2026); the authors' released code (``train.py``: ``RLTrainer.sample``,
+``update_advantages``, ``train``, ``treegrpo_update``; ``pipelines_with_logprob/stablediffusion3.py``;
+``schedulers_with_logprob/flow_match_euler_discrete.py::flow_match_euler_discrete_step_with_logprob``).
 
 Implementation details:
 - Sampling (``plan``): every tree starts from one root noise (shared by all its leaves by
@@ -10,7 +12,12 @@ Implementation details:
   the window by default, ``branch_at``) are SDE steps with ``k`` children each, all drawn around the
   mean of ONE denoiser evaluation (the engine expands a node's output k times before the step);
   remaining window steps are single-child SDE steps; every step outside the window is a
-  deterministic ODE (Euler) step. A tree has k^d leaves.
+  deterministic ODE (Euler) step. A tree has k^d leaves. The SDE step std is clamped to
+  [e^log_std_min, e^log_std_max] = [e^-5, e^2] (the released step function's ``log_std_min=-5,
+  log_std_max=2``, applied to std_dev_t sqrt(-dt) for sampling and log-probs); the lower bound acts
+  only near sigma = 0, e.g. the SD3 schedule's last sigma 0.0089 at T = 10.
+- Final image (``sampler.final_image``, default "sample"): the released pipeline decodes the leaves'
+  latents after the last (ODE) step, which equal the last evaluation's x0-prediction.
 - Window (``_window_start``): "random" (paper: a random consecutive window per iteration, drawn from
   ``bench.seeding.generator(seed, iteration, "plan")``) by default; "progressive" (released code:
   starts at step 0 and moves by ``window_stride`` every ``shift_interval`` = 50 iterations) as an
@@ -20,9 +27,13 @@ Implementation details:
   (r - mean) / (std + 1e-8) with the *population* std (``update_advantages``); edge advantages by
   ``algorithms.common.tree_backup``: A(u -> c) = V(c), V(leaf) = leaf advantage, V(u) = weighted mean
   of its children's edge advantages, single-child (ODE or non-branching) links pass values through.
-  Weights: ``softmax_logprob`` (softmax of the children's sampling-time edge log-probs, the paper's
-  "weighted by branch probability" reading, treebench's default per ALGORITHMS.md §12) or ``uniform``
-  (released code: plain mean).
+  Weights: ``uniform`` (default: the released ``update_advantages`` returns the plain mean of the
+  children's advantages) or ``softmax_logprob`` (softmax of the children's sampling-time edge
+  log-probs, one reading of the paper's "weighted by the branch's generation probability"; the paper's
+  exact formula is not given in the text available to us, so this is an interpretation, used by the
+  ``treegrpo-paper`` preset). The log-probs are per-dimension means, so on SD3.5-size latents the two
+  agree to about 3 decimals; on small latents they do not (``treegrpo/softmax_weight_max`` logs the
+  mean largest sibling weight, 1/k = uniform).
 - Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clipped surrogate on every SDE edge of
   the window, parents in random order; all k children of a parent get their new log-probs from ONE
   denoiser evaluation (``engine.logp`` evaluates each distinct parent once), so an update costs
@@ -30,9 +41,10 @@ Implementation details:
   window = d. Advantages clamped to +-5, clip range 1e-4. ``loss_agg = "sum"`` (code default) sums
   the children's terms of a parent and averages over parents; "mean" averages over edges. No KL by
   default (``beta``).
-- Not reproduced: the released code's gradient-accumulation override (about 2 optimizer steps per
-  iteration; the ``treegrpo-code`` preset sets ``train.optimizer_steps = 2`` instead) and its
-  batch-size-1 loops (treebench batches whole tree levels).
+- Optimizer steps: ``train()`` sets gradient accumulation to max(1, total_samples // 2) over its
+  (k^d - 1)/(k - 1) parent nodes, i.e. about 2 optimizer steps per iteration (leftover micro-batches
+  spill into the next iteration there); both presets set ``train.optimizer_steps = 2``.
+- Not reproduced: the batch-size-1 loops (treebench batches whole tree levels).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch
+from torch.optim import Optimizer
 
 from algorithms.common import (
     WEIGHTINGS,
@@ -50,6 +63,8 @@ from algorithms.common import (
     progressive_window_start,
     tree_backup,
 )
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.seeding import generator
 from bench.types import (
     Advantages,
@@ -85,8 +100,10 @@ class TreeGRPOConfig:
     branch_at:        which d steps of the window branch: "first" or "last"; default "first"
     trees_per_prompt: independent root noises (trees) per prompt [count]; default 1 (code
                       ``sample.num_trees``)
-    weighting:        edge-advantage weights in the backup: "softmax_logprob" (paper reading) or
-                      "uniform" (released code); default "softmax_logprob" (ALGORITHMS.md §12)
+    weighting:        edge-advantage weights in the backup: "uniform" (released code) or
+                      "softmax_logprob" (a reading of the paper); default "uniform"
+    log_std_min, log_std_max: the SDE step std is clamped to [e^min, e^max]; default -5, 2 (released
+                      step function); null disables the clamp
     loss_agg:         "sum" over a parent's children, mean over parents (code ``tree.loss_agg``), or
                       "mean" over all edges; default "sum"
     clip_range:       PPO epsilon [ratio]; default 1e-4 (code ``clip_range``)
@@ -104,7 +121,9 @@ class TreeGRPOConfig:
     roll_back: bool = False
     branch_at: str = "first"
     trees_per_prompt: int = 1
-    weighting: str = "softmax_logprob"
+    weighting: str = "uniform"
+    log_std_min: float | None = -5.0
+    log_std_max: float | None = 2.0
     loss_agg: str = "sum"
     clip_range: float = 1e-4
     adv_clip_max: float = 5.0
@@ -139,6 +158,10 @@ class TreeGRPOConfig:
                              "or algo.trees_per_prompt")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"algo.weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if (self.log_std_min is None) != (self.log_std_max is None):
+            raise ValueError("algo.log_std_min and algo.log_std_max must both be numbers or both null")
+        if self.log_std_min is not None and not float(self.log_std_min) <= float(self.log_std_max):
+            raise ValueError(f"algo.log_std_min={self.log_std_min} > algo.log_std_max={self.log_std_max}")
         if self.loss_agg not in LOSS_AGG:
             raise ValueError(f"algo.loss_agg must be one of {', '.join(LOSS_AGG)}, got {self.loss_agg!r}")
         check_ppo_settings(self)
@@ -147,19 +170,48 @@ class TreeGRPOConfig:
 class TreeGRPO:
     name: ClassVar[str] = "treegrpo"
     Config: ClassVar[type] = TreeGRPOConfig
+    #: the released pipeline decodes the leaves' latents (the last step is an ODE step)
+    FINAL_IMAGE: ClassVar[str] = "sample"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # the paper's setting (SD3.5-medium, 512^2): T = 10, CFG 4.5, noise 0.7, best shape k = 3, d = 3
+        # the paper's setting (SD3.5-medium, 512^2): T = 10, CFG 4.5, noise 0.7, best shape k = 3, d = 3,
+        # probability-weighted backup (softmax of the branch log-probs: our reading of the paper's text,
+        # the exact formula is not available; the released code averages uniformly).
+        # Optimizer steps: train() sets GA = total_samples // 2 = 13 // 2 = 6 over the 13 parent nodes
+        # of a k = 3, d = 3 tree -> 2 steps per iteration (the 13th node's gradient spills over)
         "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                            "sampler.sde": "flow_grpo", "algo.k": 3, "algo.d": 3, "algo.window_mode": "random",
-                           "algo.weighting": "softmax_logprob"},
+                           "algo.weighting": "softmax_logprob", "train.optimizer_steps": 2},
         # the released code's configs/base.yaml: k = 2, window = d = 4 from step 0, sliding by 1 every 50
-        # iterations, uniform weights, summed children loss, ~2 optimizer steps per iteration
+        # iterations, uniform weights, summed children loss; GA = 15 // 2 = 7 over 15 parents -> 2 steps
         "treegrpo-code": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                           "sampler.sde": "flow_grpo", "algo.k": 2, "algo.d": 4, "algo.window": 4,
                           "algo.window_mode": "progressive", "algo.window_stride": 1,
                           "algo.shift_interval": 50, "algo.weighting": "uniform", "algo.loss_agg": "sum",
                           "train.optimizer_steps": 2},
     }
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "treegrpo/window_start": "TreeGRPO: first step of the SDE window",
+        "treegrpo/window": "TreeGRPO: SDE window length",
+        "treegrpo/branch_start": "TreeGRPO: first branching step",
+        "treegrpo/leaves": "TreeGRPO: leaves (images) per tree, k^d",
+        "treegrpo/edge_adv_abs_mean": "TreeGRPO: mean |edge advantage| over trained edges",
+        "treegrpo/softmax_weight_max": "TreeGRPO: largest softmax_logprob sibling weight (1/k = uniform)",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "k": {"type": "int", "low": 2, "high": 4, "help": "branching factor"},
+        "d": {"type": "int", "low": 1, "high": 3, "help": "branching depth"},
+        # the window holds the d branching steps, so it is constrained to [d, T] (not pruned)
+        "window": {"type": "int", "low": "d", "high": "sampler.steps", "help": "SDE window length"},
+        "weighting": ["softmax_logprob", "uniform"],
+        "window_mode": ["random", "progressive"],
+        "branch_at": ["first", "last"],
+        "trees_per_prompt": {"type": "int", "low": 1, "high": 3},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("k", "d", "window")
 
     def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
@@ -196,6 +248,9 @@ class TreeGRPO:
         return RolloutPlan(num_steps=T, modes=modes, branch=branch, trees_per_prompt=c.trees_per_prompt,
                            shared_noise=False, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           log_std_range=(None if c.log_std_min is None
+                                          else (float(c.log_std_min), float(c.log_std_max))),
                            info={"treegrpo/window_start": float(s0), "treegrpo/window": float(W),
                                  "treegrpo/branch_start": float(b0), "treegrpo/leaves": float(c.k ** c.d)})
 
@@ -210,7 +265,7 @@ class TreeGRPO:
                    "treegrpo/softmax_weight_max": _mean_max_sibling_weight(rollout)}
         return Advantages(edge=edge, leaf=leaf, metrics=metrics)
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = torch.nonzero(rollout.trainable).flatten()
         # random edge order = random parent order (ppo_update keeps a parent's children together and

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 FORMS = ("24h", "90m", "45s", "1.5h", "5000samples", "2e6nfe", "300it", "2h,5000samples")
 _UNIT = {
@@ -26,6 +26,9 @@ _TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$
 
 STOP_REASONS = {"seconds": "budget_seconds", "samples": "budget_samples", "nfe": "budget_nfe",
                 "iterations": "budget_iterations"}
+#: clocks a seconds budget can count: "wall" (measured training seconds) or "modeled" (the modeled
+#: seconds of the run's cost profile, ``run.clock``; docs/COST.md)
+CLOCKS = ("wall", "modeled")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Totals:
     samples: int = 0
     nfe: int = 0
     iterations: int = 0
+    modeled_seconds: float = 0.0   # cumulative modeled training seconds (0 without a cost profile)
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,10 @@ class Budget:
     samples: int | None = None
     nfe: float | None = None
     iterations: int | None = None
+    clock: str = "wall"
 
     @classmethod
-    def parse(cls, spec: str) -> "Budget":
+    def parse(cls, spec: str, clock: str = "wall") -> "Budget":
         if not isinstance(spec, str) or not spec.strip():
             raise UsageError(f"empty budget. Valid forms: {', '.join(FORMS)}")
         limits: dict[str, float] = {}
@@ -66,7 +71,9 @@ class Budget:
                 raise UsageError(f"budget {spec!r} limits {key} twice; give each currency once. "
                                  f"Valid forms: {', '.join(FORMS)}")
             limits[key] = value
-        return cls(spec=spec.strip(), seconds=limits.get("seconds"),
+        if clock not in CLOCKS:
+            raise UsageError(f"unknown clock {clock!r}; valid: {', '.join(CLOCKS)}")
+        return cls(spec=spec.strip(), seconds=limits.get("seconds"), clock=clock,
                    samples=int(limits["samples"]) if "samples" in limits else None,
                    nfe=limits.get("nfe"),
                    iterations=int(limits["iterations"]) if "iterations" in limits else None)
@@ -75,16 +82,21 @@ class Budget:
         """The stop reason if any limit is reached, else None."""
         for key in ("iterations", "samples", "nfe", "seconds"):
             lim = getattr(self, key)
-            if lim is not None and getattr(t, key) >= lim:
-                return STOP_REASONS[key]
+            if lim is not None and self._used(t, key) >= lim:
+                return "budget_modeled_seconds" if key == "seconds" and self.clock == "modeled" else STOP_REASONS[key]
         return None
+
+    def _used(self, t: Totals, key: str) -> float:
+        if key == "seconds" and self.clock == "modeled":
+            return t.modeled_seconds
+        return getattr(t, key)
 
     def fraction(self, t: Totals) -> float:
         """Largest consumed fraction over the limits (progress bars, ETA)."""
-        fr = [getattr(t, k) / getattr(self, k) for k in ("iterations", "samples", "nfe", "seconds")
+        fr = [self._used(t, k) / getattr(self, k) for k in ("iterations", "samples", "nfe", "seconds")
               if getattr(self, k)]
         return min(1.0, max(fr)) if fr else 0.0
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "seconds": self.seconds, "samples": self.samples, "nfe": self.nfe,
-                "iterations": self.iterations}
+                "iterations": self.iterations, "clock": self.clock}

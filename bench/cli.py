@@ -7,11 +7,15 @@ import argparse
 import sys
 from typing import Sequence
 
-from bench.registry import ALGORITHMS, COMMANDS, MODELS, REWARDS, Entry, UsageError, did_you_mean, load_object
+from bench.errors import RunFailure, UsageError
+from bench.registry import ALGORITHMS, COMMANDS, MODELS, Entry, algorithms, did_you_mean, load_object, rewards
 
-#: (scale) subcommands implemented inside bench, dispatched like the registry's COMMANDS
+#: Subcommands implemented inside bench, dispatched like the registry's COMMANDS
 BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
-                                                          "merged/full denoiser weights")}
+                                                          "merged/full denoiser weights"),
+                  # (cost) docs/COST.md
+                  "plan": Entry("bench.plan:main", "Price one iteration with a measured cost profile (modeled "
+                                                   "seconds, batched vs reference trainers) without loading weights")}
 
 EPILOG = """examples:
   bench run --algo treegrpo --budget 10m            # embedded shapes world on CPU
@@ -28,9 +32,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)} (default treegrpo)")
-    p.add_argument("--reward", help="training reward: a name or a weighted spec 'hpsv2=1.0,clip_score=1.0' "
-                                    "(default: the model preset's)")
+    p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)}, an installed plug-in (bench list) or "
+                                  f"module:Class (docs/PLUGINS.md; default treegrpo)")
+    p.add_argument("--reward", help="training reward: a name, module:Class, or a weighted spec "
+                                    "'hpsv2=1.0,clip_score=1.0' (default: the model preset's)")
     p.add_argument("--eval-rewards", help="comma-separated held-out rewards (default: the model preset's)")
     p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
     p.add_argument("--model-path", help="local diffusers pipeline directory (overrides the preset's source)")
@@ -50,12 +55,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue a stopped or killed run from its newest valid checkpoint, with its own "
                         "configuration (only --budget may extend it; see docs/ERRORS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--clock", help="wall (default) or a cost profile (e.g. sd3.5-medium-h200): a seconds budget then "
+                                   "counts that profile's MODELED seconds, not wall-clock (docs/COST.md)")
 
 
 def flags_from_args(a: argparse.Namespace) -> dict:
     flags = {"algo.name": a.algo, "reward.name": a.reward, "model.name": a.model, "model.path": a.model_path,
              "budget": a.budget, "seed": a.seed, "out": a.out, "data.train_prompts": a.train_prompts,
-             "data.eval_prompts": a.eval_prompts, "model.device": a.device}
+             "data.eval_prompts": a.eval_prompts, "model.device": a.device, "run.clock": a.clock}
     if a.eval_rewards:
         flags["eval.rewards"] = [r.strip() for r in a.eval_rewards.split(",") if r.strip()]
     if a.overwrite:
@@ -69,9 +76,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     from bench import config
 
     if a.resume:
-        from bench import checkpoint
+        from bench import resume
 
-        cfg = checkpoint.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
+        cfg = resume.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
                                        flags=flags_from_args(a))
     else:
         cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
@@ -80,7 +87,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     try:
         summary = runner.run(cfg, resume=bool(a.resume))
-    except runner.RunFailure as e:
+    except RunFailure as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
     if summary.stop_reason == "interrupted":
@@ -95,12 +102,12 @@ def cmd_list(a: argparse.Namespace) -> int:
         for name, e in items.items():
             print(f"  {name:<{width}} {getattr(e, 'description', '')}")
 
-    section("algorithms", ALGORITHMS)
-    section("rewards", REWARDS)
+    section("algorithms", algorithms())
+    section("rewards", rewards())
     section("models", MODELS)
     if a.presets:
         print("presets (--preset):")
-        for name, e in ALGORITHMS.items():
+        for name, e in algorithms().items():
             try:
                 presets = getattr(load_object(e.target), "PRESETS", {}) or {}
             except NotImplementedError:
@@ -156,11 +163,6 @@ def _guard(fn) -> int:  # noqa: ANN001
     try:
         return fn()
     except UsageError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # a reward's own MissingWeightsError(ValueError) is a usage problem too
-        if not any(c.__name__ == "MissingWeightsError" for c in type(e).__mro__):
-            raise
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.budget import Budget
-from bench.registry import ALGORITHMS, UsageError, did_you_mean, load_object
+from bench.errors import UsageError
+from bench.registry import algorithms, did_you_mean, is_spec, load_object
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
 #: (the page headings; it prints the verdict). A string so that bench does not import reports.
@@ -61,7 +62,7 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
     p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
-    p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled_seconds", "seconds"),
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--allow-mixed-code", action="store_true",
                    help="put runs from different git commits or a dirty working tree on one axis anyway "
@@ -95,9 +96,10 @@ def parse_algos(text: str) -> list[str]:
     algos = [a.strip() for a in text.split(",") if a.strip()]
     if not algos:
         raise UsageError("--algos: give at least one algorithm, e.g. --algos ddpo,treegrpo")
+    known = algorithms()  # built-in and installed plug-ins (entry points); module:Class specs too
     for a in algos:
-        if a not in ALGORITHMS:
-            raise UsageError(did_you_mean(a, list(ALGORITHMS), "algorithm"))
+        if a not in known and not is_spec(a):
+            raise UsageError(did_you_mean(a, list(known), "algorithm"))
     if len(set(algos)) != len(algos):
         raise UsageError(f"--algos {text!r}: repeated algorithm")
     return algos

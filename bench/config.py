@@ -16,7 +16,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from bench.registry import UsageError, algorithm_class, did_you_mean, model_preset
+from bench.errors import AlgorithmSettingsError, UsageError
+from bench.registry import algorithm_class, did_you_mean, model_preset
 
 DEFAULTS: dict[str, Any] = {
     "algo": {"name": "treegrpo"},
@@ -42,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
         "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
         "sde": "flow_grpo",      # flow_grpo | dance (flow models)
         "shift": None,           # flow time shift
+        "schedule": "auto",      # auto | scheduler | linspace (flow models; auto = the model family's reference)
+        "final_image": None,     # sample | x0; None = the algorithm's reference behaviour
     },
     "train": {
         "prompts_per_iteration": 8,
@@ -77,6 +80,10 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
         "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
         "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)
+        # ---- cost model (docs/COST.md) ----
+        "cost_profile": None,     # shipped profile name or JSON file: log modeled seconds per iteration
+        "clock": "wall",          # wall | a profile: a seconds budget counts that profile's modeled seconds
+        "trace": False,           # write every expensive call of every iteration to trace.jsonl
     },
     "budget": "10m",
     "seed": 0,
@@ -245,6 +252,10 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
          f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
     need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(s["schedule"] in ("auto", "scheduler", "linspace"),
+         f"sampler.schedule must be auto, scheduler or linspace, got {s['schedule']!r}")
+    need(s["final_image"] in (None, "sample", "x0"),
+         f"sampler.final_image must be sample, x0 or null (the algorithm's default), got {s['final_image']!r}")
     need(isinstance(t["prompts_per_iteration"], int) and t["prompts_per_iteration"] >= 1,
          f"train.prompts_per_iteration must be an integer >= 1, got {t['prompts_per_iteration']!r}")
     need(isinstance(t["lr"], (int, float)) and t["lr"] >= 0, f"train.lr must be a number >= 0, got {t['lr']!r}")
@@ -285,13 +296,18 @@ def _validate(cfg: dict[str, Any]) -> None:
          and ru["keep_checkpoints"] >= 1,
          f"run.keep_checkpoints must be an integer >= 1, got {ru['keep_checkpoints']!r}")
     need(ru["on_nonfinite"] in ("stop", "skip"), f"run.on_nonfinite must be stop or skip, got {ru['on_nonfinite']!r}")
+    need(ru["cost_profile"] is None or isinstance(ru["cost_profile"], str),
+         f"run.cost_profile must be null, a shipped profile name or a JSON file, got {ru['cost_profile']!r}")
+    need(isinstance(ru["clock"], str) and ru["clock"] != "",
+         f"run.clock must be 'wall' or a cost profile (shipped name or JSON file), got {ru['clock']!r}")
+    need(isinstance(ru["trace"], bool), f"run.trace must be true or false, got {ru['trace']!r}")
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:
-    """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> UsageError)."""
+    """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> AlgorithmSettingsError)."""
     cls = algorithm_class(cfg["algo"]["name"])
     params = {k: v for k, v in cfg["algo"].items() if k != "name"}
     try:
         return cls.Config(**params)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
+        raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None

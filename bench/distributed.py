@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from bench.seeding import derive_seed
 from bench.types import Advantages, PromptBatch, RewardOutput, Rollout
 
@@ -215,13 +215,14 @@ def _structure(r: Rollout) -> dict[str, Any]:
 
 
 def _rewards_cpu(r: RewardOutput) -> RewardOutput:
-    return RewardOutput(r.scores.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in r.components.items()})
+    return RewardOutput(r.scores.detach().float().cpu(), {k: v.detach().float().cpu() for k, v in r.components.items()},
+                        dict(r.weights))
 
 
 def merge_rewards(parts: Sequence[RewardOutput]) -> RewardOutput:
     keys = parts[0].components.keys()
     return RewardOutput(torch.cat([p.scores for p in parts]),
-                        {k: torch.cat([p.components[k] for p in parts]) for k in keys})
+                        {k: torch.cat([p.components[k] for p in parts]) for k in keys}, dict(parts[0].weights))
 
 
 def merge_rollouts(parts: Sequence[dict[str, Any]], like: Rollout) -> tuple[Rollout, list[Tensor]]:
@@ -286,7 +287,8 @@ def split_rollout(rollout: Rollout, rewards: RewardOutput, world_size: int, rank
         trainable=rollout.trainable[ids], leaves=new_id[rollout.leaves[leaf_mask]],
         images=rollout.images[leaf_mask], sigmas=rollout.sigmas, timesteps=rollout.timesteps, nfe=rollout.nfe,
         plan=rollout.plan, iteration=rollout.iteration, conditioning=cond)
-    rew = RewardOutput(rewards.scores[leaf_mask], {k: v[leaf_mask] for k, v in rewards.components.items()})
+    rew = RewardOutput(rewards.scores[leaf_mask], {k: v[leaf_mask] for k, v in rewards.components.items()},
+                       dict(rewards.weights))
     return local, rew
 
 

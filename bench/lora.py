@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from bench.registry import UsageError
+from bench.errors import UsageError
+from bench.families import denoiser_kind
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -31,11 +32,7 @@ def _pipeline_saver(policy: Any) -> tuple[Any, str]:
     keyword of its LoRA layers."""
     import diffusers
 
-    if policy._is_unet:
-        return diffusers.StableDiffusionPipeline, "unet"
-    if policy.family == "flux":
-        return diffusers.FluxPipeline, "transformer"
-    return diffusers.StableDiffusion3Pipeline, "transformer"
+    return getattr(diffusers, policy.family_impl.lora_pipeline(policy.denoiser)), denoiser_kind(policy.denoiser)
 
 
 def save_lora(policy: Any, out_dir: str | Path) -> Path:
@@ -65,7 +62,7 @@ def save_merged(policy: Any, out_dir: str | Path) -> Path:
     if getattr(den, "_hf_peft_config_loaded", False):
         den.fuse_lora(lora_scale=1.0)
         den.unload_lora()
-    out = Path(out_dir) / ("unet" if policy._is_unet else "transformer")
+    out = Path(out_dir) / denoiser_kind(policy.denoiser)
     den.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -73,7 +70,8 @@ def save_merged(policy: Any, out_dir: str | Path) -> Path:
 def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu") -> Any:
     """Rebuild a run's policy (base model + adapter) and load its trained weights from a checkpoint."""
     from bench import checkpoint as ckpt_mod
-    from bench.runner import build_policy
+    from bench.models import build_policy
+    from bench.spec import ModelSpec
 
     run_dir = Path(run_dir)
     man = run_dir / "manifest.json"
@@ -92,7 +90,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
         ck = ckpt_mod.load(path)
     # the base model in float32 whatever the run's mixed precision: merges are exact, outputs comparable
     cfg["model"] = {**cfg["model"], "mixed_precision": "no", "compile": False, "gradient_checkpointing": False}
-    policy = build_policy(cfg, torch.device(device))
+    policy = build_policy(ModelSpec.from_config(cfg), torch.device(device))
     params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(ck.policy))
     if missing:

@@ -1,4 +1,6 @@
-"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``.
+"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``;
+``profile`` (measure a cost profile, bench/profiling.py) and ``validate-cost`` (modeled vs measured
+seconds per iteration, bench/validate_cost.py): docs/COST.md.
 
 ``engine``: the rollout engine's throughput as a ratio of the raw denoiser's forward throughput on the
 same model, micro-batch and number of evaluations, both measured in this run (best of ``--repeats``),
@@ -7,7 +9,7 @@ ratio = (engine evaluations / s) / (raw evaluations / s); 1.0 means the engine a
 beyond the denoiser calls (target >= 0.95). With ``--json`` the last line is one JSON object.
 
 ``paper-table``: the TreeGRPO paper's time-per-iteration comparison (SD3.5-medium, 512 px, T = 10,
-CFG 4.5, Flow-GRPO SDE noise 0.7, shift 3) for DanceGRPO (G = 12, trained fraction 0.6), MixGRPO
+CFG 4.5, Flow-GRPO SDE noise 0.7, the model scheduler's own sigmas: shift 3 on SD3.5) for DanceGRPO (G = 12, trained fraction 0.6), MixGRPO
 (G = 12, window 4) and TreeGRPO (k = 3, d = 3), each a real ``bench run`` on the same model preset,
 prompts per iteration and micro-batch: seconds per iteration and per phase (mean over the timed
 iterations after warm-up), peak device memory, NFE, and the ratios to DanceGRPO beside the paper's
@@ -27,19 +29,16 @@ from typing import Any
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from bench.timing import sync
 
 
 def _best_time(fn, repeats: int, device: torch.device) -> float:  # noqa: ANN001
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -72,15 +71,16 @@ def _paired_best(fns: dict, repeats: int, device: torch.device) -> dict[str, flo
 def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int = 64, repeats: int = 3,
                      device: str = "auto", guidance: float | None = None) -> dict[str, Any]:
     from bench import config
+    from bench.models import build_policy, resolve_device
     from bench.rollout import RolloutEngine
-    from bench.runner import build_policy, resolve_device
+    from bench.spec import RunSpec
     from bench.types import PromptBatch, RolloutPlan
 
-    cfg = config.resolve({}, flags={"algo.name": "grpo", "model.name": model})
+    spec = RunSpec.from_config(config.resolve({}, flags={"algo.name": "grpo", "model.name": model}))
     dev = resolve_device(device)
-    policy = build_policy(cfg, dev)
-    T = int(cfg["sampler"]["steps"])
-    g = float(cfg["sampler"]["guidance"] if guidance is None else guidance)
+    policy = build_policy(spec.model, dev)
+    T = spec.sampler.steps
+    g = spec.sampler.guidance if guidance is None else float(guidance)
     batch = PromptBatch(tuple(f"a small blue square on the top {i}" for i in range(prompts)))
     k, d, s0 = 3, 3, 2
     modes, branch = ["ode"] * T, [1] * T
@@ -93,9 +93,8 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     out: dict[str, Any] = {"model": model, "device": str(dev), "steps": T, "guidance": g, "prompts": prompts,
                            "micro_batch_rows": micro_batch, "torch_threads": torch.get_num_threads()}
     for name, plan in plans.items():
-        engine = RolloutEngine(policy, max_micro_batch=micro_batch, seed=0, shift=float(cfg["sampler"]["shift"]))
-        engine.run(plan, batch, 0)  # warm-up
-        nfe = engine.nfe_rollout
+        engine = RolloutEngine(policy, max_micro_batch=micro_batch, seed=0, shift=spec.sampler.shift)
+        nfe = engine.run(plan, batch, 0).nfe  # warm-up
         calls = -(-nfe // micro_batch)
         raw = _raw_forward(policy, micro_batch, calls)
         raw()  # warm-up
@@ -108,11 +107,12 @@ def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int 
     return out
 
 
-#: the TreeGRPO paper's time per iteration (s/iter, 8 GPUs, SD3.5-medium; ALGORITHMS.md §7.1)
+#: the TreeGRPO paper's time per iteration (s/iter, 8 GPUs, SD3.5-medium; TreeGRPO arXiv 2512.08153, its
+#: efficiency comparison table)
 PAPER_S_PER_ITER = {"dancegrpo": 184.0, "mixgrpo": 145.4, "treegrpo": 72.0}
 #: the paper's comparison setting, shared by the three algorithms
-PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
-                 "sampler.shift": 3.0}
+#: (the shift is the model preset's: SD3.5's scheduler config has shift 3, which sampler.schedule=scheduler uses)
+PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo"}
 PAPER_ALGOS: dict[str, dict[str, Any]] = {
     "dancegrpo": {"algo.group_size": 12, "algo.timestep_fraction": 0.6},
     "mixgrpo": {"algo.group_size": 12, "algo.window": 4},
@@ -156,7 +156,7 @@ def paper_table(model: str = "sd3.5-medium-random", prompts: int = 2, iterations
                 algo_overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time per iteration of the paper's three algorithms under one setting (see the module docstring).
     ``overrides`` apply to every algorithm, ``algo_overrides[name]`` to one (tests shrink groups with it)."""
-    from bench.runner import resolve_device
+    from bench.models import resolve_device
     from bench.runlog import device_info
 
     dev = resolve_device(device)
@@ -226,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every algorithm (e.g. model.lora_rank=0)")
     t.add_argument("--out", default="paper_table.json", help="JSON output (default paper_table.json)")
+    from bench import profiling, validate_cost  # (cost) docs/COST.md
+
+    profiling.add_profile_parser(sub)
+    validate_cost.add_parser(sub)
     a = p.parse_args(argv)
+    if a.what == "profile":
+        return profiling.profile_main(a)
+    if a.what == "validate-cost":
+        return validate_cost.main(a)
     if a.what == "paper-table":
         from bench.config import parse_sets
 

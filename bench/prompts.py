@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench.registry import UsageError, suggestions
+from bench.errors import UsageError
+from bench.registry import suggestions
 from bench.seeding import generator
 from bench.types import PromptBatch
 

@@ -9,7 +9,7 @@ Algorithm lifecycle (driven only by ``bench.runner.run``)::
         rollout = engine.run(plan, batch, iteration)            # runner -> engine, no gradients
         rewards = reward(rollout.images, prompts, meta)         # runner -> reward
         adv = algo.advantages(batch, rollout, rewards)          # Advantages per edge
-        stats = algo.update(policy, engine, optimizer, batch, rollout, adv)   # UpdateStats
+        stats = algo.update(policy, engine, optimizer, rollout, adv)  # UpdateStats (with its NFE)
     algo.state_dict()                                           # checkpoints
 
 Rules: an algorithm never reads a clock, the budget or the reward model and never writes logs;
@@ -18,8 +18,14 @@ returns a value and stashes nothing on another stage. ``update`` may call ``engi
 way to get log-probs with gradients), ``optimizer.zero_grad/step`` and
 ``torch.nn.utils.clip_grad_norm_`` on ``policy.trainable_parameters()``.
 
-Reward lifecycle: constructed lazily by the registry (``load_reward``); heavy weights load on the
-first call, never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores.
+Each algorithm class also declares what the core and sweeps read through the registry: ``log_keys``
+(the keys it adds to iterations.jsonl, with their meaning), ``search_space`` (its sweepable settings, in
+the space-file format of docs/SWEEPS.md) and ``search_default`` (the ones swept when ``--space`` is not
+given).
+
+Reward lifecycle: constructed by ``bench.scoring.build_reward`` from a registry name, an entry point or
+a ``module:Class`` spec, as ``RewardClass(device=..., **options)``; heavy weights load on the first call,
+never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
+from torch.optim import Optimizer
 
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
 from bench.types import Advantages, PromptBatch, RewardOutput, Rollout, RolloutPlan, UpdateStats
 
 
@@ -37,6 +46,9 @@ class Algorithm(Protocol):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    log_keys: ClassVar[dict[str, str]]
+    search_space: ClassVar[dict[str, Any]]
+    search_default: ClassVar[tuple[str, ...]]
 
     def plan(self, iteration: int) -> RolloutPlan:
         """What to sample this iteration (modes per step, branching, group size, noise)."""
@@ -46,9 +58,9 @@ class Algorithm(Protocol):
         """Per-edge advantages from the leaves' rewards."""
         ...
 
-    def update(self, policy: Any, engine: Any, optimizer: Any, batch: PromptBatch, rollout: Rollout,
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
-        """One policy update on this iteration's rollout."""
+        """One policy update on this iteration's rollout; ``UpdateStats.nfe`` = the forward passes it spent."""
         ...
 
     def state_dict(self) -> dict:

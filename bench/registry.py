@@ -3,6 +3,11 @@
 ``bench`` never imports ``algorithms``, ``rewards``, ``sweeps`` or ``reports`` directly: it names them
 here and imports them on first use, so ``bench --help`` and ``bench list`` stay fast and the layering
 test can check the import graph. Unknown names raise ``UsageError`` with a did-you-mean.
+
+Outside packages add algorithms and rewards without editing treebench (docs/PLUGINS.md): a
+``module:Class`` spec wherever a name is accepted (``--algo mypkg.algo:MyAlgo``), or an entry point in
+the groups ``treebench.algorithms`` / ``treebench.rewards`` of an installed package, which adds the
+name to ``bench list``. A built-in name wins over an entry point of the same name.
 """
 
 from __future__ import annotations
@@ -10,12 +15,10 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
-
-class UsageError(ValueError):
-    """A user mistake (unknown name, bad value, contradictory options): the CLI prints the message
-    and exits with status 2."""
+from bench.errors import UsageError
 
 
 def suggestions(name: str, valid: list[str] | tuple[str, ...] | Any) -> str:
@@ -83,7 +86,8 @@ class ModelPreset:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-# Sampling/training defaults of the real models, from the papers (ALGORITHMS.md §4.1, §3.1, §1):
+# Sampling/training defaults of the real models, from the papers' experimental settings (TreeGRPO arXiv
+# 2512.08153 and Flow-GRPO arXiv 2505.05470; MixGRPO arXiv 2507.21802; DDPO arXiv 2305.13301):
 # SD3.5: TreeGRPO / Flow-GRPO (512 px, T=10, CFG 4.5, noise 0.7, scheduler shift 3, LoRA r32/alpha 64, lr 3e-4);
 # FLUX.1-dev: MixGRPO (720 px, T=25, shift 3, distilled guidance 3.5 -> no CFG); SD1.5: DDPO (DDIM eta 1,
 # T=50, CFG 5, LoRA r4, lr 3e-4). All bf16 autocast.
@@ -138,7 +142,7 @@ MODELS: dict[str, ModelPreset] = {
                                      {**_FLUX, **_RANDOM_REWARDS}),
     "sd1.5-random": ModelPreset("random:sd1.5-random", "SD1.5 architecture (UNet + DDIM), random weights",
                                 {**_SD15, **_RANDOM_REWARDS}),
-    # the same classes and code paths shrunk to CPU size (bench.policy.REDUCED, 32 px): smoke tests
+    # the same classes and code paths shrunk to CPU size (bench.random_models.REDUCED, 32 px): smoke tests
     "sd3.5-medium-random-reduced": ModelPreset("random:sd3.5-medium-random:reduced",
                                                "SD3.5 pipeline classes at tiny sizes (32 px), random weights: CPU "
                                                "smoke of the real-model path",
@@ -150,9 +154,6 @@ MODELS: dict[str, ModelPreset] = {
                                         "SD1.5 pipeline classes at tiny sizes (32 px), random weights",
                                         {**_SD15, **_RANDOM_REWARDS, "model.resolution": 32}),
 }
-
-#: Algorithm presets reproducing the papers' settings (``--preset NAME``): dotted overrides.
-PRESETS: dict[str, dict[str, Any]] = {}
 
 #: Subcommands implemented outside ``bench`` (``bench NAME ...`` -> ``module.main(argv) -> int``).
 COMMANDS: dict[str, Entry] = {
@@ -177,16 +178,77 @@ def load_object(target: str) -> Any:
         raise NotImplementedError(f"{module} has no {attr!r} (registered as {target})") from e
 
 
+#: entry-point groups through which installed packages add names
+ENTRY_POINT_GROUPS = {"algorithm": "treebench.algorithms", "reward": "treebench.rewards"}
+
+
+def _plugins(kind: str, builtin: dict[str, Entry]) -> dict[str, Entry]:
+    """Names added by installed packages' entry points (read from package metadata: nothing is imported)."""
+    out = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUPS[kind]):
+        if ep.name in builtin or ep.name in out:
+            continue
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+        out[ep.name] = Entry(ep.value, f"plug-in from {dist} ({ep.value})")
+    return out
+
+
+def algorithms() -> dict[str, Entry]:
+    """Built-in algorithms, then those of installed plug-in packages."""
+    return {**ALGORITHMS, **_plugins("algorithm", ALGORITHMS)}
+
+
+def rewards() -> dict[str, Entry]:
+    """Built-in rewards, then those of installed plug-in packages."""
+    return {**REWARDS, **_plugins("reward", REWARDS)}
+
+
+def is_spec(name: str) -> bool:
+    """``module:Class`` names an object directly (an algorithm or reward outside any registry)."""
+    return ":" in name and "=" not in name and "," not in name
+
+
+def load_spec(spec: str, what: str) -> Any:
+    """The object named by ``module:attribute``, with usage errors that say what failed."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise UsageError(f"{what} {spec!r}: expected module:Class, e.g. mypkg.algo:MyAlgo")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise UsageError(f"{what} {spec!r}: no module {module!r} (is its package installed, or on "
+                             f"PYTHONPATH?)") from None
+        raise
+    if not hasattr(mod, attr):
+        raise UsageError(f"{what} {spec!r}: module {module!r} has no attribute {attr!r}")
+    return getattr(mod, attr)
+
+
+def _lookup(name: str, table: dict[str, Entry], what: str) -> Any:
+    if is_spec(name):
+        return load_spec(name, what)
+    if name not in table:
+        raise UsageError(did_you_mean(name, table, what))
+    return load_object(table[name].target)
+
+
 def algorithm_class(name: str) -> Any:
-    if name not in ALGORITHMS:
-        raise UsageError(did_you_mean(name, ALGORITHMS, "algorithm"))
-    return load_object(ALGORITHMS[name].target)
+    """A registered name (built-in or entry point) or a ``module:Class`` spec."""
+    return _lookup(name, algorithms(), "algorithm")
 
 
 def reward_class(name: str) -> Any:
-    if name not in REWARDS:
-        raise UsageError(did_you_mean(name, REWARDS, "reward"))
-    return load_object(REWARDS[name].target)
+    """A registered name (built-in or entry point) or a ``module:Class`` spec."""
+    return _lookup(name, rewards(), "reward")
+
+
+def algorithm_log_keys() -> dict[str, str]:
+    """Every registered algorithm's ``log_keys`` (its iteration-record keys and their meaning)."""
+    out: dict[str, str] = {}
+    for name in algorithms():
+        out.update(getattr(algorithm_class(name), "log_keys", {}))
+    return out
 
 
 def model_preset(name: str) -> ModelPreset:

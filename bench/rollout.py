@@ -24,6 +24,7 @@ from torch import Tensor
 from bench import sde
 from bench.policy import Conditioning, Policy
 from bench.seeding import generator
+from bench.trace import CallRecorder
 from bench.types import PromptBatch, Rollout, RolloutPlan
 
 
@@ -31,11 +32,12 @@ from bench.types import PromptBatch, Rollout, RolloutPlan
 class EdgeEval:
     """Recomputed statistics of M edges parent(n) -> n.
 
-    log_prob [M] (with gradients), mean [M, C, h, w], std [M]."""
+    log_prob [M] (with gradients), mean [M, C, h, w], std [M]; nfe: denoiser forward passes spent."""
 
     log_prob: Tensor
     mean: Tensor
     std: Tensor
+    nfe: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,24 +50,36 @@ class Schedule:
 
 
 class RolloutEngine:
-    def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0):
+    def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0,
+                 schedule: str = "scheduler"):
+        """``schedule`` (flow models): "scheduler" = the policy's own scheduler config's
+        ``set_timesteps`` sigmas; "linspace" = the FLUX trainers' shifted linspace with ``shift`` and
+        quantised timesteps (``bench.sde.FLOW_SCHEDULES``)."""
         if max_micro_batch < 1:
             raise ValueError("max_micro_batch must be >= 1")
+        if schedule not in sde.FLOW_SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(sde.FLOW_SCHEDULES)}")
         self.policy = policy
         self.max_micro_batch = int(max_micro_batch)
         self.seed = int(seed)
         self.shift = float(shift)
+        self.schedule_kind = schedule
         self.nfe_rollout = 0
         self.nfe_update = 0
         self.nfe_eval = 0
+        #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
+        self.recorder = CallRecorder()
 
     # ---- schedules -----------------------------------------------------------------------------
     def schedule(self, plan: RolloutPlan) -> Schedule:
         T = plan.num_steps
         if self.policy.prediction == "flow":
-            levels = (torch.tensor(plan.sigmas, dtype=torch.float32) if plan.sigmas is not None
-                      else sde.flow_sigmas(T, self.shift))
-            return Schedule(levels, self.policy.timestep_values(levels[:T]))
+            n_train = int(getattr(self.policy.scheduler.config, "num_train_timesteps", 1000))
+            if plan.sigmas is not None:
+                levels = torch.tensor(plan.sigmas, dtype=torch.float32)
+                return Schedule(levels, sde.schedule_timesteps(self.schedule_kind, levels[:T], n_train))
+            fs = sde.flow_schedule(self.schedule_kind, T, self.shift, dict(self.policy.scheduler.config), n_train)
+            return Schedule(fs.sigmas, fs.timesteps)
         if plan.sigmas is not None:
             raise ValueError("explicit sigma schedules are only supported for flow models")
         if any(m == "dpm2" for m in plan.modes):
@@ -75,9 +89,12 @@ class RolloutEngine:
 
     # ---- denoiser evaluation -------------------------------------------------------------------
     def _evaluate(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                  guidance: float) -> tuple[Tensor, int]:
+                  guidance: float, phase: str = "rollout", role: str = "policy") -> tuple[Tensor, int]:
         """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
         B = x.shape[0]
+        per = 2 if guidance > 1.0 else 1  # rows per evaluated latent (cond + uncond with CFG)
+        self.recorder.denoiser(per * B, phase=phase, grad=torch.is_grad_enabled(), role=role, per_eval=per,
+                               checkpointing=self.policy.options.gradient_checkpointing)
         if guidance > 1.0:
             empty = self.policy.empty_conditioning()
             c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])
@@ -88,11 +105,12 @@ class RolloutEngine:
 
     @torch.no_grad()
     def _evaluate_chunked(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                          guidance: float) -> tuple[Tensor, int]:
+                          guidance: float, phase: str = "rollout") -> tuple[Tensor, int]:
         rows = max(1, self.max_micro_batch // (2 if guidance > 1.0 else 1))
         outs, nfe = [], 0
         for s in range(0, x.shape[0], rows):
-            o, n = self._evaluate(x[s:s + rows], timesteps[s:s + rows], prompt_idx[s:s + rows], cond, guidance)
+            o, n = self._evaluate(x[s:s + rows], timesteps[s:s + rows], prompt_idx[s:s + rows], cond, guidance,
+                                  phase)
             outs.append(o)
             nfe += n
         return torch.cat(outs), nfe
@@ -107,8 +125,10 @@ class RolloutEngine:
         if mode == "ode":
             return sde.flow_ode_step(out, x, a, b)
         if mode == "sde":
-            fn = sde.flow_sde_step if plan.sde_type == "flow_grpo" else sde.dance_sde_step
-            return fn(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
+            if plan.sde_type == "flow_grpo":
+                return sde.flow_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen,
+                                         log_std_range=plan.log_std_range)
+            return sde.dance_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
         raise ValueError(f"mode {mode!r} has no single-step rule")
 
     # ---- rollout -------------------------------------------------------------------------------
@@ -123,6 +143,9 @@ class RolloutEngine:
         dev = pol.device
         T, G, P = plan.num_steps, plan.trees_per_prompt, len(batch)
         sched = self.schedule(plan)
+        phase = "eval" if stage == "eval" else "rollout"
+        if conditioning is None:
+            self.recorder.record("text_encode", P, phase, "text_encoder")
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
         gen = generator(self.seed if seed is None else int(seed), iteration, stage)
         shape = pol.latent_shape
@@ -140,12 +163,13 @@ class RolloutEngine:
         front_ids = torch.arange(n0)
         front_prompt, front_tree = prompt[0], tree[0]
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
+        new_x0: Tensor | None = None
         next_id = n0
         nfe = 0
         for i in range(T):
             F = x.shape[0]
             mode, k = plan.modes[i], plan.branch[i]
-            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance)
+            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance, phase)
             nfe += n
             lvl = torch.full((F,), i, dtype=torch.long)
             if mode == "dpm2":
@@ -158,7 +182,9 @@ class RolloutEngine:
                     out, x, lvl = (out.repeat_interleave(k, 0), x.repeat_interleave(k, 0),
                                    lvl.repeat_interleave(k))
                 st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
-                new_x0 = (x - sched.levels[i].to(dev) * out) if pol.prediction == "flow" else None
+                lv = sched.levels[i].to(dev)
+                new_x0 = ((x - lv * out) if pol.prediction == "flow"
+                          else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv))  # DDIM x0_hat
             x = st.prev_sample
             F2 = x.shape[0]
             ids = torch.arange(next_id, next_id + F2)
@@ -177,8 +203,9 @@ class RolloutEngine:
             front_ids = ids
 
         leaves = front_ids
-        images = torch.cat([pol.decode(x[s:s + self.max_micro_batch])
-                            for s in range(0, x.shape[0], self.max_micro_batch)]).float().cpu()
+        # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
+        # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
+        images = self._decode(new_x0 if plan.final_image == "x0" else x, phase)
         if stage == "eval":
             self.nfe_eval += nfe
         else:
@@ -188,6 +215,16 @@ class RolloutEngine:
                        logp_old=torch.cat(logp), trainable=torch.cat(train), leaves=leaves, images=images,
                        sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe, plan=plan,
                        iteration=iteration, conditioning=cond)
+
+    def _decode(self, x: Tensor, phase: str) -> Tensor:
+        """Images [L, 3, H, W] of latents x [L, ...], decoded in chunks of at most max_micro_batch."""
+        parts = []
+        for s in range(0, x.shape[0], self.max_micro_batch):
+            chunk = x[s:s + self.max_micro_batch]
+            if self.policy.vae is not None:  # pixel-space models have no decoder to call
+                self.recorder.record("vae_decode", chunk.shape[0], phase, "vae")
+            parts.append(self.policy.decode(chunk))
+        return torch.cat(parts).float().cpu()
 
     # ---- log-probs with gradients --------------------------------------------------------------
     def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
@@ -215,11 +252,11 @@ class RolloutEngine:
         p_u = rollout.prompt[uniq]
         if reference:
             with torch.no_grad(), self.policy.reference():
-                out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+                out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update", "reference")
         else:
-            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance)
+            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update")
         self.nfe_update += n
         inv = inv.to(dev)
         st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched,
                         prev_sample=lat[nodes.to(lat.device)].to(dev))
-        return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std)
+        return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std, nfe=n)

@@ -1,4 +1,5 @@
-"""The run directory writer (format: docs/RUNDIR.md) and the glossary of every logged key."""
+"""The run directory (format: docs/RUNDIR.md): checked before anything is built, created, described by
+its manifest, then appended to by the run log. The glossary of logged keys is ``bench.records``."""
 
 from __future__ import annotations
 
@@ -6,88 +7,16 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bench.errors import UsageError
+
 SCHEMA_VERSION = 1
-
-#: Every key written to iterations.jsonl / evals.jsonl. Patterns: "<x>" stands for a name.
-METRICS: dict[str, str] = {
-    "iteration": "0-based iteration index (evals: completed training iterations at eval time)",
-    "samples": "images scored this iteration",
-    "samples_total": "cumulative images scored (budget currency 'samples')",
-    "nfe_rollout": "denoiser forward passes of this iteration's rollout (a CFG-guided evaluation counts 2)",
-    "nfe_update": "denoiser forward passes of this iteration's update (recomputed log-probs; backward not counted)",
-    "nfe_total": "cumulative rollout + update forward passes (budget currency 'nfe')",
-    "seconds_total": "cumulative training seconds: rollout + reward + advantage + update (budget currency 's')",
-    "t_rollout_s": "seconds in the rollout (sampling, decoding)",
-    "t_reward_s": "seconds scoring the images",
-    "t_advantage_s": "seconds computing advantages",
-    "t_update_s": "seconds in the policy update (forward + backward + optimizer)",
-    "t_iteration_s": "sum of the four phases",
-    "reward_mean": "mean training reward of this iteration's images",
-    "reward_std": "population std of the training reward",
-    "reward_min": "min training reward",
-    "reward_max": "max training reward",
-    "reward/<component>": "mean of a reward component (weighted parts, per-attribute checks)",
-    "loss": "mean PPO loss over trained edge terms",
-    "approx_kl": "0.5 * mean((logp_new - logp_old)^2) over trained edges",
-    "clip_frac": "fraction of trained edges whose ratio left [1 - clip, 1 + clip]",
-    "grad_norm": "gradient norm before clipping (last optimizer step)",
-    "first_ratio": "mean importance ratio of the first update micro-batch (should be 1)",
-    "kl": "mean KL to the frozen reference (0 when beta = 0)",
-    "lr": "learning rate",
-    "peak_mem_mb": "peak memory in MiB: CUDA max allocated, or the process's peak RSS on CPU",
-    "edges": "edge loss terms trained this iteration",
-    "optimizer_steps": "optimizer steps this iteration",
-    "micro_batches": "forward+backward micro-batches this iteration (gradient accumulation)",
-    "zero_spread_frac": "fraction of prompts whose images all got the same reward (no learning signal)",
-    # algorithm-specific keys (namespaced by the algorithm's registry name)
-    "ddpo/trained_steps": "DDPO: denoising steps trained per chain (int(T * timestep_fraction))",
-    "ddpo/tracked_prompt_frac": "DDPO: fraction of this batch's prompts normalised with their own history",
-    "ddpo/tracked_prompts_total": "DDPO: prompts with a statistics buffer so far",
-    "dancegrpo/trained_steps": "DanceGRPO: steps trained per chain (int((T - 1) * timestep_fraction))",
-    "mixgrpo/window_start": "MixGRPO: first step of the SDE window",
-    "mixgrpo/window_size": "MixGRPO: SDE steps in the window this iteration (shrinks near the end)",
-    "mixgrpo/sampling_steps": "MixGRPO: denoising steps actually sampled (fewer with Flash's compressed schedule)",
-    "treegrpo/window_start": "TreeGRPO: first step of the SDE window",
-    "treegrpo/window": "TreeGRPO: SDE window length",
-    "treegrpo/branch_start": "TreeGRPO: first branching step",
-    "treegrpo/leaves": "TreeGRPO: leaves (images) per tree, k^d",
-    "treegrpo/edge_adv_abs_mean": "TreeGRPO: mean |edge advantage| over trained edges",
-    "treegrpo/softmax_weight_max": "TreeGRPO: largest softmax_logprob sibling weight (1/k = uniform)",
-    "nonfinite": "only on an iteration with NaN/inf: where (reward | logp | grad | loss); its update was not applied",
-    "t_eval_s": "seconds spent in this evaluation (outside the training budget)",
-    "eval/<reward>": "mean held-out reward over the eval images (deterministic ODE sampling from eval.seed noise)",
-    "eval/<reward>/std": "population std of the held-out reward",
-    "eval/<reward>/<component>": "mean of a held-out reward component",
-    "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
-    "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
-    "samples_png": "sample grid of this evaluation, relative to the run directory",
-    "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
-}
-
-TIMING_KEYS = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s", "t_iteration_s", "seconds_total",
-               "peak_mem_mb", "t_eval_s")
-
-
-def metric_documented(key: str) -> bool:
-    """True if ``key`` matches a METRICS entry (``<x>`` matches one or more path segments)."""
-    if key in METRICS:
-        return True
-    parts = key.split("/")
-    for pat in METRICS:
-        pp = pat.split("/")
-        if len(pp) == len(parts) and all(a == b or a.startswith("<") for a, b in zip(pp, parts)):
-            return True
-        if len(parts) > len(pp) >= 2 and pp[-1].startswith("<") and all(
-                a == b or a.startswith("<") for a, b in zip(pp[:-1], parts)):
-            return True
-    return False
-
 
 def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
                         window: int = 3) -> bool:
@@ -111,13 +40,14 @@ def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, held
     return False
 
 
-def _clean(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
+    """NaN -> null, +-inf -> "inf"/"-inf", recursively: strict JSON that reports read back."""
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, Mapping):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -148,7 +78,7 @@ def package_versions() -> dict[str, str]:
 def atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=2, sort_keys=False)
+        json.dump(json_safe(obj), f, indent=2, sort_keys=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -167,8 +97,6 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                from bench.registry import UsageError
-
                 raise UsageError(f"run.tensorboard=true needs the tensorboard package ({e}); "
                                  f"pip install tensorboard") from None
             self._tb = SummaryWriter(str(out / "tensorboard"))
@@ -178,7 +106,7 @@ class RunLog:
 
     def _append(self, path: Path, record: Mapping[str, Any]) -> None:
         with open(path, "a") as f:
-            f.write(json.dumps(_clean(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
             f.flush()
 
     def iteration(self, record: Mapping[str, Any]) -> None:
@@ -218,3 +146,96 @@ def now_iso() -> str:
 
 def host_info() -> dict[str, Any]:
     return {"hostname": platform.node(), "platform": platform.platform(), "argv": sys.argv}
+
+
+# ---- lifecycle: check, create, describe ------------------------------------------------------------------
+def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
+    """Validate the run directory before anything is built or deleted."""
+    if resume:
+        if not (out / "manifest.json").is_file():
+            raise UsageError(f"--resume {out}: not a run directory (no manifest.json); nothing to resume")
+        if not os.access(out, os.W_OK):
+            raise UsageError(f"cannot write to run directory {out}: permission denied")
+        return out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if (out / "manifest.json").is_file():
+            from bench.checkpoint import list_checkpoints
+
+            it_file = out / "iterations.jsonl"
+            done = it_file.read_bytes().count(b"\n") if it_file.is_file() else 0
+            cks = list_checkpoints(out)
+            where = f"newest checkpoint {cks[0].name}" if cks else "no checkpoint"
+            raise UsageError(f"run directory {out} already holds a run ({done} iterations logged, {where}); "
+                             f"pass --resume {out} to continue it, --overwrite to replace it, or choose "
+                             f"another --out")
+        raise UsageError(f"run directory {out} already exists and is not empty; pass --overwrite to replace "
+                         f"it or choose another --out")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK):
+        why = "is not a directory" if not anc.is_dir() else "is not writable"
+        raise UsageError(f"cannot create run directory {out}: {anc} {why}; choose another --out")
+    return out
+
+
+def create_out_dir(out: Path, overwrite: bool) -> Path:
+    """Create (or with ``overwrite`` replace) a run directory already checked by ``check_out_dir``."""
+    if out.is_dir() and any(out.iterdir()) and overwrite:
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to run directory {out}: {e.strerror or e}") from None
+    return out
+
+
+def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: Any,
+             eval_rewards: Mapping[str, Any], device: Any, batch: Mapping[str, Any], world_size: int,
+             prompts: Mapping[str, Any], schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """manifest.json of a new run (``spec``: a ``bench.spec.RunSpec``)."""
+    from dataclasses import asdict
+
+    cfg = spec.config
+    return {
+        "created": now_iso(), "run_name": out.name, "config": cfg,
+        "algorithm": {"name": spec.algo_name, "config": asdict(spec.algo_config)},
+        "model": {"name": spec.model.name, "path": str(policy.path), "weights_sha256": weights_sha256,
+                  "prediction": policy.prediction},
+        "reward": {"spec": spec.reward.name, "name": getattr(reward, "name", spec.reward.name),
+                   "version": str(getattr(reward, "version", "unknown"))},
+        "eval_rewards": [{"name": n, "version": str(getattr(r, "version", "unknown"))}
+                         for n, r in eval_rewards.items()],
+        "budget": spec.budget.to_dict(), "seed": spec.seed, "git": git_state(), "packages": package_versions(),
+        "device": device_info(device), "host": host_info(), "batch": dict(batch),
+        "world_size": world_size,  # processes training data-parallel
+        "cost_profile": spec.cost_profile.describe() if spec.cost_profile is not None else None,
+        "prompts": dict(prompts),
+        # the base schedule every rollout and evaluation of T steps uses (MixGRPO-Flash compresses its
+        # post-window part per iteration); epsilon models: DDIM alpha_bar levels and integer timesteps
+        "schedule": dict(schedule or {}),
+    }
+
+
+def save_grid(images: Any, path: Path, ncol: int = 8) -> None:
+    """A PNG grid of images [L, 3, H, W] in [0, 1] (upscaled to at least 64 px per image)."""
+    import torch
+    from PIL import Image
+
+    L, _, H, W = images.shape
+    nrow = math.ceil(L / ncol)
+    scale = max(1, 64 // max(H, W))
+    grid = torch.ones(3, nrow * (H + 2), min(L, ncol) * (W + 2))
+    for i in range(L):
+        r, c = divmod(i, ncol)
+        grid[:, r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = images[i]
+    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)

@@ -1,13 +1,15 @@
 """Step math: pure functions, fp32, one typed return value each.
 
-Conventions (ALGORITHMS.md §0): flow matching x_sigma = (1 - sigma) x0 + sigma eps, sigma: 1 -> 0, the
-model predicts the velocity v ~ eps - x0, dt = sigma_next - sigma < 0. Epsilon-prediction models use
-DDIM on the alpha_bar schedule.
+Conventions (Liu et al. 2025, Flow-GRPO; flow_grpo ``sd3_sde_with_logprob.py``): flow matching
+x_sigma = (1 - sigma) x0 + sigma eps, sigma: 1 -> 0, the model predicts the velocity v ~ eps - x0,
+dt = sigma_next - sigma < 0. Epsilon-prediction models use DDIM on the alpha_bar schedule.
 
 Every step returns ``StepOutput(prev_sample, log_prob, mean, std)``:
   prev_sample [B, ...]  the next latent (sampled, or the one passed in)
   log_prob    [B]       Gaussian log-density of prev_sample under N(mean, std^2), *mean* over the
-                        non-batch dims as in every reference implementation (ALGORITHMS.md §9.1);
+                        non-batch dims as in every reference implementation (flow_grpo
+                        ``sde_step_with_logprob``, DanceGRPO ``flux_step``, ddpo-pytorch
+                        ``ddim_step_with_logprob``);
                         NaN for deterministic steps
   mean        [B, ...]  the step's mean (the deterministic update for ODE steps)
   std         [B]       the step's standard deviation (0 for deterministic steps)
@@ -20,7 +22,9 @@ is how ``engine.logp`` recomputes log-probs with gradients: gradients flow throu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -82,8 +86,10 @@ def flow_ode_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_ne
 
 def flow_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
                   noise_level: float, prev_sample: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> StepOutput:
-    """Flow-GRPO SDE step (Liu et al. 2025, flow_grpo ``sde_step_with_logprob``; ALGORITHMS.md §5).
+                  generator: torch.Generator | None = None,
+                  log_std_range: tuple[float, float] | None = None) -> StepOutput:
+    """Flow-GRPO SDE step (Liu et al. 2025, arXiv 2505.05470, eq. 9; yifan123/flow_grpo
+    ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py::sde_step_with_logprob``).
 
     Reverse-time SDE dx = [v + sigma_t^2/(2t) (x + (1-t) v)] dt + sigma_t dw with
     sigma_t = a * sqrt(t / (1 - t)), a = ``noise_level``, discretised with step dt = sigma_next - sigma:
@@ -91,6 +97,10 @@ def flow_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_ne
         std_dev_t = a * sqrt(sigma / (1 - sigma'))   with sigma' = sigma_next where sigma == 1
         mean      = x (1 + std_dev_t^2 / (2 sigma) dt) + v (1 + std_dev_t^2 (1 - sigma) / (2 sigma)) dt
         x_next    = mean + std_dev_t sqrt(-dt) z
+
+    ``log_std_range`` = (lo, hi) clamps the step std std_dev_t sqrt(-dt) to [e^lo, e^hi] for sampling and
+    the log-prob, as TreeGRPO's released code does (``schedulers_with_logprob/flow_match_euler_discrete.py``,
+    ``log_std_min=-5, log_std_max=2``); None = no clamp (Flow-GRPO, MixGRPO).
     """
     x = x_t.to(torch.float32)
     v = velocity.to(torch.float32)
@@ -100,6 +110,8 @@ def flow_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_ne
     std_dev_t = torch.sqrt(s / (1 - s_den)) * noise_level
     mean = x * (1 + std_dev_t**2 / (2 * s) * dt) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
     std = std_dev_t * torch.sqrt(-dt)
+    if log_std_range is not None:
+        std = std.clamp(math.exp(log_std_range[0]), math.exp(log_std_range[1]))
     nxt = _sample_or_take(mean, std, prev_sample, generator)
     return StepOutput(prev_sample=nxt, log_prob=gaussian_log_prob(nxt, mean, std), mean=mean,
                       std=std.reshape(-1))
@@ -108,7 +120,8 @@ def flow_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_ne
 def dance_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
                    noise_level: float, prev_sample: Tensor | None = None,
                    generator: torch.Generator | None = None) -> StepOutput:
-    """DanceGRPO SDE step (Xue et al. 2025, ``flux_step`` with ``sde_solver``; ALGORITHMS.md §2.1).
+    """DanceGRPO SDE step (Xue et al. 2025, arXiv 2505.07818; XueZeyue/DanceGRPO
+    ``fastvideo/train_grpo_flux.py::flux_step`` with ``sde_solver=True``).
 
         x0_hat = x - sigma v;  score = -(x - (1 - sigma) x0_hat) / sigma^2
         mean   = x + dsigma v - (eta^2 / 2) score dsigma;   std = eta sqrt(-dsigma)
@@ -130,8 +143,8 @@ def ddim_step(eps: Tensor, x_t: Tensor, alpha_bar_t: float | Tensor, alpha_bar_p
               eta: float, prev_sample: Tensor | None = None, generator: torch.Generator | None = None,
               clip_sample: float | None = None) -> StepOutput:
     """DDIM step with log-prob for epsilon-prediction models (Song et al. 2021, eq. 12; DDPO's
-    ``ddim_step_with_logprob``; ALGORITHMS.md §1.1). ``eta = 0`` is deterministic DDIM (log_prob NaN),
-    ``eta = 1`` is DDPM-like ancestral sampling (DDPO's setting).
+    ``ddpo_pytorch/diffusers_patch/ddim_with_logprob.py::ddim_step_with_logprob``). ``eta = 0`` is
+    deterministic DDIM (log_prob NaN), ``eta = 1`` is DDPM-like ancestral sampling (DDPO's setting).
 
         x0_hat = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)
         var    = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev);  std = eta sqrt(var)
@@ -195,11 +208,80 @@ def flow_dpm2_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_n
 
 
 def time_shift(sigma: Tensor, shift: float) -> Tensor:
-    """SD3/FLUX time shift sigma' = shift sigma / (1 + (shift - 1) sigma) (DanceGRPO ``sd3_time_shift``)."""
+    """SD3/FLUX time shift sigma' = shift sigma / (1 + (shift - 1) sigma) (Esser et al. 2024, SD3 paper
+    eq. 23; DanceGRPO ``sd3_time_shift``)."""
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def inverse_time_shift(sigma: Tensor, shift: float) -> Tensor:
+    """The t with time_shift(t, shift) = sigma: t = sigma / (shift - (shift - 1) sigma)."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+#: Flow schedules (``sampler.schedule``):
+#:   "scheduler": the model's own diffusers ``FlowMatchEulerDiscreteScheduler.set_timesteps(T)`` sigmas
+#:                (Flow-GRPO and TreeGRPO sample SD3/SD3.5 this way: the pipeline is called without
+#:                explicit sigmas); timesteps sigma * num_train_timesteps, unquantised, as the SD3
+#:                pipeline feeds them
+#:   "linspace":  time_shift(linspace(1, 0, T + 1), shift) in float32 (DanceGRPO/MixGRPO's FLUX trainers,
+#:                ``sample_reference_model`` / ``run_sample_step``); timesteps int(1000 sigma), i.e. the
+#:                transformer sees int(1000 sigma) / 1000 as those trainers feed FLUX
+FLOW_SCHEDULES = ("scheduler", "linspace")
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """sigmas [T+1] float32 (1 -> 0) and timesteps [T] float32 (what the denoiser sees at step i, on the
+    0..num_train_timesteps scale)."""
+
+    sigmas: Tensor
+    timesteps: Tensor
+
+
+def linspace_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
+    """DanceGRPO/MixGRPO's FLUX schedule: time_shift(linspace(1, 0, T + 1), shift), computed in float32
+    as those trainers do (so the quantised timesteps match theirs bit for bit). Returns [T+1]."""
+    return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32), float(shift))
+
+
+def scheduler_sigmas(num_steps: int, scheduler_config: Mapping[str, Any] | None) -> Tensor:
+    """The sigmas [T+1] of diffusers' ``FlowMatchEulerDiscreteScheduler`` built from ``scheduler_config``
+    (the model's ``scheduler/scheduler_config.json``; None = the class defaults) after
+    ``set_timesteps(T)``: time_shift(linspace(1, sigma_min, T)) + [0], with shift, sigma_min and any
+    dynamic shifting taken from the config, computed by diffusers itself."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = {k: v for k, v in dict(scheduler_config or {}).items() if not k.startswith("_")}
+    sch = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if sch.config.get("use_dynamic_shifting", False):
+        raise ValueError("this scheduler config uses dynamic (resolution-dependent) shifting, which needs an "
+                         "image sequence length: use sampler.schedule=linspace with an explicit sampler.shift")
+    sch.set_timesteps(num_steps)
+    return sch.sigmas.to(torch.float32).clone()
+
+
+def flow_schedule(kind: str, num_steps: int, shift: float = 1.0,
+                  scheduler_config: Mapping[str, Any] | None = None, num_train_timesteps: int = 1000
+                  ) -> FlowSchedule:
+    """The base flow schedule of ``kind`` (see ``FLOW_SCHEDULES``) for T = ``num_steps``."""
+    if kind == "scheduler":
+        sig = scheduler_sigmas(num_steps, scheduler_config)
+    elif kind == "linspace":
+        sig = linspace_sigmas(num_steps, shift)
+    else:
+        raise ValueError(f"unknown flow schedule {kind!r}; valid: {', '.join(FLOW_SCHEDULES)}")
+    return FlowSchedule(sig, schedule_timesteps(kind, sig[:-1], num_train_timesteps))
+
+
+def schedule_timesteps(kind: str, sigmas: Tensor, num_train_timesteps: int = 1000) -> Tensor:
+    """Timesteps the denoiser sees at sigmas [n]: sigma * N ("scheduler"), or int(sigma * 1000) as the
+    FLUX GRPO trainers quantise them ("linspace"; ``timestep_value = int(sigma * 1000)``)."""
+    sig = sigmas.to(torch.float32)
+    if kind == "linspace":
+        return torch.floor(sig * 1000.0) * (float(num_train_timesteps) / 1000.0)
+    return sig * float(num_train_timesteps)
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0) -> Tensor:
-    """The flow schedule every treebench flow rollout uses: linspace(1, 0, T + 1), time-shifted
-    (DanceGRPO/MixGRPO's schedule; ALGORITHMS.md §2.1). Returns [T+1] float32."""
-    return time_shift(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(torch.float32)
+    """Shorthand for the "linspace" schedule's sigmas [T+1] (tests and known-answer checks)."""
+    return linspace_sigmas(num_steps, shift)

@@ -29,8 +29,14 @@ from torch import Tensor
 #: "sde": stochastic step with a log-prob; "dpm2": deterministic 2nd-order multistep DPM-Solver++
 #: (MixGRPO-Flash post-window steps, flow models only).
 STEP_MODES = ("ode", "sde", "dpm2")
-#: SDE families for flow models (ALGORITHMS.md §5 and §2.1). Epsilon models always use DDIM.
+#: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
+#: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
+#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py). Epsilon models always use DDIM.
 SDE_TYPES = ("flow_grpo", "dance")
+#: What a rollout decodes into its images (``sampler.final_image``): "sample" = the last sampled latent
+#: (Flow-GRPO, DDPO, MixGRPO, TreeGRPO); "x0" = the data prediction of the last denoiser evaluation
+#: (DanceGRPO decodes ``pred_original`` of its last step, whose SDE noise never reaches the reward).
+FINAL_IMAGES = ("sample", "x0")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class RolloutPlan:
     sigmas:           optional explicit sigma schedule [T+1] (1 -> 0) overriding the model's default;
                       MixGRPO-Flash uses it for its compressed post-window schedule
     keep_latents:     keep every node's latent in the Rollout (needed to recompute log-probs)
+    final_image:      "sample" (decode the last sampled latent) or "x0" (decode the last evaluation's data
+                      prediction), see FINAL_IMAGES; identical for a last ODE step to sigma = 0
+    log_std_range:    optional (lo, hi): flow SDE step stds are clamped to [e^lo, e^hi] (TreeGRPO's code)
     info:             algorithm-specific scalars describing the plan, logged with the iteration under
                       namespaced keys (e.g. {"treegrpo/window_start": 3})
     """
@@ -90,6 +99,8 @@ class RolloutPlan:
     guidance: float = 1.0
     sigmas: tuple[float, ...] | None = None
     keep_latents: bool = True
+    final_image: str = "sample"
+    log_std_range: tuple[float, float] | None = None
     info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +120,11 @@ class RolloutPlan:
             raise ValueError("trees_per_prompt must be >= 1")
         if self.sde_type not in SDE_TYPES:
             raise ValueError(f"unknown sde_type {self.sde_type!r}; valid: {SDE_TYPES}")
+        if self.final_image not in FINAL_IMAGES:
+            raise ValueError(f"unknown final_image {self.final_image!r}; valid: {FINAL_IMAGES}")
+        if self.log_std_range is not None and not (len(self.log_std_range) == 2
+                                                   and self.log_std_range[0] <= self.log_std_range[1]):
+            raise ValueError(f"log_std_range must be (lo, hi) with lo <= hi, got {self.log_std_range!r}")
         if self.sigmas is not None and len(self.sigmas) != T + 1:
             raise ValueError(f"sigmas must have num_steps + 1 = {T + 1} entries, got {len(self.sigmas)}")
 
@@ -219,14 +235,21 @@ class RewardOutput:
     scores:     [L] float32, the reward the algorithm optimises
     components: named [L] float32 tensors logged separately (e.g. each term of a weighted sum, or
                 the per-attribute checks of shapes_attr)
+    weights:    the weight of each component that is a term of ``scores`` (a weighted sum's parts,
+                e.g. {"hpsv2": 1.0, "clip_score": 0.5}); empty for a single reward. MixGRPO's
+                ``advantage_aggr`` weighs the per-part advantages with these, normalised to sum 1
     """
 
     scores: Tensor
     components: Mapping[str, Tensor] = field(default_factory=dict)
+    weights: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scores.dim() != 1:
             raise ValueError(f"reward scores must be [L], got shape {tuple(self.scores.shape)}")
+        missing = sorted(set(self.weights) - set(self.components))
+        if missing:
+            raise ValueError(f"reward weights name components that are not there: {missing}")
 
 
 @dataclass(frozen=True)
@@ -259,6 +282,8 @@ class UpdateStats:
     optimizer_steps: optimizer steps taken
     micro_batches:   denoiser calls with gradients (forward+backward micro-batches)
     kl:              mean KL to the reference (0 when beta = 0)
+    nfe:             denoiser forward passes the update spent (recomputed log-probs and reference
+                     evaluations; a guided evaluation counts 2, the backward pass is not counted)
     metrics:         algorithm-specific scalars, keys namespaced "algo/key"
     """
 
@@ -271,6 +296,7 @@ class UpdateStats:
     optimizer_steps: int
     micro_batches: int
     kl: float = 0.0
+    nfe: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -285,6 +311,10 @@ class SamplerSpec:
     sde_type:    "flow_grpo" | "dance"
     shift:       time shift of the flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma))
     prediction:  "flow" (velocity) or "epsilon" (DDIM models)
+    schedule:    flow schedule, "scheduler" or "linspace" (``bench.sde.FLOW_SCHEDULES``)
+    final_image: "sample" | "x0", or None = the algorithm's reference behaviour
+    sigmas:      the resolved base schedule [T+1] of flow models (None: algorithms that need it
+                 rebuild it from schedule/shift)
     """
 
     steps: int
@@ -293,6 +323,9 @@ class SamplerSpec:
     sde_type: str = "flow_grpo"
     shift: float = 1.0
     prediction: str = "flow"
+    schedule: str = "scheduler"
+    final_image: str | None = None
+    sigmas: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

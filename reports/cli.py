@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports.load import X_AXES
 
 

@@ -23,7 +23,7 @@ PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 
 @dataclass
 class ReportOptions:
-    x: str = "samples"               # budget axis of the learning curves: samples | nfe | modeled_seconds | seconds
+    x: str = "samples"               # budget axis of the learning curves: samples | nfe | modeled | seconds
     baseline: str | None = None      # label to compare against (default: dancegrpo if present, else first)
     metric: str | None = None        # eval key of the primary metric (default: eval/<training reward>)
     threshold: float | None = None   # reward R for the speed-up table (default: baseline's final IQM)

@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
@@ -40,12 +40,27 @@ ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
 X_AXES = {
     "samples": ("samples_total", "scored samples (images)"),
     "nfe": ("nfe_total", "denoiser forward passes (NFE)"),
-    "modeled_seconds": ("modeled_seconds_total", "modeled seconds (cost model)"),
+    # runs with a cost profile (run.cost_profile / run.clock): modeled, not measured, seconds
+    "modeled": ("modeled_seconds_total", "MODELED seconds (cost profile; not wall-clock)"),
     "seconds": ("seconds_total", "training wall-clock (s)"),
 }
 #: Axes that are exact counts or model outputs, identical on any machine; verdicts use these (and the
 #: budget's own axis). Wall-clock seconds are noisy and machine-bound: used only with that said.
-NOISE_FREE_AXES = ("samples", "nfe", "modeled_seconds")
+NOISE_FREE_AXES = ("samples", "nfe", "modeled")
+
+
+def axis_label(runs: pd.DataFrame, axis: str) -> str:
+    """The axis label; the modeled axis names its cost profile (docs/COST.md)."""
+    if axis == "modeled" and "cost_profile" in runs:
+        names = sorted({str(x) for x in runs["cost_profile"].dropna()})
+        if names:
+            return f"MODELED seconds, cost profile {', '.join(names)} (not wall-clock)"
+    return X_AXES[axis][1]
+
+
+def modeled_profiles(runs: pd.DataFrame) -> list:
+    """Cost profile of each run (None where a run has none): the modeled axis needs one profile for all."""
+    return list(runs["cost_profile"]) if "cost_profile" in runs else [None] * len(runs)
 
 # Config keys that differ between runs without making them different methods (seed, output paths,
 # budget, logging); used when deciding whether runs of one algorithm are variants.
@@ -220,6 +235,8 @@ def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> 
         "wall_seconds": final.get("wall_seconds", math.nan),
         "s_per_iter": _mean([r.get("t_iteration_s") for r in its]),
         "peak_mem_mb": _max([r.get("peak_mem_mb") for r in its]),
+        "cost_profile": (m.get("cost_profile") or {}).get("name"),  # (cost) None without a profile
+        "modeled_seconds_total": final.get("modeled_seconds_total", last.get("modeled_seconds_total", math.nan)),
     }
     for phase in ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s"):
         row[phase] = _mean([r.get(phase) for r in its])

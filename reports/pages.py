@@ -13,7 +13,7 @@ import pandas as pd
 
 from reports import panels, plots, stats
 from reports.context import Context, Writer, final_scores, fmt, reward_label, varies, wrap
-from reports.load import X_AXES
+from reports.load import X_AXES, axis_label
 
 WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
 LABELS_PER_SAMPLE_PAGE = 4
@@ -21,7 +21,7 @@ LABELS_PER_SAMPLE_PAGE = 4
 
 def curves_page(w: Writer, c: Context) -> None:
     axis = c.opt.x
-    xlabel = X_AXES[axis][1]
+    xlabel = axis_label(c.rs.runs, axis)
     keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
         (k, reward_label(c.rs, k)) for k in c.rs.eval_keys()]
     ncols = 2 if len(keys) > 1 else 1
@@ -55,7 +55,7 @@ PARETO_COSTS = [("s_per_iter", "seconds per training iteration (s)", True, None)
                 ("seconds_total", "total training seconds (s)", True, "seconds"),
                 ("nfe_total", "total denoiser forward passes (NFE)", False, "nfe"),
                 ("samples_total", "total scored samples", False, "samples"),
-                ("modeled_seconds_total", "modeled seconds (cost model)", False, "modeled_seconds"),
+                ("modeled_seconds_total", "modeled seconds (cost model)", False, "modeled"),
                 ("peak_mem_mb", "peak memory (MB)", True, None)]
 
 

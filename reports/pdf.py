@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import pages, panels, plots, stats
 from reports.context import (
     PAGE_SIZE,
@@ -47,7 +47,7 @@ from reports.context import (
     wrap,
 )
 from reports.export import write_tables
-from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load
+from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load, modeled_profiles
 from reports.verdict import UNITS, resolution
 
 __all__ = ["Report", "ReportOptions", "build_report", "final_table", "report"]
@@ -94,6 +94,10 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
         raise UsageError("no runs to report")
     if opt.x not in X_AXES:
         raise UsageError(f"unknown budget axis {opt.x!r}; choose one of {', '.join(X_AXES)}")
+    profs = modeled_profiles(rs.runs)
+    if opt.x == "modeled" and (None in profs or len(set(profs)) != 1):
+        raise UsageError(f"--x modeled needs every run priced with one cost profile (run.cost_profile or "
+                         f"run.clock); these runs have {sorted({str(p) for p in profs})}")
     check_comparable(rs.runs, wall_clock=(opt.x == "seconds"))
     wall_problems = comparability_problems(rs.runs, wall_clock=True)
     baseline, metric = _resolve(rs, opt)

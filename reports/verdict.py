@@ -26,7 +26,7 @@ import pandas as pd
 from reports import stats
 from reports.load import NOISE_FREE_AXES, X_AXES, RunSet
 
-UNITS = {"samples": "scored samples", "nfe": "NFE", "modeled_seconds": "modeled seconds",
+UNITS = {"samples": "scored samples", "nfe": "NFE", "modeled": "modeled seconds",
          "seconds": "wall-clock seconds"}
 
 

@@ -19,12 +19,10 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from bench.errors import MissingWeightsError
+
 #: Environment variable naming the root of the local weights tree.
 WEIGHTS_ENV = "TREEBENCH_WEIGHTS"
-
-
-class MissingWeightsError(ValueError):
-    """A reward's weights are not on this machine (a usage problem: the CLI exits with status 2)."""
 
 
 def weights_root() -> Path | None:

@@ -112,7 +112,8 @@ class WeightedSum:
                 comps[f"{name}/{k}"] = v.detach().to(torch.float32).cpu()
             term = w * (self._zscore(s) if self.normalize == "zscore" else s)
             total = term if total is None else total + term
-        return RewardOutput(scores=total.to(torch.float32), components=comps)
+        return RewardOutput(scores=total.to(torch.float32), components=comps,
+                            weights={name: w for name, w, _ in self.parts})
 
     def __repr__(self) -> str:
         return f"WeightedSum({self.name!r}, normalize={self.normalize!r})"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The TreeGRPO paper's time-per-iteration table on one GPU (docs/SCALE.md). Run from the repository root
 # on the GPU machine; results go to $OUT (default ./gpu_out): gpu.txt, versions.txt, smoke.log,
-# paper_table.log, paper_table.json.
+# paper_table.log, paper_table.json, profile.json/.log (a measured cost profile) and validate_cost.json/.log
+# (modeled vs measured seconds per iteration with it; docs/COST.md).
 #
 #   OUT=$OUT PROMPTS=2 ITERS=2 bash scripts/gpu_paper_table.sh
 #
@@ -42,3 +43,13 @@ tail -5 "$OUT/smoke.log"
 #    TreeGRPO k=3 d=3; 1 warm-up + ITERS timed iterations each
 "$PY" -m bench.perf paper-table --model "$MODEL" --prompts "$PROMPTS" --iterations "$ITERS" --warmup 1 \
   --device cuda --out "$OUT/paper_table.json" 2>&1 | tee "$OUT/paper_table.log" | grep -v "^  \|^treebench"
+# 3. the cost model (docs/COST.md): measure a profile of the same model as the table runs it (LoRA r32, bf16,
+#    forward 1..64 rows, forward+backward with/without checkpointing 1..16, VAE, text encoders, reward,
+#    optimizer), then modeled vs measured seconds per iteration at the table's setting with that profile
+"$PY" -m bench.perf profile --model "$MODEL" --device cuda --name "$MODEL-$(nvidia-smi --query-gpu=name \
+  --format=csv,noheader | head -1 | tr ' ' '-')" --repeats 5 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1 \
+  || { tail -20 "$OUT/profile.log"; exit 1; }
+"$PY" -m bench.perf validate-cost --model "$MODEL" --profile "$OUT/profile.json" --preset treegrpo-paper \
+  --algos dancegrpo,mixgrpo,treegrpo --iterations "$ITERS" --set train.prompts_per_iteration="$PROMPTS" \
+  --set train.micro_batch=16 --set model.gradient_checkpointing=true --out "$OUT/validate_cost.json" 2>&1 \
+  | tee "$OUT/validate_cost.log" | grep -v "^  \|^treebench"

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.registry import ALGORITHMS, MODELS, UsageError, did_you_mean
+from bench.errors import UsageError
+from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
@@ -40,7 +41,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench sweep", description=__doc__.split("\n\n")[0],
                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", default="treegrpo", help=f"algorithm: {', '.join(ALGORITHMS)} (default treegrpo)")
+    p.add_argument("--algo", default="treegrpo",
+                   help=f"algorithm: {', '.join(ALGORITHMS)}, an installed plug-in or module:Class "
+                        f"(default treegrpo)")
     p.add_argument("--space", help="comma-separated built-in parameters to search (e.g. k,d,window; 'all'); "
                                    "default per algorithm: treegrpo k,d,window; mixgrpo window,window_stride,"
                                    "shift_interval; dancegrpo/ddpo timestep_fraction; grpo group_size")
@@ -159,8 +162,7 @@ def prepare(a: argparse.Namespace):
     from bench.budget import Budget
     from sweeps.objective import SweepSpec, check_objective_key
 
-    if a.algo not in ALGORITHMS:
-        raise UsageError(did_you_mean(a.algo, ALGORITHMS, "algorithm"))
+    algorithm_class(a.algo)  # unknown names: a usage error with a did-you-mean
     if a.trials is not None and a.trials < 1:
         raise UsageError(f"--trials must be >= 1, got {a.trials}")
     if a.n_jobs < 1:

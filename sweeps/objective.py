@@ -31,13 +31,12 @@ import optuna
 from bench import config as config_mod
 from bench import runner
 from bench.budget import Budget, Totals
-from bench.registry import UsageError, algorithm_class
-from bench.types import SamplerSpec, TrainSpec
+from bench.errors import AlgorithmSettingsError, StopRun, UsageError, is_out_of_memory
+from bench.registry import algorithm_class
+from bench.spec import RunSpec
 from sweeps.spaces import InvalidCombination, Space, sample
 from sweeps.study import Heartbeat, counts
 
-#: How the runner words a setting the algorithm refuses (a combination problem, not a broken sweep).
-ALGO_REFUSED = "invalid settings for algorithm"
 COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
 
 
@@ -86,25 +85,14 @@ def check_objective_key(key: str, cfg: Mapping[str, Any]) -> None:
 
 
 def validate_run_config(cfg: Mapping[str, Any]) -> None:
-    """Build the algorithm exactly as the runner would, without loading a model: catches combinations
-    such as algo.d > algo.window or a window longer than the schedule before any run directory exists."""
-    algo_cfg = config_mod.algorithm_config(cfg)
-    s, t = cfg["sampler"], cfg["train"]
-    sampler = SamplerSpec(steps=int(s["steps"]), guidance=float(s["guidance"]), noise_level=float(s["noise_level"]),
-                          sde_type=s["sde"], shift=float(s["shift"]),
-                          prediction="epsilon" if cfg["model"]["name"].endswith("ddim") else "flow")
-    train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
-                      max_grad_norm=float(t["max_grad_norm"]))
+    """Build the algorithm exactly as the runner would (from the same ``RunSpec``, so with the model's own
+    prediction type), without loading weights: catches combinations such as algo.d > algo.window or a
+    window longer than the schedule before any run directory exists (``AlgorithmSettingsError``)."""
+    spec = RunSpec.from_config(cfg)
     try:
-        algorithm_class(cfg["algo"]["name"])(algo_cfg, sampler, train, int(cfg["seed"]))
+        algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
     except ValueError as e:
-        raise UsageError(f"{ALGO_REFUSED} {cfg['algo']['name']!r}: {e}") from None
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in str(e).lower()
+        raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
 
 
 def _free_memory() -> None:
@@ -147,9 +135,14 @@ class Objective:
         try:
             overrides = sample(trial, spec.space, spec.base_cfg)
             cfg = spec.resolve(overrides, spec.out / "trials" / str(trial.number))
-            validate_run_config(cfg)
-        except (InvalidCombination, UsageError) as e:
+        except (InvalidCombination, UsageError) as e:  # a sampled value the config refuses
             self._prune(trial, f"invalid combination: {e}")
+        try:
+            validate_run_config(cfg)
+        except AlgorithmSettingsError as e:
+            self._prune(trial, f"invalid combination: {e}")
+        except UsageError as e:  # e.g. no model at the path: every trial would fail the same way
+            raise SweepAbort(str(e)) from None
         cfg["run"]["overwrite"] = True  # trial numbers are unique within a study
         trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
@@ -160,18 +153,22 @@ class Objective:
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
         except SweepAbort:
             raise
-        except UsageError as e:
-            if not str(e).startswith(ALGO_REFUSED):  # e.g. no model at the path: every trial would fail
-                raise SweepAbort(str(e)) from None
-            # refused once the model was loaded (e.g. a window longer than its schedule)
+        except AlgorithmSettingsError as e:  # refused once the model was loaded (a window longer than its schedule)
             self._prune(trial, f"invalid combination: {e}")
+        except UsageError as e:  # e.g. no model at the path: every trial would fail
+            raise SweepAbort(str(e)) from None
         except KeyboardInterrupt:
             self._requeue_interrupted(trial)
             raise
         except Exception as e:  # noqa: BLE001 - any failure of one trial is recorded, the sweep goes on
-            oom = _is_oom(e)
+            oom = is_out_of_memory(e)
             _free_memory()
             self._fail(trial, f"{'out of memory' if oom else 'error'}: {type(e).__name__}: {e}")
+        return self._outcome(trial, summary, reporter)
+
+    def _outcome(self, trial: optuna.Trial, summary: runner.RunSummary, reporter: "_Reporter") -> Any:
+        """The trial's value(s) from a finished run, or PRUNED / FAIL / re-queued with the reason."""
+        spec = self.spec
         for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "seconds_total"):
             trial.set_user_attr(k, getattr(summary, k))
         if summary.stop_reason == "pruned":
@@ -223,4 +220,4 @@ class _Reporter:
         self.trial.report(value, step)
         if step > 0 and not self._finished(rec) and self.trial.should_prune():
             self.prune_reason = f"pruned at iteration {step}: {self.key} = {value:.6g}"
-            raise runner.StopRun("pruned")
+            raise StopRun("pruned")

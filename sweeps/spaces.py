@@ -1,8 +1,9 @@
 """Search spaces: which settings a sweep varies and over which ranges.
 
-A space is an ordered list of ``Param`` (one Optuna parameter each, mapped to one config key). The
-built-in spaces below are plain data; ``treegrpo(trial)``, ``mixgrpo(trial)``, ... are the plain
-``(trial) -> overrides`` functions over them, and ``load_space_file`` reads the same thing from YAML:
+A space is an ordered list of ``Param`` (one Optuna parameter each, mapped to one config key). Each
+algorithm declares its own built-in space on its class (``search_space``, in the YAML format below, and
+``search_default``); ``builtin_space(algo, names)`` reads it through the registry and adds ``lr`` and
+``noise_level``; ``builtin_space(...)(trial)`` returns the overrides. ``load_space_file`` reads YAML:
 
     params:
       k: {type: int, low: 2, high: 4}
@@ -23,13 +24,14 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.config import algorithm_fields, parse_value
-from bench.registry import ALGORITHMS, UsageError, did_you_mean
+from bench.errors import UsageError
+from bench.registry import algorithm_class, did_you_mean
 
 KINDS = ("int", "float", "categorical")
 
@@ -95,69 +97,38 @@ class Space:
         return sample(trial, self, base)
 
 
-# ---- built-in spaces ----------------------------------------------------------------------------------
+# ---- built-in spaces: each algorithm declares its own (``search_space`` / ``search_default`` on its class) --
 COMMON: tuple[Param, ...] = (
     Param("lr", "train.lr", "float", 1e-6, 1e-3, log=True, help="AdamW learning rate"),
     Param("noise_level", "sampler.noise_level", "float", 0.3, 1.2, help="SDE noise level (a / eta)"),
 )
 
-BUILTIN: dict[str, tuple[Param, ...]] = {
-    "treegrpo": (
-        Param("k", "algo.k", "int", 2, 4, help="branching factor"),
-        Param("d", "algo.d", "int", 1, 3, help="branching depth"),
-        # the window holds the d branching steps, so it is constrained to [d, T] (not pruned)
-        Param("window", "algo.window", "int", "d", "sampler.steps", help="SDE window length"),
-        Param("weighting", "algo.weighting", "categorical", choices=("softmax_logprob", "uniform")),
-        Param("window_mode", "algo.window_mode", "categorical", choices=("random", "progressive")),
-        Param("branch_at", "algo.branch_at", "categorical", choices=("first", "last")),
-        Param("trees_per_prompt", "algo.trees_per_prompt", "int", 1, 3),
-    ),
-    "mixgrpo": (
-        # the window ends before step T - 2 (MixGRPO's max_timesteps), so longer windows are clipped
-        Param("window", "algo.window", "int", 1, "sampler.steps - 2", help="SDE window size"),
-        Param("window_stride", "algo.window_stride", "int", 0, 2, help="steps per window shift"),
-        Param("shift_interval", "algo.shift_interval", "int", 5, 50, step=5, help="iterations between shifts"),
-        Param("sample_strategy", "algo.sample_strategy", "categorical", choices=("progressive", "random")),
-        Param("group_size", "algo.group_size", "int", 4, 16, step=4),
-        Param("flash", "algo.flash", "categorical", choices=(False, True)),
-    ),
-    "dancegrpo": (
-        Param("timestep_fraction", "algo.timestep_fraction", "float", 0.1, 1.0, help="trained fraction of steps"),
-        Param("group_size", "algo.group_size", "int", 4, 16, step=4),
-    ),
-    "ddpo": (
-        Param("timestep_fraction", "algo.timestep_fraction", "float", 0.1, 1.0),
-        Param("group_size", "algo.group_size", "int", 2, 8),
-        Param("per_prompt_stat_tracking", "algo.per_prompt_stat_tracking", "categorical", choices=(True, False)),
-        Param("clip_range", "algo.clip_range", "float", 1e-5, 1e-3, log=True),
-    ),
-    "grpo": (
-        Param("group_size", "algo.group_size", "int", 2, 8),
-        Param("clip_range", "algo.clip_range", "float", 1e-5, 1e-3, log=True),
-    ),
-}
 
-#: What ``--space`` defaults to per algorithm.
-DEFAULT_NAMES: dict[str, tuple[str, ...]] = {
-    "treegrpo": ("k", "d", "window"),
-    "mixgrpo": ("window", "window_stride", "shift_interval"),
-    "dancegrpo": ("timestep_fraction",),
-    "ddpo": ("timestep_fraction",),
-    "grpo": ("group_size",),
-}
+def _own_params(algo: str) -> tuple[Param, ...]:
+    """The algorithm's declared space, read through the registry (built-in, entry point or module:Class)."""
+    cls = algorithm_class(algo)
+    declared = getattr(cls, "search_space", {}) or {}
+    return tuple(param_from_spec(name, {"key": f"algo.{name}", **(spec if isinstance(spec, Mapping) else
+                                                                  {"choices": list(spec)})},
+                                 algo, where=f"{getattr(cls, '__name__', algo)}.search_space")
+                 for name, spec in declared.items())
+
+
+def default_names(algo: str) -> tuple[str, ...]:
+    """What ``--space`` defaults to: the algorithm's ``search_default``."""
+    return tuple(getattr(algorithm_class(algo), "search_default", ()) or ())
 
 
 def available(algo: str) -> dict[str, Param]:
     """Every built-in parameter for ``algo`` (its own, then lr and noise_level), by name."""
-    if algo not in ALGORITHMS:
-        raise UsageError(did_you_mean(algo, ALGORITHMS, "algorithm"))
-    return {p.name: p for p in (*BUILTIN.get(algo, ()), *COMMON)}
+    return {p.name: p for p in (*_own_params(algo), *COMMON)}
 
 
 def builtin_space(algo: str, names: Iterable[str] | None = None) -> Space:
-    """The built-in space of ``algo`` restricted to ``names`` (default ``DEFAULT_NAMES``; "all" = every one)."""
+    """The built-in space of ``algo`` restricted to ``names`` (default ``search_default``; "all" = every one).
+    ``builtin_space(algo, names)(trial, base)`` samples it: ``{"algo.k": 3, ...}``."""
     table = available(algo)
-    names = list(DEFAULT_NAMES.get(algo, ()) if names is None else names)
+    names = list(default_names(algo) if names is None else names)
     if names == ["all"]:
         names = list(table)
     if not names:
@@ -170,38 +141,6 @@ def builtin_space(algo: str, names: Iterable[str] | None = None) -> Space:
         raise UsageError(f"--space names a parameter twice: {','.join(names)}")
     # keep the table's order so that bounds may refer to parameters listed before them
     return Space(tuple(p for p in table.values() if p.name in names))
-
-
-def treegrpo(trial: Any, names: Iterable[str] | None = None, base: Mapping[str, Any] | None = None) -> dict:
-    """TreeGRPO: k, d, window (default) and weighting, window_mode, branch_at, trees_per_prompt, lr,
-    noise_level."""
-    return builtin_space("treegrpo", names)(trial, base)
-
-
-def mixgrpo(trial: Any, names: Iterable[str] | None = None, base: Mapping[str, Any] | None = None) -> dict:
-    """MixGRPO: window, window_stride, shift_interval (default) and sample_strategy, group_size, flash, lr,
-    noise_level."""
-    return builtin_space("mixgrpo", names)(trial, base)
-
-
-def dancegrpo(trial: Any, names: Iterable[str] | None = None, base: Mapping[str, Any] | None = None) -> dict:
-    """DanceGRPO: timestep_fraction (default) and group_size, lr, noise_level."""
-    return builtin_space("dancegrpo", names)(trial, base)
-
-
-def ddpo(trial: Any, names: Iterable[str] | None = None, base: Mapping[str, Any] | None = None) -> dict:
-    """DDPO: timestep_fraction (default) and group_size, per_prompt_stat_tracking, clip_range, lr,
-    noise_level."""
-    return builtin_space("ddpo", names)(trial, base)
-
-
-def grpo(trial: Any, names: Iterable[str] | None = None, base: Mapping[str, Any] | None = None) -> dict:
-    """Minimal GRPO: group_size (default) and clip_range, lr, noise_level."""
-    return builtin_space("grpo", names)(trial, base)
-
-
-SPACE_FUNCTIONS: dict[str, Callable[..., dict]] = {"treegrpo": treegrpo, "mixgrpo": mixgrpo,
-                                                    "dancegrpo": dancegrpo, "ddpo": ddpo, "grpo": grpo}
 
 
 # ---- expressions: sums and differences of numbers, parameter names and config keys -------------------------

@@ -18,8 +18,10 @@ import torch
 import bench  # noqa: F401  (torchvision fix)
 from bench import config, runner
 from bench.distributed import Dist, split_rollout
-from bench.policy import load_policy, tiny_pipeline_dir
+from bench.models import load_policy
+from bench.random_models import tiny_pipeline_dir
 from bench.registry import algorithm_class
+from bench.resume import trainable_state
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput
 
@@ -94,7 +96,7 @@ def check_training(dist: Dist, out_dir: str) -> dict:
     runner.Run = orig
     r = holder["run"]
     h = hashlib.sha256()
-    for n, p in sorted(r.trainable_state().items()):
+    for n, p in sorted(trainable_state(r.policy).items()):
         h.update(n.encode())
         h.update(p.detach().cpu().numpy().tobytes())
     hashes = dist.gather(h.hexdigest())

@@ -1,43 +1,62 @@
 """Shared test set-up: offline hub, small thread count, tiny models built in-process."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import bench  # noqa: E402,F401  (installs the torchvision import fix before anything imports it)
+import bench  # noqa: E402,F401,I001  (installs the torchvision import fix before anything imports it)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared, busy machine a second
+    spinning thread makes these tests several times slower (``pytestmark = usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """(root, options) of tiny reward checkpoints in their packages' real formats (tests/_rewards_tiny.py)."""
+    import _rewards_tiny
+
+    return _rewards_tiny.shared_weights()
+
+
 @pytest.fixture(scope="session")
 def tiny_flow_dir():
-    from bench.policy import tiny_pipeline_dir
+    from bench.random_models import tiny_pipeline_dir
 
     return tiny_pipeline_dir("flow")
 
 
 @pytest.fixture(scope="session")
 def tiny_eps_dir():
-    from bench.policy import tiny_pipeline_dir
+    from bench.random_models import tiny_pipeline_dir
 
     return tiny_pipeline_dir("epsilon")
 
 
 @pytest.fixture(scope="session")
 def tiny_flow_policy(tiny_flow_dir):
-    from bench.policy import load_policy
+    from bench.models import load_policy
 
     return load_policy(tiny_flow_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_eps_policy(tiny_eps_dir):
-    from bench.policy import load_policy
+    from bench.models import load_policy
 
     return load_policy(tiny_eps_dir)
 
@@ -52,3 +71,38 @@ def fake_bench_run(monkeypatch):
     from bench import compare
 
     monkeypatch.setattr(compare, "RUNNER", [sys.executable, str(Path(__file__).with_name("synthetic_runs.py"))])
+
+
+# ---- an installed plug-in package ------------------------------------------------------------------
+#: the example plug-in package (docs/PLUGINS.md); its pyproject.toml declares the entry points
+PLUGIN_ROOT = Path(__file__).resolve().parent / "plugin_example"
+PLUGIN_ALGORITHMS = ("example_bestofgroup",)
+PLUGIN_REWARDS = ("example_redness",)
+
+
+def write_dist_info(site: Path, pyproject: Path) -> Path:
+    """Install ``pyproject``'s package the way pip would make it visible, offline: a ``.dist-info`` with
+    METADATA and entry_points.txt in ``site`` (the package's sources are put on sys.path by the caller)."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    lines = []
+    for group, eps in project.get("entry-points", {}).items():
+        lines += [f"[{group}]", *(f"{name} = {target}" for name, target in eps.items()), ""]
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    return info
+
+
+@pytest.fixture
+def plugin_installed(tmp_path_factory):
+    """The example plug-in package installed for one test: its entry points add names to the registry."""
+    site = tmp_path_factory.mktemp("site")
+    write_dist_info(site, PLUGIN_ROOT / "pyproject.toml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(PLUGIN_ROOT))
+        mp.syspath_prepend(str(site))
+        yield site

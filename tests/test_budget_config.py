@@ -4,7 +4,7 @@ import pytest
 
 from bench.budget import Budget, Totals
 from bench.config import parse_sets, parse_value, resolve
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 
 @pytest.mark.parametrize("spec,field,value", [

@@ -1,4 +1,5 @@
-"""Known-answer tests for algorithms/common.py (numbers from ALGORITHMS.md §8, extended by hand)."""
+"""Known-answer tests for algorithms/common.py (hand-computed numbers; the trees and reward sets are small
+enough to check on paper: population/unbiased std, softmax weights and PPO clipping written out in the comments)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def close(a, b, atol=ATOL):
     return torch.allclose(a, b, atol=atol, equal_nan=True)
 
 
-# ---- group normalisation (§8.3) ---------------------------------------------------------------------
+# ---- group normalisation (DanceGRPO/MixGRPO train_one_step) -----------------------------------------------
 def test_group_normalize_unbiased_and_population():
     r = torch.tensor([1.0, 3.0, 2.0, 6.0])
     g = torch.zeros(4, dtype=torch.long)
@@ -60,7 +61,7 @@ def test_weighted_advantage_sum_mixgrpo_example():
         weighted_advantage_sum({"hps": a1}, {})
 
 
-# ---- DDPO per-prompt stat tracker (§8.2) ----------------------------------------------------------
+# ---- DDPO per-prompt stat tracker (ddpo-pytorch stat_tracking.py) -----------------------------------------
 def test_stat_tracker_ddpo_example():
     t = PerPromptStatTracker(buffer_size=4, min_count=3)
     a = t.update(["cat", "cat", "dog", "dog"], torch.tensor([1.0, 3.0, 5.0, 9.0]))
@@ -100,9 +101,10 @@ def test_stat_tracker_rejects_bad_input():
         PerPromptStatTracker(2, 2).update(["a"], torch.tensor([1.0, 2.0]))
 
 
-# ---- tree backup (§8.1, extended) ----------------------------------------------------------------
+# ---- tree backup (TreeGRPO update_advantages, extended) ---------------------------------------------------
 def _tree_81(offset: int = 0):
-    """The §8.1 tree with ODE pass-through links before the window and after it:
+    """The k = 2, d = 2 reference tree (leaf rewards [1, 3, 2, 6]) with ODE pass-through links before the
+    window and after it:
 
         r0 -ODE-> R -> A, B (edge log-probs -1.2, -1.0) -> A1, A2, B1, B2 (-1, -2, -0.5, -1.5)
         each of A1..B2 -ODE-> its leaf (leaf rewards [1, 3, 2, 6] -> population-normalised)
@@ -145,7 +147,7 @@ def test_tree_backup_unequal_depths_and_single_child_sde_link():
 
 
 def test_tree_backup_forest_of_two_prompts_in_shuffled_node_order():
-    # prompt 0: the §8.1 tree (12 nodes); prompt 1: root -> X (leaf), root -> Y -> Y1, Y2
+    # prompt 0: the k = 2, d = 2 reference tree (12 nodes); prompt 1: root -> X (leaf), root -> Y -> Y1, Y2
     p0, v0, l0 = _tree_81()
     parent = p0 + [-1, 12, 12, 14, 14]
     logp = l0 + [NAN, -0.3, -0.3, 0.0, math.log(3.0)]
@@ -194,7 +196,7 @@ def test_node_depth():
         node_depth(torch.tensor([1, 0]))
 
 
-# ---- PPO surrogate and KL (§8.1 PPO check) ----------------------------------------------------------
+# ---- PPO surrogate and KL (clip range 1e-4, A = 1.5) ------------------------------------------------------
 @pytest.mark.parametrize("delta,loss,has_grad", [
     (0.0, -1.5, True),
     (5e-5, -1.5000750, True),
@@ -226,7 +228,7 @@ def test_gaussian_mean_kl():
     assert close(gaussian_mean_kl(mean, ref, torch.tensor([0.5, 0.5])), [5.0, 0.0])
 
 
-# ---- chains, windows, step subsets ----------------------------------------------------------------
+# ---- chains, windows, step subsets ------------------------------------------------------------------------
 def _chain_rollout(trainable_steps=(0, 1, 2)) -> Rollout:
     """Two 3-step chains built level by level (ids: roots 0, 1; level 1: 2, 3; level 2: 4, 5; leaves 6, 7)."""
     T = 3
@@ -269,7 +271,7 @@ def test_random_step_subset():
     assert all(sorted(row) == list(range(5)) for row in full.tolist())
 
 
-# ---- ppo_update on a fake engine (one scalar parameter; exact gradients) ---------------------------------
+# ---- ppo_update on a fake engine (one scalar parameter; exact gradients) ----------------------------------
 class _FakePolicy:
     def __init__(self):
         self.theta = torch.nn.Parameter(torch.zeros(()))

@@ -134,8 +134,8 @@ def test_bench_cli_dispatches_compare_and_report(tmp_path, capsys):
                  "--dry-run"]) == 0
     assert "--algo ddpo --budget 1it --seed 0" in capsys.readouterr().out
     write_run(tmp_path / "r", algo="ddpo")
-    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "r.pdf"), "--x", "modeled_seconds"]) == 2
-    assert "budget axis 'modeled_seconds' (modeled_seconds_total) is not logged" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "r.pdf"), "--x", "modeled"]) == 2
+    assert "--x modeled needs every run priced with one cost profile" in capsys.readouterr().err
 
 
 def test_extending_with_other_options_is_refused(fake_bench_run, tmp_path, capsys):

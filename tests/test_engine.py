@@ -35,7 +35,8 @@ def tree_plan(T, s0, d, k, guidance=1.0, G=1):
 
 
 def tree_nfe_closed_form(T, s0, d, k):
-    # ALGORITHMS.md §4.4: s0 + sum_{j<d} k^j + (T - s0 - d) k^d evaluations per tree
+    # TreeGRPO (arXiv 2512.08153) cost per tree: s0 shared prefix steps + sum_{j<d} k^j window nodes +
+    # (T - s0 - d) k^d post-window ODE evaluations
     return s0 + sum(k**j for j in range(d)) + (T - s0 - d) * k**d
 
 
@@ -136,3 +137,33 @@ def test_dpm2_plan_runs_on_custom_sigmas(tiny_flow_policy):
     r = eng.run(plan, PROMPTS, 0)
     assert r.images.shape[0] == 6 and torch.isfinite(r.images).all()
     assert r.nfe == 3 * (1 + 1 + 2 * 3)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flow_policy", "tiny_eps_policy"])
+def test_final_image_x0_decodes_the_last_data_prediction(request, fixture):
+    pol = request.getfixturevalue(fixture)
+    base = RolloutPlan(4, ("sde",) * 4, (1,) * 4, trees_per_prompt=2)
+    import dataclasses
+
+    sample = RolloutEngine(pol, seed=5).run(base, PROMPTS, 0)
+    x0 = RolloutEngine(pol, seed=5).run(dataclasses.replace(base, final_image="x0"), PROMPTS, 0)
+    assert torch.equal(sample.latents, x0.latents)  # same trajectory, only the decoded latent differs
+    assert torch.allclose(sample.images, pol.decode(sample.latents[sample.leaves]).cpu())
+    assert not torch.allclose(sample.images, x0.images)
+    # the data prediction of the last evaluation, recomputed from the stored parent latents
+    par = sample.parent[sample.leaves]
+    xp = sample.latents[par]
+    out = pol.predict(xp, sample.timesteps[-1].expand(len(par)), pol.encode_prompts(PROMPTS.prompts).take(
+        sample.prompt[par]))
+    lv = sample.sigmas[-2]
+    ref = xp - lv * out if pol.prediction == "flow" else (xp - torch.sqrt(1 - lv) * out) / torch.sqrt(lv)
+    assert torch.allclose(x0.images, pol.decode(ref).cpu(), atol=1e-5)
+
+
+def test_ode_last_step_makes_sample_and_x0_identical(tiny_flow_policy):
+    import dataclasses
+
+    base = RolloutPlan(4, ("sde", "sde", "ode", "ode"), (1,) * 4, trees_per_prompt=2)
+    a = RolloutEngine(tiny_flow_policy, seed=5).run(base, PROMPTS, 0)
+    b = RolloutEngine(tiny_flow_policy, seed=5).run(dataclasses.replace(base, final_image="x0"), PROMPTS, 0)
+    assert torch.allclose(a.images, b.images, atol=1e-6)

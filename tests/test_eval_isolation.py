@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench import config, runner
-from bench.registry import UsageError
+from bench.errors import UsageError
 
 
 def _cfg(tmp_path, name, seed, algo="grpo", **sets):
@@ -48,12 +48,12 @@ def test_bad_eval_settings_are_usage_errors(tmp_path, key, value):
 
 
 def test_resumed_old_run_keeps_its_evaluation(tmp_path):
-    from bench import checkpoint
+    from bench import resume
 
     s = runner.run(_cfg(tmp_path, "old", seed=5))
     man = json.loads((s.out_dir / "manifest.json").read_text())
     for k in ("images_per_prompt", "seed"):  # as written before these settings existed
         del man["config"]["eval"][k]
     (s.out_dir / "manifest.json").write_text(json.dumps(man))
-    cfg = checkpoint.resume_config(s.out_dir, flags={"budget": "2it"})
+    cfg = resume.resume_config(s.out_dir, flags={"budget": "2it"})
     assert cfg["eval"]["images_per_prompt"] == 1 and cfg["eval"]["seed"] == 5

@@ -7,18 +7,15 @@ import json
 import pytest
 import torch
 
-from bench import checkpoint, runner
+from bench import checkpoint, runner, scoring
 from bench.cli import main
+from bench.errors import MissingWeightsError
 from bench.rollout import RolloutEngine
 from bench.types import RewardOutput
 
 BASE = ["run", "--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--set", "sampler.steps=3",
         "--set", "algo.group_size=2", "--set", "eval.every=0", "--set", "eval.at_start=false",
         "--set", "run.checkpoint_every=1", "--set", "run.keep_checkpoints=3", "--no-progress"]
-
-
-class MissingWeightsError(ValueError):
-    """What rewards raise when their weights are absent (rewards/_paths.py defines its own)."""
 
 
 class Faulty:
@@ -45,7 +42,7 @@ class Faulty:
 
 
 def _use_reward(monkeypatch, fail_call, mode):
-    monkeypatch.setattr(runner, "build_reward", lambda spec, device, options, normalize="none": Faulty(fail_call, mode))
+    monkeypatch.setattr(scoring, "build_reward", lambda spec, device, options, normalize="none": Faulty(fail_call, mode))
 
 
 def _records(path):
@@ -72,12 +69,12 @@ def test_nan_gradient_is_never_applied_and_skip_continues(tmp_path, monkeypatch)
 
     orig = GRPO.update
 
-    def poisoned(self, policy, engine, optimizer, batch, rollout, adv):
+    def poisoned(self, policy, engine, optimizer, rollout, adv):
         if rollout.iteration != 1:
-            return orig(self, policy, engine, optimizer, batch, rollout, adv)
+            return orig(self, policy, engine, optimizer, rollout, adv)
         h = policy.trainable_parameters()[0].register_hook(lambda g: torch.full_like(g, float("inf")))
         try:
-            return orig(self, policy, engine, optimizer, batch, rollout, adv)
+            return orig(self, policy, engine, optimizer, rollout, adv)
         finally:
             h.remove()
 
@@ -175,7 +172,7 @@ def _cfg(out):
 ])
 def test_reliability_settings_are_validated(key, value, msg):
     from bench import config
-    from bench.registry import UsageError
+    from bench.errors import UsageError
 
     with pytest.raises(UsageError, match=msg):
         config.resolve({key: value}, flags={"algo.name": "grpo", "model.name": "tiny-random"})

@@ -43,10 +43,10 @@ def test_algorithms_import_only_bench_and_common(path):
 
 
 @pytest.mark.parametrize("path", files("rewards"), ids=lambda p: str(p.relative_to(ROOT)))
-def test_rewards_import_only_bench_types_and_shapes_vocabulary(path):
+def test_rewards_import_only_bench_types_errors_and_shapes_vocabulary(path):
     mods = imports_of(path)
     assert not {m for m in mods if top(m) in ("algorithms", "sweeps", "reports")}
-    allowed = ("bench.types", "bench.shapes", "bench._torchvision_fix")
+    allowed = ("bench.types", "bench.errors", "bench.shapes", "bench._torchvision_fix")
     if path.name == "cli.py":  # `bench rewards check` is a command: it lists the registry's rewards
         allowed += ("bench.registry",)
     bad = {m for m in mods if top(m) == "bench" and m != "bench" and not m.startswith(allowed)}

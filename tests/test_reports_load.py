@@ -5,7 +5,7 @@ import json
 import pytest
 from synthetic_runs import write_comparison, write_run, write_sweep
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import load as L
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 from synthetic_runs import linear_curve, write_comparison, write_run, write_sweep
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from reports import cli, stats
 from reports.load import load
 from reports.pdf import ReportOptions, build_report, final_table

@@ -134,10 +134,10 @@ def test_a_modeled_cost_column_becomes_a_verdict_axis(tmp_path):
     rs = load([tmp_path])
     ev = rs.evals[rs.evals["run"] == "treegrpo/seed0"].set_index("iteration")
     assert ev.loc[0, "modeled_seconds_total"] == 0.0 and ev.loc[4, "modeled_seconds_total"] == 4.0
-    axes = verdict.cost_axes(rs, None, ["samples", "nfe", "modeled_seconds", "seconds"], True)
-    assert axes == ["samples", "nfe", "modeled_seconds"]  # wall clock only when asked for
+    axes = verdict.cost_axes(rs, None, ["samples", "nfe", "modeled", "seconds"], True)
+    assert axes == ["samples", "nfe", "modeled"]  # wall clock only when asked for
     assert verdict.cost_axes(rs, None, ["seconds"], True, include_wall=True) == ["seconds"]
-    row = verdict.cost_verdict(rs, "eval/shapes_pref", "modeled_seconds", "treegrpo", "dancegrpo", REPS)
+    row = verdict.cost_verdict(rs, "eval/shapes_pref", "modeled", "treegrpo", "dancegrpo", REPS)
     # dancegrpo final 0.30 at 20 modeled s; treegrpo reaches 0.30 after 5 iterations = 5 modeled s -> 4x
     assert row["speedup"] == pytest.approx(4.0) and "4.0x [4.0, 4.0] fewer modeled seconds (3 seeds)" in row["sentence"]
     wall = verdict.cost_verdict(rs, "eval/shapes_pref", "seconds", "treegrpo", "dancegrpo", REPS)

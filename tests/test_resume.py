@@ -15,8 +15,9 @@ import torch
 
 from bench import checkpoint
 from bench.cli import main
+from bench.errors import CheckpointError
+from bench.records import TIMING_KEYS
 from bench.rollout import RolloutEngine
-from bench.runlog import TIMING_KEYS
 
 ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--seed", "3",
         "--set", "sampler.steps=3", "--set", "algo.group_size=2", "--set", "eval.every=2",
@@ -204,7 +205,7 @@ def test_checkpoint_roundtrip_without_pickle_and_pruning(tmp_path):
                     keep=2)
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
     (tmp_path / "checkpoints" / "step_000004" / "state.json").write_text("{}")
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         checkpoint.load(tmp_path / "checkpoints" / "step_000004")
 
 

@@ -22,9 +22,6 @@ MODEL_REWARDS = ("hpsv2", "image_reward", "clip_score", "pickscore", "aesthetic"
 PROMPTS = ["a red cat on the left", "a small blue circle", "photo of a city at night"]
 
 
-@pytest.fixture(scope="module")
-def weights():
-    return T.shared_weights()
 
 
 @pytest.fixture
@@ -356,7 +353,7 @@ def test_image_reward_full_size_architecture_matches_package(tmp_path, monkeypat
 # --- bench rewards check ----------------------------------------------------------------------------
 
 def test_rewards_check_cli(env, capsys, tmp_path, monkeypatch):
-    from bench.registry import UsageError
+    from bench.errors import UsageError
     from rewards.cli import main
 
     _, opts = env

@@ -1,4 +1,4 @@
-"""The Reward contract, for every name in ``bench.registry.REWARDS`` (and a weighted sum): identity
+"""The Reward contract, for every name in ``bench.registry.REWARDS``, a weighted sum and an installed plug-in: identity
 attributes, output shape/dtype/finiteness, determinism and batch-size invariance. Model-based
 rewards run on tiny random checkpoints in their packages' real formats (``_rewards_tiny``), loaded
 through the real lookup/loading code via ``$TREEBENCH_WEIGHTS``; no per-implementation branches."""
@@ -11,7 +11,7 @@ import _rewards_tiny as T
 import pytest
 import torch
 
-from bench.registry import REWARDS, WEIGHTED_REWARD, load_object, reward_class
+from bench.registry import REWARDS, WEIGHTED_REWARD, load_object, reward_class, rewards
 
 L = 5
 PROMPTS = ["a small red circle on the left", "a large blue square on the right", "a small green triangle on the top",
@@ -19,9 +19,6 @@ PROMPTS = ["a small red circle on the left", "a large blue square on the right",
 WEIGHTED_SPEC = "brightness=1.0,jpeg_compressibility=0.5"
 
 
-@pytest.fixture(scope="module")
-def weights():
-    return T.shared_weights()
 
 
 def _images(seed: int = 0) -> torch.Tensor:
@@ -37,7 +34,7 @@ def _make(name: str, weights, monkeypatch):
     if name == "weighted":
         parse, cls = load_object("rewards.combine:parse_reward_spec"), load_object(WEIGHTED_REWARD)
         return cls([(n, w, reward_class(n)(device="cpu")) for n, w in parse(WEIGHTED_SPEC)], normalize="zscore")
-    target = REWARDS[name].target
+    target = rewards()[name].target
     if importlib.util.find_spec(target.partition(":")[0]) is None:
         pytest.skip("module not present yet")
     return reward_class(name)(device="cpu", **opts.get(name, {}))
@@ -47,8 +44,8 @@ def _meta():
     return [{"prompt_id": i} for i in range(L)]
 
 
-@pytest.mark.parametrize("name", [*REWARDS, "weighted"])
-def test_reward_contract(name, weights, monkeypatch):
+@pytest.mark.parametrize("name", [*REWARDS, "weighted", "example_redness"])  # the last: an installed plug-in
+def test_reward_contract(name, weights, monkeypatch, plugin_installed):
     reward = _make(name, weights, monkeypatch)
     assert isinstance(reward.name, str) and reward.name
     if name != "weighted":

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from bench.distributed import Dist, _structure, launch_command, merge_rewards, merge_rollouts, split_rollout
-from bench.policy import load_policy, tiny_pipeline_dir
-from bench.registry import UsageError
+from bench.errors import UsageError
+from bench.models import load_policy
+from bench.random_models import tiny_pipeline_dir
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, RolloutPlan
 

@@ -9,8 +9,11 @@ import torch
 
 from bench import config, runner
 from bench.cli import main as cli_main
-from bench.policy import ModelOptions, load_policy, tiny_pipeline_dir
-from bench.registry import UsageError, algorithm_class
+from bench.errors import UsageError
+from bench.models import load_policy
+from bench.policy import ModelOptions
+from bench.random_models import tiny_pipeline_dir
+from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 
@@ -27,7 +30,7 @@ def _grpo_iteration(pol, lr=5e-2, beta=0.0):
     adv = algo.advantages(PROMPTS, roll, RewardOutput(scores))
     opt = torch.optim.SGD(pol.trainable_parameters(), lr=lr)
     pol.train(True)
-    stats = algo.update(pol, eng, opt, PROMPTS, roll, adv)
+    stats = algo.update(pol, eng, opt, roll, adv)
     pol.train(False)
     return roll, stats
 

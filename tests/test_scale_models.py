@@ -12,18 +12,14 @@ import shutil
 import pytest
 import torch
 
-from bench import config, runner
-from bench.policy import (
-    REAL_PIPELINES,
-    REDUCED,
-    MissingWeightsError,
-    ModelOptions,
-    build_random_pipeline,
-    build_random_policy,
-    load_policy,
-    random_preset_spec,
-)
+from bench import config, models, runner
+from bench.errors import MissingWeightsError
+from bench.families import REAL_PIPELINES
+from bench.models import build_random_policy, load_policy
+from bench.policy import ModelOptions
+from bench.random_models import REDUCED, build_random_pipeline, random_preset_spec
 from bench.registry import MODELS
+from bench.spec import ModelSpec
 
 SPECS = {"sd3": "sd3.5-medium-random", "flux": "flux.1-dev-random", "sd": "sd1.5-random"}
 
@@ -148,10 +144,11 @@ def test_bench_run_on_real_class_pipeline(saved, tmp_path, family, algo, model):
                                       ("flux.1-dev-random-reduced", "FluxTransformer2DModel"),
                                       ("sd1.5-random-reduced", "UNet2DConditionModel")])
 def test_reduced_random_presets_build_through_the_runner(name, cls):
-    """The CPU-size twins of the random presets load through runner.build_policy with the presets' LoRA."""
+    """The CPU-size twins of the random presets load through models.build_policy with the presets' LoRA."""
     cfg = config.resolve({"model.device": "cpu"}, flags={"algo.name": "grpo", "model.name": name})
-    assert runner.model_prediction(cfg) == ("epsilon" if name.startswith("sd1.5") else "flow")
-    pol = runner.build_policy(cfg, torch.device("cpu"))
+    spec = ModelSpec.from_config(cfg)
+    assert spec.prediction == ("epsilon" if name.startswith("sd1.5") else "flow")
+    pol = models.build_policy(spec, torch.device("cpu"))
     assert type(pol.denoiser).__name__ == cls and pol.is_lora and pol.resolution == 32
     assert pol.autocast_dtype == torch.bfloat16 and pol.text_encoder.dtype == torch.bfloat16
 
@@ -160,7 +157,7 @@ def test_model_path_may_be_a_hub_id_in_the_local_cache(saved, tmp_path, monkeypa
     """model.path "org/name" resolves offline through the Hugging Face cache; absent -> MissingWeightsError."""
     import huggingface_hub.constants as hc
 
-    from bench.policy import resolve_model_path
+    from bench.models import resolve_model_path
 
     repo = tmp_path / "hub" / "models--org--tiny-sd3"
     snap = repo / "snapshots" / ("0" * 40)

@@ -152,3 +152,43 @@ def test_time_shift_and_schedule():
     assert s[0].item() == pytest.approx(1.0) and s[-1].item() == 0.0
     assert s[2].item() == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
     assert (s[1:] < s[:-1]).all()
+
+
+def test_scheduler_schedule_is_diffusers_set_timesteps():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for cfg in ({"shift": 3.0}, {"shift": 1.0}, {"shift": 3.0, "num_train_timesteps": 1000}):
+        ref = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        ref.set_timesteps(10)
+        fs = sde.flow_schedule("scheduler", 10, cfg["shift"], cfg)
+        assert torch.equal(fs.sigmas, ref.sigmas.float()) and torch.allclose(fs.timesteps, ref.timesteps.float())
+    # SD3 at T = 10 ends with a tiny step (0.0089 -> 0), the FLUX-style linspace with a large one (0.25 -> 0)
+    assert sde.flow_schedule("scheduler", 10, 3.0, {"shift": 3.0}).sigmas[-2].item() == pytest.approx(0.008929, abs=1e-6)
+    assert sde.flow_schedule("linspace", 10, 3.0).sigmas[-2].item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_scheduler_schedule_rejects_dynamic_shifting_and_unknown_kinds():
+    with pytest.raises(ValueError, match="dynamic"):
+        sde.flow_schedule("scheduler", 4, 1.0, {"use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="unknown flow schedule"):
+        sde.flow_schedule("karras", 4)
+
+
+def test_linspace_timesteps_are_quantised_like_the_flux_trainers():
+    fs = sde.flow_schedule("linspace", 16, 3.0)
+    assert torch.equal(fs.timesteps, torch.floor(fs.sigmas[:-1] * 1000))
+    assert fs.timesteps[2].item() == 954.0  # sigma 0.95454544: the transformer sees 0.954, not 0.9545
+
+
+def test_inverse_time_shift():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.allclose(sde.inverse_time_shift(sde.time_shift(t, 3.0), 3.0), t, atol=1e-12)
+
+
+def test_flow_sde_std_clamp():
+    x, v = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
+    free = sde.flow_sde_step(v, x, 0.005, 0.0, 0.7, prev_sample=x)
+    lo = sde.flow_sde_step(v, x, 0.005, 0.0, 0.7, prev_sample=x, log_std_range=(-5.0, 2.0))
+    assert free.std.item() < math.exp(-5) and lo.std.item() == pytest.approx(math.exp(-5), rel=1e-6)
+    hi = sde.flow_sde_step(v, x, 0.9, 0.1, 50.0, prev_sample=x, log_std_range=(-5.0, 2.0))
+    assert hi.std.item() == pytest.approx(math.exp(2.0), rel=1e-6)

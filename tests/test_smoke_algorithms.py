@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from bench import config, runner
-from bench.registry import ALGORITHMS, UsageError, algorithm_class
-from bench.runlog import metric_documented
+from bench.errors import UsageError
+from bench.records import metric_documented
+from bench.registry import ALGORITHMS, algorithm_class
 
 #: small per-algorithm settings (tiny model, 4 steps) so each run takes about a second
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
@@ -18,14 +18,7 @@ SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "danceg
          "treegrpo": {"algo.k": 2, "algo.d": 2}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared, busy machine a second
-    spinning thread makes these tests several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, algo, model="tiny-random", **sets):

@@ -15,7 +15,7 @@ optuna = pytest.importorskip("optuna")
 
 from optuna.trial import TrialState
 
-from bench.registry import UsageError
+from bench.errors import UsageError
 from bench.runner import RunSummary
 from sweeps import cli, spaces
 from sweeps import study as st
@@ -54,7 +54,7 @@ def test_treegrpo_window_is_constrained_to_hold_d():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     base = {"sampler": {"steps": 6}}
     for _ in range(30):
-        ov = spaces.treegrpo(study.ask(), ["k", "d", "window"], base)
+        ov = spaces.builtin_space("treegrpo", ["k", "d", "window"])(study.ask(), base)
         assert set(ov) == {"algo.k", "algo.d", "algo.window"}
         assert 2 <= ov["algo.k"] <= 4 and 1 <= ov["algo.d"] <= 3 and ov["algo.d"] <= ov["algo.window"] <= 6
 

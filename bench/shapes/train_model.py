@@ -6,8 +6,8 @@
 (load 5-12), ~0.25 CPU-seconds per step. Use ``--threads 1`` on a busy machine: two torch threads
 competing with other processes were 15x slower per step in a measurement here.)
 
-The result is a treebench pipeline directory (``bench.policy.save_pipeline``) loadable by
-``bench.policy.load_policy``: a pixel-space (32 x 32 x 3) ``SD3Transformer2DModel`` (patch 4, 4 layers,
+The result is a treebench pipeline directory (``bench.random_models.save_pipeline``) loadable by
+``bench.models.load_policy``: a pixel-space (32 x 32 x 3) ``SD3Transformer2DModel`` (patch 4, 4 layers,
 4 heads x 32; 2.3 M parameters), a ``CLIPTextModelWithProjection`` (hidden 128, 2 layers; 0.3 M) and a
 word-level tokenizer over the world's vocabulary, with a ``FlowMatchEulerDiscreteScheduler`` config.
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.policy import save_pipeline, word_tokenizer
+from bench.random_models import save_pipeline, word_tokenizer
 from bench.shapes import world
 
 MAX_LENGTH = 10

@@ -1,0 +1,65 @@
+"""Held-out evaluation: fixed prompts, fixed noise, deterministic (all-ODE) sampling, every eval reward;
+timed but outside the training budget; flags possible reward hacking."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from bench.runlog import reward_hacking_flag, save_grid
+from bench.scoring import score
+from bench.types import RolloutPlan
+
+
+def eval_plan(sampler: Any, images_per_prompt: int = 1) -> RolloutPlan:
+    """Deterministic chains with the sampler's steps and guidance: ``images_per_prompt`` per eval prompt,
+    each from its own noise (shared_noise=False)."""
+    T = sampler.steps
+    return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=images_per_prompt,
+                       shared_noise=False, guidance=sampler.guidance, keep_latents=False)
+
+
+def evaluate(r: Any, iteration: int) -> dict[str, Any]:
+    """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
+    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
+    if not r.dist.is_main:  # rank 0 evaluates and logs
+        return {"iteration": iteration}
+    t0 = time.perf_counter()
+    if r.eval_conditioning is None:
+        r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
+    e = r.spec.eval
+    # noise from eval.seed, not the run seed: the same prompts and noise for every run whatever its seed
+    roll = r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
+                        conditioning=r.eval_conditioning, seed=e.seed)
+    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
+                           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
+                           "eval_images": int(roll.images.shape[0])}
+    with torch.no_grad():
+        for name, reward in r.eval_rewards.items():
+            out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
+                        stage="eval", recorder=r.engine.recorder)
+            rec[f"eval/{name}"] = float(out.scores.mean())
+            rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
+            for k, v in out.components.items():
+                rec[f"eval/{name}/{k}"] = float(v.mean())
+    grid_dir = r.out / "samples"
+    grid_dir.mkdir(exist_ok=True)
+    png = grid_dir / f"eval_{iteration:06d}.png"
+    # one row per prompt when there are several images per prompt, so a grid shows their spread
+    save_grid(roll.images[: e.grid], png, ncol=e.images_per_prompt if e.images_per_prompt > 1 else 8)
+    rec["samples_png"] = str(png.relative_to(r.out))
+    rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
+    r.evals.append(rec)
+    train_name = r.spec.reward.name
+    rec["reward_hacking"] = reward_hacking_flag(
+        r.evals, f"eval/{train_name}", [f"eval/{n}" for n in r.eval_rewards if n != train_name])
+    rec["t_eval_s"] = time.perf_counter() - t0
+    rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
+    if rec["reward_hacking"]:
+        print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
+              f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
+    r.log.evaluation(rec)
+    return rec

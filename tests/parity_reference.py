@@ -1,0 +1,251 @@
+"""Independent transcriptions of the reference trainers' numerics, in plain numpy.
+
+This file never imports treebench. Each function restates, in our own words, what one reference code
+base computes (the repository, file and function are named in its docstring). ``tests/test_parity.py``
+pins the numbers these functions print as literals and checks that treebench produces the same ones.
+
+Re-run after a deliberate change of a transcription (not of treebench) and paste the printed values
+into tests/test_parity.py:
+
+    .venv/bin/python tests/parity_reference.py
+
+The tiny fixed inputs (initial noises, SDE noises, toy denoiser coefficients) are defined here and
+imported by the test so both sides see the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# ---- fixed inputs shared with tests/test_parity.py ------------------------------------------------
+LATENT = (1, 2, 2)          # C, h, w of the toy latent
+MODEL_A, MODEL_B = -0.5, 0.2  # toy denoiser: output = A * x + B * (timestep / 1000), elementwise
+
+
+def noise(k: int, rows: int) -> np.ndarray:
+    """The k-th noise tensor the sampler draws ([rows, *LATENT]): a fixed, irregular pattern."""
+    n = rows * int(np.prod(LATENT))
+    j = np.arange(n)
+    vals = ((j * 7 + k * 13 + 3) % 17 - 8) / 5.0
+    return vals.reshape(rows, *LATENT).astype(np.float32)
+
+
+def toy_model(x: np.ndarray, t: float) -> np.ndarray:
+    return MODEL_A * x + MODEL_B * (t / 1000.0)
+
+
+# ---- schedules -----------------------------------------------------------------------------------
+def shift_fn(t, s):
+    return s * t / (1 + (s - 1) * t)
+
+
+def sd3_scheduler_sigmas(T: int, shift: float = 3.0, n_train: int = 1000) -> np.ndarray:
+    """diffusers ``FlowMatchEulerDiscreteScheduler`` (SD3/SD3.5 config: shift 3, no dynamic shifting):
+    the training sigmas are shift(j / N) for j = N..1, so sigma_min = shift(1 / N) and sigma_max = 1;
+    ``set_timesteps(T)`` spaces T timesteps linearly from N sigma_max to N sigma_min, divides by N,
+    applies the shift again and appends a final 0. This is what Flow-GRPO's and TreeGRPO's SD3
+    pipelines sample with (they pass no explicit sigmas)."""
+    sigma_min = shift_fn(1.0 / n_train, shift)
+    t = np.linspace(1.0 * n_train, sigma_min * n_train, T) / n_train
+    return np.concatenate([shift_fn(t, shift), [0.0]])
+
+
+def flux_linspace_schedule(T: int, shift: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """DanceGRPO ``fastvideo/train_grpo_flux.py::sample_reference_model`` / MixGRPO ``run_sample_step``:
+    sigma = sd3_time_shift(shift, linspace(1, 0, T + 1)) in float32 torch; the transformer is fed
+    ``int(sigma * 1000)`` (then divided by 1000). Returns (sigmas [T+1], integer timesteps [T])."""
+    lin = np.linspace(1.0, 0.0, T + 1).astype(np.float32)
+    s = np.float32(shift)
+    sig = (s * lin / (np.float32(1) + (s - np.float32(1)) * lin)).astype(np.float32)
+    ts = np.array([int(np.float32(v) * np.float32(1000)) for v in sig[:T]], dtype=np.float64)
+    return sig, ts
+
+
+# ---- step rules ----------------------------------------------------------------------------------
+def gauss_logp(x, mean, std):
+    lp = -((x - mean) ** 2) / (2 * std**2) - np.log(std) - math.log(math.sqrt(2 * math.pi))
+    return lp.reshape(lp.shape[0], -1).mean(axis=1)
+
+
+def dance_step(v, x, sig, i, eta, z):
+    """DanceGRPO ``flux_step`` with ``sde_solver=True``: mean = x + dsigma v, then the score correction
+    -(eta^2 / 2) score dsigma with score = -(x - (1 - sigma) x0) / sigma^2, x0 = x - sigma v; std =
+    eta sqrt(sigma - sigma_next). Returns (next, x0, logp)."""
+    s, sn = float(sig[i]), float(sig[i + 1])
+    ds = sn - s
+    x0 = x - s * v
+    mean = x + ds * v
+    score = -(x - x0 * (1 - s)) / s**2
+    mean = mean + (-0.5 * eta**2 * score) * ds
+    std = eta * math.sqrt(s - sn)
+    nxt = mean + std * z
+    return nxt, x0, gauss_logp(nxt, mean, std)
+
+
+def flow_grpo_step(v, x, sig, i, eta, z, log_std=None):
+    """Flow-GRPO ``sde_step_with_logprob`` = MixGRPO ``flow_grpo_step`` = TreeGRPO's
+    ``flow_match_euler_discrete_step_with_logprob`` (the latter clamps the step std to
+    [e^log_std[0], e^log_std[1]]). sigma_max in the denominator at sigma = 1 is sigmas[1]."""
+    s, sn = float(sig[i]), float(sig[i + 1])
+    dt = sn - s
+    den = float(sig[1]) if s == 1.0 else s
+    std_dev = math.sqrt(s / (1 - den)) * eta
+    mean = x * (1 + std_dev**2 / (2 * s) * dt) + v * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+    std = std_dev * math.sqrt(-dt)
+    if log_std is not None:
+        std = min(max(std, math.exp(log_std[0])), math.exp(log_std[1]))
+    nxt = mean + std * z
+    return nxt, x - s * v, gauss_logp(nxt, mean, std)
+
+
+# ---- trajectories --------------------------------------------------------------------------------
+def dancegrpo_trajectory(T=4, shift=3.0, eta=0.3, G=2):
+    """DanceGRPO ``run_sample_step``: every step ``flux_step`` (SDE), the group shares one initial noise
+    (``--init_same_noise``), and the returned image latent is ``pred_original`` of the LAST step (the
+    last evaluation's x0-prediction), not the sampled last latent. Returns (decoded, last sample,
+    log-probs [G, T])."""
+    sig, ts = flux_linspace_schedule(T, shift)
+    x = np.repeat(noise(0, 1), G, axis=0).astype(np.float64)
+    lps = []
+    for i in range(T):
+        v = toy_model(x, ts[i])
+        x, x0, lp = dance_step(v, x, sig, i, eta, noise(i + 1, G))
+        lps.append(lp)
+    return x0, x, np.stack(lps, axis=1)
+
+
+def mixgrpo_flash_trajectory(T=8, shift=3.0, eta=0.7, G=2, window=2, ratio=0.5):
+    """MixGRPO ``run_sample_step`` with ``dpm_algorithm_type=dpmsolver++``, ``dpm_apply_strategy=post``,
+    order 2, midpoint, ``--flow_grpo_sampling``, window [0, window): up to the window's last step the
+    FLUX linspace schedule with Flow-GRPO SDE steps inside the window (each step's x0 = x - sigma v
+    is pushed into the DPM state); after it the schedule is replaced by
+    shift(linspace(linspace(1, 0, T + 1)[last + 1], 0, num_post)), num_post = int(max((T - last) ratio,
+    1)), integrated with multistep DPM-Solver++: 2nd order (D1 = (m0 - m1) / r0) while a previous x0
+    exists, 1st order at the final step. Returns the final latent (what is decoded)."""
+    sig, _ = flux_linspace_schedule(T, shift)
+    last = window - 1
+    num_post = int(max((T - last) * ratio, 1))
+    u = float(np.linspace(1, 0, T + 1).astype(np.float32)[last + 1])
+    post = shift_fn(np.linspace(u, 0.0, num_post), shift)
+    full = np.concatenate([sig[:last + 1].astype(np.float64), post])
+    x = np.repeat(noise(0, 1), G, axis=0).astype(np.float64)
+    states: list[np.ndarray] = []
+    k = 1
+    for i in range(len(full) - 1):
+        t_in = int(np.float32(full[i]) * np.float32(1000))
+        v = toy_model(x, t_in)
+        x0 = x - full[i] * v
+        states.append(x0)
+        if i <= last:
+            x, _, _ = flow_grpo_step(v, x, full, i, eta, noise(k, G))
+            k += 1
+            continue
+        s0, t = full[i], full[i + 1]
+        lam = lambda s: math.log(1 - s) - math.log(s) if s > 0 else math.inf
+        h = lam(t) - lam(s0)
+        if i == len(full) - 2:  # lower_order_final: first order; at sigma_t = 0 this is x0
+            x = (t / s0) * x - (1 - t) * (math.exp(-h) - 1.0) * x0 if t > 0 else x0
+        else:
+            s1 = full[i - 1]
+            r0 = (lam(s0) - lam(s1)) / h
+            d1 = (x0 - states[-2]) / r0
+            x = (t / s0) * x - (1 - t) * (math.exp(-h) - 1.0) * x0 - 0.5 * (1 - t) * (math.exp(-h) - 1.0) * d1
+    return x, full
+
+
+def treegrpo_backup(rewards):
+    """TreeGRPO ``RLTrainer.sample`` + ``update_advantages`` for one tree with k = 3, d = 2 (root ->
+    A, B, C -> 3 leaves each, leaves in order A1 A2 A3 B1 ...): leaf advantage (r - mean) / (population
+    std + 1e-8) over the prompt's leaves; an internal node's value is the plain mean of its children's
+    values, and the edge into a node carries the node's value. Returns (edge advantages into A, B, C,
+    leaf advantages)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    leaf = (r - r.mean()) / (r.std() + 1e-8)
+    mids = leaf.reshape(3, 3).mean(axis=1)
+    return mids, leaf
+
+
+def treegrpo_clamped_step():
+    """TreeGRPO's step at the SD3 schedule's last nonzero sigma (T = 10: 0.00893 -> 0), where the step
+    std 0.7 sqrt(s / (1 - s)) sqrt(s) = 0.0063 is raised to the clamp e^-5 = 0.0067. Returns
+    (log-prob with the clamp, log-prob without) of a fixed next latent."""
+    sig = sd3_scheduler_sigmas(10)
+    x = noise(0, 2).astype(np.float64)
+    v = toy_model(x, sig[9] * 1000)
+    prev = x - sig[9] * v + 0.004 * noise(1, 2)
+    s, sn = float(sig[9]), float(sig[10])
+    outs = []
+    for clamp in ((-5.0, 2.0), None):
+        dt = sn - s
+        std_dev = math.sqrt(s / (1 - s)) * 0.7
+        mean = x * (1 + std_dev**2 / (2 * s) * dt) + v * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+        std = std_dev * math.sqrt(-dt)
+        if clamp is not None:
+            std = min(max(std, math.exp(clamp[0])), math.exp(clamp[1]))
+        outs.append(gauss_logp(prev, mean, std))
+    return outs[0], outs[1], x, v, prev
+
+
+def sd_alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012):
+    """SD 1.x "scaled_linear" betas: linspace(sqrt(b0), sqrt(b1), N)^2; alpha_bar = cumprod(1 - beta)."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def ddpo_trajectory(T=5, eta=1.0, B=2):
+    """ddpo-pytorch ``pipeline_with_logprob`` + ``ddim_step_with_logprob`` on the SD 1.x DDIM config
+    (steps_offset 1, set_alpha_to_one False, clip_sample False): timesteps (999 // ... "leading"
+    spacing) = arange(T) * (1000 // T), reversed, + 1; prev_t = t - 1000 // T, alpha_bar_prev =
+    alphas_cumprod[prev_t] or alphas_cumprod[0] when prev_t < 0; x0 = (x - sqrt(1 - a) eps) / sqrt(a);
+    variance (1 - a_prev) / (1 - a) (1 - a / a_prev), std = eta sqrt(variance); mean = sqrt(a_prev) x0 +
+    sqrt(1 - a_prev - std^2) eps; i.i.d. initial noises. Returns (log-probs [B, T], final sample)."""
+    ac = sd_alphas_cumprod()
+    ratio = 1000 // T
+    ts = (np.arange(T) * ratio)[::-1] + 1
+    x = noise(0, B).astype(np.float64)
+    lps = []
+    for i, t in enumerate(ts):
+        eps = toy_model(x, float(t))
+        a = ac[t]
+        prev_t = t - ratio
+        ap = ac[prev_t] if prev_t >= 0 else ac[0]
+        x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        var = (1 - ap) / (1 - a) * (1 - a / ap)
+        std = eta * math.sqrt(var)
+        mean = math.sqrt(ap) * x0 + math.sqrt(1 - ap - std**2) * eps
+        x = mean + std * noise(i + 1, B)
+        lps.append(gauss_logp(x, mean, std))
+    return np.stack(lps, axis=1), x
+
+
+TREE_REWARDS = [0.2, 0.5, 0.9, 0.1, 0.4, 0.3, 0.8, 0.6, 0.7]
+
+
+def _fmt(a) -> str:
+    return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
+                           max_line_width=100, floatmode="fixed")
+
+
+if __name__ == "__main__":
+    print("SD3 T=10", _fmt(sd3_scheduler_sigmas(10)))
+    print("SD3 T=28", _fmt(sd3_scheduler_sigmas(28)))
+    sig, ts = flux_linspace_schedule(16)
+    print("FLUX T=16 sigmas", _fmt(sig))
+    print("FLUX T=16 timesteps", _fmt(ts))
+    dec, last, lp = dancegrpo_trajectory()
+    print("DanceGRPO decoded (x0 of last eval)", _fmt(dec))
+    print("DanceGRPO sampled last latent", _fmt(last))
+    print("DanceGRPO log-probs", _fmt(lp))
+    fin, full = mixgrpo_flash_trajectory()
+    print("MixGRPO-Flash schedule", _fmt(full))
+    print("MixGRPO-Flash final latent", _fmt(fin))
+    mids, leaf = treegrpo_backup(TREE_REWARDS)
+    print("TreeGRPO edge advantages into A, B, C", _fmt(mids))
+    print("TreeGRPO leaf advantages", _fmt(leaf))
+    clamped, free, *_ = treegrpo_clamped_step()
+    print("TreeGRPO clamped-step log-prob", _fmt(clamped), "unclamped", _fmt(free))
+    lps, fin = ddpo_trajectory()
+    print("DDPO log-probs", _fmt(lps))
+    print("DDPO final sample", _fmt(fin))

@@ -1,0 +1,38 @@
+"""The run spec: a resolved config read once into frozen typed records (runner, sweeps and perf use it)."""
+
+import dataclasses
+
+import pytest
+
+from bench import config
+from bench.errors import AlgorithmSettingsError
+from bench.spec import RunSpec
+
+
+def _cfg(algo, model, **sets):
+    return config.resolve(sets, flags={"algo.name": algo, "model.name": model, "budget": "2it"})
+
+
+@pytest.mark.parametrize("model,prediction", [("tiny-random", "flow"), ("tiny-random-ddim", "epsilon"),
+                                              ("sd1.5-random-reduced", "epsilon"),
+                                              ("sd3.5-medium-random-reduced", "flow")])
+def test_prediction_comes_from_the_model_not_its_name(model, prediction):
+    spec = RunSpec.from_config(_cfg("ddpo", model))
+    assert spec.model.prediction == spec.sampler.prediction == prediction
+
+
+def test_typed_and_frozen():
+    spec = RunSpec.from_config(_cfg("treegrpo", "tiny-random", **{"train.lr": 3e-4, "algo.k": 3}))
+    assert spec.optimizer.lr == 3e-4 and spec.algo_config.k == 3 and spec.budget.iterations == 2
+    assert isinstance(spec.sampler.steps, int) and isinstance(spec.eval.rewards, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
+
+
+def test_sweeps_validate_with_the_models_own_prediction():
+    from sweeps.objective import validate_run_config
+
+    # MixGRPO-Flash needs a flow model; an SD1.5 (epsilon) model used to be validated as a flow model
+    with pytest.raises(AlgorithmSettingsError, match="flow-matching model"):
+        validate_run_config(_cfg("mixgrpo", "sd1.5-random-reduced", **{"algo.flash": True}))
+    validate_run_config(_cfg("mixgrpo", "sd3.5-medium-random-reduced", **{"algo.flash": True}))
