@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-all bench-engine clean
+.PHONY: install run test test-all bench-engine results clean
 
 install: .venv/.installed
 
@@ -21,6 +21,10 @@ test-all: install
 
 bench-engine: install
 	.venv/bin/python -m bench.perf engine --json
+
+# Canonical shapes results (docs/results/*.pdf) from one clean commit; settings in scripts/results.sh
+results: install
+	bash scripts/results.sh
 
 clean:
 	rm -rf .venv runs

@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     "eval": {
         "every": 10,             # evaluate every N iterations (0 = only at start and end)
         "num_prompts": 32,       # first N prompts of the eval set
+        "images_per_prompt": 4,  # images per eval prompt (independent noise each): resolution of the eval means
+        "seed": 0,               # eval noise seed, independent of the run seed: every run of a comparison
+                                 # evaluates the same prompts on the same noise (docs/REPORTS.md)
         "rewards": None,         # list; None = the preset's
         "grid": 16,              # images in each saved sample grid
         "at_start": True,
@@ -263,6 +266,9 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(e["every"], int) and e["every"] >= 0, f"eval.every must be an integer >= 0, got {e['every']!r}")
     need(isinstance(e["num_prompts"], int) and e["num_prompts"] >= 1,
          f"eval.num_prompts must be an integer >= 1, got {e['num_prompts']!r}")
+    need(isinstance(e["images_per_prompt"], int) and e["images_per_prompt"] >= 1,
+         f"eval.images_per_prompt must be an integer >= 1, got {e['images_per_prompt']!r}")
+    need(isinstance(e["seed"], int) and e["seed"] >= 0, f"eval.seed must be an integer >= 0, got {e['seed']!r}")
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
     need(cfg["model"]["mixed_precision"] in ("no", "bf16", "fp16"),
          f"model.mixed_precision must be no, bf16 or fp16, got {cfg['model']['mixed_precision']!r}")

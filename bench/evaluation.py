@@ -14,11 +14,12 @@ from bench.scoring import score
 from bench.types import RolloutPlan
 
 
-def eval_plan(sampler: Any) -> RolloutPlan:
-    """One deterministic chain per eval prompt with the sampler's steps and guidance."""
+def eval_plan(sampler: Any, images_per_prompt: int = 1) -> RolloutPlan:
+    """Deterministic chains with the sampler's steps and guidance: ``images_per_prompt`` per eval prompt,
+    each from its own noise (shared_noise=False)."""
     T = sampler.steps
-    return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=1,
-                       guidance=sampler.guidance, keep_latents=False)
+    return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=images_per_prompt,
+                       shared_noise=False, guidance=sampler.guidance, keep_latents=False)
 
 
 def evaluate(r: Any, iteration: int) -> dict[str, Any]:
@@ -29,9 +30,13 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     if r.eval_conditioning is None:
         r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
-    roll = r.engine.run(eval_plan(r.spec.sampler), r.eval_batch, 0, stage="eval", conditioning=r.eval_conditioning)
+    e = r.spec.eval
+    # noise from eval.seed, not the run seed: the same prompts and noise for every run whatever its seed
+    roll = r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
+                        conditioning=r.eval_conditioning, seed=e.seed)
     rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
-                           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds}
+                           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
+                           "eval_images": int(roll.images.shape[0])}
     with torch.no_grad():
         for name, reward in r.eval_rewards.items():
             out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
@@ -43,8 +48,10 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     grid_dir = r.out / "samples"
     grid_dir.mkdir(exist_ok=True)
     png = grid_dir / f"eval_{iteration:06d}.png"
-    save_grid(roll.images[: r.spec.eval.grid], png)
+    # one row per prompt when there are several images per prompt, so a grid shows their spread
+    save_grid(roll.images[: e.grid], png, ncol=e.images_per_prompt if e.images_per_prompt > 1 else 8)
     rec["samples_png"] = str(png.relative_to(r.out))
+    rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
     r.evals.append(rec)
     train_name = r.spec.reward.name
     rec["reward_hacking"] = reward_hacking_flag(

@@ -90,6 +90,8 @@ EVAL_KEYS: dict[str, str] = {
     "eval/<reward>/<component>": "mean of a held-out reward component",
     "samples_png": "sample grid of this evaluation, relative to the run directory",
     "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
+    "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
+    "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
 }
 
 #: Wall-clock and memory fields: differ between two otherwise identical runs.

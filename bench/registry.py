@@ -157,7 +157,7 @@ MODELS: dict[str, ModelPreset] = {
 
 #: Subcommands implemented outside ``bench`` (``bench NAME ...`` -> ``module.main(argv) -> int``).
 COMMANDS: dict[str, Entry] = {
-    "compare": Entry("reports.compare:main", "Run several algorithms under one budget and seeds, then report"),
+    "compare": Entry("bench.compare:main", "Run several algorithms under one budget and seeds, then report"),
     "sweep": Entry("sweeps.cli:main", "Optuna sweep over k, d, window and friends"),
     "report": Entry("reports.cli:main", "Build a PDF report from run directories"),
     "rewards": Entry("rewards.cli:main", "Reward backends: `bench rewards check` reports which are loadable here"),

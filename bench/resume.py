@@ -180,6 +180,10 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
         raise UsageError("--overwrite and --resume contradict each other: --overwrite deletes the run that "
                          "--resume continues")
     layer: dict[str, Any] = dict(config.flatten(saved))
+    # runs started before eval.images_per_prompt / eval.seed existed evaluated one image per prompt on
+    # noise from the run seed: keep that, so a resumed run's evaluations stay comparable with its own
+    layer.setdefault("eval.images_per_prompt", 1)
+    layer.setdefault("eval.seed", int(saved.get("seed") or 0))
     explicit: set[str] = set()
     file_layer = config.load_config_file(config_file) if config_file else {}
     algo = saved.get("algo", {}).get("name")

@@ -134,9 +134,11 @@ class RolloutEngine:
     # ---- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, plan: RolloutPlan, batch: PromptBatch, iteration: int, *, stage: str = "rollout",
-            conditioning: Conditioning | None = None) -> Rollout:
+            conditioning: Conditioning | None = None, seed: int | None = None) -> Rollout:
         """Sample the plan for every prompt of the batch. ``stage`` names the noise stream and the NFE
-        counter ("rollout" -> nfe_rollout, "eval" -> nfe_eval)."""
+        counter ("rollout" -> nfe_rollout, "eval" -> nfe_eval). ``seed`` replaces the engine's seed for
+        this call's noise (the held-out evaluation draws from ``eval.seed``, not the run seed, so every
+        run of a comparison evaluates on the same noise)."""
         pol = self.policy
         dev = pol.device
         T, G, P = plan.num_steps, plan.trees_per_prompt, len(batch)
@@ -145,7 +147,7 @@ class RolloutEngine:
         if conditioning is None:
             self.recorder.record("text_encode", P, phase, "text_encoder")
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
-        gen = generator(self.seed, iteration, stage)
+        gen = generator(self.seed if seed is None else int(seed), iteration, stage)
         shape = pol.latent_shape
 
         if plan.shared_noise:  # one initial noise per prompt, shared by its G roots

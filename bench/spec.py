@@ -68,13 +68,16 @@ class RewardSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """Held-out evaluation: rewards evaluated, every N iterations (0 = start and end only), at start or
-    not, first N prompts of the eval set, images per saved grid."""
+    not, first N prompts of the eval set, images per prompt, the noise seed (independent of the run
+    seed, so every run of a comparison evaluates on the same noise), images per saved grid."""
 
     rewards: tuple[str, ...]
     every: int
     at_start: bool
     num_prompts: int
     grid: int
+    images_per_prompt: int = 1
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ class RunSpec:
             prompts_per_iteration=int(t["prompts_per_iteration"]),
             reward=RewardSpec(name=r["name"], normalize=r["normalize"], options=dict(r["options"])),
             eval=EvalSpec(rewards=tuple(e["rewards"]), every=int(e["every"]), at_start=bool(e["at_start"]),
-                          num_prompts=int(e["num_prompts"]), grid=int(e["grid"])),
+                          num_prompts=int(e["num_prompts"]), grid=int(e["grid"]),
+                          images_per_prompt=int(e["images_per_prompt"]), seed=int(e["seed"])),
             train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],
             run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bench.errors import UsageError
+from reports.load import X_AXES
 
 
 def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
@@ -20,7 +22,7 @@ def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None,
                    help="method the speed-up and probability-of-improvement tables compare against "
                         "(default: dancegrpo if present, else the first method)")
-    p.add_argument("--x", default="samples", choices=("samples", "nfe", "seconds", "modeled"),
+    p.add_argument("--x", default="samples", choices=tuple(X_AXES),
                    help="budget axis of the learning curves (default: samples)")
     p.add_argument("--metric", default=None,
                    help="eval key of the primary metric, e.g. eval/shapes_attr "
@@ -29,6 +31,13 @@ def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
                    help="reward R for 'N.Nx faster to reach R' (default: the baseline's final IQM)")
     p.add_argument("--title", default="treebench report", help="title printed on every page")
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the 95%% CIs (default 2000)")
+    p.add_argument("--wall-verdict", action="store_true",
+                   help="also state speed-ups in wall-clock seconds (noisy; said so in every sentence)")
+    p.add_argument("--no-files", action="store_true",
+                   help="write only the PDF (no <report>_files/ with per-page images and CSV/Markdown tables)")
+    p.add_argument("--formats", default="png,svg",
+                   help="image formats of the per-page files, comma-separated (default png,svg; SVG is skipped "
+                        "for sample-grid pages)")
     return p
 
 
@@ -37,17 +46,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.reps < 100:
         print("error: --reps must be at least 100", file=sys.stderr)
         return 2
+    formats = tuple(f.strip().lower() for f in args.formats.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        print(f"error: --formats {args.formats!r}: choose from png, svg, pdf", file=sys.stderr)
+        return 2
     try:
-        from reports.pdf import ReportOptions, build_report
+        from reports.pdf import ReportOptions, report
 
-        pages = build_report(args.runs, args.out, ReportOptions(
+        rep = report(args.runs, args.out, ReportOptions(
             x=args.x, baseline=args.baseline, metric=args.metric, threshold=args.threshold,
-            title=args.title, reps=args.reps))
+            title=args.title, reps=args.reps, wall_verdict=args.wall_verdict, figures=not args.no_files,
+            figure_formats=formats))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({len(pages)} pages: {'; '.join(pages)})")
+    print_verdict(rep.verdict)
+    print(f"wrote {args.out} ({len(rep.pages)} pages: {'; '.join(rep.pages)})")
     return 0
+
+
+def print_verdict(lines: Sequence[str]) -> None:
+    print("verdict:")
+    for line in lines:
+        print(f"  * {line}")
+
+
+def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: str | None = None,
+                   x: str = "samples", title: str = "bench compare", allow_mixed_code: bool = False, reps: int = 2000) -> list[str]:
+    """The report step of ``bench compare`` (named by a string in bench.compare): the PDF of every run
+    under ``out_dir``, its verdict printed. Runs from different commits or dirty trees are refused
+    unless ``allow_mixed_code`` (then the report marks them on its first page)."""
+    from reports.load import code_version_problems, load
+    from reports.pdf import ReportOptions, report
+
+    rs = load([out_dir])
+    problems = code_version_problems(rs.runs)
+    if problems and not allow_mixed_code:
+        raise UsageError("the runs do not come from one clean commit: " + "; ".join(problems)
+                         + ". Rerun them from one commit (--overwrite) or pass --allow-mixed-code")
+    rep = report(rs, report_path, ReportOptions(x=x, baseline=baseline, title=title, reps=reps))
+    print_verdict(rep.verdict)
+    return rep.pages
 
 
 if __name__ == "__main__":

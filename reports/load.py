@@ -35,14 +35,18 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 #: Canonical order of algorithms on every page (others follow alphabetically).
 ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
 
-#: Budget axes: name -> (column in iterations/evals, axis label with unit)
+#: Budget axes: name -> (cumulative column in iterations/evals, axis label with unit). An axis whose
+#: column no run logged is simply absent from a report; add an entry here to report a new cost column.
 X_AXES = {
     "samples": ("samples_total", "scored samples (images)"),
     "nfe": ("nfe_total", "denoiser forward passes (NFE)"),
-    "seconds": ("seconds_total", "training wall-clock (s)"),
-    # (cost) runs with a cost profile (run.cost_profile / run.clock): modeled, not measured, seconds
+    # runs with a cost profile (run.cost_profile / run.clock): modeled, not measured, seconds
     "modeled": ("modeled_seconds_total", "MODELED seconds (cost profile; not wall-clock)"),
+    "seconds": ("seconds_total", "training wall-clock (s)"),
 }
+#: Axes that are exact counts or model outputs, identical on any machine; verdicts use these (and the
+#: budget's own axis). Wall-clock seconds are noisy and machine-bound: used only with that said.
+NOISE_FREE_AXES = ("samples", "nfe", "modeled")
 
 
 def axis_label(runs: pd.DataFrame, axis: str) -> str:
@@ -261,7 +265,7 @@ def load(paths: Iterable[str | os.PathLike]) -> RunSet:
     runs = _sort_runs(runs)
     ident = runs[["run", "algo", "label", "seed"]]
     iterations = _concat(it_frames, ident)
-    evals = _concat(ev_frames, ident)
+    evals = _fill_axis_columns(_concat(ev_frames, ident), iterations)
     return RunSet(runs=runs, iterations=iterations, evals=evals, manifests=manifests, finals=finals,
                   trials=_read_trials(paths))
 
@@ -279,6 +283,42 @@ def _concat(frames: list[pd.DataFrame], ident: pd.DataFrame) -> pd.DataFrame:
                 pass
     df = ident.merge(df, on="run", how="right")
     return df
+
+
+def _fill_axis_columns(evals: pd.DataFrame, iterations: pd.DataFrame) -> pd.DataFrame:
+    """Give eval records the cumulative cost columns they lack but iterations carry (e.g. a modeled
+    cost): an eval after j completed iterations takes iteration j - 1's cumulative value (0 at j = 0)."""
+    if evals.empty or iterations.empty or "iteration" not in iterations:
+        return evals
+    for col, _ in X_AXES.values():
+        if col in evals or col not in iterations:
+            continue
+        cum = iterations[["run", "iteration", col]].assign(iteration=iterations["iteration"] + 1)
+        evals = evals.merge(cum, on=["run", "iteration"], how="left")
+        evals.loc[evals["iteration"] == 0, col] = 0.0
+    return evals
+
+
+def axes_present(rs: RunSet) -> list[str]:
+    """Budget axes with finite values in every run's eval records, in X_AXES order."""
+    out = []
+    for name, (col, _) in X_AXES.items():
+        if col in rs.evals and not rs.evals.empty:
+            ok = rs.evals.groupby("run")[col].apply(lambda v: pd.to_numeric(v, errors="coerce").notna().any())
+            if len(ok) and ok.all():
+                out.append(name)
+    return out
+
+
+def budget_axis(rs: RunSet) -> str | None:
+    """The axis the budget fixed ("samples", "nfe", "seconds", or None for iteration budgets or budgets
+    that differ between runs)."""
+    found = set()
+    for m in rs.manifests.values():
+        b = m.get("budget") or {}
+        kinds = [k for k in ("seconds", "samples", "nfe") if b.get(k) is not None]
+        found.add(kinds[0] if len(kinds) == 1 else None)
+    return found.pop() if len(found) == 1 else None
 
 
 def _run_ids(dirs: list[Path]) -> list[str]:
@@ -393,3 +433,20 @@ def check_comparable(runs: pd.DataFrame, wall_clock: bool = False) -> None:
     if problems:
         raise UsageError("cannot put these runs on one axis: " + " | ".join(problems)
                          + ". Report them separately (pass only comparable run directories).")
+
+
+def code_version_problems(runs: pd.DataFrame) -> list[str]:
+    """Why these runs may not come from one code version: several git commits, an uncommitted (dirty)
+    working tree, or an unknown commit. Differences between methods could then be code changes."""
+    problems = []
+    msg = _differ(runs, runs["git_commit"].map(lambda c: str(c)[:12]), "git commit")
+    if msg:
+        problems.append(msg)
+    dirty = runs.loc[runs["git_dirty"].map(lambda d: d is True), "run"].tolist()
+    if dirty:
+        problems.append(f"{len(dirty)} run(s) from a working tree with uncommitted changes: "
+                        + ", ".join(map(str, dirty[:4])) + (" ..." if len(dirty) > 4 else ""))
+    unknown = runs.loc[runs["git_commit"].map(lambda c: not c or str(c) in ("None", "nan", "unknown")), "run"]
+    if len(unknown):
+        problems.append(f"{len(unknown)} run(s) with no git commit recorded")
+    return problems

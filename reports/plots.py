@@ -7,8 +7,7 @@ k/d settings) share its colour and differ by line style / marker.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
@@ -79,6 +78,15 @@ def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def readable_x(ax: plt.Axes, nbins: int = 5) -> None:
+    """At most ``nbins`` x ticks in engineering notation (60k, 1.2M) so large budgets never collide."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    if ax.get_xscale() == "linear":
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins))
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def _legend(ax: plt.Axes, **kw: Any) -> None:
     handles, _ = ax.get_legend_handles_labels()
     if handles:
@@ -124,6 +132,7 @@ def learning_curves(
     if threshold is not None and np.isfinite(threshold):
         ax.axhline(threshold, color="#444444", lw=0.8, ls=":", label=f"threshold {threshold:.3g}")
     ax.set_xlabel(xlabel)
+    readable_x(ax)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
@@ -141,6 +150,7 @@ def pareto(
     reward_label: str,
     log_x: bool = False,
     legend: bool = True,
+    annotate: bool = False,
 ) -> plt.Axes:
     """Final reward (IQM, 95% CI bars) vs cost per label; the non-dominated set (column ``front``)
     drawn filled and joined by a step line, dominated points hollow. ``points``: label, cost,
@@ -151,9 +161,13 @@ def pareto(
     st = styles(list(pts["label"]))
     for _, r in pts.iterrows():
         s = st[r["label"]]
-        yerr = np.array([[r["value"] - r["lo"]], [r["hi"] - r["value"]]])
-        ax.errorbar(r["cost"], r["value"], yerr=np.clip(yerr, 0, None), color=s["color"], capsize=3, lw=1,
-                    zorder=2)
+        if np.isfinite(r["lo"]) and np.isfinite(r["hi"]):  # no bar below 3 seeds
+            yerr = np.array([[r["value"] - r["lo"]], [r["hi"] - r["value"]]])
+            ax.errorbar(r["cost"], r["value"], yerr=np.clip(yerr, 0, None), color=s["color"], capsize=3, lw=1,
+                        zorder=2)
+        if annotate:
+            ax.annotate(str(r["label"]), (r["cost"], r["value"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
         ax.scatter(r["cost"], r["value"], s=70 if r["front"] else 45, marker=s["marker"], zorder=3,
                    facecolors=s["color"] if r["front"] else "white", edgecolors=s["color"], linewidths=1.6,
                    label=r["label"])
@@ -165,6 +179,7 @@ def pareto(
     ax.set_ylabel(reward_label)
     if log_x:
         ax.set_xscale("log")
+    readable_x(ax)
     ax.grid(alpha=0.3)
     ax.margins(x=0.15, y=0.15)
     if legend:
@@ -209,6 +224,22 @@ def phase_breakdown(ax: plt.Axes, phases: pd.DataFrame) -> plt.Axes:
     ax.set_xlim(0, max(left.max(), 1e-9) * 1.18)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=len(cols), fontsize=8, frameon=False)
+    return ax
+
+
+def bars(ax: plt.Axes, labels: Sequence[str], values: Sequence[float], xlabel: str) -> plt.Axes:
+    """Horizontal bars, one per label (first on top), coloured by algorithm, with the value printed."""
+    vals = np.asarray(values, dtype=float)[::-1]
+    labs = list(labels)[::-1]
+    ax.barh(range(len(labs)), vals, color=[color(lab) for lab in labs], height=0.6)
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    ax.set_yticks(range(len(labs)), labs)
+    for t in ax.get_yticklabels():
+        t.set_color(color(t.get_text()))
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, np.nanmax(vals, initial=1) * 1.25 if np.isfinite(vals).any() else 1)
+    ax.grid(axis="x", alpha=0.3)
     return ax
 
 
@@ -270,69 +301,6 @@ def param_curve(ax: plt.Axes, data: pd.DataFrame, xlabel: str, ylabel: str, titl
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     _legend(ax, loc="best")
-    return ax
-
-
-# --------------------------------------------------------------------------------------- images
-
-def _load_image(path: Path) -> np.ndarray | None:
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError):
-        return None
-
-
-def image_grid(
-    ax: plt.Axes,
-    rows: Sequence[tuple[str, Sequence[tuple[str, str | Path | None]]]],
-    title: str | None = None,
-    pad: int = 4,
-) -> plt.Axes:
-    """A mosaic of images: ``rows`` = [(row label, [(column label, png path or None), ...]), ...].
-    Missing images are drawn grey. Row labels are coloured by algorithm."""
-    rows = [(lab, list(cells)) for lab, cells in rows if cells]
-    if not rows:
-        return note(ax, "no sample images (samples/eval_*.png) in these runs")
-    images = [[_load_image(Path(p)) if p else None for _, p in cells] for _, cells in rows]
-    present = [im for r in images for im in r if im is not None]
-    if not present:
-        return note(ax, "sample image files are missing or unreadable")
-    h = max(im.shape[0] for im in present)
-    w = max(im.shape[1] for im in present)
-    ncol = max(len(c) for _, c in rows)
-    vpad = max(pad, int(0.22 * h))  # room for the column labels above each row
-    pad = max(pad, int(0.08 * w))  # checkpoints clearly apart even when each image is itself a grid
-    top = vpad
-    canvas = np.ones((top + len(rows) * (h + vpad) - vpad, ncol * (w + pad) - pad, 3), dtype=np.float32)
-    for i, r in enumerate(images):
-        for j in range(ncol):
-            y0, x0 = top + i * (h + vpad), j * (w + pad)
-            im = r[j] if j < len(r) else None
-            if im is None:
-                canvas[y0:y0 + h, x0:x0 + w] = 0.85 if j < len(r) else 1.0
-            else:
-                canvas[y0:y0 + im.shape[0], x0:x0 + im.shape[1]] = im
-    ax.imshow(canvas, interpolation="nearest")
-    for i, r in enumerate(images):  # a thin frame per checkpoint
-        for j in range(len(r)):
-            ax.add_patch(plt.Rectangle((j * (w + pad) - 0.5, top + i * (h + vpad) - 0.5), w, h, fill=False,
-                                       ec="#999999", lw=0.6))
-    ax.set_yticks([top + i * (h + vpad) + h / 2 for i in range(len(rows))], [lab for lab, _ in rows], fontsize=8)
-    for t in ax.get_yticklabels():
-        t.set_color(color(t.get_text()))
-    # column labels per cell (rows may have different checkpoints): written above each image
-    for i, (_, cells) in enumerate(rows):
-        for j, (clab, _) in enumerate(cells):
-            ax.text(j * (w + pad) + w / 2, top + i * (h + vpad) - 1, clab, ha="center", va="bottom",
-                    fontsize=7, color="#333333")
-    ax.set_xticks([])
-    for s in ax.spines.values():
-        s.set_visible(False)
-    if title:
-        ax.set_title(title, fontsize=10, pad=12)
     return ax
 
 
@@ -400,61 +368,3 @@ def flag_spans(xs: Sequence[float], flags: Sequence[bool], window: int = 3) -> l
         else:
             spans.append((lo, hi))
     return spans
-
-
-# --------------------------------------------------------------------------------------- tables
-
-HEADER_WRAP = 26  # characters per header line
-ROW_SCALE = 1.35  # table row height in text heights
-
-
-def table_height_pt(frame: pd.DataFrame, fontsize: int = 8) -> float:
-    """Height in points that ``table`` draws for this frame (header lines + rows)."""
-    import textwrap
-
-    row = 10 * 1.2 * ROW_SCALE  # matplotlib sizes default cells from Table.FONTSIZE (10), not the set size
-    lines = max([len(textwrap.wrap(str(c), HEADER_WRAP)) or 1 for c in frame.columns] or [1])
-    return row * (0.6 + 0.55 * lines) + row * len(frame)
-
-
-def table(ax: plt.Axes, frame: pd.DataFrame, title: str | None = None, col_widths: Sequence[float] | None = None,
-          fontsize: int = 8) -> plt.Axes:
-    """A DataFrame as a table filling the axes (all cells as given: format numbers beforehand)."""
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=10, loc="left")
-    if frame.empty:
-        return note(ax, "nothing to tabulate")
-    import textwrap
-
-    cells = frame.astype(str).to_numpy()
-    headers = ["\n".join(textwrap.wrap(str(c), HEADER_WRAP)) or " " for c in frame.columns]
-    if col_widths is None:  # proportional to the longest line in each column
-        lens = [max([len(x) for x in cells[:, j]] + [max(len(x) for x in headers[j].split("\n"))])
-                for j in range(cells.shape[1])]
-        lens = [n + 3 for n in lens]  # cell padding
-        col_widths = [n / sum(lens) for n in lens]
-    tab = ax.table(cellText=cells, colLabels=headers, loc="upper center",
-                   cellLoc="center", colLoc="center", colWidths=col_widths)
-    tab.auto_set_font_size(False)
-    tab.set_fontsize(fontsize)
-    tab.scale(1, ROW_SCALE)
-    header_lines = max(h.count("\n") + 1 for h in headers)
-    for (r, c), cell in tab.get_celld().items():
-        if r == 0:
-            cell.set_facecolor("#e8e8e8")
-            cell.set_text_props(weight="bold")
-            cell.set_height(cell.get_height() * (0.6 + 0.55 * header_lines))
-        elif c == 0:
-            cell.get_text().set_color(color(cell.get_text().get_text()))
-    return ax
-
-
-def text_block(ax: plt.Axes, lines: Sequence[str] | Mapping[str, str], fontsize: int = 9, top: float = 1.0) -> plt.Axes:
-    """Left-aligned text lines (or key: value pairs) for title and notes pages."""
-    ax.set_axis_off()
-    if isinstance(lines, Mapping):
-        lines = [f"{k}: {v}" for k, v in lines.items()]
-    ax.text(0.0, top, "\n".join(lines), ha="left", va="top", fontsize=fontsize, family="monospace",
-            transform=ax.transAxes, wrap=True)
-    return ax

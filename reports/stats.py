@@ -14,19 +14,110 @@ arch/statsmodels/seaborn:
 
 A "task" here is one score column (e.g. one eval reward or one grid point); a single 1-D array of
 per-seed scores is one task.
+
+Small samples: with fewer than ``MIN_N_FOR_INTERVAL`` (3) runs a bootstrap "interval" is only the
+min-max of the values (n = 2) or a point (n = 1), so ``summarize`` gives no interval there and says so,
+and ``probability_of_improvement`` is not reported unless both sides have at least 3 runs. The
+minimum detectable effect (``min_detectable_effect``) is the difference a two-sided test at 5% finds
+with 80% power given the seed-to-seed spread, floored at the metric's resolution.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from itertools import pairwise
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 Statistic = Callable[..., np.ndarray]
+
+#: Fewest runs per side for a confidence interval or a probability of improvement.
+MIN_N_FOR_INTERVAL = 3
+#: z_{1 - alpha/2} + z_{power} for a two-sided 5% test with 80% power (1.959964 + 0.841621).
+MDE_Z = 2.801585
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A sample of per-run values: IQM and its 95% CI, or (n < 3) the values and no interval."""
+
+    values: tuple[float, ...]
+    point: float
+    lo: float
+    hi: float
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def has_interval(self) -> bool:
+        return self.n >= MIN_N_FOR_INTERVAL
+
+    def text(self, digits: int = 3, sign: bool = False) -> str:
+        f = f"{{:{'+' if sign else ''}.{digits}f}}"
+        if self.n == 0:
+            return "-"
+        if self.has_interval:
+            return f"{f.format(self.point)} [{f.format(self.lo)}, {f.format(self.hi)}]"
+        vals = ", ".join(f.format(v) for v in self.values)
+        return f"{vals} (n = {self.n}, no interval)"
+
+
+def summarize(values: Any, reps: int = 2000, seed: int = 0) -> Summary:
+    """IQM + stratified-bootstrap 95% CI when there are at least 3 finite values; else the values with
+    NaN bounds (an "interval" from 2 runs is their min-max and reads as certainty)."""
+    v = np.asarray(values, dtype=float).reshape(-1)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return Summary((), math.nan, math.nan, math.nan)
+    if v.size < MIN_N_FOR_INTERVAL:
+        return Summary(tuple(float(x) for x in v), float(iqm(v)), math.nan, math.nan)
+    p, lo, hi = bootstrap_ci(v, iqm, reps=reps, seed=seed)
+    return Summary(tuple(float(x) for x in v), p, lo, hi)
+
+
+def difference_ci(x: Any, y: Any, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """(IQM(x) - IQM(y), lower, upper): independent stratified bootstraps of both samples (95%).
+    NaN bounds unless both have at least 3 values."""
+    a, b = (np.asarray(v, dtype=float).reshape(-1) for v in (x, y))
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if a.size == 0 or b.size == 0:
+        return math.nan, math.nan, math.nan
+    point = float(iqm(a) - iqm(b))
+    if min(a.size, b.size) < MIN_N_FOR_INTERVAL:
+        return point, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    ba = iqm(stratified_bootstrap(a, reps, rng)[:, :, 0], axis=1)
+    bb = iqm(stratified_bootstrap(b, reps, rng)[:, :, 0], axis=1)
+    lo, hi = np.percentile(ba - bb, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def pooled_sd(groups: Sequence[Any]) -> float:
+    """Within-group standard deviation pooled over groups (each with >= 2 finite values):
+    sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)); NaN when no group has two values."""
+    num, den = 0.0, 0
+    for g in groups:
+        v = np.asarray(g, dtype=float).reshape(-1)
+        v = v[np.isfinite(v)]
+        if v.size >= 2:
+            num += (v.size - 1) * float(np.var(v, ddof=1))
+            den += v.size - 1
+    return math.sqrt(num / den) if den else math.nan
+
+
+def min_detectable_effect(sd: float, n_x: int, n_y: int, resolution: float = 0.0) -> float:
+    """Smallest true difference of means a two-sided 5% test detects with 80% power:
+    (z_0.975 + z_0.8) * sd * sqrt(1/n_x + 1/n_y) (normal approximation), never below ``resolution``
+    (the metric cannot resolve smaller differences). NaN when sd is unknown or a side is empty."""
+    if not (np.isfinite(sd) and n_x >= 1 and n_y >= 1):
+        return math.nan
+    mde = MDE_Z * float(sd) * math.sqrt(1.0 / n_x + 1.0 / n_y)
+    return max(mde, float(resolution) if np.isfinite(resolution) else 0.0)
 
 
 # --------------------------------------------------------------------------------------- aggregates
@@ -236,20 +327,61 @@ def time_to_threshold(xs: Any, ys: Any, threshold: float, rtol: float = 1e-9) ->
     return math.nan
 
 
-def speedups(
-    curves: pd.DataFrame, baseline: str, threshold: float
-) -> pd.DataFrame:
-    """From aggregate_curves output: per label, budget to reach ``threshold`` on its IQM curve and
-    speed-up = baseline's budget / label's budget (NaN when either never reaches it)."""
-    rows = []
-    base = curves[curves["label"] == baseline]
-    t_base = time_to_threshold(base["x"], base["value"], threshold) if not base.empty else math.nan
-    for label, g in curves.groupby("label", sort=False):
-        t = time_to_threshold(g["x"], g["value"], threshold)
-        s = t_base / t if (np.isfinite(t) and np.isfinite(t_base) and t > 0) else math.nan
-        rows.append({"label": label, "threshold": threshold, "budget_to_threshold": t,
-                     "baseline": baseline, "baseline_budget": t_base, "speedup": s})
-    return pd.DataFrame(rows)
+def _first_crossing(grid: np.ndarray, curves: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    """Per row of curves [R, P] on grid [P]: the first x where the piecewise-linear curve reaches
+    thr [R] (within a relative 1e-9, as time_to_threshold), NaN if never."""
+    thr = thr - 1e-9 * np.maximum(np.abs(thr), 1e-12)
+    hit = np.isfinite(curves) & (curves >= thr[:, None])
+    out = np.full(curves.shape[0], np.nan)
+    any_hit = hit.any(axis=1)
+    j = np.argmax(hit, axis=1)
+    for r in np.flatnonzero(any_hit):  # one interpolation per row; the search above is vectorised
+        k = j[r]
+        if k == 0:
+            out[r] = grid[0]
+        else:
+            y0, y1 = curves[r, k - 1], curves[r, k]
+            out[r] = grid[k - 1] + (thr[r] - y0) * (grid[k] - grid[k - 1]) / (y1 - y0)
+    return out
+
+
+def speedup_ci(
+    base: Any, other: Any, grid: Any, threshold: float | None = None, reps: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Cost to reach a threshold, as a ratio with a bootstrap CI.
+
+    ``base`` [n_b, P] and ``other`` [n_x, P]: per-run curves on the shared budget ``grid`` [P] (held
+    at their final value after a run stopped). Threshold R = ``threshold`` or, when None, the
+    baseline's final IQM (recomputed in every resample). budget = first x where the IQM curve reaches
+    R; speed-up = baseline budget / other budget (> 1: ``other`` needs less). The 95% CI resamples runs
+    within each side; a resample where ``other`` never reaches R counts as speed-up 0 (it is slower
+    than any finite factor). Bounds are NaN unless both sides have >= 3 runs.
+    Returns speedup, lo, hi, budget, baseline_budget, threshold, reached (fraction of resamples)."""
+    g = np.asarray(grid, dtype=float)
+    a, b = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != g.size or b.shape[1] != g.size or not len(a) or not len(b):
+        raise ValueError(f"curves must be [runs, {g.size}] with at least one run, got {a.shape} and {b.shape}")
+
+    def ratio(ca: np.ndarray, cb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ia, ib = iqm(ca, axis=1), iqm(cb, axis=1)  # [R, P]
+        thr = np.full(ia.shape[0], float(threshold)) if threshold is not None else ia[:, -1]
+        ta, tb = _first_crossing(g, ia, thr), _first_crossing(g, ib, thr)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(np.isfinite(tb) & (tb > 0), ta / tb, np.where(np.isfinite(tb), np.inf, 0.0))
+        return r, ta, tb, thr
+
+    r, ta, tb, thr = ratio(a[None], b[None])
+    out = {"speedup": float(r[0]) if np.isfinite(tb[0]) else math.nan, "lo": math.nan, "hi": math.nan,
+           "budget": float(tb[0]), "baseline_budget": float(ta[0]), "threshold": float(thr[0]),
+           "reached": math.nan}
+    if min(len(a), len(b)) >= MIN_N_FOR_INTERVAL:
+        rng = np.random.default_rng(seed)
+        ia = rng.integers(0, len(a), size=(reps, len(a)))
+        ib = rng.integers(0, len(b), size=(reps, len(b)))
+        rb, _, tbb, _ = ratio(a[ia], b[ib])
+        out["lo"], out["hi"] = (float(v) for v in np.percentile(rb, [2.5, 97.5]))
+        out["reached"] = float(np.mean(np.isfinite(tbb)))
+    return out
 
 
 # --------------------------------------------------------------------------------------- Pareto
@@ -265,31 +397,3 @@ def pareto_mask(reward: Sequence[float], cost: Sequence[float]) -> np.ndarray:
         strictly = (r > r[i]) | (c < c[i])
         mask[i] = not np.any(better_or_eq & strictly)
     return mask
-
-
-# --------------------------------------------------------------------------------------- reward hacking
-
-def reward_hacking_flags(
-    records: Sequence[Mapping[str, Any]],
-    train_key: str,
-    heldout_keys: Sequence[str],
-    window: int = 3,
-) -> list[bool]:
-    """Per eval record: True when, over the last ``window`` consecutive eval records ending at it, the
-    training reward's eval key strictly increases at every step while some held-out key strictly
-    decreases at every step. Records missing a key (or non-finite) never flag that key."""
-    def strictly(win: Sequence[Mapping[str, Any]], key: str, sign: int) -> bool:
-        vals = [r.get(key) for r in win]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals):
-            return False
-        return all(sign * (b - a) > 0 for a, b in pairwise(vals))
-
-    flags = []
-    for end in range(len(records)):
-        if end + 1 < window:
-            flags.append(False)
-            continue
-        win = records[end + 1 - window:end + 1]
-        flags.append(strictly(win, train_key, +1)
-                     and any(strictly(win, k, -1) for k in heldout_keys if k != train_key))
-    return flags

@@ -61,6 +61,18 @@ def tiny_eps_policy(tiny_eps_dir):
     return load_policy(tiny_eps_dir)
 
 
+@pytest.fixture
+def fake_bench_run(monkeypatch):
+    """``bench compare`` launches tests/synthetic_runs.py (instant synthetic run directories with known
+    values) instead of ``bench run``."""
+    import sys
+    from pathlib import Path
+
+    from bench import compare
+
+    monkeypatch.setattr(compare, "RUNNER", [sys.executable, str(Path(__file__).with_name("synthetic_runs.py"))])
+
+
 # ---- an installed plug-in package ------------------------------------------------------------------
 #: the example plug-in package (docs/PLUGINS.md); its pyproject.toml declares the entry points
 PLUGIN_ROOT = Path(__file__).resolve().parent / "plugin_example"

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from synthetic_runs import write_comparison, write_run, write_sweep
 
 from bench.errors import UsageError
 from reports import load as L
-from reports.synthetic import write_comparison, write_run, write_sweep
 
 
 def test_load_comparison_tree(tmp_path):

@@ -3,12 +3,12 @@
 import re
 
 import pytest
+from synthetic_runs import linear_curve, write_comparison, write_run, write_sweep
 
 from bench.errors import UsageError
 from reports import cli, stats
 from reports.load import load
 from reports.pdf import ReportOptions, build_report, final_table
-from reports.synthetic import linear_curve, write_comparison, write_run, write_sweep
 
 FAST = {"reps": 200, "points": 20}
 
@@ -29,11 +29,18 @@ def test_comparison_report_pages_via_cli(comparison, tmp_path, capsys):
     out = tmp_path / "report.pdf"
     assert cli.main([str(comparison), "--out", str(out), "--reps", "200", "--x", "nfe"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"wrote {out} (9 pages: treebench report; Learning curves vs denoiser forward passes")
-    # title, curves, curves per currency, Pareto, timing, samples, reward hacking (flagged: ddpo's
-    # held-out reward falls in the synthetic runs) + its sample grid, tables
-    assert pdf_pages(out) == 9
-    assert "Reward hacking: FLAGGED in 3 run(s)" in text and text.rstrip().endswith("Tables (baseline: dancegrpo))")
+    # the verdict first, then the pages: title (verdict), setup, curves, curves per currency, Pareto, timing,
+    # samples, reward hacking (flagged: ddpo's held-out reward falls in every seed), tables (2 pages)
+    assert text.startswith("verdict:\n  * ddpo trails dancegrpo on shapes_pref (training reward): gain over "
+                           "iteration 0 +0.110 vs +0.210")
+    assert f"wrote {out} (10 pages: treebench report; Setup; Learning curves vs denoiser forward passes" in text
+    assert pdf_pages(out) == 10
+    assert "Reward hacking: FLAGGED for ddpo;" in text
+    assert text.rstrip().endswith("Tables (baseline: dancegrpo) (2/2))")
+    files = {p.name for p in (tmp_path / "report_files").iterdir()}
+    assert {"final.csv", "final.md", "costs.csv", "verdict.csv", "verdict.md", "reward_hacking.csv"} <= files
+    assert "01_treebench_report.png" in files and "01_treebench_report.svg" in files
+    assert sum(n.endswith(".png") for n in files) == 10
 
 
 def test_final_iqm_and_speedup_known_values(comparison):
@@ -47,16 +54,16 @@ def test_final_iqm_and_speedup_known_values(comparison):
     # dancegrpo's final IQM 0.31 at 160 samples; treegrpo's mean slope 0.041/16 per sample reaches it at
     # 0.21 / 0.041 * 16 = 81.95 samples -> 160 / 81.95 = 1.952x
     curves = stats.aggregate_curves(rs.evals, "samples_total", "eval/shapes_pref", points=20, reps=200)
-    sp = stats.speedups(curves, "dancegrpo", 0.31).set_index("label")
-    assert sp.loc["treegrpo", "budget_to_threshold"] == pytest.approx(0.21 / 0.041 * 16)
-    assert sp.loc["treegrpo", "speedup"] == pytest.approx(160 / (0.21 / 0.041 * 16))
-    assert sp.loc["ddpo", "speedup"] != sp.loc["ddpo", "speedup"]  # never reaches it: NaN
+    reach = {lab: stats.time_to_threshold(g["x"], g["value"], 0.31) for lab, g in curves.groupby("label")}
+    assert reach["treegrpo"] == pytest.approx(0.21 / 0.041 * 16)
+    assert reach["dancegrpo"] == pytest.approx(160)
+    assert reach["ddpo"] != reach["ddpo"]  # never reaches it: NaN
 
 
 def test_sweep_report_has_kd_page(tmp_path):
     write_sweep(tmp_path / "study", ks=(2, 3), ds=(1, 2), seeds=(0,))
     pages = build_report([tmp_path / "study"], tmp_path / "s.pdf", ReportOptions(**FAST))
-    assert any(p.startswith("k/d ablation") for p in pages)
+    assert any(p.startswith("treegrpo k/d ablation") for p in pages)
     assert not any(p.startswith("Window size") for p in pages)
     assert pdf_pages(tmp_path / "s.pdf") == len(pages)
 
@@ -99,3 +106,13 @@ def test_cli_usage_errors(comparison, tmp_path, capsys):
     assert cli.main([str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_report_file_options(comparison, tmp_path, capsys):
+    assert cli.main([str(comparison), "--out", str(tmp_path / "a.pdf"), "--reps", "200", "--formats", "png"]) == 0
+    files = {p.suffix for p in (tmp_path / "a_files").iterdir()}
+    assert files == {".png", ".csv", ".md"}
+    assert cli.main([str(comparison), "--out", str(tmp_path / "b.pdf"), "--reps", "200", "--no-files"]) == 0
+    assert not (tmp_path / "b_files").exists()
+    assert cli.main([str(comparison), "--out", str(tmp_path / "c.pdf"), "--formats", "gif"]) == 2
+    assert "--formats 'gif'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from reports import plots
+from reports import panels, plots
 
 
 @pytest.fixture
@@ -63,8 +63,11 @@ def test_phase_breakdown_heatmap_grid_and_hacking(ax, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 4), (255, 0, 0)).save(tmp_path / "a.png")
-    rows = [("ddpo s0", [("it 0", tmp_path / "a.png"), ("it 2", None)])]
-    assert plots.image_grid(axes[1], rows) is axes[1]
+    # a 2 x 2 grid of 4 x 4 tiles (2-px borders), one prompt per row
+    Image.new("RGB", (12, 12), (255, 0, 0)).save(tmp_path / "g.png")
+    assert panels.sample_image(axes[1], tmp_path / "g.png", ["p one", "p one", "p two", "p two"], title="it 0") is axes[1]
+    assert [t.get_text() for t in axes[1].get_yticklabels()] == ["p one", "p two"]
+    assert panels.sample_image(axes[1], tmp_path / "missing.png", []) is axes[1]
     ev = pd.DataFrame({"iteration": [0, 1, 2], "eval/tr": [1, 2, 3], "eval/ho": [3, 2, 1]})
     assert plots.reward_hacking_panel(axes[2], ev, "eval/tr", ["eval/ho"], [False, False, True]) is axes[2]
     assert plots.flag_spans([0, 1, 2, 3], [False, False, True, True]) == [(0.0, 3.0)]

@@ -123,20 +123,6 @@ def test_time_to_threshold():
     assert stats.time_to_threshold([0, 3], [0.1, 0.1 + 0.2], 0.30000000000000004) == pytest.approx(3.0)
 
 
-def test_speedups():
-    curves = pd.DataFrame({
-        "label": ["base"] * 3 + ["fast"] * 3,
-        "x": [0, 50, 100, 0, 50, 100],
-        "value": [0, 0.25, 0.5, 0, 0.5, 1.0],
-    })
-    sp = stats.speedups(curves, "base", 0.5).set_index("label")
-    assert sp.loc["fast", "budget_to_threshold"] == pytest.approx(50)
-    assert sp.loc["fast", "speedup"] == pytest.approx(2.0)
-    assert sp.loc["base", "speedup"] == pytest.approx(1.0)
-
-
-# --------------------------------------------------------------------------------------- Pareto
-
 def test_pareto_mask_hand_made():
     #            A     B    C    D     E    F (= B)  G (NaN)
     reward = [1.0, 0.8, 0.7, 1.0, 0.5, 0.8, float("nan")]
@@ -145,25 +131,57 @@ def test_pareto_mask_hand_made():
     assert stats.pareto_mask(reward, cost).tolist() == [True, True, False, False, True, True, False]
 
 
-# --------------------------------------------------------------------------------------- reward hacking
+# --------------------------------------------------------------------------------------- small samples
 
-def test_reward_hacking_flags_known_answers():
-    train = [1, 2, 3, 4, 4, 5, 6, 7]
-    held = [5, 4, 3, 3, 2, 1, 0, 1]
-    recs = [{"eval/tr": t, "eval/ho": h, "eval/flat": 1.0} for t, h in zip(train, held)]
-    flags = stats.reward_hacking_flags(recs, "eval/tr", ["eval/flat", "eval/ho"])
-    # i=2: 1,2,3 up and 5,4,3 down; i=3: held-out 4,3,3 not strictly down; i=4,5: train not strictly up;
-    # i=6: 4,5,6 up and 2,1,0 down; i=7: held-out 1,0,1 not monotone
-    assert flags == [False, False, True, False, False, False, True, False]
+def test_summarize_gives_no_interval_below_three_runs():
+    s = stats.summarize([0.1, 0.3])
+    assert s.n == 2 and not s.has_interval and s.point == pytest.approx(0.2)
+    assert math.isnan(s.lo) and math.isnan(s.hi)
+    assert s.text() == "0.100, 0.300 (n = 2, no interval)"
+    assert stats.summarize([0.617]).text() == "0.617 (n = 1, no interval)"
+    s3 = stats.summarize([0.2, 0.2, 0.2], reps=200)
+    assert s3.has_interval and (s3.point, s3.lo, s3.hi) == pytest.approx((0.2, 0.2, 0.2))
+    assert s3.text(sign=True) == "+0.200 [+0.200, +0.200]"
+    assert stats.summarize([float("nan")]).text() == "-"
 
 
-def test_reward_hacking_needs_a_full_window_and_finite_values():
-    recs = [{"eval/tr": 1, "eval/ho": 3}, {"eval/tr": 2, "eval/ho": 2}]
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False]
-    recs.append({"eval/tr": 3})  # held-out missing at the last eval
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, False]
-    recs[-1]["eval/ho"] = 1
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"]) == [False, False, True]
-    # the training key itself never counts as held-out
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/tr"]) == [False, False, False]
-    assert stats.reward_hacking_flags(recs, "eval/tr", ["eval/ho"], window=2) == [False, True, True]
+def test_difference_ci_known_answers():
+    assert stats.difference_ci([1, 1, 1], [0, 0, 0], reps=200) == pytest.approx((1.0, 1.0, 1.0))
+    d, lo, hi = stats.difference_ci([1, 2], [0, 0, 0])
+    assert d == pytest.approx(1.5) and math.isnan(lo) and math.isnan(hi)
+    # x resamples {0, 3, 6}: IQM (= mean for n = 3) of a resample lies in [0, 6]; y constant 1
+    d, lo, hi = stats.difference_ci([0, 3, 6], [1, 1, 1], reps=2000)
+    assert d == pytest.approx(2.0) and -1.0 <= lo < 2.0 < hi <= 5.0
+
+
+def test_pooled_sd_and_minimum_detectable_effect_hand_computed():
+    # variances 1 (n=3) and 2 (n=2): sqrt((2 * 1 + 1 * 2) / 3)
+    assert stats.pooled_sd([[1, 2, 3], [2, 4], [7]]) == pytest.approx(math.sqrt(4 / 3))
+    assert math.isnan(stats.pooled_sd([[1], [2]]))
+    # 2.801585 * 0.01 * sqrt(1/5 + 1/5) = 2.801585 * 0.00632456
+    assert stats.min_detectable_effect(0.01, 5, 5) == pytest.approx(0.0177188, rel=1e-5)
+    assert stats.min_detectable_effect(0.01, 5, 5, resolution=0.05) == 0.05  # floored at the resolution
+    assert math.isnan(stats.min_detectable_effect(float("nan"), 5, 5))
+
+
+def test_speedup_ci_known_answers():
+    grid = [0.0, 50.0, 100.0]
+    base = [[0.0, 0.5, 1.0]] * 3
+    # threshold = base's final IQM 1.0, reached at 100; other's mean curve [0, 1.5, 1.5] reaches 1.0 at
+    # 50 / 1.5 = 33.3 -> 3.0x; resampled mid values lie in [1, 2] -> budgets [25, 50] -> CI within [2, 4]
+    other = [[0.0, 2.0, 2.0], [0.0, 1.0, 1.0], [0.0, 1.5, 1.5]]
+    sp = stats.speedup_ci(base, other, grid, reps=1000)
+    assert sp["threshold"] == 1.0 and sp["baseline_budget"] == pytest.approx(100.0)
+    assert sp["budget"] == pytest.approx(100 / 3) and sp["speedup"] == pytest.approx(3.0)
+    assert 2.0 - 1e-9 <= sp["lo"] < 3.0 < sp["hi"] <= 4.0 + 1e-9 and sp["reached"] == 1.0
+    # identical curves: 1.0x with a point interval; a given threshold
+    sp = stats.speedup_ci(base, base, grid, threshold=0.5, reps=200)
+    assert (sp["speedup"], sp["lo"], sp["hi"], sp["budget"]) == pytest.approx((1.0, 1.0, 1.0, 50.0))
+    # two runs a side: the point, no interval
+    sp = stats.speedup_ci(base[:2], other[:2], grid)
+    assert sp["speedup"] == pytest.approx(100 / (50 / 1.5)) and math.isnan(sp["lo"])
+    # never reaches: NaN speed-up; resamples count as 0
+    sp = stats.speedup_ci(base, [[0.0, 0.1, 0.2]] * 3, grid, reps=200)
+    assert math.isnan(sp["speedup"]) and math.isnan(sp["budget"]) and sp["hi"] == 0.0 and sp["reached"] == 0.0
+    with pytest.raises(ValueError, match="curves must be"):
+        stats.speedup_ci(base, [[0.0, 1.0]], grid)

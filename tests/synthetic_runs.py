@@ -1,6 +1,7 @@
 """Synthetic run directories with known values (docs/RUNDIR.md, schema_version 1).
 
-Used by the report tests and by ``bench compare``'s tests as a stand-in runner: every number written
+Used by the report tests and by ``bench compare``'s tests as a stand-in runner
+(``python tests/synthetic_runs.py run ...``): every number written
 is a closed-form function of the arguments, so statistics over these runs can be checked by hand.
 
 Defaults, per iteration ``i`` (0-based) of ``iterations``:
@@ -17,6 +18,10 @@ import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+#: The commit every synthetic run records unless told otherwise (tests of `bench compare` set it to this
+#: checkout's commit so that extending a comparison passes the one-commit check).
+GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 PHASES = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s")
 
@@ -61,13 +66,14 @@ def write_run(
     peak_mem_mb: float = 100.0,
     algo_config: dict[str, Any] | None = None,
     budget_spec: str = "10it",
-    git_commit: str = "0123456789abcdef0123456789abcdef01234567",
+    git_commit: str | None = None,
     images: bool = True,
     final: bool = True,
 ) -> Path:
     """Write one synthetic run directory and return its path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    git_commit = git_commit or GIT_COMMIT
     train_curve = train_curve or linear_curve(0.1, 0.01)
     heldout_curve = heldout_curve or linear_curve(0.2, 0.005)
     algo_config = dict(algo_config or {})
@@ -78,7 +84,8 @@ def write_run(
         "run_name": path.name,
         "config": {"algo": {"name": algo, **algo_config}, "model": {"name": "tiny-random"},
                    "sampler": {"steps": 10}, "train": {"lr": 1e-4},
-                   "reward": {"spec": reward}, "eval": {"every": eval_every},
+                   "reward": {"spec": reward},
+                   "eval": {"every": eval_every, "num_prompts": 16, "images_per_prompt": 2, "seed": 0},
                    "budget": budget_spec, "seed": seed},
         "algorithm": {"name": algo, "config": algo_config},
         "model": {"name": "tiny-random", "path": "", "weights_sha256": "0" * 64, "prediction": "flow"},
@@ -127,7 +134,8 @@ def write_run(
             "seconds_total": j * step_seconds, "t_eval_s": 0.5,
             f"eval/{reward}": tr, f"eval/{reward}/std": 0.05,
             f"eval/{heldout}": ho, f"eval/{heldout}/std": 0.05,
-            "samples_png": png, "reward_hacking": False,
+            "samples_png": png, "reward_hacking": False, "eval_images": 32,
+            "samples_prompts": [f"a small red circle number {k}" for k in range(2)],
         })
     with open(path / "evals.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in evals)
@@ -197,19 +205,28 @@ def write_sweep(
     return out
 
 
+def _head_commit() -> str:
+    from bench.runlog import git_state
+
+    return git_state().get("commit") or GIT_COMMIT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """A stand-in for ``bench run`` (same flags) that writes a synthetic run directory instantly:
-    ``python -m reports.synthetic run --algo A --budget B --seed S --out DIR [--set fail=1] ...``.
-    Used to test ``bench compare`` without training; ``--set fail=1`` exits with status 3."""
+    ``python tests/synthetic_runs.py run --algo A --budget B --seed S --out DIR [--set fail=1] ...``.
+    Used to test ``bench compare`` without training; ``--set fail=1`` exits with status 3; ``--set
+    kill=1`` leaves a killed run (manifest and a checkpoint, no final.json; exit 137); ``--resume DIR``
+    completes a run from its manifest."""
     import argparse
     import sys
 
     p = argparse.ArgumentParser(prog="synthetic-bench")
     p.add_argument("command", choices=["run"])
-    p.add_argument("--algo", required=True)
+    p.add_argument("--algo")
     p.add_argument("--budget", required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out")
+    p.add_argument("--resume", default=None)
     p.add_argument("--reward", default="shapes_pref")
     p.add_argument("--model", default=None)
     p.add_argument("--model-path", default=None)
@@ -220,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if a.resume:
+        man = json.loads((Path(a.resume) / "manifest.json").read_text())
+        a.algo, a.seed, a.out = man["algorithm"]["name"], man["seed"], a.resume
+        print(f"synthetic resume {a.algo} seed {a.seed}", flush=True)
     sets = dict(kv.split("=", 1) for kv in a.set)
     print(f"synthetic run {a.algo} seed {a.seed} budget {a.budget} -> {a.out}", flush=True)
     if sets.get("fail") == "1":
@@ -231,7 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_run(a.out, algo=a.algo, seed=a.seed, reward=a.reward, budget_spec=a.budget,
               train_curve=linear_curve(0.1, slope), heldout_curve=linear_curve(0.2, slope / 2),
               phase_seconds=((1 + rank) / 2, 0.2, 0.05, 0.75), nfe_per_iter=320.0 - 40.0 * rank,
-              peak_mem_mb=100.0 + 50 * rank, images=True)
+              peak_mem_mb=100.0 + 50 * rank, images=True, final=sets.get("kill") != "1",
+              git_commit=sets.get("commit") or _head_commit())
+    if sets.get("kill") == "1":
+        (Path(a.out) / "checkpoints" / "step_000001").mkdir(parents=True, exist_ok=True)
+        print("killed", flush=True)
+        return 137
     print("done", flush=True)
     return 0
 

@@ -1,0 +1,285 @@
+"""The figure pages of the report, in order; each ``page(w, c)`` draws nothing when the runs lack
+what it shows. ``c`` is a :class:`reports.context.Context`, ``w`` its :class:`Writer`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from reports import panels, plots, stats
+from reports.context import Context, Writer, final_scores, fmt, reward_label, varies, wrap
+from reports.load import X_AXES, axis_label
+
+WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
+LABELS_PER_SAMPLE_PAGE = 4
+
+
+def curves_page(w: Writer, c: Context) -> None:
+    axis = c.opt.x
+    xlabel = axis_label(c.rs.runs, axis)
+    keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
+        (k, reward_label(c.rs, k)) for k in c.rs.eval_keys()]
+    ncols = 2 if len(keys) > 1 else 1
+    heading = f"Learning curves vs {xlabel} (IQM over seeds; band: 95% CI, only with >= 3 seeds)"
+    fig, axes = w.page(heading, math.ceil(len(keys) / ncols), ncols)
+    for ax, (key, ylabel) in zip(axes.flat, keys):
+        thr = c.threshold if key == c.metric else None
+        plots.learning_curves(ax, c.curve(axis, key), xlabel, "reward", labels=c.rs.labels, threshold=thr,
+                              title=ylabel)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_axis_off()
+    w.save(fig, heading)
+
+
+def axes_page(w: Writer, c: Context) -> None:
+    axes_shown = [a for a in X_AXES if a in c.present or (a == "seconds" and not c.wall_ok)]
+    heading = f"{c.metric} vs each budget currency"
+    fig, axes = w.page(heading, 1, len(axes_shown))
+    for ax, axis in zip(axes.flat, axes_shown):
+        if not c.axis_allowed(axis):
+            plots.note(ax, "wall-clock axis omitted:\n" + "\n".join(c.wall_problems))
+            continue
+        title = "wall clock: noisy, machine-bound" if axis == "seconds" else None
+        plots.learning_curves(ax, c.curve(axis, c.metric), X_AXES[axis][1], reward_label(c.rs, c.metric),
+                              labels=c.rs.labels, threshold=c.threshold, title=title)
+    w.save(fig, heading)
+
+
+#: Pareto cost columns: (column in runs / cost table, axis label, wall-clock bound, budget axis it is)
+PARETO_COSTS = [("s_per_iter", "seconds per training iteration (s)", True, None),
+                ("seconds_total", "total training seconds (s)", True, "seconds"),
+                ("nfe_total", "total denoiser forward passes (NFE)", False, "nfe"),
+                ("samples_total", "total scored samples", False, "samples"),
+                ("modeled_seconds_total", "modeled seconds (cost model)", False, "modeled"),
+                ("peak_mem_mb", "peak memory (MB)", True, None)]
+
+
+def pareto_specs(c: Context) -> tuple[list[tuple[str, str]], list[str]]:
+    """The cost axes worth a Pareto panel, and why the others were left out: never the quantity the
+    budget fixed, nor one that does not vary between methods, nor wall-clock across devices."""
+    keep, why = [], []
+    for col, label, wall, budget in PARETO_COSTS:
+        if col not in c.costs or not c.costs[col].notna().any():
+            continue
+        if budget is not None and budget == c.budget:
+            why.append(f"{label}: fixed by the budget")
+        elif wall and not c.wall_ok:
+            why.append(f"{label}: runs on different devices")
+        else:
+            ok, reason = varies(c.rs, col) if col in c.rs.runs else (True, "")
+            (keep.append((col, label)) if ok else why.append(f"{label}: {reason}"))
+    return keep, why
+
+
+def pareto_page(w: Writer, c: Context) -> None:
+    keep, why = pareto_specs(c)
+    heading = f"Pareto frontiers: final {c.metric} (IQM; 95% CI with >= 3 seeds) vs cost; filled = non-dominated"
+    if not keep:
+        fig, axes = w.page(heading)
+        plots.note(axes[0, 0], "No Pareto panel: no cost differs between the methods beyond noise or was "
+                               "left free by the budget.\n" + "\n".join(why))
+        w.save(fig, heading)
+        return
+    ncols = min(len(keep), 2)
+    fig, axes = w.page(heading, math.ceil(len(keep) / ncols), ncols)
+    costs = c.costs.set_index("label")
+    for ax, (col, label) in zip(axes.flat, keep):
+        pts = c.final[["label", "value", "lo", "hi"]].copy()
+        pts["cost"] = pts["label"].map(costs[col])
+        pts["front"] = stats.pareto_mask(pts["value"], pts["cost"])
+        plots.pareto(ax, pts, label, reward_label(c.rs, c.metric), legend=False)
+    for ax in list(axes.flat)[len(keep):]:
+        ax.set_axis_off()
+    handles = plots.legend_handles(c.rs.labels)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(len(handles), 8),
+               fontsize=8, frameon=False)
+    note = "\n".join(wrap(["Left out: " + "; ".join(why)], 190)) if why else ""
+    if note:
+        fig.text(0.02, 0.03, note, fontsize=8, color="#555555", va="bottom")
+    w.save(fig, heading, rect_top=0.92, rect_bottom=0.03 + 0.022 * (note.count("\n") + 1) if note else 0.02)
+
+
+def timing_page(w: Writer, c: Context) -> None:
+    heading = "Where the time goes: seconds per iteration by phase"
+    fig, axes = w.page(heading, 1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    if c.wall_ok:
+        ph = c.costs[["label", *plots.PHASE_LABELS]].copy()
+        s_iter = c.costs["s_per_iter"].to_numpy(dtype=float)
+        other = s_iter - ph[list(plots.PHASE_LABELS)].fillna(0).sum(axis=1).to_numpy()
+        if np.nanmax(np.abs(other), initial=0) > 1e-6 * max(np.nanmax(s_iter, initial=0), 1e-9):
+            ph["other_s"] = np.clip(other, 0, None)
+        plots.phase_breakdown(axes[0, 0], ph)
+    else:
+        plots.note(axes[0, 0], "timing omitted: " + "; ".join(c.wall_problems))
+    per = (c.costs["nfe_total"] / c.costs["samples_total"]).to_numpy(dtype=float)
+    plots.bars(axes[0, 1], list(c.costs["label"]), per, "denoiser forward passes (NFE) per scored sample")
+    w.save(fig, heading)
+
+
+def _grid_runs(c: Context) -> pd.DataFrame:
+    cols = ["cfg.algo.k", "cfg.algo.d"]
+    if not all(k in c.rs.runs for k in cols):
+        return c.rs.runs.iloc[0:0]
+    return c.rs.runs.dropna(subset=cols)
+
+
+def kd_cells(c: Context, g: pd.DataFrame) -> pd.DataFrame:
+    """Per (k, d): final metric IQM [CI], NFE per iteration, s/iteration, peak memory, seeds."""
+    fs = final_scores(c.rs, c.metric).set_index("run")["value"]
+    g = g.assign(final=g["run"].map(fs), nfe_iter=pd.to_numeric(g["nfe_total"], errors="coerce")
+                 / pd.to_numeric(g["iterations"], errors="coerce").clip(lower=1))
+    rows = []
+    for (algo, k, d), cell in g.groupby(["algo", "cfg.algo.k", "cfg.algo.d"]):
+        s = stats.summarize(cell["final"], c.opt.reps)
+        rows.append({"algo": algo, "k": k, "d": d, "label": str(cell["label"].iloc[0]), "value": s.point,
+                     "lo": s.lo, "hi": s.hi, "n": s.n, "nfe_iter": cell["nfe_iter"].mean(),
+                     "s_iter": cell["s_per_iter"].mean(), "mem": cell["peak_mem_mb"].mean(),
+                     "short": bool((~cell["stop_reason"].astype(str).str.startswith("budget")).any())})
+    return pd.DataFrame(rows)
+
+
+def kd_page(w: Writer, c: Context) -> None:
+    g = _grid_runs(c)
+    if g.empty or len(g[["cfg.algo.k", "cfg.algo.d"]].drop_duplicates()) < 2:
+        return
+    cells = kd_cells(c, g)
+    for algo, cf in cells.groupby("algo", sort=False):
+        heading = f"{algo} k/d ablation: branching factor k x branching depth d (seeds per cell: " \
+                  f"{'/'.join(map(str, sorted(set(cf['n']))))})"
+        fig, axes = w.page(heading, 1, 3)
+        # second map: NFE per iteration (noise-free) unless the budget made it equal everywhere
+        flat = cf["nfe_iter"].nunique() <= 1 and c.wall_ok
+        specs = [("value", f"final {c.metric} (IQM)", "{:.3f}", True),
+                 ("s_iter", "seconds / iteration", "{:.3g}", False) if flat else
+                 ("nfe_iter", "NFE per iteration", "{:.0f}", False)]
+        for ax, (col, title, f, high) in zip(axes[0][:2], specs):
+            tab = cf.pivot(index="d", columns="k", values=col).sort_index().sort_index(axis=1)
+            tab.index.name, tab.columns.name = "d (branching depth, SDE steps)", "k (branching factor)"
+            marks = cf.pivot(index="d", columns="k", values="short").reindex_like(tab).fillna(False)
+            plots.heatmap(ax, tab, f"{algo}: {title}", title, fmt=f, higher_is_better=high, marks=marks)
+        # noise-free cost per iteration (the paper plots seconds per iteration; the heatmap shows that
+        # when NFE per iteration is equal everywhere)
+        cost, label = ("s_iter", "seconds per iteration (s; wall clock, noisy)") if flat else \
+            ("nfe_iter", "NFE per iteration")
+        pts = cf.assign(cost=cf[cost], label=[f"k={k} d={d}" for k, d in zip(cf["k"], cf["d"])])
+        pts["front"] = stats.pareto_mask(pts["value"], pts["cost"])
+        plots.pareto(axes[0][2], pts, label, reward_label(c.rs, c.metric), legend=False, annotate=True)
+        axes[0][2].set_title("Pareto front across k/d (filled: non-dominated)", fontsize=9)
+        if cf["short"].any():
+            fig.text(0.02, 0.015, "* includes runs that did not spend their whole budget (pruned, interrupted "
+                     "or failed): their final values come from fewer iterations.", fontsize=8)
+        w.save(fig, heading)
+
+
+def window_page(w: Writer, c: Context) -> None:
+    key = next((k for k in WINDOW_KEYS if k in c.rs.runs and c.rs.runs[k].dropna().nunique() >= 2), None)
+    if key is None:
+        return
+    g = c.rs.runs.dropna(subset=[key])
+    fs = final_scores(c.rs, c.metric).set_index("run")["value"]
+    g = g.assign(final=g["run"].map(fs))
+    rows_r, rows_t = [], []
+    for (algo, win), cell in g.groupby(["algo", key]):
+        s = stats.summarize(cell["final"], c.opt.reps)
+        if s.n:
+            rows_r.append({"label": algo, "param": float(win), "value": s.point, "lo": s.lo, "hi": s.hi})
+        t = cell["s_per_iter"].to_numpy(dtype=float)
+        rows_t.append({"label": algo, "param": float(win), "value": np.nanmean(t), "lo": np.nanmin(t),
+                       "hi": np.nanmax(t)})
+    heading = f"Window size ({key.removeprefix('cfg.')})"
+    fig, axes = w.page(heading, 1, 2)
+    plots.param_curve(axes[0, 0], pd.DataFrame(rows_r), "window size (denoising steps)",
+                      reward_label(c.rs, c.metric), title=f"final {c.metric} (IQM; 95% CI with >= 3 seeds)")
+    if c.wall_ok:
+        plots.param_curve(axes[0, 1], pd.DataFrame(rows_t), "window size (denoising steps)",
+                          "seconds per iteration (s)", title="time per iteration (mean; bars: min-max)")
+    else:
+        plots.note(axes[0, 1], "time omitted: runs on different devices")
+    w.save(fig, heading)
+
+
+def _checkpoints(n_evals: int, n: int = 3) -> list[int]:
+    if n_evals <= n:
+        return list(range(n_evals))
+    return sorted({round(i) for i in np.linspace(0, n_evals - 1, n)})
+
+
+def _prompts(ev: pd.Series) -> list[str]:
+    p = ev.get("samples_prompts")
+    if isinstance(p, str):
+        p = json.loads(p) if p.startswith("[") else None
+    return list(p) if isinstance(p, (list, tuple)) else []
+
+
+def samples_pages(w: Writer, c: Context) -> None:
+    """Eval sample grids of the first seed of each method at iteration 0, mid-run and the end, large,
+    with each grid row's prompt beside it."""
+    first = c.rs.runs.drop_duplicates("label")
+    runs = [(r["run"], r["label"], r["seed"], Path(r["path"])) for _, r in first.iterrows()]
+    chunks = [runs[i:i + LABELS_PER_SAMPLE_PAGE] for i in range(0, len(runs), LABELS_PER_SAMPLE_PAGE)]
+    for n, chunk in enumerate(chunks, 1):
+        heading = "Eval samples (same prompts and noise in every run; first seed of each method)"
+        heading += f" ({n}/{len(chunks)})" if len(chunks) > 1 else ""
+        fig, axes = w.page(heading, len(chunk), 3)
+        for row, (run, label, seed, path) in zip(axes, chunk):
+            ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration").reset_index(drop=True)
+            ev = ev.dropna(subset=["samples_png"]) if "samples_png" in ev else ev.iloc[0:0]
+            picks = _checkpoints(len(ev))
+            for j, ax in enumerate(row):
+                if j >= len(picks):
+                    ax.set_axis_off()
+                    continue
+                e = ev.iloc[picks[j]]
+                scores = " / ".join(fmt(e.get(k), 3) for k in c.rs.eval_keys() if k in e)
+                panels.sample_image(ax, path / str(e["samples_png"]), _prompts(e) if j == 0 else [],
+                                   title=f"it {int(e['iteration'])}: {scores}",
+                                   ylabel=f"{label} s{seed}" if j == 0 else None)
+        fig.text(0.02, 0.015, "Scores: " + " / ".join(k.split("/", 1)[-1] for k in c.rs.eval_keys())
+                 + " over the whole eval set; each grid row is one prompt (several noise draws).", fontsize=8)
+        w.save(fig, heading, raster=True)
+
+
+def hacking_page(w: Writer, c: Context) -> None:
+    """The reward-hacking judgement per method and held-out reward, with the numbers, and the eval
+    curves of the flagged methods (or the first seed of each)."""
+    h = c.hacking
+    flagged = h[h["flagged"]] if not h.empty else h
+    if not c.rs.heldout_keys():
+        heading = "Reward hacking: no held-out reward to check"
+    else:
+        heading = ("Reward hacking: FLAGGED for " + ", ".join(sorted(set(flagged["label"]))) if len(flagged)
+                   else "Reward hacking: not flagged")
+    labels = list(dict.fromkeys(flagged["label"])) if len(flagged) else c.rs.labels
+    shown = [c.rs.runs.loc[c.rs.runs["label"] == lab, "run"].iloc[0] for lab in labels[:4]]
+    fig, axes = w.page(heading, 2, max(len(shown), 1), gridspec_kw={"height_ratios": [1, 1.4]})
+    gs = axes[0, 0].get_gridspec()
+    for ax in axes[0]:
+        ax.remove()
+    top = fig.add_subplot(gs[0, :])
+    rule = ("Flag: in every seed (>= 2) the training reward's eval score rose and a held-out reward fell, "
+            "each by more than its resolution (standard error of an eval mean), over the run's own iteration 0.")
+    empty = "no held-out reward logged" if not held_keys(c) else "no evaluation records"
+    lines = [rule, ""] + (list(h["text"]) if not h.empty else [empty])
+    panels.text_block(top, _wrap_lines(lines, 150), fontsize=7)
+    train, held = c.rs.train_eval_key(), c.rs.heldout_keys()
+    for ax, run in zip(axes[1], shown):
+        ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration")
+        plots.reward_hacking_panel(ax, ev, train, held, [], title=run)
+    for ax in list(axes[1])[len(shown):]:
+        ax.set_axis_off()
+    w.save(fig, heading)
+
+
+def held_keys(c: Context) -> list[str]:
+    return [k for k in c.rs.heldout_keys() if k in c.rs.evals]
+
+
+def _wrap_lines(lines: Sequence[str], width: int) -> list[str]:
+    from reports.context import wrap
+
+    return wrap(list(lines), width)

@@ -1,0 +1,148 @@
+"""bench compare (bench/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
+
+import re
+import sys
+
+import pytest
+from synthetic_runs import _head_commit, write_run
+
+from bench import compare
+
+
+def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--seeds", "2", "--out", str(out),
+                       "--reward", "shapes_pref", "--set", "train.lr=1e-5"])
+    assert rc == 0
+    for algo in ("treegrpo", "dancegrpo"):
+        for s in (0, 1):
+            assert (out / algo / f"seed{s}" / "final.json").is_file()
+    assert (out / "report.pdf").stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "[treegrpo seed1] synthetic run treegrpo seed 1 budget 10it" in text  # streamed, prefixed
+    # seed-major order: every algorithm at seed 0 before any at seed 1
+    order = re.findall(r"== compare \d/4: .* --algo (\w+) .* --seed (\d)", text)
+    assert order == [("treegrpo", "0"), ("dancegrpo", "0"), ("treegrpo", "1"), ("dancegrpo", "1")]
+
+
+def test_dry_run_passes_the_same_options_to_every_run(tmp_path, capsys):
+    assert compare.main(["--algos", "ddpo,treegrpo", "--budget", "20m", "--seeds", "0,5", "--out", str(tmp_path),
+                         "--model", "shapes", "--set", "a=1", "--set", "b=2", "--overwrite", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    tails = {line.split("--out ")[1].split(" ", 1)[1] for line in lines}
+    assert tails == {"--model shapes --set a=1 --set b=2 --overwrite"}
+    assert "run --algo treegrpo --budget 20m --seed 5 --out" in lines[-1]
+
+
+def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
+    rc = compare.main(["--algos", "ddpo", "--budget", "1it", "--reps", "200", "--seeds", "1", "--out", str(tmp_path / "f"),
+                       "--set", "fail=1"])
+    assert rc == 1
+    err = capsys.readouterr()
+    assert "[ddpo seed0] synthetic failure requested" in err.out
+    assert "cannot build the report" in err.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algos", "treegrop", "--budget", "1m"], "Did you mean 'treegrpo'"),
+    (["--algos", "ddpo", "--budget", "1m", "--seeds", "0"], "--seeds '0'"),
+    (["--algos", "ddpo", "--budget", "20q"], "bad budget term '20q'"),
+    (["--algos", "ddpo", "--budget", "1m", "--set", "novalue"], "KEY=VALUE"),
+    (["--algos", "ddpo", "--budget", "1m", "--baseline", "treegrpo"], "not among --algos"),
+])
+def test_usage_errors(argv, message, tmp_path, capsys):
+    assert compare.main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_stream_keeps_final_progress_state_in_logs(capsys):
+    code = "import sys; sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\ndone\\n'); sys.stdout.write('tail')"
+    assert compare._stream([sys.executable, "-c", code], "[x]") == 0
+    assert capsys.readouterr().out == "[x] bar 100%\n[x] done\n[x] tail\n"
+
+
+def test_report_only_without_runs_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert compare.main(["--algos", "ddpo", "--budget", "1m", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert "no run directories" in capsys.readouterr().err
+
+
+def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--out", str(out)]
+    assert compare.main([*args, "--seeds", "2"]) == 0
+    capsys.readouterr()
+    assert compare.main([*args, "--seeds", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "[treegrpo seed0] already finished under this budget: skipped" in text
+    assert re.findall(r"== compare \d/(\d): .* --algo (\w+) .* --seed (\d)", text) == [
+        ("2", "treegrpo", "2"), ("2", "dancegrpo", "2")]
+    assert "verdict:" in text and "(n = 3" not in text  # 3 seeds a side now: intervals
+    assert "[" in text.split("verdict:")[1]
+
+
+def test_killed_runs_are_resumed_or_restarted(tmp_path, capsys):
+    out, head = tmp_path / "cmp", _head_commit()
+    write_run(out / "ddpo" / "seed0", algo="ddpo", final=False, git_commit=head)  # killed after a checkpoint
+    (out / "ddpo" / "seed0" / "checkpoints" / "step_000004").mkdir(parents=True)
+    write_run(out / "ddpo" / "seed1", algo="ddpo", seed=1, final=False)  # killed before any checkpoint
+    write_run(out / "ddpo" / "seed2", algo="ddpo", seed=2, budget_spec="5it")  # finished, other budget
+    assert compare.run_state(out / "ddpo" / "seed0", "10it") == "resume"
+    assert compare.run_state(out / "ddpo" / "seed1", "10it") == "restart"
+    assert compare.run_state(out / "ddpo" / "seed2", "5it") == "done"
+    assert compare.run_state(out / "ddpo" / "seed2", "10it") == "other-budget"
+    assert compare.run_state(out / "ddpo" / "seed3", "10it") == "new"
+    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "0,1", "--out", str(out),
+                         "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith(f"run --resume {out / 'ddpo' / 'seed0'} --budget 10it")
+    assert lines[1].endswith("--seed 1 --out " + str(out / "ddpo" / "seed1") + " --overwrite")
+    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "3", "--out", str(out)]) == 2
+    assert "finished under budget '5it'" in capsys.readouterr().err
+
+
+def test_resume_completes_a_killed_run(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out), "--set", "kill=1"])
+    assert rc == 1 and not (out / "ddpo" / "seed0" / "final.json").exists()
+    capsys.readouterr()
+    # the same options (a resumed `bench run --resume` gets only the budget: the stand-in then finishes)
+    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out),
+                         "--set", "kill=1"]) == 0
+    assert "(resuming a killed run)" in capsys.readouterr().out
+    assert (out / "ddpo" / "seed0" / "final.json").is_file()
+
+
+def test_runs_from_other_code_are_refused_unless_allowed(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    write_run(out / "ddpo" / "seed0", algo="ddpo", git_commit="f" * 40)
+    argv = ["--algos", "ddpo,treegrpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out)]
+    assert compare.main(argv) == 2
+    assert "come from other code than this checkout" in capsys.readouterr().err
+    assert not (out / "treegrpo").exists()
+    assert compare.main([*argv, "--allow-mixed-code"]) == 0
+    assert "WARNING: these runs do not come from one clean commit" in capsys.readouterr().out
+    assert compare.main([*argv, "--report-only"]) == 2  # the report step refuses too
+    assert "do not come from one clean commit" in capsys.readouterr().err
+
+
+def test_bench_cli_dispatches_compare_and_report(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["compare", "--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(tmp_path),
+                 "--dry-run"]) == 0
+    assert "--algo ddpo --budget 1it --seed 0" in capsys.readouterr().out
+    write_run(tmp_path / "r", algo="ddpo")
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "r.pdf"), "--x", "modeled"]) == 2
+    assert "--x modeled needs every run priced with one cost profile" in capsys.readouterr().err
+
+
+def test_extending_with_other_options_is_refused(fake_bench_run, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(out), "--no-report"]
+    assert compare.main([*argv, "--set", "train.lr=1e-5"]) == 0
+    assert compare.main([*argv, "--seeds", "2", "--set", "train.lr=1e-5"]) == 0  # same options: extends
+    capsys.readouterr()
+    assert compare.main([*argv, "--set", "train.lr=2e-5"]) == 2
+    assert "was trained with options --set train.lr=1e-5, not --set train.lr=2e-5" in capsys.readouterr().err
