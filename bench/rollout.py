@@ -49,6 +49,43 @@ class Schedule:
     timesteps: Tensor
 
 
+class _Nodes:
+    """The nodes of a growing rollout, level by level; ids are assigned in frontier order (the roots
+    0..P*G-1, then each level's children in the order of their parents)."""
+
+    def __init__(self, x: Tensor, P: int, G: int):
+        n0 = P * G
+        self.lat, self.parent, self.level = [x], [torch.full((n0,), -1)], [torch.zeros(n0, dtype=torch.long)]
+        self.prompt, self.tree = [torch.arange(P).repeat_interleave(G)], [torch.arange(n0)]
+        self.logp, self.train = [torch.full((n0,), float("nan"))], [torch.zeros(n0, dtype=torch.bool)]
+        self.front_ids, self.front_prompt, self.front_tree = torch.arange(n0), self.prompt[0], self.tree[0]
+        self.next_id = n0
+
+    def grow(self, x: Tensor, level: int, k: int, log_prob: Tensor | None) -> None:
+        """Add the new frontier x [F * k, ...] at ``level``: k children per frontier node; ``log_prob``
+        [F * k] for stochastic (trainable) edges, None for deterministic ones."""
+        F2 = x.shape[0]
+        rep = (lambda t: t.repeat_interleave(k)) if k > 1 else (lambda t: t)
+        self.lat.append(x)
+        self.parent.append(rep(self.front_ids))
+        self.level.append(torch.full((F2,), level, dtype=torch.long))
+        self.front_prompt, self.front_tree = rep(self.front_prompt), rep(self.front_tree)
+        self.prompt.append(self.front_prompt)
+        self.tree.append(self.front_tree)
+        self.logp.append(log_prob.float().cpu() if log_prob is not None else torch.full((F2,), float("nan")))
+        self.train.append(torch.full((F2,), log_prob is not None, dtype=torch.bool))
+        self.front_ids = torch.arange(self.next_id, self.next_id + F2)
+        self.next_id += F2
+
+    def rollout(self, plan: RolloutPlan, images: Tensor, sched: "Schedule", nfe: int, iteration: int,
+                cond: Conditioning) -> Rollout:
+        return Rollout(latents=torch.cat(self.lat) if plan.keep_latents else None, parent=torch.cat(self.parent),
+                       level=torch.cat(self.level), prompt=torch.cat(self.prompt), tree=torch.cat(self.tree),
+                       logp_old=torch.cat(self.logp), trainable=torch.cat(self.train), leaves=self.front_ids,
+                       images=images, sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe,
+                       plan=plan, iteration=iteration, conditioning=cond)
+
+
 class RolloutEngine:
     def __init__(self, policy: Policy, *, max_micro_batch: int = 64, seed: int = 0, shift: float = 1.0,
                  schedule: str = "scheduler"):
@@ -140,69 +177,26 @@ class RolloutEngine:
         this call's noise (the held-out evaluation draws from ``eval.seed``, not the run seed, so every
         run of a comparison evaluates on the same noise)."""
         pol = self.policy
-        dev = pol.device
-        T, G, P = plan.num_steps, plan.trees_per_prompt, len(batch)
+        P = len(batch)
         sched = self.schedule(plan)
         phase = "eval" if stage == "eval" else "rollout"
         if conditioning is None:
             self.recorder.record("text_encode", P, phase, "text_encoder")
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
         gen = generator(self.seed if seed is None else int(seed), iteration, stage)
-        shape = pol.latent_shape
-
-        if plan.shared_noise:  # one initial noise per prompt, shared by its G roots
-            x = torch.randn((P, *shape), generator=gen).repeat_interleave(G, dim=0)
-        else:
-            x = torch.randn((P * G, *shape), generator=gen)
-        x = x.to(dev)
-        n0 = P * G
-        lat, parent, level, prompt, tree, logp, train = ([x], [torch.full((n0,), -1)], [torch.zeros(n0, dtype=torch.long)],
-                                                         [torch.arange(P).repeat_interleave(G)], [torch.arange(n0)],
-                                                         [torch.full((n0,), float("nan"))],
-                                                         [torch.zeros(n0, dtype=torch.bool)])
-        front_ids = torch.arange(n0)
-        front_prompt, front_tree = prompt[0], tree[0]
+        x = self._initial_noise(plan, P, gen)
+        nodes = _Nodes(x, P, plan.trees_per_prompt)
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
         new_x0: Tensor | None = None
-        next_id = n0
         nfe = 0
-        for i in range(T):
-            F = x.shape[0]
-            mode, k = plan.modes[i], plan.branch[i]
-            out, n = self._evaluate_chunked(x, sched.timesteps[i].expand(F), front_prompt, cond, plan.guidance, phase)
+        for i in range(plan.num_steps):
+            t = sched.timesteps[i].expand(x.shape[0])
+            out, n = self._evaluate_chunked(x, t, nodes.front_prompt, cond, plan.guidance, phase)
             nfe += n
-            lvl = torch.full((F,), i, dtype=torch.long)
-            if mode == "dpm2":
-                s_prev = sched.levels[i - 1] if (i > 0 and prev_x0 is not None) else None
-                st = sde.flow_dpm2_step(out, x, sched.levels[i], sched.levels[i + 1],
-                                        prev_x0=prev_x0 if s_prev is not None else None, sigma_prev=s_prev)
-                new_x0 = st.x0
-            else:
-                if k > 1:
-                    out, x, lvl = (out.repeat_interleave(k, 0), x.repeat_interleave(k, 0),
-                                   lvl.repeat_interleave(k))
-                st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
-                lv = sched.levels[i].to(dev)
-                new_x0 = ((x - lv * out) if pol.prediction == "flow"
-                          else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv))  # DDIM x0_hat
+            st, new_x0 = self._advance(plan, i, out, x, sched, prev_x0, gen)
             x = st.prev_sample
-            F2 = x.shape[0]
-            ids = torch.arange(next_id, next_id + F2)
-            next_id += F2
-            lat.append(x)
-            parent.append(front_ids.repeat_interleave(k) if k > 1 else front_ids)
-            level.append(torch.full((F2,), i + 1, dtype=torch.long))
-            front_prompt = front_prompt.repeat_interleave(k) if k > 1 else front_prompt
-            front_tree = front_tree.repeat_interleave(k) if k > 1 else front_tree
-            prompt.append(front_prompt)
-            tree.append(front_tree)
-            is_sde = mode == "sde"
-            logp.append(st.log_prob.float().cpu() if is_sde else torch.full((F2,), float("nan")))
-            train.append(torch.full((F2,), is_sde, dtype=torch.bool))
+            nodes.grow(x, i + 1, plan.branch[i], st.log_prob if plan.modes[i] == "sde" else None)
             prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
-            front_ids = ids
-
-        leaves = front_ids
         # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
         # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
         images = self._decode(new_x0 if plan.final_image == "x0" else x, phase)
@@ -210,11 +204,35 @@ class RolloutEngine:
             self.nfe_eval += nfe
         else:
             self.nfe_rollout += nfe
-        return Rollout(latents=torch.cat(lat) if plan.keep_latents else None, parent=torch.cat(parent),
-                       level=torch.cat(level), prompt=torch.cat(prompt), tree=torch.cat(tree),
-                       logp_old=torch.cat(logp), trainable=torch.cat(train), leaves=leaves, images=images,
-                       sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe, plan=plan,
-                       iteration=iteration, conditioning=cond)
+        return nodes.rollout(plan, images, sched, nfe, iteration, cond)
+
+    def _initial_noise(self, plan: RolloutPlan, P: int, gen: torch.Generator) -> Tensor:
+        """Root latents [P * G, ...]: one noise per prompt shared by its G roots, or one per root."""
+        G, shape = plan.trees_per_prompt, self.policy.latent_shape
+        if plan.shared_noise:  # never shared across prompts
+            x = torch.randn((P, *shape), generator=gen).repeat_interleave(G, dim=0)
+        else:
+            x = torch.randn((P * G, *shape), generator=gen)
+        return x.to(self.policy.device)
+
+    def _advance(self, plan: RolloutPlan, i: int, out: Tensor, x: Tensor, sched: Schedule, prev_x0: Tensor | None,
+                 gen: torch.Generator) -> tuple[sde.StepOutput, Tensor | None]:
+        """Step i for the frontier x [F, ...] with model output ``out``: (the step, the data prediction
+        aligned with the new frontier). A branching step (k > 1) repeats each row k times first, so the k
+        children of a parent share its one evaluation."""
+        mode, k = plan.modes[i], plan.branch[i]
+        if mode == "dpm2":
+            s_prev = sched.levels[i - 1] if (i > 0 and prev_x0 is not None) else None
+            st = sde.flow_dpm2_step(out, x, sched.levels[i], sched.levels[i + 1],
+                                    prev_x0=prev_x0 if s_prev is not None else None, sigma_prev=s_prev)
+            return st, st.x0
+        lvl = torch.full((x.shape[0],), i, dtype=torch.long)
+        if k > 1:
+            out, x, lvl = out.repeat_interleave(k, 0), x.repeat_interleave(k, 0), lvl.repeat_interleave(k)
+        st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
+        lv = sched.levels[i].to(x.device)
+        x0 = (x - lv * out) if self.policy.prediction == "flow" else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv)
+        return st, x0
 
     def _decode(self, x: Tensor, phase: str) -> Tensor:
         """Images [L, 3, H, W] of latents x [L, ...], decoded in chunks of at most max_micro_batch."""
