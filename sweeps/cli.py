@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError
+from bench.cli import seed_arg
 from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
 
 PRUNERS = ("median", "hyperband", "none")
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-objective", choices=("seconds", "nfe", "samples"),
                    help="also minimise this cost of a trial -> a Pareto set (no pruning)")
     p.add_argument("--study", help="study name (default <algo>-sweep, <algo>-grid with --grid)")
-    p.add_argument("--storage", help="journal file (*.journal), sqlite:///FILE.db, postgresql://USER@HOST/DB "
-                                     "(default: <out>/sweeps/<study>.journal)")
+    p.add_argument("--storage", default=os.environ.get("TREEBENCH_STORAGE") or None,
+                   help="journal file (*.journal), sqlite:///FILE.db, postgresql://USER@HOST/DB (default: "
+                        "$TREEBENCH_STORAGE, else <out>/sweeps/<study>.journal); put a URL with a password in "
+                        "TREEBENCH_STORAGE: it is never printed or written")
     p.add_argument("--out", help="output directory (default runs/sweep-<study>)")
     p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
     p.add_argument("--model-path", help="local diffusers pipeline directory")
@@ -69,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-rewards", help="comma-separated held-out rewards")
     p.add_argument("--config", help="YAML config file applied to every trial")
     p.add_argument("--preset", help="algorithm preset applied to every trial")
-    p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="fixed overrides for every trial, e.g. --set sampler.steps=10 eval.every=5")
-    p.add_argument("--seed", type=int, help="run seed shared by all trials (default 0)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed override for every trial, as in bench run, e.g. --set sampler.steps=10 "
+                        "--set eval.every=5 (repeatable)")
+    p.add_argument("--seed", type=seed_arg, help="run seed shared by all trials (default 0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default tpe (ignored with --grid)")
@@ -124,6 +128,42 @@ def _check_space_keys(space: Any, base_cfg: dict[str, Any]) -> None:
                 raise UsageError(f"search-space parameter {p.name!r} sets unknown config key {p.key!r} "
                                  f"(see bench run --help and bench/config.py DEFAULTS)")
             node = node[part]
+
+
+#: a grid with more points than this is checked one value at a time against the base config
+GRID_CHECK_LIMIT = 4096
+
+
+def check_grid(spec: Any, grid: dict[str, list[Any]]) -> None:
+    """Refuse, before a study exists, a grid value that no point of the grid can run (``k=2,x``: 'x' is
+    refused by the config or the algorithm in every combination). Combinations refused only together
+    (d=3 with window=2) stay: the sweep prunes those trials, as documented in docs/SWEEPS.md."""
+    import itertools
+    import math
+
+    from sweeps.objective import validate_run_config
+
+    params = {p.name: p.key for p in spec.space.params}
+    names = list(grid)
+    if math.prod(len(v) for v in grid.values()) > GRID_CHECK_LIMIT:
+        points = [{n: v} for n in names for v in grid[n]]
+    else:
+        points = [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+    runnable: set[tuple[str, str]] = set()
+    errors: dict[tuple[str, str], str] = {}
+    for point in points:
+        try:
+            validate_run_config(spec.resolve({params[n]: v for n, v in point.items()}, None))
+        except (UsageError, TypeError, ValueError) as e:  # a str where a number belongs: TypeError
+            for n, v in point.items():
+                errors.setdefault((n, repr(v)), str(e))
+            continue
+        runnable.update((n, repr(v)) for n, v in point.items())
+    for n in names:
+        for v in grid[n]:
+            if (n, repr(v)) not in runnable:
+                raise UsageError(f"--grid {n}={v!r} cannot run in any combination of the grid "
+                                 f"({errors[(n, repr(v))]}); fix the grid")
 
 
 def _sampler(a: argparse.Namespace, grid: dict | None):
@@ -180,6 +220,8 @@ def prepare(a: argparse.Namespace):
     spec = SweepSpec(out=out, space=space, objective=objective, base_overrides=base_sets, flags=flags,
                      config_file=a.config, preset=a.preset, cost=a.multi_objective, heartbeat_s=a.heartbeat,
                      base_cfg=base_cfg)
+    if grid:
+        check_grid(spec, grid)
     return spec, grid, study, _definition(a, space, objective, base_sets, flags)
 
 
@@ -193,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweeps import study as st
 
     out = spec.out
+    storage, where = st.make_storage(a.storage, out, study_name)  # a bad storage leaves no directory behind
     out.mkdir(parents=True, exist_ok=True)
-    storage, where = st.make_storage(a.storage, out, study_name)
     multi = spec.cost is not None
     directions = [a.direction] + (["minimize"] if multi else [])
     value_names = ["value"] + ([f"cost_{spec.cost}"] if multi else [])
@@ -224,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     try:
         if a.n_jobs > 1:
-            code = _spawn_workers(argv, a.n_jobs)
+            code = _spawn_workers(argv, a.n_jobs, a.storage)
         else:
             _optimize(study, storage, spec, target, grid, a, write_table)
     except KeyboardInterrupt:
@@ -263,9 +305,25 @@ def _waiting() -> Any:
     return TrialState.WAITING
 
 
-def _spawn_workers(argv: list[str], n: int) -> int:
-    """Start ``n`` worker processes of this same sweep (they join the study just created) and wait."""
+def _without_storage(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--storage":
+            skip = True
+        elif not x.startswith("--storage="):
+            out.append(x)
+    return out
+
+
+def _spawn_workers(argv: list[str], n: int, storage: str | None = None) -> int:
+    """Start ``n`` worker processes of this same sweep (they join the study just created) and wait. The
+    storage URL goes to them in the environment, not on their command line (process lists show that)."""
     env = dict(os.environ)
+    if storage is not None:
+        env["TREEBENCH_STORAGE"] = storage
+        argv = _without_storage(argv)
     gpus = _cuda_count()
     procs = []
     for i in range(n):
