@@ -83,7 +83,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                                                                "otherwise one line per iteration)")
     p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
                    help="also log to an experiment tracker: tensorboard, wandb (offline unless WANDB_MODE=online)"
-                        " or mlflow (RUN/mlruns unless MLFLOW_TRACKING_URI); repeatable")
+                        " or mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI); repeatable")
     p.add_argument("--clock", help="wall (default) or a cost profile (e.g. sd3.5-medium-h200): a seconds budget then "
                                    "counts that profile's MODELED seconds, not wall-clock (docs/COST.md)")
 

@@ -2,8 +2,8 @@
 
 Each tracker is driven through its library's own API and writes locally by default, so a run works
 offline: TensorBoard event files in ``RUN/tensorboard``, W&B in offline mode under ``RUN/wandb`` (sync
-later with ``wandb sync``), MLflow in a file store ``RUN/mlruns`` unless ``MLFLOW_TRACKING_URI`` names a
-server. They mirror every iteration record, every evaluation and its sample grid (captioned with the eval
+later with ``wandb sync``), MLflow in a local SQLite store ``RUN/mlflow.db`` (artifacts in
+``RUN/mlartifacts``) unless ``MLFLOW_TRACKING_URI`` names another store or a server. They mirror every iteration record, every evaluation and its sample grid (captioned with the eval
 prompts), and the final summary. The run directory's JSONL files stay the source of truth; a tracker
 that fails mid-run is warned about once and dropped, never stops the run.
 """
@@ -98,11 +98,14 @@ class _MLflow:
 
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri()
+        # MLflow 3 keeps its file store in maintenance mode: the local default is a SQLite store in the run
+        # directory, with artifacts (sample grids) beside it
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
         self.client = MlflowClient(tracking_uri=uri)
         exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "treebench")
         exp = self.client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(exp_name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+            exp_name, artifact_location=(out / "mlartifacts").resolve().as_uri())
         self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
         for k, v in scalars(config).items():
             self.client.log_param(self.run_id, k, v)
@@ -131,7 +134,13 @@ class Trackers:
 
     def __init__(self, names: Sequence[str], out: Path, config: Mapping[str, Any], name: str):
         check(names)
-        self.active: dict[str, Any] = {n: _CLASSES[n](out, config, name) for n in dict.fromkeys(names)}
+        self.active: dict[str, Any] = {}
+        for n in dict.fromkeys(names):
+            try:
+                self.active[n] = _CLASSES[n](out, config, name)
+            except Exception as e:  # noqa: BLE001 - the run directory is the record; go on without this mirror
+                print(f"warning: tracker {n} could not start ({type(e).__name__}: {e}); the run continues "
+                      f"without it", file=sys.stderr)
 
     def _each(self, what: str, fn: Any) -> None:
         for n, t in list(self.active.items()):

@@ -47,34 +47,56 @@ def _tensorboard(out, its, evs):
     assert [im.step for im in ea.Images("eval/samples")] == [e["iteration"] for e in evs]
 
 
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B offline ``.wandb`` file: W&B's LevelDB-style log (a 7-byte file header, 32 KiB
+    blocks, each record chunk with a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST). Read here
+    because wandb no longer ships a Python reader for it."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, out, parts = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            out.append(parts)
+    return out
+
+
 def _wandb(out, its, evs):
     from wandb.proto import wandb_internal_pb2 as pb
-    from wandb.sdk.internal import datastore
 
     files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(files[0]))
     history = []
-    while True:
-        data = ds.scan_record()
-        if data is None:
-            break
+    for data in wandb_records(files[0]):
         rec = pb.Record()
-        rec.ParseFromString(data[1])
+        rec.ParseFromString(data)
         if rec.WhichOneof("record_type") == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     train = [(h["_step"], h["train/reward_mean"]) for h in history if "train/reward_mean" in h]
     assert train == [(r["iteration"] + 1, pytest.approx(r["reward_mean"])) for r in its]
     ev = [(h["_step"], h["eval/brightness"]) for h in history if "eval/brightness" in h]
     assert ev == [(e["iteration"], pytest.approx(e["eval/brightness"])) for e in evs]
-    assert sum("eval/samples" in h for h in history) == len(evs)
+    grids = [h for h in history if h.get("eval/samples/_type") == "image-file"]  # an image is a nested value
+    assert [h["_step"] for h in grids] == [e["iteration"] for e in evs]
+    assert all(h["eval/samples/caption"] for h in grids)  # the prompts shown in the grid
 
 
 def _mlflow(out, its, evs):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
     exp = client.get_experiment_by_name("treebench")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
