@@ -130,40 +130,31 @@ def _check_space_keys(space: Any, base_cfg: dict[str, Any]) -> None:
             node = node[part]
 
 
-#: a grid with more points than this is checked one value at a time against the base config
-GRID_CHECK_LIMIT = 4096
-
-
 def check_grid(spec: Any, grid: dict[str, list[Any]]) -> None:
-    """Refuse, before a study exists, a grid value that no point of the grid can run (``k=2,x``: 'x' is
-    refused by the config or the algorithm in every combination). Combinations refused only together
-    (d=3 with window=2) stay: the sweep prunes those trials, as documented in docs/SWEEPS.md."""
-    import itertools
-    import math
+    """Refuse, before a study exists, a grid value that no trial could run whatever the other values:
+    one of another type than the setting takes (``k=2,x``) or one the config refuses on its own
+    (``sampler.steps=0``). Combinations refused only together (d=3 with window=2) stay: the sweep prunes
+    those trials with the algorithm's message (docs/SWEEPS.md)."""
+    from bench.errors import AlgorithmSettingsError
 
-    from sweeps.objective import validate_run_config
-
-    params = {p.name: p.key for p in spec.space.params}
-    names = list(grid)
-    if math.prod(len(v) for v in grid.values()) > GRID_CHECK_LIMIT:
-        points = [{n: v} for n in names for v in grid[n]]
-    else:
-        points = [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-    runnable: set[tuple[str, str]] = set()
-    errors: dict[tuple[str, str], str] = {}
-    for point in points:
-        try:
-            validate_run_config(spec.resolve({params[n]: v for n, v in point.items()}, None))
-        except (UsageError, TypeError, ValueError) as e:  # a str where a number belongs: TypeError
-            for n, v in point.items():
-                errors.setdefault((n, repr(v)), str(e))
-            continue
-        runnable.update((n, repr(v)) for n, v in point.items())
-    for n in names:
-        for v in grid[n]:
-            if (n, repr(v)) not in runnable:
-                raise UsageError(f"--grid {n}={v!r} cannot run in any combination of the grid "
-                                 f"({errors[(n, repr(v))]}); fix the grid")
+    keys = {p.name: p.key for p in spec.space.params}
+    for name, values in grid.items():
+        node: Any = spec.base_cfg
+        for part in keys[name].split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for v in values:
+            if isinstance(node, bool) and not isinstance(v, bool) or (
+                    isinstance(node, (int, float)) and not isinstance(node, bool)
+                    and not (isinstance(v, (int, float)) and not isinstance(v, bool))):
+                kind = "true or false" if isinstance(node, bool) else "a number"
+                raise UsageError(f"--grid {name}={v!r}: {keys[name]} takes {kind} (now {node!r}), got {v!r}; "
+                                 f"fix the grid")
+            try:
+                spec.resolve({keys[name]: v}, None)
+            except AlgorithmSettingsError:
+                continue  # may depend on the other grid values: pruned per trial
+            except UsageError as e:
+                raise UsageError(f"--grid {name}={v!r}: {e}; fix the grid") from None
 
 
 def _sampler(a: argparse.Namespace, grid: dict | None):
