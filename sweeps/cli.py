@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-rewards", help="comma-separated held-out rewards")
     p.add_argument("--config", help="YAML config file applied to every trial")
     p.add_argument("--preset", help="algorithm preset applied to every trial")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed override for every trial, as in bench run, e.g. --set sampler.steps=10 "
-                        "--set eval.every=5 (repeatable)")
+    p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="fixed override for every trial, repeatable as in bench run: --set sampler.steps=10 "
+                        "--set eval.every=5 (several after one --set also work)")
     p.add_argument("--seed", type=seed_arg, help="run seed shared by all trials (default 0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
