@@ -87,9 +87,7 @@ class Run:
             check_out_dir(self.out, spec.run.overwrite, resume)
         if resume:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
-        # trackers: known names with their packages installed (they are opened once the directory exists)
-        tracker_names = [n for n in spec.run.log_with if not (n == "tensorboard" and spec.run.tensorboard)]
-        trackers_mod.check(tracker_names)
+        tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
         try:
             self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)

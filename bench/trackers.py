@@ -34,6 +34,14 @@ def check(names: Sequence[str]) -> None:
                              f"'treebench[trackers]' (or pip install {PACKAGES[n]})")
 
 
+def check_run(run: Any) -> list[str]:
+    """The trackers of a run's ``RunOptions``, checked (``run.tensorboard`` already mirrors to TensorBoard
+    through the run log, so ``--log-with tensorboard`` does not open a second writer)."""
+    names = [n for n in run.log_with if not (n == "tensorboard" and run.tensorboard)]
+    check(names)
+    return names
+
+
 def scalars(rec: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric values of a record, nested mappings flattened with '/' (strings and lists dropped)."""
     out: dict[str, float] = {}
