@@ -13,6 +13,10 @@ from bench.registry import ALGORITHMS, COMMANDS, MODELS, Entry, algorithms, did_
 #: Subcommands implemented inside bench, dispatched like the registry's COMMANDS
 BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA adapter (diffusers format) or "
                                                           "merged/full denoiser weights"),
+                  "show": Entry("bench.show:main", "A table of runs (algorithm, seed, budget, totals, final and "
+                                                   "best evaluation) from run directories; --json, --markdown"),
+                  "env": Entry("bench.envinfo:main", "Versions, device and CUDA, and which rewards are loadable "
+                                                     "(paste it into a bug report)"),
                   # (cost) docs/COST.md
                   "plan": Entry("bench.plan:main", "Price one iteration with a measured cost profile (modeled "
                                                    "seconds, batched vs reference trainers) without loading weights")}
@@ -31,6 +35,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    try:
+        return _v("treebench")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def seed_arg(text: str) -> int:
+    """--seed: an integer >= 0 (numpy and the seeding helpers refuse negative seeds)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algo", help=f"algorithm: {', '.join(ALGORITHMS)}, an installed plug-in (bench list) or "
                                   f"module:Class (docs/PLUGINS.md; default treegrpo)")
@@ -41,7 +66,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="local diffusers pipeline directory (overrides the preset's source)")
     p.add_argument("--budget", help="e.g. 24h, 90m, 45s, 5000samples, 2e6nfe, 300it, or '2h,5000samples' "
                                     "(first reached stops; default 10m)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, help="random seed, an integer >= 0 (default 0)")
     p.add_argument("--out", help="run directory (default runs/<algo>_<time>)")
     p.add_argument("--config", help="YAML config file (nested sections or dotted keys)")
     p.add_argument("--preset", help="algorithm preset reproducing a paper's setting (bench list)")
@@ -54,7 +79,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped or killed run from its newest valid checkpoint, with its own "
                         "configuration (only --budget may extend it; see docs/ERRORS.md)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output (on a terminal a bar; "
+                                                               "otherwise one line per iteration)")
+    p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
+                   help="also log to an experiment tracker: tensorboard, wandb (offline unless WANDB_MODE=online)"
+                        " or mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI); repeatable")
     p.add_argument("--clock", help="wall (default) or a cost profile (e.g. sd3.5-medium-h200): a seconds budget then "
                                    "counts that profile's MODELED seconds, not wall-clock (docs/COST.md)")
 
@@ -69,6 +98,8 @@ def flags_from_args(a: argparse.Namespace) -> dict:
         flags["run.overwrite"] = True
     if a.no_progress:
         flags["run.progress"] = False
+    if getattr(a, "log_with", None):
+        flags["run.log_with"] = [t.strip() for x in a.log_with for t in x.split(",") if t.strip()]
     return flags
 
 
@@ -106,14 +137,16 @@ def cmd_list(a: argparse.Namespace) -> int:
     section("rewards", rewards())
     section("models", MODELS)
     if a.presets:
-        print("presets (--preset):")
+        print("presets (--algo ALGO --preset NAME):")
         for name, e in algorithms().items():
             try:
                 presets = getattr(load_object(e.target), "PRESETS", {}) or {}
             except NotImplementedError:
                 continue
+            if presets:
+                print(f"  {name}:")
             for p, overrides in presets.items():
-                print(f"  {p:<22} {name}: {', '.join(f'{k}={v}' for k, v in overrides.items())}")
+                print(f"    {p:<22} {', '.join(f'{k}={v}' for k, v in overrides.items())}")
     else:
         print("presets: bench list --presets")
     from bench.prompts import builtin_sets
@@ -128,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="treebench: benchmark online RL post-training of text-to-image "
                                           "diffusion/flow models under equal budgets.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"treebench {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     r = sub.add_parser("run", help="train one algorithm under a budget", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

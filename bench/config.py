@@ -77,6 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "overwrite": False,
         "progress": True,
         "tensorboard": False,
+        "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/trackers.py)
         "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
         "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
         "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)
@@ -271,7 +272,11 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(e["seed"], int) and e["seed"] >= 0, f"eval.seed must be an integer >= 0, got {e['seed']!r}")
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
     need(cfg["model"]["mixed_precision"] in ("no", "bf16", "fp16"),
-         f"model.mixed_precision must be no, bf16 or fp16, got {cfg['model']['mixed_precision']!r}")
+         f"model.mixed_precision must be no or bf16, got {cfg['model']['mixed_precision']!r}")
+    # fp16 autocast without a gradient scaler lets small gradients underflow to zero; bf16 has fp32's range
+    need(cfg["model"]["mixed_precision"] != "fp16",
+         "model.mixed_precision=fp16 is refused: training without a gradient scaler would let small gradients "
+         "underflow to zero; use model.mixed_precision=bf16 (same memory, fp32's exponent range)")
     m = cfg["model"]
     need(m["resolution"] is None or (isinstance(m["resolution"], int) and m["resolution"] >= 8
                                      and m["resolution"] % 8 == 0),
@@ -286,7 +291,8 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(m["distributed"] in ("auto", "off"), f"model.distributed must be auto or off, got {m['distributed']!r}")
     need(cfg["reward"]["normalize"] in ("none", "zscore"),
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
-    need(isinstance(cfg["seed"], int), f"seed must be an integer, got {cfg['seed']!r}")
+    need(isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool) and cfg["seed"] >= 0,
+         f"seed must be an integer >= 0, got {cfg['seed']!r}")
     ru = cfg["run"]
     need(isinstance(ru["checkpoint_every"], int) and not isinstance(ru["checkpoint_every"], bool)
          and ru["checkpoint_every"] >= 0,
@@ -295,6 +301,8 @@ def _validate(cfg: dict[str, Any]) -> None:
     need(isinstance(ru["keep_checkpoints"], int) and not isinstance(ru["keep_checkpoints"], bool)
          and ru["keep_checkpoints"] >= 1,
          f"run.keep_checkpoints must be an integer >= 1, got {ru['keep_checkpoints']!r}")
+    need(isinstance(ru["log_with"], list) and all(isinstance(x, str) for x in ru["log_with"]),
+         f"run.log_with must be a list of tracker names (tensorboard, wandb, mlflow), got {ru['log_with']!r}")
     need(ru["on_nonfinite"] in ("stop", "skip"), f"run.on_nonfinite must be stop or skip, got {ru['on_nonfinite']!r}")
     need(ru["cost_profile"] is None or isinstance(ru["cost_profile"], str),
          f"run.cost_profile must be null, a shipped profile name or a JSON file, got {ru['cost_profile']!r}")

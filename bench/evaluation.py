@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bench.progress import eval_line
 from bench.runlog import reward_hacking_flag, save_grid
 from bench.scoring import score
 from bench.types import RolloutPlan
@@ -62,4 +63,6 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
     r.log.evaluation(rec)
+    r.trackers.evaluation(rec, r.out, list(r.eval_batch.prompts[: r.spec.eval.grid]))
+    print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.progress)
     return rec

@@ -25,6 +25,7 @@ from bench import checkpoint as ckpt_mod
 from bench import cost as cost_mod
 from bench import resume as resume_mod
 from bench import trace as trace_mod
+from bench import trackers as trackers_mod
 from bench.arithmetic import batch_arithmetic
 from bench.budget import Totals
 from bench.distributed import Dist, NullLog
@@ -46,6 +47,7 @@ from bench.faults import (
     stop_signals,
 )
 from bench.models import build_policy, resolve_device, weights_hash
+from bench.progress import Progress, end_summary
 from bench.prompts import load_prompt_set
 from bench.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.registry import algorithm_class
@@ -85,6 +87,7 @@ class Run:
             check_out_dir(self.out, spec.run.overwrite, resume)
         if resume:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
+        tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
         try:
             self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
@@ -112,6 +115,8 @@ class Run:
         if not resume and self.dist.is_main:
             create_out_dir(self.out, spec.run.overwrite)
         self.log = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
+        self.trackers = trackers_mod.Trackers(tracker_names if self.dist.is_main else [], self.out, spec.config,
+                                              self.out.name)
         self.eval_batch = self.eval_prompts.head(spec.eval.num_prompts)
         self.eval_conditioning = None            # encoded eval prompts, reused by every evaluation
         # the state checkpoints carry (bench.resume)
@@ -263,7 +268,7 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         _announce(r)
-    bar = _progress_bar() if show else None
+    bar = Progress() if show else None
     stop_reason, failure = None, None
     with stop_signals(r.stop):
         try:
@@ -284,10 +289,7 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     if failure is not None:
         raise failure
     if r.dist.is_main:
-        print(f"run finished ({stop_reason}): {r.totals.iterations} iterations, {r.totals.samples} samples, "
-              f"{r.totals.nfe} NFE, {r.totals.seconds:.1f} s training"
-              + (f" ({r.totals.modeled_seconds:.1f} modeled s, profile {r.spec.cost_profile.name})"
-                 if r.spec.cost_profile is not None else "") + f" -> {r.out}")
+        print(end_summary(r.evals, r.final_record, r.out), flush=True)
     return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=r.totals.iterations,
                       samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
                       final_eval=final_eval, records=records)
@@ -307,12 +309,13 @@ def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callab
         r.check_stop()
         rec = r.iteration(i).to_json()
         r.log.iteration(rec)
+        r.trackers.iteration(rec)
         records.append(rec)
         if i == 0 and abs(rec["first_ratio"] - 1.0) > 1e-3:
             print(f"warning: first importance ratio {rec['first_ratio']:.6f} != 1: rollout and update "
                   f"log-probs disagree (mixed precision or nondeterministic kernels?)", file=sys.stderr)
         if bar is not None:
-            _advance(bar, r, rec)
+            bar.update(r.spec.budget.fraction(r.totals), rec)
         i += 1
         if "nonfinite" in rec:
             stop = r.spec.run.on_nonfinite != "skip"
@@ -353,7 +356,9 @@ def _finish(r: Run, stop_reason: str, failure: BaseException | None) -> dict[str
             done = r.evals and r.evals[-1]["iteration"] == r.totals.iterations
             final_eval = r.evals[-1] if done else evaluate(r, r.totals.iterations)
     error = f"{type(failure).__name__}: {failure}" if failure is not None else None
-    r.log.final(_final(r, stop_reason, error, final_eval, r.wall_seconds()))
+    r.final_record = _final(r, stop_reason, error, final_eval, r.wall_seconds())
+    r.log.final(r.final_record)
+    r.trackers.close(r.final_record)
     return final_eval
 
 
@@ -392,16 +397,3 @@ def _announce(r: Run) -> None:
         clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else
                  "the budget counts wall-clock seconds")
         print(f"  modeled clock: cost profile {s.cost_profile.name} ({s.cost_profile.device}); {clock}", flush=True)
-
-
-def _progress_bar() -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=1000, desc="budget", unit="‰", dynamic_ncols=True, file=sys.stderr,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
-
-
-def _advance(bar: Any, r: Run, rec: Mapping[str, Any]) -> None:
-    target = int(1000 * r.spec.budget.fraction(r.totals))
-    bar.update(max(0, target - bar.n))
-    bar.set_postfix_str(f"it {rec['iteration']} reward {rec['reward_mean']:.4f} nfe {rec['nfe_total']}")

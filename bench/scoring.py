@@ -16,22 +16,68 @@ from typing import Any, Mapping
 import torch
 
 from bench.errors import RewardError, UsageError, is_out_of_memory
-from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class
+from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, rewards
 from bench.trace import CallRecorder, record_reward
 from bench.types import PromptBatch, RewardOutput
 
 
+#: where the Python modules each model-based reward needs are listed (shared with ``bench rewards check``)
+REQUIRED_MODULES = "rewards.cli:REQUIRED_MODULES"
+
+
+def missing_modules(name: str) -> list[str]:
+    """Python modules reward ``name`` needs that are not installed (first of the two preflight checks)."""
+    import importlib.util
+
+    try:
+        required = load_object(REQUIRED_MODULES).get(name, ())
+    except NotImplementedError:
+        required = ()
+    return [m for m in required if importlib.util.find_spec(m) is None]
+
+
+def check_packages(name: str) -> None:
+    """Refuse reward ``name`` when a module it needs is missing, with the install command."""
+    missing = missing_modules(name)
+    if missing:
+        hint = load_object("rewards.cli:INSTALL_HINT")
+        raise UsageError(f"reward {name!r}: python modules not installed: {', '.join(missing)}; install with: "
+                         f"{hint}")
+
+
+def check_weights(reward: Any) -> None:
+    """Find a reward's weight files now (``_locate``; the parts of a weighted sum too), so a missing file is
+    reported before the model loads or a run directory exists, not on the first scored batch. Raises the
+    reward's ``MissingWeightsError``."""
+    for _, _, part in getattr(reward, "parts", ()):
+        check_weights(part)
+    locate = getattr(reward, "_locate", None)
+    if callable(locate):
+        locate()
+
+
+def _build_one(name: str, device: torch.device, options: Mapping[str, Any]) -> Any:
+    if not is_spec(name):
+        if name not in rewards():
+            reward_class(name)  # refuses an unknown name with did-you-mean
+        check_packages(name)
+    reward = reward_class(name)(device=device, **dict(options.get(name, {})))
+    check_weights(reward)
+    return reward
+
+
 def build_reward(spec: str, device: torch.device, options: Mapping[str, Any], normalize: str = "none") -> Any:
-    """A reward from a name or a weighted spec "a=1.0,b=0.5" (itself a reward)."""
+    """A reward from a name or a weighted spec "a=1.0,b=0.5" (itself a reward), checked in the order
+    ``bench rewards check`` uses: the name, its packages, its options, its weight files."""
     if not is_spec(spec) and ("=" in spec or "," in spec):
         parse = load_object("rewards.combine:parse_reward_spec")
         try:
             parts = parse(spec)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        built = [(name, w, reward_class(name)(device=device, **dict(options.get(name, {})))) for name, w in parts]
+        built = [(name, w, _build_one(name, device, options)) for name, w in parts]
         return load_object(WEIGHTED_REWARD)(built, normalize=normalize)
-    return reward_class(spec)(device=device, **dict(options.get(spec, {})))
+    return _build_one(spec, device, options)
 
 
 def build_reward_checked(spec: str, device: torch.device, options: Mapping[str, Any],

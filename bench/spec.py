@@ -92,6 +92,7 @@ class RunOptions:
     keep_checkpoints: int
     on_nonfinite: str
     trace: bool                  # write every expensive call to trace.jsonl (bench.trace)
+    log_with: tuple[str, ...] = ()  # experiment trackers (bench.trackers)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class RunSpec:
             run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),
                            keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"],
-                           trace=bool(ru["trace"])),
+                           trace=bool(ru["trace"]), log_with=tuple(ru.get("log_with") or ())),
             budget=Budget.parse(str(cfg["budget"]), clock=cost.budget_clock(cfg)), seed=int(cfg["seed"]),
             cost_profile=cost.run_profile(cfg))
 

@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.errors import UsageError
 
     p = argparse.ArgumentParser(prog="bench rewards", description="Reward backends on this machine.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", metavar="check")
     c = sub.add_parser("check", help="report which rewards are loadable here and why not")
     c.add_argument("names", nargs="*", help="rewards to check (default: all registered)")
     c.add_argument("--load", action="store_true", help="also build each model and score one random image")
@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--hash", action="store_true", help="hash weight files to report each reward's version")
     c.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.cmd is None:
+        raise UsageError("a subcommand is required: check (bench rewards check [NAMES] [--load] "
+                         "[--json]: which rewards can run here and why not)")
 
     names = list(args.names) or list(REWARDS)
     for n in names:

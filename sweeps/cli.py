@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UsageError
+from bench.cli import seed_arg
 from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
 
 PRUNERS = ("median", "hyperband", "none")
@@ -60,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-objective", choices=("seconds", "nfe", "samples"),
                    help="also minimise this cost of a trial -> a Pareto set (no pruning)")
     p.add_argument("--study", help="study name (default <algo>-sweep, <algo>-grid with --grid)")
-    p.add_argument("--storage", help="journal file (*.journal), sqlite:///FILE.db, postgresql://USER@HOST/DB "
-                                     "(default: <out>/sweeps/<study>.journal)")
+    p.add_argument("--storage", default=os.environ.get("TREEBENCH_STORAGE") or None,
+                   help="journal file (*.journal), sqlite:///FILE.db, postgresql://USER@HOST/DB (default: "
+                        "$TREEBENCH_STORAGE, else <out>/sweeps/<study>.journal); put a URL with a password in "
+                        "TREEBENCH_STORAGE: it is never printed or written")
     p.add_argument("--out", help="output directory (default runs/sweep-<study>)")
     p.add_argument("--model", help=f"model preset: {', '.join(MODELS)} (default shapes)")
     p.add_argument("--model-path", help="local diffusers pipeline directory")
@@ -70,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file applied to every trial")
     p.add_argument("--preset", help="algorithm preset applied to every trial")
     p.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="fixed overrides for every trial, e.g. --set sampler.steps=10 eval.every=5")
-    p.add_argument("--seed", type=int, help="run seed shared by all trials (default 0)")
+                   help="fixed override for every trial, repeatable as in bench run: --set sampler.steps=10 "
+                        "--set eval.every=5 (several after one --set also work)")
+    p.add_argument("--seed", type=seed_arg, help="run seed shared by all trials (default 0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default tpe (ignored with --grid)")
@@ -124,6 +128,33 @@ def _check_space_keys(space: Any, base_cfg: dict[str, Any]) -> None:
                 raise UsageError(f"search-space parameter {p.name!r} sets unknown config key {p.key!r} "
                                  f"(see bench run --help and bench/config.py DEFAULTS)")
             node = node[part]
+
+
+def check_grid(spec: Any, grid: dict[str, list[Any]]) -> None:
+    """Refuse, before a study exists, a grid value that no trial could run whatever the other values:
+    one of another type than the setting takes (``k=2,x``) or one the config refuses on its own
+    (``sampler.steps=0``). Combinations refused only together (d=3 with window=2) stay: the sweep prunes
+    those trials with the algorithm's message (docs/SWEEPS.md)."""
+    from bench.errors import AlgorithmSettingsError
+
+    keys = {p.name: p.key for p in spec.space.params}
+    for name, values in grid.items():
+        node: Any = spec.base_cfg
+        for part in keys[name].split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        for v in values:
+            if isinstance(node, bool) and not isinstance(v, bool) or (
+                    isinstance(node, (int, float)) and not isinstance(node, bool)
+                    and not (isinstance(v, (int, float)) and not isinstance(v, bool))):
+                kind = "true or false" if isinstance(node, bool) else "a number"
+                raise UsageError(f"--grid {name}={v!r}: {keys[name]} takes {kind} (now {node!r}), got {v!r}; "
+                                 f"fix the grid")
+            try:
+                spec.resolve({keys[name]: v}, None)
+            except AlgorithmSettingsError:
+                continue  # may depend on the other grid values: pruned per trial
+            except UsageError as e:
+                raise UsageError(f"--grid {name}={v!r}: {e}; fix the grid") from None
 
 
 def _sampler(a: argparse.Namespace, grid: dict | None):
@@ -180,6 +211,8 @@ def prepare(a: argparse.Namespace):
     spec = SweepSpec(out=out, space=space, objective=objective, base_overrides=base_sets, flags=flags,
                      config_file=a.config, preset=a.preset, cost=a.multi_objective, heartbeat_s=a.heartbeat,
                      base_cfg=base_cfg)
+    if grid:
+        check_grid(spec, grid)
     return spec, grid, study, _definition(a, space, objective, base_sets, flags)
 
 
@@ -193,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweeps import study as st
 
     out = spec.out
+    storage, where = st.make_storage(a.storage, out, study_name)  # a bad storage leaves no directory behind
     out.mkdir(parents=True, exist_ok=True)
-    storage, where = st.make_storage(a.storage, out, study_name)
     multi = spec.cost is not None
     directions = [a.direction] + (["minimize"] if multi else [])
     value_names = ["value"] + ([f"cost_{spec.cost}"] if multi else [])
@@ -224,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 0
     try:
         if a.n_jobs > 1:
-            code = _spawn_workers(argv, a.n_jobs)
+            code = _spawn_workers(argv, a.n_jobs, a.storage)
         else:
             _optimize(study, storage, spec, target, grid, a, write_table)
     except KeyboardInterrupt:
@@ -263,9 +296,25 @@ def _waiting() -> Any:
     return TrialState.WAITING
 
 
-def _spawn_workers(argv: list[str], n: int) -> int:
-    """Start ``n`` worker processes of this same sweep (they join the study just created) and wait."""
+def _without_storage(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--storage":
+            skip = True
+        elif not x.startswith("--storage="):
+            out.append(x)
+    return out
+
+
+def _spawn_workers(argv: list[str], n: int, storage: str | None = None) -> int:
+    """Start ``n`` worker processes of this same sweep (they join the study just created) and wait. The
+    storage URL goes to them in the environment, not on their command line (process lists show that)."""
     env = dict(os.environ)
+    if storage is not None:
+        env["TREEBENCH_STORAGE"] = storage
+        argv = _without_storage(argv)
     gpus = _cuda_count()
     procs = []
     for i in range(n):

@@ -51,13 +51,48 @@ def _postgres_url(url: str) -> str:
     raise UsageError("a PostgreSQL storage needs a driver: pip install 'treebench[sweeps]' (installs psycopg)")
 
 
+#: environment variable holding the storage URL, so a password stays out of shell history and process lists
+STORAGE_ENV = "TREEBENCH_STORAGE"
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (what may be printed, logged or written)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _scrub(text: str, url: str) -> str:
+    """A driver's error message with the URL's password removed, wherever it appears."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    text = text.replace(url, redact(url))
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
 def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
     """(optuna storage, description). ``url``: None (journal under ``out``), a ``*.journal`` / ``*.log``
     path, ``journal:PATH``, or an SQLAlchemy URL."""
     if url is None or url.startswith("journal:") or url.endswith((".journal", ".log")) or "://" not in url:
         if url is not None and "://" not in url and not url.startswith("journal:") \
                 and not url.endswith((".journal", ".log")):
-            raise UsageError(f"--storage {url!r}: give a journal file (*.journal), sqlite:///FILE.db, "
+            raise UsageError(f"--storage {redact(url)!r}: give a journal file (*.journal), sqlite:///FILE.db, "
                              f"postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
         path = journal_path(out, study) if url is None else Path(url.split("journal:", 1)[-1]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,16 +108,17 @@ def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    where = url.split("@")[-1] if "@" in url else url
+    where = redact(url)
     for attempt in range(5):
         try:
             return RDBStorage(_postgres_url(url), **kwargs), where
         except ImportError as e:
-            raise UsageError(f"--storage {url}: missing database driver ({e}); for PostgreSQL: "
-                             f"pip install 'treebench[sweeps]'") from None
+            raise UsageError(f"--storage {redact(url)}: missing database driver ({_scrub(str(e), url)}); for "
+                             f"PostgreSQL: pip install 'treebench[sweeps]'") from None
         except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials, bad URL, or two workers creating
             if attempt == 4:    # the schema at the same moment (retried)
-                raise UsageError(f"--storage {url}: cannot open the database: {type(e).__name__}: {e}") from None
+                raise UsageError(f"--storage {redact(url)}: cannot open the database: {type(e).__name__}: "
+                                 f"{_scrub(str(e), url)}") from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 

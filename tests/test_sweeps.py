@@ -23,7 +23,8 @@ from sweeps.objective import Objective, TrialFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny-random", "--budget-per-trial", "1it", "--pruner", "none",
-        "--set", "sampler.steps=3", "eval.every=1", "eval.num_prompts=2", "train.prompts_per_iteration=1"]
+        "--set", "sampler.steps=3", "--set", "eval.every=1", "--set", "eval.num_prompts=2",
+        "--set", "train.prompts_per_iteration=1"]
 
 
 @pytest.fixture

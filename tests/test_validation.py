@@ -86,6 +86,18 @@ CASES = [
     ("device-cuda", "--device cuda without a GPU", R("--algo", "grpo", "--device", "cuda")),
     ("command-unknown", "unknown command", ["rnu"]),
     ("seed-not-int", "--seed that is not an integer", R("--seed", "abc")),
+    ("seed-negative", "negative --seed", R("--seed", "-1")),
+    ("value-fp16", "fp16 without a gradient scaler", R("--set", "model.mixed_precision=fp16")),
+    ("tracker-unknown", "unknown experiment tracker", R("--algo", "grpo", "--log-with", "wandbb")),
+    ("reward-weights-late", "training reward whose weights are missing (looked for on first use)",
+     R("--algo", "grpo", "--reward", "_late_weights:LateWeights")),
+    ("eval-reward-weights-late", "held-out reward whose weights are missing (looked for on first use)",
+     R("--algo", "grpo", "--eval-rewards", "brightness,_late_weights:LateWeights")),
+    ("sweep-grid-value", "sweep grid value no trial can run",
+     ["sweep", "--algo", "treegrpo", "--model", "tiny-random", "--grid", "k=2,x", "--budget-per-trial", "1it",
+      "--out", "{tmp}/sweep"]),
+    ("sweep-seed-negative", "negative sweep --seed",
+     ["sweep", "--algo", "grpo", "--model", "tiny-random", "--seed", "-1", "--out", "{tmp}/sweep"]),
 ]
 
 
