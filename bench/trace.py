@@ -135,7 +135,10 @@ class TraceWriter:
             self.path.unlink()
 
     def write(self, iteration: int, calls: Sequence[Call], stage: str = "train") -> None:
+        from bench import failpoints
+
         with open(self.path, "a") as f:
+            failpoints.hit("trace", self.path)
             f.write(json.dumps({"iteration": iteration, "stage": stage, "fields": list(asdict(calls[0]))
                                 if calls else [], "calls": [c.as_list() for c in calls]}) + "\n")
 
