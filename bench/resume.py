@@ -91,8 +91,9 @@ def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> l
                          f"expects; the run directory was modified. Start again with --overwrite.")
     dropped = len(recs) - len(kept)
     if dropped:
-        print(f"resume: discarding {dropped} iteration record(s) after iteration {iteration - 1}; they are "
-              f"recomputed from the checkpoint", file=sys.stderr)
+        after = f"after iteration {iteration - 1}" if iteration else "(no checkpoint)"
+        print(f"resume: discarding {dropped} iteration record(s) {after}; they are recomputed "
+              f"{'from the checkpoint' if iteration else 'from the start'}", file=sys.stderr)
     rewrite_jsonl(it_path, kept)
     rewrite_jsonl(run_dir / "evals.jsonl", evals)
     with_final = run_dir / "final.json"

@@ -129,3 +129,23 @@ def test_concurrent_resume_of_a_live_run_is_refused_and_cannot_duplicate(tmp_pat
     its = [json.loads(x)["iteration"] for x in (out / "iterations.jsonl").read_text().splitlines()]
     assert its == list(range(len(its))) and len(its) >= 2  # one run: no iteration lost or logged twice
     assert not (out / ".lock").exists()
+
+
+def test_sweep_worker_on_a_live_trial_directory_is_refused(tmp_path, holder_process):
+    """A sweep trial is an ordinary run with run.overwrite=true in <out>/trials/<n>: the lock refuses it
+    before anything is deleted; the dead-trial reaper leaves a locked directory alone."""
+    from types import SimpleNamespace
+
+    from bench import config, runner
+    from sweeps.study import _close_dead_run_dir
+
+    trial = tmp_path / "trials" / "0"
+    p = holder_process(trial)
+    (trial / "iterations.jsonl").write_text('{"iteration": 0}\n')
+    cfg = config.resolve({"sampler.steps": 3, "algo.group_size": 2, "eval.every": 0, "run.progress": False},
+                         flags={"algo.name": "grpo", "model.name": "tiny-random", "budget": "1it",
+                                "out": str(trial), "run.overwrite": True})
+    with pytest.raises(RunLocked, match=f"in use by pid {p.pid}"):
+        runner.run(cfg)
+    _close_dead_run_dir(SimpleNamespace(user_attrs={"run_dir": str(trial)}, number=0), "no heartbeat")
+    assert sorted(x.name for x in trial.iterdir()) == [".lock", "iterations.jsonl"]  # untouched
