@@ -144,7 +144,7 @@ def write_failure(e: OSError, out: Path, *, last_checkpoint: int | None, final_f
     if final_fault is not None:
         lines.append(f"  final.json was not written ({describe_oserror(final_fault)}).")
     elif (out / "final.json").is_file():
-        lines.append(f"  final.json records the stop (stop_reason error).")
+        lines.append("  final.json records the stop (stop_reason error).")
     lines.append(f"  to continue: {_ADVICE.get(e.errno, 'fix')} {out}, then run:  bench run --resume {out}"
                  f"\n  ({resume_from}; later iterations are recomputed exactly)")
     return _chained(WriteFault("\n".join(lines)), e)

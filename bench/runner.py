@@ -46,12 +46,12 @@ from bench.faults import (
     stop_signals,
     write_failure,
 )
+from bench.lock import RunLock
 from bench.models import build_policy, resolve_device, weights_hash
 from bench.prompts import load_prompt_set
 from bench.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine, Schedule
-from bench.lock import RunLock
 from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest, now_iso
 from bench.scoring import build_rewards, score
 from bench.spec import RunSpec
