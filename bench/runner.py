@@ -294,7 +294,8 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
          progress: bool | None, resume: bool) -> RunSummary:
     records = r.start()
     if r.spec.run.trace and r.dist.is_main:
-        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None)
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None,
+                                               kept_evals=[e["iteration"] for e in r.evals])
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         _announce(r)
