@@ -21,6 +21,7 @@ What a resumed run may change, and how it continues from a checkpoint, is ``benc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,12 +35,13 @@ from typing import Any, Mapping
 
 import torch
 
+from bench import failpoints
 from bench.errors import CheckpointError, UsageError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _PREFIX = "step_"
-_TMP_PREFIX = ".tmp_"
+TMP_PREFIX = ".tmp_"  # temporary checkpoint directories (removed on failure, and by resume)
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -127,17 +129,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, failpoint: str) -> None:
+    data = json.dumps(obj)
     with open(path, "w") as f:
-        json.dump(obj, f)
+        failpoints.hit(failpoint, path, partial=lambda: f.write(data[: len(data) // 2]))
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], failpoint: str) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(dict(tensors), str(path))
+    failpoints.hit(failpoint, path, partial=lambda: path.write_bytes(b"\0" * 64))
+    try:
+        save_file(dict(tensors), str(path))
+    except SafetensorError as e:  # safetensors reports a failed write as its own error: give the OSError back
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EROFS)
+                     if os.strerror(c).lower() in str(e).lower()), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
     _fsync_path(path)
 
 
@@ -168,41 +181,69 @@ def save(run_dir: str | os.PathLike, iteration: int, *, policy: Mapping[str, tor
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(Path(run_dir), iteration)
-    tmp = root / f"{_TMP_PREFIX}{final.name}_{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_files(tmp, iteration, policy, optimizer, state)
+        _move_into_place(root, tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing behind (it may hold the space)
+        raise
+    try:
+        prune(run_dir, keep)
+    except OSError as e:  # the new checkpoint is in place; an old one left over is harmless (pruned next time)
+        warn(f"could not delete old checkpoints in {root}: {e.strerror or e}; they stay until the next "
+             f"checkpoint")
+    return final
+
+
+def _write_files(tmp: Path, iteration: int, policy: Mapping[str, torch.Tensor], optimizer: Mapping[str, Any],
+                 state: Mapping[str, Any]) -> None:
     opt_tensors: dict[str, torch.Tensor] = {}
     opt_json = _encode(dict(optimizer), opt_tensors, "optimizer")
     rng_tensors, rng_json = rng_state()
-    _write_tensors(tmp / "policy.safetensors", {k: v.detach().cpu().contiguous() for k, v in policy.items()})
-    _write_tensors(tmp / "optimizer.safetensors", opt_tensors)
-    _write_tensors(tmp / "rng.safetensors", rng_tensors)
-    _write_json(tmp / "state.json", {**state, "iteration": iteration, "optimizer": opt_json, "rng": rng_json})
+    _write_tensors(tmp / "policy.safetensors", {k: v.detach().cpu().contiguous() for k, v in policy.items()},
+                   "checkpoint.policy")
+    _write_tensors(tmp / "optimizer.safetensors", opt_tensors, "checkpoint.optimizer")
+    _write_tensors(tmp / "rng.safetensors", rng_tensors, "checkpoint.rng")
+    _write_json(tmp / "state.json", {**state, "iteration": iteration, "optimizer": opt_json, "rng": rng_json},
+                "checkpoint.state")
     files = {}
     for name in ("policy.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
     _write_json(tmp / "meta.json", {"format": FORMAT_VERSION, "iteration": iteration,
                                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "files": files})
+                                    "files": files}, "checkpoint.meta")
     _fsync_path(tmp)
-    if final.exists():  # the same iteration saved again (e.g. a resumed run that was already finished)
-        old = root / f"{_TMP_PREFIX}old_{final.name}_{os.getpid()}"
+
+
+def _move_into_place(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; a checkpoint of the same iteration already there (a
+    resumed run that was already finished) is replaced, and restored if the rename fails."""
+    old = None
+    if final.exists():
+        old = root / f"{TMP_PREFIX}old_{final.name}_{os.getpid()}"
         os.rename(final, old)
+    try:
+        failpoints.hit("checkpoint.rename", final)
         os.rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
     _fsync_path(root)
-    prune(run_dir, keep)
-    return final
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints and any leftover temporary directories."""
+    failpoints.hit("checkpoint.prune", Path(run_dir) / CHECKPOINT_DIR)
     for p in list_checkpoints(run_dir)[max(1, int(keep)):]:
         shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINT_DIR
-    for p in root.glob(f"{_TMP_PREFIX}*"):
+    for p in root.glob(f"{TMP_PREFIX}*"):
         try:
             pid = int(p.name.rsplit("_", 1)[1])
         except (IndexError, ValueError):

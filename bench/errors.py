@@ -15,6 +15,10 @@ class UsageError(ValueError):
     and exits with status 2."""
 
 
+class RunLocked(UsageError):
+    """Another live process writes this run directory (``bench.lock``); the message names it."""
+
+
 class MissingWeightsError(UsageError):
     """Model or reward weights are not on this machine; the message names every path looked at and
     how to obtain the files."""
@@ -27,6 +31,11 @@ class AlgorithmSettingsError(UsageError):
 
 class RunFailure(RuntimeError):
     """A run stopped by a fault with a clear cause (the CLI prints the message, exits 1, no traceback)."""
+
+
+class WriteFault(RunFailure):
+    """Writing the run directory failed (disk full, I/O error, permission denied); the message says
+    what failed, what was kept and how to continue (``bench.faults.write_failure``)."""
 
 
 class RewardError(RunFailure):

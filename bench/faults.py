@@ -1,17 +1,21 @@
 """Faults during a run (docs/ERRORS.md): clean stops on SIGINT/SIGTERM, NaN/inf batches never applied,
-out-of-memory turned into advice."""
+out-of-memory turned into advice, write faults (disk full, I/O error, permission) into what was kept and
+how to continue."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.errors import NonFiniteGrad, OutOfMemory
+from bench.errors import NonFiniteGrad, OutOfMemory, WriteFault
 from bench.types import RewardOutput, Rollout
 
 #: where a non-finite value was seen -> how messages name it
@@ -90,4 +94,62 @@ def oom_failure(e: BaseException, *, device: Any, iteration: int, micro_batch: i
         + (f"\n  The run can continue from its last checkpoint: bench run --resume {out} --set "
            f"train.micro_batch=N" if resumable else ""))
     failure.__cause__ = e
+    return failure
+
+
+# ---- write faults: disk full, I/O error, permission denied ----------------------------------------------
+#: errno values that mean "the run directory cannot be written" (not a bug of treebench)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+_ADVICE = {errno.ENOSPC: "free space on the file system holding", errno.EDQUOT: "free space (quota) for",
+           errno.EIO: "check the disk (I/O error) holding", errno.EACCES: "restore write permission on",
+           errno.EPERM: "restore write permission on", errno.EROFS: "remount read-write the file system holding",
+           errno.EFBIG: "free space or raise the file size limit for"}
+
+
+def is_write_fault(e: BaseException | None) -> bool:
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+
+
+def describe_oserror(e: OSError) -> str:
+    """"No space left on device (ENOSPC)": the errno in words and by name."""
+    name = errno.errorcode.get(e.errno or 0, str(e.errno))
+    return f"{os.strerror(e.errno) if e.errno else e} ({name})"
+
+
+def write_failure(e: OSError, out: Path, *, last_checkpoint: int | None, final_fault: OSError | None) -> WriteFault:
+    """The message of a run stopped by a write fault: what failed, what was kept, how to continue."""
+    from bench.checkpoint import step_dir
+    from bench.resume import read_jsonl
+
+    where = e.filename or f"a file in {out}"
+    lines = [f"could not write {where}: {describe_oserror(e)}; the run stopped."]
+    if not (out / "manifest.json").is_file():
+        lines.append(f"  nothing was kept: {out} has no manifest.json yet, so there is nothing to resume.")
+        lines.append(f"  to continue: {_ADVICE.get(e.errno, 'fix')} {out}, then start the run again with the "
+                     f"same options and --overwrite (it replaces {out}).")
+        return _chained(WriteFault("\n".join(lines)), e)
+    try:
+        logged, _ = read_jsonl(out / "iterations.jsonl")
+        kept = f"{len(logged)} iteration(s) logged in {out / 'iterations.jsonl'}"
+    except OSError as e2:
+        kept = f"iterations.jsonl unreadable ({describe_oserror(e2)})"
+    ck = step_dir(out, last_checkpoint) if last_checkpoint is not None else None
+    if ck is not None and (ck / "meta.json").is_file():
+        kept += f"; last good checkpoint {ck} (after iteration {last_checkpoint - 1})"
+        resume_from = f"resume continues from iteration {last_checkpoint}"
+    else:
+        kept += "; no checkpoint yet"
+        resume_from = "resume starts again from iteration 0"
+    lines.append(f"  kept: {kept}.")
+    if final_fault is not None:
+        lines.append(f"  final.json was not written ({describe_oserror(final_fault)}).")
+    elif (out / "final.json").is_file():
+        lines.append("  final.json records the stop (stop_reason error).")
+    lines.append(f"  to continue: {_ADVICE.get(e.errno, 'fix')} {out}, then run:  bench run --resume {out}"
+                 f"\n  ({resume_from}; later iterations are recomputed exactly)")
+    return _chained(WriteFault("\n".join(lines)), e)
+
+
+def _chained(failure: WriteFault, cause: BaseException) -> WriteFault:
+    failure.__cause__ = cause
     return failure

@@ -10,6 +10,7 @@ or counted twice. The checkpoint format itself is ``bench.checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,10 +22,11 @@ from typing import Any, Mapping
 import torch
 
 from bench import checkpoint as ckpt_mod
+from bench import failpoints
 from bench.budget import Totals
 from bench.checkpoint import warn
 from bench.errors import UsageError
-from bench.runlog import git_state, host_info, json_safe, now_iso
+from bench.runlog import git_state, host_info, json_safe, now_iso, remove_temp_files
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
@@ -60,12 +62,20 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+    """Replace ``path`` whole or not at all (the old log stays intact when the write fails)."""
+    data = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(json_safe(r)) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            failpoints.hit("log.rewrite", tmp, partial=lambda: f.write(data[: len(data) // 2]))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,8 +91,9 @@ def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> l
                          f"expects; the run directory was modified. Start again with --overwrite.")
     dropped = len(recs) - len(kept)
     if dropped:
-        print(f"resume: discarding {dropped} iteration record(s) after iteration {iteration - 1}; they are "
-              f"recomputed from the checkpoint", file=sys.stderr)
+        after = f"after iteration {iteration - 1}" if iteration else "(no checkpoint)"
+        print(f"resume: discarding {dropped} iteration record(s) {after}; they are recomputed "
+              f"{'from the checkpoint' if iteration else 'from the start'}", file=sys.stderr)
     rewrite_jsonl(it_path, kept)
     rewrite_jsonl(run_dir / "evals.jsonl", evals)
     with_final = run_dir / "final.json"
@@ -263,6 +274,10 @@ def resume(r: Any) -> list[dict[str, Any]]:
         return []
     manifest = json.loads((r.out / "manifest.json").read_text())
     check_same_inputs(r, manifest)
+    left = remove_temp_files(r.out)  # we hold the run's lock: these belong to a writer that died
+    if left:
+        warn(f"removed {len(left)} temporary file(s) left by the interrupted process: "
+             f"{', '.join(p.name for p in left[:4])}")
     ck = ckpt_mod.load_latest(r.out)
     resumed_from = None
     if ck is None:

@@ -3,6 +3,7 @@ its manifest, then appended to by the run log. The glossary of logged keys is ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bench import failpoints
 from bench.errors import UsageError
+from bench.lock import LOCK_NAME, RunLock
 
 SCHEMA_VERSION = 1
 
@@ -75,14 +78,37 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any, failpoint: str | None = None) -> None:
+    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed over it. On any failure the
+    temporary file is removed and ``path`` keeps its previous content."""
+    data = json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(json_safe(obj), f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            if failpoint:
+                failpoints.hit(failpoint, tmp, partial=lambda: f.write(data[: len(data) // 2]))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def remove_temp_files(out: Path) -> list[Path]:
+    """Temporary files a killed writer left in run directory ``out`` (call only while holding its lock)."""
+    from bench.checkpoint import CHECKPOINT_DIR, TMP_PREFIX
+
+    found = [*out.glob("*.tmp"), *out.glob("samples/*.tmp"), *(out / CHECKPOINT_DIR).glob(f"{TMP_PREFIX}*")]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return found
 
 
 class RunLog:
@@ -102,19 +128,23 @@ class RunLog:
             self._tb = SummaryWriter(str(out / "tensorboard"))
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        atomic_write_json(self.out / "manifest.json", {"schema_version": SCHEMA_VERSION, **manifest})
+        atomic_write_json(self.out / "manifest.json", {"schema_version": SCHEMA_VERSION, **manifest},
+                          failpoint="manifest")
 
-    def _append(self, path: Path, record: Mapping[str, Any]) -> None:
+    def _append(self, path: Path, record: Mapping[str, Any], failpoint: str) -> None:
+        line = json.dumps(json_safe(record)) + "\n"
         with open(path, "a") as f:
-            f.write(json.dumps(json_safe(record)) + "\n")
+            # a full disk may take part of the line: resume drops a torn last line (bench.resume.read_jsonl)
+            failpoints.hit(failpoint, path, partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
+            f.write(line)
             f.flush()
 
     def iteration(self, record: Mapping[str, Any]) -> None:
-        self._append(self.iter_path, record)
+        self._append(self.iter_path, record, "log.iterations")
         self._mirror(record, "train", int(record["iteration"]))
 
     def evaluation(self, record: Mapping[str, Any]) -> None:
-        self._append(self.eval_path, record)
+        self._append(self.eval_path, record, "log.evals")
         self._mirror(record, "", int(record["samples_total"]))
 
     def _mirror(self, record: Mapping[str, Any], prefix: str, step: int) -> None:
@@ -126,7 +156,7 @@ class RunLog:
         self._tb.flush()
 
     def final(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.out / "final.json", summary)
+        atomic_write_json(self.out / "final.json", summary, failpoint="final")
         if self._tb is not None:
             self._tb.close()
 
@@ -159,7 +189,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
         return out
     if out.exists() and not out.is_dir():
         raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         if (out / "manifest.json").is_file():
             from bench.checkpoint import list_checkpoints
 
@@ -181,10 +211,9 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
     return out
 
 
-def create_out_dir(out: Path, overwrite: bool) -> Path:
-    """Create (or with ``overwrite`` replace) a run directory already checked by ``check_out_dir``."""
-    if out.is_dir() and any(out.iterdir()) and overwrite:
-        shutil.rmtree(out)
+def create_out_dir(out: Path, overwrite: bool, lock: RunLock | None = None) -> RunLock:
+    """Create (or with ``overwrite`` empty) a run directory already checked by ``check_out_dir``; returns
+    its lock (``lock`` when the caller already holds it), taken before anything in it is deleted."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -192,7 +221,23 @@ def create_out_dir(out: Path, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to run directory {out}: {e.strerror or e}") from None
-    return out
+    if lock is None:
+        lock = RunLock(out).acquire()
+    try:
+        if overwrite:  # everything but the lock this process holds
+            for p in out.iterdir():
+                if p.name == LOCK_NAME:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        else:  # another process may have started (and finished) a run here since the check
+            check_out_dir(out, overwrite=False)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: Any,
@@ -238,4 +283,12 @@ def save_grid(images: Any, path: Path, ncol: int = 8) -> None:
     img = Image.fromarray(arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # whole or not at all, like every file of a run directory
+        img.save(tmp, format="PNG")
+        failpoints.hit("samples.grid", path, partial=None)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -11,7 +11,6 @@ Where each part lives: the typed run spec ``bench.spec``; the model ``bench.mode
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -40,12 +39,15 @@ from bench.errors import (
 from bench.evaluation import evaluate
 from bench.faults import (
     StopFlag,
+    is_write_fault,
     nonfinite_inputs,
     oom_failure,
     refuse_nonfinite_step,
     report_nonfinite,
     stop_signals,
+    write_failure,
 )
+from bench.lock import RunLock
 from bench.models import build_policy, resolve_device, weights_hash
 from bench.progress import Progress, end_summary
 from bench.prompts import load_prompt_set
@@ -75,6 +77,21 @@ class Run:
     """One training run: the components built from the spec, and the state that checkpoints carry."""
 
     def __init__(self, spec: RunSpec, resume: bool = False):
+        self.lock: RunLock | None = None         # one writer per run directory (bench.lock), held until release()
+        self.write_fault: OSError | None = None  # a write fault seen while finishing (final eval, final.json)
+        self.final_fault: OSError | None = None  # final.json could not be written
+        try:
+            self._build(spec, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, spec: RunSpec, resume: bool) -> None:
         self.spec, self.resume = spec, resume
         device = resolve_device(spec.model.device)
         self.dist = Dist.from_config(spec.config, device)  # one process, or data-parallel under accelerate
@@ -84,6 +101,8 @@ class Run:
         # everything is validated before the run directory is created, replaced or resumed
         self.out = spec.run.out
         if self.dist.is_main:
+            if self.out.is_dir():  # refused at once when a live process writes it
+                self.lock = RunLock(self.out).acquire()
             check_out_dir(self.out, spec.run.overwrite, resume)
         if resume:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
@@ -113,7 +132,7 @@ class Run:
         self.arith = batch_arithmetic(self.algo.plan(0), spec.prompts_per_iteration, spec.train.micro_batch,
                                       spec.train.optimizer_steps)
         if not resume and self.dist.is_main:
-            create_out_dir(self.out, spec.run.overwrite)
+            self.lock = create_out_dir(self.out, spec.run.overwrite, self.lock)
         self.log = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
         self.trackers = trackers_mod.Trackers(tracker_names if self.dist.is_main else [], self.out, spec.config,
                                               self.out.name)
@@ -260,11 +279,28 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     """Train under the budget and write the run directory. ``cfg`` is a resolved config
     (``bench.config.resolve``; for ``resume=True`` normally ``bench.resume.resume_config``);
     callbacks may raise ``StopRun`` to stop early. With ``resume`` the run continues in ``cfg['out']``
-    from its newest valid checkpoint."""
+    from its newest valid checkpoint. The run directory is locked for the whole run (``bench.lock``); a
+    write fault (disk full, I/O error, permission) ends it with a ``WriteFault`` saying what was kept."""
     r = Run(RunSpec.from_config(cfg), resume=resume)
+    try:
+        summary = _run(r, on_iteration, on_eval, progress, resume)
+    except OSError as e:
+        if not is_write_fault(e):
+            raise
+        raise write_failure(e, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault) from None
+    finally:
+        r.release()
+    if r.write_fault is not None:
+        raise write_failure(r.write_fault, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault)
+    return summary
+
+
+def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[[dict], None] | None,
+         progress: bool | None, resume: bool) -> RunSummary:
     records = r.start()
     if r.spec.run.trace and r.dist.is_main:
-        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None)
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None,
+                                               kept_evals=[e["iteration"] for e in r.evals])
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         _announce(r)
@@ -340,6 +376,7 @@ def _finish(r: Run, stop_reason: str, failure: BaseException | None) -> dict[str
     """Checkpoint at the stop where that is safe, evaluate the final state, write final.json."""
     # a checkpoint at the stop, unless the state is mid-update or must not move past a NaN batch
     want = stop_reason == "interrupted" or (r.spec.run.checkpoint_every > 0 and stop_reason != "nonfinite")
+    want = want and not is_write_fault(failure)  # the log may lack the last record: keep the last good checkpoint
     if want and not r.in_update and r.last_checkpoint != r.totals.iterations:
         try:
             resume_mod.save_checkpoint(r)
@@ -352,12 +389,23 @@ def _finish(r: Run, stop_reason: str, failure: BaseException | None) -> dict[str
         print(f"interrupted: resume with  bench run --resume {r.out}", file=sys.stderr, flush=True)
     final_eval = None
     if failure is None and stop_reason not in ("nonfinite", "interrupted"):
-        with contextlib.suppress(Exception):
+        try:
             done = r.evals and r.evals[-1]["iteration"] == r.totals.iterations
             final_eval = r.evals[-1] if done else evaluate(r, r.totals.iterations)
+        except Exception as e:  # noqa: BLE001 - a failed final evaluation leaves final_eval empty ...
+            if is_write_fault(e):  # ... but a write fault ends the run with its message
+                failure = r.write_fault = e
+                stop_reason = "error"
     error = f"{type(failure).__name__}: {failure}" if failure is not None else None
     r.final_record = _final(r, stop_reason, error, final_eval, r.wall_seconds())
-    r.log.final(r.final_record)
+    try:
+        r.log.final(r.final_record)
+    except OSError as e:  # atomic: the previous final.json (if any) is intact, no temporary file is left
+        if not is_write_fault(e):
+            raise
+        r.final_fault = e
+        if failure is None:
+            r.write_fault = e
     r.trackers.close(r.final_record)
     return final_eval
 

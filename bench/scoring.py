@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from bench import failpoints
 from bench.errors import RewardError, UsageError, is_out_of_memory
 from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, rewards
 from bench.trace import CallRecorder, record_reward
@@ -109,6 +110,7 @@ def score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: t
         record_reward(recorder, getattr(reward, "name", type(reward).__name__), images.shape[0],
                       "reward" if stage == "train" else "eval")
     try:
+        failpoints.hit("reward")  # a reward reading its weights or a cache from a failing disk
         out = reward(images, [batch.prompts[i] for i in idx], [batch.metadata[i] for i in idx])
         return RewardOutput(out.scores.detach().float().cpu(), {k: v.detach().float().cpu()
                                                                   for k, v in out.components.items()},

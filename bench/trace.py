@@ -14,6 +14,7 @@ encoder one prompt.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,22 +121,33 @@ def nfe(calls: Iterable[Call]) -> int:
 class TraceWriter:
     """``trace.jsonl`` in a run directory: one line per iteration with its full call list (``run.trace``)."""
 
-    def __init__(self, out_dir: Path, resume_iteration: int | None = None):
+    def __init__(self, out_dir: Path, resume_iteration: int | None = None,
+                 kept_evals: Iterable[int] = ()):
+        """On resume, the lines of the iterations a resume recomputes are dropped: training iterations from
+        ``resume_iteration`` on, and evaluations not among ``kept_evals`` (the iterations of the
+        evaluations the checkpoint carries; one at ``resume_iteration`` may or may not be among them)."""
         self.path = Path(out_dir) / "trace.jsonl"
-        if resume_iteration is not None and self.path.is_file():  # drop iterations a resume recomputes
-            keep = []
+        if resume_iteration is not None and self.path.is_file():
+            kept, keep = set(kept_evals), []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line)["iteration"] < resume_iteration:
-                        keep.append(line)
-                except (ValueError, KeyError):
-                    break
-            self.path.write_text("".join(x + "\n" for x in keep))
+                    rec = json.loads(line)
+                except ValueError:
+                    break  # a torn last line
+                it = rec.get("iteration", resume_iteration)
+                if (it in kept) if rec.get("stage") == "eval" else (it < resume_iteration):
+                    keep.append(line)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in keep))
+            os.replace(tmp, self.path)
         elif resume_iteration is None and self.path.exists():
             self.path.unlink()
 
     def write(self, iteration: int, calls: Sequence[Call], stage: str = "train") -> None:
+        from bench import failpoints
+
         with open(self.path, "a") as f:
+            failpoints.hit("trace", self.path)
             f.write(json.dumps({"iteration": iteration, "stage": stage, "fields": list(asdict(calls[0]))
                                 if calls else [], "calls": [c.as_list() for c in calls]}) + "\n")
 

@@ -13,6 +13,7 @@ enqueued again, so a resumed sweep re-runs it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -27,7 +28,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bench import failpoints
 from bench.errors import UsageError
+from bench.lock import RunLock
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SWEEP_ATTR = "treebench_sweep"
@@ -258,6 +261,17 @@ def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
     run_dir = t.user_attrs.get("run_dir")
     if not run_dir or not Path(run_dir).is_dir() or (Path(run_dir) / "final.json").exists():
         return
+    try:
+        lock = RunLock(run_dir).acquire()  # a worker still writing it (bench.lock) keeps it
+    except UsageError:
+        return
+    try:
+        _write_dead_final(t, run_dir, reason)
+    finally:
+        lock.release()
+
+
+def _write_dead_final(t: optuna.trial.FrozenTrial, run_dir: str, reason: str) -> None:
     last: dict[str, Any] = {}
     its = Path(run_dir) / "iterations.jsonl"
     if its.is_file():
@@ -331,12 +345,18 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
                 cols.append(k)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols or ["number"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    os.replace(tmp, path)  # atomic: concurrent workers never leave a torn table
+    try:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols or ["number"])
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            failpoints.hit("sweep.storage", path)
+        os.replace(tmp, path)  # atomic: concurrent workers never leave a torn table
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def pareto_rows(study: optuna.Study, value_names: Sequence[str], seed: int) -> list[dict[str, Any]]:

@@ -106,3 +106,12 @@ def plugin_installed(tmp_path_factory):
         mp.syspath_prepend(str(PLUGIN_ROOT))
         mp.syspath_prepend(str(site))
         yield site
+
+
+@pytest.fixture
+def failpoints():
+    """``failpoints("checkpoint.rename=enospc@2")`` switches failpoints on for one test (bench.failpoints)."""
+    from bench import failpoints as fp
+
+    yield fp.set_failpoints
+    fp.set_failpoints("")
