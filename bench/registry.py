@@ -50,6 +50,8 @@ ALGORITHMS: dict[str, Entry] = {
                      "MixGRPO (arXiv 2507.21802): SDE sliding window, ODE elsewhere; Flash variant option"),
     "treegrpo": Entry("algorithms.treegrpo:TreeGRPO",
                       "TreeGRPO (arXiv 2512.08153): shared-prefix trees, k-ary SDE branching, per-edge advantages"),
+    "flowgrpo": Entry("algorithms.flowgrpo:FlowGRPO",
+                      "Flow-GRPO (arXiv 2505.05470): all-SDE groups, KL to the reference; Fast variant: SDE window"),
 }
 
 REWARDS: dict[str, Entry] = {

@@ -223,6 +223,59 @@ def ddpo_trajectory(T=5, eta=1.0, B=2):
 TREE_REWARDS = [0.2, 0.5, 0.9, 0.1, 0.4, 0.3, 0.8, 0.6, 0.7]
 
 
+# ---- Flow-GRPO (yifan123/flow_grpo) ----------------------------------------------------------------
+MODEL_A_REF = -0.4  # the toy reference denoiser of the KL parity: output = MODEL_A_REF * x + B t / 1000
+FLOW_GRPO_PROMPTS = ["a", "b", "a", "c", "b", "a", "c", "c"]
+FLOW_GRPO_REWARDS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5, 0.5]
+
+
+def flow_grpo_stat_tracker(prompts, rewards, global_std):
+    """``flow_grpo/stat_tracking.py::PerPromptStatTracker.update`` (type "grpo") on a fresh tracker: per
+    prompt text, mean of its rewards; std = numpy's population std of the prompt's rewards, or of ALL
+    rewards with ``global_std``; 1e-4 is added to the std; A = (r - mean) / std."""
+    prompts = np.array(prompts)
+    r = np.array(rewards, dtype=np.float64)
+    adv = np.zeros_like(r)
+    for p in np.unique(prompts):
+        sel = prompts == p
+        std = (np.std(r) if global_std else np.std(r[sel])) + 1e-4
+        adv[sel] = (r[sel] - np.mean(r[sel])) / std
+    return adv
+
+
+def flow_grpo_fast_trajectory(T=6, shift=3.0, eta=0.7, G=2, window=(1, 3)):
+    """``sd3_pipeline_with_logprob_fast``: steps inside ``sde_window`` [start, end) call
+    ``sde_step_with_logprob`` with the noise level, the others with noise level 0 (std_dev_t = 0: the
+    Euler step x + v dt); SD3 scheduler sigmas, timesteps = 1000 sigma, i.i.d. initial noises; the
+    image is the last latent. Also the KL term of ``train_sd3.py`` for the window's edges against a toy
+    reference denoiser (A = MODEL_A_REF): mean over dims of (mean - mean_ref)^2 / (2 std_dev_t^2), with
+    std_dev_t = eta sqrt(sigma / (1 - sigma)) (sigmas[1] in the denominator at sigma = 1).
+    Returns (final latent, window log-probs [G, w], KL per edge [G, w])."""
+    sig = sd3_scheduler_sigmas(T, shift)
+    x = noise(0, G).astype(np.float64)
+    lps, kls = [], []
+    draw = 1
+    for i in range(T):
+        t = sig[i] * 1000.0
+        v = toy_model(x, t)
+        if window[0] <= i < window[1]:
+            xin = x
+            x, _, lp = flow_grpo_step(v, xin, sig, i, eta, noise(draw, G))
+            draw += 1
+            lps.append(lp)
+            s, sn = float(sig[i]), float(sig[i + 1])
+            den = float(sig[1]) if s == 1.0 else s
+            std_dev = math.sqrt(s / (1 - den)) * eta
+            v_ref = MODEL_A_REF * xin + MODEL_B * (t / 1000.0)
+            dt = sn - s
+            m = xin * (1 + std_dev**2 / (2 * s) * dt) + v * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+            m_ref = xin * (1 + std_dev**2 / (2 * s) * dt) + v_ref * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+            kls.append(((m - m_ref) ** 2).reshape(G, -1).mean(axis=1) / (2 * std_dev**2))
+        else:
+            x = x + v * (float(sig[i + 1]) - float(sig[i]))
+    return x, np.stack(lps, axis=1), np.stack(kls, axis=1)
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -249,3 +302,10 @@ if __name__ == "__main__":
     lps, fin = ddpo_trajectory()
     print("DDPO log-probs", _fmt(lps))
     print("DDPO final sample", _fmt(fin))
+    print("Flow-GRPO advantages, global std", _fmt(flow_grpo_stat_tracker(FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, True)))
+    print("Flow-GRPO advantages, per-prompt std",
+          _fmt(flow_grpo_stat_tracker(FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, False)))
+    fin, lp, kl = flow_grpo_fast_trajectory()
+    print("Flow-GRPO-Fast final latent", _fmt(fin))
+    print("Flow-GRPO-Fast window log-probs", _fmt(lp))
+    print("Flow-GRPO KL per window edge", _fmt(kl))

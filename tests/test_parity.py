@@ -22,7 +22,7 @@ from algorithms.ddpo import DDPO, DDPOConfig
 from algorithms.mixgrpo import MixGRPO, MixGRPOConfig
 from algorithms.treegrpo import TreeGRPO, TreeGRPOConfig
 from bench import sde
-from bench.policy import Conditioning, Policy
+from bench.policy import Conditioning, ModelOptions, Policy
 from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 
@@ -37,6 +37,8 @@ class ToyPolicy:
     device = torch.device("cpu")
     latent_shape = LATENT
     family = "treebench"
+    options = ModelOptions()  # the engine's call trace reads these two attributes
+    vae = None
 
     def __init__(self, prediction: str = "flow"):
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
