@@ -276,6 +276,68 @@ def flow_grpo_fast_trajectory(T=6, shift=3.0, eta=0.7, G=2, window=(1, 3)):
     return x, np.stack(lps, axis=1), np.stack(kls, axis=1)
 
 
+# ---- BranchGRPO (Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py) ----------------------
+BRANCH_REWARDS = [0.2, 0.9, 0.4, 0.3, 0.8, 0.1, 0.6, 0.5]  # leaves of a binary tree of depth 3, leaf order
+#: sampling-time log-probs of the edges into the nodes of depths 1, 2, 3 (children of a node contiguous)
+BRANCH_EDGE_LOGPS = [[0.1, -0.2], [0.3, -0.5, 0.0, 0.4], [-1.0, 0.5, 0.2, -0.3, 0.9, 0.1, -0.4, -0.6]]
+
+
+def branchgrpo_split_trajectory(T=3, shift=3.0, eta=0.3, scale=4.0, splits=(0, 1)):
+    """``run_tree_sample_step`` for one prompt (one root) with binary splits: every step is
+    ``flux_step_with_split`` (DanceGRPO's SDE step with ``sde_solver``); at a split point each node's two
+    children are mean + scale * std * z, and their log-prob uses the UNSCALED std; elsewhere one child,
+    mean + std * z. Children of a node are contiguous, nodes keep their order. The image is the last
+    step's ``pred_original``. Also returns the log-probs the children would have under the std they
+    were drawn with (scale * std at split steps). Returns (decoded, logp_code [N-1], logp_sampling [N-1])
+    with the edges in creation order (level by level)."""
+    sig, ts = flux_linspace_schedule(T, shift)
+    x = noise(0, 1).astype(np.float64)
+    lp_code, lp_samp = [], []
+    for i in range(T):
+        v = toy_model(x, ts[i])
+        s, sn = float(sig[i]), float(sig[i + 1])
+        ds = sn - s
+        x0 = x - s * v
+        mean = x + ds * v + (-0.5 * eta**2 * (-(x - x0 * (1 - s)) / s**2)) * ds
+        std = eta * math.sqrt(s - sn)
+        k = 2 if i in splits else 1
+        mean, x0 = np.repeat(mean, k, axis=0), np.repeat(x0, k, axis=0)
+        sc = scale if k > 1 else 1.0
+        x = mean + sc * std * noise(i + 1, mean.shape[0])
+        lp_code.append(gauss_logp(x, mean, std))
+        lp_samp.append(gauss_logp(x, mean, sc * std))
+    return x0, np.concatenate(lp_code), np.concatenate(lp_samp)
+
+
+def branchgrpo_depth_advantages(leaf_rewards, edge_logps=None):
+    """``compute_node_rewards_from_leaves`` + ``compute_hierarchical_advantages_by_depth`` on one full
+    binary tree (the children of a node are contiguous). Node rewards: the mean of the node's leaf
+    descendants, or with ``edge_logps`` (per depth 1..D, the log-probs of the edges into that depth's
+    nodes) the softmax over a node's two children of their edge log-probs, times the children's
+    rewards, from the deepest level up. Per depth: (r - mean) / (unbiased std + 1e-8), zero for a
+    single node or a std below 1e-6. Returns the advantages of depths 1..D, concatenated."""
+    r = np.array(leaf_rewards, dtype=np.float64)
+    D = int(round(math.log2(r.size)))
+    rewards = {D: r}
+    for d in range(D - 1, 0, -1):
+        child = rewards[d + 1].reshape(-1, 2)
+        if edge_logps is None:
+            n_leaves = 2 ** (D - d)
+            rewards[d] = r.reshape(-1, n_leaves).mean(axis=1)
+        else:
+            lp = np.array(edge_logps[d], dtype=np.float64).reshape(-1, 2)  # edges into depth d + 1
+            w = np.exp(lp - lp.max(axis=1, keepdims=True))
+            rewards[d] = (w / w.sum(axis=1, keepdims=True) * child).sum(axis=1)
+
+    def norm(v):
+        if v.size < 2:
+            return np.zeros_like(v)
+        sd = v.std(ddof=1)
+        return np.zeros_like(v) if sd < 1e-6 else (v - v.mean()) / (sd + 1e-8)
+
+    return np.concatenate([norm(rewards[d]) for d in range(1, D + 1)])
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -309,3 +371,10 @@ if __name__ == "__main__":
     print("Flow-GRPO-Fast final latent", _fmt(fin))
     print("Flow-GRPO-Fast window log-probs", _fmt(lp))
     print("Flow-GRPO KL per window edge", _fmt(kl))
+    dec, lpc, lps = branchgrpo_split_trajectory()
+    print("BranchGRPO decoded (x0 of last eval)", _fmt(dec))
+    print("BranchGRPO edge log-probs, unscaled std (code)", _fmt(lpc))
+    print("BranchGRPO edge log-probs, sampling std", _fmt(lps))
+    print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
+    print("BranchGRPO depth-wise advantages, prob-weighted",
+          _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))
