@@ -229,6 +229,23 @@ def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     return d / (2 * std**2)
 
 
+KL_DIVISORS = ("step_std", "noise_scale")
+
+
+def kl_std(rollout: Rollout, edges: Tensor, std: Tensor, divisor: str) -> Tensor:
+    """The std [M] that divides the mean-KL of the edges parent(n) -> n: "step_std" = the transition's
+    std (the Gaussian KL); "noise_scale" = Flow-GRPO's code (``scripts/train_sd3.py``, ``kl_loss``
+    divides by ``std_dev_t ** 2``, the noise scale a sqrt(sigma / (1 - sigma)) without the sqrt(-dt)
+    factor): step std / sqrt(sigma_i - sigma_{i+1}) (flow rollouts, whose ``sigmas`` are sigmas)."""
+    if divisor not in KL_DIVISORS:
+        raise ValueError(f"unknown KL divisor {divisor!r}; valid: {', '.join(KL_DIVISORS)}")
+    if divisor == "step_std":
+        return std
+    lvl = (rollout.level[edges] - 1).cpu()
+    dsig = (rollout.sigmas[lvl] - rollout.sigmas[lvl + 1]).to(std.device, std.dtype)
+    return std / torch.sqrt(dsig)
+
+
 def chain_edge_advantages(rollout: Rollout, leaf_adv: Tensor) -> Tensor:
     """Broadcast each leaf's advantage along its chain: [N] (NaN at roots and on nodes that lead to
     several leaves, which chain rollouts never have)."""
@@ -286,7 +303,7 @@ def chain_step_edges(rollout: Rollout) -> Tensor:
 
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
                train: TrainSpec, clip_range: float, adv_clip_max: float, beta: float = 0.0,
-               reduction: str = "mean") -> UpdateStats:
+               reduction: str = "mean", kl_divisor: str = "step_std") -> UpdateStats:
     """Run the PPO-clip update on the given edges.
 
     edges [M]: child node ids of the trained edges, in training order (the caller shuffles). Edges
@@ -297,6 +314,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
 
     reduction: "mean" -> the mini-batch loss is the mean over its edge terms (DDPO/DanceGRPO/MixGRPO);
     "sum_children" -> sum over each parent's children, mean over parents (TreeGRPO's loss_agg "sum").
+    kl_divisor: the std the KL term divides by (``kl_std``: "step_std" or Flow-GRPO's "noise_scale").
 
     Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
     read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
@@ -308,6 +326,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
                            optimizer_steps=0, micro_batches=0)
     if reduction not in ("mean", "sum_children"):
         raise ValueError(f"unknown reduction {reduction!r}")
+    if kl_divisor not in KL_DIVISORS:
+        raise ValueError(f"unknown KL divisor {kl_divisor!r}; valid: {', '.join(KL_DIVISORS)}")
     params = policy.trainable_parameters()
     parents = rollout.parent[edges]
     # unique parents in first-appearance order, so the caller's shuffle decides the order
@@ -343,7 +363,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             if beta > 0:
                 ref = engine.logp(rollout, e, reference=True)
                 nfe += ref.nfe
-                kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), ev.std.detach())
+                kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), kl_std(rollout, e, ev.std.detach(), kl_divisor))
                 loss = loss + beta * kl.sum() / denom
                 tot_kl += float(kl.detach().sum())
             loss.backward()

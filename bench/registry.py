@@ -50,6 +50,10 @@ ALGORITHMS: dict[str, Entry] = {
                      "MixGRPO (arXiv 2507.21802): SDE sliding window, ODE elsewhere; Flash variant option"),
     "treegrpo": Entry("algorithms.treegrpo:TreeGRPO",
                       "TreeGRPO (arXiv 2512.08153): shared-prefix trees, k-ary SDE branching, per-edge advantages"),
+    "flowgrpo": Entry("algorithms.flowgrpo:FlowGRPO",
+                      "Flow-GRPO (arXiv 2505.05470): all-SDE groups, KL to the reference; Fast variant: SDE window"),
+    "branchgrpo": Entry("algorithms.branchgrpo:BranchGRPO",
+                        "BranchGRPO (arXiv 2509.06040): binary-split trees, depth-wise advantages, pruning"),
 }
 
 REWARDS: dict[str, Entry] = {

@@ -168,6 +168,28 @@ class RolloutEngine:
             return sde.dance_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
         raise ValueError(f"mode {mode!r} has no single-step rule")
 
+    def _split_step(self, mode: str, plan: RolloutPlan, out: Tensor, x: Tensor, lvl: Tensor, sched: Schedule,
+                    gen: torch.Generator) -> sde.StepOutput:
+        """A branching step whose children are drawn with ``plan.split_noise_scale`` times the step's
+        noise (BranchGRPO's ``flux_step_with_split``) and scored per ``plan.split_logp_std``."""
+        probe = self._step(mode, plan, out, x, lvl, sched, prev_sample=x)  # mean and std of the step
+        std = probe.std.reshape(-1, *([1] * (x.dim() - 1))).to(probe.mean.device)
+        z = torch.randn(probe.mean.shape, generator=gen, device=gen.device, dtype=torch.float32)
+        nxt = probe.mean + plan.split_noise_scale * std * z.to(probe.mean.device)
+        st = self._step(mode, plan, out, x, lvl, sched, prev_sample=nxt)
+        return self._rescore_split(plan, st, nxt, torch.ones(x.shape[0], dtype=torch.bool))
+
+    @staticmethod
+    def _rescore_split(plan: RolloutPlan, st: sde.StepOutput, nxt: Tensor, split_rows: Tensor) -> sde.StepOutput:
+        """With ``split_logp_std="sampling"``, the log-prob of the rows drawn at a branching step under
+        the std they were drawn with (scale * std); otherwise ``st`` unchanged."""
+        if plan.split_logp_std != "sampling" or plan.split_noise_scale == 1.0 or not bool(split_rows.any()):
+            return st
+        scale = torch.where(split_rows.to(st.std.device), plan.split_noise_scale, 1.0).to(st.std.dtype)
+        std = (st.std * scale).reshape(-1, *([1] * (nxt.dim() - 1)))
+        return sde.StepOutput(prev_sample=st.prev_sample, log_prob=sde.gaussian_log_prob(nxt, st.mean, std),
+                              mean=st.mean, std=st.std * scale)
+
     # ---- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, plan: RolloutPlan, batch: PromptBatch, iteration: int, *, stage: str = "rollout",
@@ -229,7 +251,10 @@ class RolloutEngine:
         lvl = torch.full((x.shape[0],), i, dtype=torch.long)
         if k > 1:
             out, x, lvl = out.repeat_interleave(k, 0), x.repeat_interleave(k, 0), lvl.repeat_interleave(k)
-        st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
+        if k > 1 and plan.split_noise_scale != 1.0:  # BranchGRPO's scaled split noise
+            st = self._split_step(mode, plan, out, x, lvl, sched, gen)
+        else:
+            st = self._step(mode, plan, out, x, lvl, sched, gen=gen)
         lv = sched.levels[i].to(x.device)
         x0 = (x - lv * out) if self.policy.prediction == "flow" else (x - torch.sqrt(1 - lv) * out) / torch.sqrt(lv)
         return st, x0
@@ -275,6 +300,7 @@ class RolloutEngine:
             out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update")
         self.nfe_update += n
         inv = inv.to(dev)
-        st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched,
-                        prev_sample=lat[nodes.to(lat.device)].to(dev))
+        nxt = lat[nodes.to(lat.device)].to(dev)
+        st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched, prev_sample=nxt)
+        st = self._rescore_split(plan, st, nxt, torch.tensor([plan.branch[int(i)] > 1 for i in lvl.tolist()]))
         return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std, nfe=n)

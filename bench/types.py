@@ -37,6 +37,9 @@ SDE_TYPES = ("flow_grpo", "dance")
 #: (Flow-GRPO, DDPO, MixGRPO, TreeGRPO); "x0" = the data prediction of the last denoiser evaluation
 #: (DanceGRPO decodes ``pred_original`` of its last step, whose SDE noise never reaches the reward).
 FINAL_IMAGES = ("sample", "x0")
+#: How a branching step's children are scored when they were drawn with a scaled noise
+#: (``RolloutPlan.split_noise_scale``): with the step's std ("step") or the std they were drawn with.
+SPLIT_LOGP_STDS = ("step", "sampling")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class RolloutPlan:
     final_image:      "sample" (decode the last sampled latent) or "x0" (decode the last evaluation's data
                       prediction), see FINAL_IMAGES; identical for a last ODE step to sigma = 0
     log_std_range:    optional (lo, hi): flow SDE step stds are clamped to [e^lo, e^hi] (TreeGRPO's code)
+    split_noise_scale: the children of a branching step (branch > 1) are sampled as mean + scale * std * z
+                      (BranchGRPO's ``tree_split_noise_scale``); 1 = the step's own distribution
+    split_logp_std:   the std the log-prob of such a child is scored with: "step" (the step's std, as
+                      BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
+                      the child was drawn from); see SPLIT_LOGP_STDS
     info:             algorithm-specific scalars describing the plan, logged with the iteration under
                       namespaced keys (e.g. {"treegrpo/window_start": 3})
     """
@@ -101,6 +109,8 @@ class RolloutPlan:
     keep_latents: bool = True
     final_image: str = "sample"
     log_std_range: tuple[float, float] | None = None
+    split_noise_scale: float = 1.0
+    split_logp_std: str = "step"
     info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +135,10 @@ class RolloutPlan:
         if self.log_std_range is not None and not (len(self.log_std_range) == 2
                                                    and self.log_std_range[0] <= self.log_std_range[1]):
             raise ValueError(f"log_std_range must be (lo, hi) with lo <= hi, got {self.log_std_range!r}")
+        if not float(self.split_noise_scale) > 0:
+            raise ValueError(f"split_noise_scale must be > 0, got {self.split_noise_scale!r}")
+        if self.split_logp_std not in SPLIT_LOGP_STDS:
+            raise ValueError(f"unknown split_logp_std {self.split_logp_std!r}; valid: {SPLIT_LOGP_STDS}")
         if self.sigmas is not None and len(self.sigmas) != T + 1:
             raise ValueError(f"sigmas must have num_steps + 1 = {T + 1} entries, got {len(self.sigmas)}")
 

@@ -38,6 +38,13 @@ CASES: dict[str, dict[str, Any]] = {
     "treegrpo": {"algo": "treegrpo", "sets": {"algo.k": 2, "algo.d": 2}},
     "treegrpo-softmax": {"algo": "treegrpo", "sets": {"algo.k": 3, "algo.d": 2,
                                                       "algo.weighting": "softmax_logprob"}},
+    "flowgrpo": {"algo": "flowgrpo", "sets": {"algo.group_size": 3, "algo.global_std": False}},
+    "flowgrpo-fast": {"algo": "flowgrpo", "sets": {"algo.group_size": 3, "algo.sde_window_size": 1,
+                                                   "sampler.steps": 6}},
+    "branchgrpo": {"algo": "branchgrpo", "sets": {"algo.split_rounds": 2}},
+    "branchgrpo-pruned": {"algo": "branchgrpo", "sets": {"algo.split_points": [0, 1], "algo.split_noise_scale": 4.0,
+                                                         "algo.prob_weighted": True, "algo.depth_pruning": [4],
+                                                         "algo.width_pruning": "global"}},
 }
 
 #: logged per iteration and compared: integers exactly, floats within atol + rtol |golden|. The

@@ -223,6 +223,121 @@ def ddpo_trajectory(T=5, eta=1.0, B=2):
 TREE_REWARDS = [0.2, 0.5, 0.9, 0.1, 0.4, 0.3, 0.8, 0.6, 0.7]
 
 
+# ---- Flow-GRPO (yifan123/flow_grpo) ----------------------------------------------------------------
+MODEL_A_REF = -0.4  # the toy reference denoiser of the KL parity: output = MODEL_A_REF * x + B t / 1000
+FLOW_GRPO_PROMPTS = ["a", "b", "a", "c", "b", "a", "c", "c"]
+FLOW_GRPO_REWARDS = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 2.5, 0.5]
+
+
+def flow_grpo_stat_tracker(prompts, rewards, global_std):
+    """``flow_grpo/stat_tracking.py::PerPromptStatTracker.update`` (type "grpo") on a fresh tracker: per
+    prompt text, mean of its rewards; std = numpy's population std of the prompt's rewards, or of ALL
+    rewards with ``global_std``; 1e-4 is added to the std; A = (r - mean) / std."""
+    prompts = np.array(prompts)
+    r = np.array(rewards, dtype=np.float64)
+    adv = np.zeros_like(r)
+    for p in np.unique(prompts):
+        sel = prompts == p
+        std = (np.std(r) if global_std else np.std(r[sel])) + 1e-4
+        adv[sel] = (r[sel] - np.mean(r[sel])) / std
+    return adv
+
+
+def flow_grpo_fast_trajectory(T=6, shift=3.0, eta=0.7, G=2, window=(1, 3)):
+    """``sd3_pipeline_with_logprob_fast``: steps inside ``sde_window`` [start, end) call
+    ``sde_step_with_logprob`` with the noise level, the others with noise level 0 (std_dev_t = 0: the
+    Euler step x + v dt); SD3 scheduler sigmas, timesteps = 1000 sigma, i.i.d. initial noises; the
+    image is the last latent. Also the KL term of ``train_sd3.py`` for the window's edges against a toy
+    reference denoiser (A = MODEL_A_REF): mean over dims of (mean - mean_ref)^2 / (2 std_dev_t^2), with
+    std_dev_t = eta sqrt(sigma / (1 - sigma)) (sigmas[1] in the denominator at sigma = 1).
+    Returns (final latent, window log-probs [G, w], KL per edge [G, w])."""
+    sig = sd3_scheduler_sigmas(T, shift)
+    x = noise(0, G).astype(np.float64)
+    lps, kls = [], []
+    draw = 1
+    for i in range(T):
+        t = sig[i] * 1000.0
+        v = toy_model(x, t)
+        if window[0] <= i < window[1]:
+            xin = x
+            x, _, lp = flow_grpo_step(v, xin, sig, i, eta, noise(draw, G))
+            draw += 1
+            lps.append(lp)
+            s, sn = float(sig[i]), float(sig[i + 1])
+            den = float(sig[1]) if s == 1.0 else s
+            std_dev = math.sqrt(s / (1 - den)) * eta
+            v_ref = MODEL_A_REF * xin + MODEL_B * (t / 1000.0)
+            dt = sn - s
+            m = xin * (1 + std_dev**2 / (2 * s) * dt) + v * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+            m_ref = xin * (1 + std_dev**2 / (2 * s) * dt) + v_ref * (1 + std_dev**2 * (1 - s) / (2 * s)) * dt
+            kls.append(((m - m_ref) ** 2).reshape(G, -1).mean(axis=1) / (2 * std_dev**2))
+        else:
+            x = x + v * (float(sig[i + 1]) - float(sig[i]))
+    return x, np.stack(lps, axis=1), np.stack(kls, axis=1)
+
+
+# ---- BranchGRPO (Fredreic1849/BranchGRPO, fastvideo/train_branchgrpo_flux.py) ----------------------
+BRANCH_REWARDS = [0.2, 0.9, 0.4, 0.3, 0.8, 0.1, 0.6, 0.5]  # leaves of a binary tree of depth 3, leaf order
+#: sampling-time log-probs of the edges into the nodes of depths 1, 2, 3 (children of a node contiguous)
+BRANCH_EDGE_LOGPS = [[0.1, -0.2], [0.3, -0.5, 0.0, 0.4], [-1.0, 0.5, 0.2, -0.3, 0.9, 0.1, -0.4, -0.6]]
+
+
+def branchgrpo_split_trajectory(T=3, shift=3.0, eta=0.3, scale=4.0, splits=(0, 1)):
+    """``run_tree_sample_step`` for one prompt (one root) with binary splits: every step is
+    ``flux_step_with_split`` (DanceGRPO's SDE step with ``sde_solver``); at a split point each node's two
+    children are mean + scale * std * z, and their log-prob uses the UNSCALED std; elsewhere one child,
+    mean + std * z. Children of a node are contiguous, nodes keep their order. The image is the last
+    step's ``pred_original``. Also returns the log-probs the children would have under the std they
+    were drawn with (scale * std at split steps). Returns (decoded, logp_code [N-1], logp_sampling [N-1])
+    with the edges in creation order (level by level)."""
+    sig, ts = flux_linspace_schedule(T, shift)
+    x = noise(0, 1).astype(np.float64)
+    lp_code, lp_samp = [], []
+    for i in range(T):
+        v = toy_model(x, ts[i])
+        s, sn = float(sig[i]), float(sig[i + 1])
+        ds = sn - s
+        x0 = x - s * v
+        mean = x + ds * v + (-0.5 * eta**2 * (-(x - x0 * (1 - s)) / s**2)) * ds
+        std = eta * math.sqrt(s - sn)
+        k = 2 if i in splits else 1
+        mean, x0 = np.repeat(mean, k, axis=0), np.repeat(x0, k, axis=0)
+        sc = scale if k > 1 else 1.0
+        x = mean + sc * std * noise(i + 1, mean.shape[0])
+        lp_code.append(gauss_logp(x, mean, std))
+        lp_samp.append(gauss_logp(x, mean, sc * std))
+    return x0, np.concatenate(lp_code), np.concatenate(lp_samp)
+
+
+def branchgrpo_depth_advantages(leaf_rewards, edge_logps=None):
+    """``compute_node_rewards_from_leaves`` + ``compute_hierarchical_advantages_by_depth`` on one full
+    binary tree (the children of a node are contiguous). Node rewards: the mean of the node's leaf
+    descendants, or with ``edge_logps`` (per depth 1..D, the log-probs of the edges into that depth's
+    nodes) the softmax over a node's two children of their edge log-probs, times the children's
+    rewards, from the deepest level up. Per depth: (r - mean) / (unbiased std + 1e-8), zero for a
+    single node or a std below 1e-6. Returns the advantages of depths 1..D, concatenated."""
+    r = np.array(leaf_rewards, dtype=np.float64)
+    D = int(round(math.log2(r.size)))
+    rewards = {D: r}
+    for d in range(D - 1, 0, -1):
+        child = rewards[d + 1].reshape(-1, 2)
+        if edge_logps is None:
+            n_leaves = 2 ** (D - d)
+            rewards[d] = r.reshape(-1, n_leaves).mean(axis=1)
+        else:
+            lp = np.array(edge_logps[d], dtype=np.float64).reshape(-1, 2)  # edges into depth d + 1
+            w = np.exp(lp - lp.max(axis=1, keepdims=True))
+            rewards[d] = (w / w.sum(axis=1, keepdims=True) * child).sum(axis=1)
+
+    def norm(v):
+        if v.size < 2:
+            return np.zeros_like(v)
+        sd = v.std(ddof=1)
+        return np.zeros_like(v) if sd < 1e-6 else (v - v.mean()) / (sd + 1e-8)
+
+    return np.concatenate([norm(rewards[d]) for d in range(1, D + 1)])
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -249,3 +364,17 @@ if __name__ == "__main__":
     lps, fin = ddpo_trajectory()
     print("DDPO log-probs", _fmt(lps))
     print("DDPO final sample", _fmt(fin))
+    print("Flow-GRPO advantages, global std", _fmt(flow_grpo_stat_tracker(FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, True)))
+    print("Flow-GRPO advantages, per-prompt std",
+          _fmt(flow_grpo_stat_tracker(FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, False)))
+    fin, lp, kl = flow_grpo_fast_trajectory()
+    print("Flow-GRPO-Fast final latent", _fmt(fin))
+    print("Flow-GRPO-Fast window log-probs", _fmt(lp))
+    print("Flow-GRPO KL per window edge", _fmt(kl))
+    dec, lpc, lps = branchgrpo_split_trajectory()
+    print("BranchGRPO decoded (x0 of last eval)", _fmt(dec))
+    print("BranchGRPO edge log-probs, unscaled std (code)", _fmt(lpc))
+    print("BranchGRPO edge log-probs, sampling std", _fmt(lps))
+    print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
+    print("BranchGRPO depth-wise advantages, prob-weighted",
+          _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))

@@ -24,7 +24,8 @@ PAPER_ALGOS = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo")
 #: small settings that keep one iteration well under a second on the tiny model
 SMALL = {"ddpo": {"group_size": 2}, "dancegrpo": {"group_size": 3},
          "mixgrpo": {"group_size": 3, "window": 2, "shift_interval": 1},
-         "treegrpo": {"k": 2, "d": 2}}
+         "treegrpo": {"k": 2, "d": 2}, "flowgrpo": {"group_size": 3},
+         "branchgrpo": {"split_rounds": 2}}
 BATCH = PromptBatch(("a red circle", "a blue square"))
 P = len(BATCH)
 

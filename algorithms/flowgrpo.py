@@ -1,0 +1,252 @@
+"""Flow-GRPO and Flow-GRPO-Fast: GRPO on a stochastic flow sampler, with a KL to the reference.
+
+Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470; reference code
+yifan123/flow_grpo ``scripts/train_sd3.py`` (the trainer), ``flow_grpo/stat_tracking.py``
+(``PerPromptStatTracker.update``), ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``
+(``sde_step_with_logprob``), ``config/grpo.py`` (the paper settings). Flow-GRPO-Fast is the same
+repository's ``scripts/train_sd3_fast.py`` with ``sd3_pipeline_with_logprob_fast`` (SDE window).
+
+Implementation details:
+- Sampling (``plan``): G = ``group_size`` i.i.d. chains per prompt (``num_image_per_prompt``), every
+  step the Flow-GRPO SDE (``sampler.sde`` "flow_grpo", noise level a = 0.7); the image is the last
+  sampled latent. ``shared_noise`` = the fast trainer's ``same_latent`` (off in the paper settings).
+- Advantages (``flow_grpo_advantages``): ``PerPromptStatTracker.update`` with type "grpo", cleared
+  every epoch: A = (r - mean_prompt) / (std + 1e-4) with numpy's population std; ``global_std``
+  (the ``config/grpo.py`` default) takes the std over *all* rewards of the batch, otherwise the
+  prompt's own. Groups are the prompts of the batch (the reference keys on the prompt text).
+- Trained steps (``_trained_edges``): the first ``int(T * timestep_fraction)`` steps of every chain, in
+  step order (``train_timesteps = range(num_train_timesteps)``, fraction 0.99: with T = 10 all but the
+  last step). The released trainer uses no per-sample random permutation of steps (that is
+  ddpo-pytorch's ``perms``); chains are shuffled (``perm = torch.randperm(total_batch_size)``).
+- Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clip 1e-4 on the stored log-probs,
+  advantages clamped to +-5, mean over (chain, step) terms; KL to the frozen reference with weight
+  ``beta`` (0.04 GenEval/OCR, 0.01 PickScore): per edge mean over latent dims of
+  (mean_theta - mean_ref)^2 / (2 std_dev_t^2), then the mean over edges (``kl_loss``). ``kl_divisor``
+  "noise_scale" (default) divides by the code's std_dev_t = a sqrt(sigma / (1 - sigma)), *without* the
+  transition's sqrt(-dt); "step_std" uses the transition std (the exact Gaussian KL). The reference
+  model's evaluation is one more (guided) forward pass per trained edge, counted as update NFE.
+- Flow-GRPO-Fast (``sde_window_size`` > 0, preset "flowgrpo-fast"): one window of
+  ``sde_window_size`` consecutive SDE steps per iteration, its start uniform in
+  [lo, hi - size] with (lo, hi) = ``sde_window_range`` (default (0, T // 2), the fast configs'
+  ``(0, num_steps // 2)``); every other step is a deterministic ODE (noise level 0) step; exactly the
+  window's steps are trained (``num_train_timesteps = sde_window_size``). The reference draws the window
+  per pipeline call with Python's ``random``; treebench draws it per iteration from the run seed, so
+  ``plan`` stays a pure function of the iteration.
+- Not reproduced: EMA of the LoRA weights (``train.ema``: decay 0.9 every 8 steps, used only for
+  evaluation and checkpoints; ``ema=True`` raises NotImplementedError because the harness evaluates
+  the trained weights and has no hook to swap in averaged ones); dropping samples whose advantages
+  are all zero (``mask`` in the trainer: with the global std this only happens for a reward exactly
+  equal to its prompt's mean); the CFG unconditional branch detached during training
+  (``noise_pred_uncond.detach()`` in ``compute_log_prob`` of ``train_sd3.py``; treebench
+  differentiates both branches, as the fast trainer does).
+
+Why ``grpo`` stays separate: ``algorithms/grpo.py`` is the smallest algorithm of the harness (docs/PLUGINS.md
+points to it as the template; smoke tests use it); folding Flow-GRPO's window, KL divisor and
+stat-tracking options into it would lose that. ``flowgrpo`` is the benchmarked method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from algorithms.common import KL_DIVISORS, chain_edge_advantages, chain_step_edges, check_ppo_settings, ppo_update
+from bench.policy import Policy
+from bench.rollout import RolloutEngine
+from bench.seeding import generator
+from bench.types import (
+    Advantages,
+    PromptBatch,
+    RewardOutput,
+    Rollout,
+    RolloutPlan,
+    SamplerSpec,
+    TrainSpec,
+    UpdateStats,
+)
+
+
+def flow_grpo_advantages(scores: Tensor, groups: Tensor, global_std: bool, eps: float = 1e-4) -> Tensor:
+    """Flow-GRPO's ``PerPromptStatTracker.update`` (type "grpo", cleared every epoch): [L] float32
+    (r - mean_group) / (std + eps), population std over the group, or over all L rewards when
+    ``global_std``. ``scores`` [L], ``groups`` [L] long (the prompt of each image)."""
+    r = scores.double()
+    out = torch.zeros_like(r)
+    all_std = r.std(unbiased=False)
+    for g in torch.unique(groups):
+        m = groups == g
+        std = all_std if global_std else r[m].std(unbiased=False)
+        out[m] = (r[m] - r[m].mean()) / (std + eps)
+    return out.float()
+
+
+@dataclass(frozen=True)
+class FlowGRPOConfig:
+    """Flow-GRPO settings (``algo.<field>``).
+
+    group_size:        chains (images) per prompt [count]; default 24 (``num_image_per_prompt``)
+    timestep_fraction: the first int(T * fraction) steps of every chain are trained (0, 1]; default 0.99
+                       (``train.timestep_fraction``); ignored when ``sde_window_size`` > 0
+    global_std:        normalise by the std of all the batch's rewards (True, ``sample.global_std``) or
+                       of the prompt's own rewards (False)
+    std_eps:           added to the std; default 1e-4 (``stat_tracking.py``)
+    shared_noise:      a prompt's chains start from one initial noise; default False (``same_latent``)
+    clip_range:        PPO epsilon [ratio]; default 1e-4 (``train.clip_range``)
+    adv_clip_max:      advantage clamp [std units]; default 5 (``train.adv_clip_max``)
+    beta:              weight of the KL to the reference; default 0 (``config/base.py``; the paper
+                       presets set 0.04 for GenEval/OCR and 0.01 for PickScore). The frozen reference
+                       is the base model under LoRA (``model.lora_rank`` > 0): with full fine-tuning
+                       the harness has no reference copy and beta > 0 raises NotImplementedError
+    kl_divisor:        "noise_scale" (the code's std_dev_t^2, default) or "step_std" (the transition's
+                       std^2, the exact Gaussian KL)
+    sde_window_size:   0 = all steps SDE (Flow-GRPO); > 0 = Flow-GRPO-Fast: this many consecutive SDE
+                       steps per iteration, ODE elsewhere, only they are trained (fast configs: 2)
+    sde_window_range:  (lo, hi) the window lies in [lo, hi) of the steps; empty = (0, T // 2)
+    ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
+    """
+
+    group_size: int = 24
+    timestep_fraction: float = 0.99
+    global_std: bool = True
+    std_eps: float = 1e-4
+    shared_noise: bool = False
+    clip_range: float = 1e-4
+    adv_clip_max: float = 5.0
+    beta: float = 0.0
+    kl_divisor: str = "noise_scale"
+    sde_window_size: int = 0
+    sde_window_range: tuple[int, ...] = ()
+    ema: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
+                             f"got {self.group_size!r}")
+        if not 0.0 < float(self.timestep_fraction) <= 1.0:
+            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        if self.kl_divisor not in KL_DIVISORS:
+            raise ValueError(f"algo.kl_divisor must be one of {', '.join(KL_DIVISORS)}, got {self.kl_divisor!r}")
+        if not isinstance(self.sde_window_size, int) or self.sde_window_size < 0:
+            raise ValueError(f"algo.sde_window_size must be an integer >= 0, got {self.sde_window_size!r}")
+        rng = tuple(int(v) for v in self.sde_window_range)
+        if rng and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
+            raise ValueError(f"algo.sde_window_range must be empty or (lo, hi) with 0 <= lo < hi, "
+                             f"got {self.sde_window_range!r}")
+        object.__setattr__(self, "sde_window_range", rng)
+        if self.ema:
+            raise NotImplementedError("algo.ema: Flow-GRPO's EMA only changes the weights used for evaluation "
+                                      "and checkpoints; the harness evaluates the trained weights and has no "
+                                      "hook to swap in averaged ones")
+        check_ppo_settings(self)
+
+
+class FlowGRPO:
+    name: ClassVar[str] = "flowgrpo"
+    Config: ClassVar[type] = FlowGRPOConfig
+    FINAL_IMAGE: ClassVar[str] = "sample"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # config/grpo.py::geneval_sd3 / general_ocr_sd3 (SD3.5-M): T = 10, CFG 4.5, a = 0.7, G = 24,
+        # fraction 0.99, beta 0.04, global std; an optimizer step every num_batches_per_epoch // 2
+        # batches -> 2 optimizer steps per epoch
+        "flowgrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
+                           "algo.beta": 0.04, "algo.global_std": True, "train.optimizer_steps": 2},
+        # config/grpo.py::pickscore_sd3: as above with beta 0.01
+        "flowgrpo-pickscore": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                               "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.beta": 0.01,
+                               "algo.global_std": True, "train.optimizer_steps": 2},
+        # Flow-GRPO-Fast (train_sd3_fast.py with the fast configs): a 2-step SDE window in the first
+        # half of the steps, ODE elsewhere, no KL
+        "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                          "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.sde_window_size": 2,
+                          "algo.beta": 0.0, "train.optimizer_steps": 2},
+    }
+
+    #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
+    log_keys: ClassVar[dict[str, str]] = {
+        "flowgrpo/trained_steps": "Flow-GRPO: steps trained per chain (int(T * timestep_fraction), or the "
+                                  "SDE window size of Flow-GRPO-Fast)",
+        "flowgrpo/window_start": "Flow-GRPO-Fast: first step of this iteration's SDE window (0 = all-SDE "
+                                 "Flow-GRPO)",
+    }
+    #: sweep search space over its own settings (the space-file format of docs/SWEEPS.md) and the
+    #: parameters ``bench sweep`` varies when ``--space`` is not given
+    search_space: ClassVar[dict[str, Any]] = {
+        "group_size": {"type": "int", "low": 4, "high": 24, "step": 4},
+        "beta": {"type": "float", "low": 0.0, "high": 0.1, "help": "KL-to-reference weight"},
+        "sde_window_size": {"type": "int", "low": 0, "high": 4, "help": "0 = Flow-GRPO, > 0 = Fast"},
+    }
+    search_default: ClassVar[tuple[str, ...]] = ("beta",)
+
+    def __init__(self, config: FlowGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
+        self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        if sampler.prediction != "flow":
+            raise ValueError("algo: Flow-GRPO's SDE is defined for flow (velocity) models, got "
+                             f"sampler prediction {sampler.prediction!r}")
+        T, w = sampler.steps, config.sde_window_size
+        if w > 0:
+            lo, hi = self._window_range()
+            if hi > T or hi - w < lo:
+                raise ValueError(f"algo.sde_window_size={w} does not fit algo.sde_window_range=({lo}, {hi}) "
+                                 f"with sampler.steps={T}")
+        elif self._n_train() < 1:
+            raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
+                             f"sampler.steps={T} (int(T * fraction) must be >= 1)")
+
+    def _window_range(self) -> tuple[int, int]:
+        rng = self.config.sde_window_range
+        return (rng[0], rng[1]) if rng else (0, self.sampler.steps // 2)
+
+    def _n_train(self) -> int:
+        if self.config.sde_window_size > 0:
+            return self.config.sde_window_size
+        return int(self.sampler.steps * float(self.config.timestep_fraction))
+
+    def window_start(self, iteration: int) -> int:
+        """First SDE step of the iteration's window (0 without a window); pure in the iteration."""
+        if self.config.sde_window_size == 0:
+            return 0
+        lo, hi = self._window_range()
+        g = generator(self.seed, iteration, "flowgrpo_window")
+        return int(torch.randint(lo, hi - self.config.sde_window_size + 1, (1,), generator=g))
+
+    def plan(self, iteration: int) -> RolloutPlan:
+        T, w = self.sampler.steps, self.config.sde_window_size
+        s0 = self.window_start(iteration)
+        modes = ("sde",) * T if w == 0 else tuple("sde" if s0 <= i < s0 + w else "ode" for i in range(T))
+        return RolloutPlan(num_steps=T, modes=modes, branch=(1,) * T, trees_per_prompt=self.config.group_size,
+                           shared_noise=self.config.shared_noise, noise_level=self.sampler.noise_level,
+                           sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           info={"flowgrpo/trained_steps": float(self._n_train()),
+                                 "flowgrpo/window_start": float(s0)})
+
+    def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
+        leaf = flow_grpo_advantages(rewards.scores, rollout.leaf_prompts(), self.config.global_std,
+                                    self.config.std_eps)
+        return Advantages(edge=chain_edge_advantages(rollout, leaf), leaf=leaf)
+
+    def _trained_edges(self, rollout: Rollout) -> Tensor:
+        steps = chain_step_edges(rollout)  # [C, T]
+        s0 = int(rollout.plan.info.get("flowgrpo/window_start", 0))
+        chosen = steps[:, s0:s0 + self._n_train()]
+        gen = generator(self.seed, rollout.iteration, "update")
+        chosen = chosen[torch.randperm(chosen.shape[0], generator=gen)].flatten()
+        return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+
+    def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
+               adv: Advantages) -> UpdateStats:
+        edges = self._trained_edges(rollout)
+        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
+                          beta=self.config.beta, kl_divisor=self.config.kl_divisor)
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None

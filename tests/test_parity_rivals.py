@@ -1,0 +1,133 @@
+"""Parity of the rival algorithms (Flow-GRPO and its Fast variant, BranchGRPO) with their reference trainers.
+
+As in ``tests/test_parity.py``: every expected number was printed once by ``tests/parity_reference.py``
+(an independent numpy transcription of the reference code, file and function named there) and pasted
+here as a literal; treebench computes its numbers through its own engine and algorithms on the same
+toy denoiser and fixed noises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from parity_reference import (BRANCH_EDGE_LOGPS, BRANCH_REWARDS, FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, MODEL_A,
+                              MODEL_A_REF, MODEL_B)
+from test_parity import BATCH, ToyPolicy, close, fixed_noise  # noqa: F401 (fixed_noise is a fixture)
+
+from algorithms.branchgrpo import BranchGRPO, BranchGRPOConfig
+from algorithms.common import gaussian_mean_kl, kl_std
+from algorithms.flowgrpo import FlowGRPO, FlowGRPOConfig, flow_grpo_advantages
+from bench.rollout import RolloutEngine
+from bench.types import RewardOutput, SamplerSpec, TrainSpec
+
+
+class ToyPolicyWithReference(ToyPolicy):
+    """The toy denoiser with a frozen reference of another slope (the KL term's ``policy.reference()``)."""
+
+    def __init__(self):
+        super().__init__("flow")
+        self.a = MODEL_A
+
+    def predict(self, x, t, cond):
+        return self.a * x.float() + MODEL_B * (t.float().reshape(-1, 1, 1, 1) / 1000.0)
+
+    @contextlib.contextmanager
+    def reference(self):
+        self.a = MODEL_A_REF
+        try:
+            yield
+        finally:
+            self.a = MODEL_A
+
+
+# ---- Flow-GRPO: PerPromptStatTracker advantages ----------------------------------------------------------
+FLOW_GRPO_ADV_GLOBAL = [-1.30685488, -0.84012099, -0.18669355, 0.93346777, 0.84012099, 1.49354843, 0.09334678,
+                        -1.02681455]
+FLOW_GRPO_ADV_PROMPT = [-1.13549469, -0.99993334, -0.16221353, 1.16239531, 0.99993334, 1.29770821, 0.11623953,
+                        -1.27863484]
+
+
+def test_flowgrpo_advantages_global_and_per_prompt_std():
+    ids = {p: i for i, p in enumerate(sorted(set(FLOW_GRPO_PROMPTS)))}
+    groups = torch.tensor([ids[p] for p in FLOW_GRPO_PROMPTS])
+    scores = torch.tensor(FLOW_GRPO_REWARDS)
+    close(flow_grpo_advantages(scores, groups, global_std=True), FLOW_GRPO_ADV_GLOBAL)
+    close(flow_grpo_advantages(scores, groups, global_std=False), FLOW_GRPO_ADV_PROMPT)
+
+
+# ---- Flow-GRPO-Fast: SDE window, ODE elsewhere; the KL divisor -----------------------------------------
+FAST_FINAL = [1.07084727, -1.11538541, -0.52295338, -0.03650219, 1.00968216, -1.63030281, -0.58411848,
+              0.00831359]
+FAST_LOGP = [-1.26691948, -0.95522346, -1.20191950, -0.66022342]
+FAST_KL = [1.47867111e-05, 2.72926434e-05, 1.70285502e-05, 1.01424116e-04]
+
+
+def test_flowgrpo_fast_window_trajectory_and_kl(fixed_noise):
+    sp = SamplerSpec(steps=6, guidance=1.0, noise_level=0.7, shift=3.0)
+    cfg = FlowGRPOConfig(group_size=2, sde_window_size=2, sde_window_range=(1, 3), beta=0.04)
+    algo = FlowGRPO(cfg, sp, TrainSpec())
+    plan = algo.plan(0)
+    assert plan.modes == ("ode", "sde", "sde", "ode", "ode", "ode") and plan.final_image == "sample"
+    policy = ToyPolicyWithReference()
+    eng = RolloutEngine(policy)
+    roll = eng.run(plan, BATCH, 0)
+    close(roll.images, FAST_FINAL)
+    edges = torch.stack([torch.nonzero(roll.level == i + 1).flatten() for i in (1, 2)], dim=1)  # [G, w]
+    close(roll.logp_old[edges], FAST_LOGP)
+    flat = edges.flatten()
+    assert sorted(algo._trained_edges(roll).tolist()) == sorted(flat.tolist())  # exactly the window is trained
+    ev = eng.logp(roll, flat)
+    ref = eng.logp(roll, flat, reference=True)
+    kl = gaussian_mean_kl(ev.mean.detach(), ref.mean, kl_std(roll, flat, ev.std.detach(), "noise_scale"))
+    close(kl, FAST_KL)
+    exact = gaussian_mean_kl(ev.mean.detach(), ref.mean, kl_std(roll, flat, ev.std.detach(), "step_std"))
+    assert bool((exact > kl).all())  # the transition std is smaller than the code's noise scale
+
+
+# ---- BranchGRPO: split children drawn with a scaled noise, scored with the unscaled (or sampling) std ----
+BRANCH_DECODED = [-0.03049144, -0.76549262, -1.82704633, 0.12757140, -0.97976866, 0.97484896, -2.77632353,
+                  -0.82170582, -2.71869657, -0.76407892, -1.82563260, -0.32329016, -0.97835498, -1.71335608,
+                  -2.77490986, 1.41705135]
+BRANCH_LOGP_CODE = [-8.18201190, -7.14201198, -8.39590420, -3.67590377, -8.39590420, -7.59590320, 0.17044713,
+                    0.01544713, -0.04955286, 0.23044712]
+BRANCH_LOGP_SAMPLING = [-0.71830526, -0.65330527, -1.00719833, -0.71219831, -1.00719833, -0.95719827, 0.17044713,
+                        0.01544713, -0.04955286, 0.23044712]
+
+
+def _branch(over, steps):
+    sp = SamplerSpec(steps=steps, guidance=1.0, noise_level=0.3, sde_type="dance", shift=3.0, schedule="linspace")
+    return BranchGRPO(BranchGRPOConfig(**over), sp, TrainSpec())
+
+
+@pytest.mark.parametrize("split_logp,expected", [("step", BRANCH_LOGP_CODE), ("sampling", BRANCH_LOGP_SAMPLING)])
+def test_branchgrpo_split_noise_and_its_log_prob(fixed_noise, split_logp, expected):
+    algo = _branch({"split_points": (0, 1), "split_noise_scale": 4.0, "split_logp": split_logp}, 3)
+    plan = algo.plan(0)
+    assert plan.branch == (2, 2, 1) and plan.final_image == "x0"
+    eng = RolloutEngine(ToyPolicy(), schedule="linspace", shift=3.0)
+    roll = eng.run(plan, BATCH, 0)
+    close(roll.images, BRANCH_DECODED)
+    edges = torch.nonzero(roll.parent >= 0).flatten()
+    close(roll.logp_old[edges], expected)
+    # the update's recomputation scores the edges the same way
+    close(eng.logp(roll, edges).log_prob.detach(), expected)
+
+
+# ---- BranchGRPO: node rewards from leaf descendants and depth-wise normalisation -------------------------
+BRANCH_ADV_MEAN = [-0.70710658, 0.70710658, 0.78334937, -1.30558228, -0.26111646, 0.78334937, -0.97664157,
+                   1.50935516, -0.26635679, -0.62149918, 1.15421277, -1.33178396, 0.44392799, 0.08878560]
+BRANCH_ADV_WEIGHTED = [0.70710665, -0.70710665, 1.21678697, -1.22697029, 0.08852183, -0.07833851, -0.97664157,
+                       1.50935516, -0.26635679, -0.62149918, 1.15421277, -1.33178396, 0.44392799, 0.08878560]
+
+
+@pytest.mark.parametrize("weighted,expected", [(False, BRANCH_ADV_MEAN), (True, BRANCH_ADV_WEIGHTED)])
+def test_branchgrpo_depthwise_advantages(fixed_noise, weighted, expected):
+    algo = _branch({"split_points": (0, 1, 2), "prob_weighted": weighted}, 3)
+    roll = RolloutEngine(ToyPolicy(), schedule="linspace", shift=3.0).run(algo.plan(0), BATCH, 0)
+    assert roll.num_leaves == 8
+    roll.logp_old[roll.parent >= 0] = torch.tensor([v for lv in BRANCH_EDGE_LOGPS for v in lv])
+    adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_REWARDS)))
+    close(adv.edge[roll.parent >= 0], expected)
+    close(adv.leaf, expected[-8:])
