@@ -20,7 +20,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from bench import checkpoint as ckpt_mod
 from bench import cost as cost_mod
 from bench import resume as resume_mod
 from bench import trace as trace_mod
@@ -49,12 +48,13 @@ from bench.faults import (
 )
 from bench.lock import RunLock
 from bench.models import build_policy, resolve_device, weights_hash
+from bench.finish import announce, finish
 from bench.progress import Progress, end_summary
 from bench.prompts import load_prompt_set
 from bench.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine, Schedule
-from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest, now_iso
+from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest
 from bench.scoring import build_rewards, score
 from bench.spec import RunSpec
 from bench.timing import PhaseTimer, peak_mem_mb
@@ -303,7 +303,7 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
                                                kept_evals=[e["iteration"] for e in r.evals])
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
-        _announce(r)
+        announce(r)
     bar = Progress() if show else None
     stop_reason, failure = None, None
     with stop_signals(r.stop):
@@ -321,7 +321,7 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
             stop_reason = "error"
         if bar is not None:
             bar.close()
-        final_eval = _finish(r, stop_reason, failure)
+        final_eval = finish(r, stop_reason, failure)
     if failure is not None:
         raise failure
     if r.dist.is_main:
@@ -370,78 +370,3 @@ def _evaluate(r: Run, iteration: int, on_eval: Callable[[dict], None] | None) ->
     rec = evaluate(r, iteration)
     if on_eval:
         on_eval(rec)
-
-
-def _finish(r: Run, stop_reason: str, failure: BaseException | None) -> dict[str, Any] | None:
-    """Checkpoint at the stop where that is safe, evaluate the final state, write final.json."""
-    # a checkpoint at the stop, unless the state is mid-update or must not move past a NaN batch
-    want = stop_reason == "interrupted" or (r.spec.run.checkpoint_every > 0 and stop_reason != "nonfinite")
-    want = want and not is_write_fault(failure)  # the log may lack the last record: keep the last good checkpoint
-    if want and not r.in_update and r.last_checkpoint != r.totals.iterations:
-        try:
-            resume_mod.save_checkpoint(r)
-        except Exception as e:  # noqa: BLE001 - the run's outcome matters more than this checkpoint
-            ckpt_mod.warn(f"could not write the final checkpoint: {type(e).__name__}: {e}")
-    if stop_reason == "interrupted":
-        if r.in_update:
-            ckpt_mod.warn(f"interrupted during an update: no checkpoint of the partial iteration; resume "
-                          f"continues from iteration {r.last_checkpoint}")
-        print(f"interrupted: resume with  bench run --resume {r.out}", file=sys.stderr, flush=True)
-    final_eval = None
-    if failure is None and stop_reason not in ("nonfinite", "interrupted"):
-        try:
-            done = r.evals and r.evals[-1]["iteration"] == r.totals.iterations
-            final_eval = r.evals[-1] if done else evaluate(r, r.totals.iterations)
-        except Exception as e:  # noqa: BLE001 - a failed final evaluation leaves final_eval empty ...
-            if is_write_fault(e):  # ... but a write fault ends the run with its message
-                failure = r.write_fault = e
-                stop_reason = "error"
-    error = f"{type(failure).__name__}: {failure}" if failure is not None else None
-    r.final_record = _final(r, stop_reason, error, final_eval, r.wall_seconds())
-    try:
-        r.log.final(r.final_record)
-    except OSError as e:  # atomic: the previous final.json (if any) is intact, no temporary file is left
-        if not is_write_fault(e):
-            raise
-        r.final_fault = e
-        if failure is None:
-            r.write_fault = e
-    r.trackers.close(r.final_record)
-    return final_eval
-
-
-def _final(r: Run, stop_reason: str, error: str | None, final_eval: dict | None, wall: float) -> dict[str, Any]:
-    best = None
-    if r.evals:
-        key = f"eval/{next(iter(r.eval_rewards))}"
-        top = max(r.evals, key=lambda e: e.get(key, float("-inf")))
-        best = {"key": key, "value": top.get(key), "iteration": top["iteration"]}
-    out = {"stop_reason": stop_reason, "iterations": r.totals.iterations, "samples_total": r.totals.samples,
-           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds, "wall_seconds": wall,
-           "final_eval": final_eval, "best_eval": best, "finished": now_iso(),
-           "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
-                          if r.last_checkpoint is not None else None),
-           "checkpoint_seconds": r.checkpoint_seconds}
-    if r.spec.cost_profile is not None:
-        out["modeled_seconds_total"] = r.totals.modeled_seconds
-        out["cost_profile"] = r.spec.cost_profile.name
-    if error:
-        out["error"] = error
-    return out
-
-
-def _announce(r: Run) -> None:
-    a, s = r.arith, r.spec
-    print(f"treebench: {s.algo_name} on {s.model.name} ({r.device}), reward {s.reward.name}, budget "
-          f"{s.budget.spec}, seed {s.seed}\n"
-          f"  per iteration: {a['prompts']} prompts x {a['trees_per_prompt']} trees x {a['leaves_per_tree']} "
-          f"leaves = {a['images']} images, {a['rollout_nfe']} rollout NFE in iteration 0 (plans that move a "
-          f"window change it)\n"
-          f"  denoiser micro-batch {a['micro_batch_rows']} rows ({a['evaluations_per_call']} evaluations with "
-          f"CFG x{a['cfg_factor']}); update: <= {a['max_trainable_parents']} trained parents in "
-          f"{a['optimizer_steps']} optimizer step(s), gradient accumulation <= {a['grad_accumulation_max']}\n"
-          f"  run directory: {r.out}", flush=True)
-    if s.cost_profile is not None:
-        clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else
-                 "the budget counts wall-clock seconds")
-        print(f"  modeled clock: cost profile {s.cost_profile.name} ({s.cost_profile.device}); {clock}", flush=True)

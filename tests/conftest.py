@@ -115,3 +115,32 @@ def failpoints():
 
     yield fp.set_failpoints
     fp.set_failpoints("")
+
+
+@pytest.fixture(scope="module")
+def flow_policy(tiny_flow_dir):
+    """A fresh tiny flow policy per test module (algorithm tests train it)."""
+    from bench.models import load_policy
+
+    return load_policy(tiny_flow_dir)
+
+
+@pytest.fixture
+def fixed_noise(monkeypatch):
+    """(parity tests) Replace the engine's noise draws, in order, by parity_reference.noise(0), noise(1), ..."""
+    from parity_reference import noise as parity_noise
+
+    real = torch.randn
+    calls = {"k": 0}
+
+    def fake(*size, generator=None, device=None, dtype=None, **kw):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+        k = calls["k"]
+        calls["k"] += 1
+        z = torch.from_numpy(parity_noise(k, shape[0])).to(dtype or torch.float32)
+        assert tuple(z.shape) == shape, f"draw {k}: shape {shape} vs {tuple(z.shape)}"
+        return z
+
+    monkeypatch.setattr(torch, "randn", fake)
+    yield calls
+    monkeypatch.setattr(torch, "randn", real)

@@ -34,11 +34,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def flow_policy(tiny_flow_dir):
-    return load_policy(tiny_flow_dir)
-
-
-@pytest.fixture(scope="module")
 def eps_policy(tiny_eps_dir):
     return load_policy(tiny_eps_dir)
 

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from parity_reference import LATENT, MODEL_A, MODEL_B, TREE_REWARDS, noise
+from parity_reference import LATENT, MODEL_A, MODEL_B, TREE_REWARDS
 
 from algorithms.dancegrpo import DanceGRPO, DanceGRPOConfig
 from algorithms.ddpo import DDPO, DDPOConfig
@@ -62,25 +62,6 @@ class ToyPolicy:
 
     def ddim_alpha_bars(self, num_steps):
         return Policy.ddim_alpha_bars(self, num_steps)
-
-
-@pytest.fixture
-def fixed_noise(monkeypatch):
-    """Replace the engine's noise draws, in order, by parity_reference.noise(0), noise(1), ..."""
-    real = torch.randn
-    calls = {"k": 0}
-
-    def fake(*size, generator=None, device=None, dtype=None, **kw):
-        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
-        k = calls["k"]
-        calls["k"] += 1
-        z = torch.from_numpy(noise(k, shape[0])).to(dtype or torch.float32)
-        assert tuple(z.shape) == shape, f"draw {k}: shape {shape} vs {tuple(z.shape)}"
-        return z
-
-    monkeypatch.setattr(torch, "randn", fake)
-    yield calls
-    monkeypatch.setattr(torch, "randn", real)
 
 
 def close(got, expected):

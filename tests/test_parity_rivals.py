@@ -14,7 +14,7 @@ import pytest
 import torch
 from parity_reference import (BRANCH_EDGE_LOGPS, BRANCH_REWARDS, FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, MODEL_A,
                               MODEL_A_REF, MODEL_B)
-from test_parity import BATCH, ToyPolicy, close, fixed_noise  # noqa: F401 (fixed_noise is a fixture)
+from test_parity import BATCH, ToyPolicy, close
 
 from algorithms.branchgrpo import BranchGRPO, BranchGRPOConfig
 from algorithms.common import gaussian_mean_kl, kl_std

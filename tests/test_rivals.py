@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_algorithms import BATCH, P, SpyEngine, brightness, flow_policy, iterate, make  # noqa: F401 (fixture)
+from test_algorithms import BATCH, P, SpyEngine, brightness, iterate, make
 
 from bench.models import load_policy
 from bench.policy import ModelOptions
