@@ -242,11 +242,20 @@ def resolve(overrides: Mapping[str, Any] | None = None, *, config_file: str | Pa
     return cfg
 
 
-def _validate(cfg: dict[str, Any]) -> None:
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UsageError(msg)
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
 
+
+def _validate(cfg: dict[str, Any]) -> None:
+    """Types and ranges of every section (the algorithm's own Config checks ``algo.*``)."""
+    _validate_sampling(cfg)
+    _validate_model(cfg)
+    _validate_run(cfg)
+
+
+def _validate_sampling(cfg: dict[str, Any]) -> None:
+    need = _need
     s, t, e = cfg["sampler"], cfg["train"], cfg["eval"]
     need(isinstance(s["steps"], int) and s["steps"] >= 1, f"sampler.steps must be an integer >= 1, got {s['steps']!r}")
     need(isinstance(s["guidance"], (int, float)), f"sampler.guidance must be a number, got {s['guidance']!r}")
@@ -271,6 +280,10 @@ def _validate(cfg: dict[str, Any]) -> None:
          f"eval.images_per_prompt must be an integer >= 1, got {e['images_per_prompt']!r}")
     need(isinstance(e["seed"], int) and e["seed"] >= 0, f"eval.seed must be an integer >= 0, got {e['seed']!r}")
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
+
+
+def _validate_model(cfg: dict[str, Any]) -> None:
+    need = _need
     need(cfg["model"]["mixed_precision"] in ("no", "bf16", "fp16"),
          f"model.mixed_precision must be no or bf16, got {cfg['model']['mixed_precision']!r}")
     # fp16 autocast without a gradient scaler lets small gradients underflow to zero; bf16 has fp32's range
@@ -293,6 +306,10 @@ def _validate(cfg: dict[str, Any]) -> None:
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
     need(isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool) and cfg["seed"] >= 0,
          f"seed must be an integer >= 0, got {cfg['seed']!r}")
+
+
+def _validate_run(cfg: dict[str, Any]) -> None:
+    need = _need
     ru = cfg["run"]
     need(isinstance(ru["checkpoint_every"], int) and not isinstance(ru["checkpoint_every"], bool)
          and ru["checkpoint_every"] >= 0,
