@@ -31,7 +31,7 @@ from bench.runlog import git_state, host_info, json_safe, now_iso, remove_temp_f
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
-RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.checkpoint_every",
+RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.log_with", "run.checkpoint_every",
                   "run.keep_checkpoints", "train.micro_batch")
 
 

@@ -136,3 +136,24 @@ def test_missing_tracker_package_refused_before_anything_exists(tmp_path, monkey
     assert main(["run", *TINY, "--budget", "1it", "--out", str(out), "--log-with", "wandb"]) == 2
     assert "--log-with wandb needs the wandb package" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_may_add_a_tracker(tmp_path):
+    """--log-with may change on --resume (it changes no record): the resumed iterations reach the tracker."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    first = subprocess.run([sys.executable, "-m", "bench.cli", "run", *TINY, "--budget", "1it", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--resume", str(out), "--budget", "2it",
+                            "--log-with", "tensorboard", "--no-progress"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert again.returncode == 0, again.stderr
+    its = [json.loads(ln) for ln in (out / "iterations.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in its] == [0, 1]
+    ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/reward_mean")] == [(2, pytest.approx(its[1]["reward_mean"]))]
