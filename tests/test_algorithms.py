@@ -217,7 +217,7 @@ def test_advantages_are_per_edge_and_finite_on_trained_edges(flow_policy, name):
     assert abs(st.first_ratio - 1.0) < 1e-4
 
 
-@pytest.mark.parametrize("name", PAPER_ALGOS)
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_update_moves_logp_in_the_direction_of_the_advantage(flow_policy, name):
     saved = copy.deepcopy(flow_policy.denoiser.state_dict())
     try:
