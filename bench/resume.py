@@ -10,7 +10,6 @@ or counted twice. The checkpoint format itself is ``bench.checkpoint``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -22,11 +21,10 @@ from typing import Any, Mapping
 import torch
 
 from bench import checkpoint as ckpt_mod
-from bench import failpoints
 from bench.budget import Totals
 from bench.checkpoint import warn
 from bench.errors import UsageError
-from bench.runlog import git_state, host_info, json_safe, now_iso, remove_temp_files
+from bench.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
@@ -63,19 +61,7 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
     """Replace ``path`` whole or not at all (the old log stays intact when the write fails)."""
-    data = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            failpoints.hit("log.rewrite", tmp, partial=lambda: f.write(data[: len(data) // 2]))
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records), "log.rewrite")
 
 
 def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -79,9 +79,14 @@ def package_versions() -> dict[str, str]:
 
 
 def atomic_write_json(path: Path, obj: Any, failpoint: str | None = None) -> None:
+    """``atomic_write_text`` of ``obj`` as indented JSON."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n", failpoint)
+
+
+def atomic_write_text(path: Path, data: str, failpoint: str | None = None) -> None:
     """Write ``path`` whole or not at all: a temporary file, fsynced, renamed over it. On any failure the
-    temporary file is removed and ``path`` keeps its previous content."""
-    data = json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n"
+    temporary file is removed and ``path`` keeps its previous content. ``failpoint`` names the injection
+    point hit before the write (half of ``data`` is written first, as a real full disk would)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as f:
