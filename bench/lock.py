@@ -31,8 +31,9 @@ from bench.errors import RunLocked, UsageError
 LOCK_NAME = ".lock"
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (tells a reused pid from the holder)."""
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22; tells a reused pid from
+    the original process), or None where it cannot be read."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -47,7 +48,7 @@ def _pid_alive(pid: int, start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _proc_start(pid)
+    now = process_start(pid)
     return now is None or start is None or now == start
 
 
@@ -130,7 +131,7 @@ class RunLock:
             print(f"warning: taking over the lock of {self.run_dir}: its holder {_describe(old)} is no longer "
                   f"running (it crashed or was killed)", file=sys.stderr, flush=True)
         pid = os.getpid()
-        info = {"pid": pid, "host": host, "start": _proc_start(pid),
+        info = {"pid": pid, "host": host, "start": process_start(pid),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "command": " ".join(["bench", *sys.argv[1:]]) if sys.argv else "?"}
         data = json.dumps(info).encode()

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from bench import failpoints
 from bench.errors import UsageError
-from bench.lock import RunLock
+from bench.lock import RunLock, process_start
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SWEEP_ATTR = "treebench_sweep"
@@ -150,14 +150,6 @@ def open_study(name: str, storage: Any, directions: Sequence[str], definition: M
 
 
 # ---- workers, heartbeats, dead trials ------------------------------------------------------------------
-def _proc_start(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
-
-
 def _pid_namespace() -> str | None:
     """Containers on one host may share a host name but not their process ids."""
     try:
@@ -168,7 +160,7 @@ def _pid_namespace() -> str | None:
 
 def worker_identity(heartbeat_s: float | None = None) -> dict[str, Any]:
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": pid, "start": _proc_start(pid),
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": pid, "start": process_start(pid),
             "heartbeat_s": heartbeat_s}
 
 
@@ -183,7 +175,7 @@ def worker_alive(worker: Mapping[str, Any] | None) -> bool | None:
         return False
     except PermissionError:
         pass
-    start = _proc_start(pid)
+    start = process_start(pid)
     return start is not None and (worker.get("start") is None or start == worker.get("start"))
 
 
