@@ -40,6 +40,21 @@ def group_normalize(values: Tensor, group_ids: Tensor, unbiased: bool, eps: floa
     return out
 
 
+def flow_grpo_advantages(scores: Tensor, groups: Tensor, global_std: bool, eps: float = 1e-4) -> Tensor:
+    """Flow-GRPO's ``PerPromptStatTracker.update`` (type "grpo", cleared every epoch; DiffusionNFT's
+    ``flow_grpo/stat_tracking.py`` is the same tracker): [L] float32
+    (r - mean_group) / (std + eps), population std over the group, or over all L rewards when
+    ``global_std``. ``scores`` [L], ``groups`` [L] long (the prompt of each image)."""
+    r = scores.double()
+    out = torch.zeros_like(r)
+    all_std = r.std(unbiased=False)
+    for g in torch.unique(groups):
+        m = groups == g
+        std = all_std if global_std else r[m].std(unbiased=False)
+        out[m] = (r[m] - r[m].mean()) / (std + eps)
+    return out.float()
+
+
 class PerPromptStatTracker:
     """DDPO's per-prompt reward statistics (Black et al. 2023; ddpo-pytorch
     ``ddpo_pytorch/stat_tracking.py::PerPromptStatTracker``).
@@ -301,6 +316,23 @@ def chain_step_edges(rollout: Rollout) -> Tensor:
     return out
 
 
+def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: float, nfe: int) -> float:
+    """Clip the gradients to ``max_grad_norm`` (<= 0: no clipping) and step; returns the norm before
+    clipping. A step the optimizer refuses (non-finite gradients) re-raises carrying ``nfe``, the forward
+    passes the update had spent, so the runner still counts them."""
+    if max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        norms = [p.grad.norm() for p in params if p.grad is not None]
+        grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
+    try:
+        optimizer.step()
+    except NonFiniteGrad as e:
+        e.nfe = nfe
+        raise
+    return grad_norm
+
+
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
                train: TrainSpec, clip_range: float, adv_clip_max: float, beta: float = 0.0,
                reduction: str = "mean", kl_divisor: str = "step_std") -> UpdateStats:
@@ -374,16 +406,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             tot_akl += float((0.5 * (ev.log_prob.detach() - old) ** 2).sum())
             tot_clip += float(terms.clipped.float().sum())
             n_terms += int(e.numel())
-        if train.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm))
-        else:
-            norms = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
-        try:
-            optimizer.step()
-        except NonFiniteGrad as e:  # the runner still counts what the refused update cost
-            e.nfe = nfe
-            raise
+        grad_norm = optimizer_step(optimizer, params, train.max_grad_norm, nfe)
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,

@@ -54,7 +54,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import KL_DIVISORS, chain_edge_advantages, chain_step_edges, check_ppo_settings, ppo_update
+from algorithms.common import (
+    KL_DIVISORS,
+    chain_edge_advantages,
+    chain_step_edges,
+    check_ppo_settings,
+    flow_grpo_advantages,
+    ppo_update,
+)
 from bench.policy import Policy
 from bench.rollout import RolloutEngine
 from bench.seeding import generator
@@ -68,20 +75,6 @@ from bench.types import (
     TrainSpec,
     UpdateStats,
 )
-
-
-def flow_grpo_advantages(scores: Tensor, groups: Tensor, global_std: bool, eps: float = 1e-4) -> Tensor:
-    """Flow-GRPO's ``PerPromptStatTracker.update`` (type "grpo", cleared every epoch): [L] float32
-    (r - mean_group) / (std + eps), population std over the group, or over all L rewards when
-    ``global_std``. ``scores`` [L], ``groups`` [L] long (the prompt of each image)."""
-    r = scores.double()
-    out = torch.zeros_like(r)
-    all_std = r.std(unbiased=False)
-    for g in torch.unique(groups):
-        m = groups == g
-        std = all_std if global_std else r[m].std(unbiased=False)
-        out[m] = (r[m] - r[m].mean()) / (std + eps)
-    return out.float()
 
 
 @dataclass(frozen=True)

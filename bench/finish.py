@@ -73,6 +73,16 @@ def final_record(r: Any, stop_reason: str, error: str | None, final_eval: dict |
     return out
 
 
+def update_line(a: dict[str, Any]) -> str:
+    """What the announcement says of the update: trained SDE parents, or, for a plan without SDE steps
+    (likelihood-free algorithms such as DiffusionNFT), that the algorithm chooses its own terms."""
+    if a["max_trainable_parents"] == 0:
+        return (f"the algorithm's own loss terms (the plan has no SDE edges) in {a['optimizer_steps']} optimizer "
+                f"step(s)")
+    return (f"<= {a['max_trainable_parents']} trained parents in {a['optimizer_steps']} optimizer step(s), "
+            f"gradient accumulation <= {a['grad_accumulation_max']}")
+
+
 def announce(r: Any) -> None:
     """What the run will do, printed once at its start: batch arithmetic, run directory, clock."""
     a, s = r.arith, r.spec
@@ -82,8 +92,7 @@ def announce(r: Any) -> None:
           f"leaves = {a['images']} images, {a['rollout_nfe']} rollout NFE in iteration 0 (plans that move a "
           f"window change it)\n"
           f"  denoiser micro-batch {a['micro_batch_rows']} rows ({a['evaluations_per_call']} evaluations with "
-          f"CFG x{a['cfg_factor']}); update: <= {a['max_trainable_parents']} trained parents in "
-          f"{a['optimizer_steps']} optimizer step(s), gradient accumulation <= {a['grad_accumulation_max']}\n"
+          f"CFG x{a['cfg_factor']}); update: {update_line(a)}\n"
           f"  run directory: {r.out}", flush=True)
     if s.cost_profile is not None:
         clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else

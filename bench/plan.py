@@ -68,6 +68,9 @@ class ShadowPolicy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.weight]
 
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {"weight": self.weight}
+
     def train(self, mode: bool = True) -> None:
         return None
 
@@ -147,6 +150,7 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
             model_scheduler(sched_cfg["model"]["name"], sched_cfg["model"].get("path"))[1]))
     engine = RolloutEngine(policy, max_micro_batch=train.micro_batch, seed=seed, shift=sampler.shift,  # type: ignore[arg-type]
                            schedule=sampler.schedule)
+    engine.snapshots.declare(algo)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     trace_mod.attach_optimizer(optimizer, engine.recorder)
     prompts = load_prompt_set(cfg["data"]["train_prompts"])

@@ -220,6 +220,10 @@ class Policy:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Trainable denoiser parameters by name (what checkpoints and weight snapshots key on)."""
+        return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
+
     def train(self, mode: bool = True) -> None:
         (self.train_module if self.train_module is not None else self.denoiser).train(mode)
 

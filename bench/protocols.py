@@ -15,8 +15,17 @@ Algorithm lifecycle (driven only by ``bench.runner.run``)::
 Rules: an algorithm never reads a clock, the budget or the reward model and never writes logs;
 it draws randomness only from ``bench.seeding.generator(seed, iteration, stage)``; every hook
 returns a value and stashes nothing on another stage. ``update`` may call ``engine.logp`` (the only
-way to get log-probs with gradients), ``optimizer.zero_grad/step`` and
-``torch.nn.utils.clip_grad_norm_`` on ``policy.trainable_parameters()``.
+way to get log-probs with gradients), ``engine.predict`` (model outputs at latents the algorithm builds,
+for likelihood-free losses), ``engine.snapshots.blend`` (move a declared weight snapshot towards the
+trained weights), ``optimizer.zero_grad/step`` and ``torch.nn.utils.clip_grad_norm_`` on
+``policy.trainable_parameters()``. Every denoiser call goes through the engine, so NFE and the call trace
+stay exact for every paradigm.
+
+An algorithm may declare ``snapshots`` (a tuple of names, default none): named copies of the initial
+trainable weights the runner creates, checkpoints and restores (``bench.snapshots``); a plan samples
+with one through ``RolloutPlan.weights``, ``engine.predict(..., weights=name)`` evaluates one.
+Likelihood-free algorithms declare ``likelihood_free = True`` (default False) and report
+``UpdateStats.approx_kl``, ``clip_frac`` and ``first_ratio`` as NaN (there is no importance ratio).
 
 Each algorithm class also declares what the core and sweeps read through the registry: ``log_keys``
 (the keys it adds to iterations.jsonl, with their meaning), ``search_space`` (its sweepable settings, in

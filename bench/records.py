@@ -79,7 +79,8 @@ class IterationRecord:
 
     def finite(self) -> bool:
         """The statistics a NaN batch would poison are finite."""
-        return all(math.isfinite(getattr(self, k)) for k in ("reward_mean", "loss", "grad_norm", "approx_kl"))
+        # approx_kl is NaN for likelihood-free algorithms (no log-probs); a NaN log-prob already makes the loss NaN
+        return all(math.isfinite(getattr(self, k)) for k in ("reward_mean", "loss", "grad_norm"))
 
 
 #: Keys of evals.jsonl besides the cumulative totals it shares with iterations.jsonl.

@@ -54,6 +54,9 @@ ALGORITHMS: dict[str, Entry] = {
                       "Flow-GRPO (arXiv 2505.05470): all-SDE groups, KL to the reference; Fast variant: SDE window"),
     "branchgrpo": Entry("algorithms.branchgrpo:BranchGRPO",
                         "BranchGRPO (arXiv 2509.06040): binary-split trees, depth-wise advantages, pruning"),
+    "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
+                          "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
+                          "samples, implicit positive/negative policies, EMA old policy"),
 }
 
 REWARDS: dict[str, Entry] = {

@@ -25,6 +25,7 @@ from bench.budget import Totals
 from bench.checkpoint import warn
 from bench.errors import UsageError
 from bench.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
+from bench.snapshots import PREFIX as SNAPSHOT_PREFIX
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
@@ -208,7 +209,7 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
 
 # ---- a run's state: written to checkpoints, restored on resume -------------------------------------
 def trainable_state(policy: Any) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
+    return policy.named_trainable_parameters()
 
 
 def save_checkpoint(r: Any) -> Path:
@@ -220,7 +221,9 @@ def save_checkpoint(r: Any) -> Path:
     t0 = time.perf_counter()
     state = {"totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
              "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds}
-    path = ckpt_mod.save(r.out, r.totals.iterations, policy=trainable_state(r.policy),
+    # the trainable weights and, beside them, the algorithm's weight snapshots (bench.snapshots)
+    weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
+    path = ckpt_mod.save(r.out, r.totals.iterations, policy=weights,
                          optimizer=r.optimizer.state_dict(), state=state, keep=r.spec.run.keep_checkpoints)
     r.last_checkpoint = r.totals.iterations
     r.checkpoint_seconds += time.perf_counter() - t0
@@ -230,7 +233,8 @@ def save_checkpoint(r: Any) -> Path:
 def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
     """Load checkpoint ``ck`` into run ``r``: weights, optimizer, algorithm state, totals, RNG."""
     params = trainable_state(r.policy)
-    missing, extra = sorted(set(params) - set(ck.policy)), sorted(set(ck.policy) - set(params))
+    saved = {k: v for k, v in ck.policy.items() if not k.startswith(SNAPSHOT_PREFIX)}
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or extra:
         raise UsageError(f"checkpoint {ck.path} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
@@ -240,6 +244,10 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
                 raise UsageError(f"checkpoint {ck.path}: parameter {n} has shape {tuple(ck.policy[n].shape)}, "
                                  f"the model has {tuple(p.shape)}")
             p.copy_(ck.policy[n].to(p.device, p.dtype))
+    try:
+        r.engine.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     r.optimizer.load_state_dict(ck.optimizer)
     r.algo.load_state_dict(ck.state.get("algorithm", {}))
     r.totals = Totals(**ck.state["totals"])

@@ -11,7 +11,10 @@ Only the engine calls the denoiser. It
 * counts denoiser forward passes exactly (``nfe_rollout``, ``nfe_update``, ``nfe_eval``; a guided
   evaluation counts 2),
 * recomputes log-probs with gradients through *the same* step functions (``logp``), one evaluation
-  per distinct parent for all of its children (TreeGRPO's amortisation).
+  per distinct parent for all of its children (TreeGRPO's amortisation),
+* evaluates the denoiser on latents an algorithm builds itself (``predict``: likelihood-free updates
+  such as DiffusionNFT's flow-matching loss on forward-noised samples), with the trained weights, a
+  weight snapshot (``bench.snapshots``) or the frozen reference; counted as update NFE and traced.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 from bench import sde
 from bench.policy import Conditioning, Policy
 from bench.seeding import generator
+from bench.snapshots import CURRENT, REFERENCE, WeightSnapshots
 from bench.trace import CallRecorder
 from bench.types import PromptBatch, Rollout, RolloutPlan
 
@@ -38,6 +42,15 @@ class EdgeEval:
     mean: Tensor
     std: Tensor
     nfe: int = 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model output [B, C, h, w] of ``RolloutEngine.predict`` (with gradients for the trained weights) and
+    the denoiser forward passes it spent."""
+
+    out: Tensor
+    nfe: int
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,8 @@ class RolloutEngine:
         self.nfe_eval = 0
         #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
         self.recorder = CallRecorder()
+        #: named copies of the trainable weights an algorithm samples or evaluates with (bench.snapshots)
+        self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters())
 
     # ---- schedules -----------------------------------------------------------------------------
     def schedule(self, plan: RolloutPlan) -> Schedule:
@@ -211,14 +226,15 @@ class RolloutEngine:
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
         new_x0: Tensor | None = None
         nfe = 0
-        for i in range(plan.num_steps):
-            t = sched.timesteps[i].expand(x.shape[0])
-            out, n = self._evaluate_chunked(x, t, nodes.front_prompt, cond, plan.guidance, phase)
-            nfe += n
-            st, new_x0 = self._advance(plan, i, out, x, sched, prev_x0, gen)
-            x = st.prev_sample
-            nodes.grow(x, i + 1, plan.branch[i], st.log_prob if plan.modes[i] == "sde" else None)
-            prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
+        with self.snapshots.use(plan.weights):  # the trained weights, or the snapshot the plan names
+            for i in range(plan.num_steps):
+                t = sched.timesteps[i].expand(x.shape[0])
+                out, n = self._evaluate_chunked(x, t, nodes.front_prompt, cond, plan.guidance, phase)
+                nfe += n
+                st, new_x0 = self._advance(plan, i, out, x, sched, prev_x0, gen)
+                x = st.prev_sample
+                nodes.grow(x, i + 1, plan.branch[i], st.log_prob if plan.modes[i] == "sde" else None)
+                prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
         # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
         # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
         images = self._decode(new_x0 if plan.final_image == "x0" else x, phase)
@@ -304,3 +320,29 @@ class RolloutEngine:
         st = self._step("sde", plan, out_u[inv], x_u[inv], lvl, sched, prev_sample=nxt)
         st = self._rescore_split(plan, st, nxt, torch.tensor([plan.branch[int(i)] > 1 for i in lvl.tolist()]))
         return EdgeEval(log_prob=st.log_prob, mean=st.mean, std=st.std, nfe=n)
+
+    # ---- model outputs at given latents (likelihood-free updates) -------------------------------
+    def predict(self, rollout: Rollout, x: Tensor, step: Tensor, prompt: Tensor, *, weights: str = CURRENT,
+                guidance: float = 1.0) -> Prediction:
+        """Model output at latents x [B, C, h, w] that sit at the noise level of step ``step`` [B] (an index
+        into ``rollout.timesteps``), for the rollout's prompts ``prompt`` [B], in one call (the caller
+        chunks). ``weights``: "current" (the trained weights; with gradients when grad mode is on), a
+        snapshot name or "reference" (the frozen base under LoRA), both without gradients.
+        ``guidance`` > 1 evaluates the CFG-guided output (2 rows per latent). The NFE go to
+        ``nfe_update`` and the call is traced in the update phase."""
+        step = torch.as_tensor(step, dtype=torch.long).cpu()
+        prompt = torch.as_tensor(prompt, dtype=torch.long)
+        if x.shape[0] != step.numel() or x.shape[0] != prompt.numel():
+            raise ValueError(f"predict: {x.shape[0]} latents, {step.numel()} steps, {prompt.numel()} prompts")
+        t = rollout.timesteps[step]
+        x = x.to(self.policy.device)
+        if weights == CURRENT:
+            out, n = self._evaluate(x, t, prompt, rollout.conditioning, guidance, "update")
+        elif weights == REFERENCE:
+            with torch.no_grad(), self.policy.reference():
+                out, n = self._evaluate(x, t, prompt, rollout.conditioning, guidance, "update", "reference")
+        else:
+            with torch.no_grad(), self.snapshots.use(weights):
+                out, n = self._evaluate(x, t, prompt, rollout.conditioning, guidance, "update")
+        self.nfe_update += n
+        return Prediction(out=out, nfe=n)

@@ -122,6 +122,7 @@ class Run:
         self.engine = RolloutEngine(self.policy, max_micro_batch=spec.train.micro_batch,
                                     seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
                                     schedule=spec.sampler.schedule)
+        self.engine.snapshots.declare(self.algo)  # copies of the initial weights (restored on resume)
         self.check_schedule()
         o = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from bench.snapshots import CURRENT, check_name
+
 #: Step modes a plan may ask for. "ode": deterministic Euler (flow) / DDIM eta=0 (epsilon);
 #: "sde": stochastic step with a log-prob; "dpm2": deterministic 2nd-order multistep DPM-Solver++
 #: (MixGRPO-Flash post-window steps, flow models only).
@@ -93,6 +95,9 @@ class RolloutPlan:
     split_logp_std:   the std the log-prob of such a child is scored with: "step" (the step's std, as
                       BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
                       the child was drawn from); see SPLIT_LOGP_STDS
+    weights:          the weights the rollout samples with: "current" (the trained ones) or the name of a
+                      weight snapshot the algorithm declares (``bench.snapshots``; DiffusionNFT samples
+                      with its EMA "old" policy)
     info:             algorithm-specific scalars describing the plan, logged with the iteration under
                       namespaced keys (e.g. {"treegrpo/window_start": 3})
     """
@@ -111,6 +116,7 @@ class RolloutPlan:
     log_std_range: tuple[float, float] | None = None
     split_noise_scale: float = 1.0
     split_logp_std: str = "step"
+    weights: str = "current"
     info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +145,8 @@ class RolloutPlan:
             raise ValueError(f"split_noise_scale must be > 0, got {self.split_noise_scale!r}")
         if self.split_logp_std not in SPLIT_LOGP_STDS:
             raise ValueError(f"unknown split_logp_std {self.split_logp_std!r}; valid: {SPLIT_LOGP_STDS}")
+        if self.weights != CURRENT:
+            check_name(self.weights)
         if self.sigmas is not None and len(self.sigmas) != T + 1:
             raise ValueError(f"sigmas must have num_steps + 1 = {T + 1} entries, got {len(self.sigmas)}")
 

@@ -33,7 +33,7 @@ from bench.errors import UsageError
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 #: Canonical order of algorithms on every page (others follow alphabetically).
-ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
+ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft", "grpo")
 
 #: Budget axes: name -> (cumulative column in iterations/evals, axis label with unit). An axis whose
 #: column no run logged is simply absent from a report; add an entry here to report a new cost column.

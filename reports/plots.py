@@ -23,8 +23,11 @@ COLORS = {
     "mixgrpo": "#2ca02c",    # green
     "treegrpo": "#d62728",   # red
     "grpo": "#9467bd",       # purple
+    "flowgrpo": "#8c564b",   # brown
+    "branchgrpo": "#e377c2",  # pink
+    "diffusionnft": "#17becf",  # cyan
 }
-_OTHER_COLORS = ("#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939")
+_OTHER_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 

@@ -338,6 +338,79 @@ def branchgrpo_depth_advantages(leaf_rewards, edge_logps=None):
     return np.concatenate([norm(rewards[d]) for d in range(1, D + 1)])
 
 
+# ---- DiffusionNFT (NVlabs/DiffusionNFT) ------------------------------------------------------------
+MODEL_A_OLD = -0.45  # the toy old-policy denoiser of the NFT loss parity: output = MODEL_A_OLD x + B t / 1000
+NFT_ADVANTAGES = [2.0, -1.0, 0.3, -7.0, 6.5, 0.0]   # one per image: two beyond the clamp at 5, one exactly 0
+NFT_SIGMA_IDX = [0, 3, 5, 8, 2, 9]                   # the trained step of each image (SD3 T=10 sigmas)
+
+
+def nft_return_decay(step, decay_type):
+    """``scripts/train_nft_sd3.py::return_decay``: (flat, uprate, uphold) = (0, 0, 0) | (0, 0.001, 0.5) |
+    (75, 0.0075, 0.999); 0 before ``flat`` steps, else min((step - flat) uprate, uphold)."""
+    flat, uprate, uphold = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}[decay_type]
+    if step < flat:
+        return 0.0
+    return min((step - flat) * uprate, uphold)
+
+
+def nft_dpm2_trajectory(T=10, G=2):
+    """``flow_grpo/diffusers_patch/solver.py::run_sampling`` with ``solver="dpm2"``, deterministic, on the
+    SD3 scheduler sigmas: step 0 and the last step ``ddim_update`` with eta 0, every other step
+    ``multistep_dpm_solver_second_order_update`` on the x0 outputs (``convert_model_output``: x - sigma v);
+    the model sees timestep = sigma * 1000. Returns the final latent [G, ...]."""
+    sig = sd3_scheduler_sigmas(T)
+    x = noise(0, G).astype(np.float64)
+    outs = []
+    for i in range(T):
+        s, t = sig[i], sig[i + 1]
+        v = toy_model(x, s * 1000.0)
+        x0 = x - s * v
+        outs.append(x0)
+        if i == 0 or i == T - 1:  # ddim_update, eta = 0: prev = (1 - t) x0 + t (x - (1 - s) x0) / s
+            x = (1 - t) * x0 + t * (x - (1 - s) * x0) / s
+            continue
+        s1 = sig[i - 1]
+        lam = lambda u: (math.log(1 - u) if u < 1 else -math.inf) - math.log(u)
+        h, h0 = lam(t) - lam(s), lam(s) - lam(s1)  # after a step from sigma = 1: h0 = inf, r0 = inf, D1 = 0
+        d1 = (outs[-1] - outs[-2]) / (h0 / h)
+        x = (t / s) * x - (1 - t) * (math.exp(-h) - 1.0) * outs[-1] - 0.5 * (1 - t) * (math.exp(-h) - 1.0) * d1
+    return x
+
+
+def nft_loss_terms(beta=1.0, adv_clip_max=5.0, adv_mode="all"):
+    """The training loop of ``scripts/train_nft_sd3.py::main`` for one (image, step) per image: x0 = the
+    clean latents noise(20, 6), eps = noise(21, 6), t = sigma of NFT_SIGMA_IDX, x_t = (1 - t) x0 + t eps;
+    v = the toy model, v_old = the toy model with A = MODEL_A_OLD; advantages NFT_ADVANTAGES clamped to
+    +-c, reshaped by ``adv_mode``, r = clip((A / c) / 2 + 0.5, 0, 1); v+ = beta v + (1 - beta) v_old,
+    v- = (1 + beta) v_old - beta v; x0+- = x_t - t v+-; weight = clip(mean |x0+- - x0|, 1e-5);
+    L+- = mean((x0+- - x0)^2 / weight); per image c (r L+ / beta + (1 - r) L- / beta).
+    Returns (r [6], per-image loss [6])."""
+    sig = sd3_scheduler_sigmas(10)
+    x0 = noise(20, 6).astype(np.float64)
+    eps = noise(21, 6).astype(np.float64)
+    t = sig[NFT_SIGMA_IDX].reshape(-1, 1, 1, 1)
+    xt = (1 - t) * x0 + t * eps
+    v = MODEL_A * xt + MODEL_B * t
+    v_old = MODEL_A_OLD * xt + MODEL_B * t
+    a = np.clip(np.array(NFT_ADVANTAGES), -adv_clip_max, adv_clip_max)
+    if adv_mode == "positive_only":
+        a = np.clip(a, 0, adv_clip_max)
+    elif adv_mode == "negative_only":
+        a = np.clip(a, -adv_clip_max, 0)
+    elif adv_mode == "one_only":
+        a = np.where(a > 0, 1.0, 0.0)
+    elif adv_mode == "binary":
+        a = np.sign(a)
+    r = np.clip((a / adv_clip_max) / 2.0 + 0.5, 0, 1)
+    pos = xt - t * (beta * v + (1 - beta) * v_old)
+    neg = xt - t * ((1 + beta) * v_old - beta * v)
+    w_pos = np.clip(np.abs(pos - x0).mean(axis=(1, 2, 3), keepdims=True), 1e-5, None)
+    w_neg = np.clip(np.abs(neg - x0).mean(axis=(1, 2, 3), keepdims=True), 1e-5, None)
+    l_pos = ((pos - x0) ** 2 / w_pos).mean(axis=(1, 2, 3))
+    l_neg = ((neg - x0) ** 2 / w_neg).mean(axis=(1, 2, 3))
+    return r, adv_clip_max * (r * l_pos / beta + (1 - r) * l_neg / beta)
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -378,3 +451,9 @@ if __name__ == "__main__":
     print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
     print("BranchGRPO depth-wise advantages, prob-weighted",
           _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))
+    print("DiffusionNFT return_decay types 0/1/2 at steps 0, 1, 74, 75, 200, 600",
+          _fmt([nft_return_decay(st, ty) for ty in (0, 1, 2) for st in (0, 1, 74, 75, 200, 600)]))
+    print("DiffusionNFT dpm2 final latent", _fmt(nft_dpm2_trajectory()))
+    for b, mode in ((1.0, "all"), (0.1, "all"), (1.0, "binary"), (1.0, "positive_only")):
+        r, loss = nft_loss_terms(beta=b, adv_mode=mode)
+        print(f"DiffusionNFT beta={b} adv_mode={mode}: r", _fmt(r), "loss", _fmt(loss))

@@ -60,6 +60,9 @@ class ToyPolicy:
     def decode(self, latents):
         return latents.float()
 
+    def named_trainable_parameters(self):
+        return {}  # nothing to train: weight snapshots (DiffusionNFT's "old" policy) are empty
+
     def ddim_alpha_bars(self, num_steps):
         return Policy.ddim_alpha_bars(self, num_steps)
 

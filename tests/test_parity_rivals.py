@@ -1,4 +1,5 @@
-"""Parity of the rival algorithms (Flow-GRPO and its Fast variant, BranchGRPO) with their reference trainers.
+"""Parity of the rival algorithms (Flow-GRPO and its Fast variant, BranchGRPO, DiffusionNFT) with their reference
+trainers.
 
 As in ``tests/test_parity.py``: every expected number was printed once by ``tests/parity_reference.py``
 (an independent numpy transcription of the reference code, file and function named there) and pasted
@@ -13,11 +14,12 @@ import contextlib
 import pytest
 import torch
 from parity_reference import (BRANCH_EDGE_LOGPS, BRANCH_REWARDS, FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, MODEL_A,
-                              MODEL_A_REF, MODEL_B)
-from test_parity import BATCH, ToyPolicy, close
+                              MODEL_A_OLD, MODEL_A_REF, MODEL_B, NFT_ADVANTAGES, NFT_SIGMA_IDX, noise)
+from test_parity import BATCH, SD3_T10, ToyPolicy, close
 
 from algorithms.branchgrpo import BranchGRPO, BranchGRPOConfig
 from algorithms.common import gaussian_mean_kl, kl_std
+from algorithms.diffusionnft import DiffusionNFT, DiffusionNFTConfig, nft_loss, old_policy_decay, optimality_probability
 from algorithms.flowgrpo import FlowGRPO, FlowGRPOConfig, flow_grpo_advantages
 from bench.rollout import RolloutEngine
 from bench.types import RewardOutput, SamplerSpec, TrainSpec
@@ -131,3 +133,53 @@ def test_branchgrpo_depthwise_advantages(fixed_noise, weighted, expected):
     adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_REWARDS)))
     close(adv.edge[roll.parent >= 0], expected)
     close(adv.leaf, expected[-8:])
+
+
+# ---- DiffusionNFT: old-policy decay, the dpm2 rollout, the NFT loss ---------------------------------------
+NFT_DECAY = [0.00000000, 0.00000000, 0.00000000, 0.00000000, 0.00000000, 0.00000000, 0.00000000, 0.00100000,
+             0.07400000, 0.07500000, 0.20000000, 0.50000000, 0.00000000, 0.00000000, 0.00000000, 0.00000000,
+             0.93750000, 0.99900000]
+NFT_DPM2_FINAL = [-1.81333200, 0.55110934, -2.82666403, -0.46222267, 1.90221874, -1.47555468, 0.88888670,
+                  -2.48888662]
+NFT_LOSS = {  # (beta, adv_mode) -> (r, per-image loss)
+    (1.0, "all"): ([0.7, 0.4, 0.53, 0.0, 1.0, 0.5],
+                   [6.48291657, 8.55329237, 8.01128425, 1.35120594, 9.33763504, 0.06744313]),
+    (0.1, "all"): ([0.7, 0.4, 0.53, 0.0, 1.0, 0.5],
+                   [64.05799815, 85.87540781, 80.05501571, 13.87857702, 91.41614230, 0.67307060]),
+    (1.0, "binary"): ([0.6, 0.4, 0.6, 0.4, 0.6, 0.5],
+                      [6.44249990, 8.55329237, 8.02455702, 1.38578716, 9.16569449, 0.06744313]),
+    (1.0, "positive_only"): ([0.7, 0.5, 0.53, 0.5, 1.0, 0.5],
+                             [6.48291657, 8.59460424, 8.01128425, 1.39443246, 9.33763504, 0.06744313]),
+}
+
+
+def test_diffusionnft_old_policy_decay():
+    got = [old_policy_decay(step, ty) for ty in (0, 1, 2) for step in (0, 1, 74, 75, 200, 600)]
+    close(got, NFT_DECAY)
+
+
+def test_diffusionnft_dpm2_rollout_with_the_old_policy(fixed_noise):
+    sp = SamplerSpec(steps=10, guidance=1.0, noise_level=0.7)
+    plan = DiffusionNFT(DiffusionNFTConfig(group_size=2), sp, TrainSpec()).plan(0)
+    assert plan.modes == ("dpm2",) * 10 and plan.weights == "old" and not plan.shared_noise
+    eng = RolloutEngine(ToyPolicy())
+    eng.snapshots.add("old")
+    close(eng.run(plan, BATCH, 0).images, NFT_DPM2_FINAL)
+
+
+@pytest.mark.parametrize("beta,mode", list(NFT_LOSS))
+def test_diffusionnft_loss(beta, mode):
+    x0 = torch.from_numpy(noise(20, 6)).double()
+    eps = torch.from_numpy(noise(21, 6)).double()
+    t = torch.tensor(SD3_T10, dtype=torch.float64)[NFT_SIGMA_IDX]
+    tt = t.reshape(-1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * eps
+    v = (MODEL_A * xt + MODEL_B * tt).requires_grad_(True)
+    v_old = MODEL_A_OLD * xt + MODEL_B * tt
+    r = optimality_probability(torch.tensor(NFT_ADVANTAGES), 5.0, mode)
+    want_r, want_loss = NFT_LOSS[(beta, mode)]
+    close(r, want_r)
+    out = nft_loss(v, v_old, x0, xt, t, r.double(), beta, 5.0)
+    close(out.loss.detach(), want_loss)
+    out.loss.sum().backward()  # the gradient reaches the trained velocity only
+    assert v.grad is not None and bool(torch.isfinite(v.grad).all())
