@@ -10,6 +10,10 @@ finally writes DIR/report.pdf from whatever run directories exist. Every run rec
 passthrough options (model, reward, config file, preset, --set overrides), so prompts, evaluation and
 seeds are identical across algorithms.
 
+Where the runs execute is ``bench.launch``: one after another (default), ``--jobs N`` at once on this
+machine (one GPU each; ``--threads-per-run`` pins CPU threads so that records do not depend on it), or
+one scheduler job per run through submitit (``--launcher slurm`` / ``submitit-local``).
+
 Re-running a comparison extends it: a run directory that already finished under the same budget is
 skipped, a killed one (no final.json, or stopped by a signal) is resumed from its newest checkpoint
 (``bench run --resume``) or, without one, started again. Runs from another git commit, or from a
@@ -25,12 +29,12 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.budget import Budget
 from bench.errors import UsageError
+from bench.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
@@ -72,6 +76,13 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="train only (e.g. one cell of a grid that is reported as a whole later)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
+    g = add_cluster_args(p, "runs", "slurm: one SLURM job per run through submitit; submitit-local: submitit's "
+                                    "local executor; local: subprocesses here (default)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="local: runs at once (default 1); with GPUs each run gets its own device")
+    g.add_argument("--threads-per-run", type=int, default=None,
+                   help="CPU threads of every run (OMP/MKL); runs with the same value give identical records "
+                        "alone or side by side (default: the library default, all cores)")
     return p
 
 
@@ -188,47 +199,6 @@ def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path
     return jobs
 
 
-def _stream(cmd: list[str], prefix: str) -> int:
-    """Run cmd and echo its merged stdout/stderr line by line with a prefix; return its exit status.
-
-    Progress bars redraw with carriage returns: on a terminal they keep redrawing one prefixed line;
-    in a log file only each bar's final state (the text before a newline) is written."""
-    tty = sys.stdout.isatty()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    buf, drawn = b"", False
-    try:
-        assert proc.stdout is not None
-        while True:
-            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not chunk:
-                break
-            buf += chunk
-            while True:
-                cuts = [i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0]
-                if not cuts:
-                    break
-                i = min(cuts)
-                seg, sep, buf = buf[:i].decode("utf-8", "replace"), buf[i:i + 1], buf[i + 1:]
-                if sep == b"\n":
-                    sys.stdout.write(("\r" if drawn else "") + f"{prefix} {seg}\n")
-                    drawn = False
-                elif tty and seg:
-                    sys.stdout.write(f"\r{prefix} {seg}")
-                    drawn = True
-                sys.stdout.flush()
-        if buf:
-            sys.stdout.write(("\r" if drawn else "") + f"{prefix} {buf.decode('utf-8', 'replace')}\n")
-            sys.stdout.flush()
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -239,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
         out = Path(args.out)
+        launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
         if not args.report_only and not args.dry_run:
             check_options(out, extra, args.overwrite)
         jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
@@ -256,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra)}, indent=1) + "\n")
-        failed = _train(jobs)
+        failed = _train(jobs, launch, out, args.device)
 
     if args.no_report:
         if failed:
@@ -313,23 +284,17 @@ def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]
               "report says so; commit first for results that can be rebuilt", file=sys.stderr, flush=True)
 
 
-def _train(jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> list[str]:
-    failed = []
-    todo = [j for j in jobs if j[3] is not None]
+def _train(jobs: Sequence[tuple[str, int, str, list[str] | None]], launch: Launch, out: Path,
+           device: str | None) -> list[str]:
     for a, s, state, cmd in jobs:
         if cmd is None:
             print(f"== [{a} seed{s}] already finished under this budget: skipped", flush=True)
-    for n, (algo, seed, state, cmd) in enumerate(todo, 1):
-        prefix = f"[{algo} seed{seed}]"
-        how = {"resume": " (resuming a killed run)", "restart": " (restarting a run killed before its first "
-               "checkpoint)", "failed": " (rerunning a failed run)"}.get(state, "")
-        print(f"== compare {n}/{len(todo)}{how}: {subprocess.list2cmdline(cmd)}", flush=True)
-        t0 = time.monotonic()
-        rc = _stream(cmd, prefix)
-        print(f"== {prefix} exit {rc} after {time.monotonic() - t0:.1f} s", flush=True)
-        if rc != 0:
-            failed.append(f"{algo} seed{seed} (exit {rc})")
-    return failed
+    notes = {"resume": " (resuming a killed run)", "restart": " (restarting a run killed before its first "
+             "checkpoint)", "failed": " (rerunning a failed run)"}
+    todo = [Job(f"[{a} seed{s}]", cmd, notes.get(state, "")) for a, s, state, cmd in jobs if cmd is not None]
+    if launch.launcher == "local":
+        return run_local(todo, launch, device)
+    return run_submitit(todo, launch, out, RUNNER)
 
 
 if __name__ == "__main__":

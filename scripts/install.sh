@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q torch==2.13.0
-"${PIP[@]}" install -q -c constraints.txt -e ".[rewards,sweeps,reports,trackers,dev]"
+"${PIP[@]}" install -q -c constraints.txt -e ".[rewards,sweeps,reports,trackers,cluster,dev]"
 # Reward packages whose metadata pins stale versions: installed without their dependencies (STACK.md).
 "${PIP[@]}" install -q -c constraints.txt --no-deps hpsv2x==1.2.0 image-reward==1.5
 # Every process of this venv (the accelerate CLI too) gets the torchvision-on-CPU-torch import fix.

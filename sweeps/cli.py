@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.errors import UsageError
 from bench.cli import seed_arg
+from bench.launch import Job, add_cluster_args, launch_from_args, run_submitit
 from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
 
 PRUNERS = ("median", "hyperband", "none")
@@ -80,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default tpe (ignored with --grid)")
     p.add_argument("--sampler-seed", type=int, help="seed of the Optuna sampler (default: fresh per worker)")
-    p.add_argument("--n-jobs", type=int, default=1, help="worker processes started on this machine (default 1)")
+    p.add_argument("--n-jobs", type=int, default=1,
+                   help="workers: processes started on this machine, or jobs submitted with --launcher (default 1)")
     p.add_argument("--heartbeat", type=float, default=30.0, help="seconds between trial heartbeats (default 30)")
     p.add_argument("--grace", type=float, default=600.0,
                    help="a running trial of another host without heartbeat for this long is re-queued "
                         "(default 600 s; same-host trials are re-queued as soon as their process is gone)")
+    add_cluster_args(p, "workers", "slurm: each of the --n-jobs workers is a SLURM job (submitit) sharing the study's "
+                                   "storage; submitit-local: submitit's local executor; local: processes here")
     return p
 
 
@@ -256,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     code = 0
     try:
-        if a.n_jobs > 1:
+        if a.launcher != "local":
+            code = _submit_workers(argv, a, out)
+        elif a.n_jobs > 1:
             code = _spawn_workers(argv, a.n_jobs, a.storage)
         else:
             _optimize(study, storage, spec, target, grid, a, write_table)
@@ -328,6 +334,26 @@ def _spawn_workers(argv: list[str], n: int, storage: str | None = None) -> int:
     if bad:
         print(f"bench sweep: {len(bad)} worker(s) exited with status {bad}", file=sys.stderr)
     return bad[0] if bad else 0
+
+
+def _submit_workers(argv: list[str], a: argparse.Namespace, out: Path) -> int:
+    """Submit ``--n-jobs`` workers of this sweep as scheduler jobs (bench/launch.py) and wait for them.
+    Each runs this command locally inside its job and joins the study through the shared storage (a
+    journal or SQLite file on a shared file system, or a database)."""
+    from sweeps.study import redact
+
+    launch = launch_from_args(a)
+    if launch.gpus_per_run > 1:
+        raise UsageError("--gpus-per-run > 1: a sweep worker trains one single-process run at a time")
+    if a.storage is not None and redact(a.storage) != a.storage:
+        raise UsageError("--storage holds a password: the jobs' command lines are written to the submitit "
+                         "folder; export TREEBENCH_STORAGE instead (SLURM passes your environment to the jobs)")
+    cmd = [sys.executable, "-m", "sweeps.cli", *argv, "--launcher", "local", "--n-jobs", "1"]
+    jobs = [Job(f"[worker {i}]", cmd) for i in range(a.n_jobs)]
+    failed = run_submitit(jobs, launch, out, runner=[])
+    if failed:
+        print(f"bench sweep: {len(failed)} worker job(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cuda_count() -> int:

@@ -1,12 +1,13 @@
 """bench compare (bench/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
 
 import re
+import subprocess
 import sys
 
 import pytest
 from synthetic_runs import _head_commit, write_run
 
-from bench import compare
+from bench import compare, launch
 
 
 def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_path, capsys):
@@ -58,7 +59,8 @@ def test_usage_errors(argv, message, tmp_path, capsys):
 
 def test_stream_keeps_final_progress_state_in_logs(capsys):
     code = "import sys; sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\ndone\\n'); sys.stdout.write('tail')"
-    assert compare._stream([sys.executable, "-c", code], "[x]") == 0
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert launch.stream(proc, "[x]", redraw=False) == 0
     assert capsys.readouterr().out == "[x] bar 100%\n[x] done\n[x] tail\n"
 
 
