@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import NonFiniteGrad
+from bench.fsdp import full, scalar
 from bench.types import Rollout, TrainSpec, UpdateStats
 
 
@@ -321,9 +322,9 @@ def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: floa
     clipping. A step the optimizer refuses (non-finite gradients) re-raises carrying ``nfe``, the forward
     passes the update had spent, so the runner still counts them."""
     if max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     else:
-        norms = [p.grad.norm() for p in params if p.grad is not None]
+        norms = [full(p.grad).norm() for p in params if p.grad is not None]
         grad_norm = float(torch.norm(torch.stack(norms))) if norms else 0.0
     try:
         optimizer.step()

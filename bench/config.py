@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,        # torch.compile the denoiser
         "guidance_embedding": 3.5,  # guidance input of guidance-distilled transformers (FLUX.1-dev)
         "use_t5": True,          # SD3: load the T5 text encoder when the pipeline has one
-        "distributed": "auto",   # auto (accelerate when launched with > 1 process) | off
+        "distributed": "auto",   # auto (DDP when launched with > 1 process) | fsdp (sharded, bench/fsdp.py) | off
     },
     "sampler": {
         "steps": None,           # T; None = the model preset's default
@@ -301,7 +301,8 @@ def _validate_model(cfg: dict[str, Any]) -> None:
     need(m["lora_targets"] is None or (isinstance(m["lora_targets"], list) and m["lora_targets"]
                                        and all(isinstance(t, str) for t in m["lora_targets"])),
          f"model.lora_targets must be null or a non-empty list of module names, got {m['lora_targets']!r}")
-    need(m["distributed"] in ("auto", "off"), f"model.distributed must be auto or off, got {m['distributed']!r}")
+    need(m["distributed"] in ("auto", "fsdp", "off"),
+         f"model.distributed must be auto, fsdp or off, got {m['distributed']!r}")
     need(cfg["reward"]["normalize"] in ("none", "zscore"),
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
     need(isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool) and cfg["seed"] >= 0,

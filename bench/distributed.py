@@ -21,9 +21,9 @@ runner then trains data-parallel:
 * **Only rank 0 writes** the run directory (manifest, logs, evaluations, checkpoints); other ranks get a
   ``NullLog``. Evaluation runs on rank 0 only.
 
-FSDP (for models whose full fine-tuning does not fit one device) is not implemented: every forward pass
-would have to go through the FSDP wrapper on every rank (rollouts and rank-0 evaluation included);
-use DDP with LoRA (``model.lora_rank > 0``), which fits SD3.5 and FLUX on 80 GB devices.
+With ``model.distributed=fsdp`` (or ``accelerate launch --use_fsdp``) the denoiser is sharded instead of
+replicated (FSDP2, ``bench/fsdp.py``): for full fine-tuning of models that do not fit one device. The
+prompts, advantages and budgets work as above; every rank then also runs the evaluation's forwards.
 
 CPU test recipe (STACK.md): ``accelerate launch --multi_gpu --num_processes 2 --num_machines 1
 --mixed_precision no --dynamo_backend no SCRIPT`` with ``Accelerator(cpu=True)`` (``--cpu`` alone runs a
@@ -91,8 +91,10 @@ class GlobalView:
 class Dist:
     """Data-parallel helpers for the runner. ``Dist.single()`` is the one-process no-op."""
 
-    def __init__(self, accelerator: Any = None):
+    def __init__(self, accelerator: Any = None, fsdp: bool = False):
         self.accelerator = accelerator
+        #: the denoiser is sharded (bench/fsdp.py): every rank takes part in every forward pass
+        self.fsdp = bool(fsdp) and accelerator is not None
         self.world_size = int(accelerator.num_processes) if accelerator is not None else 1
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
         self.is_main = self.rank == 0
@@ -113,10 +115,8 @@ class Dist:
         # some ranks make (rank-0 evaluation); the denoisers' buffers are constants
         acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no",
                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-        if acc.distributed_type == DistributedType.FSDP:
-            raise NotImplementedError("FSDP launches are not supported yet (see bench/distributed.py): launch with "
-                                      "DDP (accelerate launch --multi_gpu) and LoRA (model.lora_rank > 0)")
-        return cls(acc)
+        fsdp = cfg["model"].get("distributed") == "fsdp" or acc.distributed_type == DistributedType.FSDP
+        return cls(acc, fsdp=fsdp)
 
     @property
     def active(self) -> bool:
@@ -140,6 +140,13 @@ class Dist:
             return
         if not policy.trainable_parameters():
             raise UsageError("multi-process training needs trainable denoiser parameters")
+        if self.fsdp:  # sharded in place: forwards with and without gradients call the same module
+            from bench.fsdp import shard_denoiser
+
+            shard_denoiser(policy.denoiser)
+            policy.train_module = None
+            policy.pin_trainable_parameters()
+            return
         import warnings
 
         with warnings.catch_warnings():  # accelerate forwards broadcast_buffers to DDP, which calls it deprecated

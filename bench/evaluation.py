@@ -23,18 +23,26 @@ def eval_plan(sampler: Any, images_per_prompt: int = 1) -> RolloutPlan:
                        shared_noise=False, guidance=sampler.guidance, keep_latents=False)
 
 
-def evaluate(r: Any, iteration: int) -> dict[str, Any]:
-    """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
-    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
-    if not r.dist.is_main:  # rank 0 evaluates and logs
-        return {"iteration": iteration}
-    t0 = time.perf_counter()
+def _eval_rollout(r: Any) -> Any:
     if r.eval_conditioning is None:
         r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
     e = r.spec.eval
     # noise from eval.seed, not the run seed: the same prompts and noise for every run whatever its seed
-    roll = r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
+    return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
                         conditioning=r.eval_conditioning, seed=e.seed)
+
+
+def evaluate(r: Any, iteration: int) -> dict[str, Any]:
+    """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
+    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
+    if not r.dist.is_main:  # rank 0 evaluates and logs ...
+        if r.dist.fsdp:  # ... but a sharded denoiser needs every rank in each of its forward passes
+            _eval_rollout(r)
+            r.evals.append({"iteration": iteration})  # keeps the ranks' "already evaluated" checks equal
+        return {"iteration": iteration}
+    t0 = time.perf_counter()
+    e = r.spec.eval
+    roll = _eval_rollout(r)
     rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
                            "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
                            "eval_images": int(roll.images.shape[0])}

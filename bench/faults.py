@@ -56,7 +56,8 @@ def stop_signals(flag: StopFlag):
 def refuse_nonfinite_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     """Optimizer pre-step hook: NaN/inf gradients never reach the weights."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    # one bool per gradient: for a sharded gradient (bench/fsdp.py) it is the global answer of every rank
+    if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
         raise NonFiniteGrad("non-finite gradient")
 
 

@@ -144,6 +144,7 @@ class Policy:
         self.latent_shape = (C, res // down, res // down)
         self.max_length = int(meta.get("max_length", 77))
         self._empty: Conditioning | None = None
+        self._pinned: dict[str, nn.Parameter] | None = None
         #: module called for forward passes with gradients (a DDP/FSDP wrapper of ``denoiser`` under
         #: multi-process training, see bench.distributed); no-grad passes call ``denoiser`` directly
         self.train_module: nn.Module | None = None
@@ -218,11 +219,20 @@ class Policy:
         return ((x + 1) / 2).clamp(0, 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        return list(self.named_trainable_parameters().values())
 
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Trainable denoiser parameters by name (what checkpoints and weight snapshots key on)."""
+        """Trainable denoiser parameters by name (what checkpoints and weight snapshots key on): the ones
+        pinned by ``pin_trainable_parameters`` when set (sharded training), else the module's own."""
+        if self._pinned is not None:
+            return dict(self._pinned)
         return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
+
+    def pin_trainable_parameters(self) -> None:
+        """Fix the trainable parameter objects from now on. Under FSDP (bench/fsdp.py) the module holds
+        gathered copies of some parameters between a no-grad forward and the next reshard; the
+        optimizer, gradient clipping, checkpoints and snapshots must keep using the sharded ones."""
+        self._pinned = {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
 
     def train(self, mode: bool = True) -> None:
         (self.train_module if self.train_module is not None else self.denoiser).train(mode)

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from bench import checkpoint as ckpt_mod
+from bench import fsdp
 from bench.budget import Totals
 from bench.checkpoint import warn
 from bench.errors import UsageError
@@ -215,16 +216,25 @@ def trainable_state(policy: Any) -> dict[str, torch.Tensor]:
 def save_checkpoint(r: Any) -> Path:
     """Save the state of run ``r`` (a ``bench.runner.Run``) after ``r.totals.iterations`` completed
     iterations; outside the budget."""
+    t0 = time.perf_counter()
+    sharded = r.dist.fsdp
+    if sharded:  # every rank gathers the whole tensors of its shards (collectives); rank 0 writes them
+        fsdp.reshard(r.policy.denoiser)
+        weights = {n: fsdp.full(p) for n, p in trainable_state(r.policy).items()}
+        weights.update(r.engine.snapshots.state_dict())
+        optimizer = fsdp.full_optimizer_state(r.policy.denoiser, r.optimizer)
     if not r.dist.is_main:  # the state is identical on every rank; rank 0 writes it
         r.last_checkpoint = r.totals.iterations
         return r.out
-    t0 = time.perf_counter()
+    if not sharded:
+        # the trainable weights and, beside them, the algorithm's weight snapshots (bench.snapshots)
+        weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
+        optimizer = r.optimizer.state_dict()
     state = {"totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
-             "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds}
-    # the trainable weights and, beside them, the algorithm's weight snapshots (bench.snapshots)
-    weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
+             "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds,
+             "optimizer_format": "by_name" if sharded else "by_index"}
     path = ckpt_mod.save(r.out, r.totals.iterations, policy=weights,
-                         optimizer=r.optimizer.state_dict(), state=state, keep=r.spec.run.keep_checkpoints)
+                         optimizer=optimizer, state=state, keep=r.spec.run.keep_checkpoints)
     r.last_checkpoint = r.totals.iterations
     r.checkpoint_seconds += time.perf_counter() - t0
     return path
@@ -238,17 +248,26 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
     if missing or extra:
         raise UsageError(f"checkpoint {ck.path} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    if r.dist.fsdp:
+        fsdp.reshard(r.policy.denoiser)
     with torch.no_grad():
         for n, p in params.items():
             if tuple(ck.policy[n].shape) != tuple(p.shape):
                 raise UsageError(f"checkpoint {ck.path}: parameter {n} has shape {tuple(ck.policy[n].shape)}, "
                                  f"the model has {tuple(p.shape)}")
-            p.copy_(ck.policy[n].to(p.device, p.dtype))
+            fsdp.copy_full_into(p, ck.policy[n])  # this rank's shard of it, when sharded
     try:
         r.engine.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    r.optimizer.load_state_dict(ck.optimizer)
+    by_name = ck.state.get("optimizer_format") == "by_name"  # written by a sharded run (bench/fsdp.py)
+    if by_name != r.dist.fsdp:
+        raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
+                         f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
+    if by_name:
+        fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
+    else:
+        r.optimizer.load_state_dict(ck.optimizer)
     r.algo.load_state_dict(ck.state.get("algorithm", {}))
     r.totals = Totals(**ck.state["totals"])
     r.evals = [dict(e) for e in ck.state.get("evals", [])]

@@ -120,7 +120,8 @@ class RolloutEngine:
         #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
         self.recorder = CallRecorder()
         #: named copies of the trainable weights an algorithm samples or evaluates with (bench.snapshots)
-        self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters())
+        self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters(),
+                                         lambda: getattr(policy, "denoiser", None))
 
     # ---- schedules -----------------------------------------------------------------------------
     def schedule(self, plan: RolloutPlan) -> Schedule:

@@ -212,9 +212,10 @@ class Run:
                 adv, view = self.dist.advantages(self.algo, global_batch, batch, rollout, rewards)
             with timer("update"):
                 stats, update_nfe, nonfinite = self._update(rollout, adv)
-        if view is not None:
+        local = (rollout.num_leaves, rollout.nfe)  # this rank's share: the budgets sum them over ranks
+        if view is not None:  # the logged reward statistics are the global batch's
             rollout, rewards = view.rollout, view.rewards
-        rec = self._record(i, plan, rollout, rewards, adv, stats, update_nfe, timer.seconds)
+        rec = self._record(i, plan, rollout, rewards, adv, stats, local, update_nfe, timer.seconds)
         if nonfinite is None and not rec.finite():
             nonfinite = "loss"
         self.in_update = False
@@ -233,9 +234,10 @@ class Run:
             self.policy.train(False)
 
     def _record(self, i: int, plan: RolloutPlan, rollout: Rollout, rewards: RewardOutput, adv: Advantages | None,
-                stats: UpdateStats | None, update_nfe: int, seconds: dict[str, float]) -> IterationRecord:
+                stats: UpdateStats | None, local: tuple[int, int], update_nfe: int, seconds: dict[str, float]
+                ) -> IterationRecord:
         # budgets count globally: samples and NFE of all ranks, seconds of the slowest
-        n_samples, nfe_r, nfe_u, seconds = self.dist.totals(rollout.num_leaves, rollout.nfe, update_nfe, seconds)
+        n_samples, nfe_r, nfe_u, seconds = self.dist.totals(local[0], local[1], update_nfe, seconds)
         secs = sum(seconds.get(p, 0.0) for p in PHASES)
         cost = self.drain_calls(i)
         self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,

@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from bench.fsdp import copy_full_into, full, is_sharded, reshard
+
 #: the weights being trained; every other name is a snapshot
 CURRENT = "current"
 #: the frozen base model under LoRA (``Policy.reference``), evaluated for KL terms
@@ -47,8 +49,10 @@ class WeightSnapshots:
     (``Policy.named_trainable_parameters``); it is called when the first snapshot is made, so an engine
     whose algorithm keeps none never asks."""
 
-    def __init__(self, params: Callable[[], Mapping[str, nn.Parameter]]):
+    def __init__(self, params: Callable[[], Mapping[str, nn.Parameter]],
+                 module: Callable[[], nn.Module | None] = lambda: None):
         self._params_fn = params
+        self._module_fn = module  # the module owning the parameters (resharded around swaps under FSDP)
         self._params: dict[str, nn.Parameter] | None = None
         self._saved: dict[str, dict[str, Tensor]] = {}
 
@@ -90,6 +94,9 @@ class WeightSnapshots:
         if torch.is_grad_enabled():
             raise RuntimeError(f"weight snapshot {name!r} is for forward passes without gradients")
         snap = self._get(name)
+        if any(is_sharded(p) for p in self.params.values()):
+            yield from self._use_sharded(snap)
+            return
         original = {n: p.data for n, p in self.params.items()}
         try:
             for n, p in self.params.items():
@@ -98,6 +105,23 @@ class WeightSnapshots:
         finally:
             for n, p in self.params.items():
                 p.data = original[n]
+
+    def _use_sharded(self, snap: Mapping[str, Tensor]) -> Iterator[None]:
+        """Sharded parameters (bench/fsdp.py): copy into the shards (FSDP gathers from its own buffers, so
+        replacing ``.data`` would not reach the forward), resharded before and after."""
+        module = self._module_fn()
+        if module is not None:
+            reshard(module)
+        kept = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.copy_(snap[n])
+            yield
+        finally:
+            if module is not None:
+                reshard(module)
+            for n, p in self.params.items():
+                p.copy_(kept[n])
 
     @torch.no_grad()
     def blend(self, name: str, decay: float) -> None:
@@ -109,8 +133,9 @@ class WeightSnapshots:
             snap[n].mul_(float(decay)).add_(p.detach().to(snap[n].dtype), alpha=1.0 - float(decay))
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Flat tensors for a checkpoint: ``snapshot/<name>/<parameter>``."""
-        return {f"{PREFIX}{s}/{n}": t for s, ts in self._saved.items() for n, t in ts.items()}
+        """Flat whole tensors for a checkpoint: ``snapshot/<name>/<parameter>`` (gathered from every rank's
+        shard when the weights are sharded: then every rank calls it)."""
+        return {f"{PREFIX}{s}/{n}": full(t) for s, ts in self._saved.items() for n, t in ts.items()}
 
     @torch.no_grad()
     def load_state_dict(self, tensors: Mapping[str, Tensor], where: str = "checkpoint") -> None:
@@ -124,10 +149,10 @@ class WeightSnapshots:
                     raise ValueError(f"{where} has no weight snapshot {s!r} (tensor {key}); it was written by a "
                                      f"run whose algorithm kept no such snapshot")
                 src = tensors[key]
-                if tuple(src.shape) != tuple(t.shape):
+                if tuple(src.shape) != tuple(t.shape):  # a sharded tensor reports its whole shape
                     raise ValueError(f"{where}: snapshot tensor {key} has shape {tuple(src.shape)}, the model "
                                      f"has {tuple(t.shape)}")
-                t.copy_(src.to(t.device, t.dtype))
+                copy_full_into(t, src)
                 found.discard(key)
         if found:
             raise ValueError(f"{where} holds weight snapshots this run does not declare: {sorted(found)[:3]}")

@@ -100,7 +100,7 @@ def check_training(dist: Dist, out_dir: str) -> dict:
         h.update(n.encode())
         h.update(p.detach().cpu().numpy().tobytes())
     hashes = dist.gather(h.hexdigest())
-    changed = any(float(p.abs().max()) > 0 for n, p in r.trainable_state().items() if "lora_B" in n)
+    changed = any(float(p.abs().max()) > 0 for n, p in trainable_state(r.policy).items() if "lora_B" in n)
     return {"weights_equal": len(set(hashes)) == 1, "weights_changed": changed, "samples_total": summary.samples_total,
             "nfe_total": summary.nfe_total, "iterations": summary.iterations,
             "ddp": type(r.policy.train_module).__name__, "lora": r.policy.is_lora}
