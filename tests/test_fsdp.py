@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,15 @@ def test_sharded_run_killed_and_resumed_equals_uninterrupted(tmp_path, algo):
     assert "resuming" in p.stdout
     assert _records(ref) == _records(killed)
     assert _records(ref, "evals.jsonl") == _records(killed, "evals.jsonl")
+
+
+def test_a_snapshot_swapped_into_sharded_weights_gives_its_outputs(tmp_path):
+    worker = str(Path(__file__).with_name("_fsdp_snapshot_worker.py"))
+    p = subprocess.run(launch_command([worker], num_processes=2), env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["moved"] > 1e-3  # the optimizer step changed the sharded weights ...
+        assert r["old_vs_before"] == 0.0 and r["restored_vs_after"] == 0.0  # ... the snapshot undoes it exactly
