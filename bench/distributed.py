@@ -58,10 +58,21 @@ def launch_command(script: Sequence[str], num_processes: int = 2, cpu: bool = Tr
     cmd = [sys.executable, *ACCELERATE_CLI, "launch", "--num_processes", str(num_processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if num_processes > 1:
-        cmd.append("--multi_gpu")  # with Accelerator(cpu=True) in the script: gloo on CPU
+        # with Accelerator(cpu=True) in the script: gloo on CPU; a free port, so that several launches on
+        # one machine (concurrent jobs, or one right after another) never meet on accelerate's default 29500
+        cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
     elif cpu:
         cmd.append("--cpu")
     return [*cmd, *script]
+
+
+def free_port() -> int:
+    """A TCP port that is free on this machine now (bound to port 0 and released)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def launched_world_size() -> int:

@@ -1,7 +1,10 @@
 """Run under a 2-process launch by tests/test_fsdp.py: a weight snapshot swapped into a sharded denoiser
-gives the snapshot's outputs, and the trained weights come back after. Prints one JSON line per rank."""
+gives the snapshot's outputs, and the trained weights come back after. Writes rank<r>.json into argv[1]
+(one file per rank: the ranks share stdout, whose lines can interleave)."""
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,9 +36,11 @@ def main() -> None:
         with snaps.use("old"):
             old = pol.predict(x, t, c)
         again = pol.predict(x, t, c)
-    print(json.dumps({"rank": dist.get_rank(), "moved": float((after - before).abs().max()),
-                      "old_vs_before": float((old - before).abs().max()),
-                      "restored_vs_after": float((again - after).abs().max())}), flush=True)
+    rank = dist.get_rank()
+    (Path(sys.argv[1]) / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "moved": float((after - before).abs().max()),
+        "old_vs_before": float((old - before).abs().max()),
+        "restored_vs_after": float((again - after).abs().max())}))
     dist.destroy_process_group()
 
 
