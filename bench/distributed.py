@@ -116,8 +116,13 @@ class Dist:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], device: torch.device) -> Dist:
-        """One process unless launched with several and ``model.distributed`` is ``auto``."""
-        if cfg["model"].get("distributed", "auto") == "off" or launched_world_size() <= 1:
+        """One process unless launched with several and ``model.distributed`` is ``auto`` or ``fsdp``."""
+        mode = cfg["model"].get("distributed", "auto")
+        if mode == "fsdp" and launched_world_size() <= 1:
+            raise UsageError("model.distributed=fsdp shards the denoiser over the processes of a launch; this is "
+                             "one process: start it with accelerate launch --multi_gpu --num_processes N "
+                             "(docs/SCALE.md), or drop the setting")
+        if mode == "off" or launched_world_size() <= 1:
             return cls.single()
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType

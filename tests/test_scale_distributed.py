@@ -62,6 +62,18 @@ def test_shard_keeps_whole_prompts_and_checks_divisibility():
     assert d.rollout_seed(7) != 7 and Dist.single().rollout_seed(7) == 7
 
 
+def test_fsdp_without_a_launch_is_a_usage_error(tmp_path):
+    from bench import config, runner
+    from bench.errors import UsageError
+
+    cfg = config.resolve({"model.distributed": "fsdp", "run.progress": False},
+                         flags={"algo.name": "grpo", "model.name": "tiny-random", "budget": "1it",
+                                "out": str(tmp_path / "r")})
+    with pytest.raises(UsageError, match="model.distributed=fsdp shards the denoiser"):
+        runner.run(cfg)
+    assert not (tmp_path / "r").exists()  # refused before the run directory was made
+
+
 def test_single_process_dist_is_a_no_op():
     d = Dist.single()
     assert d.shard(PROMPTS) is PROMPTS and d.any_flag(None) is None
