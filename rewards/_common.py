@@ -169,6 +169,12 @@ class LazyReward:
     def _score(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def meta_model(self) -> tuple[Any, Any]:
+        """(the reward's network built on the meta device, no weights read; a function scoring meta images
+        [L, 3, H, W] and prompts with it): how ``bench plan`` and the run records count its FLOPs and
+        activation memory (docs/PLUGINS.md). Rewards that have none raise NotImplementedError."""
+        raise NotImplementedError(f"reward {self.name!r} has no meta_model(): its FLOPs are not counted")
+
     def ensure_loaded(self) -> None:
         if not self._loaded:
             self._resolve()

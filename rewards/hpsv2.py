@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,24 +96,40 @@ class HPSv2(LazyReward):
                 f"ViT-H-14 base weights are NOT needed.")
         return [hit]
 
-    def _load(self) -> None:
+    def _build(self, device: str) -> Any:
         from rewards._compat import fix_torchvision
 
         fix_torchvision()
-        from hpsv2.src.open_clip import create_model, get_tokenizer
+        from hpsv2.src.open_clip import create_model
 
-        model = create_model(self.arch, pretrained=None, precision="fp32", device="cpu", jit=False,
-                             output_dict=True)
-        missing, _unexpected = model.load_state_dict(load_hps_checkpoint(self._files[0]), strict=False)
-        if missing:
-            raise ValueError(f"{self._files[0]}: not an HPS checkpoint for {self.arch}: missing "
-                             f"{len(missing)} keys, e.g. {missing[:3]}")
-        self.model = model.to(self.device).eval()
+        with torch.device(device):
+            return create_model(self.arch, pretrained=None, precision="fp32", device=device, jit=False,
+                                output_dict=True)
+
+    def _setup(self, model: Any) -> None:
+        from hpsv2.src.open_clip import get_tokenizer
+
+        self.model = model.eval()
         self.tokenizer = get_tokenizer(self.arch)
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_MEAN)
         self.std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
+
+    def meta_model(self) -> tuple[Any, Any]:
+        """The open_clip architecture on the meta device (no checkpoint read) and the scoring function."""
+        meta = HPSv2(device="meta", version=self.hps_version, path=self.path, arch=self.arch,
+                     batch_size=self.batch_size, dtype="fp32")
+        meta._setup(meta._build("meta"))
+        return meta.model, meta._score
+
+    def _load(self) -> None:
+        model = self._build("cpu")
+        missing, _unexpected = model.load_state_dict(load_hps_checkpoint(self._files[0]), strict=False)
+        if missing:
+            raise ValueError(f"{self._files[0]}: not an HPS checkpoint for {self.arch}: missing "
+                             f"{len(missing)} keys, e.g. {missing[:3]}")
+        self._setup(model.to(self.device))
 
     def preprocess(self, images: Tensor) -> Tensor:
         """HPS evaluation transform on [B, 3, H, W] in [0, 1] (see the module docstring)."""

@@ -129,3 +129,11 @@ class ShapesPref:
             tx = self.net.encode_text(prompts[lo:lo + self.batch_size])
             out.append((im * tx).sum(-1).float().cpu())
         return RewardOutput(scores=torch.cat(out) if out else torch.zeros(0))
+
+    def meta_model(self) -> tuple[nn.Module, Any]:
+        """The scorer network moved to the meta device (a copy: this reward's own weights stay) and its
+        scoring function."""
+        import copy
+
+        net = copy.deepcopy(self.net).to("meta")
+        return net, lambda images, prompts: (net.encode_images(images.clamp(0, 1)) * net.encode_text(prompts)).sum(-1)

@@ -41,6 +41,10 @@ class Brightness:
         scores = images.detach().float().clamp(0, 1).mean(dim=(1, 2, 3)).cpu()
         return RewardOutput(scores=scores.to(torch.float32))
 
+    def meta_model(self) -> tuple[None, Any]:
+        """No network: a mean over pixels (0 matrix FLOPs)."""
+        return None, lambda images, prompts: images.float().clamp(0, 1).mean(dim=(1, 2, 3))
+
 
 class JpegCompressibility:
     """Negative JPEG size in kB (quality 95)."""

@@ -123,9 +123,11 @@ def model_facts(cfg: dict[str, Any]) -> tuple[str, bool]:
     return index_prediction(index), bool(vae and vae[0] is not None)
 
 
-def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Call]]:
+def simulate(cfg: dict[str, Any], iterations: int = 1, stats: list[dict[str, int]] | None = None
+             ) -> list[list[trace_mod.Call]]:
     """The calls of the first ``iterations`` training iterations of ``cfg`` (one list per iteration), made
-    by the real algorithm and engine on a :class:`ShadowPolicy`; same order as a real run's trace."""
+    by the real algorithm and engine on a :class:`ShadowPolicy`; same order as a real run's trace.
+    ``stats`` (a list) receives each iteration's rollout size: {"nodes", "leaves"}."""
     from diffusers.configuration_utils import FrozenDict
 
     from bench.engine.prompts import load_prompt_set
@@ -164,6 +166,8 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
         adv = algo.advantages(batch, rollout, RewardOutput(scores, {}))
         algo.update(policy, engine, optimizer, rollout, adv)
         out.append(engine.recorder.drain())
+        if stats is not None:
+            stats.append({"nodes": rollout.num_nodes, "leaves": rollout.num_leaves})
     return out
 
 
@@ -171,22 +175,114 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+# ---- FLOP counts and the memory model of a configuration -----------------------------------------------
+#: the T5 v1.1 XXL encoder (SD3's text_encoder_3) is not in the SD3 random twins; its config is FLUX's
+T5_SOURCE = "flux.1-dev-random"
+
+
+def _twin_spec(cfg: dict[str, Any], twin: str) -> tuple[dict[str, Any], list[str]]:
+    """The twin's architecture spec, with T5-XXL added where the real pipeline would load it."""
+    from bench.model.random_models import random_preset_spec
+
+    spec = random_preset_spec(twin)
+    real = model_preset(cfg["model"]["name"]).source == "path"
+    if real and cfg["model"].get("use_t5", True) and "text_encoder_3" in spec.get("absent", ()):
+        t5 = random_preset_spec(T5_SOURCE)["components"]["text_encoder_2"]
+        comps = {**spec["components"], "text_encoder_3": t5,
+                 "tokenizer_3": {"library": "transformers", "class": "word_tokenizer", "config": {"max_length": 256}}}
+        spec = {**spec, "components": comps, "absent": [a for a in spec["absent"] if not a.endswith("_3")]}
+        return spec, [f"T5-XXL (text_encoder_3, {T5_SOURCE}'s T5 v1.1 XXL encoder config) is counted: the published "
+                      f"SD3.5 pipelines ship it and model.use_t5=true loads it (--set model.use_t5=false leaves it out)"]
+    return spec, []
+
+
+def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[Any, dict[str, int], list[str]]:
+    """(``bench.engine.flops.ModelCounts`` of ``cfg``'s model and training reward, or None; the reward's
+    images per internal batch; notes). Counted on the meta device from the random-weight twin's
+    architecture (real presets), or from the model itself for treebench-format directories (the embedded
+    and tiny models, small enough to load on the CPU); cached (bench.engine.flops)."""
+    from bench.engine import flops
+
+    notes: list[str] = []
+    name = str(cfg["reward"]["name"])
+    try:
+        rewards = flops.meta_rewards(name, cfg["reward"]["options"])
+    except Exception as e:  # noqa: BLE001 - a reward that cannot be built here is reported, not fatal
+        rewards = {}
+        notes.append(f"reward {name!r} has no FLOP count: {type(e).__name__}: {e}")
+    batch = {f"reward:{n}": int(r.batch_size) for n, r in rewards.items() if getattr(r, "batch_size", None)}
+    twin = _twin(cfg)
+    if twin is not None:
+        spec, more = _twin_spec(cfg, twin)
+        return (flops.planner_counts(cfg, twin, rewards, denoiser_memory=denoiser_memory, spec=spec), batch,
+                notes + more)
+    from bench.model.models import build_policy, model_dir, read_model_index, resolve_model_path
+    from bench.model.random_models import TREEBENCH_CLASS
+    from bench.spec import ModelSpec
+
+    m = cfg["model"]
+    path = resolve_model_path(m["path"]) if m.get("path") else model_dir(m["name"], None)
+    if read_model_index(path).get("_class_name") != TREEBENCH_CLASS:
+        return None, batch, notes + [f"no FLOP counts for {m['name']}: a pipeline directory without a random-weight "
+                                     f"twin preset (its weights are not loaded to count them)"]
+    policy = build_policy(ModelSpec.from_config({**cfg, "model": {**m, "device": "cpu"}}), torch.device("cpu"))
+    return flops.count_model(policy, rewards, denoiser_memory=denoiser_memory), batch, notes
+
+
+def memory_for(cfg: dict[str, Any], profile: cost_mod.CostProfile, counts: Any, batch: dict[str, int],
+               gpus: int = 1) -> Any:
+    from bench.cost.memory import memory_model
+
+    return memory_model(profile, counts, cfg, gpus, batch)
+
+
+def _kind_table(profile: cost_mod.CostProfile, traces: Sequence[Sequence[trace_mod.Call]],
+                ours: Sequence[cost_mod.Priced]) -> dict[str, dict[str, Any]]:
+    """Per kind: calls, rows, modeled seconds and FLOPs per iteration (means), and where its price comes from."""
+    n = len(traces)
+    out: dict[str, dict[str, Any]] = {}
+    for calls, q in zip(traces, ours):
+        for c in calls:
+            label = cost_mod.kind_label(c)
+            k = out.setdefault(label, {"calls_per_iteration": 0.0, "rows_per_iteration": 0.0,
+                                       "seconds_per_iteration": 0.0, "flops_per_iteration": None,
+                                       "source": ("measured" if profile.table_for(c) is not None else
+                                                  "estimated" if label in q.estimated else "unpriced")})
+            k["calls_per_iteration"] += 1 / n
+            k["rows_per_iteration"] += c.rows / n
+        for label, sec in q.kind_seconds.items():
+            out[label]["seconds_per_iteration"] += sec / n
+        for label, f in q.kind_flops.items():
+            out[label]["flops_per_iteration"] = (out[label]["flops_per_iteration"] or 0.0) + f / n
+    return dict(sorted(out.items()))
+
+
 def plan_report(cfg: dict[str, Any], profile: cost_mod.CostProfile, iterations: int = 20,
-                budget: str | None = None, clock: str = "modeled") -> dict[str, Any]:
-    """Everything ``bench plan`` prints, as one JSON-able object (keys documented in docs/COST.md)."""
-    traces = simulate(cfg, iterations)
-    ours = [cost_mod.price(profile, c) for c in traces]
-    ref = [cost_mod.price(profile, cost_mod.reference_calls(c)) for c in traces]
-    images = [sum(c.rows for c in calls if c.kind == "reward") for calls in traces]
-    nfe = [trace_mod.nfe(c) for c in traces]
+                budget: str | None = None, clock: str = "modeled", counts: Any = None, memory: Any = None,
+                gpus: int = 1) -> dict[str, Any]:
+    """Everything ``bench plan`` prints, as one JSON-able object (keys documented in docs/COST.md).
+    ``counts`` (FLOP counts) prices the kinds the profile did not measure; ``memory`` (a
+    ``bench.cost.memory.MemoryModel``) adds the modeled peak per phase; with ``gpus`` > 1 the calls and
+    seconds are one GPU's (its share of the prompts), images and NFE all GPUs'."""
+    from bench.cost.fit import rank_config
+
+    rank = rank_config(cfg, gpus) if gpus > 1 else cfg
+    stats: list[dict[str, int]] = []
+    traces = simulate(rank, iterations, stats=stats)
+    ours = [cost_mod.price(profile, c, counts) for c in traces]
+    ref = [cost_mod.price(profile, cost_mod.reference_calls(c), counts) for c in traces]
+    images = [gpus * sum(c.rows for c in calls if c.kind == "reward") for calls in traces]
+    nfe = [gpus * trace_mod.nfe(c) for c in traces]
     phases = {p: _mean([q.phases[p] for q in ours]) for p in cost_mod.PHASES}
     ref_phases = {p: _mean([q.phases[p] for q in ref]) for p in cost_mod.PHASES}
     s_it, r_it = _mean([q.total for q in ours]), _mean([q.total for q in ref])
     mems = [q.peak_mem_mb for q in ours if q.peak_mem_mb is not None]
     lora = int(cfg["model"]["lora_rank"] or 0) > 0
+    kinds = _kind_table(profile, traces, ours)
+    flops = [sum(q.kind_flops.values()) for q in ours] if counts is not None else []
     out: dict[str, Any] = {
         "algo": cfg["algo"]["name"], "model": cfg["model"]["name"],
-        "prompts_per_iteration": int(cfg["train"]["prompts_per_iteration"]), "seed": int(cfg["seed"]),
+        "prompts_per_iteration": int(cfg["train"]["prompts_per_iteration"]), "seed": int(cfg["seed"]), "gpus": gpus,
         "settings": {k: v for k, v in config_mod.flatten(cfg).items()
                      if k.startswith(("algo.", "sampler.", "train.micro_batch", "train.optimizer_steps",
                                       "model.lora_rank", "model.gradient_checkpointing"))},
@@ -199,23 +295,47 @@ def plan_report(cfg: dict[str, Any], profile: cost_mod.CostProfile, iterations: 
         "nfe_per_iteration": _mean(nfe), "nfe_iteration0": nfe[0],
         "images_per_iteration": _mean(images), "trace": trace_mod.summarize(traces[0]),
         "reference_trace": trace_mod.summarize(cost_mod.reference_calls(traces[0])),
+        "kinds": kinds, "flops_per_iteration": _mean(flops) if flops else None,
         "modeled_peak_mem_mb": max(mems) if mems else None, "unpriced_calls_per_iteration": dict(ours[0].unpriced),
-        "notes": _notes(profile, ours[0], lora, cfg["model"]["name"]),
+        "estimated_calls_per_iteration": dict(ours[0].estimated),
+        "notes": _notes(profile, ours[0], lora, cfg["model"]["name"], counts),
     }
+    if counts is not None:
+        out["estimated_at_flops_per_second"] = cost_mod.FlopEstimator(profile, counts).flops_per_second
+        out["parameters"] = dict(counts.parameters)
+    if memory is not None:
+        nodes = max(st["nodes"] for st in stats)
+        ph = memory.phase_peaks(traces, nodes)
+        out["memory"] = {"peak_mem_mb": max(v["peak_mib"] for v in ph.values()),
+                         "phases": {p: {"peak_mem_mb": v["peak_mib"], "activation_mb": v["activation_mib"],
+                                        "largest_call": v["call"], "unmodeled": v["unmodeled"]} for p, v in ph.items()},
+                         "resident_mb": dict(memory.resident), "rollout_latents_mb": nodes * memory.latent_mib,
+                         "activation_fits": {k: {"slope_mb_per_row": f.slope, "intercept_mb": f.intercept,
+                                                 "source": f.source} for k, f in memory.fits.items()}}
     if budget:
         out["budget"] = budget_buys(Budget.parse(budget, clock=clock), s_it, r_it, out["images_per_iteration"],
                                     out["nfe_per_iteration"])
     return out
 
 
-def _notes(profile: cost_mod.CostProfile, priced: cost_mod.Priced, lora: bool, model: str) -> list[str]:
+def _notes(profile: cost_mod.CostProfile, priced: cost_mod.Priced, lora: bool, model: str,
+           counts: Any = None) -> list[str]:
     notes = []
     if profile.models and model not in profile.models:
         notes.append(f"the profile was measured for {', '.join(profile.models)}, not {model}: these are the "
                      f"calls of {model} priced as if that model made them")
     if priced.unpriced:
-        notes.append("unpriced (0 s, the profile has no measurement): " + ", ".join(
+        notes.append("unpriced (0 s, the profile has no measurement and no FLOP count prices it): " + ", ".join(
             f"{k} x{n}" for k, n in priced.unpriced.items()))
+    if priced.estimated:
+        from bench.engine.pricing import FlopEstimator
+
+        rate = FlopEstimator(profile, counts).flops_per_second if counts is not None else None
+        notes.append("estimated (not measured: FLOPs counted on the meta device, priced at the measured forward's "
+                     f"{(rate or 0) / 1e12:.0f} TFLOP/s): " + ", ".join(
+                         f"{k} x{n}" for k, n in priced.estimated.items()))
+    if counts is not None and counts.uncounted:
+        notes += [f"not counted: {k}: {v}" for k, v in counts.uncounted.items()]
     if lora and "full" in profile.trainable:
         notes.append(f"the profile's backward was measured with {profile.trainable}; this LoRA run's "
                      f"backward is priced with it (see the profile's assumptions)")
@@ -267,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or is random cost different amounts per iteration; default 20)")
     p.add_argument("--config", default=None, help="YAML config file")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                   help="GPU memory per GPU, e.g. 80GB, 24GB, 79.6GiB: choose the largest micro-batch and the "
+                        "gradient checkpointing whose modeled peak fits, keeping the algorithm (exit 2, naming the "
+                        "nearest fit, when nothing fits)")
+    p.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs the prompts are split over (default 1): "
+                                                      "memory and modeled seconds are per GPU")
+    p.add_argument("--headroom", default="1GiB", metavar="SIZE",
+                   help="memory kept free for the CUDA context and allocator slack with --gpu-mem (default 1GiB)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -287,7 +415,24 @@ def _fmt(rep: dict[str, Any]) -> str:
              (f"  {'reference trainers':<22}{rph['rollout']:9.2f}{rph['reward']:9.2f}{rph['update']:9.2f}"
               f"{rep['reference_modeled_seconds_per_iteration']:10.2f}"),
              f"  engine speed-up over the reference trainers' batch-1 calls: {rep['speedup_vs_reference']:.2f}x"]
-    if rep.get("modeled_peak_mem_mb") is not None:
+    kinds = rep.get("kinds") or {}
+    if kinds:
+        def one(k: str, v: dict[str, Any]) -> str:
+            f = v["flops_per_iteration"]
+            return (f"{k} {v['seconds_per_iteration']:.2f} s ({v['source']}"
+                    + (f", {f:.3g} FLOPs" if f is not None else "") + ")")
+        lines.append(f"  per kind per iteration{' and GPU' if rep.get('gpus', 1) > 1 else ''}: "
+                     + ", ".join(one(k, v) for k, v in kinds.items()))
+    if rep.get("flops_per_iteration") is not None:
+        lines.append(f"  FLOPs per iteration{' and GPU' if rep.get('gpus', 1) > 1 else ''}: "
+                     f"{rep['flops_per_iteration']:.4g} (counted on the meta device)")
+    mem = rep.get("memory")
+    if mem is not None:
+        lines.append("  modeled peak memory per GPU: " + ", ".join(
+            f"{p} {v['peak_mem_mb'] / 1024:.1f} GiB ({v['largest_call']})" for p, v in mem["phases"].items())
+            + "; resident " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in mem["resident_mb"].items())
+            + f", rollout latents {mem['rollout_latents_mb'] / 1024:.2f} GiB")
+    elif rep.get("modeled_peak_mem_mb") is not None:
         lines.append(f"  modeled peak memory of the largest call: {rep['modeled_peak_mem_mb'] / 1024:.1f} GiB")
     b = rep.get("budget")
     if b:
@@ -299,6 +444,22 @@ def _fmt(rep: dict[str, Any]) -> str:
         if "note" in b:
             lines.append(f"  note: {b['note']}")
     lines += [f"  note: {n}" for n in rep["notes"]]
+    fit = rep.get("fit")
+    if fit is not None:
+        head = (f"  fit: {fit['gpu_mem_mb'] / 1024:.1f} GiB per GPU x {fit['gpus']} (usable {fit['usable_mb'] / 1024:.1f} "
+                f"GiB): modeled peak {fit['peak_mem_mb'] / 1024:.1f} GiB with "
+                + " ".join(f"{k}={str(v).lower()}" for k, v in fit["settings"].items()))
+        inv = fit["invariants"]
+        lines.insert(1, head)
+        lines.insert(2, (f"  kept (the algorithm): group size {inv['group_size']:g}, {inv['images_per_iteration']:g} "
+                         f"images/iteration, {inv['optimizer_steps_per_iteration']:g} optimizer steps/iteration, "
+                         f"{inv['images_per_optimizer_step']:g} images per optimizer step, "
+                         f"{inv['trained_rows_per_iteration']:g} trained rows and {inv['nfe_per_iteration']:g} NFE per "
+                         f"iteration"))
+        for i, ch in enumerate(fit["changes"]):
+            lines.insert(3 + i, f"  changed: {ch['key']} {str(ch['from']).lower()} -> {str(ch['to']).lower()}: {ch['why']}")
+    for i, w in enumerate(rep.get("warnings", [])):
+        lines.insert(1 + i, f"  {w}")
     return "\n".join(lines)
 
 
@@ -351,6 +512,45 @@ def _fmt_comparison(rows: list[dict[str, Any]], profile: str) -> str:
     return "\n".join(lines)
 
 
+def _user_keys(sets: dict[str, Any], config_file: str | None) -> dict[str, Any]:
+    """The settings the user gave (``--set``, ``--prompts``, the config file), flattened."""
+    out = dict(config_mod.load_config_file(config_file)) if config_file else {}
+    out.update(sets)
+    return out
+
+
+def plan_one(cfg: dict[str, Any], profile: cost_mod.CostProfile, a: argparse.Namespace, user: dict[str, Any],
+             preset: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """One algorithm's report: counts, the fit (with --gpu-mem), warnings about algorithm-changing overrides."""
+    from bench.cost import fit as fit_mod
+    from bench.cost.memory import needs_tracked_denoiser
+
+    want_memory = a.gpu_mem is not None
+    counts, batch, more = model_counts(cfg, denoiser_memory=want_memory and needs_tracked_denoiser(profile))
+    if want_memory and counts is None:
+        raise UsageError(f"--gpu-mem needs the model's parameter and activation counts: {'; '.join(more)}")
+    mm = memory_for(cfg, profile, counts, batch, a.gpus) if counts is not None and (
+        want_memory or not needs_tracked_denoiser(profile)) else None
+    warnings: list[str] = []
+    if preset:
+        preset_cfg = config_mod.resolve({}, preset=preset, flags=flags)
+        warnings = fit_mod.override_warnings(cfg, preset_cfg, preset, user)
+    fit = None
+    if want_memory:
+        try:
+            fit = fit_mod.fit(cfg, profile, counts, mm, fit_mod.parse_mem(a.gpu_mem),
+                              a.gpus, fit_mod.parse_mem(a.headroom, "--headroom"), list(user), a.iterations)
+        except fit_mod.NoFit as e:
+            raise fit_mod.NoFit(f"{cfg['algo']['name']}: {e}") from None
+        cfg = fit_mod.with_settings(cfg, fit.chosen.settings)
+    rep = plan_report(cfg, profile, a.iterations, a.budget, counts=counts, memory=mm, gpus=a.gpus)
+    rep["notes"] = more + rep["notes"]
+    rep["warnings"] = warnings
+    if fit is not None:
+        rep["fit"] = fit.as_dict()
+    return rep
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(list(argv or []))
     algos = [x.strip() for x in a.algo.split(",") if x.strip()]
@@ -360,6 +560,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--iterations must be >= 1, got {a.iterations}")
     if a.prompts is not None and a.prompts < 1:
         raise UsageError(f"--prompts must be >= 1, got {a.prompts}")
+    if a.gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {a.gpus}")
+    if a.gpu_mem is not None:
+        from bench.cost.fit import parse_mem
+
+        parse_mem(a.gpu_mem)
+        parse_mem(a.headroom, "--headroom")
     profile = cost_mod.load_profile(a.profile)
     sets = config_mod.parse_sets(a.sets)
     if a.prompts is not None:
@@ -367,10 +574,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.budget:
         Budget.parse(a.budget)  # a bad budget is a usage error before any work
     presets = _presets(a.preset, algos)
-    cfgs = {algo: config_mod.resolve(dict(sets), config_file=a.config, preset=presets[algo],
-                                     flags={"algo.name": algo, "model.name": a.model, "model.path": a.model_path,
-                                            "seed": a.seed}) for algo in algos}  # all checked before any work
-    reps = {algo: {**plan_report(cfg, profile, a.iterations, a.budget), "preset": presets[algo]}
+    flags = {algo: {"algo.name": algo, "model.name": a.model, "model.path": a.model_path, "seed": a.seed}
+             for algo in algos}
+    cfgs = {algo: config_mod.resolve(dict(sets), config_file=a.config, preset=presets[algo], flags=flags[algo])
+            for algo in algos}  # all checked before any work
+    user = _user_keys(sets, a.config)
+    if a.gpus > 1:
+        from bench.cost.fit import rank_config
+
+        for cfg in cfgs.values():
+            rank_config(cfg, a.gpus)
+    reps = {algo: {**plan_one(cfg, profile, a, user, presets[algo], flags[algo]), "preset": presets[algo]}
             for algo, cfg in cfgs.items()}
     if len(reps) == 1:
         rep = reps[algos[0]]

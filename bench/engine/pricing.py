@@ -12,8 +12,9 @@ lacks, what the model assumes. Modeled seconds of a call (:func:`interpolate`):
   SD3.5-medium's 1-row forward costs more than its 2-row one), and extending the first segment
   downwards could give zero or negative seconds.
 
-A kind the profile has no table for is *unpriced*: it costs 0 modeled seconds and every summary lists
-it (``unpriced``) so the omission is never silent. :func:`reference_calls` re-expresses a trace the
+A kind the profile has no table for is *estimated* when its FLOPs are counted (``bench.engine.flops``,
+priced at the profile's measured denoiser FLOP/s: :class:`FlopEstimator`), else *unpriced*: it costs 0
+modeled seconds and every summary lists it (``unpriced``) so the omission is never silent. :func:`reference_calls` re-expresses a trace the
 way the released trainers run it (one image per call, CFG as 2 rows, one trained step per call).
 Everything here is pure arithmetic on the trace: same config + seed gives the same modeled seconds on
 any machine. docs/COST.md explains the model, its assumptions and its measured error.
@@ -89,6 +90,9 @@ class CostProfile:
     assumptions: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
     path: str = ""
+    #: what was resident on the device when ``peak_mem_mb`` was measured: {"resident_mb": {kind: MiB}, "note"}
+    #: (the memory model subtracts it to get each kind's activations; docs/COST.md)
+    memory: Mapping[str, Any] = field(default_factory=dict)
 
     def table_for(self, call: Call) -> CostTable | None:
         if call.kind == "reward":
@@ -111,7 +115,7 @@ class CostProfile:
         return {"format": FORMAT, "name": self.name, "model": self.model, "models": list(self.models),
                 "device": self.device, "measured": self.measured, "conditions": self.conditions,
                 "software": self.software, "trainable": self.trainable, "source": self.source, "kinds": kinds,
-                "assumptions": dict(self.assumptions)}
+                "assumptions": dict(self.assumptions), **({"memory": dict(self.memory)} if self.memory else {})}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any], path: str = "") -> "CostProfile":
@@ -135,7 +139,8 @@ class CostProfile:
                    device=str(obj.get("device", "")), conditions=str(obj.get("conditions", "")), tables=tables,
                    models=tuple(obj.get("models") or ()), measured=str(obj.get("measured", "")),
                    software=str(obj.get("software", "")), trainable=str(obj.get("trainable", "")),
-                   assumptions=dict(obj.get("assumptions") or {}), source=str(obj.get("source", "")), path=path)
+                   assumptions=dict(obj.get("assumptions") or {}), source=str(obj.get("source", "")), path=path,
+                   memory=dict(obj.get("memory") or {}))
 
 
 def shipped_profiles() -> dict[str, Path]:
@@ -156,35 +161,89 @@ def load_profile(spec: str | Path) -> CostProfile:
 
 
 # ---- pricing -----------------------------------------------------------------------------------------
+def kind_label(call: Call) -> str:
+    """A call's kind as profiles and summaries name it (rewards as ``reward:<name>``)."""
+    return call.kind if call.kind != "reward" else f"reward:{call.component}"
+
+
+class FlopEstimator:
+    """Seconds of the calls a profile did not measure, from their FLOPs (``bench.engine.flops``): priced at
+    the FLOP/s the profile's measured denoiser forward achieves (its best row count); the optimizer step,
+    bound by memory bandwidth rather than FLOPs, at max(FLOPs / that rate, bytes moved / the device's
+    bandwidth) when the device is in the table. Without a measured forward nothing is estimated."""
+
+    def __init__(self, profile: CostProfile, counts: Any):
+        from bench.engine.flops import OPTIMIZER_BYTES_PER_PARAMETER, device_bandwidth
+
+        self.counts = counts
+        t, f = profile.tables.get("forward"), counts.kinds.get("forward")
+        rates = [r * f.flops_per_row / s for r, s in zip(t.rows, t.seconds) if s > 0] if t and f else []
+        self.flops_per_second: float | None = max(rates) if rates and max(rates) > 0 else None
+        self.bandwidth = device_bandwidth(profile.device)
+        self.optimizer_bytes = OPTIMIZER_BYTES_PER_PARAMETER * counts.parameters.get("trainable", 0)
+
+    def seconds(self, call: Call) -> float | None:
+        f = self.counts.call_flops(call)
+        if f is None or self.flops_per_second is None:
+            return None
+        s = f / self.flops_per_second
+        if call.kind == "optimizer_step" and self.bandwidth:
+            s = max(s, self.optimizer_bytes / self.bandwidth)
+        return s
+
+
 @dataclass(frozen=True)
 class Priced:
-    """Modeled seconds of a list of calls: per phase, total, the calls no table priced, peak memory."""
+    """Modeled seconds of a list of calls: per phase, total, the calls no table priced, peak memory; with
+    FLOP counts also the calls priced from their FLOPs (``estimated``), and seconds and FLOPs per kind."""
 
     phases: Mapping[str, float]
     total: float
     unpriced: Mapping[str, int]
     peak_mem_mb: float | None
+    estimated: Mapping[str, int] = field(default_factory=dict)
+    kind_seconds: Mapping[str, float] = field(default_factory=dict)
+    kind_flops: Mapping[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"phases": dict(self.phases), "total": self.total, "unpriced": dict(self.unpriced),
-                "peak_mem_mb": self.peak_mem_mb}
+                "peak_mem_mb": self.peak_mem_mb, "estimated": dict(self.estimated),
+                "kind_seconds": dict(self.kind_seconds), "kind_flops": dict(self.kind_flops)}
 
 
-def price(profile: CostProfile, calls: Iterable[Call]) -> Priced:
+def price(profile: CostProfile, calls: Iterable[Call], counts: Any = None) -> Priced:
+    """Modeled seconds of ``calls``: measured kinds from the profile's tables; with ``counts``
+    (``bench.engine.flops.ModelCounts``) the kinds it lacks from their FLOPs (``FlopEstimator``)."""
     phases: dict[str, float] = {p: 0.0 for p in (*PHASES, "eval")}
     unpriced: Counter = Counter()
+    estimated: Counter = Counter()
+    kind_s: Counter = Counter()
+    kind_f: Counter = Counter()
     peak: float | None = None
+    est = FlopEstimator(profile, counts) if counts is not None else None
     for c in calls:
+        label = kind_label(c)
+        if counts is not None:
+            f = counts.call_flops(c)
+            if f is not None:
+                kind_f[label] += f
         t = profile.table_for(c)
         if t is None:
-            unpriced[c.kind if c.kind != "reward" else f"reward:{c.component}"] += 1
-            continue
-        phases[c.phase] = phases.get(c.phase, 0.0) + t.seconds_at(c.rows)
-        m = t.peak_mem_at(c.rows)
-        if m is not None:
-            peak = m if peak is None else max(peak, m)
+            s = est.seconds(c) if est is not None else None
+            if s is None:
+                unpriced[label] += 1
+                continue
+            estimated[label] += 1
+        else:
+            s = t.seconds_at(c.rows)
+            m = t.peak_mem_at(c.rows)
+            if m is not None:
+                peak = m if peak is None else max(peak, m)
+        phases[c.phase] = phases.get(c.phase, 0.0) + s
+        kind_s[label] += s
     total = sum(phases[p] for p in PHASES)
-    return Priced(phases, total, dict(sorted(unpriced.items())), peak)
+    return Priced(phases, total, dict(sorted(unpriced.items())), peak, dict(sorted(estimated.items())),
+                  dict(sorted(kind_s.items())), dict(sorted(kind_f.items())))
 
 
 def reference_calls(calls: Iterable[Call]) -> list[Call]:
@@ -204,10 +263,12 @@ def reference_calls(calls: Iterable[Call]) -> list[Call]:
     return out
 
 
-def iteration_record(profile: CostProfile, calls: Sequence[Call], total_before: float) -> dict[str, Any]:
-    """The modeled keys of one iteration's record (docs/COST.md, ``COST_KEYS``)."""
-    ours = price(profile, [c for c in calls if c.phase in TRAIN_PHASES])
-    ref = price(profile, reference_calls([c for c in calls if c.phase in TRAIN_PHASES]))
+def iteration_record(profile: CostProfile, calls: Sequence[Call], total_before: float,
+                     counts: Any = None) -> dict[str, Any]:
+    """The modeled keys of one iteration's record (docs/COST.md, ``COST_KEYS``); ``counts`` prices the
+    kinds the profile did not measure from their FLOPs."""
+    ours = price(profile, [c for c in calls if c.phase in TRAIN_PHASES], counts)
+    ref = price(profile, reference_calls([c for c in calls if c.phase in TRAIN_PHASES]), counts)
     rec: dict[str, Any] = {f"modeled_{p}_s": ours.phases[p] for p in PHASES}
     rec["modeled_iteration_s"] = ours.total
     rec["modeled_seconds_total"] = total_before + ours.total
@@ -217,6 +278,8 @@ def iteration_record(profile: CostProfile, calls: Sequence[Call], total_before: 
         rec["modeled_peak_mem_mb"] = ours.peak_mem_mb
     if ours.unpriced:
         rec["modeled_unpriced_calls"] = int(sum(ours.unpriced.values()))
+    if ours.estimated:
+        rec["modeled_estimated_calls"] = int(sum(ours.estimated.values()))
     return rec
 
 
@@ -235,7 +298,10 @@ COST_KEYS: dict[str, str] = {
                                      "(one image per call, CFG as 2 rows, one trained step per call)",
     "modeled_speedup_vs_reference": "modeled_reference_iteration_s / modeled_iteration_s",
     "modeled_peak_mem_mb": "largest modeled peak device memory of a call (profiles that measured memory)",
-    "modeled_unpriced_calls": "calls of kinds the profile has no table for (priced at 0 s; see docs/COST.md)",
+    "modeled_unpriced_calls": "calls of kinds the profile has no table for and no FLOP count prices (0 s; see "
+                              "docs/COST.md)",
+    "modeled_estimated_calls": "calls of kinds the profile did not measure, priced from their FLOPs at the "
+                               "profile's measured denoiser FLOP/s (estimated, docs/COST.md)",
     "modeled_eval_s": "modeled seconds of this evaluation's calls (outside the training budget)",
 }
 
