@@ -41,6 +41,7 @@ class Totals:
     nfe: int = 0
     iterations: int = 0
     modeled_seconds: float = 0.0   # cumulative modeled training seconds (0 without a cost profile)
+    flops: float = 0.0             # cumulative counted FLOPs of the training calls (bench.engine.flops)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         " or mlflow (RUN/mlflow.db unless MLFLOW_TRACKING_URI); repeatable")
     p.add_argument("--clock", help="wall (default) or a cost profile (e.g. sd3.5-medium-h200): a seconds budget then "
                                    "counts that profile's MODELED seconds, not wall-clock (docs/COST.md)")
+    p.add_argument("--fit", action="store_true",
+                   help="choose train.micro_batch and model.gradient_checkpointing so the run fits this GPU's memory "
+                        "(or --gpu-mem), keeping the algorithm; needs a cost profile (run.cost_profile or --clock) "
+                        "with measured memory; settings you --set are kept (docs/COST.md)")
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE", help="with --fit: GPU memory to fit, e.g. 24GB "
+                                                                   "(default: the CUDA device's)")
 
 
 def flags_from_args(a: argparse.Namespace) -> dict:
@@ -112,8 +118,17 @@ def cmd_run(a: argparse.Namespace) -> int:
         cfg = resume.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
                                        flags=flags_from_args(a))
     else:
-        cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
-                             flags=flags_from_args(a))
+        sets = config.parse_sets(a.sets)
+        cfg = config.resolve(sets, config_file=a.config, preset=a.preset, flags=flags_from_args(a))
+        if a.fit:
+            from bench.cost.fit import fit_run_config
+
+            user = {**(config.load_config_file(a.config) if a.config else {}), **sets}
+            cfg = fit_run_config(cfg, user, a.gpu_mem)
+    if a.resume and a.fit:
+        raise UsageError("--fit with --resume: a resumed run keeps its own micro-batch and checkpointing")
+    if a.gpu_mem and not a.fit:
+        raise UsageError("--gpu-mem is an option of --fit")
     from bench.run import runner
 
     try:

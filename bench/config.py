@@ -85,6 +85,8 @@ DEFAULTS: dict[str, Any] = {
         "cost_profile": None,     # shipped profile name or JSON file: log modeled seconds per iteration
         "clock": "wall",          # wall | a profile: a seconds budget counts that profile's modeled seconds
         "trace": False,           # write every expensive call of every iteration to trace.jsonl
+        "flops": True,            # count each call kind's FLOPs on the meta device: flops / mfu in the records
+        "peak_flops": None,       # peak FLOP/s per device for MFU; null = the known-device table (bench.engine.flops)
     },
     "budget": "10m",
     "seed": 0,
@@ -327,6 +329,11 @@ def _validate_run(cfg: dict[str, Any]) -> None:
     need(isinstance(ru["clock"], str) and ru["clock"] != "",
          f"run.clock must be 'wall' or a cost profile (shipped name or JSON file), got {ru['clock']!r}")
     need(isinstance(ru["trace"], bool), f"run.trace must be true or false, got {ru['trace']!r}")
+    need(isinstance(ru["flops"], bool), f"run.flops must be true or false, got {ru['flops']!r}")
+    need(ru["peak_flops"] is None or (isinstance(ru["peak_flops"], (int, float)) and not isinstance(ru["peak_flops"], bool)
+                                      and ru["peak_flops"] > 0),
+         f"run.peak_flops must be null (the device table) or a number > 0 (FLOP/s per device, e.g. 989e12), got "
+         f"{ru['peak_flops']!r}")
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:

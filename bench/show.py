@@ -1,5 +1,5 @@
 """``bench show RUN_OR_DIR...``: a table of runs (algorithm, seed, budget, iterations, samples, NFE,
-seconds, final and best evaluation) read from run directories only (docs/RUNDIR.md). A directory that is
+seconds, counted FLOPs and MFU, final and best evaluation) read from run directories only (docs/RUNDIR.md). A directory that is
 not a run is searched for runs below it. ``--json`` and ``--markdown`` for scripts and notes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from bench.errors import UsageError
 from bench.run.progress import eval_means, table
 
-COLUMNS = ["run", "algorithm", "seed", "budget", "stop", "iterations", "samples", "nfe", "seconds",
+COLUMNS = ["run", "algorithm", "seed", "budget", "stop", "iterations", "samples", "nfe", "seconds", "flops", "mfu",
            "final_eval", "best_eval"]
 
 
@@ -63,6 +63,7 @@ def summarize(run: Path) -> dict[str, Any]:
             "budget": (man.get("budget") or {}).get("spec"), "stop": final.get("stop_reason", "(running or killed)"),
             "iterations": final.get("iterations"), "samples": final.get("samples_total"),
             "nfe": final.get("nfe_total"), "seconds": final.get("seconds_total"),
+            "flops": final.get("flops_total"), "mfu": final.get("mfu"),
             "final_eval": eval_means(ev) if ev else None,
             "best_eval": ({"reward": best["key"][5:], "value": best["value"], "iteration": best["iteration"]}
                           if best else None)}
@@ -78,6 +79,10 @@ def _cell(row: dict[str, Any], col: str) -> str:
         return f"{v['reward']} {v['value']:.4f} @ it {v['iteration']}"
     if col == "seconds":
         return f"{v:.1f}"
+    if col == "flops":
+        return f"{v:.3g}"
+    if col == "mfu":
+        return f"{100 * v:.1f}%"
     return str(v)
 
 

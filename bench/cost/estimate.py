@@ -182,10 +182,16 @@ T5_SOURCE = "flux.1-dev-random"
 
 def _twin_spec(cfg: dict[str, Any], twin: str) -> tuple[dict[str, Any], list[str]]:
     """The twin's architecture spec, with T5-XXL added where the real pipeline would load it."""
-    from bench.model.random_models import random_preset_spec
+    from bench.model.random_models import REDUCED, random_preset_spec
 
     spec = random_preset_spec(twin)
-    real = model_preset(cfg["model"]["name"]).source == "path"
+    source = model_preset(cfg["model"]["name"]).source
+    if source.startswith("random:") and "reduced" in source.split(":")[2:]:  # the CPU-size copy of the classes
+        patch = REDUCED[spec["pipeline"]]
+        comps = {k: ({**c, "config": {**c.get("config", {}), **patch.get(k, {})}} if k in patch else c)
+                 for k, c in spec["components"].items()}
+        return {**spec, "components": comps, "resolution": 32}, []
+    real = source == "path"
     if real and cfg["model"].get("use_t5", True) and "text_encoder_3" in spec.get("absent", ()):
         t5 = random_preset_spec(T5_SOURCE)["components"]["text_encoder_2"]
         comps = {**spec["components"], "text_encoder_3": t5,
@@ -212,6 +218,11 @@ def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[An
         notes.append(f"reward {name!r} has no FLOP count: {type(e).__name__}: {e}")
     batch = {f"reward:{n}": int(r.batch_size) for n, r in rewards.items() if getattr(r, "batch_size", None)}
     twin = _twin(cfg)
+    m = cfg["model"]
+    if twin is None and m.get("path") and f"{m['name']}-random" in MODELS:  # a local copy of a real preset
+        twin = f"{m['name']}-random"
+        notes.append(f"FLOPs and parameters counted from {twin}, the published architecture of {m['name']}, not "
+                     f"from the configs in {m['path']}")
     if twin is not None:
         spec, more = _twin_spec(cfg, twin)
         return (flops.planner_counts(cfg, twin, rewards, denoiser_memory=denoiser_memory, spec=spec), batch,
@@ -220,7 +231,6 @@ def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[An
     from bench.model.random_models import TREEBENCH_CLASS
     from bench.spec import ModelSpec
 
-    m = cfg["model"]
     path = resolve_model_path(m["path"]) if m.get("path") else model_dir(m["name"], None)
     if read_model_index(path).get("_class_name") != TREEBENCH_CLASS:
         return None, batch, notes + [f"no FLOP counts for {m['name']}: a pipeline directory without a random-weight "
@@ -332,7 +342,7 @@ def _notes(profile: cost_mod.CostProfile, priced: cost_mod.Priced, lora: bool, m
 
         rate = FlopEstimator(profile, counts).flops_per_second if counts is not None else None
         notes.append("estimated (not measured: FLOPs counted on the meta device, priced at the measured forward's "
-                     f"{(rate or 0) / 1e12:.0f} TFLOP/s): " + ", ".join(
+                     f"{(rate or 0):.3g} FLOP/s): " + ", ".join(
                          f"{k} x{n}" for k, n in priced.estimated.items()))
     if counts is not None and counts.uncounted:
         notes += [f"not counted: {k}: {v}" for k, v in counts.uncounted.items()]
@@ -428,10 +438,12 @@ def _fmt(rep: dict[str, Any]) -> str:
                      f"{rep['flops_per_iteration']:.4g} (counted on the meta device)")
     mem = rep.get("memory")
     if mem is not None:
+        from bench.cost.fit import gib
+
         lines.append("  modeled peak memory per GPU: " + ", ".join(
-            f"{p} {v['peak_mem_mb'] / 1024:.1f} GiB ({v['largest_call']})" for p, v in mem["phases"].items())
-            + "; resident " + ", ".join(f"{k} {v / 1024:.1f}" for k, v in mem["resident_mb"].items())
-            + f", rollout latents {mem['rollout_latents_mb'] / 1024:.2f} GiB")
+            f"{p} {gib(v['peak_mem_mb'])} ({v['largest_call']})" for p, v in mem["phases"].items())
+            + "; resident " + ", ".join(f"{k} {gib(v)}" for k, v in mem["resident_mb"].items())
+            + f", rollout latents {gib(mem['rollout_latents_mb'])}")
     elif rep.get("modeled_peak_mem_mb") is not None:
         lines.append(f"  modeled peak memory of the largest call: {rep['modeled_peak_mem_mb'] / 1024:.1f} GiB")
     b = rep.get("budget")
@@ -446,8 +458,10 @@ def _fmt(rep: dict[str, Any]) -> str:
     lines += [f"  note: {n}" for n in rep["notes"]]
     fit = rep.get("fit")
     if fit is not None:
-        head = (f"  fit: {fit['gpu_mem_mb'] / 1024:.1f} GiB per GPU x {fit['gpus']} (usable {fit['usable_mb'] / 1024:.1f} "
-                f"GiB): modeled peak {fit['peak_mem_mb'] / 1024:.1f} GiB with "
+        from bench.cost.fit import gib
+
+        head = (f"  fit: {gib(fit['gpu_mem_mb'])} per GPU x {fit['gpus']} (usable {gib(fit['usable_mb'])}): modeled "
+                f"peak {gib(fit['peak_mem_mb'])} with "
                 + " ".join(f"{k}={str(v).lower()}" for k, v in fit["settings"].items()))
         inv = fit["invariants"]
         lines.insert(1, head)
@@ -539,7 +553,7 @@ def plan_one(cfg: dict[str, Any], profile: cost_mod.CostProfile, a: argparse.Nam
     if want_memory:
         try:
             fit = fit_mod.fit(cfg, profile, counts, mm, fit_mod.parse_mem(a.gpu_mem),
-                              a.gpus, fit_mod.parse_mem(a.headroom, "--headroom"), list(user), a.iterations)
+                              a.gpus, fit_mod.parse_mem(a.headroom, "--headroom", zero_ok=True), list(user), a.iterations)
         except fit_mod.NoFit as e:
             raise fit_mod.NoFit(f"{cfg['algo']['name']}: {e}") from None
         cfg = fit_mod.with_settings(cfg, fit.chosen.settings)
@@ -566,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.cost.fit import parse_mem
 
         parse_mem(a.gpu_mem)
-        parse_mem(a.headroom, "--headroom")
+        parse_mem(a.headroom, "--headroom", zero_ok=True)
     profile = cost_mod.load_profile(a.profile)
     sets = config_mod.parse_sets(a.sets)
     if a.prompts is not None:

@@ -38,7 +38,7 @@ EXECUTION_KEYS = frozenset({"train.micro_batch", "model.gradient_checkpointing",
                             "model.distributed", "model.mixed_precision", "seed", "out", "budget"})
 EXECUTION_PREFIXES = ("run.", "eval.", "data.eval_prompts")
 #: iterations simulated to screen a candidate's memory (the full --iterations price the finalists)
-SCREEN_ITERATIONS = 3
+SCREEN_ITERATIONS = 2
 DEFAULT_HEADROOM_MIB = 1024.0
 
 
@@ -49,20 +49,20 @@ class NoFit(UsageError):
 _MEM = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|mib|mb|g|m)?\s*$", re.IGNORECASE)
 
 
-def parse_mem(text: str, what: str = "--gpu-mem") -> float:
+def parse_mem(text: str, what: str = "--gpu-mem", zero_ok: bool = False) -> float:
     """MiB of "80GB" (10^9 bytes, as GPUs are sold), "79.6GiB", "24000MiB", "24000MB"; a bare number is GB."""
     m = _MEM.match(str(text))
     if not m:
         raise UsageError(f"{what} {text!r}: expected a size such as 80GB, 79.6GiB or 24000MiB")
     v, unit = float(m.group(1)), (m.group(2) or "gb").lower()
     scale = {"gb": 1e9, "g": 1e9, "gib": 2**30, "mb": 1e6, "m": 1e6, "mib": 2**20}[unit]
-    if v <= 0:
+    if v < 0 or (v == 0 and not zero_ok):
         raise UsageError(f"{what} must be > 0, got {text!r}")
     return v * scale / MIB
 
 
 def gib(mib: float) -> str:
-    return f"{mib / 1024:.1f} GiB"
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
 
 
 def is_algorithmic(key: str) -> bool:
@@ -189,14 +189,28 @@ def fit(cfg: Mapping[str, Any], profile: cost_mod.CostProfile, counts: Any, mm: 
     before = evaluate(rank, mm, mb0, ck0, screen)
     found: list[Candidate] = []
     smallest: Candidate | None = None
-    for ck in cks:
-        for mb in mbs:
-            c = before if (mb, ck) == (mb0, ck0) else evaluate(rank, mm, mb, ck, screen)
-            if smallest is None or c.peak_mib < smallest.peak_mib:
-                smallest = c
-            if c.peak_mib <= usable:
-                found.append(c)
-                break
+    seen: dict[tuple[int, bool], Candidate] = {(mb0, ck0): before}
+
+    def at(mb: int, ck: bool) -> Candidate:
+        nonlocal smallest
+        if (mb, ck) not in seen:
+            seen[(mb, ck)] = evaluate(rank, mm, mb, ck, screen)
+        c = seen[(mb, ck)]
+        if smallest is None or c.peak_mib < smallest.peak_mib:
+            smallest = c
+        return c
+
+    for ck in cks:  # the peak grows with the micro-batch: bisect for the largest one that fits
+        lo, hi = 0, len(mbs) - 1  # mbs descending; find the first index that fits
+        if at(mbs[hi], ck).peak_mib > usable:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(mbs[mid], ck).peak_mib <= usable:
+                hi = mid
+            else:
+                lo = mid + 1
+        found.append(at(mbs[lo], ck))
     if not found:
         assert smallest is not None
         need = smallest.peak_mib + headroom_mib
@@ -277,3 +291,43 @@ def override_warnings(cfg: Mapping[str, Any], preset_cfg: Mapping[str, Any], pre
     what = f"; the algorithm's {', '.join(moved)}" if moved else ""
     return [f"warning: {k}={flat[k]!r} (your setting) changes the algorithm relative to preset {preset} "
             f"({flat0.get(k)!r}){what}" for k in keys]
+
+
+def fit_run_config(cfg: Mapping[str, Any], user: Mapping[str, Any], gpu_mem: str | None,
+                   headroom: str = "1GiB", iterations: int = 5, out: Any = None) -> dict[str, Any]:
+    """``bench run --fit``: ``cfg`` with the micro-batch and checkpointing ``fit`` chooses for this machine's
+    GPU (``gpu_mem``, else the CUDA device's total memory) and the data-parallel world size (``WORLD_SIZE``),
+    priced and checked with the run's cost profile (``run.cost_profile`` / ``run.clock``); the changes are
+    printed to ``out`` (stderr)."""
+    import os
+    import sys
+
+    from bench.cost.estimate import memory_for, model_counts
+    from bench.cost.memory import needs_tracked_denoiser
+
+    out = out or sys.stderr
+    spec = cost_mod.profile_spec(cfg)
+    if not spec:
+        raise UsageError("--fit needs a cost profile with measured peak memory for the model: --set "
+                         "run.cost_profile=sd3.5-medium-h200 (or --clock PROFILE); docs/COST.md")
+    profile = cost_mod.load_profile(spec)
+    if gpu_mem:
+        mem = parse_mem(gpu_mem)
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--fit without CUDA needs --gpu-mem SIZE (the memory of the GPU to fit)")
+        mem = torch.cuda.get_device_properties(0).total_memory / MIB
+    gpus = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    counts, batch, notes = model_counts(dict(cfg), denoiser_memory=needs_tracked_denoiser(profile))
+    if counts is None:
+        raise UsageError(f"--fit needs the model's parameter and activation counts: {'; '.join(notes)}")
+    mm = memory_for(dict(cfg), profile, counts, batch, gpus)
+    res = fit(cfg, profile, counts, mm, mem, gpus, parse_mem(headroom, "--headroom", zero_ok=True), list(user), iterations)
+    print(f"fit: {gib(mem)} per GPU x {gpus}: modeled peak {gib(res.chosen.peak_mib)} "
+          f"({res.chosen.phase()}) with " + " ".join(f"{k}={str(v).lower()}" for k, v in res.chosen.settings.items())
+          + f" (cost profile {profile.name})", file=out)
+    for ch in res.changes:
+        print(f"fit: {ch['key']} {str(ch['from']).lower()} -> {str(ch['to']).lower()}: {ch['why']}", file=out)
+    return with_settings(cfg, res.chosen.settings)

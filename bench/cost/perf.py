@@ -227,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every algorithm (e.g. model.lora_rank=0)")
     t.add_argument("--out", default="paper_table.json", help="JSON output (default paper_table.json)")
+    c = sub.add_parser("count-flops", help="count a model configuration's FLOPs, parameters and activations on the "
+                                          "meta device and write them where bench plan looks first (docs/COST.md)")
+    c.add_argument("--model", default="sd3.5-medium")
+    c.add_argument("--preset", default=None, help="an algorithm preset (treegrpo's) whose model options to use")
+    c.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--denoiser-memory", action="store_true", help="also track the denoiser kinds' activations")
+    c.add_argument("--out-dir", default=None, help="directory to write (default: the shipped bench/profiles/counts)")
     from bench.cost import profiling
     from bench.cost import validate as validate_cost  # (cost) docs/COST.md
 
@@ -237,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
         return profiling.profile_main(a)
     if a.what == "validate-cost":
         return validate_cost.main(a)
+    if a.what == "count-flops":
+        from pathlib import Path
+
+        from bench.config import parse_sets, resolve
+        from bench.cost.estimate import model_counts
+        from bench.engine import flops
+
+        cfg = resolve(parse_sets(a.sets), preset=a.preset, flags={"algo.name": "treegrpo", "model.name": a.model})
+        counts, _, notes = model_counts(cfg, denoiser_memory=a.denoiser_memory)
+        if counts is None:
+            print("; ".join(notes))
+            return 2
+        out = Path(a.out_dir) if a.out_dir else flops.SHIPPED_COUNTS
+        flops.save_cached(counts, out)
+        print(f"wrote {out / (counts.key + '.json')}")
+        return 0
     if a.what == "paper-table":
         from bench.config import parse_sets
 

@@ -414,6 +414,22 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TREEBENCH_CACHE", Path.home() / ".cache" / "treebench")) / "flops"
 
 
+#: counts shipped with treebench for the paper presets (the same cache format; ``python -m bench.cost.perf
+#: count-flops`` regenerates them, a slow test checks them against a fresh count)
+SHIPPED_COUNTS = Path(__file__).resolve().parents[1] / "profiles" / "counts"
+
+
+def reward_signature(rewards: Mapping[str, Any]) -> list[Any]:
+    """Names and architecture versions of rewards (part of a cache key; no weight file is looked up)."""
+    def one(r: Any) -> Any:
+        parts = getattr(r, "parts", None)
+        if parts:
+            return [one(p) for _, _, p in parts]
+        return getattr(r, "_base_version", None) or str(getattr(type(r), "version", ""))
+
+    return sorted([n, one(r)] for n, r in rewards.items())
+
+
 def cache_key(parts: Any) -> str:
     return hashlib.sha256(json.dumps([COUNT_VERSION, parts], sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -431,16 +447,18 @@ def module_signature(policy: Any) -> list[Any]:
 
 
 def load_cached(key: str) -> ModelCounts | None:
-    p = _cache_dir() / f"{key}.json"
-    try:
-        obj = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return ModelCounts.from_json(obj) if obj.get("version") == COUNT_VERSION else None
+    for d in (_cache_dir(), SHIPPED_COUNTS):
+        try:
+            obj = json.loads((d / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if obj.get("version") == COUNT_VERSION:
+            return ModelCounts.from_json(obj)
+    return None
 
 
-def save_cached(counts: ModelCounts) -> None:
-    d = _cache_dir()
+def save_cached(counts: ModelCounts, d: Path | None = None) -> None:
+    d = d or _cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f"{counts.key}.json.tmp{os.getpid()}"
@@ -462,7 +480,7 @@ def count_model(policy: Any, rewards: Mapping[str, Any], *, key: str | None = No
     ({name: reward object}); cached under ``key`` (default: the modules' signature). The parameters and
     weight MiB come from ``policy`` as given (its dtypes). ``denoiser_memory`` also tracks the denoiser
     kinds' activations (slow on large models; a cost profile that measured peak memory replaces it)."""
-    key = key or cache_key([module_signature(policy), sorted(rewards), denoiser_memory, reward_scale])
+    key = key or cache_key([module_signature(policy), reward_signature(rewards), denoiser_memory, reward_scale])
     if use_cache:
         hit = load_cached(key)
         if hit is not None:
@@ -516,8 +534,10 @@ def planner_counts(cfg: Mapping[str, Any], twin: str, rewards: Mapping[str, Any]
     if opts.resolution is None and spec.get("resolution"):
         opts = dataclasses.replace(opts, resolution=int(spec["resolution"]))
     reward_scale = 0.5  # rewards run under fp16 autocast on CUDA (counted in float32 here)
-    key = cache_key(["twin", twin, spec, asdict(opts) | {"frozen_dtype": str(opts.frozen_dtype)}, str(mp),
-                     sorted(rewards), denoiser_memory, reward_scale])
+    # checkpointing and compilation change no count (both backward kinds are counted): not in the key
+    key_opts = asdict(opts) | {"frozen_dtype": str(opts.frozen_dtype), "gradient_checkpointing": None, "compile": None}
+    key = cache_key(["twin", twin, spec, key_opts, str(mp), reward_signature(rewards), denoiser_memory,
+                     reward_scale])
     if use_cache:
         hit = load_cached(key)
         if hit is not None:
@@ -549,3 +569,26 @@ def meta_rewards(spec: str, options: Mapping[str, Any]) -> dict[str, Any]:
         parts = load_object("rewards.combine:parse_reward_spec")(spec)
         return {spec: load_object(WEIGHTED_REWARD)([(n, w, one(n)) for n, w in parts])}
     return {spec: one(spec)}
+
+
+def trace_flops(counts: ModelCounts, calls: Sequence[Call]) -> tuple[float, int]:
+    """(FLOPs of the calls whose kind is counted, number of calls of uncounted kinds)."""
+    total, uncounted = 0.0, 0
+    for c in calls:
+        f = counts.call_flops(c)
+        if f is None:
+            uncounted += 1
+        else:
+            total += f
+    return total, uncounted
+
+
+def run_peak(config: Mapping[str, Any], device_name: str | None) -> tuple[float | None, str]:
+    """Peak FLOP/s per device for MFU: ``run.peak_flops``, else the device table for the run's precision."""
+    given = config.get("run", {}).get("peak_flops")
+    if given:
+        return float(given), "run.peak_flops"
+    if device_name is None or device_name.lower().startswith("cpu"):
+        return None, ("no default peak FLOP/s for a CPU (it depends on the cores, their vector units and the "
+                      "threads); set run.peak_flops to get MFU")
+    return device_peak(device_name, config.get("model", {}).get("mixed_precision", "no"))

@@ -65,6 +65,11 @@ def final_record(r: Any, stop_reason: str, error: str | None, final_eval: dict |
            "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
                           if r.last_checkpoint is not None else None),
            "checkpoint_seconds": r.checkpoint_seconds}
+    if getattr(r, "counts", None) is not None:
+        peak = r.flops_info.get("peak_flops_per_device")
+        out["flops_total"] = r.totals.flops
+        out["mfu"] = (r.totals.flops / (r.totals.seconds * peak * r.dist.world_size)
+                      if peak and r.totals.seconds > 0 else None)
     if r.spec.cost_profile is not None:
         out["modeled_seconds_total"] = r.totals.modeled_seconds
         out["cost_profile"] = r.spec.cost_profile.name

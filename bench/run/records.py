@@ -51,6 +51,14 @@ class IterationRecord:
     kl: float = _doc("mean KL to the frozen reference (0 when beta = 0)", math.nan)
     lr: float = _doc("learning rate")
     peak_mem_mb: float = _doc("peak memory in MiB: CUDA max allocated, or the process's peak RSS on CPU")
+    flops: float | None = _doc("FLOPs of this iteration's training calls on all devices, from each call kind's count "
+                               "on the meta device (bench.engine.flops: matrix products, convolutions and attention; "
+                               "AdamW by hand); null when run.flops is off or counting failed (manifest 'flops')")
+    flops_total: float | None = _doc("cumulative flops")
+    mfu: float | None = _doc("model FLOPs utilisation: flops / (t_iteration_s x peak FLOP/s per device x devices); "
+                             "peak from run.peak_flops or the known-device table for the run's precision; null "
+                             "without a known peak (CPU: set run.peak_flops)")
+    flops_uncounted_calls: int = _doc("training calls of kinds with no FLOP count (0 FLOPs in flops)", 0)
     edges: int = _doc("edge loss terms trained this iteration", 0)
     optimizer_steps: int = _doc("optimizer steps this iteration", 0)
     micro_batches: int = _doc("forward+backward micro-batches this iteration (gradient accumulation)", 0)
@@ -97,7 +105,7 @@ EVAL_KEYS: dict[str, str] = {
 
 #: Wall-clock and memory fields: differ between two otherwise identical runs.
 TIMING_KEYS = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s", "t_iteration_s", "seconds_total",
-               "peak_mem_mb", "t_eval_s")
+               "peak_mem_mb", "t_eval_s", "mfu")
 
 
 def record_glossary() -> dict[str, str]:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from bench.budget import Totals
+from bench.engine import flops as flops_mod
 from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
 from bench.engine.arithmetic import batch_arithmetic
@@ -130,6 +131,8 @@ class Run:
         self.optimizer.register_step_pre_hook(refuse_nonfinite_step)  # NaN/inf steps are never applied
         trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # optimizer steps in the call trace
         self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
+        self.counts, self.flops_info = self.count_flops()  # FLOPs per call kind (meta device) and the device peak
+        self.train_calls: list[trace_mod.Call] = []  # the last iteration's training calls
         self.arith = batch_arithmetic(self.algo.plan(0), spec.prompts_per_iteration, spec.train.micro_batch,
                                       spec.train.optimizer_steps)
         if not resume and self.dist.is_main:
@@ -150,6 +153,24 @@ class Run:
         self.stop = StopFlag()
         self.in_update = False                   # inside advantages/update: state not checkpointable
 
+    def count_flops(self) -> tuple[Any, dict[str, Any]]:
+        """FLOPs per call kind of this run's model and training reward, counted on a meta-device copy
+        (bench.engine.flops; cached), and the peak FLOP/s per device MFU divides by. Never fatal: a model
+        the counter cannot copy leaves flops null, with the reason in the manifest."""
+        from bench.rundir.runlog import device_info
+
+        name = device_info(self.device).get("name") if self.device.type == "cuda" else "cpu"
+        peak, source = flops_mod.run_peak(self.spec.config, name)
+        info: dict[str, Any] = {"peak_flops_per_device": peak, "peak_source": source}
+        if not self.spec.config["run"].get("flops", True):
+            return None, {**info, "counted": False, "reason": "run.flops=false"}
+        try:
+            counts = flops_mod.count_model(self.policy, {self.spec.reward.name: self.reward})
+        except Exception as e:  # noqa: BLE001 - counting FLOPs must never stop a run
+            return None, {**info, "counted": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        return counts, {**info, "counted": True, "flops_per_row": {k: v.flops_per_row for k, v in counts.kinds.items()},
+                        "uncounted": dict(counts.uncounted)}
+
     def start(self) -> list[dict[str, Any]]:
         """Write the manifest, or resume; returns the iteration records already in the run directory."""
         if self.resume:
@@ -160,7 +181,7 @@ class Run:
                 reward=self.reward, eval_rewards=self.eval_rewards, device=self.device, batch=self.arith,
                 world_size=self.dist.world_size,
                 prompts={"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
-                schedule=self.schedule_record()))
+                schedule=self.schedule_record(), flops=self.flops_info))
         return []
 
     def base_schedule(self) -> Schedule:
@@ -240,9 +261,16 @@ class Run:
         n_samples, nfe_r, nfe_u, seconds = self.dist.totals(local[0], local[1], update_nfe, seconds)
         secs = sum(seconds.get(p, 0.0) for p in PHASES)
         cost = self.drain_calls(i)
+        flops = unc = None
+        if self.counts is not None:  # every rank makes the same calls on an equal shard
+            f, unc = flops_mod.trace_flops(self.counts, self.train_calls)
+            flops = f * self.dist.world_size
         self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
                              nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1,
-                             modeled_seconds=cost.get("modeled_seconds_total", self.totals.modeled_seconds))
+                             modeled_seconds=cost.get("modeled_seconds_total", self.totals.modeled_seconds),
+                             flops=self.totals.flops + (flops or 0.0))
+        peak = self.flops_info.get("peak_flops_per_device")
+        mfu = flops / (secs * peak * self.dist.world_size) if flops is not None and peak and secs > 0 else None
         sc = rewards.scores
         update = {} if stats is None else {
             "loss": stats.loss, "approx_kl": stats.approx_kl, "clip_frac": stats.clip_frac,
@@ -255,7 +283,8 @@ class Run:
             reward_mean=float(sc.mean()), reward_std=float(sc.std(unbiased=False)), reward_min=float(sc.min()),
             reward_max=float(sc.max()),
             reward_components={k: float(v.float().mean()) for k, v in rewards.components.items()},
-            lr=self.optimizer.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device),
+            lr=self.optimizer.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device), flops=flops,
+            flops_total=self.totals.flops if flops is not None else None, mfu=mfu, flops_uncounted_calls=unc or 0,
             zero_spread_frac=zero_spread_fraction(sc, rollout.leaf_prompts()), **update,
             algorithm={**plan.info, **(adv.metrics if adv else {}), **(stats.metrics if stats else {})}, cost=cost)
 
@@ -267,11 +296,13 @@ class Run:
             self.trace_writer.write(iteration, calls, stage)
         profile = self.spec.cost_profile
         if stage == "eval":
-            return {} if profile is None else {"modeled_eval_s": cost_mod.price(profile, calls).phases["eval"],
-                                               "modeled_seconds_total": self.totals.modeled_seconds}
+            return {} if profile is None else {
+                "modeled_eval_s": cost_mod.price(profile, calls, self.counts).phases["eval"],
+                "modeled_seconds_total": self.totals.modeled_seconds}
+        self.train_calls = [c for c in calls if c.phase in trace_mod.TRAIN_PHASES]
         keys: dict[str, Any] = trace_mod.summarize(calls)
         if profile is not None:
-            keys.update(cost_mod.iteration_record(profile, calls, self.totals.modeled_seconds))
+            keys.update(cost_mod.iteration_record(profile, calls, self.totals.modeled_seconds, self.counts))
         return keys
 
 

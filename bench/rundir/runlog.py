@@ -247,7 +247,8 @@ def create_out_dir(out: Path, overwrite: bool, lock: RunLock | None = None) -> R
 
 def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: Any,
              eval_rewards: Mapping[str, Any], device: Any, batch: Mapping[str, Any], world_size: int,
-             prompts: Mapping[str, Any], schedule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             prompts: Mapping[str, Any], schedule: Mapping[str, Any] | None = None,
+             flops: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """manifest.json of a new run (``spec``: a ``bench.spec.RunSpec``)."""
     from dataclasses import asdict
 
@@ -269,6 +270,8 @@ def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: 
         # the base schedule every rollout and evaluation of T steps uses (MixGRPO-Flash compresses its
         # post-window part per iteration); epsilon models: DDIM alpha_bar levels and integer timesteps
         "schedule": dict(schedule or {}),
+        # FLOPs per row of each call kind (meta device) and the peak FLOP/s MFU divides by (docs/RUNDIR.md)
+        "flops": dict(flops or {}),
     }
 
 
