@@ -10,7 +10,7 @@ import torch
 from bench import config
 from bench.budget import Budget, Totals
 from bench.cli import main as cli_main
-from bench.cost.estimate import plan_report, simulate
+from bench.cost.estimate import model_counts, plan_report, simulate
 from bench.engine import pricing as cost
 from bench.engine.rollout import RolloutEngine
 from bench.engine.trace import Call, read_trace, summarize
@@ -157,10 +157,16 @@ def test_modeled_clock_is_deterministic_and_counts_the_budget(tmp_path):
     assert "modeled_seconds_total" in keys and "modeled_reference_iteration_s" in keys
     assert [[r[k] for k in keys] for r in runs[0]] == [[r[k] for k in keys] for r in runs[1]]
     # the same numbers from the weightless simulation: they depend on the config and seed only
-    rep = plan_report(cfg, cost.load_profile(prof), iterations=len(runs[0]))
+    rep = plan_report(cfg, cost.load_profile(prof), iterations=len(runs[0]), counts=model_counts(cfg)[0])
     assert rep["modeled_seconds_per_iteration"] == pytest.approx(
         sum(r["modeled_iteration_s"] for r in runs[0]) / len(runs[0]))
-    assert all(r["modeled_unpriced_calls"] == 2 for r in runs[0])  # text_encode + optimizer_step
+    # text_encode + optimizer_step: not in the profile, priced from their FLOPs (estimated), none unpriced
+    assert all(r["modeled_estimated_calls"] == 2 and "modeled_unpriced_calls" not in r for r in runs[0])
+    assert rep["estimated_calls_per_iteration"] == {"optimizer_step": 1, "text_encode": 1}
+    # without FLOP counts the same plan leaves them unpriced (0 s), and says so
+    bare = plan_report(cfg, cost.load_profile(prof), iterations=len(runs[0]))
+    assert bare["unpriced_calls_per_iteration"] == {"optimizer_step": 1, "text_encode": 1}
+    assert bare["modeled_seconds_per_iteration"] < rep["modeled_seconds_per_iteration"]
 
 
 def test_contradictory_clock_settings_refused(tmp_path):
@@ -184,6 +190,14 @@ def test_bench_plan_json(capsys):
     assert sum(rep["modeled_phases"].values()) == pytest.approx(rep["modeled_seconds_per_iteration"])
     assert rep["reference_modeled_seconds_per_iteration"] > rep["modeled_seconds_per_iteration"]
     assert rep["budget"]["treebench"]["iterations"] == math.ceil(86400 / rep["modeled_seconds_per_iteration"])
+    # every call priced: the measured denoiser kinds, the rest estimated from FLOPs; per-kind seconds and FLOPs
+    assert rep["unpriced_calls_per_iteration"] == {}
+    assert {k: v["source"] for k, v in rep["kinds"].items()} == {
+        "forward": "measured", "forward_backward": "measured", "vae_decode": "estimated", "text_encode": "estimated",
+        "reward:hpsv2": "estimated", "optimizer_step": "estimated"}
+    assert sum(v["seconds_per_iteration"] for v in rep["kinds"].values()) == pytest.approx(
+        rep["modeled_seconds_per_iteration"])
+    assert rep["flops_per_iteration"] == pytest.approx(sum(v["flops_per_iteration"] for v in rep["kinds"].values()))
 
 
 @pytest.mark.parametrize("argv", [["--algo", "treegrpo", "--profile", "nope"],

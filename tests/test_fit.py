@@ -213,9 +213,11 @@ def test_fitted_settings_leave_the_run_unchanged(tmp_path):
             assert y[k] == pytest.approx(x[k], rel=1e-3, abs=1e-6), k
 
 
-@pytest.mark.parametrize("algo,preset", [("treegrpo", "treegrpo-paper"), ("dancegrpo", "dancegrpo-paper"),
-                                         ("mixgrpo", "mixgrpo-paper"), ("flowgrpo", "flowgrpo-paper"),
-                                         ("diffusionnft", "diffusionnft-paper")])
+@pytest.mark.parametrize("algo,preset", [("treegrpo", "treegrpo-paper"),
+                                         pytest.param("dancegrpo", "dancegrpo-paper", marks=pytest.mark.slow),
+                                         pytest.param("mixgrpo", "mixgrpo-paper", marks=pytest.mark.slow),
+                                         pytest.param("flowgrpo", "flowgrpo-paper", marks=pytest.mark.slow),
+                                         pytest.param("diffusionnft", "diffusionnft-paper", marks=pytest.mark.slow)])
 def test_paper_presets_fit_24gb_on_sd35_medium(algo, preset, capsys):
     """The done-when check (with the shipped FLOP and parameter counts of sd3.5-medium: no counting here)."""
     argv = ["plan", "--algo", algo, "--preset", preset, "--model", "sd3.5-medium", "--prompts", "8", "--profile",

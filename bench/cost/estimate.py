@@ -202,7 +202,8 @@ def _twin_spec(cfg: dict[str, Any], twin: str) -> tuple[dict[str, Any], list[str
     return spec, []
 
 
-def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[Any, dict[str, int], list[str]]:
+def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False, use_cache: bool = True
+                 ) -> tuple[Any, dict[str, int], list[str]]:
     """(``bench.engine.flops.ModelCounts`` of ``cfg``'s model and training reward, or None; the reward's
     images per internal batch; notes). Counted on the meta device from the random-weight twin's
     architecture (real presets), or from the model itself for treebench-format directories (the embedded
@@ -225,8 +226,8 @@ def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[An
                      f"from the configs in {m['path']}")
     if twin is not None:
         spec, more = _twin_spec(cfg, twin)
-        return (flops.planner_counts(cfg, twin, rewards, denoiser_memory=denoiser_memory, spec=spec), batch,
-                notes + more)
+        return (flops.planner_counts(cfg, twin, rewards, denoiser_memory=denoiser_memory, spec=spec,
+                                     use_cache=use_cache), batch, notes + more)
     from bench.model.models import build_policy, model_dir, read_model_index, resolve_model_path
     from bench.model.random_models import TREEBENCH_CLASS
     from bench.spec import ModelSpec
@@ -236,7 +237,7 @@ def model_counts(cfg: dict[str, Any], denoiser_memory: bool = False) -> tuple[An
         return None, batch, notes + [f"no FLOP counts for {m['name']}: a pipeline directory without a random-weight "
                                      f"twin preset (its weights are not loaded to count them)"]
     policy = build_policy(ModelSpec.from_config({**cfg, "model": {**m, "device": "cpu"}}), torch.device("cpu"))
-    return flops.count_model(policy, rewards, denoiser_memory=denoiser_memory), batch, notes
+    return flops.count_model(policy, rewards, denoiser_memory=denoiser_memory, use_cache=use_cache), batch, notes
 
 
 def memory_for(cfg: dict[str, Any], profile: cost_mod.CostProfile, counts: Any, batch: dict[str, int],

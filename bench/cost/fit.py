@@ -38,7 +38,7 @@ EXECUTION_KEYS = frozenset({"train.micro_batch", "model.gradient_checkpointing",
                             "model.distributed", "model.mixed_precision", "seed", "out", "budget"})
 EXECUTION_PREFIXES = ("run.", "eval.", "data.eval_prompts")
 #: iterations simulated to screen a candidate's memory (the full --iterations price the finalists)
-SCREEN_ITERATIONS = 2
+SCREEN_ITERATIONS = 1
 DEFAULT_HEADROOM_MIB = 1024.0
 
 
@@ -200,6 +200,7 @@ def fit(cfg: Mapping[str, Any], profile: cost_mod.CostProfile, counts: Any, mm: 
             smallest = c
         return c
 
+    first: dict[bool, int] = {}
     for ck in cks:  # the peak grows with the micro-batch: bisect for the largest one that fits
         lo, hi = 0, len(mbs) - 1  # mbs descending; find the first index that fits
         if at(mbs[hi], ck).peak_mib > usable:
@@ -211,6 +212,7 @@ def fit(cfg: Mapping[str, Any], profile: cost_mod.CostProfile, counts: Any, mm: 
             else:
                 lo = mid + 1
         found.append(at(mbs[lo], ck))
+        first[ck] = lo
     if not found:
         assert smallest is not None
         need = smallest.peak_mib + headroom_mib
@@ -222,24 +224,26 @@ def fit(cfg: Mapping[str, Any], profile: cost_mod.CostProfile, counts: Any, mm: 
             f"{gib(smallest.peak_mib)} in the {smallest.phase()} ({smallest.peaks[smallest.phase()]['call']}; "
             f"resident {gib(sum(mm.resident.values()))}). Nearest fit: --gpu-mem {math.ceil(need * MIB / 1e9)}GB"
             + (f" (or drop your {', '.join(kept)} so the search may change it)" if kept else ""))
-    full = {}
-    for c in found:
-        cfg_c = with_settings(rank, c.settings)
-        stats: list[dict[str, int]] = []
-        c.traces = simulate(cfg_c, iterations, stats=stats)
-        c.nodes = max(s["nodes"] for s in stats)
-        c.peaks = mm.phase_peaks(c.traces, c.nodes)
-        c.peak_mib = max(p["peak_mib"] for p in c.peaks.values())
-        c.seconds = _price(profile, counts, c.traces)
-        full[(c.micro_batch, c.checkpointing)] = c
-    fitting = [c for c in found if c.peak_mib <= usable] or found
+    full: dict[tuple[int, bool], Candidate] = {}
+    fitting: list[Candidate] = []
+    for ck, i in first.items():  # the screened iteration(s) may miss a larger call: check all iterations
+        while i < len(mbs):
+            c = evaluate(rank, mm, mbs[i], ck, iterations)
+            c.seconds = _price(profile, counts, c.traces)
+            full[(c.micro_batch, ck)] = c
+            if c.peak_mib <= usable:
+                fitting.append(c)
+                break
+            i += 1
+    if not fitting:
+        raise NoFit(f"nothing that keeps the algorithm fits {gib(gpu_mem_mib)} per GPU over {iterations} simulated "
+                    f"iterations (the screened ones fitted); try more --headroom or fewer --iterations")
     chosen = min(fitting, key=lambda c: (c.seconds, c.checkpointing))
-    if (mb0, ck0) in full:
-        before = full[(mb0, ck0)]
-    else:
+    before = full.get((mb0, ck0)) or evaluate(rank, mm, mb0, ck0, iterations)
+    if before.seconds is None:
         before.seconds = _price(profile, counts, before.traces)
     prompts = int(cfg["train"]["prompts_per_iteration"])
-    inv_before = invariants(simulate(cfg, iterations), prompts)
+    inv_before = invariants(before.traces if gpus == 1 else simulate(cfg, iterations), prompts)
     inv_after = invariants(chosen.traces if gpus == 1 else simulate(with_settings(cfg, chosen.settings), iterations),
                            prompts)
     if any(not math.isclose(inv_before[k], inv_after[k], rel_tol=1e-9) for k in inv_before):

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench.engine import flops
 
         cfg = resolve(parse_sets(a.sets), preset=a.preset, flags={"algo.name": "treegrpo", "model.name": a.model})
-        counts, _, notes = model_counts(cfg, denoiser_memory=a.denoiser_memory)
+        counts, _, notes = model_counts(cfg, denoiser_memory=a.denoiser_memory, use_cache=False)
         if counts is None:
             print("; ".join(notes))
             return 2

@@ -261,6 +261,7 @@ class ModelCounts:
     uncounted: Mapping[str, str] = field(default_factory=dict)
     act_scale: Mapping[str, float] = field(default_factory=dict)
     key: str = ""
+    describes: str = ""
 
     def kind_of(self, call: Call) -> str:
         return f"reward:{call.component}" if call.kind == "reward" else call.kind
@@ -278,7 +279,8 @@ class ModelCounts:
         return None if a is None else a * self.act_scale.get(kind.split(":")[0], 1.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": COUNT_VERSION, "key": self.key, "latent_shape": list(self.latent_shape),
+        return {"version": COUNT_VERSION, "key": self.key, "describes": self.describes,
+                "latent_shape": list(self.latent_shape),
                 "kinds": {k: asdict(v) for k, v in self.kinds.items()}, "parameters": dict(self.parameters),
                 "weight_mib": dict(self.weight_mib), "uncounted": dict(self.uncounted),
                 "act_scale": dict(self.act_scale)}
@@ -288,7 +290,8 @@ class ModelCounts:
         kinds = {k: KindCount(float(v["flops_per_row"]), tuple(v.get("act_rows", ())), tuple(v.get("act_mib", ())))
                  for k, v in obj["kinds"].items()}
         return cls(kinds, dict(obj["parameters"]), dict(obj["weight_mib"]), tuple(obj["latent_shape"]),
-                   dict(obj.get("uncounted", {})), dict(obj.get("act_scale", {})), str(obj.get("key", "")))
+                   dict(obj.get("uncounted", {})), dict(obj.get("act_scale", {})), str(obj.get("key", "")),
+                   str(obj.get("describes", "")))
 
 
 def _mib(n: float) -> float:
@@ -550,8 +553,12 @@ def planner_counts(cfg: Mapping[str, Any], twin: str, rewards: Mapping[str, Any]
     _to_meta_compute_dtype(policy, mp)
     counts = count_model(policy, rewards, key=key, denoiser_memory=denoiser_memory, reward_scale=reward_scale,
                          use_cache=False)
+    comps = ", ".join(f"{k} {c['class']}" for k, c in spec["components"].items() if "config" in c
+                      and c["class"] != "word_tokenizer" and "Scheduler" not in c["class"])
+    what = (f"{twin} architecture ({comps}); LoRA rank {opts.lora_rank} alpha {opts.lora_alpha}; "
+            f"{opts.resolution} px; mixed precision {mp}; rewards {', '.join(rewards)}")
     out = ModelCounts(counts.kinds, {**counts.parameters, **{k: v for k, v in params.items()}},
-                      {**counts.weight_mib, **mib}, counts.latent_shape, counts.uncounted, counts.act_scale, key)
+                      {**counts.weight_mib, **mib}, counts.latent_shape, counts.uncounted, counts.act_scale, key, what)
     if use_cache:
         save_cached(out)
     return out
