@@ -105,8 +105,12 @@ def _denoiser_fns(policy: Any, grad: bool) -> Callable[[int], Callable[[], Any]]
 
 def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repeats: int = 10,
             log: Callable[[str], None] = print, forward_rows: Sequence[int] = FORWARD_ROWS,
-            backward_rows: Sequence[int] = BACKWARD_ROWS, image_rows: Sequence[int] = IMAGE_ROWS) -> dict[str, Any]:
-    """Measured points per kind for the model of ``cfg`` (a resolved config) on ``device``."""
+            backward_rows: Sequence[int] = BACKWARD_ROWS, image_rows: Sequence[int] = IMAGE_ROWS,
+            resident: dict[str, float] | None = None) -> dict[str, Any]:
+    """Measured points per kind for the model of ``cfg`` (a resolved config) on ``device``. On CUDA,
+    ``resident`` (a dict) receives per denoiser kind the MiB allocated before its calls (everything built
+    so far), plus the trainable gradients for the checkpointed backward, whose peak is reached while they
+    are written: what the memory model subtracts from the peaks (docs/COST.md section 8)."""
     from bench.engine.prompts import load_prompt_set
     from bench.model.models import build_policy
     from bench.run.scoring import build_reward_checked
@@ -115,6 +119,15 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     torch.manual_seed(0)
     policy = build_policy(ModelSpec.from_config(cfg), device)
     kinds: dict[str, list[dict[str, Any]]] = {}
+    grads_mib = sum(p.numel() * p.element_size() for p in policy.trainable_parameters()) / 2**20
+
+    def baseline(kind: str) -> None:
+        if resident is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            resident[kind] = torch.cuda.memory_allocated(device) / 2**20 + (
+                grads_mib if kind == "forward_backward_checkpointed" else 0.0)
+
+    baseline("forward")
     kinds["forward"] = _points(_denoiser_fns(policy, False), forward_rows, device, warmup, repeats, log, "forward")
     policy.train(True)
     den = policy.denoiser
@@ -125,6 +138,7 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
             continue
         if hasattr(den, "enable_gradient_checkpointing"):
             den.enable_gradient_checkpointing() if ckpt else den.disable_gradient_checkpointing()
+        baseline(kind)
         kinds[kind] = _points(_denoiser_fns(policy, True), backward_rows, device, warmup, repeats, log, kind)
     if hasattr(den, "disable_gradient_checkpointing"):
         den.disable_gradient_checkpointing()
@@ -221,7 +235,8 @@ def profile_main(a: Any) -> int:
     dev = resolve_device(a.device)
     before = load_text()
     back = tuple(int(x) for x in a.backward_rows.split(",")) if a.backward_rows else BACKWARD_ROWS
-    kinds = measure(cfg, dev, a.warmup, a.repeats, backward_rows=back)
+    resident: dict[str, float] = {}
+    kinds = measure(cfg, dev, a.warmup, a.repeats, backward_rows=back, resident=resident)
     m = cfg["model"]
     rank = int(m["lora_rank"] or 0)
     info = device_info(dev)
@@ -238,6 +253,10 @@ def profile_main(a: Any) -> int:
                         f"LoRA rank {rank}" if rank else "full fine-tuning", kinds, now_iso()[:10],
                         {"unlisted kinds": "a kind missing from 'kinds' is unpriced (0 s) and counted as such"},
                         "python -m bench.cost.perf profile")
+    if resident:
+        prof["memory"] = {"resident_mb": resident, "note": "torch.cuda.memory_allocated before each denoiser kind's "
+                          "calls (every component built by then), plus the trainable gradients for the "
+                          "checkpointed backward (its peak is reached while they are written)"}
     with open(a.out, "w") as f:
         json.dump(prof, f, indent=1)
         f.write("\n")
