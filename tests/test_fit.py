@@ -20,7 +20,7 @@ MIB = 2**20
 
 def _toy_profile(tmp_path, name="toymem", resident=100.0, fwd=(5.0, 1.0), fb=(5.0, 10.0), ck=(6.0, 2.0)):
     """Forward / forward+backward / checkpointed tables whose peaks are resident + a + b * rows exactly."""
-    def kind(a_b, secs):  # noqa: ANN001, ANN202
+    def kind(a_b, secs):
         a, b = a_b
         return {"points": [{"rows": r, "seconds": secs * r, "peak_mem_mb": resident + a + b * r} for r in (1, 2, 4, 8)]}
 
@@ -91,7 +91,7 @@ def toy(tmp_path, monkeypatch):
     return cost.load_profile(_toy_profile(tmp_path))
 
 
-def _fit(cfg, prof, mem_mib, **kw):  # noqa: ANN001, ANN202
+def _fit(cfg, prof, mem_mib, **kw):
     counts, batch, _ = model_counts(cfg)
     mm = memory_model(prof, counts, cfg, kw.get("gpus", 1), batch)
     return fit_mod.fit(cfg, prof, counts, mm, mem_mib, headroom_mib=0.0, iterations=3, **kw), mm
@@ -193,7 +193,7 @@ def test_fitted_settings_leave_the_run_unchanged(tmp_path):
     gradient norm and rewards up to float32 rounding of the batched matmuls)."""
     from bench.run import runner
 
-    def go(name, **sets):  # noqa: ANN001, ANN202
+    def go(name, **sets):
         base = {"eval.every": 0, "eval.at_start": False, "sampler.steps": 4, "algo.k": 2, "algo.d": 2,
                 "train.prompts_per_iteration": 2, "run.progress": False, "run.checkpoint_every": 0,
                 "train.optimizer_steps": 2, "run.flops": False}

@@ -61,8 +61,8 @@ def test_attention_block_closed_form():
             super().__init__()
             self.q, self.k, self.v, self.o = (nn.Linear(D, D) for _ in range(4))
 
-        def forward(self, x):  # noqa: ANN001, ANN201
-            def split(t):  # noqa: ANN001, ANN202
+        def forward(self, x):
+            def split(t):
                 return t.view(x.shape[0], L, heads, D // heads).transpose(1, 2)
             a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
             return self.o(a.transpose(1, 2).reshape(x.shape[0], L, D))
@@ -75,7 +75,7 @@ def test_attention_block_closed_form():
 
 def test_live_bytes_counts_what_is_alive_at_once():
     """Three float32 tensors of 1000 elements: a, b = a * 2 (a alive), then a freed, c = b + 1: peak 2 x 4000."""
-    def fn():  # noqa: ANN202
+    def fn():
         a = torch.ones(1000, device="meta")
         b = a * 2
         del a

@@ -25,8 +25,9 @@ shows the fit against the measured rows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from bench.engine import pricing as cost_mod
 from bench.engine.trace import DENOISER_KINDS, Call

@@ -36,9 +36,10 @@ import hashlib
 import json
 import os
 import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -286,7 +287,7 @@ class ModelCounts:
                 "act_scale": dict(self.act_scale)}
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any]) -> "ModelCounts":
+    def from_json(cls, obj: Mapping[str, Any]) -> ModelCounts:
         kinds = {k: KindCount(float(v["flops_per_row"]), tuple(v.get("act_rows", ())), tuple(v.get("act_mib", ())))
                  for k, v in obj["kinds"].items()}
         return cls(kinds, dict(obj["parameters"]), dict(obj["weight_mib"]), tuple(obj["latent_shape"]),
@@ -368,9 +369,9 @@ def count_kind(policy: Any, kind: str, rows: Sequence[int] = (1,), memory: bool 
                 if policy.vae is None:
                     return None
                 lat = torch.zeros(r, *policy.latent_shape, device="meta")
-                fn = lambda lat=lat: policy.decode(lat)  # noqa: E731
+                fn = lambda lat=lat: policy.decode(lat)
             elif kind == "text_encode":
-                fn = lambda r=r: policy.encode_prompts(["a photo"] * r)  # noqa: E731
+                fn = lambda r=r: policy.encode_prompts(["a photo"] * r)
             else:
                 raise ValueError(f"unknown kind {kind!r}")
             f, b = measure(fn, memory)
@@ -471,9 +472,10 @@ def save_cached(counts: ModelCounts, d: Path | None = None) -> None:
         pass  # a read-only home: count again next time
 
 
-#: rows at which activation memory is tracked: denoiser kinds at 1, 8 and 16 rows (a constant part
-#: dominates the first rows), the others at 1 and 2
-DENOISER_ACT_ROWS = (1, 8, 16)
+#: rows at which activation memory is tracked: denoiser kinds at 1, 32 and 64 rows (a transient of a
+#: row-independent size, e.g. a cast of SD3's positional-embedding table, dominates the first 16 or so
+#: rows; the meta device's time does not depend on rows), the others at 1 and 2
+DENOISER_ACT_ROWS = (1, 32, 64)
 OTHER_ACT_ROWS = (1, 2)
 
 
@@ -483,7 +485,8 @@ def count_model(policy: Any, rewards: Mapping[str, Any], *, key: str | None = No
     ({name: reward object}); cached under ``key`` (default: the modules' signature). The parameters and
     weight MiB come from ``policy`` as given (its dtypes). ``denoiser_memory`` also tracks the denoiser
     kinds' activations (slow on large models; a cost profile that measured peak memory replaces it)."""
-    key = key or cache_key([module_signature(policy), reward_signature(rewards), denoiser_memory, reward_scale])
+    key = key or cache_key([module_signature(policy), reward_signature(rewards),
+                            denoiser_memory and list(DENOISER_ACT_ROWS), reward_scale])
     if use_cache:
         hit = load_cached(key)
         if hit is not None:
@@ -526,8 +529,8 @@ def planner_counts(cfg: Mapping[str, Any], twin: str, rewards: Mapping[str, Any]
     reward names."""
     import dataclasses
 
-    from bench.model.models import PRESET_DIR, model_options, policy_from_pipeline
     from bench.model.families import REAL_PIPELINES
+    from bench.model.models import PRESET_DIR, model_options, policy_from_pipeline
     from bench.model.random_models import build_random_pipeline, quiet_libraries, random_preset_spec
 
     m = cfg["model"]
@@ -539,7 +542,8 @@ def planner_counts(cfg: Mapping[str, Any], twin: str, rewards: Mapping[str, Any]
     reward_scale = 0.5  # rewards run under fp16 autocast on CUDA (counted in float32 here)
     # checkpointing and compilation change no count (both backward kinds are counted): not in the key
     key_opts = asdict(opts) | {"frozen_dtype": str(opts.frozen_dtype), "gradient_checkpointing": None, "compile": None}
-    key = cache_key(["twin", twin, spec, key_opts, str(mp), reward_signature(rewards), denoiser_memory,
+    key = cache_key(["twin", twin, spec, key_opts, str(mp), reward_signature(rewards),
+                     denoiser_memory and list(DENOISER_ACT_ROWS),
                      reward_scale])
     if use_cache:
         hit = load_cached(key)
