@@ -182,7 +182,7 @@ def fit(cfg: Mapping[str, Any], profile: cost_mod.CostProfile, counts: Any, mm: 
         raise UsageError(f"--headroom {gib(headroom_mib)} leaves nothing of {gib(gpu_mem_mib)}")
     rank = rank_config(cfg, gpus)
     mb0, ck0 = int(cfg["train"]["micro_batch"]), bool(cfg["model"]["gradient_checkpointing"])
-    can_ckpt = "forward_backward_checkpointed" in counts.kinds
+    can_ckpt = "forward_backward_checkpointed" in mm.fits
     cks = [ck0] if "model.gradient_checkpointing" in user_keys or not can_ckpt else sorted({ck0, True})
     mbs = [mb0] if "train.micro_batch" in user_keys else sorted({mb0, *(m for m in CANDIDATE_MICRO_BATCHES
                                                                        if m < mb0)}, reverse=True)

@@ -15,8 +15,10 @@ peak(phase) = resident + rollout latents + the largest activation of a call of t
   (``peak_mem_mb``), a line fitted to peak - resident at the measured rows, where resident is what the
   profile says was on the device during the measurement (its ``memory.resident_mb``): least squares,
   then the intercept raised until no measured point lies above the line (an upper envelope). For kinds
-  the profile did not measure (VAE decode, text encoders, rewards; and denoiser kinds of a profile without
-  memory), the meta device's live-tensor tracker (``bench.engine.flops.LiveBytes``) at a few row counts.
+  the profile did not measure (VAE decode, text encoders, rewards; and the forward and forward+backward of
+  a profile without memory), the meta device's live-tensor tracker (``bench.engine.flops.LiveBytes``) at a
+  few row counts. The tracker does not reproduce gradient checkpointing's saving, so a checkpointed
+  backward is modeled only from measured peaks (without them the fit does not consider checkpointing).
 
 What it leaves out: the CUDA context and allocator fragmentation (``bench plan --headroom`` keeps 1 GiB
 free for them by default), evaluation rewards (loaded at the first evaluation), host memory. docs/COST.md
@@ -163,6 +165,11 @@ def memory_model(profile: cost_mod.CostProfile, counts: Any, cfg: Mapping[str, A
     kinds = [*DENOISER_KINDS, *(k for k in counts.kinds if k not in DENOISER_KINDS and k != "optimizer_step")]
     for kind in kinds:
         f = fit_measured(profile, kind) if kind in DENOISER_KINDS else None
+        if f is None and kind == "forward_backward_checkpointed":
+            # the meta tracker does not reproduce checkpointing's saving (docs/COST.md section 8): only a
+            # measured profile models it
+            missing[kind] = "the profile has no peak memory for it (the meta tracker cannot model checkpointing)"
+            continue
         f = f or fit_tracked(counts, kind)
         if f is not None:
             fits[kind] = f
