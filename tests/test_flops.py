@@ -207,3 +207,18 @@ def test_cpu_run_without_a_peak_has_flops_but_no_mfu(tmp_path, monkeypatch):
     rec = json.loads((s2.out_dir / "iterations.jsonl").read_text().splitlines()[0])
     assert rec["flops"] is None and rec["mfu"] is None
     assert math.isfinite(rec["loss"])
+
+
+@pytest.mark.slow
+def test_shipped_counts_equal_a_fresh_count(tmp_path, monkeypatch):
+    """bench/profiles/counts/ (the sd3.5-medium paper presets' counts) against a count made now (a minute
+    or more of CPU: the full SD3.5-medium + T5-XXL + HPSv2 architectures on the meta device)."""
+    monkeypatch.setenv("TREEBENCH_CACHE", str(tmp_path))
+    from bench.cost.estimate import model_counts
+
+    cfg = config.resolve({}, preset="treegrpo-paper", flags={"algo.name": "treegrpo", "model.name": "sd3.5-medium"})
+    fresh, _, _ = model_counts(cfg, use_cache=False)
+    shipped = json.loads((flops.SHIPPED_COUNTS / f"{fresh.key}.json").read_text())
+    assert shipped["parameters"] == dict(fresh.parameters)
+    for k, v in shipped["kinds"].items():
+        assert v["flops_per_row"] == pytest.approx(fresh.kinds[k].flops_per_row, rel=1e-12), k
