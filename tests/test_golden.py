@@ -35,7 +35,7 @@ def test_golden_trajectory(tmp_path, name):
 def test_golden_detects_a_changed_clip_range(tmp_path, monkeypatch):
     """The clip range the PPO loss clamps the ratio with, doubled (the update's gradient changes where a
     ratio lies between the two ranges): the golden case fails."""
-    import algorithms.common as common
+    from algorithms import common
 
     clip_loss = common.ppo_clip_loss
     monkeypatch.setattr(common, "ppo_clip_loss",
