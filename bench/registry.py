@@ -57,6 +57,12 @@ ALGORITHMS: dict[str, Entry] = {
     "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
                           "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
                           "samples, implicit positive/negative policies, EMA old policy"),
+    "awm": Entry("algorithms.awm:AWM",
+                 "AWM (arXiv 2509.25050): likelihood-free; advantage-weighted flow-matching loss on the clean "
+                 "samples, KL to the reference and to an EMA policy"),
+    "refl": Entry("algorithms.refl:ReFL",
+                  "ReFL (arXiv 2304.05977) / DRaFT-K (arXiv 2309.17400): direct gradient of a differentiable reward "
+                  "through the last K denoising steps"),
 }
 
 REWARDS: dict[str, Entry] = {

@@ -14,7 +14,10 @@ Only the engine calls the denoiser. It
   per distinct parent for all of its children (TreeGRPO's amortisation),
 * evaluates the denoiser on latents an algorithm builds itself (``predict``: likelihood-free updates
   such as DiffusionNFT's flow-matching loss on forward-noised samples), with the trained weights, a
-  weight snapshot (``bench.snapshots``) or the frozen reference; counted as update NFE and traced.
+  weight snapshot (``bench.snapshots``) or the frozen reference; counted as update NFE and traced,
+* decodes and scores with gradients for direct-gradient updates (``decode_grad``, ``reward_grad``:
+  ReFL, DRaFT-K back-propagate a differentiable reward into the denoiser), traced as
+  ``vae_decode_backward`` / ``reward_backward`` calls.
 """
 
 from __future__ import annotations
@@ -91,12 +94,12 @@ class _Nodes:
         self.next_id += F2
 
     def rollout(self, plan: RolloutPlan, images: Tensor, sched: "Schedule", nfe: int, iteration: int,
-                cond: Conditioning) -> Rollout:
+                cond: Conditioning, batch: PromptBatch | None = None) -> Rollout:
         return Rollout(latents=torch.cat(self.lat) if plan.keep_latents else None, parent=torch.cat(self.parent),
                        level=torch.cat(self.level), prompt=torch.cat(self.prompt), tree=torch.cat(self.tree),
                        logp_old=torch.cat(self.logp), trainable=torch.cat(self.train), leaves=self.front_ids,
                        images=images, sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe,
-                       plan=plan, iteration=iteration, conditioning=cond)
+                       plan=plan, iteration=iteration, conditioning=cond, batch=batch)
 
 
 class RolloutEngine:
@@ -119,6 +122,9 @@ class RolloutEngine:
         self.nfe_eval = 0
         #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
         self.recorder = CallRecorder()
+        #: the training reward, attached by the runner for algorithms that declare ``reward_gradient``
+        #: (direct-gradient updates call it through ``reward_grad``); None otherwise
+        self.reward: object | None = None
         #: named copies of the trainable weights an algorithm samples or evaluates with (bench.snapshots)
         self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters(),
                                          lambda: getattr(policy, "denoiser", None))
@@ -243,7 +249,7 @@ class RolloutEngine:
             self.nfe_eval += nfe
         else:
             self.nfe_rollout += nfe
-        return nodes.rollout(plan, images, sched, nfe, iteration, cond)
+        return nodes.rollout(plan, images, sched, nfe, iteration, cond, batch)
 
     def _initial_noise(self, plan: RolloutPlan, P: int, gen: torch.Generator) -> Tensor:
         """Root latents [P * G, ...]: one noise per prompt shared by its G roots, or one per root."""
@@ -347,3 +353,39 @@ class RolloutEngine:
                 out, n = self._evaluate(x, t, prompt, rollout.conditioning, guidance, "update")
         self.nfe_update += n
         return Prediction(out=out, nfe=n)
+
+    # ---- decoding and scoring with gradients (direct-gradient updates) ---------------------------
+    def attach_reward(self, reward: object) -> None:
+        """The reward ``reward_grad`` calls: one with ``differentiable = True`` and a ``score_grad``
+        method (``rewards._common.LazyReward.score_grad``); the runner checks that before training."""
+        if not getattr(reward, "differentiable", False) or not callable(getattr(reward, "score_grad", None)):
+            name = getattr(reward, "name", type(reward).__name__)
+            raise ValueError(f"reward {name!r} has no gradient path (differentiable = True and score_grad)")
+        self.reward = reward
+
+    def decode_grad(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] of latents x [B, ...] with the autograd graph kept (one call, the
+        caller chunks); traced as ``vae_decode_backward`` when the policy has a VAE."""
+        if self.policy.vae is not None:
+            self.recorder.record("vae_decode_backward", x.shape[0], "update", "vae", grad=True)
+        return self.policy.decode(x, grad=True)
+
+    def reward_grad(self, rollout: Rollout, images: Tensor, leaves: Tensor) -> Tensor:
+        """Scores [B] float32 of images [B, 3, H, W] (with their graph) for the rollout's leaves ``leaves``
+        [B] (indices into ``rollout.leaves``: the prompt and metadata of each image), differentiable back
+        to ``images``; traced as ``reward_backward``."""
+        if self.reward is None:
+            raise RuntimeError("reward_grad needs a reward attached with attach_reward (the runner does it for "
+                               "algorithms that declare reward_gradient = True)")
+        if rollout.batch is None:
+            raise ValueError("reward_grad needs the rollout's PromptBatch (rollout.batch)")
+        leaves = torch.as_tensor(leaves, dtype=torch.long).cpu()
+        if images.shape[0] != leaves.numel():
+            raise ValueError(f"reward_grad: {images.shape[0]} images for {leaves.numel()} leaves")
+        idx = rollout.prompt[rollout.leaves[leaves]].tolist()
+        name = str(getattr(self.reward, "name", type(self.reward).__name__))
+        self.recorder.record("reward_backward", images.shape[0], "update", name, grad=True)
+        b = rollout.batch
+        scores = self.reward.score_grad(images, [b.prompts[i] for i in idx],  # type: ignore[attr-defined]
+                                        [b.metadata[i] for i in idx])
+        return scores.float()

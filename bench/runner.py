@@ -55,7 +55,7 @@ from bench.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.registry import algorithm_class
 from bench.rollout import RolloutEngine, Schedule
 from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest
-from bench.scoring import build_rewards, score
+from bench.scoring import build_rewards, check_reward_gradient, score
 from bench.spec import RunSpec
 from bench.timing import PhaseTimer, peak_mem_mb
 from bench.types import Advantages, RewardOutput, Rollout, RolloutPlan, UpdateStats
@@ -113,6 +113,8 @@ class Run:
         except ValueError as e:
             raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
         self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
+        if getattr(self.algo, "reward_gradient", False):  # direct-gradient algorithms (ReFL, DRaFT-K)
+            check_reward_gradient(self.reward, spec.algo_name)
         torch.manual_seed(spec.seed)
         self.policy = build_policy(spec.model, self.device)
         if self.policy.prediction != spec.model.prediction:
@@ -123,6 +125,8 @@ class Run:
                                     seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
                                     schedule=spec.sampler.schedule)
         self.engine.snapshots.declare(self.algo)  # copies of the initial weights (restored on resume)
+        if getattr(self.algo, "reward_gradient", False):
+            self.engine.attach_reward(self.reward)  # the update scores with gradients (engine.reward_grad)
         self.check_schedule()
         o = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),

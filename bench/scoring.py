@@ -101,6 +101,21 @@ def build_rewards(spec: Any, eval_names: tuple[str, ...], device: torch.device) 
     return reward, evals
 
 
+#: the built-in rewards with a gradient path (``differentiable = True``), named in the usage error below
+DIFFERENTIABLE_HINT = ("shapes_pref, brightness, pickscore, hpsv2, clip_score, image_reward, aesthetic, and weighted "
+                       "sums of them with reward.normalize none")
+
+
+def check_reward_gradient(reward: Any, algo_name: str) -> None:
+    """An algorithm that back-propagates the reward into the policy (class attribute ``reward_gradient``:
+    ReFL, DRaFT-K) needs a reward with a gradient path (``differentiable`` and ``score_grad``)."""
+    if getattr(reward, "differentiable", False) and callable(getattr(reward, "score_grad", None)):
+        return
+    name = getattr(reward, "name", type(reward).__name__)
+    raise UsageError(f"algorithm {algo_name!r} back-propagates the reward into the policy, but reward {name!r} has "
+                     f"no gradient path; differentiable rewards: {DIFFERENTIABLE_HINT}")
+
+
 def score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor, *,
           out_dir: Path, iteration: int, stage: str, recorder: CallRecorder | None = None) -> RewardOutput:
     """Scores [L] (float32, CPU) of images [L, 3, H, W] whose prompts are ``batch.prompts[leaf_prompts]``;

@@ -2,6 +2,9 @@
 
 The rollout engine records denoiser calls (rollout, ``logp`` in the update, the reference pass for KL,
 evaluation), VAE decodes and prompt encodings; the runner records reward scoring and optimizer steps.
+Direct-gradient algorithms (ReFL, DRaFT-K) also decode and score with gradients inside the update: the
+engine records those as ``vae_decode_backward`` and ``reward_backward`` (forward and backward of the
+decoder / the reward model on ``rows`` images), so their cost is in the same trace.
 A :class:`Call` says which component ran, on how many rows, with or without gradients, with gradient
 checkpointing on or off, and in which phase. ``bench.cost`` prices a trace with a measured cost profile;
 ``bench.plan`` produces the same trace without loading any weights (a test checks both agree).
@@ -22,7 +25,8 @@ from typing import Any, Iterable, Sequence
 
 #: Call kinds, the keys of a cost profile's tables (docs/COST.md).
 DENOISER_KINDS = ("forward", "forward_backward", "forward_backward_checkpointed")
-KINDS = (*DENOISER_KINDS, "vae_decode", "text_encode", "reward", "optimizer_step")
+KINDS = (*DENOISER_KINDS, "vae_decode", "text_encode", "reward", "optimizer_step", "vae_decode_backward",
+         "reward_backward")
 #: Phases of a training iteration that hold calls ("advantage" makes none), plus evaluation.
 TRAIN_PHASES = ("rollout", "reward", "update")
 
@@ -76,8 +80,8 @@ class CallRecorder:
         self.calls.append(Call(denoiser_kind(grad, checkpointing), int(rows), phase, "denoiser", bool(grad),
                                bool(grad and checkpointing), int(per_eval), role))
 
-    def record(self, kind: str, rows: int, phase: str, component: str) -> None:
-        self.calls.append(Call(kind, int(rows), phase, component))
+    def record(self, kind: str, rows: int, phase: str, component: str, grad: bool = False) -> None:
+        self.calls.append(Call(kind, int(rows), phase, component, bool(grad)))
 
     def drain(self) -> list[Call]:
         out, self.calls = self.calls, []

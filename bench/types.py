@@ -197,6 +197,8 @@ class Rollout:
     iteration:  training iteration the rollout belongs to
     conditioning: the encoded prompts [P] (a ``bench.policy.Conditioning``) the engine reuses to
                 recompute log-probs
+    batch:      the PromptBatch the rollout was sampled for (prompt texts and metadata, which a
+                direct-gradient update passes to the reward; None in merged/split views)
     """
 
     latents: Tensor | None
@@ -214,6 +216,7 @@ class Rollout:
     plan: RolloutPlan
     iteration: int = 0
     conditioning: Any = None
+    batch: PromptBatch | None = None
 
     @property
     def num_nodes(self) -> int:
