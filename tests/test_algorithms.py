@@ -25,7 +25,8 @@ PAPER_ALGOS = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo")
 SMALL = {"ddpo": {"group_size": 2}, "dancegrpo": {"group_size": 3},
          "mixgrpo": {"group_size": 3, "window": 2, "shift_interval": 1},
          "treegrpo": {"k": 2, "d": 2}, "flowgrpo": {"group_size": 3},
-         "branchgrpo": {"split_rounds": 2}, "diffusionnft": {"group_size": 3}}
+         "branchgrpo": {"split_rounds": 2}, "diffusionnft": {"group_size": 3},
+         "awm": {"group_size": 3, "train_timesteps": 3}, "refl": {"group_size": 2}}
 #: algorithms whose update recomputes log-probs (the others declare ``likelihood_free``)
 LIKELIHOOD = [n for n in sorted(ALGORITHMS) if not getattr(algorithm_class(n), "likelihood_free", False)]
 BATCH = PromptBatch(("a red circle", "a blue square"))

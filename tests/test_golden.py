@@ -34,3 +34,6 @@ def test_differences_detects_a_change():
     assert differences([rec], [dict(rec, loss=-1.5e-5)])
     assert differences([rec], [dict(rec, approx_kl=4e-9)])
     assert differences([rec], [rec, rec])
+    free = dict(rec, approx_kl=None, first_ratio=None)  # likelihood-free: no ratio, logged as null
+    assert differences([free], [dict(free)]) == []
+    assert differences([free], [rec]) and differences([rec], [free])
