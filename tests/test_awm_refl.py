@@ -220,6 +220,24 @@ def _cfg(out, algo, budget="2it", model="tiny-random", **sets):
     return config.resolve(base, flags={"algo.name": algo, "model.name": model, "budget": budget, "out": str(out)})
 
 
+def test_backward_calls_are_priced_by_their_own_tables():
+    from bench import cost
+    from bench.trace import Call
+
+    obj = {"format": cost.FORMAT, "name": "t", "kinds": {
+        "reward:brightness": {"points": [{"rows": 1, "seconds": 1.0}]},
+        "reward_backward:brightness": {"points": [{"rows": 1, "seconds": 3.0}, {"rows": 4, "seconds": 6.0}]},
+        "vae_decode_backward": {"points": [{"rows": 2, "seconds": 5.0}]}}}
+    prof = cost.CostProfile.from_json(obj)
+    calls = [Call("reward_backward", 2, "update", "brightness", True), Call("vae_decode_backward", 4, "update", "vae",
+                                                                            True),
+             Call("reward_backward", 2, "update", "shapes_pref", True), Call("reward", 2, "reward", "brightness")]
+    priced = cost.price(prof, calls)
+    assert priced.phases["update"] == pytest.approx(4.0 + 10.0)  # 3 + (6 - 3) / 3; 5 per 2 rows -> 10
+    assert priced.phases["reward"] == pytest.approx(2.0)  # one point: proportional to rows
+    assert priced.unpriced == {"reward_backward:shapes_pref": 1}  # never silently free
+
+
 def test_refl_with_a_reward_without_gradient_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="no gradient path"):
         runner.run(_cfg(tmp_path / "r", "refl", **{"reward.name": "jpeg_compressibility"}))

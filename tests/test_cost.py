@@ -238,7 +238,7 @@ def test_measured_profile_loads_and_prices_a_run(tmp_path):
     kinds = measure(cfg, torch.device("cpu"), warmup=0, repeats=1, log=lambda s: None, forward_rows=(1, 2),
                     backward_rows=(1, 2), image_rows=(1, 2))
     assert {"forward", "forward_backward", "forward_backward_checkpointed", "text_encode", "reward:brightness",
-            "optimizer_step"} <= set(kinds)
+            "reward_backward:brightness", "optimizer_step"} <= set(kinds)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(profile_json("tiny-cpu", "tiny-random", ["tiny-random"], "cpu", "smoke", "", "full",
                                             kinds, "today")))
