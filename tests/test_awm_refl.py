@@ -246,19 +246,23 @@ def test_refl_with_a_reward_without_gradient_is_a_usage_error(tmp_path):
         runner.run(_cfg(tmp_path / "w", "refl", **{"reward.name": "brightness=1.0", "reward.normalize": "zscore"}))
 
 
-@pytest.mark.parametrize("algo,model,sets", [
-    ("awm", "tiny-random", {"algo.group_size": 2, "algo.train_timesteps": 3}),
-    ("refl", "tiny-random", {"algo.group_size": 2, "algo.grad_steps": 2}),
+@pytest.mark.parametrize("algo,model,sets,nfe", [
+    # P = 2 prompts, T = 4: AWM rollout P G T, update P G K (1 + [beta > 0] + [ema_beta > 0]), defaults 1e-4, 1
+    ("awm", "tiny-random", {"algo.group_size": 2, "algo.train_timesteps": 3}, (2 * 2 * 4, 2 * 2 * 3 * 3)),
+    # ReFL rollout P G T, update P G K
+    ("refl", "tiny-random", {"algo.group_size": 2, "algo.grad_steps": 2}, (2 * 2 * 4, 2 * 2 * 2)),
     pytest.param("refl", "sd3.5-medium-random-reduced", {"algo.grad_steps": 2, "sampler.steps": 2,
                                                          "train.prompts_per_iteration": 1, "train.micro_batch": 2},
+                 (1 * 1 * 2 * 2, 1 * 1 * 2 * 2),  # CFG 4.5: x2 in the rollout and the gradient steps
                  marks=pytest.mark.slow),  # the real SD3.5 classes at CPU size: the VAE decode with gradients
 ])
-def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, model, sets):
+def test_run_nfe_is_the_closed_form_and_its_trace_is_bench_plans(tmp_path, algo, model, sets, nfe):
     cfg = _cfg(tmp_path / "run", algo, model=model, **sets)
     s = runner.run(cfg)
     real = [r["calls"] for r in read_trace(s.out_dir) if r["stage"] == "train"]
     assert real == simulate(cfg, 2)
     recs = [json.loads(x) for x in (s.out_dir / "iterations.jsonl").read_text().splitlines()]
+    assert all((r["nfe_rollout"], r["nfe_update"]) == nfe for r in recs)
     kinds = {c.kind for c in real[0]}
     if algo == "refl":
         assert "reward_backward" in kinds and recs[0]["trace/reward_backward/rows"] == recs[0]["samples"]
