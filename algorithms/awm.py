@@ -183,13 +183,14 @@ def ema_decay(step: int, decay: float, decay_type: str) -> float:
     raise ValueError(f"unknown kl_ema_decay_type {decay_type!r}; valid: {', '.join(EMA_DECAY_TYPES)}")
 
 
-#: settings every released SD3.5-M recipe shares (config/dgx_awm.py)
+#: settings every released SD3.5-M recipe shares (config/dgx_awm.py); their LoRA (rank 32, alpha 64) and
+#: lr 3e-4 are the sd3.5-medium model preset's
 _RECIPE: dict[str, Any] = {
     "sampler.steps": 14, "sampler.guidance": 1.0, "algo.group_size": 24, "algo.global_std": True,
     "algo.train_timesteps": 6, "algo.timestep_fraction": 0.9, "algo.weighting": "ghuber",
     "algo.ghuber_power": 0.25, "algo.advantage_max": 1.0, "algo.clip_range": 1.0, "algo.kl_weight": "uniform",
     "algo.ema_beta": 1.0, "algo.kl_ema_weight": "uniform", "algo.kl_ema_decay": 0.3,
-    "algo.kl_ema_decay_type": "linear", "algo.solver": "dpm2", "train.optimizer_steps": 1, "train.lr": 3e-4}
+    "algo.kl_ema_decay_type": "linear", "algo.solver": "dpm2", "train.optimizer_steps": 1}
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ class AWM:
     FINAL_IMAGE: ClassVar[str] = "sample"
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # config/dgx_awm.py::pickscore_sd3_no_cfg_1node (SD3.5-M): T = 14, no CFG, G = 24, 6 trained steps of
-        # [0, 12) ("discrete"), ghuber 0.25, KL 1e-4 + EMA KL 1, lr 3e-4, one optimizer step per epoch
+        # [0, 12) ("discrete"), ghuber 0.25, KL 1e-4 + EMA KL 1, one optimizer step per epoch
         "awm-paper": {**_RECIPE, "algo.time_type": "discrete", "algo.beta": 1e-4},
         # config/dgx_awm.py::geneval_sd3_no_cfg_1node: "discrete_wo_init", KL 1e-3
         "awm-geneval": {**_RECIPE, "algo.time_type": "discrete_wo_init", "algo.beta": 1e-3},

@@ -155,7 +155,7 @@ class ReFL:
                        "algo.group_size": 1, "algo.stop_steps": [30, 39], "algo.grad_steps": 1, "algo.solver": "sde",
                        "algo.loss": "hinge", "algo.margin": 2.0, "algo.loss_scale": 1e-3,
                        "train.prompts_per_iteration": 64, "train.optimizer_steps": 1, "train.lr": 1e-5,
-                       "train.max_grad_norm": 1.0},
+                       "train.max_grad_norm": 1.0, "model.lora_rank": 0},
         # DRaFT-1 (arXiv 2309.17400, Sec. 4.1): deterministic sampler, gradient through the last step only,
         # loss -r; the sampler's other settings stay the model preset's
         "draft-1": {"algo.grad_steps": 1, "algo.solver": "ode", "algo.loss": "negative", "algo.loss_scale": 1.0,
