@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity_reference import MODEL_A, MODEL_A_REF, MODEL_B, _fmt, noise, sd3_scheduler_sigmas, sd_alphas_cumprod  # noqa: E402
+from parity_reference import (
+    MODEL_A,
+    MODEL_A_REF,
+    MODEL_B,
+    _fmt,
+    noise,
+    sd3_scheduler_sigmas,
+    sd_alphas_cumprod,
+)
 
 # ---- fixed inputs shared with tests/test_parity_awm_refl.py ----------------------------------------
 MODEL_A_EMA = -0.47                       # the toy EMA-policy denoiser of the AWM parity
@@ -64,6 +72,13 @@ def awm_weight(mse, t, weighting, p=0.25):
     raise ValueError(weighting)
 
 
+def _velocity_kl(v, xt, t, std2, a_other, how):
+    """mean((v - v_other)^2) (/ 2 std^2 for "elbo") and its derivative in A, v_other = a_other x_t + B t."""
+    d = v - (a_other * xt + MODEL_B * t)
+    div = std2 if how == "elbo" else 1.0
+    return np.mean(d**2) / div, np.mean(2 * d * xt) / div
+
+
 def awm_update(weighting="ghuber", kl_weight="uniform", kl_ema_weight="uniform", time_type="discrete", k=3,
                beta=1e-3, ema_beta=1.0, adv_clip_max=5.0, advantage_max=1.0):
     """The training loop of ``main`` for one epoch on 6 images, on-policy (``off_policy`` False: the old
@@ -95,13 +110,8 @@ def awm_update(weighting="ghuber", kl_weight="uniform", kl_ema_weight="uniform",
             dmse = np.mean(2 * (v - target) * xt)
             std2 = 2 * (math.sqrt(t / (1 - min(t, 0.99))) * 0.7) ** 2
 
-            def kl(a_other, how):
-                d = v - (a_other * xt + MODEL_B * t)
-                div = std2 if how == "elbo" else 1.0
-                return np.mean(d**2) / div, np.mean(2 * d * xt) / div
-
-            k_ref, dk_ref = kl(MODEL_A_REF, kl_weight)
-            k_ema, dk_ema = kl(MODEL_A_EMA, kl_ema_weight)
+            k_ref, dk_ref = _velocity_kl(v, xt, t, std2, MODEL_A_REF, kl_weight)
+            k_ema, dk_ema = _velocity_kl(v, xt, t, std2, MODEL_A_EMA, kl_ema_weight)
             a = adv[leaf]
             terms.append(-a + beta * k_ref + ema_beta * k_ema)  # ratio 1: the policy term's value is -a
             grads.append(a * dw * dmse + beta * dk_ref + ema_beta * dk_ema)

@@ -16,8 +16,17 @@ import numpy as np
 import pytest
 import torch
 from parity_reference import MODEL_A, MODEL_A_REF, MODEL_B, noise, sd3_scheduler_sigmas
-from parity_reference_awm_refl import (AWM_ADVANTAGES, AWM_FRACTION, AWM_LEAF_ORDER, AWM_T, AWM_U, MODEL_A_EMA,
-                                       REFL_ORDER, REFL_STOPS, REFL_W_SEED)
+from parity_reference_awm_refl import (
+    AWM_ADVANTAGES,
+    AWM_FRACTION,
+    AWM_LEAF_ORDER,
+    AWM_T,
+    AWM_U,
+    MODEL_A_EMA,
+    REFL_ORDER,
+    REFL_STOPS,
+    REFL_W_SEED,
+)
 from test_parity import SD3_T10, ToyPolicy, close
 
 from algorithms.awm import AWM, AWMConfig, train_step_indices
