@@ -14,6 +14,13 @@ Where the runs execute is ``bench.launch``: one after another (default), ``--job
 machine (one GPU each; ``--threads-per-run`` pins CPU threads so that records do not depend on it), or
 one scheduler job per run through submitit (``--launcher slurm`` / ``submitit-local``).
 
+``--controls`` adds two control arms of the baseline algorithm (``--baseline``, else dancegrpo when
+compared, else the first of ``--algos``): ``<baseline>-aa``, the baseline under other seeds (seed
+``s + AA_SEED_OFFSET`` for each seed ``s``, so never one of the baseline's), which a sound comparison finds
+equivalent to the baseline; and ``<baseline>-frozen``, the baseline with ``train.frozen=true`` (the same
+rollouts, rewards and NFE, no weight change), which it must find worse. They live in
+DIR/<baseline>-aa/seed<s>/ and DIR/<baseline>-frozen/seed<s>/, and ``run.label`` names them in reports.
+
 Re-running a comparison extends it: a run directory that already finished under the same budget is
 skipped, a killed one (no final.json, or stopped by a signal) is resumed from its newest checkpoint
 (``bench run --resume``) or, without one, started again. Runs from another git commit, or from a
@@ -30,6 +37,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.budget import Budget
@@ -43,6 +51,48 @@ REPORT = "reports.cli:compare_report"
 
 #: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
 RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
+
+#: The A/A control arm runs the baseline at seed s + AA_SEED_OFFSET for each seed s of the comparison:
+#: disjoint from the baseline's seeds (checked), and stable when a comparison is extended with more seeds.
+AA_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: its label (DIR/<label>/seed<s>/), the algorithm, its seeds, and the
+    options only its runs get (the control arms' ``--set``)."""
+
+    label: str
+    algo: str
+    seeds: tuple[int, ...]
+    sets: tuple[str, ...] = ()
+
+
+def default_baseline(algos: Sequence[str], baseline: str | None) -> str:
+    """The baseline the controls copy: ``--baseline``, else dancegrpo when compared, else the first."""
+    if baseline is not None:
+        return baseline
+    return "dancegrpo" if "dancegrpo" in algos else algos[0]
+
+
+def build_arms(algos: Sequence[str], seeds: Sequence[int], controls: bool = False,
+               baseline: str | None = None) -> list[Arm]:
+    """Every algorithm at ``seeds``; with ``controls`` also ``<baseline>-aa`` (seeds s + AA_SEED_OFFSET)
+    and ``<baseline>-frozen`` (train.frozen=true, the baseline's seeds)."""
+    arms = [Arm(a, a, tuple(seeds)) for a in algos]
+    if controls:
+        b = default_baseline(algos, baseline)
+        aa = tuple(s + AA_SEED_OFFSET for s in seeds)
+        clash = sorted(set(aa) & set(seeds))
+        if clash:
+            raise UsageError(f"--controls: the A/A arm runs seed s + {AA_SEED_OFFSET} for each seed s, and "
+                             f"{clash} would also be baseline seeds; use seeds below {AA_SEED_OFFSET}")
+        arms += [Arm(f"{b}-aa", b, aa, ("--set", f"run.label={b}-aa")),
+                 Arm(f"{b}-frozen", b, tuple(seeds), ("--set", "train.frozen=true", "--set", f"run.label={b}-frozen"))]
+    taken = [a.label for a in arms]
+    if len(set(taken)) != len(taken):
+        raise UsageError(f"--controls: an algorithm is named like a control arm ({', '.join(taken)})")
+    return arms
 
 
 def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
@@ -65,7 +115,14 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
-    p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
+    p.add_argument("--baseline", default=None,
+                   help="report baseline, and the algorithm --controls copies (default: dancegrpo if compared; "
+                        "the report's default otherwise, the first of --algos for --controls)")
+    p.add_argument("--controls", action="store_true",
+                   help="add two control arms of the baseline: <baseline>-aa, the baseline under other seeds "
+                        f"(seed s+{AA_SEED_OFFSET} for each seed s, disjoint from the baseline's: it should come "
+                        "out equivalent), and <baseline>-frozen, the baseline with train.frozen=true (same "
+                        "rollouts, rewards and NFE, weights never change: it should come out worse)")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--allow-mixed-code", action="store_true",
@@ -131,9 +188,11 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str]) -> list[str]:
+def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str], label: str | None = None
+                ) -> list[str]:
+    """``bench run`` of one run: DIR/<label (default: the algorithm)>/seed<s>/."""
     return [*RUNNER, "run", "--algo", algo, "--budget", budget, "--seed", str(seed),
-            "--out", str(out / algo / f"seed{seed}"), *extra]
+            "--out", str(out / (label or algo) / f"seed{seed}"), *extra]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -175,12 +234,16 @@ def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
     return bad
 
 
-def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path, extra: Sequence[str],
+def plan_jobs(arms: Sequence[Arm], budget: str, out: Path, extra: Sequence[str],
               overwrite: bool) -> list[tuple[str, int, str, list[str] | None]]:
-    """(algo, seed, state, command or None) in seed-major order; see ``run_state``."""
+    """(label, seed, state, command or None) in seed-major order (the k-th seed of every arm, then the
+    (k+1)-th); see ``run_state``."""
     jobs = []
-    for s in seeds:
-        for a in algos:
+    for k in range(max((len(arm.seeds) for arm in arms), default=0)):
+        for arm in arms:
+            if k >= len(arm.seeds):
+                continue
+            a, s = arm.label, arm.seeds[k]
             d = out / a / f"seed{s}"
             state = "new" if overwrite else run_state(d, budget)
             if state == "other-budget":
@@ -192,9 +255,9 @@ def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path
             elif state == "resume":
                 cmd = [*RUNNER, "run", "--resume", str(d), "--budget", budget]
             else:
-                rerun = [*extra] + (["--overwrite"] if state in ("restart", "failed") and "--overwrite" not in extra
-                                    else [])
-                cmd = run_command(a, s, budget, out, rerun)
+                rerun = [*extra, *arm.sets] + (["--overwrite"] if state in ("restart", "failed")
+                                               and "--overwrite" not in extra else [])
+                cmd = run_command(arm.algo, s, budget, out, rerun, label=arm.label)
             jobs.append((a, s, state, cmd))
     return jobs
 
@@ -208,11 +271,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--reps must be at least 100")
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
+        if any(kv.partition("=")[0].strip() == "run.label" for kv in args.set):
+            raise UsageError("--set run.label: bench compare labels its runs itself (the algorithm, or "
+                             "<baseline>-aa / <baseline>-frozen for --controls)")
+        arms = build_arms(algos, seeds, args.controls, args.baseline)
+        # with controls the report compares against the baseline they copy
+        baseline = default_baseline(algos, args.baseline) if args.controls else args.baseline
         out = Path(args.out)
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
         if not args.report_only and not args.dry_run:
             check_options(out, extra, args.overwrite)
-        jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
+        jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
         if not args.report_only and not args.allow_mixed_code:
             _check_code(out, jobs)
     except UsageError as e:
@@ -234,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
     try:
-        pages = load_object(REPORT)(out, out / "report.pdf", baseline=args.baseline, x=args.x,
+        pages = load_object(REPORT)(out, out / "report.pdf", baseline=baseline, x=args.x,
                                     title=f"bench compare --budget {args.budget}",
                                     allow_mixed_code=args.allow_mixed_code, reps=args.reps)
     except UsageError as e:

@@ -32,9 +32,33 @@ def _eval_rollout(r: Any) -> Any:
                         conditioning=r.eval_conditioning, seed=e.seed)
 
 
-def evaluate(r: Any, iteration: int) -> dict[str, Any]:
+def image_scores(r: Any, roll: Any, iteration: int, scored: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lines of eval_scores.jsonl for one evaluation: one per image, in the rollout's leaf order, with
+    the run's cumulative training totals, the image's prompt (index into the eval prompts) and its index
+    among that prompt's images (its noise: the same in every run of a comparison), and every reward's
+    score and component (``scored``: reward name -> its RewardOutput)."""
+    t = r.totals
+    prompts = roll.leaf_prompts().tolist()
+    seen: dict[int, int] = {}
+    lines = []
+    for leaf, j in enumerate(prompts):
+        k = seen.get(j, 0)
+        seen[j] = k + 1
+        scores: dict[str, float] = {}
+        for name, out in scored.items():
+            scores[name] = float(out.scores[leaf])
+            for c, v in out.components.items():
+                scores[f"{name}/{c}"] = float(v[leaf])
+        lines.append({"iteration": iteration, "nfe": t.nfe, "samples": t.samples, "seconds": t.seconds,
+                      "prompt_index": int(j), "image_index": k, "prompt": r.eval_batch.prompts[int(j)],
+                      "scores": scores})
+    return lines
+
+
+def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, Any]:
     """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
-    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
+    record to ``r.evals`` and evals.jsonl, each image's scores to eval_scores.jsonl, and saves a sample
+    grid. ``point``: the multiple of ``eval.every`` this evaluation stands for (None: the end of the run)."""
     if not r.dist.is_main:  # rank 0 evaluates and logs ...
         if r.dist.fsdp:  # ... but a sharded denoiser needs every rank in each of its forward passes
             _eval_rollout(r)
@@ -45,11 +69,13 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     roll = _eval_rollout(r)
     rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
                            "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
-                           "eval_images": int(roll.images.shape[0])}
+                           "eval_images": int(roll.images.shape[0]), "eval_point": point}
+    scored: dict[str, Any] = {}
     with torch.no_grad():
         for name, reward in r.eval_rewards.items():
             out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
                         stage="eval", recorder=r.engine.recorder)
+            scored[name] = out
             rec[f"eval/{name}"] = float(out.scores.mean())
             rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
             for k, v in out.components.items():
@@ -70,6 +96,9 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     if rec["reward_hacking"]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
+    # the images' scores first: a process killed between the two writes leaves lines that no evals.jsonl
+    # record names, and resume keeps only the lines of the checkpoint's evaluations (bench.resume)
+    r.log.eval_scores(image_scores(r, roll, iteration, scored))
     r.log.evaluation(rec)
     r.trackers.evaluation(rec, r.out, list(r.eval_batch.prompts[: r.spec.eval.grid]))
     print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.progress)

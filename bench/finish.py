@@ -93,7 +93,10 @@ def announce(r: Any) -> None:
           f"window change it)\n"
           f"  denoiser micro-batch {a['micro_batch_rows']} rows ({a['evaluations_per_call']} evaluations with "
           f"CFG x{a['cfg_factor']}); update: {update_line(a)}\n"
-          f"  run directory: {r.out}", flush=True)
+          f"  evaluation {s.eval.every.describe()}; run directory: {r.out}", flush=True)
+    if s.optimizer.frozen:
+        print("  train.frozen=true: the update runs (same NFE and calls) but no weight changes (a null arm)",
+              flush=True)
     if s.cost_profile is not None:
         clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else
                  "the budget counts wall-clock seconds")

@@ -93,6 +93,20 @@ EVAL_KEYS: dict[str, str] = {
     "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
     "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
     "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
+    "eval_point": "the multiple of eval.every (in its currency: iterations, samples, NFE or seconds) this evaluation "
+                  "is the first iteration boundary at or past; 0 at the start, null for the end-of-run evaluation",
+}
+
+#: Keys of each line of eval_scores.jsonl (one line per evaluated image; docs/RUNDIR.md).
+EVAL_SCORE_KEYS: dict[str, str] = {
+    "iteration": "completed training iterations at the evaluation (its evals.jsonl record has the same)",
+    "nfe": "cumulative training NFE at the evaluation (evals.jsonl nfe_total)",
+    "samples": "cumulative training samples at the evaluation (evals.jsonl samples_total)",
+    "seconds": "cumulative training seconds at the evaluation (evals.jsonl seconds_total; wall clock)",
+    "prompt_index": "index of the image's prompt in the eval prompt set (the first eval.num_prompts)",
+    "image_index": "index of the image among its prompt's eval.images_per_prompt images (its noise, from eval.seed)",
+    "prompt": "the prompt text",
+    "scores": "{<reward>: score, <reward>/<component>: component} for every eval reward",
 }
 
 #: Wall-clock and memory fields: differ between two otherwise identical runs.

@@ -4,8 +4,8 @@ Resume (``bench run --resume RUN``) continues a run with the run's own configura
 cannot change the records may differ (``RESUME_MUTABLE``), and the budget may only be extended. The same
 prompts, model weights and reward versions are required. ``iterations.jsonl`` keeps the records of the
 checkpointed iterations (a partial last line from a killed process is dropped, later records are
-recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations, so no iteration is lost
-or counted twice. The checkpoint format itself is ``bench.checkpoint``.
+recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations (``eval_scores.jsonl`` keeps
+the lines of those evaluations only), so no iteration or evaluation is lost or counted twice. The checkpoint format itself is ``bench.checkpoint``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench.snapshots import PREFIX as SNAPSHOT_PREFIX
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
 RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.log_with", "run.checkpoint_every",
-                  "run.keep_checkpoints", "train.micro_batch")
+                  "run.keep_checkpoints", "train.micro_batch", "run.label")
 
 
 
@@ -83,11 +83,30 @@ def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> l
         print(f"resume: discarding {dropped} iteration record(s) {after}; they are recomputed "
               f"{'from the checkpoint' if iteration else 'from the start'}", file=sys.stderr)
     rewrite_jsonl(it_path, kept)
+    rewrite_jsonl(run_dir / "eval_scores.jsonl", kept_eval_scores(run_dir / "eval_scores.jsonl", evals))
     rewrite_jsonl(run_dir / "evals.jsonl", evals)
     with_final = run_dir / "final.json"
     if with_final.exists():
         with_final.unlink()
     return kept
+
+
+def kept_eval_scores(path: Path, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of eval_scores.jsonl that belong to the checkpoint's evaluations ``evals``, each image once:
+    a killed process may have written the lines of an evaluation it did not live to record, or that the
+    checkpoint does not hold (it is recomputed)."""
+    recs, bad = read_jsonl(path)
+    if bad:
+        warn(f"{path}: dropped {bad} incomplete line(s) left by the interrupted process")
+    wanted = {e.get("iteration") for e in evals}
+    seen: set[tuple[Any, Any, Any]] = set()
+    out = []
+    for r in recs:
+        key = (r.get("iteration"), r.get("prompt_index"), r.get("image_index"))
+        if key[0] in wanted and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 # ---- configuration on resume ----------------------------------------------------------------------

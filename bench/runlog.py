@@ -123,6 +123,7 @@ class RunLog:
         self.out = out
         self.iter_path = out / "iterations.jsonl"
         self.eval_path = out / "evals.jsonl"
+        self.scores_path = out / "eval_scores.jsonl"
         self._tb = None
         if tensorboard:
             try:
@@ -136,8 +137,10 @@ class RunLog:
         atomic_write_json(self.out / "manifest.json", {"schema_version": SCHEMA_VERSION, **manifest},
                           failpoint="manifest")
 
-    def _append(self, path: Path, record: Mapping[str, Any], failpoint: str) -> None:
-        line = json.dumps(json_safe(record)) + "\n"
+    def _append(self, path: Path, record: Mapping[str, Any] | Sequence[Mapping[str, Any]], failpoint: str) -> None:
+        """Append one record, or several in one write (a list)."""
+        records = record if isinstance(record, list) else [record]
+        line = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
         with open(path, "a") as f:
             # a full disk may take part of the line: resume drops a torn last line (bench.resume.read_jsonl)
             failpoints.hit(failpoint, path, partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
@@ -151,6 +154,10 @@ class RunLog:
     def evaluation(self, record: Mapping[str, Any]) -> None:
         self._append(self.eval_path, record, "log.evals")
         self._mirror(record, "", int(record["samples_total"]))
+
+    def eval_scores(self, lines: list[Mapping[str, Any]]) -> None:
+        """One evaluation's per-image scores (eval_scores.jsonl, docs/RUNDIR.md)."""
+        self._append(self.scores_path, lines, "log.eval_scores")
 
     def _mirror(self, record: Mapping[str, Any], prefix: str, step: int) -> None:
         if self._tb is None:
@@ -262,6 +269,7 @@ def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: 
         "eval_rewards": [{"name": n, "version": str(getattr(r, "version", "unknown"))}
                          for n, r in eval_rewards.items()],
         "budget": spec.budget.to_dict(), "seed": spec.seed, "git": git_state(), "packages": package_versions(),
+        "weights_frozen": spec.optimizer.frozen,  # train.frozen: a null arm, no weight ever changes
         "device": device_info(device), "host": host_info(), "batch": dict(batch),
         "world_size": world_size,  # processes training data-parallel
         "cost_profile": spec.cost_profile.describe() if spec.cost_profile is not None else None,
