@@ -65,16 +65,23 @@ class FrozenAdamW(torch.optim.AdamW):
     """AdamW for ``train.frozen=true`` (the null arm of ``bench compare --controls``): the algorithm's update
     runs unchanged (loss, gradients, clipping, the same forward passes), and ``step()`` is called as often
     and runs the optimizer's hooks (non-finite check, call trace, so the modeled cost is the same), but it
-    changes no parameter and keeps no moments. Its learning rate is 0, which is what ``lr`` in
-    iterations.jsonl records. (AdamW with lr 0 is not enough: ``p + 0 * x`` turns a weight of -0.0 into
-    +0.0, so the weights would not be bit-identical.)"""
+    changes no parameter and keeps no moments, only each parameter's step count (a non-empty state, as
+    sharded checkpoints expect). Its learning rate is 0, which is what ``lr`` in iterations.jsonl records.
+    (AdamW with lr 0 is not enough: ``p + 0 * x`` turns a weight of -0.0 into +0.0, so the weights would
+    not be bit-identical.)"""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
         if closure is not None:
             with torch.enable_grad():
-                return closure()
-        return None
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
+        return loss
 
 
 @dataclass
