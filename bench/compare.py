@@ -275,9 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--set run.label: bench compare labels its runs itself (the algorithm, or "
                              "<baseline>-aa / <baseline>-frozen for --controls)")
         arms = build_arms(algos, seeds, args.controls, args.baseline)
-        # with controls the report compares against the baseline they copy
-        baseline = default_baseline(algos, args.baseline) if args.controls else args.baseline
         out = Path(args.out)
+        # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
+        controls = default_baseline(algos, args.baseline) if args.controls else \
+            (_read_json(out / OPTIONS_FILE) or {}).get("controls")
+        baseline = args.baseline or controls
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
         if not args.report_only and not args.dry_run:
             check_options(out, extra, args.overwrite)
@@ -295,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed: list[str] = []
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
-        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra)}, indent=1) + "\n")
+        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra), "controls": controls},
+                                                   indent=1) + "\n")
         failed = _train(jobs, launch, out, args.device)
 
     if args.no_report:
@@ -316,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+#: DIR/compare.json: the options every run was trained with, and the baseline whose controls DIR holds
+#: (null without --controls); a later `bench compare` into DIR reports against that baseline.
 OPTIONS_FILE = "compare.json"
 
 

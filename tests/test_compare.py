@@ -1,5 +1,6 @@
 """bench compare (bench/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
 
+import json
 import re
 import subprocess
 import sys
@@ -208,6 +209,12 @@ def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys
     assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
                          "--controls", "--no-report"]) == 0
     assert "[dancegrpo-frozen seed1] already finished under this budget: skipped" in capsys.readouterr().out
+    # DIR/compare.json remembers whose controls these are (the report's baseline), also for runs without
+    # --controls that extend the comparison
+    assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
+    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+                         "--no-report"]) == 0
+    assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
 
 
 def test_compare_help_documents_controls(capsys):
