@@ -1,6 +1,7 @@
 """One evaluation schedule on the cost axis (eval.every = a budget amount), per-image evaluation scores
 (eval_scores.jsonl), and the frozen arm (train.frozen), on the tiny model."""
 
+import itertools
 import json
 
 import pytest
@@ -45,7 +46,7 @@ def test_cadence_parses_iterations_and_budget_amounts():
 def test_cadence_is_due_at_the_first_boundary_at_or_past_each_multiple():
     c = Cadence.parse("100nfe")
     steps = [0, 40, 80, 120, 160, 200, 260, 420]  # cumulative NFE at successive iteration boundaries
-    due = [b for a, b in zip(steps, steps[1:]) if c.due(Totals(nfe=a), Totals(nfe=b))]
+    due = [b for a, b in itertools.pairwise(steps) if c.due(Totals(nfe=a), Totals(nfe=b))]
     # 100 -> at 120; 200 reached exactly; none in 200..260; 300 and 400 both passed at 420: one evaluation
     assert due == [120, 200, 420]
     assert [c.point(Totals(nfe=n)) for n in due] == [100.0, 200.0, 400.0]
