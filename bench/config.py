@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": None,           # T; None = the model preset's default
         "guidance": None,        # CFG scale; <= 1 disables CFG
         "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
-        "sde": "flow_grpo",      # flow_grpo | dance (flow models)
+        "sde": "flow_grpo",      # flow_grpo | dance | cps (flow models)
         "shift": None,           # flow time shift
         "schedule": "auto",      # auto | scheduler | linspace (flow models; auto = the model family's reference)
         "final_image": None,     # sample | x0; None = the algorithm's reference behaviour
@@ -261,7 +261,7 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
     need(isinstance(s["guidance"], (int, float)), f"sampler.guidance must be a number, got {s['guidance']!r}")
     need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
          f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
-    need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(s["sde"] in ("flow_grpo", "dance", "cps"), f"sampler.sde must be flow_grpo, dance or cps, got {s['sde']!r}")
     need(s["schedule"] in ("auto", "scheduler", "linspace"),
          f"sampler.schedule must be auto, scheduler or linspace, got {s['schedule']!r}")
     need(s["final_image"] in (None, "sample", "x0"),

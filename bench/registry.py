@@ -57,6 +57,9 @@ ALGORITHMS: dict[str, Entry] = {
     "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
                           "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
                           "samples, implicit positive/negative policies, EMA old policy"),
+    "flowdppo": Entry("algorithms.flowdppo:FlowDPPO",
+                      "Flow-DPPO (arXiv 2606.11025): Flow-GRPO sampler, a KL trust-region mask in place of "
+                      "ratio clipping"),
 }
 
 REWARDS: dict[str, Entry] = {

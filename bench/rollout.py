@@ -66,20 +66,24 @@ class _Nodes:
     """The nodes of a growing rollout, level by level; ids are assigned in frontier order (the roots
     0..P*G-1, then each level's children in the order of their parents)."""
 
-    def __init__(self, x: Tensor, P: int, G: int):
+    def __init__(self, x: Tensor, P: int, G: int, keep_means: bool = False):
         n0 = P * G
         self.lat, self.parent, self.level = [x], [torch.full((n0,), -1)], [torch.zeros(n0, dtype=torch.long)]
+        self.mean = [torch.full_like(x, float("nan"))] if keep_means else None
         self.prompt, self.tree = [torch.arange(P).repeat_interleave(G)], [torch.arange(n0)]
         self.logp, self.train = [torch.full((n0,), float("nan"))], [torch.zeros(n0, dtype=torch.bool)]
         self.front_ids, self.front_prompt, self.front_tree = torch.arange(n0), self.prompt[0], self.tree[0]
         self.next_id = n0
 
-    def grow(self, x: Tensor, level: int, k: int, log_prob: Tensor | None) -> None:
+    def grow(self, x: Tensor, level: int, k: int, log_prob: Tensor | None, mean: Tensor | None = None) -> None:
         """Add the new frontier x [F * k, ...] at ``level``: k children per frontier node; ``log_prob``
-        [F * k] for stochastic (trainable) edges, None for deterministic ones."""
+        [F * k] for stochastic (trainable) edges, None for deterministic ones; ``mean`` [F * k, ...] the
+        step's mean (kept when the plan asks for means)."""
         F2 = x.shape[0]
         rep = (lambda t: t.repeat_interleave(k)) if k > 1 else (lambda t: t)
         self.lat.append(x)
+        if self.mean is not None:
+            self.mean.append(mean.to(x.dtype) if mean is not None else torch.full_like(x, float("nan")))
         self.parent.append(rep(self.front_ids))
         self.level.append(torch.full((F2,), level, dtype=torch.long))
         self.front_prompt, self.front_tree = rep(self.front_prompt), rep(self.front_tree)
@@ -96,7 +100,8 @@ class _Nodes:
                        level=torch.cat(self.level), prompt=torch.cat(self.prompt), tree=torch.cat(self.tree),
                        logp_old=torch.cat(self.logp), trainable=torch.cat(self.train), leaves=self.front_ids,
                        images=images, sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe,
-                       plan=plan, iteration=iteration, conditioning=cond)
+                       plan=plan, iteration=iteration, conditioning=cond,
+                       means=torch.cat(self.mean) if self.mean is not None else None)
 
 
 class RolloutEngine:
@@ -181,6 +186,8 @@ class RolloutEngine:
             if plan.sde_type == "flow_grpo":
                 return sde.flow_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen,
                                          log_std_range=plan.log_std_range)
+            if plan.sde_type == "cps":
+                return sde.cps_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
             return sde.dance_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
         raise ValueError(f"mode {mode!r} has no single-step rule")
 
@@ -203,8 +210,9 @@ class RolloutEngine:
             return st
         scale = torch.where(split_rows.to(st.std.device), plan.split_noise_scale, 1.0).to(st.std.dtype)
         std = (st.std * scale).reshape(-1, *([1] * (nxt.dim() - 1)))
-        return sde.StepOutput(prev_sample=st.prev_sample, log_prob=sde.gaussian_log_prob(nxt, st.mean, std),
-                              mean=st.mean, std=st.std * scale)
+        # CPS's log-prob carries no std (its released code drops the variance scale): nothing to rescore
+        lp = st.log_prob if plan.sde_type == "cps" else sde.gaussian_log_prob(nxt, st.mean, std)
+        return sde.StepOutput(prev_sample=st.prev_sample, log_prob=lp, mean=st.mean, std=st.std * scale)
 
     # ---- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,7 +231,7 @@ class RolloutEngine:
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
         gen = generator(self.seed if seed is None else int(seed), iteration, stage)
         x = self._initial_noise(plan, P, gen)
-        nodes = _Nodes(x, P, plan.trees_per_prompt)
+        nodes = _Nodes(x, P, plan.trees_per_prompt, plan.keep_means)
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
         new_x0: Tensor | None = None
         nfe = 0
@@ -234,7 +242,8 @@ class RolloutEngine:
                 nfe += n
                 st, new_x0 = self._advance(plan, i, out, x, sched, prev_x0, gen)
                 x = st.prev_sample
-                nodes.grow(x, i + 1, plan.branch[i], st.log_prob if plan.modes[i] == "sde" else None)
+                sde_step = plan.modes[i] == "sde"
+                nodes.grow(x, i + 1, plan.branch[i], st.log_prob if sde_step else None, st.mean if sde_step else None)
                 prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
         # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
         # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.

@@ -33,8 +33,10 @@ from bench.snapshots import CURRENT, check_name
 STEP_MODES = ("ode", "sde", "dpm2")
 #: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
 #: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
-#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py). Epsilon models always use DDIM.
-SDE_TYPES = ("flow_grpo", "dance")
+#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py); "cps" = coefficients-preserving sampling
+#: (the same flow_grpo function with ``sde_type='cps'``, ``bench.sde.cps_sde_step``). Epsilon models
+#: always use DDIM.
+SDE_TYPES = ("flow_grpo", "dance", "cps")
 #: What a rollout decodes into its images (``sampler.final_image``): "sample" = the last sampled latent
 #: (Flow-GRPO, DDPO, MixGRPO, TreeGRPO); "x0" = the data prediction of the last denoiser evaluation
 #: (DanceGRPO decodes ``pred_original`` of its last step, whose SDE noise never reaches the reward).
@@ -82,11 +84,13 @@ class RolloutPlan:
     shared_noise:     all roots of one prompt start from the same initial noise (never shared across
                       prompts)
     noise_level:      SDE noise level (Flow-GRPO "a" / DanceGRPO "eta"; DDIM eta for epsilon models)
-    sde_type:         "flow_grpo" or "dance" (flow models; ignored by epsilon models, which use DDIM)
+    sde_type:         "flow_grpo", "dance" or "cps" (flow models; ignored by epsilon models, which use DDIM)
     guidance:         classifier-free guidance scale; <= 1 disables CFG (one NFE per evaluation)
     sigmas:           optional explicit sigma schedule [T+1] (1 -> 0) overriding the model's default;
                       MixGRPO-Flash uses it for its compressed post-window schedule
     keep_latents:     keep every node's latent in the Rollout (needed to recompute log-probs)
+    keep_means:       also keep the mean of every SDE step (``Rollout.means``): GRPO-Guard's RatioNorm
+                      compares the trained policy's step means with the sampling-time ones
     final_image:      "sample" (decode the last sampled latent) or "x0" (decode the last evaluation's data
                       prediction), see FINAL_IMAGES; identical for a last ODE step to sigma = 0
     log_std_range:    optional (lo, hi): flow SDE step stds are clamped to [e^lo, e^hi] (TreeGRPO's code)
@@ -112,6 +116,7 @@ class RolloutPlan:
     guidance: float = 1.0
     sigmas: tuple[float, ...] | None = None
     keep_latents: bool = True
+    keep_means: bool = False
     final_image: str = "sample"
     log_std_range: tuple[float, float] | None = None
     split_noise_scale: float = 1.0
@@ -197,6 +202,8 @@ class Rollout:
     iteration:  training iteration the rollout belongs to
     conditioning: the encoded prompts [P] (a ``bench.policy.Conditioning``) the engine reuses to
                 recompute log-probs
+    means:      [N, C, h, w] float32 sampling-time mean of the step parent -> n (NaN for roots and
+                deterministic edges), kept only when the plan asks (``keep_means``), else None
     """
 
     latents: Tensor | None
@@ -214,6 +221,7 @@ class Rollout:
     plan: RolloutPlan
     iteration: int = 0
     conditioning: Any = None
+    means: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -330,7 +338,7 @@ class SamplerSpec:
     steps:       T
     guidance:    CFG scale (<= 1 disables CFG)
     noise_level: SDE noise level
-    sde_type:    "flow_grpo" | "dance"
+    sde_type:    "flow_grpo" | "dance" | "cps"
     shift:       time shift of the flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma))
     prediction:  "flow" (velocity) or "epsilon" (DDIM models)
     schedule:    flow schedule, "scheduler" or "linspace" (``bench.sde.FLOW_SCHEDULES``)
