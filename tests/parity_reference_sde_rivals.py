@@ -185,7 +185,9 @@ def flowdppo_terms(T=6, shift=3.0, eta=0.7, G=4, threshold=DPPO_THRESHOLDS[0], a
         kl.append(k)
         masked.append(rm)
         loss.append(np.where(~rm, -adv * r, 0.0))
-    st = lambda v: np.stack(v, axis=1)  # noqa: E731
+    def st(v):
+        return np.stack(v, axis=1)
+
     return sde, x, st(ratio), st(kl), st(masked), st(loss)
 
 

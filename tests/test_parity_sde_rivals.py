@@ -13,8 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 from parity_reference import MODEL_A
-from parity_reference_sde_rivals import (DPPO_ADV, DPPO_GROUPS, DPPO_REWARDS, GUARD_ADV, GUARD_CLIP,
-                                         MODEL_A_NEW)
+from parity_reference_sde_rivals import (
+    DPPO_ADV,
+    DPPO_GROUPS,
+    DPPO_REWARDS,
+    GUARD_ADV,
+    GUARD_CLIP,
+    MODEL_A_NEW,
+)
 from test_parity import BATCH, ToyPolicy, close
 
 from algorithms.common import chain_step_edges, guard_surrogate
