@@ -113,7 +113,8 @@ def _cfg(tmp_path, algo, name="run", budget="2it", model="tiny-random", **sets):
 
 @pytest.mark.parametrize("algo,sets", [("treegrpo", {"algo.k": 2, "algo.d": 2}), ("dancegrpo", {"algo.group_size": 3}),
                                        ("mixgrpo", {"algo.group_size": 3, "algo.window": 2}),
-                                       ("ddpo", {"algo.group_size": 3})])
+                                       ("ddpo", {"algo.group_size": 3}),
+                                       ("flowdppo", {"algo.group_size": 3, "algo.num_sde_steps": 2})])
 def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, sets):
     cfg = _cfg(tmp_path, algo, budget="3it", **sets)
     s = runner.run(cfg)
