@@ -32,6 +32,12 @@ Implementation details:
   window's steps are trained (``num_train_timesteps = sde_window_size``). The reference draws the window
   per pipeline call with Python's ``random``; treebench draws it per iteration from the run seed, so
   ``plan`` stays a pure function of the iteration.
+- Options: ``sampler.sde=cps`` samples with coefficients-preserving sampling (the same
+  ``sde_step_with_logprob`` with ``sde_type='cps'``, commit 3d02fd9; preset "flowgrpo-fast-cps" =
+  ``config/grpo.py::pickscore_sd3_fast_nocfg``); ``guard`` = GRPO-Guard (arXiv 2510.22319,
+  ``scripts/train_sd3_GRPO_Guard.py`` at commit 2e2f712): RatioNorm and gradient reweighting in place of
+  the plain ratio (``algorithms.common.guard_surrogate``; preset "flowgrpo-guard" =
+  ``config/grpo_guard.py::general_ocr_sd3_rationorm``).
 - Not reproduced: EMA of the LoRA weights (``train.ema``: decay 0.9 every 8 steps, used only for
   evaluation and checkpoints; ``ema=True`` raises NotImplementedError because the harness evaluates
   the trained weights and has no hook to swap in averaged ones); dropping samples whose advantages

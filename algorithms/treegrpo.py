@@ -44,6 +44,9 @@ Implementation details:
 - Optimizer steps: ``train()`` sets gradient accumulation to max(1, total_samples // 2) over its
   (k^d - 1)/(k - 1) parent nodes, i.e. about 2 optimizer steps per iteration (leftover micro-batches
   spill into the next iteration there); both presets set ``train.optimizer_steps = 2``.
+- Options: ``sampler.sde=cps`` (coefficients-preserving sampling; the step-std clamp is not applied to
+  it) and ``guard`` (GRPO-Guard's RatioNorm and gradient reweighting per edge, flow_grpo's released form,
+  on ``sampler.sde=flow_grpo``; ``algorithms.common.guard_surrogate``).
 - Not reproduced: the batch-size-1 loops (treebench batches whole tree levels).
 """
 
