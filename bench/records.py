@@ -45,7 +45,8 @@ class IterationRecord:
         "doc": "mean of a reward component (weighted parts, per-attribute checks)", "key": "reward/<component>"})
     loss: float = _doc("mean PPO loss over trained edge terms", math.nan)
     approx_kl: float = _doc("0.5 * mean((logp_new - logp_old)^2) over trained edges", math.nan)
-    clip_frac: float = _doc("fraction of trained edges whose ratio left [1 - clip, 1 + clip]", math.nan)
+    clip_frac: float = _doc("fraction of trained edges whose ratio left [1 - clip, 1 + clip] "
+                            "(Flow-DPPO: the fraction its KL mask dropped)", math.nan)
     grad_norm: float = _doc("gradient norm before clipping (last optimizer step)", math.nan)
     first_ratio: float = _doc("mean importance ratio of the first update micro-batch (should be 1)", math.nan)
     kl: float = _doc("mean KL to the frozen reference (0 when beta = 0)", math.nan)

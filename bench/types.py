@@ -304,7 +304,8 @@ class UpdateStats:
 
     loss:            mean loss over the trained terms
     approx_kl:       0.5 * mean((logp_new - logp_old)^2) over trained edges (DDPO's diagnostic)
-    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps]
+    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps] (an update with
+                     another surrogate counts the terms it reports as clipped, e.g. Flow-DPPO's masked ones)
     grad_norm:       gradient norm before clipping (last optimizer step)
     first_ratio:     mean importance ratio exp(logp_new - logp_old) of the first micro-batch, before
                      any optimizer step (should be 1 up to numerics)
