@@ -255,10 +255,10 @@ GUARD_SDE_TYPES = ("flow_grpo",)
 
 
 def check_guard(sampler: Any) -> None:
-    """``algo.guard`` needs a flow model sampled with Flow-GRPO's SDE (ValueError naming ``algo.guard``):
-    the released RatioNorm and gradient reweighting (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``) are
-    written for that step's Gaussian log-density; CPS drops the density's scale and DanceGRPO's SDE has no
-    released GRPO-Guard form."""
+    """``algo.guard`` needs a flow model (else ValueError) sampled with Flow-GRPO's SDE (else
+    NotImplementedError), both naming ``algo.guard``: the released RatioNorm and gradient reweighting
+    (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``) are written for that step's Gaussian log-density; CPS
+    drops the density's scale and DanceGRPO's SDE has no released GRPO-Guard form."""
     if sampler.prediction != "flow":
         raise ValueError(f"algo.guard: GRPO-Guard is defined for flow (velocity) models, got sampler prediction "
                          f"{sampler.prediction!r}")
