@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import NonFiniteGrad
-from bench.fsdp import full, scalar
+from bench.model.fsdp import full, scalar
 from bench.types import Rollout, TrainSpec, UpdateStats
 
 

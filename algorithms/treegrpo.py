@@ -19,7 +19,7 @@ Implementation details:
 - Final image (``sampler.final_image``, default "sample"): the released pipeline decodes the leaves'
   latents after the last (ODE) step, which equal the last evaluation's x0-prediction.
 - Window (``_window_start``): "random" (paper: a random consecutive window per iteration, drawn from
-  ``bench.seeding.generator(seed, iteration, "plan")``) by default; "progressive" (released code:
+  ``bench.engine.seeding.generator(seed, iteration, "plan")``) by default; "progressive" (released code:
   starts at step 0 and moves by ``window_stride`` every ``shift_interval`` = 50 iterations) as an
   option. Either way the window avoids the last step when the schedule leaves room (the code asserts
   the window ends before step T - 1).
@@ -68,9 +68,9 @@ from algorithms.common import (
     progressive_window_start,
     tree_backup,
 )
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

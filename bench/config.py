@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,        # torch.compile the denoiser
         "guidance_embedding": 3.5,  # guidance input of guidance-distilled transformers (FLUX.1-dev)
         "use_t5": True,          # SD3: load the T5 text encoder when the pipeline has one
-        "distributed": "auto",   # auto (DDP when launched with > 1 process) | fsdp (sharded, bench/fsdp.py) | off
+        "distributed": "auto",   # auto (DDP when launched with > 1 process) | fsdp (sharded, bench/model/fsdp.py) | off
     },
     "sampler": {
         "steps": None,           # T; None = the model preset's default
@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
         "overwrite": False,
         "progress": True,
         "tensorboard": False,
-        "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/trackers.py)
+        "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/run/trackers.py)
         "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
         "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
         "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)

@@ -19,13 +19,29 @@ A batch of independent chains is a tree that never branches, so one record descr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from bench.snapshots import CURRENT, check_name
+# ---- weight snapshot names (bench/model/snapshots.py holds the weights) ----
+#: the weights being trained; every other name is a snapshot
+CURRENT = "current"
+#: the frozen base model under LoRA (``Policy.reference``), evaluated for KL terms
+REFERENCE = "reference"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: prefix of snapshot tensors inside a checkpoint's policy.safetensors
+PREFIX = "snapshot/"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or name in (CURRENT, REFERENCE):
+        raise ValueError(f"a weight snapshot is named by a lower-case identifier other than {CURRENT!r} and "
+                         f"{REFERENCE!r}, got {name!r}")
+    return name
+
 
 #: Step modes a plan may ask for. "ode": deterministic Euler (flow) / DDIM eta=0 (epsilon);
 #: "sde": stochastic step with a log-prob; "dpm2": deterministic 2nd-order multistep DPM-Solver++
@@ -100,7 +116,7 @@ class RolloutPlan:
                       BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
                       the child was drawn from); see SPLIT_LOGP_STDS
     weights:          the weights the rollout samples with: "current" (the trained ones) or the name of a
-                      weight snapshot the algorithm declares (``bench.snapshots``; DiffusionNFT samples
+                      weight snapshot the algorithm declares (``bench.model.snapshots``; DiffusionNFT samples
                       with its EMA "old" policy)
     info:             algorithm-specific scalars describing the plan, logged with the iteration under
                       namespaced keys (e.g. {"treegrpo/window_start": 3})
@@ -200,7 +216,7 @@ class Rollout:
     nfe:        denoiser forward passes spent (a CFG-guided evaluation counts 2)
     plan:       the plan that produced it
     iteration:  training iteration the rollout belongs to
-    conditioning: the encoded prompts [P] (a ``bench.policy.Conditioning``) the engine reuses to
+    conditioning: the encoded prompts [P] (a ``bench.model.policy.Conditioning``) the engine reuses to
                 recompute log-probs
     means:      [N, C, h, w] float32 sampling-time mean of the step parent -> n (NaN for roots and
                 deterministic edges), kept only when the plan asks (``keep_means``), else None
@@ -342,7 +358,7 @@ class SamplerSpec:
     sde_type:    "flow_grpo" | "dance" | "cps"
     shift:       time shift of the flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma))
     prediction:  "flow" (velocity) or "epsilon" (DDIM models)
-    schedule:    flow schedule, "scheduler" or "linspace" (``bench.sde.FLOW_SCHEDULES``)
+    schedule:    flow schedule, "scheduler" or "linspace" (``bench.engine.sde.FLOW_SCHEDULES``)
     final_image: "sample" | "x0", or None = the algorithm's reference behaviour
     sigmas:      the resolved base schedule [T+1] of flow models (None: algorithms that need it
                  rebuild it from schedule/shift)

@@ -66,7 +66,8 @@ def run_case(name: str, out_root: Path) -> list[dict[str, Any]]:
     """Run one case for 2 iterations; returns the compared keys of each iteration record."""
     import torch
 
-    from bench import config, runner
+    from bench import config
+    from bench.run import runner
 
     case = CASES[name]
     base = {"sampler.steps": 4, "run.progress": False, "eval.every": 0, "eval.at_start": False,

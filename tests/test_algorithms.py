@@ -12,12 +12,12 @@ import math
 import pytest
 import torch
 
-from bench import sde
 from bench.config import DEFAULTS
-from bench.models import load_policy
+from bench.engine import sde
+from bench.engine.rollout import RolloutEngine
+from bench.model.models import load_policy
 from bench.protocols import Algorithm
 from bench.registry import ALGORITHMS, algorithm_class
-from bench.rollout import RolloutEngine
 from bench.types import PromptBatch, RewardOutput, RolloutPlan, SamplerSpec, TrainSpec
 
 PAPER_ALGOS = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bench import sde
+from bench.engine import sde
 
 
 def test_flow_ode_step_known_answer():

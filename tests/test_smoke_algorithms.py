@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from bench import config, runner
+from bench import config
 from bench.errors import UsageError
-from bench.records import metric_documented
 from bench.registry import ALGORITHMS, algorithm_class
+from bench.run import runner
+from bench.run.records import metric_documented
 
 #: small per-algorithm settings (tiny model, 4 steps) so each run takes about a second
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},

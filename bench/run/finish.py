@@ -1,4 +1,4 @@
-"""The two ends of a run (``bench.runner.Run``): what it announces at the start, and how it finishes:
+"""The two ends of a run (``bench.run.runner.Run``): what it announces at the start, and how it finishes:
 a checkpoint at the stop where that is safe, the final evaluation, final.json, the trackers closed."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import checkpoint as ckpt_mod
-from bench import resume as resume_mod
-from bench.evaluation import evaluate
-from bench.faults import is_write_fault
-from bench.runlog import now_iso
+from bench.run.evaluation import evaluate
+from bench.run.faults import is_write_fault
+from bench.rundir import checkpoint as ckpt_mod
+from bench.rundir import resume as resume_mod
+from bench.rundir.runlog import now_iso
 
 
 def finish(r: Any, stop_reason: str, failure: BaseException | None) -> dict[str, Any] | None:

@@ -1,5 +1,5 @@
 """The run directory (format: docs/RUNDIR.md): checked before anything is built, created, described by
-its manifest, then appended to by the run log. The glossary of logged keys is ``bench.records``."""
+its manifest, then appended to by the run log. The glossary of logged keys is ``bench.run.records``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bench import failpoints
 from bench.errors import UsageError
-from bench.lock import LOCK_NAME, RunLock
+from bench.rundir import failpoints
+from bench.rundir.lock import LOCK_NAME, RunLock
 
 SCHEMA_VERSION = 1
 
@@ -55,7 +55,7 @@ def json_safe(v: Any) -> Any:
 
 
 def git_state() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=5).stdout.strip() or None
@@ -104,7 +104,7 @@ def atomic_write_text(path: Path, data: str, failpoint: str | None = None) -> No
 
 def remove_temp_files(out: Path) -> list[Path]:
     """Temporary files a killed writer left in run directory ``out`` (call only while holding its lock)."""
-    from bench.checkpoint import CHECKPOINT_DIR, TMP_PREFIX
+    from bench.rundir.checkpoint import CHECKPOINT_DIR, TMP_PREFIX
 
     found = [*out.glob("*.tmp"), *out.glob("samples/*.tmp"), *(out / CHECKPOINT_DIR).glob(f"{TMP_PREFIX}*")]
     for p in found:
@@ -139,7 +139,7 @@ class RunLog:
     def _append(self, path: Path, record: Mapping[str, Any], failpoint: str) -> None:
         line = json.dumps(json_safe(record)) + "\n"
         with open(path, "a") as f:
-            # a full disk may take part of the line: resume drops a torn last line (bench.resume.read_jsonl)
+            # a full disk may take part of the line: resume drops a torn last line (bench.rundir.resume.read_jsonl)
             failpoints.hit(failpoint, path, partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
             f.write(line)
             f.flush()
@@ -196,7 +196,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
         raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         if (out / "manifest.json").is_file():
-            from bench.checkpoint import list_checkpoints
+            from bench.rundir.checkpoint import list_checkpoints
 
             it_file = out / "iterations.jsonl"
             done = it_file.read_bytes().count(b"\n") if it_file.is_file() else 0

@@ -60,7 +60,7 @@ class IterationRecord:
         "doc": "algorithm-specific keys, namespaced by the algorithm's registry name (its class's log_keys)",
         "key": None})
     cost: Mapping[str, Any] = field(default_factory=dict, metadata={
-        "doc": "the iteration's call trace and modeled seconds (bench.cost.COST_KEYS)", "key": None})
+        "doc": "the iteration's call trace and modeled seconds (bench.engine.pricing.COST_KEYS)", "key": None})
     nonfinite: str | None = _doc("only on an iteration with NaN/inf: where (reward | logp | grad | loss); its "
                                  "update was not applied")
 
@@ -103,7 +103,7 @@ TIMING_KEYS = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s", "t_it
 
 def record_glossary() -> dict[str, str]:
     """The fields of ``IterationRecord``, the eval keys and the cost keys, by logged key."""
-    from bench.cost import COST_KEYS
+    from bench.engine.pricing import COST_KEYS
 
     out = dict(COST_KEYS)
     for f in fields(IterationRecord):

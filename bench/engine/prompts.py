@@ -17,12 +17,12 @@ from typing import Any, Mapping
 
 import torch
 
+from bench.engine.seeding import generator
 from bench.errors import UsageError
 from bench.registry import suggestions
-from bench.seeding import generator
 from bench.types import PromptBatch
 
-_ROOT = Path(__file__).resolve().parent
+_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_FILES = {"shapes-train": _ROOT / "shapes" / "data" / "train.jsonl",
                  "shapes-eval": _ROOT / "shapes" / "data" / "eval.jsonl"}
 MANIFEST = _ROOT / "data" / "prompts" / "MANIFEST.json"

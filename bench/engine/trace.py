@@ -3,8 +3,8 @@
 The rollout engine records denoiser calls (rollout, ``logp`` in the update, the reference pass for KL,
 evaluation), VAE decodes and prompt encodings; the runner records reward scoring and optimizer steps.
 A :class:`Call` says which component ran, on how many rows, with or without gradients, with gradient
-checkpointing on or off, and in which phase. ``bench.cost`` prices a trace with a measured cost profile;
-``bench.plan`` produces the same trace without loading any weights (a test checks both agree).
+checkpointing on or off, and in which phase. ``bench.engine.pricing`` prices a trace with a measured cost profile;
+``bench.cost.estimate`` produces the same trace without loading any weights (a test checks both agree).
 
 Rows are input rows of one call: a classifier-free-guided denoiser evaluation of one latent is 2 rows
 (``per_eval`` = 2), an unguided one 1; for the VAE and the reward a row is one image, for the text
@@ -144,7 +144,7 @@ class TraceWriter:
             self.path.unlink()
 
     def write(self, iteration: int, calls: Sequence[Call], stage: str = "train") -> None:
-        from bench import failpoints
+        from bench.rundir import failpoints
 
         with open(self.path, "a") as f:
             failpoints.hit("trace", self.path)

@@ -10,7 +10,7 @@ finally writes DIR/report.pdf from whatever run directories exist. Every run rec
 passthrough options (model, reward, config file, preset, --set overrides), so prompts, evaluation and
 seeds are identical across algorithms.
 
-Where the runs execute is ``bench.launch``: one after another (default), ``--jobs N`` at once on this
+Where the runs execute is ``bench.fleet.launch``: one after another (default), ``--jobs N`` at once on this
 machine (one GPU each; ``--threads-per-run`` pins CPU threads so that records do not depend on it), or
 one scheduler job per run through submitit (``--launcher slurm`` / ``submitit-local``).
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.budget import Budget
 from bench.errors import UsageError
-from bench.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
+from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
@@ -269,7 +269,7 @@ def check_options(out: Path, extra: Sequence[str], overwrite: bool) -> None:
 
 def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> None:
     """Refuse to extend a comparison whose existing runs come from other code than this checkout."""
-    from bench.runlog import git_state
+    from bench.rundir.runlog import git_state
 
     here = git_state()
     existing = [out / a / f"seed{s}" for a, s, state, _ in jobs if state in ("done", "resume")]

@@ -16,7 +16,7 @@ written last, then the directory is renamed into place and its parent fsynced. A
 ``meta.json`` is missing or whose files do not match their recorded sha256 is corrupt; resume then
 falls back to the previous one with a warning. The last ``run.keep_checkpoints`` are kept.
 
-What a resumed run may change, and how it continues from a checkpoint, is ``bench.resume``.
+What a resumed run may change, and how it continues from a checkpoint, is ``bench.rundir.resume``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any, Mapping
 
 import torch
 
-from bench import failpoints
 from bench.errors import CheckpointError, UsageError
+from bench.rundir import failpoints
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"

@@ -1,7 +1,7 @@
 """The runtime model: ``Policy`` (prompt encoding, denoiser calls, decoding) and its options.
 
-Building one (presets, loaders, LoRA) is ``bench.models``; random and tiny architectures are
-``bench.random_models``; what differs between model families is ``bench.families``.
+Building one (presets, loaders, LoRA) is ``bench.model.models``; random and tiny architectures are
+``bench.model.random_models``; what differs between model families is ``bench.model.families``.
 
 A model is a diffusers-style pipeline directory (local path or the HF cache, never the network at test
 time). ``model_index.json`` names each component as ``[library, class]``; the components are loaded with
@@ -37,9 +37,9 @@ class and encode prompts with its ``encode_prompt``:
 * ``StableDiffusionPipeline`` (SD 1.x, DDPO's setting): CLIP-L, epsilon-prediction UNet, its scheduler
   replaced by ``DDIMScheduler`` built from the same config (as DDPO does).
 
-``ModelOptions`` (applied by ``bench.models``) adds LoRA (peft, through diffusers' ``add_adapter``: the
+``ModelOptions`` (applied by ``bench.model.models``) adds LoRA (peft, through diffusers' ``add_adapter``: the
 denoiser's base weights are frozen, text encoders and VAE always are), gradient checkpointing,
-``torch.compile`` and the dtype of frozen weights. ``bench.models.build_random_policy`` builds the
+``torch.compile`` and the dtype of frozen weights. ``bench.model.models.build_random_policy`` builds the
 real architectures with random weights from the configs in ``bench/presets/*.json`` (speed and memory
 measurements without downloading weights).
 """
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.errors import UsageError
-from bench.families import family_for
+from bench.model.families import family_for
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Policy:
         self._empty: Conditioning | None = None
         self._pinned: dict[str, nn.Parameter] | None = None
         #: module called for forward passes with gradients (a DDP/FSDP wrapper of ``denoiser`` under
-        #: multi-process training, see bench.distributed); no-grad passes call ``denoiser`` directly
+        #: multi-process training, see bench.run.distributed); no-grad passes call ``denoiser`` directly
         self.train_module: nn.Module | None = None
         for m in self.frozen_modules():
             m.requires_grad_(False)
@@ -229,7 +229,7 @@ class Policy:
         return {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}
 
     def pin_trainable_parameters(self) -> None:
-        """Fix the trainable parameter objects from now on. Under FSDP (bench/fsdp.py) the module holds
+        """Fix the trainable parameter objects from now on. Under FSDP (bench/model/fsdp.py) the module holds
         gathered copies of some parameters between a no-grad forward and the next reshard; the
         optimizer, gradient clipping, checkpoints and snapshots must keep using the sharded ones."""
         self._pinned = {n: p for n, p in self.denoiser.named_parameters() if p.requires_grad}

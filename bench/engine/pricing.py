@@ -1,8 +1,8 @@
-"""Cost profiles and the modeled clock: a call trace (``bench.trace``) priced in measured seconds.
+"""Cost profiles and the modeled clock: a call trace (``bench.engine.trace``) priced in measured seconds.
 
 A cost profile (JSON, format ``treebench-cost-profile/1``; shipped ones in ``bench/profiles/``) holds,
 for one model on one device, a table per call kind of rows -> seconds per call (and peak device memory)
-measured by ``python -m bench.perf profile``, with the measurement conditions and, for every kind it
+measured by ``python -m bench.cost.perf profile``, with the measurement conditions and, for every kind it
 lacks, what the model assumes. Modeled seconds of a call (:func:`interpolate`):
 
 * between measured row counts: piecewise-linear in rows;
@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from bench.engine.trace import KINDS, TRAIN_PHASES, Call
 from bench.errors import UsageError
 from bench.registry import did_you_mean
-from bench.trace import KINDS, TRAIN_PHASES, Call
 
 FORMAT = "treebench-cost-profile/1"
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
 #: phases priced per iteration ("advantage" has no expensive calls: modeled as 0)
 PHASES = ("rollout", "reward", "advantage", "update")
 
@@ -118,7 +118,7 @@ class CostProfile:
         where = path or "cost profile"
         if obj.get("format") != FORMAT:
             raise UsageError(f"{where}: not a treebench cost profile (format {obj.get('format')!r}, expected "
-                             f"{FORMAT!r}); measure one with python -m bench.perf profile")
+                             f"{FORMAT!r}); measure one with python -m bench.cost.perf profile")
         tables = {}
         for kind, spec in (obj.get("kinds") or {}).items():
             base = kind.split(":", 1)[0]

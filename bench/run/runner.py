@@ -4,9 +4,9 @@
 and writes the run directory (docs/RUNDIR.md). Evaluation is timed but outside the training budget.
 Same config + seed on CPU gives an identical iterations.jsonl apart from timing fields.
 
-Where each part lives: the typed run spec ``bench.spec``; the model ``bench.models``; rewards
-``bench.scoring``; the run directory and log ``bench.runlog``; records ``bench.records``; evaluation
-``bench.evaluation``; checkpoints and resume ``bench.resume``; faults ``bench.faults``.
+Where each part lives: the typed run spec ``bench.spec``; the model ``bench.model.models``; rewards
+``bench.run.scoring``; the run directory and log ``bench.rundir.runlog``; records ``bench.run.records``; evaluation
+``bench.run.evaluation``; checkpoints and resume ``bench.rundir.resume``; faults ``bench.run.faults``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from bench import cost as cost_mod
-from bench import resume as resume_mod
-from bench import trace as trace_mod
-from bench import trackers as trackers_mod
-from bench.arithmetic import batch_arithmetic
 from bench.budget import Totals
-from bench.distributed import Dist, NullLog
+from bench.engine import pricing as cost_mod
+from bench.engine import trace as trace_mod
+from bench.engine.arithmetic import batch_arithmetic
+from bench.engine.prompts import load_prompt_set
+from bench.engine.rollout import RolloutEngine, Schedule
 from bench.errors import (
     AlgorithmSettingsError,
     Interrupted,
@@ -35,8 +34,12 @@ from bench.errors import (
     UsageError,
     is_out_of_memory,
 )
-from bench.evaluation import evaluate
-from bench.faults import (
+from bench.model.models import build_policy, resolve_device, weights_hash
+from bench.registry import algorithm_class
+from bench.run import trackers as trackers_mod
+from bench.run.distributed import Dist, NullLog
+from bench.run.evaluation import evaluate
+from bench.run.faults import (
     StopFlag,
     is_write_fault,
     nonfinite_inputs,
@@ -46,18 +49,15 @@ from bench.faults import (
     stop_signals,
     write_failure,
 )
-from bench.lock import RunLock
-from bench.models import build_policy, resolve_device, weights_hash
-from bench.finish import announce, finish
-from bench.progress import Progress, end_summary
-from bench.prompts import load_prompt_set
-from bench.records import PHASES, IterationRecord, zero_spread_fraction
-from bench.registry import algorithm_class
-from bench.rollout import RolloutEngine, Schedule
-from bench.runlog import RunLog, check_out_dir, create_out_dir, manifest
-from bench.scoring import build_rewards, score
+from bench.run.finish import announce, finish
+from bench.run.progress import Progress, end_summary
+from bench.run.records import PHASES, IterationRecord, zero_spread_fraction
+from bench.run.scoring import build_rewards, score
+from bench.run.timing import PhaseTimer, peak_mem_mb
+from bench.rundir import resume as resume_mod
+from bench.rundir.lock import RunLock
+from bench.rundir.runlog import RunLog, check_out_dir, create_out_dir, manifest
 from bench.spec import RunSpec
-from bench.timing import PhaseTimer, peak_mem_mb
 from bench.types import Advantages, RewardOutput, Rollout, RolloutPlan, UpdateStats
 
 
@@ -77,7 +77,7 @@ class Run:
     """One training run: the components built from the spec, and the state that checkpoints carry."""
 
     def __init__(self, spec: RunSpec, resume: bool = False):
-        self.lock: RunLock | None = None         # one writer per run directory (bench.lock), held until release()
+        self.lock: RunLock | None = None         # one writer per run directory (bench.rundir.lock), held until release()
         self.write_fault: OSError | None = None  # a write fault seen while finishing (final eval, final.json)
         self.final_fault: OSError | None = None  # final.json could not be written
         try:
@@ -139,7 +139,7 @@ class Run:
                                               self.out.name)
         self.eval_batch = self.eval_prompts.head(spec.eval.num_prompts)
         self.eval_conditioning = None            # encoded eval prompts, reused by every evaluation
-        # the state checkpoints carry (bench.resume)
+        # the state checkpoints carry (bench.rundir.resume)
         self.totals = Totals()
         self.evals: list[dict[str, Any]] = []
         self.last_checkpoint: int | None = None
@@ -280,9 +280,9 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
         on_eval: Callable[[dict], None] | None = None, progress: bool | None = None,
         resume: bool = False) -> RunSummary:
     """Train under the budget and write the run directory. ``cfg`` is a resolved config
-    (``bench.config.resolve``; for ``resume=True`` normally ``bench.resume.resume_config``);
+    (``bench.config.resolve``; for ``resume=True`` normally ``bench.rundir.resume.resume_config``);
     callbacks may raise ``StopRun`` to stop early. With ``resume`` the run continues in ``cfg['out']``
-    from its newest valid checkpoint. The run directory is locked for the whole run (``bench.lock``); a
+    from its newest valid checkpoint. The run directory is locked for the whole run (``bench.rundir.lock``); a
     write fault (disk full, I/O error, permission) ends it with a ``WriteFault`` saying what was kept."""
     r = Run(RunSpec.from_config(cfg), resume=resume)
     try:

@@ -20,28 +20,13 @@ of the weights is made, and the parameters themselves (optimizer state, gradient
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from bench.fsdp import copy_full_into, full, is_sharded, reshard
-
-#: the weights being trained; every other name is a snapshot
-CURRENT = "current"
-#: the frozen base model under LoRA (``Policy.reference``), evaluated for KL terms
-REFERENCE = "reference"
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-#: prefix of snapshot tensors inside a checkpoint's policy.safetensors
-PREFIX = "snapshot/"
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or name in (CURRENT, REFERENCE):
-        raise ValueError(f"a weight snapshot is named by a lower-case identifier other than {CURRENT!r} and "
-                         f"{REFERENCE!r}, got {name!r}")
-    return name
+from bench.model.fsdp import copy_full_into, full, is_sharded, reshard
+from bench.types import CURRENT, PREFIX, REFERENCE, check_name  # noqa: F401  (re-exported names of snapshots)
 
 
 class WeightSnapshots:
@@ -107,7 +92,7 @@ class WeightSnapshots:
                 p.data = original[n]
 
     def _use_sharded(self, snap: Mapping[str, Tensor]) -> Iterator[None]:
-        """Sharded parameters (bench/fsdp.py): copy into the shards (FSDP gathers from its own buffers, so
+        """Sharded parameters (bench/model/fsdp.py): copy into the shards (FSDP gathers from its own buffers, so
         replacing ``.data`` would not reach the forward), resharded before and after."""
         module = self._module_fn()
         if module is not None:

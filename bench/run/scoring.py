@@ -15,12 +15,11 @@ from typing import Any, Mapping
 
 import torch
 
-from bench import failpoints
+from bench.engine.trace import CallRecorder, record_reward
 from bench.errors import RewardError, UsageError, is_out_of_memory
 from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, rewards
-from bench.trace import CallRecorder, record_reward
+from bench.rundir import failpoints
 from bench.types import PromptBatch, RewardOutput
-
 
 #: where the Python modules each model-based reward needs are listed (shared with ``bench rewards check``)
 REQUIRED_MODULES = "rewards.cli:REQUIRED_MODULES"

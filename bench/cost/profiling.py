@@ -1,4 +1,4 @@
-"""Measuring cost profiles: ``python -m bench.perf profile --model M --device D --out F.json``.
+"""Measuring cost profiles: ``python -m bench.cost.perf profile --model M --device D --out F.json``.
 
 For the configured model (same loader, options and precision as ``bench run``) it times, per call
 kind, seconds per call at several row counts (median of ``repeats`` calls after ``warmup`` calls,
@@ -13,7 +13,7 @@ device-synchronised) and, on CUDA, the peak memory of each call:
 * ``vae_decode`` (latent models), ``text_encode`` (prompts), ``reward:<name>`` for the training and
   held-out rewards (images), ``optimizer_step`` (AdamW over the trainable parameters)
 
-The JSON it writes is a ``bench.cost`` profile. ``convert_measurements`` turns a bare measurement file
+The JSON it writes is a ``bench.engine.pricing`` profile. ``convert_measurements`` turns a bare measurement file
 (``{"measurements": [{kind, rows, seconds_per_call, peak_mem_mb}]}``) into one.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from bench.cost import FORMAT
+from bench.engine.pricing import FORMAT
 
 FORWARD_ROWS = (1, 2, 4, 8, 16, 32, 64)
 BACKWARD_ROWS = (1, 2, 4, 8, 16)
@@ -107,9 +107,9 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
             log: Callable[[str], None] = print, forward_rows: Sequence[int] = FORWARD_ROWS,
             backward_rows: Sequence[int] = BACKWARD_ROWS, image_rows: Sequence[int] = IMAGE_ROWS) -> dict[str, Any]:
     """Measured points per kind for the model of ``cfg`` (a resolved config) on ``device``."""
-    from bench.prompts import load_prompt_set
-    from bench.models import build_policy
-    from bench.scoring import build_reward_checked
+    from bench.engine.prompts import load_prompt_set
+    from bench.model.models import build_policy
+    from bench.run.scoring import build_reward_checked
     from bench.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -156,7 +156,7 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
 def profile_json(name: str, model: str, models: Sequence[str], device: str, conditions: str, software: str,
                  trainable: str, kinds: Mapping[str, Sequence[Mapping[str, Any]]], measured: str,
                  assumptions: Mapping[str, str] | None = None, source: str = "") -> dict[str, Any]:
-    """A ``bench.cost`` profile object from measured points (kept: rows, seconds, peak_mem_mb, min/median)."""
+    """A ``bench.engine.pricing`` profile object from measured points (kept: rows, seconds, peak_mem_mb, min/median)."""
     keep = ("rows", "seconds", "peak_mem_mb", "min_seconds", "mean_seconds")
     return {"format": FORMAT, "name": name, "model": model, "models": list(models), "device": device,
             "measured": measured, "conditions": conditions, "software": software, "trainable": trainable,
@@ -205,12 +205,12 @@ def load_text() -> str:
 
 
 def profile_main(a: Any) -> int:
-    """``python -m bench.perf profile``: measure the configured model and write the profile JSON."""
+    """``python -m bench.cost.perf profile``: measure the configured model and write the profile JSON."""
     import json
 
     from bench import config
-    from bench.runlog import device_info, now_iso
-    from bench.models import resolve_device
+    from bench.model.models import resolve_device
+    from bench.rundir.runlog import device_info, now_iso
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -237,7 +237,7 @@ def profile_main(a: Any) -> int:
     prof = profile_json(name, a.model, [a.model], dev_name, conditions, software(),
                         f"LoRA rank {rank}" if rank else "full fine-tuning", kinds, now_iso()[:10],
                         {"unlisted kinds": "a kind missing from 'kinds' is unpriced (0 s) and counted as such"},
-                        "python -m bench.perf profile")
+                        "python -m bench.cost.perf profile")
     with open(a.out, "w") as f:
         json.dump(prof, f, indent=1)
         f.write("\n")

@@ -1,6 +1,6 @@
-"""Benchmarks (not tests): ``python -m bench.perf engine [--json]`` and ``python -m bench.perf paper-table``;
-``profile`` (measure a cost profile, bench/profiling.py) and ``validate-cost`` (modeled vs measured
-seconds per iteration, bench/validate_cost.py): docs/COST.md.
+"""Benchmarks (not tests): ``python -m bench.cost.perf engine [--json]`` and ``python -m bench.cost.perf paper-table``;
+``profile`` (measure a cost profile, bench/cost/profiling.py) and ``validate-cost`` (modeled vs measured
+seconds per iteration, bench/cost/validate.py): docs/COST.md.
 
 ``engine``: the rollout engine's throughput as a ratio of the raw denoiser's forward throughput on the
 same model, micro-batch and number of evaluations, both measured in this run (best of ``--repeats``),
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.timing import sync
+from bench.run.timing import sync
 
 
 def _best_time(fn, repeats: int, device: torch.device) -> float:  # noqa: ANN001
@@ -71,8 +71,8 @@ def _paired_best(fns: dict, repeats: int, device: torch.device) -> dict[str, flo
 def engine_benchmark(model: str = "shapes", prompts: int = 16, micro_batch: int = 64, repeats: int = 3,
                      device: str = "auto", guidance: float | None = None) -> dict[str, Any]:
     from bench import config
-    from bench.models import build_policy, resolve_device
-    from bench.rollout import RolloutEngine
+    from bench.engine.rollout import RolloutEngine
+    from bench.model.models import build_policy, resolve_device
     from bench.spec import RunSpec
     from bench.types import PromptBatch, RolloutPlan
 
@@ -126,7 +126,8 @@ def _paper_row(algo: str, model: str, overrides: dict[str, Any], iterations: int
     """One algorithm: a real ``bench run`` for warmup + iterations iterations; timings of the last ones."""
     import tempfile
 
-    from bench import config, runner
+    from bench import config
+    from bench.run import runner
 
     sets = {**PAPER_SAMPLER, **PAPER_ALGOS[algo], "eval.every": 0, "eval.at_start": False, "eval.num_prompts": 1,
             "run.checkpoint_every": 0, "model.device": device, **overrides}
@@ -156,8 +157,8 @@ def paper_table(model: str = "sd3.5-medium-random", prompts: int = 2, iterations
                 algo_overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Time per iteration of the paper's three algorithms under one setting (see the module docstring).
     ``overrides`` apply to every algorithm, ``algo_overrides[name]`` to one (tests shrink groups with it)."""
-    from bench.models import resolve_device
-    from bench.runlog import device_info
+    from bench.model.models import resolve_device
+    from bench.rundir.runlog import device_info
 
     dev = resolve_device(device)
     sets = {"train.prompts_per_iteration": prompts, **(overrides or {})}
@@ -201,7 +202,7 @@ def format_paper_table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.cost.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     e = sub.add_parser("engine", help="rollout engine throughput vs raw denoiser throughput")
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every algorithm (e.g. model.lora_rank=0)")
     t.add_argument("--out", default="paper_table.json", help="JSON output (default paper_table.json)")
-    from bench import profiling, validate_cost  # (cost) docs/COST.md
+    from bench.cost import profiling
+    from bench.cost import validate as validate_cost  # (cost) docs/COST.md
 
     profiling.add_profile_parser(sub)
     validate_cost.add_parser(sub)

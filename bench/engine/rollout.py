@@ -14,7 +14,7 @@ Only the engine calls the denoiser. It
   per distinct parent for all of its children (TreeGRPO's amortisation),
 * evaluates the denoiser on latents an algorithm builds itself (``predict``: likelihood-free updates
   such as DiffusionNFT's flow-matching loss on forward-noised samples), with the trained weights, a
-  weight snapshot (``bench.snapshots``) or the frozen reference; counted as update NFE and traced.
+  weight snapshot (``bench.model.snapshots``) or the frozen reference; counted as update NFE and traced.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench import sde
-from bench.policy import Conditioning, Policy
-from bench.seeding import generator
-from bench.snapshots import CURRENT, REFERENCE, WeightSnapshots
-from bench.trace import CallRecorder
+from bench.engine import sde
+from bench.engine.seeding import generator
+from bench.engine.trace import CallRecorder
+from bench.model.policy import Conditioning, Policy
+from bench.model.snapshots import CURRENT, REFERENCE, WeightSnapshots
 from bench.types import PromptBatch, Rollout, RolloutPlan
 
 
@@ -109,7 +109,7 @@ class RolloutEngine:
                  schedule: str = "scheduler"):
         """``schedule`` (flow models): "scheduler" = the policy's own scheduler config's
         ``set_timesteps`` sigmas; "linspace" = the FLUX trainers' shifted linspace with ``shift`` and
-        quantised timesteps (``bench.sde.FLOW_SCHEDULES``)."""
+        quantised timesteps (``bench.engine.sde.FLOW_SCHEDULES``)."""
         if max_micro_batch < 1:
             raise ValueError("max_micro_batch must be >= 1")
         if schedule not in sde.FLOW_SCHEDULES:
@@ -122,9 +122,9 @@ class RolloutEngine:
         self.nfe_rollout = 0
         self.nfe_update = 0
         self.nfe_eval = 0
-        #: every expensive call this engine makes (bench.trace); the runner drains it per iteration
+        #: every expensive call this engine makes (bench.engine.trace); the runner drains it per iteration
         self.recorder = CallRecorder()
-        #: named copies of the trainable weights an algorithm samples or evaluates with (bench.snapshots)
+        #: named copies of the trainable weights an algorithm samples or evaluates with (bench.model.snapshots)
         self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters(),
                                          lambda: getattr(policy, "denoiser", None))
 

@@ -56,7 +56,7 @@ def stop_signals(flag: StopFlag):
 def refuse_nonfinite_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     """Optimizer pre-step hook: NaN/inf gradients never reach the weights."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    # one bool per gradient: for a sharded gradient (bench/fsdp.py) it is the global answer of every rank
+    # one bool per gradient: for a sharded gradient (bench/model/fsdp.py) it is the global answer of every rank
     if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
         raise NonFiniteGrad("non-finite gradient")
 
@@ -119,8 +119,8 @@ def describe_oserror(e: OSError) -> str:
 
 def write_failure(e: OSError, out: Path, *, last_checkpoint: int | None, final_fault: OSError | None) -> WriteFault:
     """The message of a run stopped by a write fault: what failed, what was kept, how to continue."""
-    from bench.checkpoint import step_dir
-    from bench.resume import read_jsonl
+    from bench.rundir.checkpoint import step_dir
+    from bench.rundir.resume import read_jsonl
 
     where = e.filename or f"a file in {out}"
     lines = [f"could not write {where}: {describe_oserror(e)}; the run stopped."]

@@ -119,9 +119,9 @@ class _MLflow:
             self.client.log_param(self.run_id, k, v)
 
     def log(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])

@@ -7,7 +7,7 @@ The call trace is not re-derived by formulas: the real algorithm (plan, advantag
 real rollout engine run on a *shadow policy* with the model's interface and one-element latents, so
 every denoiser, VAE, text-encoder, reward and optimizer call is recorded exactly as a real run with
 the same configuration and seed records it (tests/test_cost.py compares the two on the tiny model).
-The trace is then priced with a cost profile (``bench.cost``), both as treebench makes the calls and
+The trace is then priced with a cost profile (``bench.engine.pricing``), both as treebench makes the calls and
 the way the released trainers make them (reference-trainer mode). Modeled seconds are labelled as
 such everywhere: they are a model built from measured per-call costs, not a measurement of the plan.
 """
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from bench import config as config_mod
-from bench import cost as cost_mod
-from bench import trace as trace_mod
 from bench.budget import Budget
+from bench.engine import pricing as cost_mod
+from bench.engine import trace as trace_mod
 from bench.errors import UsageError
 from bench.registry import MODELS, algorithm_class, model_preset
 from bench.types import RewardOutput, TrainSpec
@@ -49,7 +49,7 @@ class ShadowPolicy:
         self.weight = nn.Parameter(torch.ones(()))
 
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
-        from bench.policy import Conditioning
+        from bench.model.policy import Conditioning
 
         return Conditioning({"encoder_hidden_states": torch.zeros(len(prompts), 1, 1)})
 
@@ -107,8 +107,8 @@ def _schedule_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 def model_facts(cfg: dict[str, Any]) -> tuple[str, bool]:
     """(prediction, has_vae) of the configured model, read from its model_index.json or its random-weight
     twin's architecture spec: nothing is loaded."""
-    from bench.models import index_prediction, model_dir, read_model_index, resolve_model_path
-    from bench.random_models import random_preset_spec
+    from bench.model.models import index_prediction, model_dir, read_model_index, resolve_model_path
+    from bench.model.random_models import random_preset_spec
 
     m = cfg["model"]
     twin = _twin(cfg)
@@ -128,10 +128,10 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
     by the real algorithm and engine on a :class:`ShadowPolicy`; same order as a real run's trace."""
     from diffusers.configuration_utils import FrozenDict
 
-    from bench.models import model_options, model_scheduler
-    from bench.prompts import load_prompt_set
-    from bench.rollout import RolloutEngine
-    from bench.seeding import generator
+    from bench.engine.prompts import load_prompt_set
+    from bench.engine.rollout import RolloutEngine
+    from bench.engine.seeding import generator
+    from bench.model.models import model_options, model_scheduler
     from bench.spec import sampler_spec
 
     prediction, has_vae = model_facts(cfg)
@@ -317,7 +317,7 @@ def _presets(spec: str | None, algos: list[str]) -> dict[str, str | None]:
 def comparison(reps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per algorithm: modeled s/iteration (batched and reference trainers), ratios to DanceGRPO when
     it is planned, and beside them the TreeGRPO paper's s/iteration on sd3.5-medium (8 GPUs, wall-clock)."""
-    from bench.perf import PAPER_S_PER_ITER
+    from bench.cost.perf import PAPER_S_PER_ITER
 
     base = reps.get("dancegrpo")
     rows = []

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
-from bench.families import denoiser_kind
+from bench.model.families import denoiser_kind
 
 TREEBENCH_CLASS = "TreebenchPipeline"
 
@@ -29,7 +29,7 @@ def quiet_libraries() -> None:
 
 
 # ---- random-weight real architectures ----------------------------------------------------------
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 def random_preset_spec(name: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 (treebench's format or a real diffusers pipeline), with LoRA, gradient checkpointing and compile.
 
 ``build_policy(spec.model, device)`` is the entry point the runner, lora export and perf use; ``load_policy(path)``
-loads one directory; ``build_random_policy`` wraps a random-weight architecture (``bench.random_models``).
+loads one directory; ``build_random_policy`` wraps a random-weight architecture (``bench.model.random_models``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from bench.errors import MissingWeightsError, UsageError
-from bench.families import LORA_TARGETS, REAL_PIPELINES, denoiser_kind, family_for
-from bench.policy import ModelOptions, Policy
-from bench.random_models import (
+from bench.model.families import LORA_TARGETS, REAL_PIPELINES, denoiser_kind, family_for
+from bench.model.policy import ModelOptions, Policy
+from bench.model.random_models import (
     PRESET_DIR,
     REDUCED,
     TREEBENCH_CLASS,
@@ -32,7 +32,7 @@ from bench.random_models import (
 )
 from bench.registry import model_preset
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 # ---- from a config ---------------------------------------------------------------------------------

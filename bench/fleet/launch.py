@@ -7,7 +7,7 @@ on its command and its numerics, not on the launcher. On CPU the number of threa
 numerics (it changes float rounding of reductions): ``--threads-per-run T`` pins it (OMP/MKL threads) for
 every run, and runs started with the same T give identical records whether they ran alone or side by
 side. On GPUs each concurrent run gets its own device (``CUDA_VISIBLE_DEVICES``); a run that needs
-several GPUs is started under ``accelerate launch`` (``bench.distributed.launch_command``).
+several GPUs is started under ``accelerate launch`` (``bench.run.distributed.launch_command``).
 
 submitit writes each job's pickled call and its result into its folder (``DIR/submitit/``): these are
 files this process wrote for its own jobs, read back by submitit itself; treebench never unpickles
@@ -85,7 +85,7 @@ class Launch:
 
 def add_cluster_args(p: argparse.ArgumentParser, what: str, launcher_help: str) -> Any:
     """The launcher options ``bench compare`` and ``bench sweep`` share; returns their argument group."""
-    g = p.add_argument_group(f"where the {what} execute (bench/launch.py, docs/SCALE.md)")
+    g = p.add_argument_group(f"where the {what} execute (bench/fleet/launch.py, docs/SCALE.md)")
     g.add_argument("--launcher", default="local", choices=LAUNCHERS, help=launcher_help)
     g.add_argument("--gpus-per-run", type=int, default=0,
                    help="slurm/submitit-local: GPUs per job; > 1 starts a run under accelerate launch")
@@ -258,7 +258,7 @@ def submitit_command(cmd: Sequence[str], runner: Sequence[str], gpus_per_run: in
     if list(cmd[:len(runner)]) != list(runner) or list(runner[1:]) != ["-m", "bench.cli"]:
         raise UsageError("--gpus-per-run > 1 starts `bench run` under accelerate launch; it needs the standard "
                          "runner (python -m bench.cli)")
-    from bench.distributed import launch_command
+    from bench.run.distributed import launch_command
 
     return launch_command(["-m", "bench.cli", *cmd[len(runner):]], num_processes=gpus_per_run, cpu=False)
 

@@ -5,7 +5,7 @@ cannot change the records may differ (``RESUME_MUTABLE``), and the budget may on
 prompts, model weights and reward versions are required. ``iterations.jsonl`` keeps the records of the
 checkpointed iterations (a partial last line from a killed process is dropped, later records are
 recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations, so no iteration is lost
-or counted twice. The checkpoint format itself is ``bench.checkpoint``.
+or counted twice. The checkpoint format itself is ``bench.rundir.checkpoint``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any, Mapping
 
 import torch
 
-from bench import checkpoint as ckpt_mod
-from bench import fsdp
 from bench.budget import Totals
-from bench.checkpoint import warn
 from bench.errors import UsageError
-from bench.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
-from bench.snapshots import PREFIX as SNAPSHOT_PREFIX
+from bench.model import fsdp
+from bench.model.snapshots import PREFIX as SNAPSHOT_PREFIX
+from bench.rundir import checkpoint as ckpt_mod
+from bench.rundir.checkpoint import warn
+from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
@@ -214,7 +214,7 @@ def trainable_state(policy: Any) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(r: Any) -> Path:
-    """Save the state of run ``r`` (a ``bench.runner.Run``) after ``r.totals.iterations`` completed
+    """Save the state of run ``r`` (a ``bench.run.runner.Run``) after ``r.totals.iterations`` completed
     iterations; outside the budget."""
     t0 = time.perf_counter()
     sharded = r.dist.fsdp
@@ -227,7 +227,7 @@ def save_checkpoint(r: Any) -> Path:
         r.last_checkpoint = r.totals.iterations
         return r.out
     if not sharded:
-        # the trainable weights and, beside them, the algorithm's weight snapshots (bench.snapshots)
+        # the trainable weights and, beside them, the algorithm's weight snapshots (bench.model.snapshots)
         weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
         optimizer = r.optimizer.state_dict()
     state = {"totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
@@ -260,7 +260,7 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
         r.engine.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    by_name = ck.state.get("optimizer_format") == "by_name"  # written by a sharded run (bench/fsdp.py)
+    by_name = ck.state.get("optimizer_format") == "by_name"  # written by a sharded run (bench/model/fsdp.py)
     if by_name != r.dist.fsdp:
         raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
                          f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
@@ -316,7 +316,7 @@ def resume(r: Any) -> list[dict[str, Any]]:
 
 def check_same_inputs(r: Any, manifest: Mapping[str, Any]) -> None:
     """A resumed run must see the same prompts, model weights and reward versions."""
-    from bench.models import weights_hash
+    from bench.model.models import weights_hash
 
     changed = []
     for split, ps in (("train", r.train_prompts), ("eval", r.eval_prompts)):

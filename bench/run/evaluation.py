@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from bench.progress import eval_line
-from bench.runlog import reward_hacking_flag, save_grid
-from bench.scoring import score
+from bench.run.progress import eval_line
+from bench.run.scoring import score
+from bench.rundir.runlog import reward_hacking_flag, save_grid
 from bench.types import RolloutPlan
 
 
@@ -33,7 +33,7 @@ def _eval_rollout(r: Any) -> Any:
 
 
 def evaluate(r: Any, iteration: int) -> dict[str, Any]:
-    """Evaluate run ``r`` (a ``bench.runner.Run``) after ``iteration`` completed iterations; appends the
+    """Evaluate run ``r`` (a ``bench.run.runner.Run``) after ``iteration`` completed iterations; appends the
     record to ``r.evals`` and evals.jsonl and saves a sample grid."""
     if not r.dist.is_main:  # rank 0 evaluates and logs ...
         if r.dist.fsdp:  # ... but a sharded denoiser needs every rank in each of its forward passes
@@ -72,5 +72,5 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
     r.log.evaluation(rec)
     r.trackers.evaluation(rec, r.out, list(r.eval_batch.prompts[: r.spec.eval.grid]))
-    print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.progress)
+    print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.run.progress)
     return rec

@@ -1,4 +1,4 @@
-"""``python -m bench.perf validate-cost``: modeled vs measured seconds per iteration (a benchmark, not a test).
+"""``python -m bench.cost.perf validate-cost``: modeled vs measured seconds per iteration (a benchmark, not a test).
 
 For each algorithm it runs a real ``bench run`` on the model (default: the shapes world with its
 shipped CPU profile ``shapes-cpu``), ``--warmup`` untimed iterations then ``--iterations`` timed ones, with
@@ -28,8 +28,8 @@ def _probe(cfg: dict[str, Any], rows: int, repeats: int = 5) -> float:
     """Median seconds of one no-grad forward of ``rows`` rows of the configured model, now."""
     import torch
 
-    from bench.profiling import _denoiser_fns, time_call
-    from bench.models import build_policy, resolve_device
+    from bench.cost.profiling import _denoiser_fns, time_call
+    from bench.model.models import build_policy, resolve_device
     from bench.spec import ModelSpec
 
     dev = resolve_device(cfg["model"]["device"])
@@ -40,10 +40,10 @@ def _probe(cfg: dict[str, Any], rows: int, repeats: int = 5) -> float:
 
 def _one(algo: str, model: str, profile: str, iterations: int, warmup: int, sets: dict[str, Any],
          preset: str | None = None) -> dict[str, Any]:
-    from bench.cost import load_profile
-
-    from bench import config, runner
-    from bench.profiling import load_text
+    from bench import config
+    from bench.cost.profiling import load_text
+    from bench.engine.pricing import load_profile
+    from bench.run import runner
 
     with tempfile.TemporaryDirectory(prefix=f"validate_cost_{algo}_") as tmp:
         cfg = config.resolve({"eval.every": 0, "eval.at_start": False, "run.checkpoint_every": 0,
@@ -79,7 +79,7 @@ def validate(model: str = "shapes", profile: str = "shapes-cpu", algos: tuple[st
              sets: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
     import torch
 
-    from bench.cost import load_profile
+    from bench.engine.pricing import load_profile
 
     prof = load_profile(profile)
     out: dict[str, Any] = {"model": model, "profile": prof.describe(), "iterations": iterations, "warmup": warmup,

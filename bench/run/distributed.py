@@ -22,7 +22,7 @@ runner then trains data-parallel:
   ``NullLog``. Evaluation runs on rank 0 only.
 
 With ``model.distributed=fsdp`` (or ``accelerate launch --use_fsdp``) the denoiser is sharded instead of
-replicated (FSDP2, ``bench/fsdp.py``): for full fine-tuning of models that do not fit one device. The
+replicated (FSDP2, ``bench/model/fsdp.py``): for full fine-tuning of models that do not fit one device. The
 prompts, advantages and budgets work as above; every rank then also runs the evaluation's forwards.
 
 CPU test recipe (STACK.md): ``accelerate launch --multi_gpu --num_processes 2 --num_machines 1
@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.engine.seeding import derive_seed
 from bench.errors import UsageError
-from bench.seeding import derive_seed
 from bench.types import Advantages, PromptBatch, RewardOutput, Rollout
 
 #: launcher prefix for ``accelerate launch`` from this venv: the launcher process gets the torchvision
@@ -104,7 +104,7 @@ class Dist:
 
     def __init__(self, accelerator: Any = None, fsdp: bool = False):
         self.accelerator = accelerator
-        #: the denoiser is sharded (bench/fsdp.py): every rank takes part in every forward pass
+        #: the denoiser is sharded (bench/model/fsdp.py): every rank takes part in every forward pass
         self.fsdp = bool(fsdp) and accelerator is not None
         self.world_size = int(accelerator.num_processes) if accelerator is not None else 1
         self.rank = int(accelerator.process_index) if accelerator is not None else 0
@@ -157,7 +157,7 @@ class Dist:
         if not policy.trainable_parameters():
             raise UsageError("multi-process training needs trainable denoiser parameters")
         if self.fsdp:  # sharded in place: forwards with and without gradients call the same module
-            from bench.fsdp import shard_denoiser
+            from bench.model.fsdp import shard_denoiser
 
             shard_denoiser(policy.denoiser)
             policy.train_module = None
