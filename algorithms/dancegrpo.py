@@ -25,7 +25,7 @@ Implementation details:
   the rollout's stored log-probs, advantages clamped to +-5, clip range 1e-4; the reference divides
   every term by (gradient accumulation x trained steps), i.e. a mean over the accumulated terms,
   which ``ppo_update``'s "mean" reduction reproduces. No KL term (``beta`` = 0).
-- Options: ``sampler.sde=cps`` (coefficients-preserving sampling, ``bench.sde.cps_sde_step``) and
+- Options: ``sampler.sde=cps`` (coefficients-preserving sampling, ``bench.engine.sde.cps_sde_step``) and
   ``guard`` (GRPO-Guard's RatioNorm and gradient reweighting, flow_grpo's released form, on
   ``sampler.sde=flow_grpo``; ``algorithms.common.guard_surrogate``).
 - Not reproduced: FLUX's distilled guidance embedding (treebench models use CFG when

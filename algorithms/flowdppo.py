@@ -54,10 +54,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import PPOTerms, chain_edge_advantages, chain_step_edges, ppo_update
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
 from bench.errors import NonFiniteGrad
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

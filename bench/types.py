@@ -50,7 +50,7 @@ STEP_MODES = ("ode", "sde", "dpm2")
 #: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
 #: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
 #: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py); "cps" = coefficients-preserving sampling
-#: (the same flow_grpo function with ``sde_type='cps'``, ``bench.sde.cps_sde_step``). Epsilon models
+#: (the same flow_grpo function with ``sde_type='cps'``, ``bench.engine.sde.cps_sde_step``). Epsilon models
 #: always use DDIM.
 SDE_TYPES = ("flow_grpo", "dance", "cps")
 #: What a rollout decodes into its images (``sampler.final_image``): "sample" = the last sampled latent

@@ -11,11 +11,12 @@ import pytest
 import torch
 from test_algorithms import BATCH, P, SpyEngine, brightness
 
-from bench import config, runner
+from bench import config
+from bench.engine.rollout import RolloutEngine
+from bench.engine.trace import nfe as trace_nfe
 from bench.errors import UsageError
 from bench.registry import algorithm_class
-from bench.rollout import RolloutEngine
-from bench.trace import nfe as trace_nfe
+from bench.run import runner
 from bench.types import SamplerSpec, TrainSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from test_parity import BATCH, ToyPolicy, close
 from algorithms.common import chain_step_edges, guard_surrogate
 from algorithms.flowdppo import FlowDPPO, FlowDPPOConfig, code_sigma_t, flowdppo_advantages, flowdppo_loss
 from algorithms.flowgrpo import FlowGRPO, FlowGRPOConfig
-from bench.rollout import RolloutEngine
+from bench.engine.rollout import RolloutEngine
 from bench.types import SamplerSpec, TrainSpec
 
 
