@@ -36,13 +36,13 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,        # torch.compile the denoiser
         "guidance_embedding": 3.5,  # guidance input of guidance-distilled transformers (FLUX.1-dev)
         "use_t5": True,          # SD3: load the T5 text encoder when the pipeline has one
-        "distributed": "auto",   # auto (DDP when launched with > 1 process) | fsdp (sharded, bench/fsdp.py) | off
+        "distributed": "auto",   # auto (DDP when launched with > 1 process) | fsdp (sharded, bench/model/fsdp.py) | off
     },
     "sampler": {
         "steps": None,           # T; None = the model preset's default
         "guidance": None,        # CFG scale; <= 1 disables CFG
         "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
-        "sde": "flow_grpo",      # flow_grpo | dance (flow models)
+        "sde": "flow_grpo",      # flow_grpo | dance | cps (flow models)
         "shift": None,           # flow time shift
         "schedule": "auto",      # auto | scheduler | linspace (flow models; auto = the model family's reference)
         "final_image": None,     # sample | x0; None = the algorithm's reference behaviour
@@ -82,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
         "overwrite": False,
         "progress": True,
         "tensorboard": False,
-        "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/trackers.py)
+        "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/run/trackers.py)
         "checkpoint_every": 20,   # checkpoint every N iterations and at the end (0 = only on SIGINT/SIGTERM)
         "keep_checkpoints": 2,    # newest N checkpoints kept (>= 2 lets resume skip a corrupt newest one)
         "on_nonfinite": "stop",   # NaN/inf reward, log-prob or gradient: stop | skip (drop the batch's update)
@@ -268,7 +268,7 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
     need(isinstance(s["guidance"], (int, float)), f"sampler.guidance must be a number, got {s['guidance']!r}")
     need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
          f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
-    need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(s["sde"] in ("flow_grpo", "dance", "cps"), f"sampler.sde must be flow_grpo, dance or cps, got {s['sde']!r}")
     need(s["schedule"] in ("auto", "scheduler", "linspace"),
          f"sampler.schedule must be auto, scheduler or linspace, got {s['schedule']!r}")
     need(s["final_image"] in (None, "sample", "x0"),

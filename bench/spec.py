@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from bench import config as config_mod
 from bench.budget import Budget, Cadence
 from bench.errors import UsageError
-from bench.policy import ModelOptions
+from bench.model.policy import ModelOptions
 from bench.types import SamplerSpec, TrainSpec
 
 
@@ -37,7 +37,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
-        from bench.models import model_options, model_prediction
+        from bench.model.models import model_options, model_prediction
 
         m = cfg["model"]
         return cls(name=m["name"], path=m.get("path"), device=m["device"], mixed_precision=m["mixed_precision"],
@@ -53,7 +53,7 @@ class OptimizerSpec:
     beta2: float
     eps: float
     weight_decay: float
-    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.runner.FrozenAdamW)
+    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.run.runner.FrozenAdamW)
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class RunOptions:
     checkpoint_every: int
     keep_checkpoints: int
     on_nonfinite: str
-    trace: bool                  # write every expensive call to trace.jsonl (bench.trace)
-    log_with: tuple[str, ...] = ()  # experiment trackers (bench.trackers)
+    trace: bool                  # write every expensive call to trace.jsonl (bench.engine.trace)
+    log_with: tuple[str, ...] = ()  # experiment trackers (bench.run.trackers)
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,14 @@ class RunSpec:
     run: RunOptions
     budget: Budget
     seed: int
-    cost_profile: Any = None     # a bench.cost.CostProfile pricing the run's calls (run.cost_profile / run.clock)
+    cost_profile: Any = None     # a bench.engine.pricing.CostProfile pricing the run's calls (run.cost_profile / run.clock)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "RunSpec":
         """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
         algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
         cannot be found; loads no weights."""
-        from bench import cost
+        from bench.engine import pricing as cost
 
         cfg = copy.deepcopy(dict(cfg))
         t, r, e, ru = cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
@@ -169,8 +169,8 @@ def resolve_schedule(cfg: Mapping[str, Any], prediction: str
     ``sampler.schedule = auto`` picks each family's reference: FLUX = "linspace" (DanceGRPO / MixGRPO),
     SD3/SD3.5 and the treebench models (SD3 transformers with a FlowMatchEuler scheduler, the TreeGRPO
     paper's setting) = "scheduler" (Flow-GRPO / TreeGRPO). Reads the model's scheduler config, no weights."""
-    from bench import sde
-    from bench.models import model_scheduler
+    from bench.engine import sde
+    from bench.model.models import model_scheduler
 
     if prediction != "flow":
         return "ddim", (), ()

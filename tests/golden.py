@@ -45,6 +45,10 @@ CASES: dict[str, dict[str, Any]] = {
     "branchgrpo-pruned": {"algo": "branchgrpo", "sets": {"algo.split_points": [0, 1], "algo.split_noise_scale": 4.0,
                                                          "algo.prob_weighted": True, "algo.depth_pruning": [4],
                                                          "algo.width_pruning": "global"}},
+    "flowdppo": {"algo": "flowdppo", "sets": {"algo.group_size": 3, "algo.num_sde_steps": 2, "sampler.steps": 6}},
+    "flowgrpo-cps": {"algo": "flowgrpo", "sets": {"algo.group_size": 3, "sampler.sde": "cps",
+                                                  "sampler.noise_level": 0.8}},
+    "treegrpo-guard": {"algo": "treegrpo", "sets": {"algo.k": 2, "algo.d": 2, "algo.guard": True}},
 }
 
 #: logged per iteration and compared: integers exactly, floats within atol + rtol |golden|. The
@@ -62,7 +66,8 @@ def run_case(name: str, out_root: Path) -> list[dict[str, Any]]:
     """Run one case for 2 iterations; returns the compared keys of each iteration record."""
     import torch
 
-    from bench import config, runner
+    from bench import config
+    from bench.run import runner
 
     case = CASES[name]
     base = {"sampler.steps": 4, "run.progress": False, "eval.every": 0, "eval.at_start": False,

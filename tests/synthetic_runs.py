@@ -208,7 +208,7 @@ def write_sweep(
 
 
 def _head_commit() -> str:
-    from bench.runlog import git_state
+    from bench.rundir.runlog import git_state
 
     return git_state().get("commit") or GIT_COMMIT
 

@@ -1,4 +1,4 @@
-"""bench compare (bench/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
+"""bench compare (bench/fleet/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import sys
 import pytest
 from synthetic_runs import _head_commit, write_run
 
-from bench import compare, launch
+from bench.fleet import compare, launch
 
 
 def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_path, capsys):

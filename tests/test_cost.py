@@ -7,13 +7,15 @@ import math
 import pytest
 import torch
 
-from bench import config, cost, runner
+from bench import config
 from bench.budget import Budget, Totals
 from bench.cli import main as cli_main
-from bench.plan import plan_report, simulate
+from bench.cost.estimate import plan_report, simulate
+from bench.engine import pricing as cost
+from bench.engine.rollout import RolloutEngine
+from bench.engine.trace import Call, read_trace, summarize
 from bench.errors import UsageError
-from bench.rollout import RolloutEngine
-from bench.trace import Call, read_trace, summarize
+from bench.run import runner
 from bench.types import PromptBatch, RolloutPlan
 
 
@@ -113,7 +115,8 @@ def _cfg(tmp_path, algo, name="run", budget="2it", model="tiny-random", **sets):
 
 @pytest.mark.parametrize("algo,sets", [("treegrpo", {"algo.k": 2, "algo.d": 2}), ("dancegrpo", {"algo.group_size": 3}),
                                        ("mixgrpo", {"algo.group_size": 3, "algo.window": 2}),
-                                       ("ddpo", {"algo.group_size": 3})])
+                                       ("ddpo", {"algo.group_size": 3}),
+                                       ("flowdppo", {"algo.group_size": 3, "algo.num_sde_steps": 2})])
 def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, sets):
     cfg = _cfg(tmp_path, algo, budget="3it", **sets)
     s = runner.run(cfg)
@@ -231,8 +234,8 @@ def test_report_refuses_modeled_axis_without_profile(tmp_path):
 
 # ---- measuring a profile and validating it (smoke: the benchmark code paths, tiny sizes) -------------------
 def test_measured_profile_loads_and_prices_a_run(tmp_path):
-    from bench.profiling import measure, profile_json
-    from bench.validate_cost import format_table, validate
+    from bench.cost.profiling import measure, profile_json
+    from bench.cost.validate import format_table, validate
 
     cfg = config.resolve({}, flags={"algo.name": "grpo", "model.name": "tiny-random"})
     kinds = measure(cfg, torch.device("cpu"), warmup=0, repeats=1, log=lambda s: None, forward_rows=(1, 2),

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
-from bench import checkpoint, config, runner
+from bench import config
 from bench.budget import Cadence, Totals
 from bench.cli import main
 from bench.errors import UsageError
-from bench.records import EVAL_SCORE_KEYS, TIMING_KEYS
+from bench.run import runner
+from bench.run.records import EVAL_SCORE_KEYS, TIMING_KEYS
+from bench.rundir import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +115,7 @@ def test_frozen_weights_stay_bit_identical_with_the_same_nfe_and_calls(tmp_path,
     sets = {"eval.every": 0, "run.checkpoint_every": 1, "run.keep_checkpoints": 3}
     live = runner.run(_cfg(tmp_path, "grpo", "live", "2it", **sets)).out_dir
     frozen = runner.run(_cfg(tmp_path, "grpo", "frozen", "2it", **{**sets, "train.frozen": True})).out_dir
-    from bench.models import load_policy
+    from bench.model.models import load_policy
 
     start = load_policy(tiny_flow_dir).named_trainable_parameters()
     for step in (1, 2):

@@ -1,4 +1,4 @@
-"""The failpoint matrix (bench.failpoints): every write site (and the reward call) under a crash, a full
+"""The failpoint matrix (bench.rundir.failpoints): every write site (and the reward call) under a crash, a full
 disk, an I/O error and a permission error. The run fails with a clear message (no traceback, no temporary
 file, the lock released); ``--resume`` then gives the records of an uninterrupted run, or refuses clearly
 with nothing logged lost; every checkpoint left stays loadable. The full matrix is ``-m slow``."""
@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from bench import checkpoint, failpoints
 from bench.cli import main
-from bench.records import TIMING_KEYS
-from bench.resume import read_jsonl
+from bench.run.records import TIMING_KEYS
+from bench.rundir import checkpoint, failpoints
+from bench.rundir.resume import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,7 +171,7 @@ def test_final_json_is_never_half_written(ref, tmp_path, failpoints, capsys):
     run = tmp_path / "fin"
     shutil.copytree(ref, run)
     old = (run / "final.json").read_text()
-    from bench.runlog import atomic_write_json
+    from bench.rundir.runlog import atomic_write_json
 
     failpoints("final=enospc")
     with pytest.raises(OSError, match="No space left"):

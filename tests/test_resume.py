@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from bench import checkpoint
 from bench.cli import main
+from bench.engine.rollout import RolloutEngine
 from bench.errors import CheckpointError
-from bench.records import TIMING_KEYS
-from bench.rollout import RolloutEngine
+from bench.run.records import TIMING_KEYS
+from bench.rundir import checkpoint
 
 ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--seed", "3",
         "--set", "sampler.steps=3", "--set", "algo.group_size=2", "--set", "eval.every=2",
