@@ -39,7 +39,7 @@ Implementation details:
   mean over the mini-batch's terms. Gradient clipping ``train.max_grad_norm`` (1.0).
 - EMA policy (the trainer's second LoRA adapter "ema", ``kl_ema_decay_type`` "linear"): after the
   iteration's update, ema <- d ema + (1 - d) theta with d = min(``kl_ema_decay``, 0.001 s), s = optimizer
-  steps so far ("constant": d = kl_ema_decay). Weight snapshot "ema" (``bench.snapshots``), checkpointed
+  steps so far ("constant": d = kl_ema_decay). Weight snapshot "ema" (``bench.model.snapshots``), checkpointed
   with the policy; the step count is the algorithm's checkpointed state.
 - NFE: rollout P G T (x2 with CFG); update, per (image, step): 1 forward with gradients + 1 of the initial
   weights (beta > 0) + 1 of the EMA policy (ema_beta > 0), unguided (``train.cfg`` False; ``cfg`` True
@@ -75,9 +75,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, flow_grpo_advantages, optimizer_step
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import derive_seed, generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import derive_seed, generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,
@@ -332,7 +332,7 @@ class AWM:
             raise ValueError(f"algo.timestep_fraction={c.timestep_fraction} with algo.train_timesteps="
                              f"{c.train_timesteps} can draw step {top}, past the last step {T - 1} of "
                              f"sampler.steps={T} (sigma 0 has no velocity to match)")
-        #: weight snapshots (bench.snapshots): "initial" is the KL reference, "ema" the EMA policy
+        #: weight snapshots (bench.model.snapshots): "initial" is the KL reference, "ema" the EMA policy
         self.snapshots: tuple[str, ...] = tuple(n for n, w in (("initial", c.beta), ("ema", c.ema_beta)) if w > 0)
         self.optimizer_steps_total = 0
 

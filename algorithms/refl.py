@@ -56,10 +56,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import chain_step_edges, optimizer_step
-from bench import sde
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine import sde
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

@@ -51,6 +51,10 @@ CASES: dict[str, dict[str, Any]] = {
     "refl-draft2-ddim": {"algo": "refl", "model": "tiny-random-ddim",
                          "sets": {"algo.group_size": 2, "algo.grad_steps": 2, "algo.stop_steps": [-2, -2],
                                   "algo.solver": "ode", "algo.loss": "negative", "algo.loss_scale": 1.0}},
+    "flowdppo": {"algo": "flowdppo", "sets": {"algo.group_size": 3, "algo.num_sde_steps": 2, "sampler.steps": 6}},
+    "flowgrpo-cps": {"algo": "flowgrpo", "sets": {"algo.group_size": 3, "sampler.sde": "cps",
+                                                  "sampler.noise_level": 0.8}},
+    "treegrpo-guard": {"algo": "treegrpo", "sets": {"algo.k": 2, "algo.d": 2, "algo.guard": True}},
 }
 
 #: logged per iteration and compared: integers exactly, floats within atol + rtol |golden|. The
@@ -68,7 +72,8 @@ def run_case(name: str, out_root: Path) -> list[dict[str, Any]]:
     """Run one case for 2 iterations; returns the compared keys of each iteration record."""
     import torch
 
-    from bench import config, runner
+    from bench import config
+    from bench.run import runner
 
     case = CASES[name]
     base = {"sampler.steps": 4, "run.progress": False, "eval.every": 0, "eval.at_start": False,

@@ -13,13 +13,14 @@ import torch
 from test_algorithms import BATCH, P, brightness, iterate, make
 
 from algorithms.awm import ema_decay
-from bench import config, runner
+from bench import config
+from bench.cost.estimate import simulate
+from bench.engine.rollout import RolloutEngine
+from bench.engine.trace import read_trace
 from bench.errors import UsageError
-from bench.plan import simulate
-from bench.records import TIMING_KEYS
-from bench.rollout import RolloutEngine
-from bench.snapshots import PREFIX
-from bench.trace import read_trace
+from bench.model.snapshots import PREFIX
+from bench.run import runner
+from bench.run.records import TIMING_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,8 +223,8 @@ def _cfg(out, algo, budget="2it", model="tiny-random", **sets):
 
 
 def test_backward_calls_are_priced_by_their_own_tables():
-    from bench import cost
-    from bench.trace import Call
+    from bench.engine import pricing as cost
+    from bench.engine.trace import Call
 
     obj = {"format": cost.FORMAT, "name": "t", "kinds": {
         "reward:brightness": {"points": [{"rows": 1, "seconds": 1.0}]},

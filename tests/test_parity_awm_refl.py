@@ -31,10 +31,10 @@ from test_parity import SD3_T10, ToyPolicy, close
 
 from algorithms.awm import AWM, AWMConfig, train_step_indices
 from algorithms.refl import ReFL, ReFLConfig
-from bench import sde
-from bench.policy import Conditioning
-from bench.rollout import RolloutEngine
-from bench.snapshots import PREFIX
+from bench.engine import sde
+from bench.engine.rollout import RolloutEngine
+from bench.model.policy import Conditioning
+from bench.model.snapshots import PREFIX
 from bench.types import Advantages, PromptBatch, Rollout, RolloutPlan, SamplerSpec, TrainSpec
 
 #: a gradient of ~1e-6 (ReFL's loss scale 1e-3) needs a relative tolerance, not TOL's absolute floor

@@ -9,7 +9,7 @@ import torch
 
 from bench.errors import UsageError
 from bench.registry import reward_class
-from bench.scoring import build_reward, check_reward_gradient
+from bench.run.scoring import build_reward, check_reward_gradient
 
 MODEL_REWARDS = ("hpsv2", "image_reward", "clip_score", "pickscore", "aesthetic")
 PROMPTS = ["a red cat on the left", "a small blue circle", "photo of a city at night"]
