@@ -25,7 +25,7 @@ test-all: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "not gpu and not postgres"
 
 bench-engine: install
-	.venv/bin/python -m bench.perf engine --json
+	.venv/bin/python -m bench.cost.perf engine --json
 
 # Canonical shapes results (docs/results/*.pdf) from one clean commit; settings in scripts/results.sh
 results: install

@@ -50,9 +50,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import check_ppo_settings, ppo_update, tree_backup
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

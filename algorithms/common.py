@@ -1,6 +1,7 @@
 """What the algorithms share, each piece with known-answer tests:
 
-* pure functions: group normalisation, tree backup, PPO-clip terms, KL, window schedules, edge selection;
+* pure functions: group normalisation, tree backup, PPO-clip terms, GRPO-Guard's RatioNorm, KL, window
+  schedules, edge selection;
 * ``PerPromptStatTracker``: DDPO's per-prompt reward statistics (stateful; its algorithm checkpoints it);
 * ``ppo_update``: the PPO-clip update loop (micro-batches, gradient accumulation, optimizer steps) that
   every algorithm's ``update`` ends in; it returns ``UpdateStats`` including the update's NFE.
@@ -13,13 +14,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from bench.errors import NonFiniteGrad
-from bench.fsdp import full, scalar
+from bench.model.fsdp import full, scalar
 from bench.types import Rollout, TrainSpec, UpdateStats
 
 
@@ -224,17 +225,82 @@ class PPOTerms:
     clipped: Tensor
 
 
+def ppo_clip_terms(ratio: Tensor, adv: Tensor, clip_range: float, adv_clip_max: float) -> PPOTerms:
+    """PPO clipped surrogate per edge for a given importance ratio [M] (with gradients):
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)) with A clamped to [-adv_clip_max, adv_clip_max]."""
+    a = adv.clamp(-adv_clip_max, adv_clip_max)
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return PPOTerms(loss=torch.maximum(unclipped, clipped), ratio=ratio.detach(),
+                    clipped=((ratio.detach() - 1.0).abs() > clip_range))
+
+
 def ppo_clip_loss(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip_range: float,
                   adv_clip_max: float) -> PPOTerms:
     """PPO clipped surrogate per edge (Schulman et al. 2017, eq. 7, as a loss to minimise):
     max(-A r, -A clip(r, 1 - eps, 1 + eps)) with r = exp(logp_new - logp_old) and A clamped to
     [-adv_clip_max, adv_clip_max] (every reference repo clamps at 5)."""
-    a = adv.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(logp_new - logp_old)
-    unclipped = -a * ratio
-    clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return PPOTerms(loss=torch.maximum(unclipped, clipped), ratio=ratio.detach(),
-                    clipped=((ratio.detach() - 1.0).abs() > clip_range))
+    return ppo_clip_terms(torch.exp(logp_new - logp_old), adv, clip_range, adv_clip_max)
+
+
+def step_dsigma(rollout: Rollout, edges: Tensor) -> Tensor:
+    """[M] float32 sigma_i - sigma_{i+1} (= -dt > 0) of the step that produced each edge parent(n) -> n
+    (flow rollouts, whose ``sigmas`` are sigmas)."""
+    lvl = (rollout.level[torch.as_tensor(edges).cpu()] - 1).cpu()
+    return (rollout.sigmas[lvl] - rollout.sigmas[lvl + 1]).float()
+
+
+#: the step rules GRPO-Guard's RatioNorm is defined for (its released code uses Flow-GRPO's SDE)
+GUARD_SDE_TYPES = ("flow_grpo",)
+
+
+def check_guard(sampler: Any) -> None:
+    """``algo.guard`` needs a flow model (else ValueError) sampled with Flow-GRPO's SDE (else
+    NotImplementedError), both naming ``algo.guard``: the released RatioNorm and gradient reweighting
+    (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``) are written for that step's Gaussian log-density; CPS
+    drops the density's scale and DanceGRPO's SDE has no released GRPO-Guard form."""
+    if sampler.prediction != "flow":
+        raise ValueError(f"algo.guard: GRPO-Guard is defined for flow (velocity) models, got sampler prediction "
+                         f"{sampler.prediction!r}")
+    if sampler.sde_type not in GUARD_SDE_TYPES:
+        raise NotImplementedError(f"algo.guard with sampler.sde={sampler.sde_type}: the released GRPO-Guard "
+                                  f"(flow_grpo scripts/train_sd3_GRPO_Guard.py) normalises the ratio of "
+                                  f"Flow-GRPO's SDE only; use sampler.sde=flow_grpo")
+
+
+def guard_ratio(logp_new: Tensor, logp_old: Tensor, mean_new: Tensor, mean_old: Tensor, step_std: Tensor) -> Tensor:
+    """GRPO-Guard's RatioNorm (Wang et al. 2025, arXiv 2510.22319; yifan123/flow_grpo
+    ``scripts/train_sd3_GRPO_Guard.py``, ``config.rationorm``, commit 2e2f712e9feb19246fa0db9527878e2766b5353f):
+
+        bias  = mean_dims((mu_theta - mu_old)^2) / (2 s^2)
+        ratio = exp((logp_new - logp_old + bias) * s)
+
+    with s = the step std (the code's ``sqrt_dt.mean() * std_dev_t.mean()`` = std_dev_t sqrt(-dt)),
+    mu_old the sampling-time step mean and logp the per-dim mean Gaussian log-density. For a Gaussian
+    step, logp_new - logp_old + bias = mean_dims(z (mu_theta - mu_old)) / s with z the sampled noise, so
+    the normalised log-ratio mean_dims(z (mu_theta - mu_old)) is centred at 0 and has the same scale at
+    every step. Gradients flow through logp_new and mu_theta (the bias included), as in the code.
+    All [M] except the means [M, C, h, w]."""
+    bias = ((mean_new - mean_old) ** 2).mean(dim=tuple(range(1, mean_new.dim()))) / (2 * step_std**2)
+    return torch.exp((logp_new - logp_old + bias) * step_std)
+
+
+def guard_surrogate(rollout: Rollout, clip_range: float, adv_clip_max: float):
+    """The GRPO-Guard loss for ``ppo_update(surrogate=...)``: PPO clip on the RatioNorm ratio
+    (``guard_ratio``), each term divided by sqrt(-dt)^2 = sigma_i - sigma_{i+1} (the code's gradient
+    reweighting, ``policy_loss / sqrt_dt.mean() ** 2``). Needs the rollout's step means (plan
+    ``keep_means``)."""
+    if rollout.means is None:
+        raise ValueError("GRPO-Guard needs the sampling-time step means: the rollout plan must set keep_means")
+
+    def terms(ev: Any, edges: Tensor, logp_old: Tensor, adv: Tensor) -> PPOTerms:
+        dev = ev.log_prob.device
+        mean_old = rollout.means[edges.to(rollout.means.device)].to(dev)
+        ratio = guard_ratio(ev.log_prob, logp_old, ev.mean, mean_old, ev.std.to(dev))
+        t = ppo_clip_terms(ratio, adv, clip_range, adv_clip_max)
+        return PPOTerms(loss=t.loss / step_dsigma(rollout, edges).to(dev), ratio=t.ratio, clipped=t.clipped)
+
+    return terms
 
 
 def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -252,13 +318,14 @@ def kl_std(rollout: Rollout, edges: Tensor, std: Tensor, divisor: str) -> Tensor
     """The std [M] that divides the mean-KL of the edges parent(n) -> n: "step_std" = the transition's
     std (the Gaussian KL); "noise_scale" = Flow-GRPO's code (``scripts/train_sd3.py``, ``kl_loss``
     divides by ``std_dev_t ** 2``, the noise scale a sqrt(sigma / (1 - sigma)) without the sqrt(-dt)
-    factor): step std / sqrt(sigma_i - sigma_{i+1}) (flow rollouts, whose ``sigmas`` are sigmas)."""
+    factor): step std / sqrt(sigma_i - sigma_{i+1}) (flow rollouts, whose ``sigmas`` are sigmas); under
+    the CPS sampler the code's ``std_dev_t`` is the step std itself."""
     if divisor not in KL_DIVISORS:
         raise ValueError(f"unknown KL divisor {divisor!r}; valid: {', '.join(KL_DIVISORS)}")
-    if divisor == "step_std":
+    if divisor == "step_std" or rollout.plan.sde_type == "cps":
+        # CPS: the released step returns its step std as ``std_dev_t`` (no sqrt(-dt) factor to remove)
         return std
-    lvl = (rollout.level[edges] - 1).cpu()
-    dsig = (rollout.sigmas[lvl] - rollout.sigmas[lvl + 1]).to(std.device, std.dtype)
+    dsig = step_dsigma(rollout, edges).to(std.device, std.dtype)
     return std / torch.sqrt(dsig)
 
 
@@ -335,8 +402,9 @@ def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: floa
 
 
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
-               train: TrainSpec, clip_range: float, adv_clip_max: float, beta: float = 0.0,
-               reduction: str = "mean", kl_divisor: str = "step_std") -> UpdateStats:
+               train: TrainSpec, clip_range: float | None = None, adv_clip_max: float | None = None,
+               beta: float = 0.0, reduction: str = "mean", kl_divisor: str = "step_std",
+               surrogate: Callable[[Any, Tensor, Tensor, Tensor], PPOTerms] | None = None) -> UpdateStats:
     """Run the PPO-clip update on the given edges.
 
     edges [M]: child node ids of the trained edges, in training order (the caller shuffles). Edges
@@ -348,6 +416,10 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     reduction: "mean" -> the mini-batch loss is the mean over its edge terms (DDPO/DanceGRPO/MixGRPO);
     "sum_children" -> sum over each parent's children, mean over parents (TreeGRPO's loss_agg "sum").
     kl_divisor: the std the KL term divides by (``kl_std``: "step_std" or Flow-GRPO's "noise_scale").
+    surrogate: the per-edge loss, ``surrogate(ev, edges, logp_old, adv) -> PPOTerms`` with ``ev`` the
+    engine's ``EdgeEval`` (log-probs and step means with gradients); None = PPO clip with ``clip_range``
+    and ``adv_clip_max`` (``ppo_clip_loss``). GRPO-Guard (``guard_surrogate``) and Flow-DPPO's masked
+    loss plug in here; ``clip_frac`` then counts the terms the surrogate reports as clipped (or masked).
 
     Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
     read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
@@ -361,6 +433,13 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         raise ValueError(f"unknown reduction {reduction!r}")
     if kl_divisor not in KL_DIVISORS:
         raise ValueError(f"unknown KL divisor {kl_divisor!r}; valid: {', '.join(KL_DIVISORS)}")
+    if surrogate is None:
+        if clip_range is None or adv_clip_max is None:
+            raise ValueError("ppo_update needs clip_range and adv_clip_max, or a surrogate")
+        cr, am = float(clip_range), float(adv_clip_max)
+
+        def surrogate(ev: Any, e: Tensor, old: Tensor, a: Tensor) -> PPOTerms:
+            return ppo_clip_loss(ev.log_prob, old, a, cr, am)
     params = policy.trainable_parameters()
     parents = rollout.parent[edges]
     # unique parents in first-appearance order, so the caller's shuffle decides the order
@@ -391,7 +470,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             ev = engine.logp(rollout, e)
             nfe += ev.nfe
             old = rollout.logp_old[e].to(ev.log_prob.device)
-            terms = ppo_clip_loss(ev.log_prob, old, adv[idx].to(ev.log_prob.device), clip_range, adv_clip_max)
+            terms = surrogate(ev, e, old, adv[idx].to(ev.log_prob.device))
             loss = terms.loss.sum() / denom
             if beta > 0:
                 ref = engine.logp(rollout, e, reference=True)

@@ -49,9 +49,9 @@ from algorithms.common import (
     ppo_update,
     random_step_subset,
 )
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

@@ -12,7 +12,7 @@ Implementation details:
   is a DDIM/Euler step, its last returns x0), ``"ode"`` (Euler) or ``"sde"`` (the Flow-GRPO SDE with the
   sampler's noise level, ``deterministic=False``). Only the clean final latents are kept for training.
   Rollouts use the *old* policy (``set_adapter("old")`` around the pipeline call): the weight snapshot
-  "old" (``bench.snapshots``), ``RolloutPlan.weights="old"``. The recipes sample without CFG
+  "old" (``bench.model.snapshots``), ``RolloutPlan.weights="old"``. The recipes sample without CFG
   (``config.sample.guidance_scale = 1.0`` in ``config/nft.py``); the preset sets ``sampler.guidance`` 1.
 - Advantages (``advantages``): the Flow-GRPO stat tracker (``PerPromptStatTracker(global_std=True)``,
   cleared every epoch): (r - mean_prompt) / (std_all + 1e-4) with numpy's population std
@@ -62,9 +62,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, flow_grpo_advantages, optimizer_step
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import derive_seed, generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import derive_seed, generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,
@@ -252,7 +252,7 @@ class DiffusionNFT:
         if self._n_train() < 1:
             raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
                              f"sampler.steps={sampler.steps} (int(T * fraction) must be >= 1)")
-        #: weight snapshots (bench.snapshots): "old" samples the rollouts; "initial" is the KL reference
+        #: weight snapshots (bench.model.snapshots): "old" samples the rollouts; "initial" is the KL reference
         self.snapshots: tuple[str, ...] = ("old", "initial") if config.kl_beta > 0 else ("old",)
         self.optimizer_steps_total = 0
 

@@ -32,6 +32,12 @@ Implementation details:
   window's steps are trained (``num_train_timesteps = sde_window_size``). The reference draws the window
   per pipeline call with Python's ``random``; treebench draws it per iteration from the run seed, so
   ``plan`` stays a pure function of the iteration.
+- Options: ``sampler.sde=cps`` samples with coefficients-preserving sampling (the same
+  ``sde_step_with_logprob`` with ``sde_type='cps'``, commit 3d02fd9; preset "flowgrpo-fast-cps" =
+  ``config/grpo.py::pickscore_sd3_fast_nocfg``); ``guard`` = GRPO-Guard (arXiv 2510.22319,
+  ``scripts/train_sd3_GRPO_Guard.py`` at commit 2e2f712): RatioNorm and gradient reweighting in place of
+  the plain ratio (``algorithms.common.guard_surrogate``; preset "flowgrpo-guard" =
+  ``config/grpo_guard.py::general_ocr_sd3_rationorm``).
 - Not reproduced: EMA of the LoRA weights (``train.ema``: decay 0.9 every 8 steps, used only for
   evaluation and checkpoints; ``ema=True`` raises NotImplementedError because the harness evaluates
   the trained weights and has no hook to swap in averaged ones); dropping samples whose advantages
@@ -58,13 +64,15 @@ from algorithms.common import (
     KL_DIVISORS,
     chain_edge_advantages,
     chain_step_edges,
+    check_guard,
     check_ppo_settings,
     flow_grpo_advantages,
+    guard_surrogate,
     ppo_update,
 )
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,
@@ -100,6 +108,11 @@ class FlowGRPOConfig:
                        steps per iteration, ODE elsewhere, only they are trained (fast configs: 2)
     sde_window_range:  (lo, hi) the window lies in [lo, hi) of the steps; empty = (0, T // 2)
     ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
+    guard:             GRPO-Guard (arXiv 2510.22319): RatioNorm + gradient reweighting in place of the plain
+                       PPO ratio (``algorithms.common.guard_surrogate``; flow_grpo
+                       ``scripts/train_sd3_GRPO_Guard.py``, ``config.rationorm``); default False. Needs
+                       ``sampler.sde=flow_grpo``; its released configs pair it with clip_range 2e-6 to 4e-6
+                       (preset "flowgrpo-guard")
     """
 
     group_size: int = 24
@@ -114,6 +127,7 @@ class FlowGRPOConfig:
     sde_window_size: int = 0
     sde_window_range: tuple[int, ...] = ()
     ema: bool = False
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -157,6 +171,20 @@ class FlowGRPO:
         "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.sde_window_size": 2,
                           "algo.beta": 0.0, "train.optimizer_steps": 2},
+        # config/grpo.py::pickscore_sd3_fast_nocfg (flow_grpo 3d02fd9): the CPS sampler at noise level 0.8,
+        # a 3-step SDE window in the first half, no CFG (train.cfg False), clip 1e-5, G = 18, global std,
+        # an optimizer step every num_batches_per_epoch // 2 batches -> 2 per epoch
+        "flowgrpo-fast-cps": {"sampler.steps": 10, "sampler.guidance": 1.0, "sampler.noise_level": 0.8,
+                              "sampler.sde": "cps", "algo.group_size": 18, "algo.sde_window_size": 3,
+                              "algo.sde_window_range": [0, 5], "algo.clip_range": 1e-5, "algo.beta": 0.0,
+                              "algo.global_std": True, "train.optimizer_steps": 2},
+        # GRPO-Guard, config/grpo_guard.py::general_ocr_sd3_rationorm (flow_grpo 2e2f712): T = 10, CFG 4.5,
+        # noise 0.7, G = 24, fraction 0.99, no KL, per-prompt std, clip 2e-6, RatioNorm + reweighting,
+        # gradient accumulation num_batches_per_epoch // 2 -> 2 optimizer steps per epoch
+        "flowgrpo-guard": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
+                           "algo.beta": 0.0, "algo.global_std": False, "algo.clip_range": 2e-6,
+                           "algo.guard": True, "train.optimizer_steps": 2},
     }
 
     #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
@@ -180,6 +208,8 @@ class FlowGRPO:
         if sampler.prediction != "flow":
             raise ValueError("algo: Flow-GRPO's SDE is defined for flow (velocity) models, got "
                              f"sampler prediction {sampler.prediction!r}")
+        if config.guard:
+            check_guard(sampler)
         T, w = sampler.steps, config.sde_window_size
         if w > 0:
             lo, hi = self._window_range()
@@ -214,7 +244,7 @@ class FlowGRPO:
         return RolloutPlan(num_steps=T, modes=modes, branch=(1,) * T, trees_per_prompt=self.config.group_size,
                            shared_noise=self.config.shared_noise, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
-                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE, keep_means=self.config.guard,
                            info={"flowgrpo/trained_steps": float(self._n_train()),
                                  "flowgrpo/window_start": float(s0)})
 
@@ -234,9 +264,11 @@ class FlowGRPO:
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
+        c = self.config
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta, kl_divisor=self.config.kl_divisor)
+                          clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
+                          kl_divisor=c.kl_divisor,
+                          surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}

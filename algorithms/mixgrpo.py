@@ -28,7 +28,7 @@ Implementation details:
   u = the unshifted time of sigma[last + 1]: ``linspace(1, 0, T + 1)[last + 1]`` in the reference's
   FLUX schedule, the inverse time shift of the base sigma for any other base schedule; at least 2
   sigmas so it ends at sigma = 0) integrated with deterministic 2nd-order
-  multistep DPM-Solver++ (plan mode "dpm2", ``bench.sde.flow_dpm2_step``). Sampling only: trained
+  multistep DPM-Solver++ (plan mode "dpm2", ``bench.engine.sde.flow_dpm2_step``). Sampling only: trained
   steps are window steps, whose sigmas equal the uncompressed schedule's.
 - Advantages (``advantages``): per-prompt group normalisation with torch's unbiased std + 1e-8;
   ``multi_reward = "advantage_aggr"`` normalises every part of a weighted reward (``--reward
@@ -59,10 +59,10 @@ from algorithms.common import (
     progressive_window_start,
     weighted_advantage_sum,
 )
-from bench import sde
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine import sde
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

@@ -18,7 +18,7 @@ BENCH_COMMANDS = {"export-lora": Entry("bench.lora:main", "Export a run's LoRA a
                   "env": Entry("bench.envinfo:main", "Versions, device and CUDA, and which rewards are loadable "
                                                      "(paste it into a bug report)"),
                   # (cost) docs/COST.md
-                  "plan": Entry("bench.plan:main", "Price one iteration with a measured cost profile (modeled "
+                  "plan": Entry("bench.cost.estimate:main", "Price one iteration with a measured cost profile (modeled "
                                                    "seconds, batched vs reference trainers) without loading weights")}
 
 EPILOG = """examples:
@@ -107,14 +107,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     from bench import config
 
     if a.resume:
-        from bench import resume
+        from bench.rundir import resume
 
         cfg = resume.resume_config(a.resume, config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
                                        flags=flags_from_args(a))
     else:
         cfg = config.resolve(config.parse_sets(a.sets), config_file=a.config, preset=a.preset,
                              flags=flags_from_args(a))
-    from bench import runner
+    from bench.run import runner
 
     try:
         summary = runner.run(cfg, resume=bool(a.resume))
@@ -149,7 +149,7 @@ def cmd_list(a: argparse.Namespace) -> int:
                 print(f"    {p:<22} {', '.join(f'{k}={v}' for k, v in overrides.items())}")
     else:
         print("presets: bench list --presets")
-    from bench.prompts import builtin_sets
+    from bench.engine.prompts import builtin_sets
 
     print("prompt sets:")
     for name, path in builtin_sets().items():

@@ -16,7 +16,7 @@ class UsageError(ValueError):
 
 
 class RunLocked(UsageError):
-    """Another live process writes this run directory (``bench.lock``); the message names it."""
+    """Another live process writes this run directory (``bench.rundir.lock``); the message names it."""
 
 
 class MissingWeightsError(UsageError):
@@ -35,7 +35,7 @@ class RunFailure(RuntimeError):
 
 class WriteFault(RunFailure):
     """Writing the run directory failed (disk full, I/O error, permission denied); the message says
-    what failed, what was kept and how to continue (``bench.faults.write_failure``)."""
+    what failed, what was kept and how to continue (``bench.run.faults.write_failure``)."""
 
 
 class RewardError(RunFailure):

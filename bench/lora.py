@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from bench.errors import UsageError
-from bench.families import denoiser_kind
+from bench.model.families import denoiser_kind
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -69,8 +69,8 @@ def save_merged(policy: Any, out_dir: str | Path) -> Path:
 
 def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu") -> Any:
     """Rebuild a run's policy (base model + adapter) and load its trained weights from a checkpoint."""
-    from bench import checkpoint as ckpt_mod
-    from bench.models import build_policy
+    from bench.model.models import build_policy
+    from bench.rundir import checkpoint as ckpt_mod
     from bench.spec import ModelSpec
 
     run_dir = Path(run_dir)

@@ -1,6 +1,6 @@
 """The two contracts every plug-in implements: ``Algorithm`` and ``Reward``.
 
-Algorithm lifecycle (driven only by ``bench.runner.run``)::
+Algorithm lifecycle (driven only by ``bench.run.runner.run``)::
 
     algo = AlgoClass(config, sampler=SamplerSpec, train=TrainSpec, seed=int)  # config: frozen Config
     algo.load_state_dict(state)                                 # only when resuming
@@ -13,7 +13,7 @@ Algorithm lifecycle (driven only by ``bench.runner.run``)::
     algo.state_dict()                                           # checkpoints
 
 Rules: an algorithm never reads a clock, the budget or the reward model and never writes logs;
-it draws randomness only from ``bench.seeding.generator(seed, iteration, stage)``; every hook
+it draws randomness only from ``bench.engine.seeding.generator(seed, iteration, stage)``; every hook
 returns a value and stashes nothing on another stage. ``update`` may call ``engine.logp`` (the only
 way to get log-probs with gradients), ``engine.predict`` (model outputs at latents the algorithm builds,
 for likelihood-free losses), ``engine.snapshots.blend`` (move a declared weight snapshot towards the
@@ -22,19 +22,25 @@ trained weights), ``optimizer.zero_grad/step`` and ``torch.nn.utils.clip_grad_no
 stay exact for every paradigm.
 
 An algorithm may declare ``snapshots`` (a tuple of names, default none): named copies of the initial
-trainable weights the runner creates, checkpoints and restores (``bench.snapshots``); a plan samples
+trainable weights the runner creates, checkpoints and restores (``bench.model.snapshots``); a plan samples
 with one through ``RolloutPlan.weights``, ``engine.predict(..., weights=name)`` evaluates one.
 Likelihood-free algorithms declare ``likelihood_free = True`` (default False) and report
 ``UpdateStats.approx_kl``, ``clip_frac`` and ``first_ratio`` as NaN (there is no importance ratio).
+Direct-gradient algorithms (ReFL, DRaFT-K) declare ``reward_gradient = True`` (default False): the runner
+then requires a reward with a gradient path (``differentiable = True`` and ``score_grad(images, prompts,
+meta) -> Tensor [L]``, scores differentiable in the images) and attaches it to the engine; the update
+reaches it only through ``engine.decode_grad`` and ``engine.reward_grad``, which the call trace records
+(``vae_decode_backward``, ``reward_backward``). This is the one exception to "never reads the reward model".
 
 Each algorithm class also declares what the core and sweeps read through the registry: ``log_keys``
 (the keys it adds to iterations.jsonl, with their meaning), ``search_space`` (its sweepable settings, in
 the space-file format of docs/SWEEPS.md) and ``search_default`` (the ones swept when ``--space`` is not
 given).
 
-Reward lifecycle: constructed by ``bench.scoring.build_reward`` from a registry name, an entry point or
+Reward lifecycle: constructed by ``bench.run.scoring.build_reward`` from a registry name, an entry point or
 a ``module:Class`` spec, as ``RewardClass(device=..., **options)``; heavy weights load on the first call,
-never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores.
+never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores. A reward may also
+offer a gradient path (``differentiable = True`` and ``score_grad``, see above).
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ from typing import Any, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
+from bench.engine.rollout import RolloutEngine
+from bench.model.policy import Policy
 from bench.types import Advantages, PromptBatch, RewardOutput, Rollout, RolloutPlan, UpdateStats
 
 

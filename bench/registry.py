@@ -57,6 +57,15 @@ ALGORITHMS: dict[str, Entry] = {
     "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
                           "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
                           "samples, implicit positive/negative policies, EMA old policy"),
+    "awm": Entry("algorithms.awm:AWM",
+                 "AWM (arXiv 2509.25050): likelihood-free; advantage-weighted flow-matching loss on the clean "
+                 "samples, KL to the reference and to an EMA policy"),
+    "refl": Entry("algorithms.refl:ReFL",
+                  "ReFL (arXiv 2304.05977) / DRaFT-K (arXiv 2309.17400): direct gradient of a differentiable reward "
+                  "through the last K denoising steps"),
+    "flowdppo": Entry("algorithms.flowdppo:FlowDPPO",
+                      "Flow-DPPO (arXiv 2606.11025): Flow-GRPO sampler, a KL trust-region mask in place of "
+                      "ratio clipping"),
 }
 
 REWARDS: dict[str, Entry] = {
@@ -149,7 +158,7 @@ MODELS: dict[str, ModelPreset] = {
                                      {**_FLUX, **_RANDOM_REWARDS}),
     "sd1.5-random": ModelPreset("random:sd1.5-random", "SD1.5 architecture (UNet + DDIM), random weights",
                                 {**_SD15, **_RANDOM_REWARDS}),
-    # the same classes and code paths shrunk to CPU size (bench.random_models.REDUCED, 32 px): smoke tests
+    # the same classes and code paths shrunk to CPU size (bench.model.random_models.REDUCED, 32 px): smoke tests
     "sd3.5-medium-random-reduced": ModelPreset("random:sd3.5-medium-random:reduced",
                                                "SD3.5 pipeline classes at tiny sizes (32 px), random weights: CPU "
                                                "smoke of the real-model path",
@@ -164,7 +173,7 @@ MODELS: dict[str, ModelPreset] = {
 
 #: Subcommands implemented outside ``bench`` (``bench NAME ...`` -> ``module.main(argv) -> int``).
 COMMANDS: dict[str, Entry] = {
-    "compare": Entry("bench.compare:main", "Run several algorithms under one budget and seeds, then report"),
+    "compare": Entry("bench.fleet.compare:main", "Run several algorithms under one budget and seeds, then report"),
     "sweep": Entry("sweeps.cli:main", "Optuna sweep over k, d, window and friends"),
     "report": Entry("reports.cli:main", "Build a PDF report from run directories"),
     "rewards": Entry("rewards.cli:main", "Reward backends: `bench rewards check` reports which are loadable here"),

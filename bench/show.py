@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.errors import UsageError
-from bench.progress import eval_means, table
+from bench.run.progress import eval_means, table
 
 COLUMNS = ["run", "algorithm", "seed", "budget", "stop", "iterations", "samples", "nfe", "seconds",
            "final_eval", "best_eval"]

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bench import config as config_mod
-from bench.budget import Budget
+from bench.budget import Budget, Cadence
 from bench.errors import UsageError
-from bench.policy import ModelOptions
+from bench.model.policy import ModelOptions
 from bench.types import SamplerSpec, TrainSpec
 
 
@@ -37,7 +37,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
-        from bench.models import model_options, model_prediction
+        from bench.model.models import model_options, model_prediction
 
         m = cfg["model"]
         return cls(name=m["name"], path=m.get("path"), device=m["device"], mixed_precision=m["mixed_precision"],
@@ -53,6 +53,7 @@ class OptimizerSpec:
     beta2: float
     eps: float
     weight_decay: float
+    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.run.runner.FrozenAdamW)
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Held-out evaluation: rewards evaluated, every N iterations (0 = start and end only), at start or
-    not, first N prompts of the eval set, images per prompt, the noise seed (independent of the run
-    seed, so every run of a comparison evaluates on the same noise), images per saved grid."""
+    """Held-out evaluation: rewards evaluated, when (``every``: a ``Cadence`` in iterations or a budget
+    currency; amount 0 = start and end only), at start or not, first N prompts of the eval set, images per
+    prompt, the noise seed (independent of the run seed, so every run of a comparison evaluates on the
+    same noise), images per saved grid."""
 
     rewards: tuple[str, ...]
-    every: int
+    every: Cadence
     at_start: bool
     num_prompts: int
     grid: int
@@ -91,8 +93,8 @@ class RunOptions:
     checkpoint_every: int
     keep_checkpoints: int
     on_nonfinite: str
-    trace: bool                  # write every expensive call to trace.jsonl (bench.trace)
-    log_with: tuple[str, ...] = ()  # experiment trackers (bench.trackers)
+    trace: bool                  # write every expensive call to trace.jsonl (bench.engine.trace)
+    log_with: tuple[str, ...] = ()  # experiment trackers (bench.run.trackers)
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,14 @@ class RunSpec:
     run: RunOptions
     budget: Budget
     seed: int
-    cost_profile: Any = None     # a bench.cost.CostProfile pricing the run's calls (run.cost_profile / run.clock)
+    cost_profile: Any = None     # a bench.engine.pricing.CostProfile pricing the run's calls (run.cost_profile / run.clock)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "RunSpec":
         """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
         algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
         cannot be found; loads no weights."""
-        from bench import cost
+        from bench.engine import pricing as cost
 
         cfg = copy.deepcopy(dict(cfg))
         t, r, e, ru = cfg["train"], cfg["reward"], cfg["eval"], cfg["run"]
@@ -132,10 +134,12 @@ class RunSpec:
             train=TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                             max_grad_norm=float(t["max_grad_norm"])),
             optimizer=OptimizerSpec(lr=float(t["lr"]), beta1=float(t["beta1"]), beta2=float(t["beta2"]),
-                                    eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"])),
+                                    eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]),
+                                    frozen=bool(t.get("frozen", False))),
             prompts_per_iteration=int(t["prompts_per_iteration"]),
             reward=RewardSpec(name=r["name"], normalize=r["normalize"], options=dict(r["options"])),
-            eval=EvalSpec(rewards=tuple(e["rewards"]), every=int(e["every"]), at_start=bool(e["at_start"]),
+            eval=EvalSpec(rewards=tuple(e["rewards"]), every=Cadence.parse(e["every"], clock=cost.budget_clock(cfg)),
+                          at_start=bool(e["at_start"]),
                           num_prompts=int(e["num_prompts"]), grid=int(e["grid"]),
                           images_per_prompt=int(e["images_per_prompt"]), seed=int(e["seed"])),
             train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],
@@ -165,8 +169,8 @@ def resolve_schedule(cfg: Mapping[str, Any], prediction: str
     ``sampler.schedule = auto`` picks each family's reference: FLUX = "linspace" (DanceGRPO / MixGRPO),
     SD3/SD3.5 and the treebench models (SD3 transformers with a FlowMatchEuler scheduler, the TreeGRPO
     paper's setting) = "scheduler" (Flow-GRPO / TreeGRPO). Reads the model's scheduler config, no weights."""
-    from bench import sde
-    from bench.models import model_scheduler
+    from bench.engine import sde
+    from bench.model.models import model_scheduler
 
     if prediction != "flow":
         return "ddim", (), ()

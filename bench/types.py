@@ -19,13 +19,29 @@ A batch of independent chains is a tree that never branches, so one record descr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from bench.snapshots import CURRENT, check_name
+# ---- weight snapshot names (bench/model/snapshots.py holds the weights) ----
+#: the weights being trained; every other name is a snapshot
+CURRENT = "current"
+#: the frozen base model under LoRA (``Policy.reference``), evaluated for KL terms
+REFERENCE = "reference"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: prefix of snapshot tensors inside a checkpoint's policy.safetensors
+PREFIX = "snapshot/"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or name in (CURRENT, REFERENCE):
+        raise ValueError(f"a weight snapshot is named by a lower-case identifier other than {CURRENT!r} and "
+                         f"{REFERENCE!r}, got {name!r}")
+    return name
+
 
 #: Step modes a plan may ask for. "ode": deterministic Euler (flow) / DDIM eta=0 (epsilon);
 #: "sde": stochastic step with a log-prob; "dpm2": deterministic 2nd-order multistep DPM-Solver++
@@ -33,8 +49,10 @@ from bench.snapshots import CURRENT, check_name
 STEP_MODES = ("ode", "sde", "dpm2")
 #: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
 #: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
-#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py). Epsilon models always use DDIM.
-SDE_TYPES = ("flow_grpo", "dance")
+#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py); "cps" = coefficients-preserving sampling
+#: (the same flow_grpo function with ``sde_type='cps'``, ``bench.engine.sde.cps_sde_step``). Epsilon models
+#: always use DDIM.
+SDE_TYPES = ("flow_grpo", "dance", "cps")
 #: What a rollout decodes into its images (``sampler.final_image``): "sample" = the last sampled latent
 #: (Flow-GRPO, DDPO, MixGRPO, TreeGRPO); "x0" = the data prediction of the last denoiser evaluation
 #: (DanceGRPO decodes ``pred_original`` of its last step, whose SDE noise never reaches the reward).
@@ -82,11 +100,13 @@ class RolloutPlan:
     shared_noise:     all roots of one prompt start from the same initial noise (never shared across
                       prompts)
     noise_level:      SDE noise level (Flow-GRPO "a" / DanceGRPO "eta"; DDIM eta for epsilon models)
-    sde_type:         "flow_grpo" or "dance" (flow models; ignored by epsilon models, which use DDIM)
+    sde_type:         "flow_grpo", "dance" or "cps" (flow models; ignored by epsilon models, which use DDIM)
     guidance:         classifier-free guidance scale; <= 1 disables CFG (one NFE per evaluation)
     sigmas:           optional explicit sigma schedule [T+1] (1 -> 0) overriding the model's default;
                       MixGRPO-Flash uses it for its compressed post-window schedule
     keep_latents:     keep every node's latent in the Rollout (needed to recompute log-probs)
+    keep_means:       also keep the mean of every SDE step (``Rollout.means``): GRPO-Guard's RatioNorm
+                      compares the trained policy's step means with the sampling-time ones
     final_image:      "sample" (decode the last sampled latent) or "x0" (decode the last evaluation's data
                       prediction), see FINAL_IMAGES; identical for a last ODE step to sigma = 0
     log_std_range:    optional (lo, hi): flow SDE step stds are clamped to [e^lo, e^hi] (TreeGRPO's code)
@@ -96,7 +116,7 @@ class RolloutPlan:
                       BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
                       the child was drawn from); see SPLIT_LOGP_STDS
     weights:          the weights the rollout samples with: "current" (the trained ones) or the name of a
-                      weight snapshot the algorithm declares (``bench.snapshots``; DiffusionNFT samples
+                      weight snapshot the algorithm declares (``bench.model.snapshots``; DiffusionNFT samples
                       with its EMA "old" policy)
     info:             algorithm-specific scalars describing the plan, logged with the iteration under
                       namespaced keys (e.g. {"treegrpo/window_start": 3})
@@ -112,6 +132,7 @@ class RolloutPlan:
     guidance: float = 1.0
     sigmas: tuple[float, ...] | None = None
     keep_latents: bool = True
+    keep_means: bool = False
     final_image: str = "sample"
     log_std_range: tuple[float, float] | None = None
     split_noise_scale: float = 1.0
@@ -195,8 +216,12 @@ class Rollout:
     nfe:        denoiser forward passes spent (a CFG-guided evaluation counts 2)
     plan:       the plan that produced it
     iteration:  training iteration the rollout belongs to
-    conditioning: the encoded prompts [P] (a ``bench.policy.Conditioning``) the engine reuses to
+    conditioning: the encoded prompts [P] (a ``bench.model.policy.Conditioning``) the engine reuses to
                 recompute log-probs
+    batch:      the PromptBatch the rollout was sampled for (prompt texts and metadata, which a
+                direct-gradient update passes to the reward; None in merged/split views)
+    means:      [N, C, h, w] float32 sampling-time mean of the step parent -> n (NaN for roots and
+                deterministic edges), kept only when the plan asks (``keep_means``), else None
     """
 
     latents: Tensor | None
@@ -214,6 +239,8 @@ class Rollout:
     plan: RolloutPlan
     iteration: int = 0
     conditioning: Any = None
+    batch: PromptBatch | None = None
+    means: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -296,7 +323,8 @@ class UpdateStats:
 
     loss:            mean loss over the trained terms
     approx_kl:       0.5 * mean((logp_new - logp_old)^2) over trained edges (DDPO's diagnostic)
-    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps]
+    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps] (an update with
+                     another surrogate counts the terms it reports as clipped, e.g. Flow-DPPO's masked ones)
     grad_norm:       gradient norm before clipping (last optimizer step)
     first_ratio:     mean importance ratio exp(logp_new - logp_old) of the first micro-batch, before
                      any optimizer step (should be 1 up to numerics)
@@ -330,10 +358,10 @@ class SamplerSpec:
     steps:       T
     guidance:    CFG scale (<= 1 disables CFG)
     noise_level: SDE noise level
-    sde_type:    "flow_grpo" | "dance"
+    sde_type:    "flow_grpo" | "dance" | "cps"
     shift:       time shift of the flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma))
     prediction:  "flow" (velocity) or "epsilon" (DDIM models)
-    schedule:    flow schedule, "scheduler" or "linspace" (``bench.sde.FLOW_SCHEDULES``)
+    schedule:    flow schedule, "scheduler" or "linspace" (``bench.engine.sde.FLOW_SCHEDULES``)
     final_image: "sample" | "x0", or None = the algorithm's reference behaviour
     sigmas:      the resolved base schedule [T+1] of flow models (None: algorithms that need it
                  rebuild it from schedule/shift)

@@ -74,7 +74,7 @@ def print_verdict(lines: Sequence[str]) -> None:
 
 def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: str | None = None,
                    x: str = "samples", title: str = "bench compare", allow_mixed_code: bool = False, reps: int = 2000) -> list[str]:
-    """The report step of ``bench compare`` (named by a string in bench.compare): the PDF of every run
+    """The report step of ``bench compare`` (named by a string in bench.fleet.compare): the PDF of every run
     under ``out_dir``, its verdict printed. Runs from different commits or dirty trees are refused
     unless ``allow_mixed_code`` (then the report marks them on its first page)."""
     from reports.load import code_version_problems, load

@@ -4,7 +4,8 @@
 containing run directories at any depth (a ``bench compare`` output, a sweep's ``trials/<n>/``), and
 returns a :class:`RunSet` with three frames keyed by ``run``:
 
-* ``runs``       one row per run: identity (algorithm, label, seed, reward + version, device, git),
+* ``runs``       one row per run: identity (algorithm, label, seed, reward + version, device, git;
+                 ``run_label`` (``run.label``) and ``frozen`` (``train.frozen``) for control arms),
                  totals from ``final.json`` (or the last iteration when a run has not finished),
                  mean seconds per iteration and per phase, peak memory, ``cfg.<dotted key>`` columns
                  for the algorithm's config (``cfg.algo.k``...)
@@ -217,6 +218,9 @@ def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> 
     last = its[-1] if its else {}
     row: dict[str, Any] = {
         "run": run_id, "path": str(path), "run_name": m.get("run_name", path.name), "algo": algo,
+        # run.label names the run's group in reports (bench compare --controls: <baseline>-aa, -frozen)
+        "run_label": config_value(m, "run.label"),
+        "frozen": bool(m.get("weights_frozen", config_value(m, "train.frozen", False))),
         "seed": m.get("seed", config_value(m, "seed")),
         "schema_version": m.get("schema_version"),
         "reward": reward.get("name"), "reward_version": str(reward.get("version")),
@@ -342,13 +346,15 @@ def _read_trials(paths: list) -> pd.DataFrame | None:
 # --------------------------------------------------------------------------------------- labels
 
 def _labels(runs: pd.DataFrame) -> list[str]:
-    """Algorithm name, plus the config values that vary between that algorithm's runs
-    (``treegrpo k=3 d=2``) so that variants are never averaged together as seeds."""
+    """``run.label`` where a run has one (the control arms of ``bench compare --controls``), else the
+    algorithm name plus the config values that vary between that algorithm's runs (``treegrpo k=3 d=2``)
+    so that variants are never averaged together as seeds."""
     cfg_cols = [c for c in runs.columns if c.startswith("cfg.")
                 and c.split(".")[-1] not in _IGNORED_CONFIG_LEAVES]
     labels = []
     varying: dict[str, list[str]] = {}
-    for algo, grp in runs.groupby("algo", sort=False):
+    plain = runs[[not (isinstance(v, str) and v) for v in runs["run_label"]]]
+    for algo, grp in plain.groupby("algo", sort=False):
         cols = []
         for c in cfg_cols:
             vals = grp[c].map(repr).unique()
@@ -356,8 +362,11 @@ def _labels(runs: pd.DataFrame) -> list[str]:
                 cols.append(c)
         varying[algo] = cols
     for _, r in runs.iterrows():
+        if isinstance(r.get("run_label"), str) and r["run_label"]:
+            labels.append(r["run_label"])
+            continue
         parts = [r["algo"]]
-        for c in varying[r["algo"]]:
+        for c in varying.get(r["algo"], []):
             parts.append(f"{c.split('.')[-1]}={_fmt_value(r[c])}")
         labels.append(" ".join(parts))
     return labels

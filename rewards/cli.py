@@ -95,8 +95,8 @@ def _print_human(results: list[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.registry import REWARDS, did_you_mean
     from bench.errors import UsageError
+    from bench.registry import REWARDS, did_you_mean
 
     p = argparse.ArgumentParser(prog="bench rewards", description="Reward backends on this machine.")
     sub = p.add_subparsers(dest="cmd", metavar="check")

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.models import load_policy
+from bench.model.models import load_policy
 from bench.shapes import world
 from bench.shapes.sampling import sample_images
 from rewards.shapes_attr import ShapesAttr

@@ -34,22 +34,22 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.
 EOF
 # 1. smoke: the same code path (SD3 pipeline classes, LoRA, bf16, checkpointing) at tiny sizes (seconds);
 #    stops here if the environment is broken
-"$PY" -m bench.perf paper-table --model sd3.5-medium-random-reduced --prompts 1 --iterations 1 --warmup 0 \
+"$PY" -m bench.cost.perf paper-table --model sd3.5-medium-random-reduced --prompts 1 --iterations 1 --warmup 0 \
   --set sampler.steps=4 --device cuda --out "$OUT/smoke.json" > "$OUT/smoke.log" 2>&1 \
   || { tail -40 "$OUT/smoke.log"; exit 1; }
 tail -5 "$OUT/smoke.log"
 # 2. the table: SD3.5-medium architecture (random weights), 512 px, T=10, CFG 4.5, noise 0.7, shift 3,
 #    LoRA r32 bf16, micro-batch 16 rows with gradient checkpointing; DanceGRPO G=12 f=0.6, MixGRPO G=12 w=4,
 #    TreeGRPO k=3 d=3; 1 warm-up + ITERS timed iterations each
-"$PY" -m bench.perf paper-table --model "$MODEL" --prompts "$PROMPTS" --iterations "$ITERS" --warmup 1 \
+"$PY" -m bench.cost.perf paper-table --model "$MODEL" --prompts "$PROMPTS" --iterations "$ITERS" --warmup 1 \
   --device cuda --out "$OUT/paper_table.json" 2>&1 | tee "$OUT/paper_table.log" | grep -v "^  \|^treebench"
 # 3. the cost model (docs/COST.md): measure a profile of the same model as the table runs it (LoRA r32, bf16,
 #    forward 1..64 rows, forward+backward with/without checkpointing 1..16, VAE, text encoders, reward,
 #    optimizer), then modeled vs measured seconds per iteration at the table's setting with that profile
-"$PY" -m bench.perf profile --model "$MODEL" --device cuda --name "$MODEL-$(nvidia-smi --query-gpu=name \
+"$PY" -m bench.cost.perf profile --model "$MODEL" --device cuda --name "$MODEL-$(nvidia-smi --query-gpu=name \
   --format=csv,noheader | head -1 | tr ' ' '-')" --repeats 5 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1 \
   || { tail -20 "$OUT/profile.log"; exit 1; }
-"$PY" -m bench.perf validate-cost --model "$MODEL" --profile "$OUT/profile.json" --preset treegrpo-paper \
+"$PY" -m bench.cost.perf validate-cost --model "$MODEL" --profile "$OUT/profile.json" --preset treegrpo-paper \
   --algos dancegrpo,mixgrpo,treegrpo --iterations "$ITERS" --set train.prompts_per_iteration="$PROMPTS" \
   --set train.micro_batch=16 --set model.gradient_checkpointing=true --out "$OUT/validate_cost.json" 2>&1 \
   | tee "$OUT/validate_cost.log" | grep -v "^  \|^treebench"

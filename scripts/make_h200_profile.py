@@ -9,7 +9,7 @@ what the cost model does for each, so no guess is ever stored as a measurement.
 import json
 import sys
 
-from bench.profiling import convert_measurements
+from bench.cost.profiling import convert_measurements
 
 ASSUMPTIONS = {
     "forward_backward": "Measured with FULL fine-tuning (every transformer parameter trainable). LoRA runs (the "

@@ -20,9 +20,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench import config, runner  # noqa: E402
-from bench.records import TIMING_KEYS  # noqa: E402
+from bench import config
 from bench.registry import ALGORITHMS  # noqa: E402
+from bench.run import runner  # noqa: E402
+from bench.run.records import TIMING_KEYS  # noqa: E402
 
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
          "mixgrpo": {"algo.group_size": 2, "algo.window": 2, "algo.shift_interval": 1},

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UsageError
 from bench.cli import seed_arg
-from bench.launch import Job, add_cluster_args, launch_from_args, run_submitit
+from bench.errors import UsageError
+from bench.fleet.launch import Job, add_cluster_args, launch_from_args, run_submitit
 from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
 
 PRUNERS = ("median", "hyperband", "none")
@@ -337,7 +337,7 @@ def _spawn_workers(argv: list[str], n: int, storage: str | None = None) -> int:
 
 
 def _submit_workers(argv: list[str], a: argparse.Namespace, out: Path) -> int:
-    """Submit ``--n-jobs`` workers of this sweep as scheduler jobs (bench/launch.py) and wait for them.
+    """Submit ``--n-jobs`` workers of this sweep as scheduler jobs (bench/fleet/launch.py) and wait for them.
     Each runs this command locally inside its job and joins the study through the shared storage (a
     journal or SQLite file on a shared file system, or a database)."""
     from sweeps.study import redact

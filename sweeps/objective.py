@@ -1,4 +1,4 @@
-"""The sweep objective: one trial = one ordinary ``bench.runner.run`` in this process.
+"""The sweep objective: one trial = one ordinary ``bench.run.runner.run`` in this process.
 
 Each trial samples overrides from the space, resolves the run config on top of the sweep's base
 settings (fixed seed: every trial trains on the same prompts and evaluates on the same prompts and
@@ -29,10 +29,10 @@ from typing import Any
 import optuna
 
 from bench import config as config_mod
-from bench import runner
 from bench.budget import Budget, Totals
 from bench.errors import AlgorithmSettingsError, StopRun, UsageError, is_out_of_memory
 from bench.registry import algorithm_class
+from bench.run import runner
 from bench.spec import RunSpec
 from sweeps.spaces import InvalidCombination, Space, sample
 from sweeps.study import Heartbeat, counts

@@ -28,9 +28,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from bench import failpoints
 from bench.errors import UsageError
-from bench.lock import RunLock, process_start
+from bench.rundir import failpoints
+from bench.rundir.lock import RunLock, process_start
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SWEEP_ATTR = "treebench_sweep"
@@ -254,7 +254,7 @@ def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
     if not run_dir or not Path(run_dir).is_dir() or (Path(run_dir) / "final.json").exists():
         return
     try:
-        lock = RunLock(run_dir).acquire()  # a worker still writing it (bench.lock) keeps it
+        lock = RunLock(run_dir).acquire()  # a worker still writing it (bench.rundir.lock) keeps it
     except UsageError:
         return
     try:

@@ -16,13 +16,14 @@ import sys
 import torch
 
 import bench  # noqa: F401  (torchvision fix)
-from bench import config, runner
-from bench.distributed import Dist, split_rollout
-from bench.models import load_policy
-from bench.random_models import tiny_pipeline_dir
+from bench import config
+from bench.engine.rollout import RolloutEngine
+from bench.model.models import load_policy
+from bench.model.random_models import tiny_pipeline_dir
 from bench.registry import algorithm_class
-from bench.resume import trainable_state
-from bench.rollout import RolloutEngine
+from bench.run import runner
+from bench.run.distributed import Dist, split_rollout
+from bench.rundir.resume import trainable_state
 from bench.types import PromptBatch, RewardOutput
 
 torch.set_num_threads(1)

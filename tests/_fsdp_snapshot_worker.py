@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from bench import config
-from bench.fsdp import shard_denoiser
-from bench.models import build_policy
-from bench.snapshots import WeightSnapshots
+from bench.model.fsdp import shard_denoiser
+from bench.model.models import build_policy
+from bench.model.snapshots import WeightSnapshots
 from bench.spec import RunSpec
 
 

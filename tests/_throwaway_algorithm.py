@@ -10,8 +10,8 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, ppo_update
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
+from bench.engine.rollout import RolloutEngine
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

@@ -37,28 +37,28 @@ def weights():
 
 @pytest.fixture(scope="session")
 def tiny_flow_dir():
-    from bench.random_models import tiny_pipeline_dir
+    from bench.model.random_models import tiny_pipeline_dir
 
     return tiny_pipeline_dir("flow")
 
 
 @pytest.fixture(scope="session")
 def tiny_eps_dir():
-    from bench.random_models import tiny_pipeline_dir
+    from bench.model.random_models import tiny_pipeline_dir
 
     return tiny_pipeline_dir("epsilon")
 
 
 @pytest.fixture(scope="session")
 def tiny_flow_policy(tiny_flow_dir):
-    from bench.models import load_policy
+    from bench.model.models import load_policy
 
     return load_policy(tiny_flow_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_eps_policy(tiny_eps_dir):
-    from bench.models import load_policy
+    from bench.model.models import load_policy
 
     return load_policy(tiny_eps_dir)
 
@@ -70,7 +70,7 @@ def fake_bench_run(monkeypatch):
     import sys
     from pathlib import Path
 
-    from bench import compare
+    from bench.fleet import compare
 
     monkeypatch.setattr(compare, "RUNNER", [sys.executable, str(Path(__file__).with_name("synthetic_runs.py"))])
 
@@ -112,8 +112,8 @@ def plugin_installed(tmp_path_factory):
 
 @pytest.fixture
 def failpoints():
-    """``failpoints("checkpoint.rename=enospc@2")`` switches failpoints on for one test (bench.failpoints)."""
-    from bench import failpoints as fp
+    """``failpoints("checkpoint.rename=enospc@2")`` switches failpoints on for one test (bench.rundir.failpoints)."""
+    from bench.rundir import failpoints as fp
 
     yield fp.set_failpoints
     fp.set_failpoints("")
@@ -122,7 +122,7 @@ def failpoints():
 @pytest.fixture(scope="module")
 def flow_policy(tiny_flow_dir):
     """A fresh tiny flow policy per test module (algorithm tests train it)."""
-    from bench.models import load_policy
+    from bench.model.models import load_policy
 
     return load_policy(tiny_flow_dir)
 

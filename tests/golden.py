@@ -3,7 +3,9 @@
 ``tests/test_golden.py`` re-runs each case through the real runner and compares what it logs (rewards, loss,
 KL, gradient norm, first importance ratio, NFE) and what a probe sees inside the update (the trained edges'
 advantages and sampling log-probs, the clipped fraction, the change of the weights) with
-``tests/golden.json``, so a silent change of the numerics fails. When a change of the numbers is intended,
+``tests/golden.json``, so a silent change of the numerics fails. Keys that do not apply to a case are null
+(a likelihood-free algorithm has no importance ratio; a loss other than ``ppo_clip_loss`` gives the probe
+no terms) and null must stay null. When a change of the numbers is intended,
 regenerate the file on purpose and commit it with the change that explains it:
 
     .venv/bin/python tests/golden.py --regenerate
@@ -55,6 +57,15 @@ CASES: dict[str, dict[str, Any]] = {
     "branchgrpo-pruned": {"algo": "branchgrpo", "sets": {"algo.split_points": [0, 1], "algo.split_noise_scale": 4.0,
                                                          "algo.prob_weighted": True, "algo.depth_pruning": [4],
                                                          "algo.width_pruning": "global"}},
+    "awm": {"algo": "awm", "sets": {"algo.group_size": 3, "algo.train_timesteps": 3, "algo.beta": 1e-3}},
+    "refl": {"algo": "refl", "sets": {"algo.group_size": 2, "algo.loss_scale": 1.0}},
+    "refl-draft2-ddim": {"algo": "refl", "model": "tiny-random-ddim",
+                         "sets": {"algo.group_size": 2, "algo.grad_steps": 2, "algo.stop_steps": [-2, -2],
+                                  "algo.solver": "ode", "algo.loss": "negative", "algo.loss_scale": 1.0}},
+    "flowdppo": {"algo": "flowdppo", "sets": {"algo.group_size": 3, "algo.num_sde_steps": 2, "sampler.steps": 6}},
+    "flowgrpo-cps": {"algo": "flowgrpo", "sets": {"algo.group_size": 3, "sampler.sde": "cps",
+                                                  "sampler.noise_level": 0.8}},
+    "treegrpo-guard": {"algo": "treegrpo", "sets": {"algo.k": 2, "algo.d": 2, "algo.guard": True}},
 }
 
 THREADS_ENV = "TREEBENCH_TEST_THREADS"
@@ -90,8 +101,10 @@ PARAM_RTOL = 1e-4
 
 
 def _resolutions(g: dict[str, Any]) -> tuple[float, float]:
-    """(log-prob resolution, advantage resolution) of one golden iteration record."""
-    d_logp = K_LOGP * U * float(g["logp_scale"])
+    """(log-prob resolution, advantage resolution) of one golden iteration record. Without recomputed
+    log-probs (likelihood-free and direct-gradient algorithms: ``logp_scale`` null) there is no log-prob
+    resolution: 0."""
+    d_logp = K_LOGP * U * float(g["logp_scale"]) if g.get("logp_scale") is not None else 0.0
     d_adv = K_ADV * U * abs(float(g["reward_mean"])) / max(float(g["reward_std"]), 1e-12)
     return d_logp, d_adv
 
@@ -110,6 +123,9 @@ def _tol_loss(g: dict[str, Any]) -> float:
     carry the comparison. Where the loss does not cancel (branchgrpo-pruned keeps an unbalanced subset of
     edges: ~0.03) the tolerance is ~2% of it."""
     d_logp, d_adv = _resolutions(g)
+    if g.get("adv_abs_mean") is None:  # a loss the probe does not see (no PPO terms): |A| ~ 1 stands in,
+        # plus the loss's own rounding where it does not cancel (a flow-matching or reward loss)
+        return d_adv + 2 * d_logp + K_REWARD * U * abs(float(g["loss"]))
     return d_adv + float(g["adv_abs_mean"]) * 2 * d_logp
 
 
@@ -135,6 +151,9 @@ def _tol_grad(g: dict[str, Any]) -> float:
     carries their relative resolution d_adv / mean|A| (plus float32 accumulation over the weights, far
     smaller)."""
     _, d_adv = _resolutions(g)
+    if g.get("adv_abs_mean") is None:  # no PPO terms seen: |A| ~ 1 (normalised advantages) stands in, and
+        # a gradient of the reward itself (direct-gradient updates) carries the rewards' resolution
+        return abs(float(g["grad_norm"])) * (d_adv + K_REWARD * U)
     return abs(float(g["grad_norm"])) * d_adv / max(float(g["adv_abs_mean"]), 1e-12)
 
 
@@ -142,7 +161,10 @@ def _tol_clip(g: dict[str, Any], got: dict[str, Any]) -> float:
     """clip_frac counts edges with |r - 1| > clip_range: an edge within rounding (2 d_logp) of the boundary
     may count on one machine and not on another. ``clip_near`` (recorded by the probe with the same
     resolution) counts those edges; any of them may flip."""
-    near = max(int(g["clip_near"]), int(got.get("clip_near", 0)))
+    if g.get("clip_near") is None:  # a surrogate the probe does not see (Guard, Flow-DPPO's mask): one
+        # edge at the boundary may flip
+        return 1.5 / max(int(g["edges"]), 1)
+    near = max(int(g["clip_near"]), int(got.get("clip_near") or 0))
     return (near + 0.5) / max(int(g["edges"]), 1)
 
 
@@ -186,7 +208,7 @@ class _Probe:
     """Sees what the PPO update sees, one iteration at a time: the advantages, old and new log-probs and
     clip range of every trained edge (``algorithms.common.ppo_clip_loss``, which every built-in algorithm's
     update goes through) and the summands' magnitude of the log-probs the update recomputes for them
-    (``bench.sde.gaussian_log_prob`` inside ``RolloutEngine.logp``). The wrapped functions compute exactly
+    (``bench.engine.sde.gaussian_log_prob`` inside ``RolloutEngine.logp``). The wrapped functions compute exactly
     what they did."""
 
     def __init__(self) -> None:
@@ -200,10 +222,11 @@ class _Probe:
         import torch
 
         from algorithms import common
-        from bench import sde
-        from bench.rollout import RolloutEngine
+        from bench.engine import sde
+        from bench.engine.rollout import RolloutEngine
 
         ppo_clip_loss, gaussian_log_prob, engine_logp = common.ppo_clip_loss, sde.gaussian_log_prob, RolloutEngine.logp
+        cps_log_prob = sde.cps_log_prob
 
         def logp(engine, *args, **kwargs):
             self._in_logp = True
@@ -221,6 +244,14 @@ class _Probe:
                     self.scales.append(float(summands.reshape(summands.shape[0], -1).mean(1).max()))
             return gaussian_log_prob(x, mean, std)
 
+        def cps_lp(x, mean):
+            # CPS (sampler.sde=cps): -(x - mean)^2 averaged over dims; its summands are those squares
+            if self._in_logp:
+                with torch.no_grad():
+                    summands = (x.detach() - mean.detach()).double() ** 2
+                    self.scales.append(float(summands.reshape(summands.shape[0], -1).mean(1).max()))
+            return cps_log_prob(x, mean)
+
         def clip_loss(logp_new, logp_old, adv, clip_range, adv_clip_max):
             out = ppo_clip_loss(logp_new, logp_old, adv, clip_range, adv_clip_max)
             a = adv.detach().clamp(-adv_clip_max, adv_clip_max)
@@ -229,20 +260,29 @@ class _Probe:
             return out
 
         common.ppo_clip_loss, sde.gaussian_log_prob, RolloutEngine.logp = clip_loss, log_prob, logp
+        sde.cps_log_prob = cps_lp
         try:
             yield self
         finally:
             common.ppo_clip_loss, sde.gaussian_log_prob, RolloutEngine.logp = (ppo_clip_loss, gaussian_log_prob,
                                                                                engine_logp)
+            sde.cps_log_prob = cps_log_prob
 
     def end_iteration(self, _rec: dict[str, Any]) -> None:
         import torch
 
-        if not self.terms or not self.scales:
-            raise RuntimeError("the golden probe saw no PPO terms: algorithms.common.ppo_clip_loss or "
-                               "bench.sde.gaussian_log_prob is no longer what the update calls; update _Probe")
+        scale = max(self.scales) if self.scales else None
+        if not self.terms:  # likelihood-free, direct-gradient, or a surrogate other than ppo_clip_loss
+            # (GRPO-Guard, Flow-DPPO): the probe's keys are null and the logged keys are compared alone
+            self.iterations.append({"adv_abs_mean": None, "logp_mean": None, "surrogate": None,
+                                    "logp_scale": scale, "clip_near": None})
+            self.scales.clear()
+            return
+        if scale is None:
+            raise RuntimeError("the golden probe saw PPO terms but no recomputed log-prob: "
+                               "bench.engine.sde.gaussian_log_prob is no longer what the update calls; "
+                               "update _Probe")
         _, old, adv, loss = (torch.cat([t[i] for t in self.terms]) for i in range(4))
-        scale = max(self.scales)
         d_lr = 2 * K_LOGP * U * scale  # a log-ratio's resolution
         near = sum(int((((n - o).exp() - 1).abs() - c).abs().le(d_lr).sum()) for n, o, _, _, c in self.terms)
         self.iterations.append({"adv_abs_mean": float(adv.abs().mean()), "logp_mean": float(old.mean()),
@@ -278,9 +318,12 @@ def run_case(name: str, out_root: Path, sets: dict[str, Any] | None = None) -> l
     ``sets`` overrides settings (tests use it to check that changed math is detected)."""
     import torch
 
-    from bench import checkpoint, config, runner
-    from bench.models import build_policy
+    from bench import config
+    from bench.model.models import build_policy
+    from bench.run import runner
+    from bench.rundir import checkpoint
     from bench.spec import RunSpec
+    from bench.types import PREFIX as SNAPSHOT_PREFIX
 
     case = CASES[name]
     base = {"sampler.steps": 4, "run.progress": False, "eval.every": 0, "eval.at_start": False,
@@ -301,7 +344,9 @@ def run_case(name: str, out_root: Path, sets: dict[str, Any] | None = None) -> l
     finally:
         torch.set_num_threads(n)
     recs = [json.loads(line) for line in (summary.out_dir / "iterations.jsonl").read_text().splitlines()]
-    weights = [start] + [checkpoint.load(p).policy for p in checkpoint.list_checkpoints(summary.out_dir)]
+    # the trained weights only: a checkpoint also holds an algorithm's weight snapshots (snapshot/<name>/...)
+    weights = [start] + [{k: v for k, v in checkpoint.load(p).policy.items() if not k.startswith(SNAPSHOT_PREFIX)}
+                         for p in checkpoint.list_checkpoints(summary.out_dir)]
     if len(weights) != len(recs) + 1 or len(probe.iterations) != len(recs):
         raise RuntimeError(f"{name}: {len(recs)} iterations, {len(weights) - 1} checkpoints, "
                            f"{len(probe.iterations)} probed updates")
@@ -324,6 +369,9 @@ def ratios(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> dict[st
     out: dict[str, float] = {}
     for e, g in zip(expected, got):
         for k in KEYS:
+            if e[k] is None or g[k] is None:  # not applicable (no importance ratio, no PPO terms)
+                out[k] = max(out.get(k, 0.0), 0.0 if e[k] is None and g[k] is None else math.inf)
+                continue
             diff = abs(float(g[k]) - float(e[k]))
             tol = tolerance(k, e, g)
             r = (0.0 if diff == 0 else math.inf) if tol == 0 else diff / tol
@@ -339,6 +387,10 @@ def differences(expected: list[dict[str, Any]], got: list[dict[str, Any]]) -> li
     for i, (e, g) in enumerate(zip(expected, got)):
         for k in KEYS:
             a, b = e[k], g[k]
+            if a is None or b is None:  # not applicable (likelihood-free: no ratio; no PPO terms): null stays null
+                if not (a is None and b is None):
+                    out.append(f"iteration {i} {k}: got {b!r}, golden {a!r}")
+                continue
             tol = tolerance(k, e, g)
             if not abs(float(b) - float(a)) <= tol:  # NaN fails
                 out.append(f"iteration {i} {k}: got {b!r}, golden {a!r} (tolerance {tol:.3g})")

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from bench import config, registry, runner
-from bench.records import metric_documented
+from bench import config, registry
 from bench.registry import Entry
+from bench.run import runner
+from bench.run.records import metric_documented
 
 optuna = pytest.importorskip("optuna")
 pd = pytest.importorskip("pandas")

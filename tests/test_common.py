@@ -9,10 +9,21 @@ import math
 import pytest
 import torch
 
-from algorithms.common import (PerPromptStatTracker, chain_edge_advantages, chain_step_edges, gaussian_mean_kl,
-                               group_normalize, node_depth, ppo_clip_loss, ppo_update, progressive_window_start,
-                               random_step_subset, tree_backup, weighted_advantage_sum)
-from bench.rollout import EdgeEval
+from algorithms.common import (
+    PerPromptStatTracker,
+    chain_edge_advantages,
+    chain_step_edges,
+    gaussian_mean_kl,
+    group_normalize,
+    node_depth,
+    ppo_clip_loss,
+    ppo_update,
+    progressive_window_start,
+    random_step_subset,
+    tree_backup,
+    weighted_advantage_sum,
+)
+from bench.engine.rollout import EdgeEval
 from bench.types import Rollout, RolloutPlan, TrainSpec
 
 NAN = float("nan")

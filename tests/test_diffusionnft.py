@@ -12,10 +12,12 @@ import torch
 from test_algorithms import BATCH, P, brightness, iterate, make
 
 from algorithms.diffusionnft import old_policy_decay
-from bench import checkpoint, config, runner
-from bench.records import TIMING_KEYS
-from bench.rollout import RolloutEngine
-from bench.snapshots import PREFIX, WeightSnapshots
+from bench import config
+from bench.engine.rollout import RolloutEngine
+from bench.model.snapshots import PREFIX, WeightSnapshots
+from bench.run import runner
+from bench.run.records import TIMING_KEYS
+from bench.rundir import checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.rollout import RolloutEngine
+from bench.engine.rollout import RolloutEngine
 from bench.types import PromptBatch, RolloutPlan
 
 PROMPTS = PromptBatch(("a red circle on the left", "a small blue square", "a large green triangle"))
@@ -129,7 +129,7 @@ def test_ode_edges_have_no_logp_and_cannot_be_recomputed(tiny_flow_policy):
 
 
 def test_dpm2_plan_runs_on_custom_sigmas(tiny_flow_policy):
-    from bench.sde import flow_sigmas
+    from bench.engine.sde import flow_sigmas
 
     eng = RolloutEngine(tiny_flow_policy, max_micro_batch=64, seed=0)
     sig = tuple(float(s) for s in flow_sigmas(5))

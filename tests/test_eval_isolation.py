@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from bench import config, runner
+from bench import config
 from bench.errors import UsageError
+from bench.run import runner
 
 
 def _cfg(tmp_path, name, seed, algo="grpo", **sets):
@@ -48,7 +49,7 @@ def test_bad_eval_settings_are_usage_errors(tmp_path, key, value):
 
 
 def test_resumed_old_run_keeps_its_evaluation(tmp_path):
-    from bench import resume
+    from bench.rundir import resume
 
     s = runner.run(_cfg(tmp_path, "old", seed=5))
     man = json.loads((s.out_dir / "manifest.json").read_text())

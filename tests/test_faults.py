@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from bench import checkpoint, runner, scoring
 from bench.cli import main
+from bench.engine.rollout import RolloutEngine
 from bench.errors import MissingWeightsError
-from bench.rollout import RolloutEngine
+from bench.run import runner, scoring
+from bench.rundir import checkpoint
 from bench.types import RewardOutput
 
 BASE = ["run", "--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--set", "sampler.steps=3",

@@ -1,4 +1,4 @@
-"""Sharded full fine-tuning (FSDP2 through an accelerate launch, bench/fsdp.py) with 2 CPU processes (gloo):
+"""Sharded full fine-tuning (FSDP2 through an accelerate launch, bench/model/fsdp.py) with 2 CPU processes (gloo):
 a run trains, checkpoints, is killed (SIGKILL) and resumes with the records of an uninterrupted run, for a
 likelihood-based algorithm and for DiffusionNFT (whose weight snapshots are sharded too); a snapshot
 swapped into sharded weights. All opt-in (-m slow): 2-process gloo launches occasionally abort at shutdown
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.checkpoint import list_checkpoints
-from bench.distributed import launch_command
-from bench.records import TIMING_KEYS
-
+from bench.run.distributed import launch_command
+from bench.run.records import TIMING_KEYS
+from bench.rundir.checkpoint import list_checkpoints
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 COMMON = ["--model", "tiny-random", "--budget", "3it", "--no-progress", "--set", "model.distributed=fsdp",

@@ -93,3 +93,6 @@ def test_differences_detects_a_change():
     assert differences([rec], [dict(rec, surrogate=2e-5)])
     assert differences([rec], [dict(rec, reward_mean=float("nan"))])
     assert differences([rec], [rec, rec])
+    free = dict(rec, approx_kl=None, first_ratio=None)  # likelihood-free: no ratio, logged as null
+    assert differences([free], [dict(free)]) == []
+    assert differences([free], [rec]) and differences([rec], [free])

@@ -1,4 +1,4 @@
-"""Where `bench compare` runs execute (bench/launch.py): N at once with pinned threads and identical records,
+"""Where `bench compare` runs execute (bench/fleet/launch.py): N at once with pinned threads and identical records,
 one GPU per concurrent run, submitit's local executor end to end, and the launcher's usage errors."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import compare, launch
 from bench.errors import UsageError
-from bench.records import TIMING_KEYS
+from bench.fleet import compare, launch
+from bench.run.records import TIMING_KEYS
 
 #: a stand-in runner: records its thread setting, its GPU and the most stand-in runs it saw running at once. Each
 #: holds a marker file in $PROBE_LIVE while it runs; it waits (up to 20 s) until it has seen a second one, then

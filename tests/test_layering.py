@@ -57,10 +57,73 @@ def test_rewards_import_only_bench_types_errors_and_shapes_vocabulary(path):
 def test_reports_read_run_dirs_only(path):
     mods = imports_of(path)
     assert not {m for m in mods if top(m) in ("algorithms", "rewards", "sweeps")}
-    assert not {m for m in mods if m.startswith(("bench.runner", "bench.rollout", "bench.policy"))}
+    assert not {m for m in mods if m.startswith(("bench.run.runner", "bench.engine.rollout", "bench.model.policy"))}
 
 
 @pytest.mark.parametrize("path", files("sweeps"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_sweeps_do_not_import_plugins(path):
     mods = imports_of(path)
     assert not {m for m in mods if top(m) in ("algorithms", "rewards", "reports")}
+
+
+# ---- wings inside bench/ (README "Architecture"): each module imports only its own wing and lower ones ----
+#: lowest first; a module's rank is that of its longest matching prefix. Imports inside functions count.
+WING_RANKS: tuple[tuple[str, ...], ...] = (
+    ("bench.errors", "bench._torchvision_fix"),
+    ("bench.types", "bench.budget", "bench.registry"),
+    ("bench.config",),
+    ("bench.model",),
+    ("bench.rundir",),
+    ("bench.engine",),
+    ("bench.spec", "bench.protocols", "bench.shapes"),
+    ("bench.run",),
+    ("bench.cost",),
+    ("bench.fleet",),
+    ("bench.cli", "bench.show", "bench.lora", "bench.envinfo"),
+)
+
+
+def wing_rank(mod: str) -> int:
+    best, rank = -1, None
+    for r, prefixes in enumerate(WING_RANKS):
+        for p in prefixes:
+            if (mod == p or mod.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), r
+    if rank is None:
+        raise AssertionError(f"{mod} belongs to no wing: add it to WING_RANKS in tests/test_layering.py")
+    return rank
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def bench_imports(path: Path) -> set[str]:
+    """bench modules imported by ``path`` (``from bench import x`` counts as ``bench.x``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if top(a.name) == "bench")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and top(node.module) == "bench":
+            if node.module == "bench":
+                out.update(f"bench.{a.name}" for a in node.names)
+            else:
+                out.add(node.module)
+    return {m for m in out if m != "bench"}
+
+
+@pytest.mark.parametrize("path", [p for p in files("bench") if module_name(p) != "bench"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_bench_wings_import_downward(path):
+    mine = wing_rank(module_name(path))
+    up = {m for m in bench_imports(path) if wing_rank(m) > mine}
+    assert not up, f"{path.relative_to(ROOT)} (wing rank {mine}) imports higher wings: {sorted(up)}"
+
+
+def test_no_bench_folder_holds_more_than_twenty_modules():
+    for d in [ROOT / "bench", *[p for p in (ROOT / "bench").rglob("*") if p.is_dir()]]:
+        n = len([p for p in d.glob("*.py") if p.name != "__init__.py"])
+        assert n <= 20, f"{d.relative_to(ROOT)} holds {n} modules"

@@ -1,4 +1,4 @@
-"""One writer per run directory (bench.lock): a second run, a --resume of a live run or a sweep worker on a
+"""One writer per run directory (bench.rundir.lock): a second run, a --resume of a live run or a sweep worker on a
 live trial directory is refused with exit 2 naming the holder; a dead holder's lock is taken over."""
 
 import json
@@ -13,16 +13,16 @@ import time
 import pytest
 import torch
 
-from bench import lock
 from bench.cli import main
 from bench.errors import RunLocked
+from bench.rundir import lock
 
 ARGS = ["--algo", "grpo", "--model", "tiny-random", "--seed", "3", "--set", "sampler.steps=3",
         "--set", "algo.group_size=2", "--set", "eval.every=0", "--set", "eval.at_start=false",
         "--set", "run.checkpoint_every=1", "--no-progress"]
 HOLD = textwrap.dedent("""
     import sys, time
-    from bench.lock import RunLock
+    from bench.rundir.lock import RunLock
     RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -136,7 +136,8 @@ def test_sweep_worker_on_a_live_trial_directory_is_refused(tmp_path, holder_proc
     before anything is deleted; the dead-trial reaper leaves a locked directory alone."""
     from types import SimpleNamespace
 
-    from bench import config, runner
+    from bench import config
+    from bench.run import runner
     from sweeps.study import _close_dead_run_dir
 
     trial = tmp_path / "trials" / "0"

@@ -21,9 +21,9 @@ from algorithms.dancegrpo import DanceGRPO, DanceGRPOConfig
 from algorithms.ddpo import DDPO, DDPOConfig
 from algorithms.mixgrpo import MixGRPO, MixGRPOConfig
 from algorithms.treegrpo import TreeGRPO, TreeGRPOConfig
-from bench import sde
-from bench.policy import Conditioning, ModelOptions, Policy
-from bench.rollout import RolloutEngine
+from bench.engine import sde
+from bench.engine.rollout import RolloutEngine
+from bench.model.policy import Conditioning, ModelOptions, Policy
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 
 TOL = {"rtol": 1e-5, "atol": 2e-6}
@@ -209,8 +209,9 @@ def test_sd35_run_manifest_sigmas_equal_the_diffusers_scheduler(tmp_path):
 
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from bench import config, runner
-    from bench.random_models import random_preset_spec
+    from bench import config
+    from bench.model.random_models import random_preset_spec
+    from bench.run import runner
 
     cfg = config.resolve({"train.prompts_per_iteration": 1, "eval.every": 0, "eval.at_start": False,
                           "eval.num_prompts": 1, "run.progress": False},
@@ -231,7 +232,7 @@ def test_sd35_run_manifest_sigmas_equal_the_diffusers_scheduler(tmp_path):
 def test_schedule_choice_per_family_and_usage_errors():
     from bench import config
     from bench.errors import UsageError
-    from bench.models import model_prediction
+    from bench.model.models import model_prediction
     from bench.spec import resolve_schedule
 
     def resolve(model, **sets):

@@ -13,15 +13,32 @@ import contextlib
 
 import pytest
 import torch
-from parity_reference import (BRANCH_EDGE_LOGPS, BRANCH_REWARDS, FLOW_GRPO_PROMPTS, FLOW_GRPO_REWARDS, MODEL_A,
-                              MODEL_A_OLD, MODEL_A_REF, MODEL_B, NFT_ADVANTAGES, NFT_SIGMA_IDX, noise)
+from parity_reference import (
+    BRANCH_EDGE_LOGPS,
+    BRANCH_REWARDS,
+    FLOW_GRPO_PROMPTS,
+    FLOW_GRPO_REWARDS,
+    MODEL_A,
+    MODEL_A_OLD,
+    MODEL_A_REF,
+    MODEL_B,
+    NFT_ADVANTAGES,
+    NFT_SIGMA_IDX,
+    noise,
+)
 from test_parity import BATCH, SD3_T10, ToyPolicy, close
 
 from algorithms.branchgrpo import BranchGRPO, BranchGRPOConfig
 from algorithms.common import gaussian_mean_kl, kl_std
-from algorithms.diffusionnft import DiffusionNFT, DiffusionNFTConfig, nft_loss, old_policy_decay, optimality_probability
+from algorithms.diffusionnft import (
+    DiffusionNFT,
+    DiffusionNFTConfig,
+    nft_loss,
+    old_policy_decay,
+    optimality_probability,
+)
 from algorithms.flowgrpo import FlowGRPO, FlowGRPOConfig, flow_grpo_advantages
-from bench.rollout import RolloutEngine
+from bench.engine.rollout import RolloutEngine
 from bench.types import RewardOutput, SamplerSpec, TrainSpec
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from bench import registry
 from bench.cli import main
-from bench.records import metric_documented
+from bench.run.records import metric_documented
 
 RUN = ["run", "--model", "tiny-random", "--budget", "2it", "--no-progress", "--set", "sampler.steps=3",
        "--set", "eval.every=0", "--set", "eval.at_start=false", "--set", "train.prompts_per_iteration=2"]

@@ -34,3 +34,7 @@ def test_results_script_writes_both_reports_and_its_record(tmp_path):
     rec = json.loads((out / "results.json").read_text())
     assert rec["budget"] == "2it" and rec["seeds"] == 1 and rec["compare_wall_s"] >= 0 and len(rec["commit"]) == 40
     assert "results: comparison" in p.stdout
+    # the comparison has its controls: the baseline (grpo: no dancegrpo here) on other seeds, and frozen
+    cmp = tmp_path / "runs" / "compare"
+    assert (cmp / "grpo-aa" / "seed1000" / "final.json").is_file()
+    assert json.loads((cmp / "grpo-frozen" / "seed0" / "manifest.json").read_text())["weights_frozen"] is True

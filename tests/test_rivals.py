@@ -4,13 +4,12 @@ errors. The contract, sign (tests/test_algorithms.py) and runner smoke tests pic
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from test_algorithms import P, iterate, make
 
-from bench.models import load_policy
-from bench.policy import ModelOptions
+from bench.model.models import load_policy
+from bench.model.policy import ModelOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

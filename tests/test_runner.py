@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from bench import config, runner
+from bench import config
 from bench.errors import UsageError
-from bench.records import TIMING_KEYS, glossary, metric_documented
+from bench.run import runner
+from bench.run.records import TIMING_KEYS, glossary, metric_documented
 
 REQUIRED = ["iteration", "samples_total", "nfe_total", "seconds_total", "t_rollout_s", "t_reward_s",
             "t_advantage_s", "t_update_s", "reward_mean", "reward_std", "loss", "approx_kl", "clip_frac",

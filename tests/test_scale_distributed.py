@@ -1,4 +1,4 @@
-"""Multi-process training (bench/distributed.py): merging per-rank rollouts reproduces the
+"""Multi-process training (bench/run/distributed.py): merging per-rank rollouts reproduces the
 single-process rollout; a real 2-process accelerate run gives single-process advantages."""
 
 from __future__ import annotations
@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.distributed import Dist, _structure, launch_command, merge_rewards, merge_rollouts, split_rollout
+from bench.engine.rollout import RolloutEngine
 from bench.errors import UsageError
-from bench.models import load_policy
-from bench.random_models import tiny_pipeline_dir
-from bench.rollout import RolloutEngine
+from bench.model.models import load_policy
+from bench.model.random_models import tiny_pipeline_dir
+from bench.run.distributed import (
+    Dist,
+    _structure,
+    launch_command,
+    merge_rewards,
+    merge_rollouts,
+    split_rollout,
+)
 from bench.types import PromptBatch, RewardOutput, RolloutPlan
 
 PROMPTS = PromptBatch(("a red circle", "a blue square", "a green triangle", "a small dog"))
@@ -63,8 +70,9 @@ def test_shard_keeps_whole_prompts_and_checks_divisibility():
 
 
 def test_fsdp_without_a_launch_is_a_usage_error(tmp_path):
-    from bench import config, runner
+    from bench import config
     from bench.errors import UsageError
+    from bench.run import runner
 
     cfg = config.resolve({"model.distributed": "fsdp", "run.progress": False},
                          flags={"algo.name": "grpo", "model.name": "tiny-random", "budget": "1it",

@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
-from bench import config, runner
+from bench import config
 from bench.cli import main as cli_main
+from bench.engine.rollout import RolloutEngine
 from bench.errors import UsageError
-from bench.models import load_policy
-from bench.policy import ModelOptions
-from bench.random_models import tiny_pipeline_dir
+from bench.model.models import load_policy
+from bench.model.policy import ModelOptions
+from bench.model.random_models import tiny_pipeline_dir
 from bench.registry import algorithm_class
-from bench.rollout import RolloutEngine
+from bench.run import runner
 from bench.types import PromptBatch, RewardOutput, SamplerSpec, TrainSpec
 
 PROMPTS = PromptBatch(("a red circle", "a blue square"))

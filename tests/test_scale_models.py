@@ -12,13 +12,15 @@ import shutil
 import pytest
 import torch
 
-from bench import config, models, runner
+from bench import config
 from bench.errors import MissingWeightsError
-from bench.families import REAL_PIPELINES
-from bench.models import build_random_policy, load_policy
-from bench.policy import ModelOptions
-from bench.random_models import REDUCED, build_random_pipeline, random_preset_spec
+from bench.model import models
+from bench.model.families import REAL_PIPELINES
+from bench.model.models import build_random_policy, load_policy
+from bench.model.policy import ModelOptions
+from bench.model.random_models import REDUCED, build_random_pipeline, random_preset_spec
 from bench.registry import MODELS
+from bench.run import runner
 from bench.spec import ModelSpec
 
 SPECS = {"sd3": "sd3.5-medium-random", "flux": "flux.1-dev-random", "sd": "sd1.5-random"}
@@ -157,7 +159,7 @@ def test_model_path_may_be_a_hub_id_in_the_local_cache(saved, tmp_path, monkeypa
     """model.path "org/name" resolves offline through the Hugging Face cache; absent -> MissingWeightsError."""
     import huggingface_hub.constants as hc
 
-    from bench.models import resolve_model_path
+    from bench.model.models import resolve_model_path
 
     repo = tmp_path / "hub" / "models--org--tiny-sd3"
     snap = repo / "snapshots" / ("0" * 40)

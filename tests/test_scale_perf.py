@@ -1,10 +1,10 @@
-"""``python -m bench.perf paper-table`` on a tiny stand-in (the GPU run uses sd3.5-medium-random)."""
+"""``python -m bench.cost.perf paper-table`` on a tiny stand-in (the GPU run uses sd3.5-medium-random)."""
 
 from __future__ import annotations
 
 import json
 
-from bench import perf
+from bench.cost import perf
 
 SMALL = {"dancegrpo": {"algo.group_size": 3}, "mixgrpo": {"algo.group_size": 3, "algo.window": 2},
          "treegrpo": {"algo.k": 2, "algo.d": 2}}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.models import load_policy
+from bench.model.models import load_policy
 from bench.shapes import train_model, world
 from bench.shapes.sampling import sample_images
 

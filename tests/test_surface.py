@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.progress import Progress, end_summary, eval_line
+from bench.run.progress import Progress, end_summary, eval_line
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--algo", "grpo", "--model", "tiny-random", "--set", "sampler.steps=3", "--set", "eval.every=1",
@@ -188,8 +188,8 @@ def test_reward_without_weights_refused_before_anything_exists(flag, tmp_path):
 
 # ---- secrets -------------------------------------------------------------------------------------------
 def test_storage_password_is_never_printed(monkeypatch):
-    from sweeps import study as st
     from bench.errors import UsageError
+    from sweeps import study as st
 
     monkeypatch.setattr(st.time, "sleep", lambda s: None)
     url = "postgresql://alice:s3cr3t-pw@127.0.0.1:1/db"

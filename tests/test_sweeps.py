@@ -16,7 +16,7 @@ optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState
 
 from bench.errors import UsageError
-from bench.runner import RunSummary
+from bench.run.runner import RunSummary
 from sweeps import cli, spaces
 from sweeps import study as st
 from sweeps.objective import Objective, TrialFailed
@@ -170,7 +170,7 @@ def test_pruned_trial_stops_early_and_shows_as_pruned(tmp_path):
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     import torch
 
-    from bench import runner
+    from bench.run import runner
 
     def flaky(cfg, **kw):
         n = int(Path(cfg["out"]).name)

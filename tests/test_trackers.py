@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.trackers import scalars
+from bench.run.trackers import scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--algo", "grpo", "--model", "tiny-random", "--set", "sampler.steps=3", "--set", "eval.every=1",

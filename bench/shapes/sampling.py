@@ -1,7 +1,7 @@
 """Deterministic sampling for evaluating the shapes model outside the training loop.
 
-``sample_images(policy, prompts, ...)`` runs the probability-flow ODE (Euler, ``bench.sde.flow_ode_step``)
-on the policy's schedule (``bench.sde.flow_sigmas``) with classifier-free guidance
+``sample_images(policy, prompts, ...)`` runs the probability-flow ODE (Euler, ``bench.engine.sde.flow_ode_step``)
+on the policy's schedule (``bench.engine.sde.flow_sigmas``) with classifier-free guidance
 v = v_uncond + w (v_cond - v_uncond) (Ho & Salimans 2022), batched, from noise drawn with a fixed seed
 (one generator per call, so the same prompts + seed give the same images). It is the same step rule
 and conditioning the rollout engine uses for deterministic evaluation.
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bench.policy import Conditioning, Policy
-from bench.sde import flow_ode_step, flow_sigmas
+from bench.engine.sde import flow_ode_step, flow_sigmas
+from bench.model.policy import Conditioning, Policy
 
 
 @torch.no_grad()

@@ -6,12 +6,12 @@
 (load 5-12), ~0.25 CPU-seconds per step. Use ``--threads 1`` on a busy machine: two torch threads
 competing with other processes were 15x slower per step in a measurement here.)
 
-The result is a treebench pipeline directory (``bench.random_models.save_pipeline``) loadable by
-``bench.models.load_policy``: a pixel-space (32 x 32 x 3) ``SD3Transformer2DModel`` (patch 4, 4 layers,
+The result is a treebench pipeline directory (``bench.model.random_models.save_pipeline``) loadable by
+``bench.model.models.load_policy``: a pixel-space (32 x 32 x 3) ``SD3Transformer2DModel`` (patch 4, 4 layers,
 4 heads x 32; 2.3 M parameters), a ``CLIPTextModelWithProjection`` (hidden 128, 2 layers; 0.3 M) and a
 word-level tokenizer over the world's vocabulary, with a ``FlowMatchEulerDiscreteScheduler`` config.
 
-Training follows exactly the conventions the policy samples with (bench/policy.py, bench/sde.py):
+Training follows exactly the conventions the policy samples with (bench/model/policy.py, bench/engine/sde.py):
   - images scaled to [-1, 1]; rectified flow x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0
     (Liu et al. 2022; Esser et al. 2024, SD3 eq. 1-3), sigma ~ logit-normal(0, 1) (SD3 sec. 3.1);
   - the transformer sees timestep = sigma * 1000, encoder_hidden_states = the text encoder's
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.random_models import save_pipeline, word_tokenizer
+from bench.model.random_models import save_pipeline, word_tokenizer
 from bench.shapes import world
 
 MAX_LENGTH = 10

@@ -14,9 +14,9 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import chain_edge_advantages, ppo_update
-from bench.policy import Policy
-from bench.rollout import RolloutEngine
-from bench.seeding import generator
+from bench.engine.rollout import RolloutEngine
+from bench.engine.seeding import generator
+from bench.model.policy import Policy
 from bench.types import (
     Advantages,
     PromptBatch,

@@ -1,0 +1,1 @@
+"""The cost wing: tools above the runner that price or measure it: the estimator behind `bench plan` (estimate), profiling (profiling), modeled-vs-measured validation (validate) and benchmarks (perf)."""

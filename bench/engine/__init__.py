@@ -1,0 +1,1 @@
+"""The engine wing: prompts in (prompts), the rollout engine and its step math (rollout, sde), seeded generators (seeding), the call trace of expensive calls (trace), its pricing with a cost profile (pricing) and a plan's batch arithmetic (arithmetic)."""

@@ -1,0 +1,375 @@
+"""``bench compare``: train every algorithm under one budget on the same prompts and seeds, then report.
+
+    bench compare --algos ddpo,dancegrpo,mixgrpo,treegrpo --budget 20m --seeds 3 --out DIR
+
+runs ``bench run --algo A --budget B --seed S --out DIR/A/seedS [passthrough]`` once per algorithm and
+seed, each in its own subprocess (so no state leaks between runs and each gets a fresh device), in
+seed-major order (all algorithms for seed 0, then seed 1, ...) so that an interrupted comparison still
+has every algorithm at the seeds it finished, streams their output prefixed with ``[A seedS]``, and
+finally writes DIR/report.pdf from whatever run directories exist. Every run receives exactly the same
+passthrough options (model, reward, config file, preset, --set overrides), so prompts, evaluation and
+seeds are identical across algorithms.
+
+Where the runs execute is ``bench.fleet.launch``: one after another (default), ``--jobs N`` at once on this
+machine (one GPU each; ``--threads-per-run`` pins CPU threads so that records do not depend on it), or
+one scheduler job per run through submitit (``--launcher slurm`` / ``submitit-local``).
+
+``--controls`` adds two control arms of the baseline algorithm (``--baseline``, else dancegrpo when
+compared, else the first of ``--algos``): ``<baseline>-aa``, the baseline under other seeds (seed
+``s + AA_SEED_OFFSET`` for each seed ``s``, so never one of the baseline's), which a sound comparison finds
+equivalent to the baseline; and ``<baseline>-frozen``, the baseline with ``train.frozen=true`` (the same
+rollouts, rewards and NFE, no weight change), which it must find worse. They live in
+DIR/<baseline>-aa/seed<s>/ and DIR/<baseline>-frozen/seed<s>/, and ``run.label`` names them in reports.
+
+Re-running a comparison extends it: a run directory that already finished under the same budget is
+skipped, a killed one (no final.json, or stopped by a signal) is resumed from its newest checkpoint
+(``bench run --resume``) or, without one, started again. Runs from another git commit, or from a
+working tree with uncommitted changes, are refused on one axis unless ``--allow-mixed-code``.
+
+This module only orchestrates: the report is built by the reports package, named here by a lazy
+import string (``bench`` never imports ``reports``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.budget import Budget
+from bench.errors import UsageError
+from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
+from bench.registry import algorithms, did_you_mean, is_spec, load_object
+
+#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
+#: (the page headings; it prints the verdict). A string so that bench does not import reports.
+REPORT = "reports.cli:compare_report"
+
+#: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
+RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
+
+#: The A/A control arm runs the baseline at seed s + AA_SEED_OFFSET for each seed s of the comparison:
+#: disjoint from the baseline's seeds (checked), and stable when a comparison is extended with more seeds.
+AA_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: its label (DIR/<label>/seed<s>/), the algorithm, its seeds, and the
+    options only its runs get (the control arms' ``--set``)."""
+
+    label: str
+    algo: str
+    seeds: tuple[int, ...]
+    sets: tuple[str, ...] = ()
+
+
+def default_baseline(algos: Sequence[str], baseline: str | None) -> str:
+    """The baseline the controls copy: ``--baseline``, else dancegrpo when compared, else the first."""
+    if baseline is not None:
+        return baseline
+    return "dancegrpo" if "dancegrpo" in algos else algos[0]
+
+
+def build_arms(algos: Sequence[str], seeds: Sequence[int], controls: bool = False,
+               baseline: str | None = None) -> list[Arm]:
+    """Every algorithm at ``seeds``; with ``controls`` also ``<baseline>-aa`` (seeds s + AA_SEED_OFFSET)
+    and ``<baseline>-frozen`` (train.frozen=true, the baseline's seeds)."""
+    arms = [Arm(a, a, tuple(seeds)) for a in algos]
+    if controls:
+        b = default_baseline(algos, baseline)
+        aa = tuple(s + AA_SEED_OFFSET for s in seeds)
+        clash = sorted(set(aa) & set(seeds))
+        if clash:
+            raise UsageError(f"--controls: the A/A arm runs seed s + {AA_SEED_OFFSET} for each seed s, and "
+                             f"{clash} would also be baseline seeds; use seeds below {AA_SEED_OFFSET}")
+        arms += [Arm(f"{b}-aa", b, aa, ("--set", f"run.label={b}-aa")),
+                 Arm(f"{b}-frozen", b, tuple(seeds), ("--set", "train.frozen=true", "--set", f"run.label={b}-frozen"))]
+    taken = [a.label for a in arms]
+    if len(set(taken)) != len(taken):
+        raise UsageError(f"--controls: an algorithm is named like a control arm ({', '.join(taken)})")
+    return arms
+
+
+def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train every algorithm under one budget on the same prompts and seeds "
+                               "(one `bench run` subprocess each), then write DIR/report.pdf.")
+    p.add_argument("--algos", required=True, help="comma-separated algorithms, e.g. ddpo,dancegrpo,mixgrpo,treegrpo")
+    p.add_argument("--budget", required=True, help="budget of every run, e.g. 20m, 5000samples, 2e6nfe, 300it")
+    p.add_argument("--seeds", default="3",
+                   help="number of seeds N (runs seeds 0..N-1) or a comma-separated list, e.g. 0,1,7 (default 3)")
+    p.add_argument("--out", required=True, help="output directory: DIR/<algo>/seed<s>/ and DIR/report.pdf")
+    p.add_argument("--model", default=None, help="model preset or path passed to every run")
+    p.add_argument("--model-path", default=None, help="local diffusers pipeline directory passed to every run")
+    p.add_argument("--reward", default=None, help="training reward spec passed to every run")
+    p.add_argument("--eval-rewards", default=None,
+                   help="comma-separated held-out rewards passed to every run (needed for reward-hacking checks)")
+    p.add_argument("--device", default=None, help="device passed to every run")
+    p.add_argument("--config", default=None, help="YAML config file passed to every run")
+    p.add_argument("--preset", default=None, help="preset passed to every run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override passed to every run (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
+    p.add_argument("--baseline", default=None,
+                   help="report baseline, and the algorithm --controls copies (default: dancegrpo if compared; "
+                        "the report's default otherwise, the first of --algos for --controls)")
+    p.add_argument("--controls", action="store_true",
+                   help="add two control arms of the baseline: <baseline>-aa, the baseline under other seeds "
+                        f"(seed s+{AA_SEED_OFFSET} for each seed s, disjoint from the baseline's: it should come "
+                        "out equivalent), and <baseline>-frozen, the baseline with train.frozen=true (same "
+                        "rollouts, rewards and NFE, weights never change: it should come out worse)")
+    p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
+                   help="budget axis of the report's learning curves (default: samples)")
+    p.add_argument("--allow-mixed-code", action="store_true",
+                   help="put runs from different git commits or a dirty working tree on one axis anyway "
+                        "(the report marks them loudly)")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the report (default 2000)")
+    p.add_argument("--no-report", action="store_true",
+                   help="train only (e.g. one cell of a grid that is reported as a whole later)")
+    p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
+    p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
+    g = add_cluster_args(p, "runs", "slurm: one SLURM job per run through submitit; submitit-local: submitit's "
+                                    "local executor; local: subprocesses here (default)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="local: runs at once (default 1); with GPUs each run gets its own device")
+    g.add_argument("--threads-per-run", type=int, default=None,
+                   help="CPU threads of every run (OMP/MKL); runs with the same value give identical records "
+                        "alone or side by side (default: the library default, all cores)")
+    return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    text = text.strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: give a positive count (3) or a comma-separated list (0,1,7)") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: repeated seed")
+    return seeds
+
+
+def parse_algos(text: str) -> list[str]:
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    if not algos:
+        raise UsageError("--algos: give at least one algorithm, e.g. --algos ddpo,treegrpo")
+    known = algorithms()  # built-in and installed plug-ins (entry points); module:Class specs too
+    for a in algos:
+        if a not in known and not is_spec(a):
+            raise UsageError(did_you_mean(a, list(known), "algorithm"))
+    if len(set(algos)) != len(algos):
+        raise UsageError(f"--algos {text!r}: repeated algorithm")
+    return algos
+
+
+def passthrough(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag in ("model", "model_path", "reward", "eval_rewards", "config", "preset", "device"):
+        v = getattr(args, flag)
+        if v is not None:
+            out += [f"--{flag.replace('_', '-')}", v]
+    for kv in args.set:
+        if "=" not in kv:
+            raise UsageError(f"--set {kv!r}: expected KEY=VALUE")
+        out += ["--set", kv]
+    if args.overwrite:
+        out.append("--overwrite")
+    return out
+
+
+def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str], label: str | None = None
+                ) -> list[str]:
+    """``bench run`` of one run: DIR/<label (default: the algorithm)>/seed<s>/."""
+    return [*RUNNER, "run", "--algo", algo, "--budget", budget, "--seed", str(seed),
+            "--out", str(out / (label or algo) / f"seed{seed}"), *extra]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_state(run_dir: Path, budget: str) -> str:
+    """What to do with one run directory of the comparison:
+    "new" (absent), "done" (finished under this budget), "resume" (killed, has a checkpoint),
+    "restart" (killed before any checkpoint), "failed" (stopped by an error: rerun with --overwrite),
+    or "other-budget" (finished under a different budget: refuse)."""
+    man = _read_json(run_dir / "manifest.json")
+    if man is None:
+        return "new" if not run_dir.exists() or not any(run_dir.iterdir()) else "restart"
+    final = _read_json(run_dir / "final.json")
+    spec = (man.get("budget") or {}).get("spec")
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+    if final is None or final.get("stop_reason") == "interrupted":
+        return "resume" if has_ckpt else "restart"
+    if final.get("stop_reason") in ("error", "nonfinite"):
+        return "failed"
+    if spec is not None and Budget.parse(str(spec)) != Budget.parse(budget):
+        return "other-budget"
+    return "done"
+
+
+def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
+    """Existing run directories whose git commit differs from this checkout's, or that were dirty."""
+    bad = []
+    for d in run_dirs:
+        git = (_read_json(d / "manifest.json") or {}).get("git") or {}
+        if git.get("commit") != here.get("commit"):
+            bad.append(f"{d} (commit {str(git.get('commit'))[:12]})")
+        elif git.get("dirty"):
+            bad.append(f"{d} (dirty working tree)")
+    return bad
+
+
+def plan_jobs(arms: Sequence[Arm], budget: str, out: Path, extra: Sequence[str],
+              overwrite: bool) -> list[tuple[str, int, str, list[str] | None]]:
+    """(label, seed, state, command or None) in seed-major order (the k-th seed of every arm, then the
+    (k+1)-th); see ``run_state``."""
+    jobs = []
+    for k in range(max((len(arm.seeds) for arm in arms), default=0)):
+        for arm in arms:
+            if k >= len(arm.seeds):
+                continue
+            a, s = arm.label, arm.seeds[k]
+            d = out / a / f"seed{s}"
+            state = "new" if overwrite else run_state(d, budget)
+            if state == "other-budget":
+                man = _read_json(d / "manifest.json") or {}
+                raise UsageError(f"{d} finished under budget {(man.get('budget') or {}).get('spec')!r}, not "
+                                 f"{budget!r}: use another --out, or --overwrite to rerun every run")
+            if state == "done":
+                cmd = None
+            elif state == "resume":
+                cmd = [*RUNNER, "run", "--resume", str(d), "--budget", budget]
+            else:
+                rerun = [*extra, *arm.sets] + (["--overwrite"] if state in ("restart", "failed")
+                                               and "--overwrite" not in extra else [])
+                cmd = run_command(arm.algo, s, budget, out, rerun, label=arm.label)
+            jobs.append((a, s, state, cmd))
+    return jobs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        algos, seeds, extra = parse_algos(args.algos), parse_seeds(args.seeds), passthrough(args)
+        Budget.parse(args.budget)  # fail before starting any run
+        if args.reps < 100:
+            raise UsageError("--reps must be at least 100")
+        if args.baseline is not None and args.baseline not in algos:
+            raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
+        if any(kv.partition("=")[0].strip() == "run.label" for kv in args.set):
+            raise UsageError("--set run.label: bench compare labels its runs itself (the algorithm, or "
+                             "<baseline>-aa / <baseline>-frozen for --controls)")
+        arms = build_arms(algos, seeds, args.controls, args.baseline)
+        out = Path(args.out)
+        # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
+        controls = default_baseline(algos, args.baseline) if args.controls else \
+            (_read_json(out / OPTIONS_FILE) or {}).get("controls")
+        baseline = args.baseline or controls
+        launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
+        if not args.report_only and not args.dry_run:
+            check_options(out, extra, args.overwrite)
+        jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
+        if not args.report_only and not args.allow_mixed_code:
+            _check_code(out, jobs)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for a, s, state, cmd in jobs:
+            print(subprocess.list2cmdline(cmd) if cmd else f"# {a} seed{s}: already finished, skipped")
+        return 0
+
+    failed: list[str] = []
+    if not args.report_only:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra), "controls": controls},
+                                                   indent=1) + "\n")
+        failed = _train(jobs, launch, out, args.device)
+
+    if args.no_report:
+        if failed:
+            print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
+    try:
+        pages = load_object(REPORT)(out, out / "report.pdf", baseline=baseline, x=args.x,
+                                    title=f"bench compare --budget {args.budget}",
+                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps)
+    except UsageError as e:
+        print(f"error: cannot build the report: {e}", file=sys.stderr)
+        return 1 if failed else 2
+    print(f"wrote {out / 'report.pdf'} ({len(pages)} pages)")
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+#: DIR/compare.json: the options every run was trained with, and the baseline whose controls DIR holds
+#: (null without --controls); a later `bench compare` into DIR reports against that baseline.
+OPTIONS_FILE = "compare.json"
+
+
+def _run_options(extra: Sequence[str]) -> list[str]:
+    return [x for x in extra if x != "--overwrite"]
+
+
+def check_options(out: Path, extra: Sequence[str], overwrite: bool) -> None:
+    """A comparison directory keeps the options its runs were trained with (DIR/compare.json): extending
+    it with other options would put differently configured runs under one label."""
+    saved = _read_json(out / OPTIONS_FILE)
+    if saved is None or overwrite:
+        return
+    before, now = saved.get("options", []), _run_options(extra)
+    if before != now:
+        raise UsageError(f"{out} was trained with options {subprocess.list2cmdline(before) or '(none)'}, not "
+                         f"{subprocess.list2cmdline(now) or '(none)'}: use another --out, the same options, "
+                         f"or --overwrite to retrain every run")
+
+
+def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]]) -> None:
+    """Refuse to extend a comparison whose existing runs come from other code than this checkout."""
+    from bench.rundir.runlog import git_state
+
+    here = git_state()
+    existing = [out / a / f"seed{s}" for a, s, state, _ in jobs if state in ("done", "resume")]
+    bad = code_mismatch(existing, here)
+    if bad:
+        raise UsageError(f"{len(bad)} existing run(s) come from other code than this checkout (commit "
+                         f"{str(here.get('commit'))[:12]}{', dirty' if here.get('dirty') else ''}): "
+                         + "; ".join(bad[:4]) + (" ..." if len(bad) > 4 else "")
+                         + ". Use a new --out, --overwrite, or --allow-mixed-code (the report then marks it)")
+    if here.get("dirty"):
+        print("warning: this working tree has uncommitted changes: the runs will be marked dirty and the "
+              "report says so; commit first for results that can be rebuilt", file=sys.stderr, flush=True)
+
+
+def _train(jobs: Sequence[tuple[str, int, str, list[str] | None]], launch: Launch, out: Path,
+           device: str | None) -> list[str]:
+    for a, s, state, cmd in jobs:
+        if cmd is None:
+            print(f"== [{a} seed{s}] already finished under this budget: skipped", flush=True)
+    notes = {"resume": " (resuming a killed run)", "restart": " (restarting a run killed before its first "
+             "checkpoint)", "failed": " (rerunning a failed run)"}
+    todo = [Job(f"[{a} seed{s}]", cmd, notes.get(state, "")) for a, s, state, cmd in jobs if cmd is not None]
+    if launch.launcher == "local":
+        return run_local(todo, launch, device)
+    return run_submitit(todo, launch, out, RUNNER)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

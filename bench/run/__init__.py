@@ -1,0 +1,1 @@
+"""The run wing: the one training loop (runner) and what it calls per iteration: rewards (scoring), held-out evaluation (evaluation), records (records), phase timers (timing), faults (faults), progress, trackers, start/finish (finish) and multi-process data exchange (distributed)."""

@@ -1,0 +1,409 @@
+"""The only training loop: plan -> rollout -> reward -> advantages -> update -> log, under a budget.
+
+``run(cfg)`` alone reads the clock, checks the budget at iteration boundaries, records the stop reason
+and writes the run directory (docs/RUNDIR.md). Evaluation is timed but outside the training budget.
+Same config + seed on CPU gives an identical iterations.jsonl apart from timing fields.
+
+Where each part lives: the typed run spec ``bench.spec``; the model ``bench.model.models``; rewards
+``bench.run.scoring``; the run directory and log ``bench.rundir.runlog``; records ``bench.run.records``; evaluation
+``bench.run.evaluation``; checkpoints and resume ``bench.rundir.resume``; faults ``bench.run.faults``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from bench.budget import Totals
+from bench.engine import pricing as cost_mod
+from bench.engine import trace as trace_mod
+from bench.engine.arithmetic import batch_arithmetic
+from bench.engine.prompts import load_prompt_set
+from bench.engine.rollout import RolloutEngine, Schedule
+from bench.errors import (
+    AlgorithmSettingsError,
+    Interrupted,
+    NonFiniteGrad,
+    StopRun,
+    UsageError,
+    is_out_of_memory,
+)
+from bench.model.models import build_policy, resolve_device, weights_hash
+from bench.registry import algorithm_class
+from bench.run import trackers as trackers_mod
+from bench.run.distributed import Dist, NullLog
+from bench.run.evaluation import evaluate
+from bench.run.faults import (
+    StopFlag,
+    is_write_fault,
+    nonfinite_inputs,
+    oom_failure,
+    refuse_nonfinite_step,
+    report_nonfinite,
+    stop_signals,
+    write_failure,
+)
+from bench.run.finish import announce, finish
+from bench.run.progress import Progress, end_summary
+from bench.run.records import PHASES, IterationRecord, zero_spread_fraction
+from bench.run.scoring import build_rewards, check_reward_gradient, score
+from bench.run.timing import PhaseTimer, peak_mem_mb
+from bench.rundir import resume as resume_mod
+from bench.rundir.lock import RunLock
+from bench.rundir.runlog import RunLog, check_out_dir, create_out_dir, manifest
+from bench.spec import RunSpec
+from bench.types import Advantages, RewardOutput, Rollout, RolloutPlan, UpdateStats
+
+
+class FrozenAdamW(torch.optim.AdamW):
+    """AdamW for ``train.frozen=true`` (the null arm of ``bench compare --controls``): the algorithm's update
+    runs unchanged (loss, gradients, clipping, the same forward passes), and ``step()`` is called as often
+    and runs the optimizer's hooks (non-finite check, call trace, so the modeled cost is the same), but it
+    changes no parameter and keeps no moments, only each parameter's step count (a non-empty state, as
+    sharded checkpoints expect). Its learning rate is 0, which is what ``lr`` in iterations.jsonl records.
+    (AdamW with lr 0 is not enough: ``p + 0 * x`` turns a weight of -0.0 into +0.0, so the weights would
+    not be bit-identical.)"""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
+        return loss
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    stop_reason: str
+    iterations: int
+    samples_total: int
+    nfe_total: int
+    seconds_total: float
+    final_eval: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+class Run:
+    """One training run: the components built from the spec, and the state that checkpoints carry."""
+
+    def __init__(self, spec: RunSpec, resume: bool = False):
+        self.lock: RunLock | None = None         # one writer per run directory (bench.rundir.lock), held until release()
+        self.write_fault: OSError | None = None  # a write fault seen while finishing (final eval, final.json)
+        self.final_fault: OSError | None = None  # final.json could not be written
+        try:
+            self._build(spec, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, spec: RunSpec, resume: bool) -> None:
+        self.spec, self.resume = spec, resume
+        device = resolve_device(spec.model.device)
+        self.dist = Dist.from_config(spec.config, device)  # one process, or data-parallel under accelerate
+        self.device = self.dist.device(device)
+        self.train_prompts = load_prompt_set(spec.train_prompts)
+        self.eval_prompts = load_prompt_set(spec.eval_prompts)
+        # everything is validated before the run directory is created, replaced or resumed
+        self.out = spec.run.out
+        if self.dist.is_main:
+            if self.out.is_dir():  # refused at once when a live process writes it
+                self.lock = RunLock(self.out).acquire()
+            check_out_dir(self.out, spec.run.overwrite, resume)
+        if resume:
+            resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
+        tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
+        # the algorithm and the rewards are checked before the (possibly large) model is loaded
+        try:
+            self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
+        except ValueError as e:
+            raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
+        self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
+        if getattr(self.algo, "reward_gradient", False):  # direct-gradient algorithms (ReFL, DRaFT-K)
+            check_reward_gradient(self.reward, spec.algo_name)
+        torch.manual_seed(spec.seed)
+        self.policy = build_policy(spec.model, self.device)
+        if self.policy.prediction != spec.model.prediction:
+            raise UsageError(f"{self.policy.path}: the model predicts {self.policy.prediction!r} but its "
+                             f"model_index.json says {spec.model.prediction!r}")
+        self.dist.prepare_policy(self.policy)  # DDP wrapper for the update's forward passes
+        self.engine = RolloutEngine(self.policy, max_micro_batch=spec.train.micro_batch,
+                                    seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
+                                    schedule=spec.sampler.schedule)
+        self.engine.snapshots.declare(self.algo)  # copies of the initial weights (restored on resume)
+        if getattr(self.algo, "reward_gradient", False):
+            self.engine.attach_reward(self.reward)  # the update scores with gradients (engine.reward_grad)
+        self.check_schedule()
+        o = spec.optimizer
+        # train.frozen: the null arm of a comparison; every step is still called (hooks, trace), none moves a weight
+        adamw = FrozenAdamW if o.frozen else torch.optim.AdamW
+        self.optimizer = adamw(self.policy.trainable_parameters(), lr=0.0 if o.frozen else o.lr,
+                               betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer.register_step_pre_hook(refuse_nonfinite_step)  # NaN/inf steps are never applied
+        trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # optimizer steps in the call trace
+        self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
+        self.arith = batch_arithmetic(self.algo.plan(0), spec.prompts_per_iteration, spec.train.micro_batch,
+                                      spec.train.optimizer_steps)
+        if not resume and self.dist.is_main:
+            self.lock = create_out_dir(self.out, spec.run.overwrite, self.lock)
+        self.log = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
+        self.trackers = trackers_mod.Trackers(tracker_names if self.dist.is_main else [], self.out, spec.config,
+                                              self.out.name)
+        self.eval_batch = self.eval_prompts.head(spec.eval.num_prompts)
+        self.eval_conditioning = None            # encoded eval prompts, reused by every evaluation
+        # the state checkpoints carry (bench.rundir.resume)
+        self.totals = Totals()
+        self.evals: list[dict[str, Any]] = []
+        self.last_checkpoint: int | None = None
+        self.checkpoint_seconds = 0.0
+        self.wall_before = 0.0                   # wall seconds of earlier processes (resumed runs)
+        self.wall0 = time.perf_counter()
+        # control
+        self.stop = StopFlag()
+        self.in_update = False                   # inside advantages/update: state not checkpointable
+
+    def start(self) -> list[dict[str, Any]]:
+        """Write the manifest, or resume; returns the iteration records already in the run directory."""
+        if self.resume:
+            return resume_mod.resume(self)
+        if self.dist.is_main:
+            self.log.write_manifest(manifest(
+                self.spec, out=self.out, policy=self.policy, weights_sha256=weights_hash(self.policy.path),
+                reward=self.reward, eval_rewards=self.eval_rewards, device=self.device, batch=self.arith,
+                world_size=self.dist.world_size,
+                prompts={"train": self.train_prompts.describe(), "eval": self.eval_prompts.describe()},
+                schedule=self.schedule_record()))
+        return []
+
+    def base_schedule(self) -> Schedule:
+        """The schedule of a plain T-step plan: the run's base schedule."""
+        T = self.spec.sampler.steps
+        return self.engine.schedule(RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T))
+
+    def check_schedule(self) -> None:
+        """The loaded model's scheduler must give the schedule read from its config before loading."""
+        want = self.spec.sampler.sigmas
+        if want is not None:
+            got = self.base_schedule().levels
+            if not torch.allclose(got, torch.tensor(want), atol=1e-6):
+                raise RuntimeError(f"the loaded model's schedule {got.tolist()} differs from the one read from "
+                                   f"its scheduler config {list(want)}")
+
+    def schedule_record(self) -> dict[str, Any]:
+        s, sched = self.spec.sampler, self.base_schedule()
+        return {"kind": s.schedule if s.prediction == "flow" else "ddim", "steps": s.steps, "shift": s.shift,
+                "sigmas": [float(v) for v in sched.levels], "timesteps": [float(v) for v in sched.timesteps]}
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall0
+
+    def check_stop(self) -> None:
+        if self.stop.signal is not None:
+            raise Interrupted(self.stop.signal)
+
+    # ---- one iteration: plan -> rollout -> reward -> advantages -> update -> record ----
+    def iteration(self, i: int) -> IterationRecord:
+        timer = PhaseTimer(self.device)
+        global_batch = self.train_prompts.sample(self.spec.prompts_per_iteration, self.spec.seed, i)
+        batch = self.dist.shard(global_batch)  # this rank's prompts (all of them in one process)
+        self.check_stop()
+        with timer("rollout"):
+            plan = self.algo.plan(i)
+            rollout = self.engine.run(plan, batch, i)
+        self.check_stop()
+        with timer("reward"):
+            rewards = score(self.reward, rollout.images, batch, rollout.leaf_prompts(), out_dir=self.out,
+                            iteration=i, stage="train", recorder=self.engine.recorder)
+        self.check_stop()
+        nonfinite = self.dist.any_flag(nonfinite_inputs(rewards, rollout))  # one rank's bad batch: all skip
+        adv, stats, view, update_nfe = None, None, None, 0
+        if nonfinite is None:
+            self.in_update = True  # from here the algorithm's state changes: not checkpointable until done
+            with timer("advantage"):
+                # computed on every rank's data (the single-process result), local part kept
+                adv, view = self.dist.advantages(self.algo, global_batch, batch, rollout, rewards)
+            with timer("update"):
+                stats, update_nfe, nonfinite = self._update(rollout, adv)
+        local = (rollout.num_leaves, rollout.nfe)  # this rank's share: the budgets sum them over ranks
+        if view is not None:  # the logged reward statistics are the global batch's
+            rollout, rewards = view.rollout, view.rewards
+        rec = self._record(i, plan, rollout, rewards, adv, stats, local, update_nfe, timer.seconds)
+        if nonfinite is None and not rec.finite():
+            nonfinite = "loss"
+        self.in_update = False
+        return rec if nonfinite is None else dataclasses.replace(rec, nonfinite=nonfinite)
+
+    def _update(self, rollout: Rollout, adv: Advantages) -> tuple[UpdateStats | None, int, str | None]:
+        """(stats, NFE spent, "grad" when the optimizer refused a non-finite step)."""
+        self.policy.train(True)
+        try:
+            stats = self.algo.update(self.policy, self.engine, self.optimizer, rollout, adv)
+            return stats, stats.nfe, None
+        except NonFiniteGrad as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, e.nfe, "grad"
+        finally:
+            self.policy.train(False)
+
+    def _record(self, i: int, plan: RolloutPlan, rollout: Rollout, rewards: RewardOutput, adv: Advantages | None,
+                stats: UpdateStats | None, local: tuple[int, int], update_nfe: int, seconds: dict[str, float]
+                ) -> IterationRecord:
+        # budgets count globally: samples and NFE of all ranks, seconds of the slowest
+        n_samples, nfe_r, nfe_u, seconds = self.dist.totals(local[0], local[1], update_nfe, seconds)
+        secs = sum(seconds.get(p, 0.0) for p in PHASES)
+        cost = self.drain_calls(i)
+        self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
+                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1,
+                             modeled_seconds=cost.get("modeled_seconds_total", self.totals.modeled_seconds))
+        sc = rewards.scores
+        update = {} if stats is None else {
+            "loss": stats.loss, "approx_kl": stats.approx_kl, "clip_frac": stats.clip_frac,
+            "grad_norm": stats.grad_norm, "first_ratio": stats.first_ratio, "kl": stats.kl, "edges": stats.edges,
+            "optimizer_steps": stats.optimizer_steps, "micro_batches": stats.micro_batches}
+        return IterationRecord(
+            iteration=i, samples=n_samples, samples_total=self.totals.samples, nfe_rollout=nfe_r, nfe_update=nfe_u,
+            nfe_total=self.totals.nfe, seconds_total=self.totals.seconds,
+            **{f"t_{p}_s": seconds.get(p, 0.0) for p in PHASES}, t_iteration_s=secs,
+            reward_mean=float(sc.mean()), reward_std=float(sc.std(unbiased=False)), reward_min=float(sc.min()),
+            reward_max=float(sc.max()),
+            reward_components={k: float(v.float().mean()) for k, v in rewards.components.items()},
+            lr=self.optimizer.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device),
+            zero_spread_frac=zero_spread_fraction(sc, rollout.leaf_prompts()), **update,
+            algorithm={**plan.info, **(adv.metrics if adv else {}), **(stats.metrics if stats else {})}, cost=cost)
+
+    def drain_calls(self, iteration: int, stage: str = "train") -> dict[str, Any]:
+        """The engine's calls since the last drain: written to trace.jsonl (run.trace), summarised per kind
+        and, with a cost profile, priced (training: the modeled keys and running total; eval: its seconds)."""
+        calls = self.engine.recorder.drain()
+        if self.trace_writer is not None:
+            self.trace_writer.write(iteration, calls, stage)
+        profile = self.spec.cost_profile
+        if stage == "eval":
+            return {} if profile is None else {"modeled_eval_s": cost_mod.price(profile, calls).phases["eval"],
+                                               "modeled_seconds_total": self.totals.modeled_seconds}
+        keys: dict[str, Any] = trace_mod.summarize(calls)
+        if profile is not None:
+            keys.update(cost_mod.iteration_record(profile, calls, self.totals.modeled_seconds))
+        return keys
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = None,
+        on_eval: Callable[[dict], None] | None = None, progress: bool | None = None,
+        resume: bool = False) -> RunSummary:
+    """Train under the budget and write the run directory. ``cfg`` is a resolved config
+    (``bench.config.resolve``; for ``resume=True`` normally ``bench.rundir.resume.resume_config``);
+    callbacks may raise ``StopRun`` to stop early. With ``resume`` the run continues in ``cfg['out']``
+    from its newest valid checkpoint. The run directory is locked for the whole run (``bench.rundir.lock``); a
+    write fault (disk full, I/O error, permission) ends it with a ``WriteFault`` saying what was kept."""
+    r = Run(RunSpec.from_config(cfg), resume=resume)
+    try:
+        summary = _run(r, on_iteration, on_eval, progress, resume)
+    except OSError as e:
+        if not is_write_fault(e):
+            raise
+        raise write_failure(e, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault) from None
+    finally:
+        r.release()
+    if r.write_fault is not None:
+        raise write_failure(r.write_fault, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault)
+    return summary
+
+
+def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[[dict], None] | None,
+         progress: bool | None, resume: bool) -> RunSummary:
+    records = r.start()
+    if r.spec.run.trace and r.dist.is_main:
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None,
+                                               kept_evals=[e["iteration"] for e in r.evals])
+    show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
+    if r.dist.is_main:
+        announce(r)
+    bar = Progress() if show else None
+    stop_reason, failure = None, None
+    with stop_signals(r.stop):
+        try:
+            stop_reason = _train(r, records, bar, on_iteration, on_eval)
+        except StopRun as e:
+            stop_reason = e.reason
+        except (Interrupted, KeyboardInterrupt):
+            stop_reason = "interrupted"
+        except Exception as e:  # noqa: BLE001 - recorded in final.json, then re-raised
+            failure = e if not is_out_of_memory(e) else oom_failure(
+                e, device=r.device, iteration=r.totals.iterations, micro_batch=r.spec.train.micro_batch,
+                prompts_per_iteration=r.spec.prompts_per_iteration, out=r.out,
+                resumable=r.last_checkpoint is not None)
+            stop_reason = "error"
+        if bar is not None:
+            bar.close()
+        final_eval = finish(r, stop_reason, failure)
+    if failure is not None:
+        raise failure
+    if r.dist.is_main:
+        print(end_summary(r.evals, r.final_record, r.out), flush=True)
+    return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=r.totals.iterations,
+                      samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
+                      final_eval=final_eval, records=records)
+
+
+def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callable[[dict], None] | None,
+           on_eval: Callable[[dict], None] | None) -> str:
+    """Iterate until the budget (or a non-finite batch with run.on_nonfinite=stop) stops the run."""
+    every, ckpt_every = r.spec.eval.every, r.spec.run.checkpoint_every
+    if r.spec.eval.at_start and r.totals.iterations == 0 and not r.evals:
+        _evaluate(r, 0, on_eval, point=0.0)
+    i = r.totals.iterations
+    while True:
+        # the budget is checked at iteration boundaries: the last iteration may pass it (final.json and the
+        # final evaluation record the exact totals)
+        stop_reason = r.spec.budget.exhausted(r.totals)
+        if stop_reason:
+            return stop_reason
+        r.check_stop()
+        before = r.totals
+        rec = r.iteration(i).to_json()
+        r.log.iteration(rec)
+        r.trackers.iteration(rec)
+        records.append(rec)
+        if i == 0 and abs(rec["first_ratio"] - 1.0) > 1e-3:
+            print(f"warning: first importance ratio {rec['first_ratio']:.6f} != 1: rollout and update "
+                  f"log-probs disagree (mixed precision or nondeterministic kernels?)", file=sys.stderr)
+        if bar is not None:
+            bar.update(r.spec.budget.fraction(r.totals), rec)
+        i += 1
+        if "nonfinite" in rec:
+            stop = r.spec.run.on_nonfinite != "skip"
+            report_nonfinite(rec["nonfinite"], i - 1, stop, r.last_checkpoint)
+            if stop:
+                return "nonfinite"
+        if on_iteration:
+            on_iteration(rec)
+        # the evaluation schedule: the first iteration boundary at or past each multiple of eval.every (in
+        # iterations or a budget currency), decided from cumulative totals, so a resumed run keeps it
+        if every.due(before, r.totals):
+            _evaluate(r, i, on_eval, point=every.point(r.totals))
+        if ckpt_every and i % ckpt_every == 0:
+            resume_mod.save_checkpoint(r)
+
+
+def _evaluate(r: Run, iteration: int, on_eval: Callable[[dict], None] | None, point: float | None = None) -> None:
+    rec = evaluate(r, iteration, point=point)
+    if on_eval:
+        on_eval(rec)

@@ -1,0 +1,361 @@
+"""Resume policy: what a resumed run may change, and how it continues from its newest valid checkpoint.
+
+Resume (``bench run --resume RUN``) continues a run with the run's own configuration. Only settings that
+cannot change the records may differ (``RESUME_MUTABLE``), and the budget may only be extended. The same
+prompts, model weights and reward versions are required. ``iterations.jsonl`` keeps the records of the
+checkpointed iterations (a partial last line from a killed process is dropped, later records are
+recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations (``eval_scores.jsonl`` keeps
+the lines of those evaluations only), so no iteration or evaluation is lost or counted twice. The checkpoint format itself is ``bench.rundir.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from bench.budget import Totals
+from bench.errors import UsageError
+from bench.model import fsdp
+from bench.model.snapshots import PREFIX as SNAPSHOT_PREFIX
+from bench.rundir import checkpoint as ckpt_mod
+from bench.rundir.checkpoint import warn
+from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
+
+#: Settings that may differ on resume because they cannot change a record: where the run lives,
+#: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
+#: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
+RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.log_with", "run.checkpoint_every",
+                  "run.keep_checkpoints", "train.micro_batch", "run.label")
+
+
+
+# ---- run-log repair -------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a JSON Lines file and the number of unreadable lines dropped (a partial last line
+    from a killed process)."""
+    if not path.is_file():
+        return [], 0
+    out, bad = [], 0
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            if n != len(lines) - 1:
+                warn(f"{path}: line {n + 1} is not valid JSON; dropped")
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    return out, bad
+
+
+def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+    """Replace ``path`` whole or not at all (the old log stays intact when the write fails)."""
+    atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records), "log.rewrite")
+
+
+def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cut the run's logs back to the checkpoint after ``iteration`` completed iterations; returns the
+    iteration records kept (exactly iterations 0 .. iteration-1)."""
+    it_path = run_dir / "iterations.jsonl"
+    recs, bad = read_jsonl(it_path)
+    if bad:
+        warn(f"{it_path}: dropped {bad} incomplete line(s) left by the interrupted process")
+    kept = [r for r in recs if isinstance(r.get("iteration"), int) and r["iteration"] < iteration]
+    if [r["iteration"] for r in kept] != list(range(iteration)):
+        raise UsageError(f"{it_path} does not hold iterations 0..{iteration - 1} that checkpoint step_{iteration:06d} "
+                         f"expects; the run directory was modified. Start again with --overwrite.")
+    dropped = len(recs) - len(kept)
+    if dropped:
+        after = f"after iteration {iteration - 1}" if iteration else "(no checkpoint)"
+        print(f"resume: discarding {dropped} iteration record(s) {after}; they are recomputed "
+              f"{'from the checkpoint' if iteration else 'from the start'}", file=sys.stderr)
+    rewrite_jsonl(it_path, kept)
+    rewrite_jsonl(run_dir / "eval_scores.jsonl", kept_eval_scores(run_dir / "eval_scores.jsonl", evals))
+    rewrite_jsonl(run_dir / "evals.jsonl", evals)
+    with_final = run_dir / "final.json"
+    if with_final.exists():
+        with_final.unlink()
+    return kept
+
+
+def kept_eval_scores(path: Path, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of eval_scores.jsonl that belong to the checkpoint's evaluations ``evals``, each image once:
+    a killed process may have written the lines of an evaluation it did not live to record, or that the
+    checkpoint does not hold (it is recomputed)."""
+    recs, bad = read_jsonl(path)
+    if bad:
+        warn(f"{path}: dropped {bad} incomplete line(s) left by the interrupted process")
+    wanted = {e.get("iteration") for e in evals}
+    seen: set[tuple[Any, Any, Any]] = set()
+    out = []
+    for r in recs:
+        key = (r.get("iteration"), r.get("prompt_index"), r.get("image_index"))
+        if key[0] in wanted and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+# ---- configuration on resume ----------------------------------------------------------------------
+_MISSING = object()
+
+
+def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any], explicit: set[str] | None = None,
+                ignore: tuple[str, ...] = RESUME_MUTABLE + ("budget",)) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every setting that differs. Keys absent from the saved config
+    (added by a newer treebench) only count when given explicitly."""
+    from bench.config import flatten
+
+    a, b = flatten(saved), flatten(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
+        if va is _MISSING and not (explicit and k in explicit):
+            continue
+        if va != vb:
+            out.append((k, None if va is _MISSING else va, None if vb is _MISSING else vb))
+    return out
+
+
+def check_budget_extension(old_spec: str, new_spec: str) -> None:
+    """A resumed run may raise or drop budget limits but not lower or add one (a shorter budget would
+    make the run incomparable with the one it was started as; to stop early, interrupt it)."""
+    from bench.budget import Budget
+
+    old, new = Budget.parse(str(old_spec)), Budget.parse(str(new_spec))
+    bad = []
+    for cur in ("seconds", "samples", "nfe", "iterations"):
+        o, n = getattr(old, cur), getattr(new, cur)
+        if n is not None and (o is None or n < o):
+            bad.append(f"{cur}: {'unlimited' if o is None else o} -> {n}")
+    if bad:
+        raise UsageError(f"on resume the budget may only be extended (raise a limit or drop it), not lowered "
+                         f"or given a new limit: {old.spec!r} -> {new.spec!r} ({'; '.join(bad)})")
+
+
+def format_diff(diff: list[tuple[str, Any, Any]]) -> str:
+    return "\n".join(f"  {k}: {a!r} (run) -> {b!r} (now)" for k, a, b in diff)
+
+
+def check_resume_config(run_dir: Path, saved: Mapping[str, Any], new: Mapping[str, Any],
+                        explicit: set[str] | None = None) -> None:
+    diff = config_diff(saved, new, explicit)
+    if diff:
+        raise UsageError(f"cannot resume {run_dir}: the configuration differs from the one the run was started "
+                         f"with:\n{format_diff(diff)}\nOn resume only the budget may be extended and "
+                         f"{', '.join(k for k in RESUME_MUTABLE if k not in ('out', 'run.overwrite'))} may "
+                         f"change; start a new run (another --out) to change anything else.")
+    check_budget_extension(saved["budget"], new["budget"])
+
+
+def saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: no such run directory")
+    man = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(man.read_text())
+    except OSError:
+        raise UsageError(f"--resume {run_dir}: not a run directory (no manifest.json); nothing to resume") from None
+    except ValueError as e:
+        raise UsageError(f"--resume {run_dir}: manifest.json is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise UsageError(f"--resume {run_dir}: manifest.json has no config")
+    return manifest["config"]
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
+                  config_file: str | os.PathLike | None = None, preset: str | None = None,
+                  flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config to resume ``run_dir`` with: the run's saved config with the user's options applied on
+    top (same precedence as ``bench.config.resolve``), refused with a diff when they change anything
+    but ``RESUME_MUTABLE`` settings or extend the budget."""
+    from bench import config
+    from bench.registry import algorithm_class, did_you_mean
+
+    run_dir = Path(run_dir)
+    saved = saved_config(run_dir)
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if flags.get("out") is not None and Path(flags["out"]).resolve() != run_dir.resolve():
+        raise UsageError(f"--out {flags['out']} and --resume {run_dir} name different run directories; "
+                         f"give only --resume")
+    if flags.get("run.overwrite"):
+        raise UsageError("--overwrite and --resume contradict each other: --overwrite deletes the run that "
+                         "--resume continues")
+    layer: dict[str, Any] = dict(config.flatten(saved))
+    # runs started before eval.images_per_prompt / eval.seed existed evaluated one image per prompt on
+    # noise from the run seed: keep that, so a resumed run's evaluations stay comparable with its own
+    layer.setdefault("eval.images_per_prompt", 1)
+    layer.setdefault("eval.seed", int(saved.get("seed") or 0))
+    explicit: set[str] = set()
+    file_layer = config.load_config_file(config_file) if config_file else {}
+    algo = saved.get("algo", {}).get("name")
+    for src in (file_layer, overrides or {}, flags):
+        if src.get("algo.name") not in (None, algo):
+            raise UsageError(f"cannot resume {run_dir}: the configuration differs from the one the run was started "
+                             f"with:\n{format_diff([('algo.name', algo, src['algo.name'])])}\nA run cannot change its "
+                             f"algorithm; start a new run (another --out).")
+    if preset:
+        presets = getattr(algorithm_class(algo), "PRESETS", {}) or {}
+        if preset not in presets:
+            raise UsageError(did_you_mean(preset, list(presets) or ["(none)"], f"preset for algorithm {algo!r}"))
+        layer.update(presets[preset])
+        explicit |= set(presets[preset])
+    layer.update(file_layer)
+    explicit |= set(file_layer)
+    layer.update(overrides or {})
+    explicit |= set(overrides or {})
+    explicit |= set(flags)
+    flags = {**flags, "out": str(run_dir), "run.overwrite": False}
+    new = config.resolve(layer, flags=flags)
+    check_resume_config(run_dir, saved, new, explicit)
+    return new
+
+
+# ---- a run's state: written to checkpoints, restored on resume -------------------------------------
+def trainable_state(policy: Any) -> dict[str, torch.Tensor]:
+    return policy.named_trainable_parameters()
+
+
+def save_checkpoint(r: Any) -> Path:
+    """Save the state of run ``r`` (a ``bench.run.runner.Run``) after ``r.totals.iterations`` completed
+    iterations; outside the budget."""
+    t0 = time.perf_counter()
+    sharded = r.dist.fsdp
+    if sharded:  # every rank gathers the whole tensors of its shards (collectives); rank 0 writes them
+        fsdp.reshard(r.policy.denoiser)
+        weights = {n: fsdp.full(p) for n, p in trainable_state(r.policy).items()}
+        weights.update(r.engine.snapshots.state_dict())
+        optimizer = fsdp.full_optimizer_state(r.policy.denoiser, r.optimizer)
+    if not r.dist.is_main:  # the state is identical on every rank; rank 0 writes it
+        r.last_checkpoint = r.totals.iterations
+        return r.out
+    if not sharded:
+        # the trainable weights and, beside them, the algorithm's weight snapshots (bench.model.snapshots)
+        weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
+        optimizer = r.optimizer.state_dict()
+    state = {"totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
+             "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds,
+             "optimizer_format": "by_name" if sharded else "by_index"}
+    path = ckpt_mod.save(r.out, r.totals.iterations, policy=weights,
+                         optimizer=optimizer, state=state, keep=r.spec.run.keep_checkpoints)
+    r.last_checkpoint = r.totals.iterations
+    r.checkpoint_seconds += time.perf_counter() - t0
+    return path
+
+
+def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
+    """Load checkpoint ``ck`` into run ``r``: weights, optimizer, algorithm state, totals, RNG."""
+    params = trainable_state(r.policy)
+    saved = {k: v for k, v in ck.policy.items() if not k.startswith(SNAPSHOT_PREFIX)}
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise UsageError(f"checkpoint {ck.path} does not match the model's trainable parameters "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    if r.dist.fsdp:
+        fsdp.reshard(r.policy.denoiser)
+    with torch.no_grad():
+        for n, p in params.items():
+            if tuple(ck.policy[n].shape) != tuple(p.shape):
+                raise UsageError(f"checkpoint {ck.path}: parameter {n} has shape {tuple(ck.policy[n].shape)}, "
+                                 f"the model has {tuple(p.shape)}")
+            fsdp.copy_full_into(p, ck.policy[n])  # this rank's shard of it, when sharded
+    try:
+        r.engine.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    by_name = ck.state.get("optimizer_format") == "by_name"  # written by a sharded run (bench/model/fsdp.py)
+    if by_name != r.dist.fsdp:
+        raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
+                         f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
+    if by_name:
+        fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
+    else:
+        r.optimizer.load_state_dict(ck.optimizer)
+    r.algo.load_state_dict(ck.state.get("algorithm", {}))
+    r.totals = Totals(**ck.state["totals"])
+    r.evals = [dict(e) for e in ck.state.get("evals", [])]
+    r.wall_before = float(ck.state.get("wall_seconds", 0.0))
+    r.checkpoint_seconds = float(ck.state.get("checkpoint_seconds", 0.0))
+    r.last_checkpoint = ck.iteration
+    ckpt_mod.set_rng_state(ck.rng_tensors, ck.rng_json)
+
+
+def resume(r: Any) -> list[dict[str, Any]]:
+    """Continue run ``r`` in its directory: check its inputs, restore the newest valid checkpoint, cut the
+    logs back to it and record the resume in the manifest. Returns the iteration records kept."""
+    if not r.dist.is_main:  # other ranks only restore the state; rank 0 owns the files
+        ck = ckpt_mod.load_latest(r.out)
+        if ck is not None:
+            restore(r, ck)
+        return []
+    manifest = json.loads((r.out / "manifest.json").read_text())
+    check_same_inputs(r, manifest)
+    left = remove_temp_files(r.out)  # we hold the run's lock: these belong to a writer that died
+    if left:
+        warn(f"removed {len(left)} temporary file(s) left by the interrupted process: "
+             f"{', '.join(p.name for p in left[:4])}")
+    ck = ckpt_mod.load_latest(r.out)
+    resumed_from = None
+    if ck is None:
+        warn(f"{r.out} has no checkpoint: the run restarts from iteration 0")
+        kept = repair_logs(r.out, 0, [])
+    else:
+        restore(r, ck)
+        kept = repair_logs(r.out, ck.iteration, r.evals)
+        resumed_from = ck.path.name
+    manifest.pop("schema_version", None)
+    cfg = r.spec.config
+    manifest["resumes"] = [*manifest.get("resumes", []), {
+        "time": now_iso(), "checkpoint": resumed_from, "iteration": r.totals.iterations,
+        "budget": {"before": manifest.get("config", {}).get("budget"), "after": cfg["budget"]}, "git": git_state(),
+        "micro_batch": cfg["train"]["micro_batch"], "host": host_info()}]
+    manifest.update(config=cfg, budget=r.spec.budget.to_dict(), batch=r.arith)
+    r.log.write_manifest(manifest)
+    t = r.totals
+    print(f"resuming {r.out} from {resumed_from or 'the start'}: {t.iterations} iterations, "
+          f"{t.samples} samples, {t.nfe} NFE, {t.seconds:.1f} s training already done", flush=True)
+    return kept
+
+
+def check_same_inputs(r: Any, manifest: Mapping[str, Any]) -> None:
+    """A resumed run must see the same prompts, model weights and reward versions."""
+    from bench.model.models import weights_hash
+
+    changed = []
+    for split, ps in (("train", r.train_prompts), ("eval", r.eval_prompts)):
+        old = manifest.get("prompts", {}).get(split, {}).get("sha256")
+        if old and old != ps.sha256:
+            changed.append(f"the {split} prompt set {ps.name!r} (sha256 {old[:12]}... -> {ps.sha256[:12]}...)")
+    old_w = manifest.get("model", {}).get("weights_sha256")
+    if old_w and old_w != weights_hash(r.policy.path):
+        changed.append(f"the model weights in {r.policy.path}")
+    old_r = {e.get("name"): e.get("version") for e in manifest.get("eval_rewards", [])}
+    old_r[manifest.get("reward", {}).get("spec")] = manifest.get("reward", {}).get("version")
+    for name, rw in {r.spec.reward.name: r.reward, **r.eval_rewards}.items():
+        v = str(getattr(rw, "version", "unknown"))
+        if old_r.get(name) not in (None, v):
+            changed.append(f"the version of reward {name!r} ({old_r[name]} -> {v})")
+    if changed:
+        raise UsageError(f"cannot resume {r.out}: {'; '.join(changed)} changed since the run started, so "
+                         f"the resumed iterations would not continue the same run. Restore them or start "
+                         f"a new run.")
+    old_git, git = manifest.get("git", {}), git_state()
+    if old_git.get("commit") and git.get("commit") and old_git["commit"] != git["commit"]:
+        warn(f"the code changed since the run started (git {old_git['commit'][:10]} -> "
+             f"{git['commit'][:10]}); results may differ from an uninterrupted run")
