@@ -93,6 +93,10 @@ def test_differences_detects_a_change():
     assert differences([rec], [dict(rec, surrogate=2e-5)])
     assert differences([rec], [dict(rec, reward_mean=float("nan"))])
     assert differences([rec], [rec, rec])
-    free = dict(rec, approx_kl=None, first_ratio=None)  # likelihood-free: no ratio, logged as null
+    # likelihood-free: no ratio (logged as null) and no PPO terms for the probe (its keys null)
+    free = dict(rec, approx_kl=None, first_ratio=None, clip_frac=None, surrogate=None, adv_abs_mean=None,
+                logp_mean=None, logp_scale=None, clip_near=None)
     assert differences([free], [dict(free)]) == []
     assert differences([free], [rec]) and differences([rec], [free])
+    assert differences([free], [dict(free, loss=free["loss"] + 2 * tolerance("loss", free))])  # fallback scale
+    assert differences([free], [dict(free, grad_norm=0.2 + 2 * tolerance("grad_norm", free))])
