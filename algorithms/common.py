@@ -404,7 +404,9 @@ def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: floa
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
                train: TrainSpec, clip_range: float | None = None, adv_clip_max: float | None = None,
                beta: float = 0.0, reduction: str = "mean", kl_divisor: str = "step_std",
-               surrogate: Callable[[Any, Tensor, Tensor, Tensor], PPOTerms] | None = None) -> UpdateStats:
+               surrogate: Callable[[Any, Tensor, Tensor, Tensor], PPOTerms] | None = None,
+               share_parents: bool = True, edges_per_step: int = 0,
+               loss_denom: float | None = None) -> UpdateStats:
     """Run the PPO-clip update on the given edges.
 
     edges [M]: child node ids of the trained edges, in training order (the caller shuffles). Edges
@@ -420,6 +422,12 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     engine's ``EdgeEval`` (log-probs and step means with gradients); None = PPO clip with ``clip_range``
     and ``adv_clip_max`` (``ppo_clip_loss``). GRPO-Guard (``guard_surrogate``) and Flow-DPPO's masked
     loss plug in here; ``clip_frac`` then counts the terms the surrogate reports as clipped (or masked).
+    share_parents: False -> every edge is its own denoiser evaluation (one forward per trained edge, one
+    edge per micro-batch), as trainers that loop over transitions spend (BranchGRPO's
+    ``train_one_step_tree``). edges_per_step > 0 -> an optimizer step after every that many parents'
+    groups (edges, with ``share_parents`` False) and one more for a partial remainder, in place of
+    ``train.optimizer_steps``. loss_denom -> every edge term is divided by this fixed number instead of
+    the mini-batch's ``reduction`` denominator.
 
     Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
     read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
@@ -445,24 +453,28 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     # unique parents in first-appearance order, so the caller's shuffle decides the order
     order: dict[int, list[int]] = {}
     for j, p in enumerate(parents.tolist()):
-        order.setdefault(p, []).append(j)
+        order.setdefault(p if share_parents else j, []).append(j)
     groups = list(order.values())
-    n_steps = max(1, min(train.optimizer_steps, len(groups)))
     cfg = rollout.plan.cfg_factor()
-    per_micro = max(1, train.micro_batch // cfg)
+    per_micro = max(1, train.micro_batch // cfg) if share_parents else 1
+    if edges_per_step > 0:
+        n_steps = -(-len(groups) // int(edges_per_step))
+        bounds = [min(s * int(edges_per_step), len(groups)) for s in range(n_steps + 1)]
+    else:
+        n_steps = max(1, min(train.optimizer_steps, len(groups)))
+        bounds = torch.linspace(0, len(groups), n_steps + 1).round().long().tolist()
 
     tot_loss = tot_kl = tot_akl = tot_clip = 0.0
     n_terms = nfe = 0
     first_ratio: float | None = None
     grad_norm = 0.0
     micro_batches = 0
-    bounds = torch.linspace(0, len(groups), n_steps + 1).round().long().tolist()
     for s in range(n_steps):
         mb = groups[bounds[s]:bounds[s + 1]]
         if not mb:
             continue
         m_edges = sum(len(g) for g in mb)
-        denom = float(m_edges if reduction == "mean" else len(mb))
+        denom = float(loss_denom) if loss_denom else float(m_edges if reduction == "mean" else len(mb))
         optimizer.zero_grad(set_to_none=True)
         for c in range(0, len(mb), per_micro):
             idx = torch.tensor([j for g in mb[c:c + per_micro] for j in g], dtype=torch.long)

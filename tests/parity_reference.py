@@ -411,6 +411,39 @@ def nft_loss_terms(beta=1.0, adv_clip_max=5.0, adv_mode="all"):
     return r, adv_clip_max * (r * l_pos / beta + (1 - r) * l_neg / beta)
 
 
+#: BranchGRPO update parity: per trained edge (in the shuffled training order) its advantage and the
+#: derivative c of its new log-prob in the single weight w (logp_new = logp_old + w c), on two trees
+BRANCH_UPDATE_ADV = [1.2, -0.7, 0.4, -1.5, 0.9, 0.1, -0.3, 2.0, -0.8]
+BRANCH_UPDATE_C = [0.5, -1.0, 2.0, 0.3, -0.4, 1.5, -2.5, 0.8, 1.1]
+
+
+def branchgrpo_update_loop(adv, c, trees=2, ga=4, clip_range=0.03, adv_clip_max=1.8, lr=0.5, w0=0.0):
+    """``train_one_step_tree``'s update loop on a one-weight model whose edge log-prob is
+    logp_old + w c: for the i-th shuffled sample, ratio = exp(w c), loss = max(-A r, -A clip(r, 1 +- eps))
+    / (GA * (len(samples) // num_trees)) with A clamped to +-adv_clip_max, backward (d loss / d w =
+    -A r c / denom on the unclipped branch, 0 where the clipped branch is the max and the ratio is outside
+    the clip range), ``optimizer.step()`` (plain SGD here) when (i + 1) % GA == 0 and once more after the
+    loop for a remainder. Returns (w after every optimizer step, the per-sample logged losses)."""
+    denom = ga * max(1, len(adv) // trees)
+    w, g, ws, losses = float(w0), 0.0, [], []
+    for i, (a, ci) in enumerate(zip(adv, c)):
+        a = min(max(a, -adv_clip_max), adv_clip_max)
+        r = math.exp(w * ci)
+        rc = min(max(r, 1 - clip_range), 1 + clip_range)
+        unc, clp = -a * r, -a * rc
+        losses.append(max(unc, clp) / denom)
+        if unc >= clp:
+            g += -a * r * ci / denom
+        if (i + 1) % ga == 0:
+            w -= lr * g
+            g = 0.0
+            ws.append(w)
+    if len(adv) % ga:
+        w -= lr * g
+        ws.append(w)
+    return ws, losses
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -451,6 +484,8 @@ if __name__ == "__main__":
     print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
     print("BranchGRPO depth-wise advantages, prob-weighted",
           _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))
+    ws, losses = branchgrpo_update_loop(BRANCH_UPDATE_ADV, BRANCH_UPDATE_C)
+    print("BranchGRPO update loop: w after each step", _fmt(ws), "losses", _fmt(losses))
     print("DiffusionNFT return_decay types 0/1/2 at steps 0, 1, 74, 75, 200, 600",
           _fmt([nft_return_decay(st, ty) for ty in (0, 1, 2) for st in (0, 1, 74, 75, 200, 600)]))
     print("DiffusionNFT dpm2 final latent", _fmt(nft_dpm2_trajectory()))

@@ -16,6 +16,8 @@ import torch
 from parity_reference import (
     BRANCH_EDGE_LOGPS,
     BRANCH_REWARDS,
+    BRANCH_UPDATE_ADV,
+    BRANCH_UPDATE_C,
     FLOW_GRPO_PROMPTS,
     FLOW_GRPO_REWARDS,
     MODEL_A,
@@ -150,6 +152,70 @@ def test_branchgrpo_depthwise_advantages(fixed_noise, weighted, expected):
     adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_REWARDS)))
     close(adv.edge[roll.parent >= 0], expected)
     close(adv.leaf, expected[-8:])
+
+
+# ---- BranchGRPO: the update loop of train_one_step_tree (one forward per edge, loss / (GA x edges per tree)) -
+BRANCH_UPDATE_W = [0.05156250, 0.04054215, 0.01178800]
+BRANCH_UPDATE_LOSS = [-0.07500000, 0.04375000, -0.02500000, 0.09375000, -0.05510173, -0.00643750, 0.01818750,
+                      -0.11587500, 0.05228029]
+
+
+class _OneWeight:
+    """A one-weight "model" for the update loop: the edge into node n has log-prob logp_old[n] + w c[n]."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.calls: list[list[int]] = []
+        self.steps: list[float] = []
+
+    def trainable_parameters(self):
+        return [self.w]
+
+    def logp(self, rollout, nodes, reference=False):
+        from bench.engine.rollout import EdgeEval
+
+        nodes = torch.as_tensor(nodes)
+        self.calls.append(nodes.tolist())
+        c = torch.tensor([0.0, 0.0] + BRANCH_UPDATE_C, dtype=torch.float64)[nodes]
+        lp = rollout.logp_old[nodes].double() + self.w * c
+        M = nodes.numel()
+        return EdgeEval(log_prob=lp, mean=torch.zeros(M, 1, 1, 1), std=torch.ones(M),
+                        nfe=int(torch.unique(rollout.parent[nodes]).numel()))
+
+
+@pytest.mark.parametrize("update", ["reference", "shared_parent"])
+def test_branchgrpo_update_loop_matches_train_one_step_tree(update):
+    from types import SimpleNamespace
+
+    # two roots (0, 1); nodes 2..10 are the trained edges' children, in training order; siblings share parents
+    parent = torch.tensor([-1, -1, 0, 0, 1, 1, 2, 2, 4, 4, 3])
+    roll = SimpleNamespace(parent=parent, logp_old=torch.linspace(-1.0, 1.0, 11), iteration=0,
+                           trainable=parent >= 0, plan=SimpleNamespace(cfg_factor=lambda: 1))
+    adv = torch.tensor([float("nan")] * 2 + BRANCH_UPDATE_ADV)
+    algo = BranchGRPO(BranchGRPOConfig(split_points=(0,), clip_range=0.03, adv_clip_max=1.8, grad_accum=4,
+                                       update=update),
+                      SamplerSpec(steps=3, guidance=1.0, noise_level=0.7),
+                      TrainSpec(micro_batch=64, optimizer_steps=3, max_grad_norm=0.0))
+    algo._trained_edges = lambda rollout, a: torch.arange(2, 11)  # the shuffled order, fixed
+    model = _OneWeight()
+    opt = torch.optim.SGD([model.w], lr=0.5)
+    seen = []
+    step = opt.step
+
+    def record():
+        step()
+        seen.append(float(model.w.detach()))
+    opt.step = record
+    st = algo.update(model, model, opt, roll, SimpleNamespace(edge=adv))
+    if update == "reference":
+        assert model.calls == [[n] for n in range(2, 11)] and st.nfe == 9  # one forward per trained edge
+        assert st.optimizer_steps == 3  # ceil(9 / GA)
+        close(seen, BRANCH_UPDATE_W)
+        # the logged loss is the mean of the unscaled terms: the code's per-sample losses x GA x (9 // 2)
+        close([st.loss], [sum(BRANCH_UPDATE_LOSS) * 4 * 4 / 9])
+    else:  # one evaluation per distinct parent, the mean loss, train.optimizer_steps steps
+        assert st.nfe == int(torch.unique(parent[2:]).numel()) and st.optimizer_steps == 3
+        assert len(seen) == 3 and seen[0] != BRANCH_UPDATE_W[0]
 
 
 # ---- DiffusionNFT: old-policy decay, the dpm2 rollout, the NFT loss ---------------------------------------

@@ -104,10 +104,15 @@ def test_nfe_branchgrpo(flow_policy, guidance):
     assert plan.branch == (2, 1, 2, 1, 1) and plan.modes == ("sde",) * T and plan.trees_per_prompt == 1
     per_tree = 1 + 2 + 2 + 4 + 4  # nodes evaluated at levels 0..T-1
     eng, roll, _, st, trained = iterate(algo, flow_policy)
+    edges = 2 + 2 + 4 + 4 + 4
     assert eng.nfe_rollout == P * per_tree * c and roll.num_leaves == P * 4
-    # every edge is trained; the two children of a split share their parent's evaluation
-    assert st.edges == P * (2 + 2 + 4 + 4 + 4)
-    assert eng.nfe_update == P * per_tree * c
+    # every edge is trained, one (guided) forward per edge (train_one_step_tree), a step every 12 edges
+    assert st.edges == trained.numel() == P * edges
+    assert eng.nfe_update == P * edges * c and st.optimizer_steps == -(-P * edges // 12)
+    shared = make("branchgrpo", {"split_rounds": 2, "update": "shared_parent"}, steps=T, guidance=guidance)
+    eng, roll, _, st, trained = iterate(shared, flow_policy)
+    # the two children of a split share their parent's evaluation
+    assert st.edges == P * edges and eng.nfe_update == P * per_tree * c and st.optimizer_steps == 1
 
 
 def test_branchgrpo_depth_and_width_pruning(flow_policy):
@@ -147,6 +152,8 @@ def test_branchgrpo_depth_and_width_pruning(flow_policy):
     ({"width_pruning": "mode1"}, "algo.width_pruning"),
     ({"width_pruning_ratio": 0.0}, "algo.width_pruning_ratio"),
     ({"depth_pruning_slide_interval": 0}, "algo.depth_pruning_slide_interval"),
+    ({"update": "per_parent"}, "algo.update"),
+    ({"grad_accum": 0}, "algo.grad_accum"),
 ])
 def test_branchgrpo_invalid_config_names_the_key(over, key):
     from algorithms.branchgrpo import BranchGRPOConfig
