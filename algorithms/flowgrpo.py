@@ -42,9 +42,11 @@ Implementation details:
   evaluation and checkpoints; ``ema=True`` raises NotImplementedError because the harness evaluates
   the trained weights and has no hook to swap in averaged ones); dropping samples whose advantages
   are all zero (``mask`` in the trainer: with the global std this only happens for a reward exactly
-  equal to its prompt's mean); the CFG unconditional branch detached during training
-  (``noise_pred_uncond.detach()`` in ``compute_log_prob`` of ``train_sd3.py``; treebench
-  differentiates both branches, as the fast trainer does).
+  equal to its prompt's mean).
+- CFG in the update (``cfg_grad``): ``train_sd3.py::compute_log_prob`` detaches the unconditional branch
+  (``noise_pred_uncond.detach()``), so with CFG the gradient flows through the conditional branch only:
+  ``cfg_grad="cond"`` (default); ``train_sd3_fast.py::compute_log_prob`` differentiates both branches:
+  ``cfg_grad="both"`` (preset "flowgrpo-fast"). The NFE are the same (both rows are evaluated).
 
 Why ``grpo`` stays separate: ``algorithms/grpo.py`` is the smallest algorithm of the harness (docs/PLUGINS.md
 points to it as the template; smoke tests use it); folding Flow-GRPO's window, KL divisor and
@@ -85,6 +87,10 @@ from bench.types import (
 )
 
 
+#: with CFG, the branches the update differentiates: the conditional only (train_sd3.py) or both
+CFG_GRADS = ("cond", "both")
+
+
 @dataclass(frozen=True)
 class FlowGRPOConfig:
     """Flow-GRPO settings (``algo.<field>``).
@@ -107,6 +113,9 @@ class FlowGRPOConfig:
     sde_window_size:   0 = all steps SDE (Flow-GRPO); > 0 = Flow-GRPO-Fast: this many consecutive SDE
                        steps per iteration, ODE elsewhere, only they are trained (fast configs: 2)
     sde_window_range:  (lo, hi) the window lies in [lo, hi) of the steps; empty = (0, T // 2)
+    cfg_grad:          with CFG, the update's gradient flows through the conditional branch only ("cond",
+                       default: ``train_sd3.py`` detaches the unconditional one) or through both ("both":
+                       ``train_sd3_fast.py``)
     ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
     guard:             GRPO-Guard (arXiv 2510.22319): RatioNorm + gradient reweighting in place of the plain
                        PPO ratio (``algorithms.common.guard_surrogate``; flow_grpo
@@ -126,6 +135,7 @@ class FlowGRPOConfig:
     kl_divisor: str = "noise_scale"
     sde_window_size: int = 0
     sde_window_range: tuple[int, ...] = ()
+    cfg_grad: str = "cond"
     ema: bool = False
     guard: bool = False
 
@@ -144,6 +154,8 @@ class FlowGRPOConfig:
             raise ValueError(f"algo.sde_window_range must be empty or (lo, hi) with 0 <= lo < hi, "
                              f"got {self.sde_window_range!r}")
         object.__setattr__(self, "sde_window_range", rng)
+        if self.cfg_grad not in CFG_GRADS:
+            raise ValueError(f"algo.cfg_grad must be one of {', '.join(CFG_GRADS)}, got {self.cfg_grad!r}")
         if self.ema:
             raise NotImplementedError("algo.ema: Flow-GRPO's EMA only changes the weights used for evaluation "
                                       "and checkpoints; the harness evaluates the trained weights and has no "
@@ -166,11 +178,14 @@ class FlowGRPO:
         "flowgrpo-pickscore": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                                "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.beta": 0.01,
                                "algo.global_std": True, "train.optimizer_steps": 2},
-        # Flow-GRPO-Fast (train_sd3_fast.py with the fast configs): a 2-step SDE window in the first
-        # half of the steps, ODE elsewhere, no KL
-        "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        # Flow-GRPO-Fast, config/grpo.py::pickscore_sd3_fast with config/base.py (flow_grpo 54809b5, as at
+        # 74db691) and train_sd3_fast.py: T = 10, CFG 4.5, Flow-GRPO SDE at noise level 0.8, G = 24, a 2-step
+        # SDE window (base sde_window_size) anywhere in the base range (0, 10), ODE elsewhere, clip 1e-5, no
+        # KL, global std, both CFG branches differentiated, 2 optimizer steps per epoch
+        "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.8,
                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.sde_window_size": 2,
-                          "algo.beta": 0.0, "train.optimizer_steps": 2},
+                          "algo.sde_window_range": [0, 10], "algo.clip_range": 1e-5, "algo.beta": 0.0,
+                          "algo.global_std": True, "algo.cfg_grad": "both", "train.optimizer_steps": 2},
         # config/grpo.py::pickscore_sd3_fast_nocfg (flow_grpo 3d02fd9): the CPS sampler at noise level 0.8,
         # a 3-step SDE window in the first half, no CFG (train.cfg False), clip 1e-5, G = 18, global std,
         # an optimizer step every num_batches_per_epoch // 2 batches -> 2 per epoch
@@ -245,6 +260,7 @@ class FlowGRPO:
                            shared_noise=self.config.shared_noise, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
                            final_image=self.sampler.final_image or self.FINAL_IMAGE, keep_means=self.config.guard,
+                           cfg_uncond_grad=self.config.cfg_grad == "both",
                            info={"flowgrpo/trained_steps": float(self._n_train()),
                                  "flowgrpo/window_start": float(s0)})
 

@@ -115,6 +115,9 @@ class RolloutPlan:
     split_logp_std:   the std the log-prob of such a child is scored with: "step" (the step's std, as
                       BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
                       the child was drawn from); see SPLIT_LOGP_STDS
+    cfg_uncond_grad:  False: in the update's guided evaluations (``RolloutEngine.logp``) the unconditional
+                      branch is detached, so gradients flow through the conditional branch only (Flow-GRPO's
+                      ``train_sd3.py::compute_log_prob``); True (default): through both
     weights:          the weights the rollout samples with: "current" (the trained ones) or the name of a
                       weight snapshot the algorithm declares (``bench.model.snapshots``; DiffusionNFT samples
                       with its EMA "old" policy)
@@ -137,6 +140,7 @@ class RolloutPlan:
     log_std_range: tuple[float, float] | None = None
     split_noise_scale: float = 1.0
     split_logp_std: str = "step"
+    cfg_uncond_grad: bool = True
     weights: str = "current"
     info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 

@@ -107,6 +107,54 @@ def test_flowgrpo_fast_window_trajectory_and_kl(fixed_noise):
     assert bool((exact > kl).all())  # the transition std is smaller than the code's noise scale
 
 
+# ---- Flow-GRPO: the CFG unconditional branch detached in the update (train_sd3.py::compute_log_prob) ------
+class _CfgToy(ToyPolicy):
+    """The toy denoiser with a trainable gain w and a prompt-dependent output: w (1 + e) A x + B t / 1000,
+    e = 1 for a prompt, 0 for the empty prompt, so the guided output is w A x (1 + g) + B t / 1000."""
+
+    def __init__(self):
+        super().__init__("flow")
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode_prompts(self, prompts):
+        from bench.model.policy import Conditioning
+
+        return Conditioning({"e": torch.ones(len(prompts), 1)})
+
+    def empty_conditioning(self):
+        from bench.model.policy import Conditioning
+
+        return Conditioning({"e": torch.zeros(1, 1)})
+
+    def predict(self, x, t, cond):
+        e = cond.tensors["e"].reshape(-1, 1, 1, 1).float()
+        return self.w * (1 + e) * MODEL_A * x.float() + MODEL_B * (t.float().reshape(-1, 1, 1, 1) / 1000.0)
+
+
+def test_flowgrpo_cfg_grad_detaches_the_unconditional_branch(fixed_noise):
+    """compute_log_prob: v = sg(v_u) + g (v_c - sg(v_u)) -> dv/dw = g dv_c/dw = 2 g A x; both branches
+    (train_sd3_fast.py): dv/dw = (1 + g) A x. The log-prob's gradient in w scales by 2 g / (1 + g)."""
+    import dataclasses
+
+    g = 3.0
+    grads = {}
+    pol = _CfgToy()
+    sp = SamplerSpec(steps=3, guidance=g, noise_level=0.7)
+    eng = RolloutEngine(pol)
+    roll = eng.run(FlowGRPO(FlowGRPOConfig(group_size=2), sp, TrainSpec()).plan(0), BATCH, 0)
+    edges = torch.nonzero(roll.parent >= 0).flatten()
+    for mode in ("cond", "both"):
+        plan = FlowGRPO(FlowGRPOConfig(group_size=2, cfg_grad=mode), sp, TrainSpec()).plan(0)
+        assert plan.cfg_uncond_grad is (mode == "both")
+        ev = eng.logp(dataclasses.replace(roll, plan=plan), edges)
+        assert ev.nfe == 2 * edges.numel()  # both rows evaluated either way
+        (grad,) = torch.autograd.grad(ev.log_prob.sum(), pol.w)
+        grads[mode] = float(grad)
+    assert grads["both"] != 0.0
+    close([grads["cond"] / grads["both"]], [2 * g / (1 + g)])
+    assert FlowGRPOConfig().cfg_grad == "cond"
+
+
 # ---- BranchGRPO: split children drawn with a scaled noise, scored with the unscaled (or sampling) std ----
 BRANCH_DECODED = [-0.03049144, -0.76549262, -1.82704633, 0.12757140, -0.97976866, 0.97484896, -2.77632353,
                   -0.82170582, -2.71869657, -0.76407892, -1.82563260, -0.32329016, -0.97835498, -1.71335608,

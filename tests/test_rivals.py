@@ -60,6 +60,7 @@ def test_nfe_flowgrpo_fast(flow_policy, guidance):
     ({"kl_divisor": "sqrt"}, "algo.kl_divisor"),
     ({"sde_window_size": -1}, "algo.sde_window_size"),
     ({"sde_window_range": (3, 1)}, "algo.sde_window_range"),
+    ({"cfg_grad": "uncond"}, "algo.cfg_grad"),
     ({"beta": -0.1}, "algo.beta"),
 ])
 def test_flowgrpo_invalid_config_names_the_key(over, key):
@@ -92,6 +93,10 @@ def test_rivals_cite_their_paper_and_have_paper_presets():
         assert set(presets) <= set(cls.PRESETS)
     fast = algorithm_class("flowgrpo").PRESETS["flowgrpo-fast"]
     assert fast["algo.sde_window_size"] == 2 and algorithm_class("flowgrpo").PRESETS["flowgrpo-paper"]["algo.beta"] == 0.04
+    # config/grpo.py::pickscore_sd3_fast on config/base.py (flow_grpo 54809b5): noise 0.8, clip 1e-5, the base
+    # window range (0, 10), CFG 4.5 with both branches differentiated (train_sd3_fast.py)
+    assert (fast["sampler.noise_level"], fast["algo.clip_range"], fast["algo.sde_window_range"], fast["sampler.guidance"],
+            fast["algo.cfg_grad"], fast["algo.beta"], fast["algo.group_size"]) == (0.8, 1e-5, [0, 10], 4.5, "both", 0.0, 24)
 
 
 # ---- BranchGRPO ------------------------------------------------------------------------------------------

@@ -153,8 +153,10 @@ class RolloutEngine:
 
     # ---- denoiser evaluation -------------------------------------------------------------------
     def _evaluate(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                  guidance: float, phase: str = "rollout", role: str = "policy") -> tuple[Tensor, int]:
-        """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
+                  guidance: float, phase: str = "rollout", role: str = "policy",
+                  uncond_grad: bool = True) -> tuple[Tensor, int]:
+        """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe).
+        ``uncond_grad=False`` detaches the unconditional branch of a guided output."""
         B = x.shape[0]
         per = 2 if guidance > 1.0 else 1  # rows per evaluated latent (cond + uncond with CFG)
         self.recorder.denoiser(per * B, phase=phase, grad=torch.is_grad_enabled(), role=role, per_eval=per,
@@ -164,6 +166,8 @@ class RolloutEngine:
             c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])
             out = self.policy.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), c)
             uncond, text = out.chunk(2)
+            if not uncond_grad:
+                uncond = uncond.detach()
             return uncond + guidance * (text - uncond), 2 * B
         return self.policy.predict(x, timesteps, cond.take(prompt_idx)), B
 
@@ -305,7 +309,8 @@ class RolloutEngine:
     def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
         """Log-probs of the edges parent(n) -> n for child nodes ``nodes`` [M], with gradients through
         the denoiser. One (guided) evaluation per distinct parent serves all of its children; the NFE
-        go to ``nfe_update``. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
+        go to ``nfe_update``. With ``plan.cfg_uncond_grad`` False the guided output's unconditional
+        branch carries no gradient. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
         without gradients (for the KL term)."""
         if rollout.latents is None:
             raise ValueError("rollout was sampled with keep_latents=False; log-probs cannot be recomputed")
@@ -329,7 +334,8 @@ class RolloutEngine:
             with torch.no_grad(), self.policy.reference():
                 out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update", "reference")
         else:
-            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update")
+            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update",
+                                      uncond_grad=plan.cfg_uncond_grad)
         self.nfe_update += n
         inv = inv.to(dev)
         nxt = lat[nodes.to(lat.device)].to(dev)
