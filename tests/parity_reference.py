@@ -444,6 +444,31 @@ def branchgrpo_update_loop(adv, c, trees=2, ga=4, clip_range=0.03, adv_clip_max=
     return ws, losses
 
 
+# ---- MixGRPO multi-reward (Tencent-Hunyuan/MixGRPO, fastvideo/train_grpo_flux.py, multi_reward_mix) ------
+#: per reward model, the rewards of 2 prompts x num_generations 4 (contiguous groups, as the trainer lays
+#: them out): HPS, ImageReward, PickScore scales
+MIX_MULTI_REWARDS = {"hpsv2": [0.27, 0.29, 0.26, 0.31, 0.24, 0.25, 0.28, 0.22],
+                     "image_reward": [0.5, -1.2, 1.1, 0.3, -0.4, 0.9, 0.2, -1.5],
+                     "pickscore": [21.3, 21.9, 20.8, 22.4, 20.1, 20.6, 21.0, 20.9]}
+
+
+def mixgrpo_advantage_aggr(rewards, weights, G=4):
+    """``multi_reward_mix == "advantage_aggr"`` with ``use_group`` and ``trimmed_ratio`` 0: per reward model
+    and per group of G contiguous samples, (r - mean) / (unbiased std + 1e-8); the weights divided by their
+    total (``reward_weights = {k: v / total_weight}``); ``merged_advantages += model_advs * weight``."""
+    total = sum(weights.values())
+    w = {k: v / total for k, v in weights.items()}
+    out = np.zeros(len(next(iter(rewards.values()))))
+    for name, r in rewards.items():
+        r = np.asarray(r, dtype=np.float64)
+        adv = np.zeros_like(r)
+        for i in range(len(r) // G):
+            g = r[i * G:(i + 1) * G]
+            adv[i * G:(i + 1) * G] = (g - g.mean()) / (g.std(ddof=1) + 1e-8)
+        out += adv * w[name]
+    return out
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -484,6 +509,9 @@ if __name__ == "__main__":
     print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
     print("BranchGRPO depth-wise advantages, prob-weighted",
           _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))
+    for wts in ({"hpsv2": 1.0, "image_reward": 1.0, "pickscore": 1.0},
+                {"hpsv2": 2.0, "image_reward": 1.0, "pickscore": 1.0}):
+        print(f"MixGRPO advantage_aggr weights {wts}", _fmt(mixgrpo_advantage_aggr(MIX_MULTI_REWARDS, wts)))
     ws, losses = branchgrpo_update_loop(BRANCH_UPDATE_ADV, BRANCH_UPDATE_C)
     print("BranchGRPO update loop: w after each step", _fmt(ws), "losses", _fmt(losses))
     print("DiffusionNFT return_decay types 0/1/2 at steps 0, 1, 74, 75, 200, 600",
