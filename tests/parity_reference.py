@@ -469,6 +469,48 @@ def mixgrpo_advantage_aggr(rewards, weights, G=4):
     return out
 
 
+#: a BranchGRPO tree with single-child chains below each split (T = 4, splits at steps 0 and 2): node n's
+#: parent, in creation order; the leaves are nodes 9..12; the log-prob of the edge into each node
+BRANCH_CHAIN_PARENT = [-1, 0, 0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8]
+BRANCH_CHAIN_LOGPS = [0.0, -7.9, -3.6, 0.2, -0.1, -8.4, -6.2, -2.0, -5.5, 0.4, 0.1, -0.3, 0.6]
+BRANCH_CHAIN_REWARDS = [0.35, 0.8, 0.1, 0.55]
+
+
+def branchgrpo_tree_advantages(parent, leaf_rewards, logps):
+    """``compute_node_rewards_from_leaves(use_prob_weighted=True)`` + ``compute_hierarchical_advantages_by_depth``
+    on an arbitrary tree given by parent pointers: bottom-up over depths, a node with one child takes its
+    child's reward (the chain below a split), a node with several the softmax (temperature 1) of its
+    children's ``log_prob`` times their rewards; per depth (r - mean) / (unbiased std + 1e-8), zero for one
+    node or a std below 1e-6. Returns the advantage of every non-root node (the edge into it)."""
+    n = len(parent)
+    children = {i: [c for c in range(n) if parent[c] == i] for i in range(n)}
+    depth = [0] * n
+    for i in range(n):
+        j = i
+        while parent[j] >= 0:
+            depth[i] += 1
+            j = parent[j]
+    leaves = [i for i in range(n) if not children[i]]
+    reward = dict(zip(leaves, leaf_rewards))
+    for d in range(max(depth) - 1, -1, -1):
+        for i in (i for i in range(n) if depth[i] == d and children[i]):
+            c = children[i]
+            if len(c) == 1:
+                reward[i] = reward[c[0]]
+            else:
+                lp = np.array([logps[x] for x in c])
+                w = np.exp(lp - lp.max())
+                w /= w.sum()
+                reward[i] = float((w * np.array([reward[x] for x in c])).sum())
+    adv = np.zeros(n)
+    for d in range(max(depth) + 1):
+        ids = [i for i in range(n) if depth[i] == d]
+        v = np.array([reward[i] for i in ids])
+        if v.size > 1 and v.std(ddof=1) >= 1e-6:
+            adv[ids] = (v - v.mean()) / (v.std(ddof=1) + 1e-8)
+    return adv[1:]
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -512,6 +554,8 @@ if __name__ == "__main__":
     for wts in ({"hpsv2": 1.0, "image_reward": 1.0, "pickscore": 1.0},
                 {"hpsv2": 2.0, "image_reward": 1.0, "pickscore": 1.0}):
         print(f"MixGRPO advantage_aggr weights {wts}", _fmt(mixgrpo_advantage_aggr(MIX_MULTI_REWARDS, wts)))
+    print("BranchGRPO prob-weighted advantages, chains below the splits",
+          _fmt(branchgrpo_tree_advantages(BRANCH_CHAIN_PARENT, BRANCH_CHAIN_REWARDS, BRANCH_CHAIN_LOGPS)))
     ws, losses = branchgrpo_update_loop(BRANCH_UPDATE_ADV, BRANCH_UPDATE_C)
     print("BranchGRPO update loop: w after each step", _fmt(ws), "losses", _fmt(losses))
     print("DiffusionNFT return_decay types 0/1/2 at steps 0, 1, 74, 75, 200, 600",

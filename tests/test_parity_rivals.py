@@ -14,6 +14,9 @@ import contextlib
 import pytest
 import torch
 from parity_reference import (
+    BRANCH_CHAIN_LOGPS,
+    BRANCH_CHAIN_PARENT,
+    BRANCH_CHAIN_REWARDS,
     BRANCH_EDGE_LOGPS,
     BRANCH_REWARDS,
     BRANCH_UPDATE_ADV,
@@ -200,6 +203,22 @@ def test_branchgrpo_depthwise_advantages(fixed_noise, weighted, expected):
     adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_REWARDS)))
     close(adv.edge[roll.parent >= 0], expected)
     close(adv.leaf, expected[-8:])
+
+
+BRANCH_ADV_CHAIN = [0.70710677, -0.70710677, 0.70710677, -0.70710677, -0.33646328, 1.17762148, -1.17762148,
+                    0.33646328, -0.33646328, 1.17762148, -1.17762148, 0.33646328]
+
+
+def test_branchgrpo_prob_weighted_with_chains_below_the_splits(fixed_noise):
+    """Prob-weighting where a split's children continue as single-child chains (the recipe's steps after
+    each split, and after the last split down to the leaves): a lone child passes its reward up unchanged,
+    the split node takes the softmax of its children's edge log-probs, as compute_node_rewards_from_leaves."""
+    algo = _branch({"split_points": (0, 2), "prob_weighted": True}, 4)
+    roll = RolloutEngine(ToyPolicy(), schedule="linspace", shift=3.0).run(algo.plan(0), BATCH, 0)
+    assert roll.parent.tolist() == BRANCH_CHAIN_PARENT
+    roll.logp_old[roll.parent >= 0] = torch.tensor(BRANCH_CHAIN_LOGPS[1:])
+    adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_CHAIN_REWARDS)))
+    close(adv.edge[roll.parent >= 0], BRANCH_ADV_CHAIN)
 
 
 # ---- BranchGRPO: the update loop of train_one_step_tree (one forward per edge, loss / (GA x edges per tree)) -
