@@ -216,6 +216,17 @@ def check_ppo_settings(config: Any) -> None:
         raise ValueError(f"algo.beta must be >= 0, got {config.beta!r}")
 
 
+def check_ema_settings(config: Any) -> None:
+    """The EMA settings' checks (``ema_decay`` in [0, 1], ``ema_interval`` and ``ema_calls_per_step`` >= 1),
+    each a ValueError naming the ``algo.<key>``."""
+    if not 0.0 <= float(config.ema_decay) <= 1.0:
+        raise ValueError(f"algo.ema_decay must be in [0, 1], got {config.ema_decay!r}")
+    for key in ("ema_interval", "ema_calls_per_step"):
+        v = getattr(config, key, 1)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"algo.{key} must be an integer >= 1, got {v!r}")
+
+
 @dataclass(frozen=True)
 class PPOTerms:
     """Per-edge PPO quantities: loss [M] (with gradients), ratio [M], clipped [M] bool."""
@@ -384,6 +395,40 @@ def chain_step_edges(rollout: Rollout) -> Tensor:
     return out
 
 
+#: the weight snapshot (``bench.model.snapshots``) holding an algorithm's EMA of the trained weights for
+#: evaluation and export (``algo.ema``; not AWM's "ema" policy, a KL anchor of its loss)
+EMA_SNAPSHOT = "eval_ema"
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """``EMAModuleWrapper.get_current_decay`` (yifan123/flow_grpo and NVlabs/DiffusionNFT ``flow_grpo/ema.py``):
+    min((1 + step) / (10 + step), max_decay) for the optimizer step count ``step``."""
+    return min((1.0 + step) / (10.0 + step), float(max_decay))
+
+
+def ema_schedule(steps_before: int, steps: int, calls_per_step: int, interval: int,
+                 max_decay: float) -> list[tuple[int, float]]:
+    """The EMA updates the reference trainers apply while an update takes ``steps`` optimizer steps after
+    ``steps_before`` earlier ones, in order, as (k, d): the update s <- d s + (1 - d) theta with the weights
+    theta after k of this update's steps (k = 0: before its first), d = ``ema_decay(global_step)``
+    (``EMAModuleWrapper.step(params, global_step)`` updates when (global_step + 1) % ``interval`` == 0).
+
+    The trainers call ``step`` ``calls_per_step`` times per optimizer step: flow_grpo ``train_sd3.py`` after
+    every training batch (GA batches per optimizer step: calls_per_step = GA; global_step counts the steps
+    taken, so a qualifying count can update the EMA several times with the same weights); DiffusionNFT after
+    every optimizer step (calls_per_step = 1). Call b of the update (0-based) comes after k = (b + 1) //
+    calls_per_step steps, with global_step = steps_before + k."""
+    if calls_per_step < 1 or interval < 1:
+        raise ValueError(f"calls_per_step and interval must be >= 1, got {calls_per_step}, {interval}")
+    out = []
+    for b in range(steps * calls_per_step):
+        k = (b + 1) // calls_per_step
+        g = steps_before + k
+        if (g + 1) % interval == 0:
+            out.append((k, ema_decay(g, max_decay)))
+    return out
+
+
 def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: float, nfe: int) -> float:
     """Clip the gradients to ``max_grad_norm`` (<= 0: no clipping) and step; returns the norm before
     clipping. A step the optimizer refuses (non-finite gradients) re-raises carrying ``nfe``, the forward
@@ -406,7 +451,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
                beta: float = 0.0, reduction: str = "mean", kl_divisor: str = "step_std",
                surrogate: Callable[[Any, Tensor, Tensor, Tensor], PPOTerms] | None = None,
                share_parents: bool = True, edges_per_step: int = 0,
-               loss_denom: float | None = None) -> UpdateStats:
+               loss_denom: float | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> UpdateStats:
     """Run the PPO-clip update on the given edges.
 
     edges [M]: child node ids of the trained edges, in training order (the caller shuffles). Edges
@@ -427,7 +473,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     ``train_one_step_tree``). edges_per_step > 0 -> an optimizer step after every that many parents'
     groups (edges, with ``share_parents`` False) and one more for a partial remainder, in place of
     ``train.optimizer_steps``. loss_denom -> every edge term is divided by this fixed number instead of
-    the mini-batch's ``reduction`` denominator.
+    the mini-batch's ``reduction`` denominator. on_step(k, n): called with k = 0 before the first of the n
+    optimizer steps and with k after the k-th (an EMA of the weights hooks in here).
 
     Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
     read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
@@ -469,6 +516,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     first_ratio: float | None = None
     grad_norm = 0.0
     micro_batches = 0
+    if on_step is not None:
+        on_step(0, n_steps)
     for s in range(n_steps):
         mb = groups[bounds[s]:bounds[s + 1]]
         if not mb:
@@ -499,6 +548,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             tot_clip += float(terms.clipped.float().sum())
             n_terms += int(e.numel())
         grad_norm = optimizer_step(optimizer, params, train.max_grad_norm, nfe)
+        if on_step is not None:
+            on_step(s + 1, n_steps)
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,

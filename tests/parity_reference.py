@@ -511,6 +511,27 @@ def branchgrpo_tree_advantages(parent, leaf_rewards, logps):
     return adv[1:]
 
 
+# ---- EMA of the trained weights (flow_grpo / DiffusionNFT flow_grpo/ema.py::EMAModuleWrapper) ------------
+def ema_wrapper_epoch(ema, thetas, global_step, calls_per_step, interval, decay):
+    """One epoch of a trainer holding ``EMAModuleWrapper(params, decay, update_step_interval=interval)``:
+    ``thetas[0]`` are the weights at the epoch's start, ``thetas[k]`` after its k-th optimizer step. The
+    trainer runs ``calls_per_step`` training batches per optimizer step (train_sd3.py: GA batches; the
+    optimizer steps when the accumulation syncs, after every GA-th batch, and ``global_step += 1``) and calls
+    ``ema.step(params, global_step)`` after every batch (DiffusionNFT: after every optimizer step,
+    calls_per_step = 1). ``step``: d = min((1 + g) / (10 + g), decay); when (g + 1) % interval == 0,
+    ema += (1 - d) (theta - ema). Returns (ema, global_step) after the epoch (numpy float64)."""
+    ema = np.array(ema, dtype=np.float64)
+    k = 0
+    for b in range((len(thetas) - 1) * calls_per_step):
+        if (b + 1) % calls_per_step == 0:
+            k += 1
+            global_step += 1
+        d = min((1 + global_step) / (10 + global_step), decay)
+        if (global_step + 1) % interval == 0:
+            ema += (1 - d) * (np.asarray(thetas[k], dtype=np.float64) - ema)
+    return ema, global_step
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")

@@ -70,17 +70,16 @@ def test_flowgrpo_invalid_config_names_the_key(over, key):
         FlowGRPOConfig(**over)
 
 
-def test_flowgrpo_window_must_fit_and_ema_is_not_implemented():
+def test_flowgrpo_window_must_fit_and_ema_is_off_by_default():
     with pytest.raises(ValueError, match=r"algo\.sde_window_size"):
         make("flowgrpo", {"sde_window_size": 3}, steps=4)  # range (0, 2) cannot hold 3 steps
     with pytest.raises(ValueError, match=r"algo\.timestep_fraction"):
         make("flowgrpo", {"timestep_fraction": 0.1}, steps=5)
     with pytest.raises(ValueError, match="flow"):
         make("flowgrpo", prediction="epsilon")
-    from algorithms.flowgrpo import FlowGRPOConfig
-
-    with pytest.raises(NotImplementedError, match="EMA"):
-        FlowGRPOConfig(ema=True)
+    plain, ema = make("flowgrpo"), make("flowgrpo", {"ema": True})  # the EMA itself: tests/test_ema.py
+    assert (plain.snapshots, plain.eval_weights) == ((), "current")
+    assert (ema.snapshots, ema.eval_weights) == (("eval_ema",), "eval_ema")
 
 
 def test_rivals_cite_their_paper_and_have_paper_presets():
@@ -93,10 +92,11 @@ def test_rivals_cite_their_paper_and_have_paper_presets():
         assert set(presets) <= set(cls.PRESETS)
     fast = algorithm_class("flowgrpo").PRESETS["flowgrpo-fast"]
     assert fast["algo.sde_window_size"] == 2 and algorithm_class("flowgrpo").PRESETS["flowgrpo-paper"]["algo.beta"] == 0.04
-    # config/grpo.py::pickscore_sd3_fast on config/base.py (flow_grpo 54809b5): noise 0.8, clip 1e-5, the base
-    # window range (0, 10), CFG 4.5 with both branches differentiated (train_sd3_fast.py)
-    assert (fast["sampler.noise_level"], fast["algo.clip_range"], fast["algo.sde_window_range"], fast["sampler.guidance"],
-            fast["algo.cfg_grad"], fast["algo.beta"], fast["algo.group_size"]) == (0.8, 1e-5, [0, 10], 4.5, "both", 0.0, 24)
+    # config/grpo.py::pickscore_sd3_fast on config/base.py (flow_grpo 54809b5): noise 0.8, clip 1e-5, the
+    # base window range (0, 10), CFG 4.5 with both branches differentiated (train_sd3_fast.py), EMA
+    got = tuple(fast[k] for k in ("sampler.noise_level", "algo.clip_range", "algo.sde_window_range",
+                                  "sampler.guidance", "algo.cfg_grad", "algo.beta", "algo.group_size", "algo.ema"))
+    assert got == (0.8, 1e-5, [0, 10], 4.5, "both", 0.0, 24, True)
 
 
 # ---- BranchGRPO ------------------------------------------------------------------------------------------

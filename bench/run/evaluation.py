@@ -12,15 +12,16 @@ import torch
 from bench.run.progress import eval_line
 from bench.run.scoring import score
 from bench.rundir.runlog import reward_hacking_flag, save_grid
-from bench.types import RolloutPlan
+from bench.types import CURRENT, RolloutPlan
 
 
-def eval_plan(sampler: Any, images_per_prompt: int = 1) -> RolloutPlan:
+def eval_plan(sampler: Any, images_per_prompt: int = 1, weights: str = CURRENT) -> RolloutPlan:
     """Deterministic chains with the sampler's steps and guidance: ``images_per_prompt`` per eval prompt,
-    each from its own noise (shared_noise=False)."""
+    each from its own noise (shared_noise=False), sampled with ``weights`` (the trained weights, or the
+    weight snapshot an algorithm evaluates with: its ``eval_weights``, e.g. Flow-GRPO's EMA)."""
     T = sampler.steps
     return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=images_per_prompt,
-                       shared_noise=False, guidance=sampler.guidance, keep_latents=False)
+                       shared_noise=False, guidance=sampler.guidance, keep_latents=False, weights=weights)
 
 
 def _eval_rollout(r: Any) -> Any:
@@ -28,7 +29,8 @@ def _eval_rollout(r: Any) -> Any:
         r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
     e = r.spec.eval
     # noise from eval.seed, not the run seed: the same prompts and noise for every run whatever its seed
-    return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
+    weights = getattr(r.algo, "eval_weights", CURRENT)
+    return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt, weights), r.eval_batch, 0, stage="eval",
                         conditioning=r.eval_conditioning, seed=e.seed)
 
 
