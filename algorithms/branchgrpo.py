@@ -34,7 +34,8 @@ Implementation details:
 - Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clip on the stored log-probs, advantages
   clamped to +-5. ``update="reference"`` (default) is ``train_one_step_tree``: one denoiser forward per
   trained edge (the two children of a split are evaluated separately, as the released loop over
-  transitions does), each edge's loss divided by GA x (trained edges // trees), GA =
+  transitions does; treebench batches the rows of a mini-batch in micro-batches, the NFE are the
+  same), each edge's loss divided by GA x (trained edges // trees), GA =
   ``grad_accum`` (the recipe's ``--gradient_accumulation_steps 12``), an optimizer step (with the norm
   clip) every GA edges and one for the remainder; ``train.optimizer_steps`` is then unused.
   ``update="shared_parent"``: the children of a split share one evaluation of their parent (cheaper by

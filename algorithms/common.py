@@ -468,8 +468,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     engine's ``EdgeEval`` (log-probs and step means with gradients); None = PPO clip with ``clip_range``
     and ``adv_clip_max`` (``ppo_clip_loss``). GRPO-Guard (``guard_surrogate``) and Flow-DPPO's masked
     loss plug in here; ``clip_frac`` then counts the terms the surrogate reports as clipped (or masked).
-    share_parents: False -> every edge is its own denoiser evaluation (one forward per trained edge, one
-    edge per micro-batch), as trainers that loop over transitions spend (BranchGRPO's
+    share_parents: False -> every edge is its own denoiser evaluation (one forward per trained edge, siblings
+    too; rows still batched in micro-batches), as trainers that loop over transitions spend (BranchGRPO's
     ``train_one_step_tree``). edges_per_step > 0 -> an optimizer step after every that many parents'
     groups (edges, with ``share_parents`` False) and one more for a partial remainder, in place of
     ``train.optimizer_steps``. loss_denom -> every edge term is divided by this fixed number instead of
@@ -503,7 +503,7 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         order.setdefault(p if share_parents else j, []).append(j)
     groups = list(order.values())
     cfg = rollout.plan.cfg_factor()
-    per_micro = max(1, train.micro_batch // cfg) if share_parents else 1
+    per_micro = max(1, train.micro_batch // cfg)
     if edges_per_step > 0:
         n_steps = -(-len(groups) // int(edges_per_step))
         bounds = [min(s * int(edges_per_step), len(groups)) for s in range(n_steps + 1)]
@@ -528,13 +528,13 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         for c in range(0, len(mb), per_micro):
             idx = torch.tensor([j for g in mb[c:c + per_micro] for j in g], dtype=torch.long)
             e = edges[idx]
-            ev = engine.logp(rollout, e)
+            ev = engine.logp(rollout, e) if share_parents else engine.logp(rollout, e, share_parents=False)
             nfe += ev.nfe
             old = rollout.logp_old[e].to(ev.log_prob.device)
             terms = surrogate(ev, e, old, adv[idx].to(ev.log_prob.device))
             loss = terms.loss.sum() / denom
             if beta > 0:
-                ref = engine.logp(rollout, e, reference=True)
+                ref = engine.logp(rollout, e, reference=True, **({} if share_parents else {"share_parents": False}))
                 nfe += ref.nfe
                 kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), kl_std(rollout, e, ev.std.detach(), kl_divisor))
                 loss = loss + beta * kl.sum() / denom

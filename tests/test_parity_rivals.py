@@ -238,7 +238,7 @@ class _OneWeight:
     def trainable_parameters(self):
         return [self.w]
 
-    def logp(self, rollout, nodes, reference=False):
+    def logp(self, rollout, nodes, reference=False, share_parents=True):
         from bench.engine.rollout import EdgeEval
 
         nodes = torch.as_tensor(nodes)
@@ -247,7 +247,7 @@ class _OneWeight:
         lp = rollout.logp_old[nodes].double() + self.w * c
         M = nodes.numel()
         return EdgeEval(log_prob=lp, mean=torch.zeros(M, 1, 1, 1), std=torch.ones(M),
-                        nfe=int(torch.unique(rollout.parent[nodes]).numel()))
+                        nfe=int(torch.unique(rollout.parent[nodes]).numel()) if share_parents else M)
 
 
 @pytest.mark.parametrize("update", ["reference", "shared_parent"])
@@ -275,7 +275,8 @@ def test_branchgrpo_update_loop_matches_train_one_step_tree(update):
     opt.step = record
     st = algo.update(model, model, opt, roll, SimpleNamespace(edge=adv))
     if update == "reference":
-        assert model.calls == [[n] for n in range(2, 11)] and st.nfe == 9  # one forward per trained edge
+        # one forward per trained edge (siblings too), batched within each GA-edge mini-batch
+        assert model.calls == [[2, 3, 4, 5], [6, 7, 8, 9], [10]] and st.nfe == 9
         assert st.optimizer_steps == 3  # ceil(9 / GA)
         close(seen, BRANCH_UPDATE_W)
         # the logged loss is the mean of the unscaled terms: the code's per-sample losses x GA x (9 // 2)

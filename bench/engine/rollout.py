@@ -306,11 +306,13 @@ class RolloutEngine:
         return torch.cat(parts).float().cpu()
 
     # ---- log-probs with gradients --------------------------------------------------------------
-    def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
+    def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False,
+             share_parents: bool = True) -> EdgeEval:
         """Log-probs of the edges parent(n) -> n for child nodes ``nodes`` [M], with gradients through
         the denoiser. One (guided) evaluation per distinct parent serves all of its children; the NFE
-        go to ``nfe_update``. With ``plan.cfg_uncond_grad`` False the guided output's unconditional
-        branch carries no gradient. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
+        go to ``nfe_update``. ``share_parents=False``: one evaluation per edge, siblings too (the cost of
+        trainers that loop over transitions, BranchGRPO's). With ``plan.cfg_uncond_grad`` False the guided
+        output's unconditional branch carries no gradient. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
         without gradients (for the KL term)."""
         if rollout.latents is None:
             raise ValueError("rollout was sampled with keep_latents=False; log-probs cannot be recomputed")
@@ -323,7 +325,10 @@ class RolloutEngine:
         modes = {plan.modes[int(i)] for i in lvl.unique()}
         if modes - {"sde"}:
             raise ValueError(f"log-probs exist only for SDE edges; got edges from {sorted(modes)} steps")
-        uniq, inv = torch.unique(par, return_inverse=True)
+        if share_parents:
+            uniq, inv = torch.unique(par, return_inverse=True)
+        else:
+            uniq, inv = par, torch.arange(par.numel())
         sched = Schedule(rollout.sigmas, rollout.timesteps)
         lat = rollout.latents
         dev = self.policy.device
