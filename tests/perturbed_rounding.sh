@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 TESTS=(tests/test_golden.py tests/test_parity.py tests/test_parity_rivals.py tests/test_parity_sde_rivals.py
-       tests/test_parity_awm_refl.py tests/test_sde.py tests/test_common.py
+       tests/test_parity_awm_refl.py tests/test_sde.py tests/test_common.py tests/test_ema.py
        # recomputed log-probs equal the sampling ones, whatever the batch composition (atol 1e-5 on |logp| <~ 3)
        tests/test_engine.py::test_logp_equals_sampling_logp_and_one_eval_per_parent
        tests/test_engine.py::test_logp_parity_ddim tests/test_engine.py::test_determinism_independent_of_micro_batch
