@@ -212,11 +212,13 @@ class FlowGRPO:
                           "train.optimizer_steps": 2},
         # GRPO-Guard, config/grpo_guard.py::general_ocr_sd3_rationorm (flow_grpo 2e2f712): T = 10, CFG 4.5,
         # noise 0.7, G = 24, fraction 0.99, no KL, per-prompt std, clip 2e-6, RatioNorm + reweighting,
-        # gradient accumulation num_batches_per_epoch // 2 -> 2 optimizer steps per epoch
+        # gradient accumulation num_batches_per_epoch // 2 -> 2 optimizer steps per epoch; 16 GPUs x 9 images
+        # of G = 24 -> 8 batches, GA 4 (EMA calls per step); its compute_log_prob keeps both CFG branches
         "flowgrpo-guard": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                            "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
                            "algo.beta": 0.0, "algo.global_std": False, "algo.clip_range": 2e-6,
-                           "algo.guard": True, "train.optimizer_steps": 2},
+                           "algo.guard": True, "algo.cfg_grad": "both", "algo.ema": True,
+                           "algo.ema_calls_per_step": 4, "train.optimizer_steps": 2},
     }
 
     #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
