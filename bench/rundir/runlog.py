@@ -43,6 +43,48 @@ def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, held
     return False
 
 
+#: A held-out reward must be below its iteration-0 value at this many consecutive evaluations after
+#: iteration 0 (the current one included) for the sustained-fall rule: one low evaluation that recovers
+#: is not a flag.
+SUSTAIN = 2
+
+
+def standard_error(rec: Mapping[str, Any], key: str) -> float | None:
+    """The resolution of an eval mean: the population std over images / sqrt(images) of one evaluation
+    (``eval/<r>/std``, ``eval_images``), None when the record lacks them."""
+    std, n = rec.get(f"{key}/std"), rec.get("eval_images")
+    if std is None or not n:
+        return None
+    return float(std) / math.sqrt(float(n))
+
+
+def sustained_fall(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
+                   stay: int = SUSTAIN) -> list[str]:
+    """Held-out keys judged on the whole curve at the newest evaluation: the run's first evaluation is at
+    iteration 0, the training reward's eval score now exceeds its iteration-0 value by more than its
+    resolution, and the held-out reward is below its iteration-0 value by more than its resolution at
+    each of the last ``stay`` evaluations after iteration 0 (resolution: the standard error of the
+    iteration-0 eval mean, ``standard_error``). A held-out score that collapsed (to 0, say) and stays
+    there is flagged at every later evaluation, which the last-3-evaluations rule cannot do once the
+    score no longer falls; a flat curve whose evaluations wander within the resolution is not."""
+    if len(evals) < stay + 1 or int(evals[0].get("iteration", -1)) != 0:
+        return []
+    first, last = evals[0], evals[-stay:]
+    if any(int(e.get("iteration", 0)) == 0 for e in last):
+        return []
+
+    def beyond(key: str, rec: Mapping[str, Any], sign: float) -> bool:
+        v0, v = first.get(key), rec.get(key)
+        if v0 is None or v is None or not (math.isfinite(float(v0)) and math.isfinite(float(v))):
+            return False
+        res = standard_error(first, key) or 0.0
+        return sign * (float(v) - float(v0)) > res
+
+    if not beyond(train_key, evals[-1], +1.0):
+        return []
+    return [k for k in heldout_keys if all(beyond(k, e, -1.0) for e in last)]
+
+
 def json_safe(v: Any) -> Any:
     """NaN -> null, +-inf -> "inf"/"-inf", recursively: strict JSON that reports read back."""
     if isinstance(v, float) and not math.isfinite(v):
