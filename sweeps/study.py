@@ -365,7 +365,8 @@ def summarize(study: optuna.Study, value_names: Sequence[str]) -> dict[str, Any]
                 if t.values and all(math.isfinite(v) for v in t.values)]
     if complete and len(value_names) == 1:
         b = study.best_trial
-        out["best"] = {"number": b.number, value_names[0]: b.value, "params": b.params}
+        out["best"] = {"number": b.number, value_names[0]: b.value, "params": b.params,
+                       "overrides": b.user_attrs.get("overrides")}
     elif complete:
         out["pareto"] = [{"number": t.number, **dict(zip(value_names, t.values)), "params": t.params}
                          for t in study.best_trials]
