@@ -192,21 +192,22 @@ def _pruner(a: argparse.Namespace, multi: bool):
 
 
 #: The validation split needs at least this many prompts past the held-out ones.
-MIN_VALIDATION_PROMPTS = 4
+MIN_VALIDATION_PROMPTS = 2
 
 
 def validation_split(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Overrides that evaluate on a validation split: the prompts of ``cfg``'s eval prompt set past its
     first ``eval.num_prompts`` (the held-out prompts final runs and the verdict are scored on), written to
     ``out/validation.jsonl`` with their metadata (the shapes checker needs each prompt's attributes), at
-    most ``eval.num_prompts`` of them (a trial's evaluation costs no more than a final run's).
+    most ``max(eval.num_prompts, 4)`` of them (a trial's evaluation costs no more than a final run's).
     For ``shapes-eval`` (48 combinations, none in the training split) that is prompts 33-48 at the
     default eval.num_prompts 32: never trained on, never in the verdict."""
     from bench.engine.prompts import load_prompt_set
 
     name, held = cfg["data"]["eval_prompts"], int(cfg["eval"]["num_prompts"])
     ps = load_prompt_set(name)
-    rest = list(range(held, min(len(ps), 2 * held)))  # no larger than the held-out evaluation
+    # no larger than the held-out evaluation (at least 4 prompts where the set has them)
+    rest = list(range(held, min(len(ps), held + max(held, 4))))
     if len(rest) < MIN_VALIDATION_PROMPTS:
         raise UsageError(f"--validation-split: eval prompt set {name!r} has {len(ps)} prompts and the held-out "
                          f"evaluation uses the first {held}; at least {MIN_VALIDATION_PROMPTS} must remain for "

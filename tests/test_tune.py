@@ -35,8 +35,10 @@ def test_validation_split_is_the_eval_set_past_the_heldout_prompts(tmp_path):
     # no larger than the held-out evaluation, and refused when too little is left
     assert cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 4}},
                                 tmp_path / "s")["eval.num_prompts"] == 4
-    with pytest.raises(UsageError, match="at least 4 must remain"):
-        cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 46}}, tmp_path)
+    assert cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 2}},
+                                tmp_path / "t")["eval.num_prompts"] == 4
+    with pytest.raises(UsageError, match="at least 2 must remain"):
+        cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 47}}, tmp_path)
 
 
 def _spec(tmp_path, *args):
