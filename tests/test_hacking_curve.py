@@ -77,7 +77,9 @@ def test_dip_that_recovers_is_not_flagged_at_the_end():
 
 
 def test_report_flags_a_collapse_that_stays_and_says_since_when(tmp_path):
-    collapse = lambda j: 0.8 if j < 4 else 0.0  # noqa: E731 - evaluations every 2 iterations: 0 from 4 on
+    def collapse(j):  # evaluations every 2 iterations: 0 from iteration 4 on
+        return 0.8 if j < 4 else 0.0
+
     for s in range(3):
         write_run(tmp_path / "hack" / f"seed{s}", algo="dancegrpo", seed=s, heldout_curve=collapse)
         # flat held-out curve (alternating within the resolution 0.05 / sqrt(32) = 0.0088)
