@@ -432,9 +432,13 @@ def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Pat
     print(f"== tuning {len(todo)} algorithm(s): {args.tune_trials} trials of {args.tune_budget} each, objective "
           f"{objective} on the validation split, seed {tune_mod.TUNE_SEED}", flush=True)
     if launch.launcher == "local":
-        run_local(todo, launch, args.device)  # a study with no completed trial exits 1: tuned.json says so
+        failed = run_local(todo, launch, args.device)  # a study with no completed trial exits 1: tuned.json says so
     else:
-        run_submitit(todo, launch, out, RUNNER)
+        failed = run_submitit(todo, launch, out, RUNNER)
+    refused = [f for f in failed if f.endswith("(exit 2)")]
+    if refused:  # e.g. DIR/tuning/<algo> holds a study with other settings: its old result must not be used
+        raise UsageError(f"tuning refused: {', '.join(refused)} (see the message above); use another --out or "
+                         f"the tuning options DIR was tuned with")
     for a, (names, _) in plan.items():
         info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note)
         got = info["overrides"]
