@@ -3,9 +3,9 @@
 Two kinds of claim, method vs baseline:
 
 * ``reward@budget``: the gain over each run's own iteration 0 on an eval metric at a matched fraction
-  of the budget (25%, 50%, 100%). Each run contributes the evaluation *at* the matched cost (the first
-  iteration boundary at or past it: an evaluation at most one of the run's iterations past it, which is
-  where an ``eval.every=<amount>nfe`` schedule puts it) or, when there is none, the last one before it;
+  of the budget (25%, 50%, 100%). Each run contributes the evaluation *at* the matched cost (on the
+  first iteration boundary at or past it, i.e. less than one iteration past it, which is where an
+  ``eval.every=<amount>nfe`` schedule puts it) or, when there is none, the last one before it;
   never an interpolation between evaluations, and never a run's last point merely because it is last
   (a run that overshot the budget is compared at the budget). With per-image scores the difference is
   paired per image (shared prompts x noise) and its interval includes the prompt term; without them,
@@ -104,15 +104,17 @@ def schedule(rs: RunSet, preferred: str) -> Schedule | None:
     return Schedule(axis, float(reached.min()), "reached") if len(reached) else None
 
 
-def iteration_cost(rs: RunSet, column: str) -> pd.Series:
-    """Per run: the largest cost of one iteration on ``column`` (0 when unknown)."""
+def boundaries(rs: RunSet, column: str) -> dict[Any, np.ndarray]:
+    """Per run: the cumulative cost on ``column`` at every iteration boundary, from 0 (sorted)."""
     it = rs.iterations
     if it.empty or column not in it:
-        return pd.Series(0.0, index=rs.runs["run"])
+        return {}
     it = it.sort_values(["run", "iteration"])
-    v = pd.to_numeric(it[column], errors="coerce")
-    step = v.groupby(it["run"]).diff().fillna(v)
-    return step.groupby(it["run"]).max().reindex(rs.runs["run"]).fillna(0.0)
+    out = {}
+    for run, g in it.groupby("run", sort=False):
+        v = pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=float)
+        out[run] = np.unique(np.r_[0.0, v[np.isfinite(v)]])
+    return out
 
 
 def eval_table(rs: RunSet, key: str) -> pd.DataFrame:
@@ -129,16 +131,30 @@ def eval_table(rs: RunSet, key: str) -> pd.DataFrame:
     return ev.reset_index(drop=True)
 
 
-def matched(ev: pd.DataFrame, column: str, cost: float, tol: pd.Series) -> pd.DataFrame:
-    """Per run, the evaluation at ``cost`` on ``column``: the last one at most one iteration past it
-    (``tol`` per run), i.e. at the first iteration boundary at or past it, or before it."""
+def at_cost(ev: pd.DataFrame, column: str, cost: float, bounds: dict[Any, np.ndarray]) -> pd.Series:
+    """Which evaluations count as "at or before ``cost``": cost <= it, or the evaluation lies on the first
+    iteration boundary past it (the previous boundary is below it: at most one iteration past)."""
+    c = pd.to_numeric(ev[column], errors="coerce").to_numpy(dtype=float)
+    eps = 1e-9 * max(abs(cost), 1.0)
+    ok = c <= cost + eps
+    for i, (run, e) in enumerate(zip(ev["run"], c)):
+        if ok[i] or not np.isfinite(e):
+            continue
+        b = bounds.get(run)
+        if b is not None and b.size:
+            j = int(np.searchsorted(b, e - eps, side="left"))  # b[j]: the boundary the evaluation is on
+            ok[i] = j > 0 and b[j - 1] < cost - eps
+    return pd.Series(ok, index=ev.index)
+
+
+def matched(ev: pd.DataFrame, column: str, cost: float, bounds: dict[Any, np.ndarray]) -> pd.DataFrame:
+    """Per run, the evaluation at ``cost`` on ``column`` (:func:`at_cost`; the latest one that counts)."""
     if ev.empty or column not in ev:
         return ev.iloc[0:0].assign(cost_used=[])
-    c = pd.to_numeric(ev[column], errors="coerce")
-    limit = cost + ev["run"].map(tol).fillna(0.0) + 1e-9 * max(abs(cost), 1.0)
-    ok = ev[c <= limit].assign(cost_used=c[c <= limit])
-    ok = ok.sort_values(["run", "cost_used", "iteration"], kind="stable")
-    return ok.groupby("run", sort=False).tail(1).reset_index(drop=True)
+    ok = at_cost(ev, column, cost, bounds)
+    sel = ev[ok].assign(cost_used=pd.to_numeric(ev.loc[ok, column], errors="coerce"))
+    sel = sel.sort_values(["run", "cost_used", "iteration"], kind="stable")
+    return sel.groupby("run", sort=False).tail(1).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------- per image
@@ -215,10 +231,10 @@ def _paired(rs: RunSet, method: str, baseline: str, xs: pd.DataFrame, bs: pd.Dat
 
 
 def reward_claim(rs: RunSet, ev: pd.DataFrame, images: ImageTable, key: str, method: str, baseline: str,
-                 fraction: float, sched: Schedule, tol: pd.Series, role: str, reps: int = 20_000) -> Claim:
+                 fraction: float, sched: Schedule, bounds: dict, role: str, reps: int = 20_000) -> Claim:
     """The gain on ``key`` at ``fraction`` of the budget, ``method`` - ``baseline``."""
     cost = fraction * sched.budget
-    picks = matched(ev[ev["label"].isin([method, baseline])], sched.column, cost, tol)
+    picks = matched(ev[ev["label"].isin([method, baseline])], sched.column, cost, bounds)
     use_gain = bool(len(picks)) and picks["start"].notna().all()
     col = "gain" if use_gain else "value"
     xs = picks[picks["label"] == method].sort_values("seed", kind="stable")
@@ -244,7 +260,8 @@ def reward_claim(rs: RunSet, ev: pd.DataFrame, images: ImageTable, key: str, met
         claim.info["why_not_per_image"] = why
         if min(len(vx), len(vb)) >= inf.MIN_SEEDS:
             claim.test = inf.one_sample(vx - vb) if claim.paired else inf.welch(vx, vb)
-    claim.info.update(method_values=[float(v) for v in vx], baseline_values=[float(v) for v in vb],
+    claim.info.update(estimate=float(np.mean(vx) - np.mean(vb)),
+                      method_values=[float(v) for v in vx], baseline_values=[float(v) for v in vb],
                       method_value=float(np.mean(vx)), baseline_value=float(np.mean(vb)),
                       cost_method=float(xs["cost_used"].mean()), cost_baseline=float(bs["cost_used"].mean()),
                       seeds_above=inf.seeds_above(vx, vb)[0])
@@ -255,14 +272,14 @@ def reward_claim(rs: RunSet, ev: pd.DataFrame, images: ImageTable, key: str, met
     return claim
 
 
-def brackets(ev: pd.DataFrame, column: str, budget_column: str, budget: float, tol: pd.Series,
+def brackets(ev: pd.DataFrame, column: str, budget_column: str, budget: float, bounds: dict,
              target: float) -> pd.DataFrame:
     """Per run: the bracket (lo, hi] on ``column`` in which its gain first reaches ``target``, among its
     evaluations up to the budget (on ``budget_column``); hi = inf when it never does."""
     rows = []
+    ev = ev[at_cost(ev, budget_column, budget, bounds)] if len(ev) else ev
     for run, g in ev.groupby("run", sort=False):
-        lim = budget + float(tol.get(run, 0.0)) + 1e-9 * max(abs(budget), 1.0)
-        g = g[pd.to_numeric(g[budget_column], errors="coerce") <= lim].sort_values("iteration")
+        g = g.sort_values("iteration")
         cost = pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=float)
         gain = g["gain"].to_numpy(dtype=float)
         hit = np.flatnonzero(gain >= target - 1e-12 * max(abs(target), 1e-12))
@@ -278,19 +295,19 @@ def brackets(ev: pd.DataFrame, column: str, budget_column: str, budget: float, t
     return pd.DataFrame(rows, columns=["run", "label", "seed", "lo", "hi", "reached"])
 
 
-def baseline_gain(ev: pd.DataFrame, baseline: str, sched: Schedule, tol: pd.Series) -> tuple[float, int]:
+def baseline_gain(ev: pd.DataFrame, baseline: str, sched: Schedule, bounds: dict) -> tuple[float, int]:
     """(mean gain of the baseline's seeds at the full budget, seeds)."""
-    picks = matched(ev[ev["label"] == baseline], sched.column, sched.budget, tol)
+    picks = matched(ev[ev["label"] == baseline], sched.column, sched.budget, bounds)
     g = picks["gain"].to_numpy(dtype=float)
     g = g[np.isfinite(g)]
     return (float(g.mean()) if g.size else math.nan), int(g.size)
 
 
 def cost_claim(ev: pd.DataFrame, key: str, method: str, baseline: str, fraction: float, base_gain: float,
-               axis: str, sched: Schedule, tol: pd.Series, role: str) -> Claim:
+               axis: str, sched: Schedule, bounds: dict, role: str) -> Claim:
     """The cost on ``axis`` to reach ``fraction`` of the baseline's gain: a log ratio method / baseline."""
     target = fraction * base_gain
-    br = brackets(ev[ev["label"].isin([method, baseline])], X_AXES[axis][0], sched.column, sched.budget, tol,
+    br = brackets(ev[ev["label"].isin([method, baseline])], X_AXES[axis][0], sched.column, sched.budget, bounds,
                   target)
     bx, bb = br[br["label"] == method], br[br["label"] == baseline]
     claim = Claim(method, baseline, key, "cost_to_target", role, n=len(bx), n_baseline=len(bb), cost_axis=axis,
@@ -316,7 +333,7 @@ def build_claims(rs: RunSet, primary: str, baseline: str, sched: Schedule, cost_
     Confirmatory: reward@budget at the full budget on every eval metric, and cost_to_target on the primary
     metric along the schedule's axis. Exploratory: the other budget fractions and cost axes. Control:
     the control arms of this baseline at the full budget."""
-    tol = iteration_cost(rs, sched.column)
+    bounds = boundaries(rs, sched.column)
     notes: dict[str, Any] = {}
     keys = [primary] + [k for k in rs.eval_keys() if k != primary and k in rs.evals]
     tables = {k: eval_table(rs, k) for k in keys}
@@ -331,9 +348,9 @@ def build_claims(rs: RunSet, primary: str, baseline: str, sched: Schedule, cost_
                 if role == "control" and f != 1.0:
                     continue
                 r = role or ("confirmatory" if f == 1.0 else "exploratory")
-                claims.append(reward_claim(rs, tables[k], images[k], k, lab, baseline, f, sched, tol, r, reps))
+                claims.append(reward_claim(rs, tables[k], images[k], k, lab, baseline, f, sched, bounds, r, reps))
     ev = tables[primary]
-    gain, nb = baseline_gain(ev, baseline, sched, tol)
+    gain, nb = baseline_gain(ev, baseline, sched, bounds)
     notes["baseline_gain"], notes["baseline_gain_n"] = gain, nb
     if ev["start"].isna().all() if len(ev) else True:
         notes["no_cost_claims"] = "no iteration-0 evaluation: no gain to take a fraction of"
@@ -351,5 +368,5 @@ def build_claims(rs: RunSet, primary: str, baseline: str, sched: Schedule, cost_
                     continue
                 for f in targets:
                     role = "confirmatory" if a == main else "exploratory"
-                    claims.append(cost_claim(ev, primary, lab, baseline, f, gain, a, sched, tol, role))
+                    claims.append(cost_claim(ev, primary, lab, baseline, f, gain, a, sched, bounds, role))
     return claims, notes

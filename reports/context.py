@@ -41,14 +41,14 @@ class ReportOptions:
 # --------------------------------------------------------------------------------------- analysis
 
 def final_scores(rs: RunSet, key: str, sched: claims.Schedule | None = None) -> pd.DataFrame:
-    """Per run: the metric at the budget (label, run, seed, value): the evaluation at the schedule's full
-    budget (reports.claims.matched: never past it by more than one iteration), or, without a schedule,
-    the run's last evaluation."""
+    """Per run: the metric at the budget (label, run, seed, value, gain): the evaluation at the
+    schedule's full budget (reports.claims.matched: less than one iteration past it), or, without a
+    schedule, the run's last evaluation."""
     ev = claims.eval_table(rs, key)
     if ev.empty:
         return pd.DataFrame(columns=["run", "label", "seed", "value", "gain"])
     if sched is not None:
-        ev = claims.matched(ev, sched.column, sched.budget, claims.iteration_cost(rs, sched.column))
+        ev = claims.matched(ev, sched.column, sched.budget, claims.boundaries(rs, sched.column))
     else:
         ev = ev.groupby("run", sort=False).tail(1)
     return ev[["run", "label", "seed", "value", "gain"]].reset_index(drop=True)

@@ -118,7 +118,7 @@ def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
         ctrl = control_of(lab)
         if ctrl is not None:
             out[lab] = {"color": color(lab), "linestyle": "--" if ctrl[0] == "frozen" else ":",
-                        "marker": "x" if ctrl[0] == "frozen" else "+"}
+                        "marker": "X" if ctrl[0] == "frozen" else "P"}
     return out
 
 

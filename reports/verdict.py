@@ -244,7 +244,7 @@ def decide(claims: list[cl.Claim], sesoi: dict[str, tuple[float, str]], cost_ses
             lo = hi = lo_a = hi_a = math.nan
         out = inf.outcome(lo_a, hi_a, margin, higher_is_better=not cost)
         negligible = bool(out in ("better", "worse") and np.isfinite(margin) and -margin < lo_a and hi_a < margin)
-        est = c.test.estimate if c.test is not None else math.nan
+        est = c.test.estimate if c.test is not None else c.info.get("estimate", math.nan)
         if cost:  # report ratios method / baseline
             est, lo, hi, lo_a, hi_a = (math.exp(v) if not math.isnan(v) else math.nan
                                        for v in (est, lo, hi, lo_a, hi_a))
@@ -356,7 +356,8 @@ def sentence(r: dict, rs: RunSet) -> str:
 
 def _short(r: dict) -> str:
     if r["axis"] == "cost_to_target":
-        return f"{r['method']} {_ratio(r['estimate'])}x [{_ratio(r['lo_adj'])}, {_ratio(r['hi_adj'])}]"
+        est = f"{_ratio(r['estimate'])}x " if np.isfinite(r["estimate"]) else ""
+        return f"{r['method']} {est}[{_ratio(r['lo_adj'])}, {_ratio(r['hi_adj'])}]"
     return f"{r['method']} {_f(r['estimate'])} [{_f(r['lo_adj'])}, {_f(r['hi_adj'])}]"
 
 
