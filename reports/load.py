@@ -292,8 +292,8 @@ def read_scores(path: Path, run_id: str) -> pd.DataFrame:
     cols: dict[str, list] = {c: [] for c in ("iteration", "prompt_index", "image_index", "prompt")}
     keys: dict[str, list] = {}
     for n, r in enumerate(recs):
-        for c in cols:
-            cols[c].append(r.get(c))
+        for c, lst in cols.items():
+            lst.append(r.get(c))
         for k, v in (r.get("scores") or {}).items():
             keys.setdefault(f"eval/{k}", [math.nan] * n)
         for k, lst in keys.items():

@@ -31,7 +31,7 @@ def curves_page(w: Writer, c: Context) -> None:
     keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
         (k, reward_label(c.rs, k)) for k in c.rs.eval_keys()]
     ncols = 2 if len(keys) > 1 else 1
-    heading = f"Learning curves vs {xlabel} (mean over seeds; band: 95% t interval, only with >= 3 seeds)"
+    heading = f"Learning curves vs {xlabel} (mean over seeds; 95% t band with >= 3 seeds)"
     fig, axes = w.page(heading, math.ceil(len(keys) / ncols), ncols)
     for ax, (key, ylabel) in zip(axes.flat, keys):
         plots.learning_curves(ax, c.curve(axis, key), xlabel, "reward", labels=c.rs.labels,

@@ -48,8 +48,16 @@ from reports.context import (
     wrap,
 )
 from reports.export import write_tables
-from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, control_of, load, modeled_profiles
-from reports.verdict import UNITS, Verdict, fmt_cost, resolution, sesoi_for, write_json
+from reports.load import (
+    X_AXES,
+    RunSet,
+    check_comparable,
+    comparability_problems,
+    control_of,
+    load,
+    modeled_profiles,
+)
+from reports.verdict import UNITS, Verdict, fmt_cost, sesoi_for, write_json
 
 __all__ = ["Report", "ReportOptions", "build_report", "final_table", "report"]
 
@@ -190,10 +198,10 @@ def title_page(w: Writer, c: Context) -> None:
         fig.text(0.02, y, "NOT ONE CLEAN COMMIT: " + "; ".join(c.code_problems)[:220], fontsize=9,
                  color="white", backgroundcolor="#c0392b", fontweight="bold", va="top")
         y -= 0.04
-    head = wrap([c.verdict.headline], 150)
+    head = wrap(c.verdict.headline_parts or [c.verdict.headline], 160)
     fig.text(0.02, y, "\n".join(head), fontsize=8.5, va="top",
              color="#c0392b" if c.verdict.power is False else "black")
-    y -= 0.02 * len(head) + 0.02
+    y -= 0.0205 * len(head) + 0.02
     setup = [f"Compared: {', '.join(f'{lab} ({len(s)} seeds)' for lab, s in seeds.items())}",
              (f"Budget: {', '.join(dict.fromkeys(map(str, c.rs.runs['budget_spec'])))}   Baseline: {c.baseline}"
               f"   Primary metric: {c.metric}"),
@@ -213,7 +221,8 @@ def title_page(w: Writer, c: Context) -> None:
     if c.verdict.power is False:
         lines.append("  (method claims withheld: no power at this budget; numbers in verdict.json and the tables)")
     room = int((y - 0.05) / 0.0145)
-    shown = lines[:room] if len(lines) <= room else lines[:room - 1] + ["  (continued on the tables page)"]
+    shown = lines[:room] if len(lines) <= room else lines[:room - 1] + [
+        "  (more claims: the tables pages and verdict.json)"]
     fig.text(0.02, y - 0.03, "\n".join(shown), fontsize=6.8, family="monospace", va="top")
     w.save(fig, heading, tight=False)
 
@@ -312,18 +321,24 @@ def _matched_rows(c: Context) -> pd.DataFrame:
     return df.sort_values(["metric", "_b", "_m"], kind="stable").drop(columns=["_m", "_b"]).reset_index(drop=True)
 
 
+def _bracket_cell(b: list[float], k: int, n: int, axis: str) -> str:
+    return f"{k}/{n}: " + (f"{fmt_cost(b[0], axis)} .. {fmt_cost(b[1], axis)}" if np.isfinite(b[1])
+                           else f"> {fmt_cost(b[0], axis)}")
+
+
+def _ratio_cell(v: float) -> str:
+    return "inf" if v == math.inf else (f"{v:.2f}" if np.isfinite(v) else "-")
+
+
 def _cost_target_rows(c: Context) -> pd.DataFrame:
     rows = []
     for r in c.verdict.rows:
         if r["axis"] != "cost_to_target":
             continue
-        ax = r["cost_axis"]
-        br = lambda b, k, n: (f"{k}/{n}: " + (f"{fmt_cost(b[0], ax)} .. {fmt_cost(b[1], ax)}"  # noqa: E731
-                                              if np.isfinite(b[1]) else f"> {fmt_cost(b[0], ax)}"))
-        ratio = lambda v: "-" if not np.isfinite(v) and v != math.inf else ("inf" if v == math.inf else f"{v:.2f}")  # noqa: E731
+        ax, ratio = r["cost_axis"], _ratio_cell
         rows.append({"method": r["method"], "target": f"{100 * r['target_fraction']:g}% ({r['target']:+.4f})",
-                     "axis": UNITS[ax], "reached, median bracket": br(r["bracket"], r["reached"], r["n"]),
-                     "baseline": br(r["bracket_baseline"], r["reached_baseline"], r["n_baseline"]),
+                     "axis": UNITS[ax], "reached, median bracket": _bracket_cell(r["bracket"], r["reached"], r["n"], ax),
+                     "baseline": _bracket_cell(r["bracket_baseline"], r["reached_baseline"], r["n_baseline"], ax),
                      "cost ratio [95% CI]": f"{ratio(r['estimate'])} [{ratio(r['lo'])}, {ratio(r['hi'])}]",
                      "outcome": r["outcome"] + ("" if r["role"] == "confirmatory" else f" ({r['role']})")})
     return pd.DataFrame(rows)
@@ -350,7 +365,7 @@ def _verdict_rows(c: Context) -> pd.DataFrame:
     v = c.verdict.frame()
     if v.empty:
         return v
-    g = lambda x, d=3: fmt(x, d)  # noqa: E731
+    g = lambda x, d=3: fmt(x, d)
     where = [f"{100 * r['budget_fraction']:g}% budget" if r["axis"] == "reward@budget"
              else f"{100 * r['target_fraction']:g}% gain, {UNITS[r['cost_axis']]}" for _, r in v.iterrows()]
     return pd.DataFrame({
@@ -379,12 +394,12 @@ def tables_pages(w: Writer, c: Context, tables: dict[str, pd.DataFrame]) -> None
         ((f"Reward at matched fractions of the budget: gain over each run's own iteration 0 (mean over seeds, "
           f"95% t interval) and the difference from {c.baseline} (paired per image; outcome by the one rule)"),
          tables["matched_budget"]),
-        (f"Cost to reach a fraction of {c.baseline}'s gain (interval-censored between evaluations; ratio = "
-         f"method / baseline cost, < 1: cheaper)", tables["cost_to_target"]),
+        ((f"Cost to reach a fraction of {c.baseline}'s gain (interval-censored between evaluations; ratio = "
+          f"method / baseline cost, < 1: cheaper)"), tables["cost_to_target"]),
         ("Scores and gains at the budget (mean over seeds, 95% t interval)", tables["final"]),
         ("Cost per method (mean over runs)", tables["costs"]),
-        ("Every claim with its p-values, adjusted interval, SESOI and MDE: verdict.json and "
-         "<report>_files/verdict.csv", []),
+        (("Every claim with its p-values, adjusted interval, SESOI and MDE: verdict.json and "
+          "<report>_files/verdict.csv"), []),
     ]
     sections = [(t, b) for t, b in sections if not (isinstance(b, pd.DataFrame) and b.empty)]
     title_pt, gap_pt, line_pt = 20.0, 16.0, 8 * 1.3

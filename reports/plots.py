@@ -95,7 +95,7 @@ def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
         if control_of(lab) is None:
             groups.setdefault(algo_of(lab), []).append(lab)
     out: dict[str, dict[str, Any]] = {}
-    for algo, labs in groups.items():
+    for labs in groups.values():
         sets = {lab: _settings(lab) for lab in labs}
         names = list(dict.fromkeys(k for s_ in sets.values() for k in s_))
         varying = [k for k in names if len({s_.get(k) for s_ in sets.values()}) > 1]

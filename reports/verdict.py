@@ -57,6 +57,7 @@ COST_SESOI = 0.25
 class Verdict:
     rows: list[dict]                      # verdict.json
     headline: str = ""
+    headline_parts: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)  # what the terminal prints: headline, then sentences
     power: bool | None = None             # frozen control worse than the baseline (None: no frozen control)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -290,7 +291,7 @@ def _reward_sentence(r: dict, rs: RunSet) -> str:
     if not np.isfinite(r["lo"]):
         if r["n"] == 0 or r["n_baseline"] == 0:
             return f"{head}: no evaluations to compare ({n})"
-        vals = lambda v: ", ".join(_f(x) for x in v)  # noqa: E731
+        vals = lambda v: ", ".join(_f(x) for x in v)
         return (f"{head}: too few seeds for an interval ({n}; needs >= {inf.MIN_SEEDS} a side): {what} "
                 f"{vals(r['method_values'])} vs {vals(r['baseline_values'])}")
     text = f"{head}: {_f(r['estimate'])} [{_f(r['lo'])}, {_f(r['hi'])}] ({what}, mean over seeds; 95% CI"
@@ -362,8 +363,9 @@ def _short(r: dict) -> str:
 
 
 def headline(rows: list[dict], rs: RunSet, baseline: str, primary: str, sched: cl.Schedule | None,
-             notes: dict, power: bool | None) -> str:
-    """Who is ahead on what, by how much, how sure, at what budget, and what the controls show."""
+             notes: dict, power: bool | None) -> list[str]:
+    """Who is ahead on what, by how much, how sure, at what budget, and what the controls show: one
+    sentence per topic (joined into one paragraph for the terminal, one line each on page 1)."""
     parts = []
     ctrl = [r for r in rows if r["role"] == "control" and r["metric"] == primary]
     frozen = next((r for r in ctrl if control_of(r["method"]) == ("frozen", baseline)), None)
@@ -431,7 +433,7 @@ def headline(rows: list[dict], rs: RunSet, baseline: str, primary: str, sched: c
             else:
                 parts.append(f"Control {aa['method']} (other seeds) is {aa['outcome']} ({_f(aa['estimate'])} "
                              f"[{_f(aa['lo'])}, {_f(aa['hi'])}]): no false difference between identical methods.")
-    return " ".join(parts)
+    return parts
 
 
 # --------------------------------------------------------------------------------------- build
@@ -449,11 +451,11 @@ def build_verdict(rs: RunSet, metric: str, baseline: str, sched: cl.Schedule | N
                     + "): differences may be code changes")
     others = [lab for lab in rs.labels if lab != baseline]
     if not others:
-        return Verdict([], f"only one method ({baseline}): nothing to compare",
-                       warn + [f"only one method ({baseline}): nothing to compare"])
+        msg = f"only one method ({baseline}): nothing to compare"
+        return Verdict([], msg, [msg], warn + [msg])
     if sched is None:
         msg = "no cost axis logged in the evaluation records: nothing can be compared at matched cost"
-        return Verdict([], msg, warn + [msg])
+        return Verdict([], msg, [msg], warn + [msg])
     claims, notes = cl.build_claims(rs, metric, baseline, sched, axes, tuple(fractions), tuple(targets), reps)
     sesoi_map = {k: sesoi_for(rs, k, given) for k in dict.fromkeys(c.metric for c in claims)}
     rows = decide(claims, sesoi_map, given.get("cost", COST_SESOI))
@@ -463,8 +465,9 @@ def build_verdict(rs: RunSet, metric: str, baseline: str, sched: cl.Schedule | N
     for r in rows:
         r["withheld"] = power is False and r["role"] != "control"
         r["sentence"] = sentence(r, rs)
-    head = headline(rows, rs, baseline, metric, sched, notes, power)
-    v = Verdict([{k: v for k, v in r.items()} for r in rows], head, [], power, notes)
+    parts = headline(rows, rs, baseline, metric, sched, notes, power)
+    head = " ".join(parts)
+    v = Verdict([{k: v for k, v in r.items()} for r in rows], head, parts, [], power, notes)
     v.lines = warn + [head] + v.sentences()
     if power is False:
         v.lines.append("(claims withheld: no power; their numbers are in verdict.json and the tables)")

@@ -164,7 +164,7 @@ def test_mde_uses_t_not_z():
 def test_seeds_above_and_mean_interval():
     assert inf.seeds_above([0.3, 0.1, 0.5], [0.1, 0.3]) == (2, 3)  # baseline mean 0.2
     m, lo, hi = inf.mean_interval([1.0, 2.0, 3.0])
-    assert m == 2.0 and hi - 2.0 == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5)  # t_{0.975,2} x sd 1 / sqrt(3)
+    assert m == 2.0 and 2.0 - lo == pytest.approx(hi - 2.0) and hi - 2.0 == pytest.approx(4.302653 / math.sqrt(3), abs=1e-5)  # t_{0.975,2} x sd 1 / sqrt(3)
     assert math.isnan(inf.mean_interval([1.0, 2.0])[1])
 
 

@@ -38,7 +38,7 @@ def test_comparison_report_pages_via_cli(comparison, tmp_path, capsys):
     assert "\n  * WORSE: ddpo vs dancegrpo on shapes_pref (training reward) at the budget (2,000 NFE): " in text
     assert "No controls (bench compare --controls adds them)" in text
     pages = text.split(f"wrote {out} (")[1].split(" pages: ")[0]
-    assert f"Learning curves vs denoiser forward passes" in text and pdf_pages(out) == int(pages)
+    assert "Learning curves vs denoiser forward passes" in text and pdf_pages(out) == int(pages)
     assert "Reward hacking: FLAGGED for ddpo;" in text
     assert text.rstrip().endswith(f"and {tmp_path / 'verdict.json'}")
     rows = json.loads((tmp_path / "verdict.json").read_text())
