@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from reports.inference import MIN_SEEDS, mean_interval, t_ppf
+from reports.inference import MIN_SEEDS, mean_interval
+from reports.tdist import t_ppf
 
 #: Fewest runs per side for a confidence interval.
 MIN_N_FOR_INTERVAL = MIN_SEEDS

@@ -1,5 +1,5 @@
-"""Known-answer tests of reports.inference: the t distribution (against scipy, an independent
-implementation), Welch and the prompt term by hand, exact permutation and sign-flip p-values by hand,
+"""Known-answer tests of reports.inference, reports.tdist and reports.coverage: the t distribution
+(against scipy, an independent implementation), Welch and the prompt term by hand, exact permutation and sign-flip p-values by hand,
 Holm, the outcome rule, TOST, MDE with t, the interval-censored cost ratio, and the coverage simulation."""
 
 import math
@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from reports import coverage, tdist
 from reports import inference as inf
 
 # --------------------------------------------------------------------------------------- Student t
@@ -17,22 +18,22 @@ def test_t_distribution_matches_scipy():
     for df in (1, 2, 2.7, 3, 4.5, 8, 30, 300, 1e5):
         for p in (1e-9, 0.025, 0.5, 0.6, 0.8, 0.975, 0.999, 0.99999):
             want = st.t.ppf(p, df)
-            assert inf.t_ppf(p, df) == pytest.approx(want, rel=1e-9, abs=1e-12)
+            assert tdist.t_ppf(p, df) == pytest.approx(want, rel=1e-9, abs=1e-12)
             if df < 1000:  # the vectorised path (coverage simulation) serves small df
-                assert inf.t_ppf(np.array([p]), df)[0] == pytest.approx(want, rel=1e-9, abs=1e-12)
+                assert tdist.t_ppf(np.array([p]), df)[0] == pytest.approx(want, rel=1e-9, abs=1e-12)
         for t in (-3.0, -0.5, 0.0, 0.1, 1.0, 2.5, 10.0, 100.0):
-            assert inf.t_sf(t, df) == pytest.approx(st.t.sf(t, df), rel=1e-9, abs=1e-15)
+            assert tdist.t_sf(t, df) == pytest.approx(st.t.sf(t, df), rel=1e-9, abs=1e-15)
 
 
 def test_t_closed_forms():
     # df = 2: P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2; df = 1 (Cauchy): 1/2 - atan(t) / pi
     for t in (0.3, 1.0, 4.0):
-        assert inf.t_sf(t, 2) == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)), rel=1e-12)
-        assert inf.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-12)
+        assert tdist.t_sf(t, 2) == pytest.approx(0.5 * (1 - t / math.sqrt(t * t + 2)), rel=1e-12)
+        assert tdist.t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-12)
     # quantiles from printed tables: t_{0.975}(4) = 2.776, t_{0.8}(4) = 0.941, z_{0.975} = 1.960
-    assert inf.t_ppf(0.975, 4) == pytest.approx(2.776, abs=5e-4)
-    assert inf.t_ppf(0.8, 4) == pytest.approx(0.941, abs=5e-4)
-    assert inf.t_ppf(0.975, math.inf) == pytest.approx(1.960, abs=5e-4)
+    assert tdist.t_ppf(0.975, 4) == pytest.approx(2.776, abs=5e-4)
+    assert tdist.t_ppf(0.8, 4) == pytest.approx(0.941, abs=5e-4)
+    assert tdist.t_ppf(0.975, math.inf) == pytest.approx(1.960, abs=5e-4)
 
 
 # --------------------------------------------------------------------------------------- Welch, prompt term
@@ -197,19 +198,19 @@ def test_censored_log_ratio_known_answers():
 
 def test_coverage_of_the_difference_interval_at_small_n():
     # 2000 simulated comparisons each (binomial standard error about 0.005 at 95%)
-    assert inf.coverage_simulation(5, reps=2000, seed=1) >= 0.92
-    assert inf.coverage_simulation(3, reps=2000, seed=2) >= 0.90
+    assert coverage.coverage_simulation(5, reps=2000, seed=1) >= 0.92
+    assert coverage.coverage_simulation(3, reps=2000, seed=2) >= 0.90
 
 
 def test_the_prompt_term_is_what_keeps_coverage_under_a_method_prompt_interaction():
     strong = {"interaction_sd": 0.03}  # the interaction dominates the seed spread
-    assert inf.coverage_simulation(5, reps=1500, seed=4, prompt_term=False, **strong) < 0.85
-    assert inf.coverage_simulation(5, reps=1500, seed=4, **strong) >= 0.92
+    assert coverage.coverage_simulation(5, reps=1500, seed=4, prompt_term=False, **strong) < 0.85
+    assert coverage.coverage_simulation(5, reps=1500, seed=4, **strong) >= 0.92
 
 
 @pytest.mark.slow
 def test_coverage_over_three_to_ten_seeds_many_replicates():
     for n in (3, 4, 5, 7, 10):
         for model in ({}, {"interaction_sd": 0.03}, {"seed_sd": 0.01, "interaction_sd": 0.0}):
-            cov = inf.coverage_simulation(n, reps=20_000, seed=10 + n, **model)
+            cov = coverage.coverage_simulation(n, reps=20_000, seed=10 + n, **model)
             assert cov >= (0.92 if n >= 5 else 0.90), (n, model, cov)
