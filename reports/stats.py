@@ -6,7 +6,7 @@ brackets) are in :mod:`reports.inference`; this module describes one method at a
 conventions: the **mean over seeds** and a **Student-t 95% interval** (one-sample, df = n - 1), only
 with at least ``MIN_N_FOR_INTERVAL`` (3) runs. (The interquartile mean and percentile bootstrap of the
 rliable protocol were dropped: at 3-10 seeds the IQM is the mean or nearly, and a percentile
-bootstrap of 3 values covers about 75% for a nominal 95%.)
+bootstrap of 3 seeds covers about 72% for a nominal 95%: docs/REPORTS.md.)
 """
 
 from __future__ import annotations
