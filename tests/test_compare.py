@@ -203,7 +203,7 @@ def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys
         for s in seeds:
             assert (out / label / f"seed{s}" / "final.json").is_file()
     rs = load([out])
-    assert rs.labels == ["dancegrpo", "dancegrpo-aa", "dancegrpo-frozen", "treegrpo"]
+    assert rs.labels == ["dancegrpo", "treegrpo", "dancegrpo-aa", "dancegrpo-frozen"]  # controls last
     runs = rs.runs.set_index("run")
     assert list(runs.loc[["dancegrpo-aa/seed1000", "dancegrpo-frozen/seed0"], "algo"]) == ["dancegrpo", "dancegrpo"]
     assert runs["frozen"].to_dict() == {r: r.startswith("dancegrpo-frozen/") for r in runs.index}
