@@ -8,11 +8,11 @@ The design (docs/REPORTS.md, "Statistics"):
   methods' means over seeds and prompts.
 * **Which interval.** Welch-t on the per-seed means (each seed's mean over the shared prompt x image
   set) *plus a prompt term*. Why this and not a bootstrap: with 3-10 seeds a percentile bootstrap of
-  seeds under-covers badly (72% at n = 3 and 76% at n = 5 for a nominal 95% under the coverage model;
-  it cannot produce a resample more extreme than the data), a studentized bootstrap over seeds is unstable with 3 values, and a two-level
-  (seed, prompt) bootstrap inherits the same seed-level problem. The t interval is exact for normal
-  seed effects and robust enough at these n; its coverage under a realistic model is checked by
-  :func:`reports.coverage.coverage_simulation` (a test runs it).
+  seeds under-covers badly (72% at n = 3 and 76% at n = 5 for a nominal 95% under the coverage
+  model; it cannot produce a resample more extreme than the data), a studentized bootstrap over seeds
+  is unstable with 3 values, and a two-level (seed, prompt) bootstrap inherits the same seed-level
+  problem. The t interval is exact for normal seed effects and robust enough at these n; its coverage
+  under a realistic model is checked by :func:`reports.coverage.coverage_simulation` (a test runs it).
   The variance has three parts::
 
       V = s_x^2 / n_x + s_b^2 / n_b + sigma_delta^2 / P
