@@ -27,7 +27,6 @@ too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -39,8 +38,18 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.rundir import layout
+from bench.rundir.layout import (
+    EVAL_SCORES,
+    EVALS,
+    FINAL,
+    ITERATIONS,
+    MANIFEST,
+    NOT_RUNS,
+    READABLE_SCHEMA_VERSIONS,
+)
 
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = READABLE_SCHEMA_VERSIONS  # the run directory layout's (bench.rundir.layout)
 
 #: Canonical order of algorithms on every page (others follow alphabetically).
 ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft", "grpo")
@@ -143,7 +152,7 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not p.exists():
             raise UsageError(f"{p}: no such file or directory")
         if p.is_file():
-            if p.name == "manifest.json":
+            if p.name == MANIFEST:
                 p = p.parent
             else:
                 raise UsageError(f"{p}: expected a run directory (holding manifest.json) or a directory of them")
@@ -161,11 +170,11 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _walk(d: Path, out: list[Path]) -> None:
-    if (d / "manifest.json").is_file():
+    if (d / MANIFEST).is_file():
         out.append(d)
         return
     for child in sorted(d.iterdir(), key=lambda c: _natural_key(c.name)):
-        if child.is_dir() and child.name not in ("checkpoints", "samples") and not child.name.startswith("."):
+        if child.is_dir() and child.name not in NOT_RUNS and not child.name.startswith("."):
             _walk(child, out)
 
 
@@ -178,30 +187,17 @@ def _natural_key(s: str) -> list:
 # --------------------------------------------------------------------------------------- reading
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from e
+    """A JSON object file of a run directory (``UsageError`` naming the file when it is not one)."""
+    return layout.read_json(path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON Lines file; a truncated last line (a run still writing) is skipped with a
-    warning, a bad line elsewhere is an error naming the file and line."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                warnings.warn(f"{path}:{n}: skipping incomplete last line (run still writing?)", stacklevel=2)
-                continue
-            raise UsageError(f"{path}:{n}: not valid JSON ({e})") from e
-    return out
+    warning, a bad line elsewhere is an error naming the file and line (``bench.rundir.layout``)."""
+    recs, bad = layout.read_jsonl(path)
+    for n in bad:
+        warnings.warn(f"{path}:{n}: skipping incomplete last line (run still writing?)", stacklevel=2)
+    return recs
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -290,7 +286,7 @@ def arm_label(m: dict, path: Path, algo: str) -> str | None:
 def read_scores(path: Path, run_id: str) -> pd.DataFrame:
     """``eval_scores.jsonl`` of one run as a frame (columns SCORE_ID_COLUMNS minus label/seed, plus
     ``eval/<key>`` per score key); empty when the file is absent."""
-    recs = read_jsonl(path / "eval_scores.jsonl")
+    recs = read_jsonl(path / EVAL_SCORES)
     if not recs:
         return pd.DataFrame()
     cols: dict[str, list] = {c: [] for c in ("iteration", "prompt_index", "image_index", "prompt")}
@@ -315,10 +311,10 @@ def load(paths: Iterable[str | os.PathLike]) -> RunSet:
     ids = _run_ids(dirs)
     rows, it_frames, ev_frames, sc_frames, manifests, finals = [], [], [], [], {}, {}
     for run_id, d in zip(ids, dirs):
-        m = read_json(d / "manifest.json")
-        final = read_json(d / "final.json") if (d / "final.json").is_file() else {}
-        its = read_jsonl(d / "iterations.jsonl")
-        evs = read_jsonl(d / "evals.jsonl")
+        m = read_json(d / MANIFEST)
+        final = read_json(d / FINAL) if (d / FINAL).is_file() else {}
+        its = read_jsonl(d / ITERATIONS)
+        evs = read_jsonl(d / EVALS)
         manifests[run_id], finals[run_id] = m, final
         rows.append(_run_row(run_id, d, m, final, its))
         it_frames.append(pd.DataFrame(its).assign(run=run_id))

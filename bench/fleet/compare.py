@@ -44,6 +44,8 @@ from bench.budget import Budget
 from bench.errors import UsageError
 from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
+from bench.rundir import layout
+from bench.rundir.layout import FINAL, MANIFEST
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=)
 #: -> list[str]`` (the page headings; it prints the verdict and writes DIR/verdict.json beside the PDF). A
@@ -203,10 +205,7 @@ def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[st
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return layout.read_json_or_none(path)
 
 
 def run_state(run_dir: Path, budget: str) -> str:
@@ -214,12 +213,12 @@ def run_state(run_dir: Path, budget: str) -> str:
     "new" (absent), "done" (finished under this budget), "resume" (killed, has a checkpoint),
     "restart" (killed before any checkpoint), "failed" (stopped by an error: rerun with --overwrite),
     or "other-budget" (finished under a different budget: refuse)."""
-    man = _read_json(run_dir / "manifest.json")
+    man = _read_json(run_dir / MANIFEST)
     if man is None:
         return "new" if not run_dir.exists() or not any(run_dir.iterdir()) else "restart"
-    final = _read_json(run_dir / "final.json")
+    final = _read_json(run_dir / FINAL)
     spec = (man.get("budget") or {}).get("spec")
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+    has_ckpt = layout.RunDir(run_dir).has_checkpoint()
     if final is None or final.get("stop_reason") == "interrupted":
         return "resume" if has_ckpt else "restart"
     if final.get("stop_reason") in ("error", "nonfinite"):
@@ -233,7 +232,7 @@ def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
     """Existing run directories whose git commit differs from this checkout's, or that were dirty."""
     bad = []
     for d in run_dirs:
-        git = (_read_json(d / "manifest.json") or {}).get("git") or {}
+        git = (_read_json(d / MANIFEST) or {}).get("git") or {}
         if git.get("commit") != here.get("commit"):
             bad.append(f"{d} (commit {str(git.get('commit'))[:12]})")
         elif git.get("dirty"):
@@ -254,7 +253,7 @@ def plan_jobs(arms: Sequence[Arm], budget: str, out: Path, extra: Sequence[str],
             d = out / a / f"seed{s}"
             state = "new" if overwrite else run_state(d, budget)
             if state == "other-budget":
-                man = _read_json(d / "manifest.json") or {}
+                man = _read_json(d / MANIFEST) or {}
                 raise UsageError(f"{d} finished under budget {(man.get('budget') or {}).get('spec')!r}, not "
                                  f"{budget!r}: use another --out, or --overwrite to rerun every run")
             if state == "done":

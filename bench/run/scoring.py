@@ -21,6 +21,7 @@ from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, 
 from bench.rundir import failpoints
 from bench.types import PromptBatch, RewardOutput
 
+
 def missing_modules(name: str) -> list[str]:
     """Python modules reward ``name`` needs that are not installed (first of the two preflight checks)."""
     import importlib.util
