@@ -30,7 +30,7 @@ import optuna
 
 from bench import config as config_mod
 from bench.budget import Budget, Totals
-from bench.errors import AlgorithmSettingsError, StopRun, UsageError, is_out_of_memory
+from bench.errors import AlgorithmSettingsError, StopRun, UsageError, algorithm_settings, is_out_of_memory
 from bench.registry import algorithm_class
 from bench.run import runner
 from bench.spec import RunSpec
@@ -90,10 +90,8 @@ def validate_run_config(cfg: Mapping[str, Any]) -> None:
     prediction type), without loading weights: catches combinations such as algo.d > algo.window or a
     window longer than the schedule before any run directory exists (``AlgorithmSettingsError``)."""
     spec = RunSpec.from_config(cfg)
-    try:
+    with algorithm_settings(spec.algo_name):
         algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
-    except ValueError as e:
-        raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
 
 
 def _free_memory() -> None:

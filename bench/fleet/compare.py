@@ -45,9 +45,12 @@ from bench.errors import UsageError
 from bench.fleet import tune as tune_mod
 from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
+from bench.rundir import layout
+from bench.rundir.layout import FINAL, MANIFEST
 
-#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
-#: (the page headings; it prints the verdict). A string so that bench does not import reports.
+#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=)
+#: -> list[str]`` (the page headings; it prints the verdict and writes DIR/verdict.json beside the PDF). A
+#: string so that bench does not import reports.
 REPORT = "reports.cli:compare_report"
 
 #: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
@@ -150,7 +153,13 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--allow-mixed-code", action="store_true",
                    help="put runs from different git commits or a dirty working tree on one axis anyway "
                         "(the report marks them loudly)")
-    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the report (default 2000)")
+    p.add_argument("--reps", type=int, default=2000,
+                   help="Monte-Carlo draws of the report's permutation p-values beyond 200,000 splits (default 2000)")
+    p.add_argument("--sesoi", action="append", default=[], metavar="METRIC=VALUE",
+                   help="the report's smallest effect of interest of an eval metric or of costs (cost=0.1), "
+                        "repeatable (docs/REPORTS.md)")
+    p.add_argument("--targets", default=None,
+                   help="the report's cost-to-target fractions of the baseline's gain (default 0.5,0.75)")
     p.add_argument("--no-report", action="store_true",
                    help="train only (e.g. one cell of a grid that is reported as a whole later)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
@@ -218,10 +227,7 @@ def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[st
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return layout.read_json_or_none(path)
 
 
 def run_state(run_dir: Path, budget: str) -> str:
@@ -229,12 +235,12 @@ def run_state(run_dir: Path, budget: str) -> str:
     "new" (absent), "done" (finished under this budget), "resume" (killed, has a checkpoint),
     "restart" (killed before any checkpoint), "failed" (stopped by an error: rerun with --overwrite),
     or "other-budget" (finished under a different budget: refuse)."""
-    man = _read_json(run_dir / "manifest.json")
+    man = _read_json(run_dir / MANIFEST)
     if man is None:
         return "new" if not run_dir.exists() or not any(run_dir.iterdir()) else "restart"
-    final = _read_json(run_dir / "final.json")
+    final = _read_json(run_dir / FINAL)
     spec = (man.get("budget") or {}).get("spec")
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+    has_ckpt = layout.RunDir(run_dir).has_checkpoint()
     if final is None or final.get("stop_reason") == "interrupted":
         return "resume" if has_ckpt else "restart"
     if final.get("stop_reason") in ("error", "nonfinite"):
@@ -248,7 +254,7 @@ def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
     """Existing run directories whose git commit differs from this checkout's, or that were dirty."""
     bad = []
     for d in run_dirs:
-        git = (_read_json(d / "manifest.json") or {}).get("git") or {}
+        git = (_read_json(d / MANIFEST) or {}).get("git") or {}
         if git.get("commit") != here.get("commit"):
             bad.append(f"{d} (commit {str(git.get('commit'))[:12]})")
         elif git.get("dirty"):
@@ -269,7 +275,7 @@ def plan_jobs(arms: Sequence[Arm], budget: str, out: Path, extra: Sequence[str],
             d = out / a / f"seed{s}"
             state = "new" if overwrite else run_state(d, budget)
             if state == "other-budget":
-                man = _read_json(d / "manifest.json") or {}
+                man = _read_json(d / MANIFEST) or {}
                 raise UsageError(f"{d} finished under budget {(man.get('budget') or {}).get('spec')!r}, not "
                                  f"{budget!r}: use another --out, or --overwrite to rerun every run")
             if state == "done":
@@ -291,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Budget.parse(args.budget)  # fail before starting any run
         if args.reps < 100:
             raise UsageError("--reps must be at least 100")
+        _check_sesoi(args.sesoi)
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
         if any(kv.partition("=")[0].strip() == "run.label" for kv in args.set):
@@ -345,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pages = load_object(REPORT)(out, out / "report.pdf", baseline=baseline, x=args.x,
                                     title=f"bench compare --budget {args.budget}",
-                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps)
+                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps,
+                                    sesoi=args.sesoi, targets=args.targets)
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
@@ -358,6 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: DIR/compare.json: the options every run was trained with, and the baseline whose controls DIR holds
 #: (null without --controls); a later `bench compare` into DIR reports against that baseline.
+def _check_sesoi(items: Sequence[str]) -> None:
+    """--sesoi syntax, before any run starts (the report checks the metric names)."""
+    for part in (x.strip() for item in items for x in item.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            ok = bool(part) and bool(name.strip()) and float(value) > 0
+        except ValueError:
+            ok = False
+        if part and not ok:
+            raise UsageError(f"--sesoi {part!r}: expected METRIC=VALUE with a positive VALUE, e.g. shapes_attr=0.01")
+
+
 OPTIONS_FILE = "compare.json"
 
 

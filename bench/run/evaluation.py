@@ -11,6 +11,7 @@ import torch
 
 from bench.run.progress import eval_line
 from bench.run.scoring import score
+from bench.rundir.layout import SAMPLES
 from bench.rundir.runlog import reward_hacking_flag, save_grid, sustained_fall
 from bench.types import RolloutPlan
 
@@ -80,7 +81,7 @@ def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, An
             rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
             for k, v in out.components.items():
                 rec[f"eval/{name}/{k}"] = float(v.mean())
-    grid_dir = r.out / "samples"
+    grid_dir = r.out / SAMPLES
     grid_dir.mkdir(exist_ok=True)
     png = grid_dir / f"eval_{iteration:06d}.png"
     # one row per prompt when there are several images per prompt, so a grid shows their spread
