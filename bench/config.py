@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bench.budget import Cadence
-from bench.errors import AlgorithmSettingsError, UsageError
+from bench.errors import UsageError, algorithm_settings
 from bench.registry import algorithm_class, did_you_mean, model_preset
 
 DEFAULTS: dict[str, Any] = {
@@ -343,7 +343,5 @@ def algorithm_config(cfg: Mapping[str, Any]) -> Any:
     """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> AlgorithmSettingsError)."""
     cls = algorithm_class(cfg["algo"]["name"])
     params = {k: v for k, v in cfg["algo"].items() if k != "name"}
-    try:
+    with algorithm_settings(cfg["algo"]["name"], catch=(TypeError, ValueError)):
         return cls.Config(**params)
-    except (TypeError, ValueError) as e:
-        raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None

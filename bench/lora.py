@@ -25,6 +25,7 @@ import torch
 
 from bench.errors import UsageError
 from bench.model.families import denoiser_kind
+from bench.rundir.layout import MANIFEST
 from bench.types import PREFIX as SNAPSHOT_PREFIX
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -83,7 +84,7 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
     from bench.spec import ModelSpec
 
     run_dir = Path(run_dir)
-    man = run_dir / "manifest.json"
+    man = run_dir / MANIFEST
     if not man.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no manifest.json)")
     cfg = json.loads(man.read_text())["config"]

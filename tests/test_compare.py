@@ -20,6 +20,8 @@ def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_
         for s in (0, 1):
             assert (out / algo / f"seed{s}" / "final.json").is_file()
     assert (out / "report.pdf").stat().st_size > 10_000
+    rows = json.loads((out / "verdict.json").read_text())  # the machine-readable verdict beside the PDF
+    assert {(r["method"], r["baseline"]) for r in rows} == {("treegrpo", "dancegrpo")}
     text = capsys.readouterr().out
     assert "[treegrpo seed1] synthetic run treegrpo seed 1 budget 10it" in text  # streamed, prefixed
     # seed-major order: every algorithm at seed 0 before any at seed 1
@@ -52,6 +54,8 @@ def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
     (["--algos", "ddpo", "--budget", "20q"], "bad budget term '20q'"),
     (["--algos", "ddpo", "--budget", "1m", "--set", "novalue"], "KEY=VALUE"),
     (["--algos", "ddpo", "--budget", "1m", "--baseline", "treegrpo"], "not among --algos"),
+    (["--algos", "ddpo", "--budget", "1m", "--sesoi", "shapes_attr"], "--sesoi 'shapes_attr': expected METRIC=VALUE"),
+    (["--algos", "ddpo", "--budget", "1m", "--sesoi", "shapes_attr=0"], "positive VALUE"),
 ])
 def test_usage_errors(argv, message, tmp_path, capsys):
     assert compare.main([*argv, "--out", str(tmp_path)]) == 2
@@ -81,7 +85,7 @@ def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_ben
     assert "[treegrpo seed0] already finished under this budget: skipped" in text
     assert re.findall(r"== compare \d/(\d): .* --algo (\w+) .* --seed (\d)", text) == [
         ("2", "treegrpo", "2"), ("2", "dancegrpo", "2")]
-    assert "verdict:" in text and "(n = 3" not in text  # 3 seeds a side now: intervals
+    assert "verdict:" in text and "too few seeds" not in text  # 3 seeds a side now: intervals
     assert "[" in text.split("verdict:")[1]
 
 
@@ -199,7 +203,7 @@ def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys
         for s in seeds:
             assert (out / label / f"seed{s}" / "final.json").is_file()
     rs = load([out])
-    assert rs.labels == ["dancegrpo", "dancegrpo-aa", "dancegrpo-frozen", "treegrpo"]
+    assert rs.labels == ["dancegrpo", "treegrpo", "dancegrpo-aa", "dancegrpo-frozen"]  # controls last
     runs = rs.runs.set_index("run")
     assert list(runs.loc[["dancegrpo-aa/seed1000", "dancegrpo-frozen/seed0"], "algo"]) == ["dancegrpo", "dancegrpo"]
     assert runs["frozen"].to_dict() == {r: r.startswith("dancegrpo-frozen/") for r in runs.index}
@@ -222,3 +226,13 @@ def test_compare_help_documents_controls(capsys):
         compare.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--controls" in text and "disjoint from the baseline's" in text and "train.frozen=true" in text
+def test_report_only_passes_the_verdict_options(tmp_path, capsys):
+    from synthetic_runs import write_comparison
+
+    out = tmp_path / "cmp"
+    write_comparison(out, algos=("dancegrpo", "treegrpo"), seeds=(0,), git_commit=_head_commit())
+    argv = ["--algos", "dancegrpo,treegrpo", "--budget", "10it", "--seeds", "1", "--out", str(out), "--report-only"]
+    assert compare.main([*argv, "--sesoi", "nope=0.1"]) == 2  # the metric names are checked by the report
+    assert "--sesoi nope: not an eval metric of these runs" in capsys.readouterr().err
+    assert compare.main([*argv, "--targets", "0,2"]) == 2
+    assert "--targets '0,2'" in capsys.readouterr().err

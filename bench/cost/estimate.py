@@ -29,7 +29,7 @@ from bench import config as config_mod
 from bench.budget import Budget
 from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
-from bench.errors import UsageError
+from bench.errors import UsageError, algorithm_settings
 from bench.registry import MODELS, algorithm_class, model_preset
 from bench.types import RewardOutput, TrainSpec
 
@@ -154,10 +154,8 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
     sampler = sampler_spec(sched_cfg, prediction)
     train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                       max_grad_norm=float(t["max_grad_norm"]))
-    try:
+    with algorithm_settings(cfg["algo"]["name"]):
         algo = algorithm_class(cfg["algo"]["name"])(config_mod.algorithm_config(cfg), sampler, train, seed)
-    except ValueError as e:
-        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
     policy = ShadowPolicy(prediction, has_vae, model_options(cfg["model"]))
     if prediction == "flow":
         policy.scheduler = SimpleNamespace(config=FrozenDict(

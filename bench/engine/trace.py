@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bench.rundir.layout import TRACE
+
 #: Call kinds, the keys of a cost profile's tables (docs/COST.md).
 DENOISER_KINDS = ("forward", "forward_backward", "forward_backward_checkpointed")
 KINDS = (*DENOISER_KINDS, "vae_decode", "text_encode", "reward", "optimizer_step", "vae_decode_backward",
@@ -130,7 +132,7 @@ class TraceWriter:
         """On resume, the lines of the iterations a resume recomputes are dropped: training iterations from
         ``resume_iteration`` on, and evaluations not among ``kept_evals`` (the iterations of the
         evaluations the checkpoint carries; one at ``resume_iteration`` may or may not be among them)."""
-        self.path = Path(out_dir) / "trace.jsonl"
+        self.path = Path(out_dir) / TRACE
         if resume_iteration is not None and self.path.is_file():
             kept, keep = set(kept_evals), []
             for line in self.path.read_text().splitlines():
@@ -159,7 +161,7 @@ class TraceWriter:
 def read_trace(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``trace.jsonl`` with ``calls`` as :class:`Call` objects."""
     out = []
-    for line in (Path(run_dir) / "trace.jsonl").read_text().splitlines():
+    for line in (Path(run_dir) / TRACE).read_text().splitlines():
         rec = json.loads(line)
         rec["calls"] = [Call.from_list(v) for v in rec["calls"]]
         out.append(rec)

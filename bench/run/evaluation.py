@@ -11,7 +11,8 @@ import torch
 
 from bench.run.progress import eval_line
 from bench.run.scoring import score
-from bench.rundir.runlog import reward_hacking_flag, save_grid
+from bench.rundir.layout import SAMPLES
+from bench.rundir.runlog import reward_hacking_flag, save_grid, sustained_fall
 from bench.types import CURRENT, RolloutPlan
 
 
@@ -82,7 +83,7 @@ def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, An
             rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
             for k, v in out.components.items():
                 rec[f"eval/{name}/{k}"] = float(v.mean())
-    grid_dir = r.out / "samples"
+    grid_dir = r.out / SAMPLES
     grid_dir.mkdir(exist_ok=True)
     png = grid_dir / f"eval_{iteration:06d}.png"
     # one row per prompt when there are several images per prompt, so a grid shows their spread
@@ -91,11 +92,19 @@ def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, An
     rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
     r.evals.append(rec)
     train_name = r.spec.reward.name
-    rec["reward_hacking"] = reward_hacking_flag(
-        r.evals, f"eval/{train_name}", [f"eval/{n}" for n in r.eval_rewards if n != train_name])
+    held = [f"eval/{n}" for n in r.eval_rewards if n != train_name]
+    recent = reward_hacking_flag(r.evals, f"eval/{train_name}", held)
+    rec["heldout_below_start"] = sustained_fall(r.evals, f"eval/{train_name}", held)
+    rec["reward_hacking"] = bool(recent or rec["heldout_below_start"])
     rec["t_eval_s"] = time.perf_counter() - t0
     rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
-    if rec["reward_hacking"]:
+    if rec["heldout_below_start"]:
+        names = ", ".join(k.split("/", 1)[-1] for k in rec["heldout_below_start"])
+        now = ", ".join(f"{k.split('/', 1)[-1]} {r.evals[0][k]:.3f} -> {rec[k]:.3f}" for k in rec["heldout_below_start"])
+        print(f"warning: possible reward hacking at iteration {iteration}: training reward above its iteration-0 "
+              f"value while held-out {names} stays below its iteration-0 value by more than its resolution "
+              f"({now}; see {rec['samples_png']})", file=sys.stderr)
+    elif rec["reward_hacking"]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
     # the images' scores first: a process killed between the two writes leaves lines that no evals.jsonl

@@ -64,7 +64,9 @@ def final_record(r: Any, stop_reason: str, error: str | None, final_eval: dict |
            "final_eval": final_eval, "best_eval": best, "finished": now_iso(),
            "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
                           if r.last_checkpoint is not None else None),
-           "checkpoint_seconds": r.checkpoint_seconds}
+           "checkpoint_seconds": r.checkpoint_seconds,
+           # the evaluations that warned of possible reward hacking (either rule, bench.run.evaluation)
+           "reward_hacking_evals": [int(e["iteration"]) for e in r.evals if e.get("reward_hacking")]}
     if r.spec.cost_profile is not None:
         out["modeled_seconds_total"] = r.totals.modeled_seconds
         out["cost_profile"] = r.spec.cost_profile.name

@@ -27,11 +27,11 @@ from bench.engine.arithmetic import batch_arithmetic
 from bench.engine.prompts import load_prompt_set
 from bench.engine.rollout import RolloutEngine, Schedule
 from bench.errors import (
-    AlgorithmSettingsError,
     Interrupted,
     NonFiniteGrad,
     StopRun,
     UsageError,
+    algorithm_settings,
     is_out_of_memory,
 )
 from bench.model.models import build_policy, resolve_device, weights_hash
@@ -131,10 +131,8 @@ class Run:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
         tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
-        try:
+        with algorithm_settings(spec.algo_name):
             self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
-        except ValueError as e:
-            raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
         self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
         if getattr(self.algo, "reward_gradient", False):  # direct-gradient algorithms (ReFL, DRaFT-K)
             check_reward_gradient(self.reward, spec.algo_name)

@@ -21,18 +21,13 @@ from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, 
 from bench.rundir import failpoints
 from bench.types import PromptBatch, RewardOutput
 
-#: where the Python modules each model-based reward needs are listed (shared with ``bench rewards check``)
-REQUIRED_MODULES = "rewards.cli:REQUIRED_MODULES"
-
 
 def missing_modules(name: str) -> list[str]:
     """Python modules reward ``name`` needs that are not installed (first of the two preflight checks)."""
     import importlib.util
 
-    try:
-        required = load_object(REQUIRED_MODULES).get(name, ())
-    except NotImplementedError:
-        required = ()
+    entry = rewards().get(name)  # the registry's entry lists them (``Entry.requires``)
+    required = entry.requires if entry is not None else ()
     return [m for m in required if importlib.util.find_spec(m) is None]
 
 
