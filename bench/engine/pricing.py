@@ -95,8 +95,8 @@ class CostProfile:
     memory: Mapping[str, Any] = field(default_factory=dict)
 
     def table_for(self, call: Call) -> CostTable | None:
-        if call.kind == "reward":
-            return self.tables.get(f"reward:{call.component}") or self.tables.get("reward")
+        if call.kind in ("reward", "reward_backward"):
+            return self.tables.get(f"{call.kind}:{call.component}") or self.tables.get(call.kind)
         return self.tables.get(call.kind)
 
     def call_seconds(self, call: Call) -> float | None:
@@ -163,7 +163,7 @@ def load_profile(spec: str | Path) -> CostProfile:
 # ---- pricing -----------------------------------------------------------------------------------------
 def kind_label(call: Call) -> str:
     """A call's kind as profiles and summaries name it (rewards as ``reward:<name>``)."""
-    return call.kind if call.kind != "reward" else f"reward:{call.component}"
+    return call.kind if call.kind not in ("reward", "reward_backward") else f"{call.kind}:{call.component}"
 
 
 class FlopEstimator:

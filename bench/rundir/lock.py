@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import RunLocked, UsageError
+from bench.rundir.layout import LOCK
 
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK  # the file name is the run directory layout's (bench.rundir.layout)
 
 
 def process_start(pid: int) -> str | None:
