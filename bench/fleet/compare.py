@@ -98,6 +98,10 @@ def parse_seeds(text: str) -> list[int]:
             seeds = list(range(n))
     except ValueError:
         raise UsageError(f"--seeds {text!r}: give a positive count (3) or a comma-separated list (0,1,7)") from None
+    from bench.config import SEED_MAX
+
+    if any(not 0 <= s <= SEED_MAX for s in seeds):
+        raise UsageError(f"--seeds {text!r}: every seed must be an integer from 0 to {SEED_MAX} (2**63 - 1)")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r}: repeated seed")
     return seeds
