@@ -209,6 +209,9 @@ def _guard(fn) -> int:  # noqa: ANN001
     except UsageError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    except RunFailure as e:  # a fault of the environment (a full disk): what was kept and how to continue
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
     except NotImplementedError as e:
         print(f"bench: not implemented: {e}", file=sys.stderr)
         return 2

@@ -27,22 +27,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench.budget import Budget
-from bench.errors import UsageError
-from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
+from bench.errors import RunFailure, UsageError
+from bench.fleet.launch import (
+    Job,
+    Launch,
+    add_cluster_args,
+    launch_from_args,
+    python_module,
+    run_local,
+    run_submitit,
+)
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
+from bench.rundir.lock import RunLock
+from bench.rundir.runlog import atomic_write_text
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
 #: (the page headings; it prints the verdict). A string so that bench does not import reports.
 REPORT = "reports.cli:compare_report"
 
-#: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
-RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
+#: How a training run is launched (without the current directory on its import path,
+#: ``bench.fleet.launch.python_module``); tests replace it with a stand-in that writes synthetic run dirs.
+RUNNER: list[str] = python_module("bench.cli")
 
 
 def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
@@ -214,14 +226,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
         out = Path(args.out)
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
-        if not args.report_only and not args.dry_run:
-            check_options(out, extra, args.overwrite)
-        jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
-        if not args.report_only and not args.allow_mixed_code:
-            _check_code(out, jobs)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lock = None
+    try:
+        if not args.dry_run:  # one comparison writes a directory at a time (its runs lock their own)
+            lock = lock_output(out, create=not args.report_only)
+        return _compare(args, algos, seeds, extra, out, launch)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_output(out: Path, create: bool = True) -> RunLock:
+    """The comparison's own lock on its directory (``bench.rundir.lock``): a second comparison (or a sweep) into
+    it is refused while this one runs."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if not create and not out.is_dir():
+        raise UsageError(f"--report-only: {out} does not exist; nothing to report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create comparison directory {out}: {e.strerror or e}; choose another --out") from None
+    return RunLock(out, what="comparison directory").acquire()
+
+
+def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra: list[str], out: Path,
+             launch: Launch) -> int:
+    if not args.report_only and not args.dry_run:
+        check_options(out, extra, args.overwrite)
+    jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
+    if not args.report_only and not args.allow_mixed_code:
+        _check_code(out, jobs)
     if args.dry_run:
         for a, s, state, cmd in jobs:
             print(subprocess.list2cmdline(cmd) if cmd else f"# {a} seed{s}: already finished, skipped")
@@ -229,8 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra)}, indent=1) + "\n")
+        try:
+            atomic_write_text(out / OPTIONS_FILE, json.dumps({"options": _run_options(extra)}, indent=1) + "\n",
+                              failpoint="compare.options")
+        except OSError as e:
+            raise RunFailure(f"could not write {out / OPTIONS_FILE}: {os.strerror(e.errno) if e.errno else e}; no "
+                             f"run was started. Fix the file system holding {out}, then run the command "
+                             f"again.") from None
         failed = _train(jobs, launch, out, args.device)
 
     if args.no_report:
@@ -244,6 +293,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
+    except OSError as e:  # the report is written to a temporary file and renamed: no half report is left
+        print(f"error: could not write {e.filename or out / 'report.pdf'}: {os.strerror(e.errno) if e.errno else e}; "
+              f"the runs are kept. Fix the file system holding {out}, then rebuild the report: bench compare "
+              f"... --out {out} --report-only", file=sys.stderr)
+        return 1
     print(f"wrote {out / 'report.pdf'} ({len(pages)} pages)")
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)

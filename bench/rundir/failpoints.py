@@ -43,7 +43,7 @@ NAMES = {
     "sweep.journal": "appending to a sweep's Optuna journal file (the default storage)",
     "lock": "writing the lock file .lock of a run, comparison or sweep directory",
     "compare.options": "writing compare.json of a comparison directory",
-    "compare.report": "writing report.pdf of a comparison (temporary file, renamed)",
+    "report": "writing a report PDF (bench compare, bench report; a temporary file, renamed)",
 }
 FAULTS = {"crash": None, "enospc": errno.ENOSPC, "eio": errno.EIO, "eacces": errno.EACCES, "efbig": errno.EFBIG}
 CRASH_STATUS = 86
