@@ -213,8 +213,9 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
         raise UsageError(f"--out {flags['out']} and --resume {run_dir} name different run directories; "
                          f"give only --resume")
     if flags.get("run.overwrite") or flags.get("run.force"):
-        raise UsageError(f"--{'overwrite' if flags.get('run.overwrite') else 'force'} and --resume contradict each "
-                         f"other: --overwrite deletes the run that --resume continues")
+        what = "--overwrite" if flags.get("run.overwrite") else "--force (which widens --overwrite)"
+        raise UsageError(f"{what} and --resume contradict each other: --overwrite deletes the run that --resume "
+                         f"continues")
     layer: dict[str, Any] = dict(config.flatten(saved))
     # runs started before eval.images_per_prompt / eval.seed existed evaluated one image per prompt on
     # noise from the run seed: keep that, so a resumed run's evaluations stay comparable with its own

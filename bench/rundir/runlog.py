@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 from bench.errors import UsageError
 from bench.rundir import failpoints
 from bench.rundir.lock import LOCK_NAME, RunLock
+from bench.rundir.secrets import redact_argv
 
 SCHEMA_VERSION = 1
 
@@ -180,7 +181,8 @@ def now_iso() -> str:
 
 
 def host_info() -> dict[str, Any]:
-    return {"hostname": platform.node(), "platform": platform.platform(), "argv": sys.argv}
+    # the command line without the passwords of its URLs (a sweep worker's --storage postgresql://user:PW@...)
+    return {"hostname": platform.node(), "platform": platform.platform(), "argv": redact_argv(sys.argv)}
 
 
 # ---- lifecycle: check, create, describe ------------------------------------------------------------------
