@@ -250,10 +250,12 @@ def holder(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     except OSError:
         return None
     try:
+        info = _read_info(fd)
+        # a shared lock (a sweep's workers) admits another shared one: test it with an exclusive one
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if info.get("shared") else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError:
-            return _read_info(fd)
+            return info
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
