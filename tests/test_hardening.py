@@ -241,9 +241,9 @@ def test_efbig_from_safetensors_is_a_write_fault(tmp_path):
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.safetensors")], capture_output=True,
                        text=True, env=_env(), timeout=300, check=False)
     assert p.stdout.split() == ["EFBIG", str(tmp_path / "big.safetensors")], p.stderr
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-    import torch
 
     with pytest.raises(SafetensorError) as e:  # a real one: the directory does not exist
         save_file({"w": torch.zeros(2)}, str(tmp_path / "missing" / "x.safetensors"))
