@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-all bench-engine results clean
+.PHONY: install run test test-numerics test-all bench-engine results clean
 
 install: .venv/.installed
 
@@ -15,6 +15,11 @@ run: install
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q
+
+# the golden and parity tests again under perturbed float32 rounding (other CPU kernels and thread counts, as on
+# another machine); .ci/run runs it after `make test`
+test-numerics: install
+	PYTHON=.venv/bin/python bash tests/perturbed_rounding.sh
 
 test-all: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "not gpu and not postgres"

@@ -32,11 +32,20 @@ Implementation details:
   chain below the last split (at least 1), "global" keeps the best and worst halves of
   max(2, ratio * count) over the batch (the reference's modes 1 and 2).
 - Loss (``update`` -> ``algorithms.common.ppo_update``): PPO clip on the stored log-probs, advantages
-  clamped to +-5, mean over the trained edges. The reference divides each edge's loss by
-  (GA x edges per tree) and steps the optimizer every GA = 12 edges; treebench takes
-  ``train.optimizer_steps`` mean-loss steps (the recipe preset sets the reference's count).
+  clamped to +-5. ``update="reference"`` (default) is ``train_one_step_tree``: one denoiser forward per
+  trained edge (the two children of a split are evaluated separately, as the released loop over
+  transitions does; treebench batches the rows of a mini-batch in micro-batches, the NFE are the
+  same), each edge's loss divided by GA x (trained edges // trees), GA =
+  ``grad_accum`` (the recipe's ``--gradient_accumulation_steps 12``), an optimizer step (with the norm
+  clip) every GA edges and one for the remainder; ``train.optimizer_steps`` is then unused.
+  ``update="shared_parent"``: the children of a split share one evaluation of their parent (cheaper by
+  the number of split children less their parents: 203 instead of 218 forwards per recipe tree), the
+  loss is the mean over a mini-batch's edges and there are ``train.optimizer_steps`` steps; its
+  gradients are (GA x edges per tree) / mini-batch size times the reference's, so the 1.0 norm clip
+  bites where the reference's rarely does.
 - Not reproduced: ``pruning_step_ratio`` (pruning only in the first fraction of the run: the algorithm
-  does not know the run's length; pruning is always on, the recipe's ratio 1.0); the mixed ODE/SDE
+  does not know the run's length): pruning is always on, the argparse default 1.0 (the recipe does not
+  set the ratio); the mixed ODE/SDE
   tree (``--mix_ode_sde_tree``, off in the recipe): ``mix_ode_sde`` raises NotImplementedError; EMA.
 """
 
@@ -65,6 +74,7 @@ from bench.types import (
 )
 
 WIDTH_PRUNING = ("off", "per_branch", "global")
+UPDATES = ("reference", "shared_parent")
 SPLIT_LOGP = ("step", "sampling")
 
 
@@ -113,6 +123,11 @@ class BranchGRPOConfig:
     adv_clip_max:     advantage clamp; default 5
     beta:             KL-to-reference weight; default 0 (BranchGRPO has no KL term)
     mix_ode_sde:      the released code's mixed ODE/SDE tree; True is not implemented
+    update:           "reference" (one forward per trained edge, loss / (GA x edges per tree), a step every
+                      GA edges: ``train_one_step_tree``) or "shared_parent" (one forward per parent, mean
+                      loss, ``train.optimizer_steps`` steps)
+    grad_accum:       GA of ``update="reference"``: edges per optimizer step and loss divisor; default
+                      12 (the recipe's ``--gradient_accumulation_steps``)
     """
 
     k: int = 2
@@ -131,6 +146,8 @@ class BranchGRPOConfig:
     adv_clip_max: float = 5.0
     beta: float = 0.0
     mix_ode_sde: bool = False
+    update: str = "reference"
+    grad_accum: int = 12
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "split_points", tuple(int(p) for p in self.split_points))
@@ -153,6 +170,10 @@ class BranchGRPOConfig:
         if not isinstance(self.depth_pruning_slide_interval, int) or self.depth_pruning_slide_interval < 1:
             raise ValueError("algo.depth_pruning_slide_interval must be an integer >= 1, "
                              f"got {self.depth_pruning_slide_interval!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"algo.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise ValueError(f"algo.grad_accum must be an integer >= 1, got {self.grad_accum!r}")
         if self.mix_ode_sde:
             raise NotImplementedError("algo.mix_ode_sde: the released code's mixed ODE/SDE tree (off in its "
                                       "recipe) is not implemented")
@@ -167,7 +188,8 @@ class BranchGRPO:
         # scripts/finetune/finetune_flux_branchgrpo_8gpus.sh (FLUX.1-dev): 20 steps, DanceGRPO SDE eta 0.3,
         # shift 3 on the linspace schedule, binary splits at 0, 3, 6, 9 (16 leaves), split noise 4.0,
         # clip 1e-3. Optimizer steps: per rank 2 prompts x 218 edges per tree, a step every GA = 12
-        # edges -> ceil(436 / 12) = 37
+        # edges -> ceil(436 / 12) = 37 (update "reference" counts them itself; the setting serves
+        # update "shared_parent")
         "branchgrpo-code": {"sampler.steps": 20, "sampler.noise_level": 0.3, "sampler.sde": "dance",
                             "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.k": 2,
                             "algo.split_points": [0, 3, 6, 9], "algo.split_noise_scale": 4.0,
@@ -280,9 +302,16 @@ class BranchGRPO:
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout, adv.edge)
+        kw: dict[str, Any] = {}
+        if self.config.update == "reference":
+            # train_one_step_tree: loss / (GA x avg_samples_per_tree), avg = len(samples) // num_trees
+            trees = max(1, int((rollout.parent < 0).sum()))
+            ga = self.config.grad_accum
+            kw = {"share_parents": False, "edges_per_step": ga,
+                  "loss_denom": float(ga * max(1, int(edges.numel()) // trees))}
         stats = ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
                            clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                           beta=self.config.beta)
+                           beta=self.config.beta, **kw)
         total = int(rollout.trainable.sum())
         metrics = {**stats.metrics, "branchgrpo/trained_edges": float(edges.numel()),
                    "branchgrpo/pruned_edges": float(total - edges.numel())}

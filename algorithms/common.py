@@ -1,6 +1,7 @@
 """What the algorithms share, each piece with known-answer tests:
 
-* pure functions: group normalisation, tree backup, PPO-clip terms, KL, window schedules, edge selection;
+* pure functions: group normalisation, tree backup, PPO-clip terms, GRPO-Guard's RatioNorm, KL, window
+  schedules, edge selection;
 * ``PerPromptStatTracker``: DDPO's per-prompt reward statistics (stateful; its algorithm checkpoints it);
 * ``ppo_update``: the PPO-clip update loop (micro-batches, gradient accumulation, optimizer steps) that
   every algorithm's ``update`` ends in; it returns ``UpdateStats`` including the update's NFE.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -215,6 +216,17 @@ def check_ppo_settings(config: Any) -> None:
         raise ValueError(f"algo.beta must be >= 0, got {config.beta!r}")
 
 
+def check_ema_settings(config: Any) -> None:
+    """The EMA settings' checks (``ema_decay`` in [0, 1], ``ema_interval`` and ``ema_calls_per_step`` >= 1),
+    each a ValueError naming the ``algo.<key>``."""
+    if not 0.0 <= float(config.ema_decay) <= 1.0:
+        raise ValueError(f"algo.ema_decay must be in [0, 1], got {config.ema_decay!r}")
+    for key in ("ema_interval", "ema_calls_per_step"):
+        v = getattr(config, key, 1)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"algo.{key} must be an integer >= 1, got {v!r}")
+
+
 @dataclass(frozen=True)
 class PPOTerms:
     """Per-edge PPO quantities: loss [M] (with gradients), ratio [M], clipped [M] bool."""
@@ -224,17 +236,82 @@ class PPOTerms:
     clipped: Tensor
 
 
+def ppo_clip_terms(ratio: Tensor, adv: Tensor, clip_range: float, adv_clip_max: float) -> PPOTerms:
+    """PPO clipped surrogate per edge for a given importance ratio [M] (with gradients):
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)) with A clamped to [-adv_clip_max, adv_clip_max]."""
+    a = adv.clamp(-adv_clip_max, adv_clip_max)
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return PPOTerms(loss=torch.maximum(unclipped, clipped), ratio=ratio.detach(),
+                    clipped=((ratio.detach() - 1.0).abs() > clip_range))
+
+
 def ppo_clip_loss(logp_new: Tensor, logp_old: Tensor, adv: Tensor, clip_range: float,
                   adv_clip_max: float) -> PPOTerms:
     """PPO clipped surrogate per edge (Schulman et al. 2017, eq. 7, as a loss to minimise):
     max(-A r, -A clip(r, 1 - eps, 1 + eps)) with r = exp(logp_new - logp_old) and A clamped to
     [-adv_clip_max, adv_clip_max] (every reference repo clamps at 5)."""
-    a = adv.clamp(-adv_clip_max, adv_clip_max)
-    ratio = torch.exp(logp_new - logp_old)
-    unclipped = -a * ratio
-    clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return PPOTerms(loss=torch.maximum(unclipped, clipped), ratio=ratio.detach(),
-                    clipped=((ratio.detach() - 1.0).abs() > clip_range))
+    return ppo_clip_terms(torch.exp(logp_new - logp_old), adv, clip_range, adv_clip_max)
+
+
+def step_dsigma(rollout: Rollout, edges: Tensor) -> Tensor:
+    """[M] float32 sigma_i - sigma_{i+1} (= -dt > 0) of the step that produced each edge parent(n) -> n
+    (flow rollouts, whose ``sigmas`` are sigmas)."""
+    lvl = (rollout.level[torch.as_tensor(edges).cpu()] - 1).cpu()
+    return (rollout.sigmas[lvl] - rollout.sigmas[lvl + 1]).float()
+
+
+#: the step rules GRPO-Guard's RatioNorm is defined for (its released code uses Flow-GRPO's SDE)
+GUARD_SDE_TYPES = ("flow_grpo",)
+
+
+def check_guard(sampler: Any) -> None:
+    """``algo.guard`` needs a flow model (else ValueError) sampled with Flow-GRPO's SDE (else
+    NotImplementedError), both naming ``algo.guard``: the released RatioNorm and gradient reweighting
+    (flow_grpo ``scripts/train_sd3_GRPO_Guard.py``) are written for that step's Gaussian log-density; CPS
+    drops the density's scale and DanceGRPO's SDE has no released GRPO-Guard form."""
+    if sampler.prediction != "flow":
+        raise ValueError(f"algo.guard: GRPO-Guard is defined for flow (velocity) models, got sampler prediction "
+                         f"{sampler.prediction!r}")
+    if sampler.sde_type not in GUARD_SDE_TYPES:
+        raise NotImplementedError(f"algo.guard with sampler.sde={sampler.sde_type}: the released GRPO-Guard "
+                                  f"(flow_grpo scripts/train_sd3_GRPO_Guard.py) normalises the ratio of "
+                                  f"Flow-GRPO's SDE only; use sampler.sde=flow_grpo")
+
+
+def guard_ratio(logp_new: Tensor, logp_old: Tensor, mean_new: Tensor, mean_old: Tensor, step_std: Tensor) -> Tensor:
+    """GRPO-Guard's RatioNorm (Wang et al. 2025, arXiv 2510.22319; yifan123/flow_grpo
+    ``scripts/train_sd3_GRPO_Guard.py``, ``config.rationorm``, commit 2e2f712e9feb19246fa0db9527878e2766b5353f):
+
+        bias  = mean_dims((mu_theta - mu_old)^2) / (2 s^2)
+        ratio = exp((logp_new - logp_old + bias) * s)
+
+    with s = the step std (the code's ``sqrt_dt.mean() * std_dev_t.mean()`` = std_dev_t sqrt(-dt)),
+    mu_old the sampling-time step mean and logp the per-dim mean Gaussian log-density. For a Gaussian
+    step, logp_new - logp_old + bias = mean_dims(z (mu_theta - mu_old)) / s with z the sampled noise, so
+    the normalised log-ratio mean_dims(z (mu_theta - mu_old)) is centred at 0 and has the same scale at
+    every step. Gradients flow through logp_new and mu_theta (the bias included), as in the code.
+    All [M] except the means [M, C, h, w]."""
+    bias = ((mean_new - mean_old) ** 2).mean(dim=tuple(range(1, mean_new.dim()))) / (2 * step_std**2)
+    return torch.exp((logp_new - logp_old + bias) * step_std)
+
+
+def guard_surrogate(rollout: Rollout, clip_range: float, adv_clip_max: float):
+    """The GRPO-Guard loss for ``ppo_update(surrogate=...)``: PPO clip on the RatioNorm ratio
+    (``guard_ratio``), each term divided by sqrt(-dt)^2 = sigma_i - sigma_{i+1} (the code's gradient
+    reweighting, ``policy_loss / sqrt_dt.mean() ** 2``). Needs the rollout's step means (plan
+    ``keep_means``)."""
+    if rollout.means is None:
+        raise ValueError("GRPO-Guard needs the sampling-time step means: the rollout plan must set keep_means")
+
+    def terms(ev: Any, edges: Tensor, logp_old: Tensor, adv: Tensor) -> PPOTerms:
+        dev = ev.log_prob.device
+        mean_old = rollout.means[edges.to(rollout.means.device)].to(dev)
+        ratio = guard_ratio(ev.log_prob, logp_old, ev.mean, mean_old, ev.std.to(dev))
+        t = ppo_clip_terms(ratio, adv, clip_range, adv_clip_max)
+        return PPOTerms(loss=t.loss / step_dsigma(rollout, edges).to(dev), ratio=t.ratio, clipped=t.clipped)
+
+    return terms
 
 
 def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -252,13 +329,14 @@ def kl_std(rollout: Rollout, edges: Tensor, std: Tensor, divisor: str) -> Tensor
     """The std [M] that divides the mean-KL of the edges parent(n) -> n: "step_std" = the transition's
     std (the Gaussian KL); "noise_scale" = Flow-GRPO's code (``scripts/train_sd3.py``, ``kl_loss``
     divides by ``std_dev_t ** 2``, the noise scale a sqrt(sigma / (1 - sigma)) without the sqrt(-dt)
-    factor): step std / sqrt(sigma_i - sigma_{i+1}) (flow rollouts, whose ``sigmas`` are sigmas)."""
+    factor): step std / sqrt(sigma_i - sigma_{i+1}) (flow rollouts, whose ``sigmas`` are sigmas); under
+    the CPS sampler the code's ``std_dev_t`` is the step std itself."""
     if divisor not in KL_DIVISORS:
         raise ValueError(f"unknown KL divisor {divisor!r}; valid: {', '.join(KL_DIVISORS)}")
-    if divisor == "step_std":
+    if divisor == "step_std" or rollout.plan.sde_type == "cps":
+        # CPS: the released step returns its step std as ``std_dev_t`` (no sqrt(-dt) factor to remove)
         return std
-    lvl = (rollout.level[edges] - 1).cpu()
-    dsig = (rollout.sigmas[lvl] - rollout.sigmas[lvl + 1]).to(std.device, std.dtype)
+    dsig = step_dsigma(rollout, edges).to(std.device, std.dtype)
     return std / torch.sqrt(dsig)
 
 
@@ -317,6 +395,40 @@ def chain_step_edges(rollout: Rollout) -> Tensor:
     return out
 
 
+#: the weight snapshot (``bench.model.snapshots``) holding an algorithm's EMA of the trained weights for
+#: evaluation and export (``algo.ema``; not AWM's "ema" policy, a KL anchor of its loss)
+EMA_SNAPSHOT = "eval_ema"
+
+
+def ema_decay(step: int, max_decay: float) -> float:
+    """``EMAModuleWrapper.get_current_decay`` (yifan123/flow_grpo and NVlabs/DiffusionNFT ``flow_grpo/ema.py``):
+    min((1 + step) / (10 + step), max_decay) for the optimizer step count ``step``."""
+    return min((1.0 + step) / (10.0 + step), float(max_decay))
+
+
+def ema_schedule(steps_before: int, steps: int, calls_per_step: int, interval: int,
+                 max_decay: float) -> list[tuple[int, float]]:
+    """The EMA updates the reference trainers apply while an update takes ``steps`` optimizer steps after
+    ``steps_before`` earlier ones, in order, as (k, d): the update s <- d s + (1 - d) theta with the weights
+    theta after k of this update's steps (k = 0: before its first), d = ``ema_decay(global_step)``
+    (``EMAModuleWrapper.step(params, global_step)`` updates when (global_step + 1) % ``interval`` == 0).
+
+    The trainers call ``step`` ``calls_per_step`` times per optimizer step: flow_grpo ``train_sd3.py`` after
+    every training batch (GA batches per optimizer step: calls_per_step = GA; global_step counts the steps
+    taken, so a qualifying count can update the EMA several times with the same weights); DiffusionNFT after
+    every optimizer step (calls_per_step = 1). Call b of the update (0-based) comes after k = (b + 1) //
+    calls_per_step steps, with global_step = steps_before + k."""
+    if calls_per_step < 1 or interval < 1:
+        raise ValueError(f"calls_per_step and interval must be >= 1, got {calls_per_step}, {interval}")
+    out = []
+    for b in range(steps * calls_per_step):
+        k = (b + 1) // calls_per_step
+        g = steps_before + k
+        if (g + 1) % interval == 0:
+            out.append((k, ema_decay(g, max_decay)))
+    return out
+
+
 def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: float, nfe: int) -> float:
     """Clip the gradients to ``max_grad_norm`` (<= 0: no clipping) and step; returns the norm before
     clipping. A step the optimizer refuses (non-finite gradients) re-raises carrying ``nfe``, the forward
@@ -335,8 +447,12 @@ def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: floa
 
 
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
-               train: TrainSpec, clip_range: float, adv_clip_max: float, beta: float = 0.0,
-               reduction: str = "mean", kl_divisor: str = "step_std") -> UpdateStats:
+               train: TrainSpec, clip_range: float | None = None, adv_clip_max: float | None = None,
+               beta: float = 0.0, reduction: str = "mean", kl_divisor: str = "step_std",
+               surrogate: Callable[[Any, Tensor, Tensor, Tensor], PPOTerms] | None = None,
+               share_parents: bool = True, edges_per_step: int = 0,
+               loss_denom: float | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> UpdateStats:
     """Run the PPO-clip update on the given edges.
 
     edges [M]: child node ids of the trained edges, in training order (the caller shuffles). Edges
@@ -348,6 +464,17 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
     reduction: "mean" -> the mini-batch loss is the mean over its edge terms (DDPO/DanceGRPO/MixGRPO);
     "sum_children" -> sum over each parent's children, mean over parents (TreeGRPO's loss_agg "sum").
     kl_divisor: the std the KL term divides by (``kl_std``: "step_std" or Flow-GRPO's "noise_scale").
+    surrogate: the per-edge loss, ``surrogate(ev, edges, logp_old, adv) -> PPOTerms`` with ``ev`` the
+    engine's ``EdgeEval`` (log-probs and step means with gradients); None = PPO clip with ``clip_range``
+    and ``adv_clip_max`` (``ppo_clip_loss``). GRPO-Guard (``guard_surrogate``) and Flow-DPPO's masked
+    loss plug in here; ``clip_frac`` then counts the terms the surrogate reports as clipped (or masked).
+    share_parents: False -> every edge is its own denoiser evaluation (one forward per trained edge, siblings
+    too; rows still batched in micro-batches), as trainers that loop over transitions spend (BranchGRPO's
+    ``train_one_step_tree``). edges_per_step > 0 -> an optimizer step after every that many parents'
+    groups (edges, with ``share_parents`` False) and one more for a partial remainder, in place of
+    ``train.optimizer_steps``. loss_denom -> every edge term is divided by this fixed number instead of
+    the mini-batch's ``reduction`` denominator. on_step(k, n): called with k = 0 before the first of the n
+    optimizer steps and with k after the k-th (an EMA of the weights hooks in here).
 
     Longer than 60 lines on purpose: one loop over mini-batches and micro-batches with its running sums,
     read top to bottom like the reference trainers' inner loops; split, it would pass eight accumulators.
@@ -361,40 +488,53 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
         raise ValueError(f"unknown reduction {reduction!r}")
     if kl_divisor not in KL_DIVISORS:
         raise ValueError(f"unknown KL divisor {kl_divisor!r}; valid: {', '.join(KL_DIVISORS)}")
+    if surrogate is None:
+        if clip_range is None or adv_clip_max is None:
+            raise ValueError("ppo_update needs clip_range and adv_clip_max, or a surrogate")
+        cr, am = float(clip_range), float(adv_clip_max)
+
+        def surrogate(ev: Any, e: Tensor, old: Tensor, a: Tensor) -> PPOTerms:
+            return ppo_clip_loss(ev.log_prob, old, a, cr, am)
     params = policy.trainable_parameters()
     parents = rollout.parent[edges]
     # unique parents in first-appearance order, so the caller's shuffle decides the order
     order: dict[int, list[int]] = {}
     for j, p in enumerate(parents.tolist()):
-        order.setdefault(p, []).append(j)
+        order.setdefault(p if share_parents else j, []).append(j)
     groups = list(order.values())
-    n_steps = max(1, min(train.optimizer_steps, len(groups)))
     cfg = rollout.plan.cfg_factor()
     per_micro = max(1, train.micro_batch // cfg)
+    if edges_per_step > 0:
+        n_steps = -(-len(groups) // int(edges_per_step))
+        bounds = [min(s * int(edges_per_step), len(groups)) for s in range(n_steps + 1)]
+    else:
+        n_steps = max(1, min(train.optimizer_steps, len(groups)))
+        bounds = torch.linspace(0, len(groups), n_steps + 1).round().long().tolist()
 
     tot_loss = tot_kl = tot_akl = tot_clip = 0.0
     n_terms = nfe = 0
     first_ratio: float | None = None
     grad_norm = 0.0
     micro_batches = 0
-    bounds = torch.linspace(0, len(groups), n_steps + 1).round().long().tolist()
+    if on_step is not None:
+        on_step(0, n_steps)
     for s in range(n_steps):
         mb = groups[bounds[s]:bounds[s + 1]]
         if not mb:
             continue
         m_edges = sum(len(g) for g in mb)
-        denom = float(m_edges if reduction == "mean" else len(mb))
+        denom = float(loss_denom) if loss_denom else float(m_edges if reduction == "mean" else len(mb))
         optimizer.zero_grad(set_to_none=True)
         for c in range(0, len(mb), per_micro):
             idx = torch.tensor([j for g in mb[c:c + per_micro] for j in g], dtype=torch.long)
             e = edges[idx]
-            ev = engine.logp(rollout, e)
+            ev = engine.logp(rollout, e) if share_parents else engine.logp(rollout, e, share_parents=False)
             nfe += ev.nfe
             old = rollout.logp_old[e].to(ev.log_prob.device)
-            terms = ppo_clip_loss(ev.log_prob, old, adv[idx].to(ev.log_prob.device), clip_range, adv_clip_max)
+            terms = surrogate(ev, e, old, adv[idx].to(ev.log_prob.device))
             loss = terms.loss.sum() / denom
             if beta > 0:
-                ref = engine.logp(rollout, e, reference=True)
+                ref = engine.logp(rollout, e, reference=True, **({} if share_parents else {"share_parents": False}))
                 nfe += ref.nfe
                 kl = gaussian_mean_kl(ev.mean, ref.mean.detach(), kl_std(rollout, e, ev.std.detach(), kl_divisor))
                 loss = loss + beta * kl.sum() / denom
@@ -408,6 +548,8 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
             tot_clip += float(terms.clipped.float().sum())
             n_terms += int(e.numel())
         grad_norm = optimizer_step(optimizer, params, train.max_grad_norm, nfe)
+        if on_step is not None:
+            on_step(s + 1, n_steps)
     return UpdateStats(loss=tot_loss / n_terms, approx_kl=tot_akl / n_terms, clip_frac=tot_clip / n_terms,
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,

@@ -25,6 +25,9 @@ Implementation details:
   the rollout's stored log-probs, advantages clamped to +-5, clip range 1e-4; the reference divides
   every term by (gradient accumulation x trained steps), i.e. a mean over the accumulated terms,
   which ``ppo_update``'s "mean" reduction reproduces. No KL term (``beta`` = 0).
+- Options: ``sampler.sde=cps`` (coefficients-preserving sampling, ``bench.engine.sde.cps_sde_step``) and
+  ``guard`` (GRPO-Guard's RatioNorm and gradient reweighting, flow_grpo's released form, on
+  ``sampler.sde=flow_grpo``; ``algorithms.common.guard_surrogate``).
 - Not reproduced: FLUX's distilled guidance embedding (treebench models use CFG when
   ``sampler.guidance`` > 1), EMA, FSDP; optimizer settings are harness ``train.*`` settings.
 """
@@ -40,8 +43,10 @@ from torch.optim import Optimizer
 from algorithms.common import (
     chain_edge_advantages,
     chain_step_edges,
+    check_guard,
     check_ppo_settings,
     group_normalize,
+    guard_surrogate,
     ppo_update,
     random_step_subset,
 )
@@ -73,6 +78,9 @@ class DanceGRPOConfig:
     adv_clip_max:      advantage clamp [std units]; default 5 (``--adv_clip_max``)
     std_eps:           added to the group std; default 1e-8 (``train_one_step``)
     beta:              weight of the KL to the reference; default 0 (DanceGRPO has no KL term)
+    guard:             GRPO-Guard (arXiv 2510.22319): RatioNorm + gradient reweighting in place of the plain
+                       PPO ratio (``algorithms.common.guard_surrogate``, flow_grpo's released form); default
+                       False; needs ``sampler.sde=flow_grpo``
     """
 
     group_size: int = 12
@@ -82,6 +90,7 @@ class DanceGRPOConfig:
     adv_clip_max: float = 5.0
     std_eps: float = 1e-8
     beta: float = 0.0
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -126,6 +135,8 @@ class DanceGRPO:
 
     def __init__(self, config: DanceGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        if config.guard:
+            check_guard(sampler)
         if self._n_train() < 1:
             raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
                              f"sampler.steps={sampler.steps} (int((T - 1) * fraction) must be >= 1)")
@@ -139,7 +150,7 @@ class DanceGRPO:
                            trees_per_prompt=self.config.group_size, shared_noise=self.config.shared_noise,
                            noise_level=self.sampler.noise_level, sde_type=self.sampler.sde_type,
                            guidance=self.sampler.guidance,
-                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE, keep_means=self.config.guard,
                            info={"dancegrpo/trained_steps": float(self._n_train())})
 
     def advantages(self, batch: PromptBatch, rollout: Rollout, rewards: RewardOutput) -> Advantages:
@@ -157,9 +168,10 @@ class DanceGRPO:
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
+        c = self.config
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta)
+                          clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
+                          surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}

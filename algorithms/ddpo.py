@@ -122,6 +122,12 @@ class DDPO:
         "ddpo-paper": {"sampler.steps": 50, "sampler.guidance": 5.0, "sampler.noise_level": 1.0,
                        "algo.timestep_fraction": 1.0, "algo.buffer_size": 16, "algo.min_count": 16,
                        "algo.clip_range": 1e-4, "train.optimizer_steps": 2},
+        # the TreeGRPO paper's comparison setting (SD3.5-M re-run, as dancegrpo's and mixgrpo's
+        # "treegrpo-paper"): T = 10, CFG 4.5, Flow-GRPO SDE 0.7; DDPO's trainer takes 2 optimizer steps per
+        # epoch (as above); its own settings (full fraction, stat tracking) stay at ddpo-pytorch's
+        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo", "algo.timestep_fraction": 1.0,
+                           "train.optimizer_steps": 2},
     }
 
     #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)

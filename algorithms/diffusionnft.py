@@ -46,9 +46,13 @@ Where treebench differs, and why:
   fine-tuning (``assert False``); treebench evaluates a weight snapshot "initial" taken before training,
   which equals the LoRA base (LoRA's B starts at zero) and also works for full fine-tuning, at the
   memory of one more copy of the trainable weights.
-- Not reproduced: the EMA of the trained weights used for evaluation and checkpoints (``train.ema``,
-  decay min((1 + s) / (10 + s), 0.9)); ``ema=True`` raises NotImplementedError: the harness evaluates the
-  trained weights. The reference's CFG branch of training (``guidance_scale > 1`` concatenates negative
+- EMA (``ema``; ``train.ema`` in ``config/base.py``, on in the presets): ``EMAModuleWrapper(decay=0.9,
+  update_step_interval=1)`` stepped after every optimizer step with the step count s, decay
+  min((1 + s) / (10 + s), 0.9) (``algorithms.common.ema_schedule``), kept in the weight snapshot "eval_ema"
+  (checkpointed with the run, restored on resume); evaluation samples with it (``eval_weights``) and
+  ``bench export-lora`` exports it, as ``eval`` and ``save_checkpoint`` copy the EMA in. The rollouts use the
+  "old" policy and the loss the trained weights, as in the reference.
+- The reference's CFG branch of training (``guidance_scale > 1`` concatenates negative
   embeddings) is never used by its recipes; treebench trains unguided whatever the sampler's guidance.
 """
 
@@ -61,7 +65,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import chain_edge_advantages, flow_grpo_advantages, optimizer_step
+from algorithms.common import (
+    EMA_SNAPSHOT,
+    chain_edge_advantages,
+    check_ema_settings,
+    ema_schedule,
+    flow_grpo_advantages,
+    optimizer_step,
+)
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import derive_seed, generator
 from bench.model.policy import Policy
@@ -166,7 +177,9 @@ class DiffusionNFTConfig:
                        prompt's own
     std_eps:           added to the std; default 1e-4 (``stat_tracking.py``)
     solver:            rollout solver: "dpm2" (default, the recipes), "ode" (Euler) or "sde" (Flow-GRPO SDE)
-    ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
+    ema:               keep an EMA of the trained weights (``train.ema``) for evaluation and export; default
+                       False (presets True)
+    ema_decay:         the EMA's largest decay (``decay=0.9``): min((1 + s) / (10 + s), ema_decay) at step s
     """
 
     group_size: int = 24
@@ -180,6 +193,7 @@ class DiffusionNFTConfig:
     std_eps: float = 1e-4
     solver: str = "dpm2"
     ema: bool = False
+    ema_decay: float = 0.9
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -201,9 +215,7 @@ class DiffusionNFTConfig:
             raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"algo.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        if self.ema:
-            raise NotImplementedError("algo.ema: DiffusionNFT's EMA (train.ema) only changes the weights used for "
-                                      "evaluation and checkpoints; the harness evaluates the trained weights")
+        check_ema_settings(self)
 
 
 class DiffusionNFT:
@@ -217,11 +229,11 @@ class DiffusionNFT:
         # beta 1, decay type 1, train.beta 1e-4, one optimizer step per epoch (gradient_step_per_epoch=1)
         "diffusionnft-paper": {"sampler.steps": 10, "sampler.guidance": 1.0, "algo.group_size": 24,
                                "algo.beta": 1.0, "algo.decay_type": 1, "algo.kl_beta": 1e-4,
-                               "algo.solver": "dpm2", "train.optimizer_steps": 1},
+                               "algo.solver": "dpm2", "algo.ema": True, "train.optimizer_steps": 1},
         # config/nft.py::sd3_ocr: beta 0.1, decay type 2, two optimizer steps per epoch
         "diffusionnft-ocr": {"sampler.steps": 10, "sampler.guidance": 1.0, "algo.group_size": 24,
                              "algo.beta": 0.1, "algo.decay_type": 2, "algo.kl_beta": 1e-4,
-                             "algo.solver": "dpm2", "train.optimizer_steps": 2},
+                             "algo.solver": "dpm2", "algo.ema": True, "train.optimizer_steps": 2},
     }
 
     log_keys: ClassVar[dict[str, str]] = {
@@ -254,6 +266,9 @@ class DiffusionNFT:
                              f"sampler.steps={sampler.steps} (int(T * fraction) must be >= 1)")
         #: weight snapshots (bench.model.snapshots): "old" samples the rollouts; "initial" is the KL reference
         self.snapshots: tuple[str, ...] = ("old", "initial") if config.kl_beta > 0 else ("old",)
+        if config.ema:  # the EMA of the trained weights, which evaluation samples with
+            self.snapshots += (EMA_SNAPSHOT,)
+        self.eval_weights = EMA_SNAPSHOT if config.ema else "current"
         self.optimizer_steps_total = 0
 
     def _n_train(self) -> int:
@@ -318,6 +333,9 @@ class DiffusionNFT:
                 nfe += n_mb
                 micro += 1
             grad_norm = optimizer_step(optimizer, params, self.train.max_grad_norm, nfe)
+            if cfg.ema:  # train_nft_sd3.py: ema.step(params, global_step) after each optimizer step
+                for _, d in ema_schedule(self.optimizer_steps_total, 1, 1, 1, cfg.ema_decay):
+                    engine.snapshots.blend(EMA_SNAPSHOT, d)
             self.optimizer_steps_total += 1
         decay = old_policy_decay(self.optimizer_steps_total, cfg.decay_type)
         engine.snapshots.blend("old", decay)

@@ -32,13 +32,25 @@ Implementation details:
   window's steps are trained (``num_train_timesteps = sde_window_size``). The reference draws the window
   per pipeline call with Python's ``random``; treebench draws it per iteration from the run seed, so
   ``plan`` stays a pure function of the iteration.
-- Not reproduced: EMA of the LoRA weights (``train.ema``: decay 0.9 every 8 steps, used only for
-  evaluation and checkpoints; ``ema=True`` raises NotImplementedError because the harness evaluates
-  the trained weights and has no hook to swap in averaged ones); dropping samples whose advantages
+- Options: ``sampler.sde=cps`` samples with coefficients-preserving sampling (the same
+  ``sde_step_with_logprob`` with ``sde_type='cps'``, commit 3d02fd9; preset "flowgrpo-fast-cps" =
+  ``config/grpo.py::pickscore_sd3_fast_nocfg``); ``guard`` = GRPO-Guard (arXiv 2510.22319,
+  ``scripts/train_sd3_GRPO_Guard.py`` at commit 2e2f712): RatioNorm and gradient reweighting in place of
+  the plain ratio (``algorithms.common.guard_surrogate``; preset "flowgrpo-guard" =
+  ``config/grpo_guard.py::general_ocr_sd3_rationorm``).
+- EMA (``ema``, ``train.ema`` in every released config, on in the presets): ``EMAModuleWrapper(decay=0.9,
+  update_step_interval=8)`` kept in the weight snapshot "eval_ema" (``bench.model.snapshots``: checkpointed with
+  the run, restored on resume) and stepped as ``train_sd3.py`` does (``algorithms.common.ema_schedule``:
+  after every training batch, ``ema_calls_per_step`` = GA batches per optimizer step, 2 in the presets);
+  evaluation samples with it (``eval_weights``), ``bench export-lora`` exports it, as ``eval`` and
+  ``save_ckpt`` copy the EMA in. Training and rollouts use the trained weights.
+- Not reproduced: dropping samples whose advantages
   are all zero (``mask`` in the trainer: with the global std this only happens for a reward exactly
-  equal to its prompt's mean); the CFG unconditional branch detached during training
-  (``noise_pred_uncond.detach()`` in ``compute_log_prob`` of ``train_sd3.py``; treebench
-  differentiates both branches, as the fast trainer does).
+  equal to its prompt's mean).
+- CFG in the update (``cfg_grad``): ``train_sd3.py::compute_log_prob`` detaches the unconditional branch
+  (``noise_pred_uncond.detach()``), so with CFG the gradient flows through the conditional branch only:
+  ``cfg_grad="cond"`` (default); ``train_sd3_fast.py::compute_log_prob`` differentiates both branches:
+  ``cfg_grad="both"`` (preset "flowgrpo-fast"). The NFE are the same (both rows are evaluated).
 
 Why ``grpo`` stays separate: ``algorithms/grpo.py`` is the smallest algorithm of the harness (docs/PLUGINS.md
 points to it as the template; smoke tests use it); folding Flow-GRPO's window, KL divisor and
@@ -55,11 +67,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    EMA_SNAPSHOT,
     KL_DIVISORS,
     chain_edge_advantages,
     chain_step_edges,
+    check_ema_settings,
+    check_guard,
     check_ppo_settings,
+    ema_schedule,
     flow_grpo_advantages,
+    guard_surrogate,
     ppo_update,
 )
 from bench.engine.rollout import RolloutEngine
@@ -75,6 +92,9 @@ from bench.types import (
     TrainSpec,
     UpdateStats,
 )
+
+#: with CFG, the branches the update differentiates: the conditional only (train_sd3.py) or both
+CFG_GRADS = ("cond", "both")
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,21 @@ class FlowGRPOConfig:
     sde_window_size:   0 = all steps SDE (Flow-GRPO); > 0 = Flow-GRPO-Fast: this many consecutive SDE
                        steps per iteration, ODE elsewhere, only they are trained (fast configs: 2)
     sde_window_range:  (lo, hi) the window lies in [lo, hi) of the steps; empty = (0, T // 2)
-    ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
+    cfg_grad:          with CFG, the update's gradient flows through the conditional branch only ("cond",
+                       default: ``train_sd3.py`` detaches the unconditional one) or through both ("both":
+                       ``train_sd3_fast.py``)
+    ema:               keep an EMA of the trained weights (``train.ema``) for evaluation and export; default False
+                       (presets True)
+    ema_decay:         the EMA's largest decay (``decay=0.9``); the decay at optimizer step s is
+                       min((1 + s) / (10 + s), ema_decay)
+    ema_interval:      an EMA update when (s + 1) % interval == 0 (``update_step_interval=8``)
+    ema_calls_per_step: EMA step calls per optimizer step (``train_sd3.py`` calls it after every training
+                       batch: its GA, 2 in the paper configs); default 1
+    guard:             GRPO-Guard (arXiv 2510.22319): RatioNorm + gradient reweighting in place of the plain
+                       PPO ratio (``algorithms.common.guard_surrogate``; flow_grpo
+                       ``scripts/train_sd3_GRPO_Guard.py``, ``config.rationorm``); default False. Needs
+                       ``sampler.sde=flow_grpo``; its released configs pair it with clip_range 2e-6 to 4e-6
+                       (preset "flowgrpo-guard")
     """
 
     group_size: int = 24
@@ -113,7 +147,12 @@ class FlowGRPOConfig:
     kl_divisor: str = "noise_scale"
     sde_window_size: int = 0
     sde_window_range: tuple[int, ...] = ()
+    cfg_grad: str = "cond"
     ema: bool = False
+    ema_decay: float = 0.9
+    ema_interval: int = 8
+    ema_calls_per_step: int = 1
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -130,10 +169,9 @@ class FlowGRPOConfig:
             raise ValueError(f"algo.sde_window_range must be empty or (lo, hi) with 0 <= lo < hi, "
                              f"got {self.sde_window_range!r}")
         object.__setattr__(self, "sde_window_range", rng)
-        if self.ema:
-            raise NotImplementedError("algo.ema: Flow-GRPO's EMA only changes the weights used for evaluation "
-                                      "and checkpoints; the harness evaluates the trained weights and has no "
-                                      "hook to swap in averaged ones")
+        if self.cfg_grad not in CFG_GRADS:
+            raise ValueError(f"algo.cfg_grad must be one of {', '.join(CFG_GRADS)}, got {self.cfg_grad!r}")
+        check_ema_settings(self)
         check_ppo_settings(self)
 
 
@@ -147,16 +185,40 @@ class FlowGRPO:
         # batches -> 2 optimizer steps per epoch
         "flowgrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                            "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
-                           "algo.beta": 0.04, "algo.global_std": True, "train.optimizer_steps": 2},
+                           "algo.beta": 0.04, "algo.global_std": True, "algo.ema": True, "algo.ema_calls_per_step": 2,
+                          "train.optimizer_steps": 2},
         # config/grpo.py::pickscore_sd3: as above with beta 0.01
         "flowgrpo-pickscore": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
                                "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.beta": 0.01,
-                               "algo.global_std": True, "train.optimizer_steps": 2},
-        # Flow-GRPO-Fast (train_sd3_fast.py with the fast configs): a 2-step SDE window in the first
-        # half of the steps, ODE elsewhere, no KL
-        "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                               "algo.global_std": True, "algo.ema": True, "algo.ema_calls_per_step": 2,
+                          "train.optimizer_steps": 2},
+        # Flow-GRPO-Fast, config/grpo.py::pickscore_sd3_fast with config/base.py (flow_grpo 54809b5, as at
+        # 74db691) and train_sd3_fast.py: T = 10, CFG 4.5, Flow-GRPO SDE at noise level 0.8, G = 24, a 2-step
+        # SDE window (base sde_window_size) anywhere in the base range (0, 10), ODE elsewhere, clip 1e-5, no
+        # KL, global std, both CFG branches differentiated, 2 optimizer steps per epoch
+        "flowgrpo-fast": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.8,
                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.sde_window_size": 2,
-                          "algo.beta": 0.0, "train.optimizer_steps": 2},
+                          "algo.sde_window_range": [0, 10], "algo.clip_range": 1e-5, "algo.beta": 0.0,
+                          "algo.global_std": True, "algo.cfg_grad": "both", "algo.ema": True,
+                          "algo.ema_calls_per_step": 2,
+                          "train.optimizer_steps": 2},
+        # config/grpo.py::pickscore_sd3_fast_nocfg (flow_grpo 3d02fd9): the CPS sampler at noise level 0.8,
+        # a 3-step SDE window in the first half, no CFG (train.cfg False), clip 1e-5, G = 18, global std,
+        # an optimizer step every num_batches_per_epoch // 2 batches -> 2 per epoch
+        "flowgrpo-fast-cps": {"sampler.steps": 10, "sampler.guidance": 1.0, "sampler.noise_level": 0.8,
+                              "sampler.sde": "cps", "algo.group_size": 18, "algo.sde_window_size": 3,
+                              "algo.sde_window_range": [0, 5], "algo.clip_range": 1e-5, "algo.beta": 0.0,
+                              "algo.global_std": True, "algo.ema": True, "algo.ema_calls_per_step": 2,
+                          "train.optimizer_steps": 2},
+        # GRPO-Guard, config/grpo_guard.py::general_ocr_sd3_rationorm (flow_grpo 2e2f712): T = 10, CFG 4.5,
+        # noise 0.7, G = 24, fraction 0.99, no KL, per-prompt std, clip 2e-6, RatioNorm + reweighting,
+        # gradient accumulation num_batches_per_epoch // 2 -> 2 optimizer steps per epoch; 16 GPUs x 9 images
+        # of G = 24 -> 8 batches, GA 4 (EMA calls per step); its compute_log_prob keeps both CFG branches
+        "flowgrpo-guard": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+                           "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
+                           "algo.beta": 0.0, "algo.global_std": False, "algo.clip_range": 2e-6,
+                           "algo.guard": True, "algo.cfg_grad": "both", "algo.ema": True,
+                           "algo.ema_calls_per_step": 4, "train.optimizer_steps": 2},
     }
 
     #: keys this algorithm adds to iterations.jsonl, with their meaning (the run log's glossary)
@@ -180,6 +242,8 @@ class FlowGRPO:
         if sampler.prediction != "flow":
             raise ValueError("algo: Flow-GRPO's SDE is defined for flow (velocity) models, got "
                              f"sampler prediction {sampler.prediction!r}")
+        if config.guard:
+            check_guard(sampler)
         T, w = sampler.steps, config.sde_window_size
         if w > 0:
             lo, hi = self._window_range()
@@ -189,6 +253,10 @@ class FlowGRPO:
         elif self._n_train() < 1:
             raise ValueError(f"algo.timestep_fraction={config.timestep_fraction} trains no step with "
                              f"sampler.steps={T} (int(T * fraction) must be >= 1)")
+        #: weight snapshots (bench.model.snapshots): the EMA, when on; evaluation samples with it
+        self.snapshots: tuple[str, ...] = (EMA_SNAPSHOT,) if config.ema else ()
+        self.eval_weights = EMA_SNAPSHOT if config.ema else "current"
+        self.optimizer_steps_total = 0
 
     def _window_range(self) -> tuple[int, int]:
         rng = self.config.sde_window_range
@@ -214,7 +282,8 @@ class FlowGRPO:
         return RolloutPlan(num_steps=T, modes=modes, branch=(1,) * T, trees_per_prompt=self.config.group_size,
                            shared_noise=self.config.shared_noise, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
-                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE, keep_means=self.config.guard,
+                           cfg_uncond_grad=self.config.cfg_grad == "both",
                            info={"flowgrpo/trained_steps": float(self._n_train()),
                                  "flowgrpo/window_start": float(s0)})
 
@@ -234,12 +303,27 @@ class FlowGRPO:
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta, kl_divisor=self.config.kl_divisor)
+        c = self.config
+        before = self.optimizer_steps_total
+        schedule: list[tuple[int, float]] = []
+
+        def ema_step(k: int, n: int) -> None:  # the EMA updates due after k of the update's n steps
+            if k == 0:
+                schedule[:] = ema_schedule(before, n, c.ema_calls_per_step, c.ema_interval, c.ema_decay)
+            for kk, d in schedule:
+                if kk == k:
+                    engine.snapshots.blend(EMA_SNAPSHOT, d)
+
+        stats = ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
+                           clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
+                           kl_divisor=c.kl_divisor,
+                           surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None,
+                           on_step=ema_step if c.ema else None)
+        self.optimizer_steps_total += stats.optimizer_steps
+        return stats
 
     def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
+        return {"config": asdict(self.config), "optimizer_steps_total": self.optimizer_steps_total}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
+        self.optimizer_steps_total = int(state.get("optimizer_steps_total", 0))

@@ -100,7 +100,7 @@ class MixGRPOConfig:
     multi_reward:    "reward_aggr" (normalise the combined reward) or "advantage_aggr" (normalise each
                      part of a weighted reward, sum with the parts' weights normalised to 1); default
                      "reward_aggr" (the MixGRPO scripts use advantage_aggr over HPS/ImageReward/PickScore,
-                     weights 1 each)
+                     weights 1 each: preset "mixgrpo-multireward")
     clip_range:      PPO epsilon [ratio]; default 1e-4 (``--clip_range``)
     adv_clip_max:    advantage clamp [std units]; default 5 (``--adv_clip_max``)
     std_eps:         added to the group std; default 1e-8
@@ -158,6 +158,16 @@ class MixGRPO:
                           "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
                           "algo.window": 4, "algo.window_stride": 1, "algo.shift_interval": 25,
                           "algo.flash": False, "train.optimizer_steps": 4},
+        # finetune_flux_grpo_MixGRPO.sh's reward: --reward_model multi_reward (HPS, ImageReward, PickScore;
+        # UnifiedReward only with a server URL, None in the script), weights 1 each, --multi_reward_mix
+        # advantage_aggr: each model's rewards normalised per group, the advantages merged with the weights
+        # normalised to sum 1
+        "mixgrpo-multireward": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
+                                "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,
+                                "algo.window": 4, "algo.window_stride": 1, "algo.shift_interval": 25,
+                                "algo.flash": False, "train.optimizer_steps": 4,
+                                "reward.name": "hpsv2=1.0,image_reward=1.0,pickscore=1.0",
+                                "algo.multi_reward": "advantage_aggr"},
         # MixGRPO-Flash: DPM-Solver++(2M) on the post-window schedule compressed to 0.4, shift every 20
         "mixgrpo-flash": {"sampler.steps": 25, "sampler.noise_level": 0.7, "sampler.sde": "flow_grpo",
                           "sampler.shift": 3.0, "sampler.schedule": "linspace", "algo.group_size": 12,

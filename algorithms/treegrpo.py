@@ -44,6 +44,9 @@ Implementation details:
 - Optimizer steps: ``train()`` sets gradient accumulation to max(1, total_samples // 2) over its
   (k^d - 1)/(k - 1) parent nodes, i.e. about 2 optimizer steps per iteration (leftover micro-batches
   spill into the next iteration there); both presets set ``train.optimizer_steps = 2``.
+- Options: ``sampler.sde=cps`` (coefficients-preserving sampling; the step-std clamp is not applied to
+  it) and ``guard`` (GRPO-Guard's RatioNorm and gradient reweighting per edge, flow_grpo's released form,
+  on ``sampler.sde=flow_grpo``; ``algorithms.common.guard_surrogate``).
 - Not reproduced: the batch-size-1 loops (treebench batches whole tree levels).
 """
 
@@ -57,8 +60,10 @@ from torch.optim import Optimizer
 
 from algorithms.common import (
     WEIGHTINGS,
+    check_guard,
     check_ppo_settings,
     group_normalize,
+    guard_surrogate,
     ppo_update,
     progressive_window_start,
     tree_backup,
@@ -110,6 +115,10 @@ class TreeGRPOConfig:
     adv_clip_max:     advantage clamp [std units]; default 5 (code ``adv_clip_max``)
     std_eps:          added to the per-prompt population std of leaf rewards; default 1e-8
     beta:             weight of the KL to the reference; default 0 (no KL in the code)
+    guard:            GRPO-Guard (arXiv 2510.22319): RatioNorm + gradient reweighting in place of the plain
+                      PPO ratio on every edge (``algorithms.common.guard_surrogate``, flow_grpo's released
+                      form; the RatioNorm scale is the edge's step std, clamp included); default False;
+                      needs ``sampler.sde=flow_grpo``
     """
 
     k: int = 3
@@ -129,6 +138,7 @@ class TreeGRPOConfig:
     adv_clip_max: float = 5.0
     std_eps: float = 1e-8
     beta: float = 0.0
+    guard: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
@@ -215,6 +225,8 @@ class TreeGRPO:
 
     def __init__(self, config: TreeGRPOConfig, sampler: SamplerSpec, train: TrainSpec, seed: int = 0):
         self.config, self.sampler, self.train, self.seed = config, sampler, train, int(seed)
+        if config.guard:
+            check_guard(sampler)
         T, W = sampler.steps, self.window
         if W > T:
             what = f"algo.window={W}" if config.window is not None else f"algo.d={W} (algo.window = algo.d)"
@@ -248,7 +260,7 @@ class TreeGRPO:
         return RolloutPlan(num_steps=T, modes=modes, branch=branch, trees_per_prompt=c.trees_per_prompt,
                            shared_noise=False, noise_level=self.sampler.noise_level,
                            sde_type=self.sampler.sde_type, guidance=self.sampler.guidance,
-                           final_image=self.sampler.final_image or self.FINAL_IMAGE,
+                           final_image=self.sampler.final_image or self.FINAL_IMAGE, keep_means=c.guard,
                            log_std_range=(None if c.log_std_min is None
                                           else (float(c.log_std_min), float(c.log_std_max))),
                            info={"treegrpo/window_start": float(s0), "treegrpo/window": float(W),
@@ -272,10 +284,11 @@ class TreeGRPO:
         # scores them from one evaluation)
         gen = generator(self.seed, rollout.iteration, "update")
         edges = edges[torch.randperm(edges.numel(), generator=gen)]
+        c = self.config
         return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta,
-                          reduction="sum_children" if self.config.loss_agg == "sum" else "mean")
+                          clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
+                          reduction="sum_children" if c.loss_agg == "sum" else "mean",
+                          surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}

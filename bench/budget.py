@@ -3,6 +3,9 @@
 ``Budget.parse("2h,5000samples")``: comma-separated limits, the first one reached stops the run. The
 runner checks at iteration boundaries, so a run may overshoot by at most one iteration; totals in
 ``final.json`` are exact.
+
+``Cadence.parse`` reads ``eval.every`` with the same units: an integer (every N iterations) or one budget
+amount (``2000nfe``, ``500samples``, ``30s``): an evaluation schedule laid out on the cost axis.
 """
 
 from __future__ import annotations
@@ -96,9 +99,7 @@ class Budget:
         return None
 
     def _used(self, t: Totals, key: str) -> float:
-        if key == "seconds" and self.clock == "modeled":
-            return t.modeled_seconds
-        return getattr(t, key)
+        return used(t, key, self.clock)
 
     def fraction(self, t: Totals) -> float:
         """Largest consumed fraction over the limits (progress bars, ETA)."""
@@ -109,3 +110,69 @@ class Budget:
     def to_dict(self) -> dict:
         return {"spec": self.spec, "seconds": self.seconds, "samples": self.samples, "nfe": self.nfe,
                 "iterations": self.iterations, "clock": self.clock}
+
+
+def used(t: Totals, currency: str, clock: str = "wall") -> float:
+    """How much of ``currency`` (seconds | samples | nfe | iterations) totals ``t`` have consumed; seconds
+    on ``clock`` (wall: measured training seconds, modeled: the cost profile's)."""
+    if currency == "seconds" and clock == "modeled":
+        return t.modeled_seconds
+    return getattr(t, currency)
+
+
+#: eval.every forms (docs/RUNDIR.md)
+CADENCE_FORMS = ("10 (iterations)", "0 (start and end only)", "2000nfe", "500samples", "30s", "2m", "25it")
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a run evaluates (``eval.every``): at the first iteration boundary at or past each multiple of
+    ``amount`` of ``currency`` consumed (cumulative training totals, so a resumed run continues the same
+    schedule). ``amount`` 0: never on a schedule (only at the start and at the end). An integer
+    ``eval.every`` is ``amount`` iterations; seconds count the run's clock (``run.clock``)."""
+
+    currency: str = "iterations"
+    amount: float = 0.0
+    clock: str = "wall"
+
+    @classmethod
+    def parse(cls, value: object, clock: str = "wall") -> "Cadence":
+        """An integer >= 0 (iterations) or one budget term (``2000nfe``, ``500samples``, ``30s``, ``25it``)."""
+        forms = ", ".join(CADENCE_FORMS)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise UsageError(f"eval.every must be >= 0, got {value!r}. Valid forms: {forms}")
+            return cls("iterations", float(value), clock)
+        m = _TERM.match(value) if isinstance(value, str) else None
+        unit = m and _UNIT.get(m.group(2).lower())
+        if not m or not unit:
+            raise UsageError(f"eval.every must be an integer number of iterations or one budget amount (units h, "
+                             f"m, s, samples, nfe, it), got {value!r}. Valid forms: {forms}")
+        currency, mult = unit
+        amount = float(m.group(1)) * mult
+        if amount <= 0 or (currency == "iterations" and amount != int(amount)):
+            raise UsageError(f"eval.every {value!r} must be a positive amount (whole iterations; 0 alone means "
+                             f"at the start and the end only). Valid forms: {forms}")
+        return cls(currency, amount, clock)
+
+    def used(self, t: Totals) -> float:
+        return used(t, self.currency, self.clock)
+
+    def due(self, before: Totals, after: Totals) -> bool:
+        """An iteration that took the totals from ``before`` to ``after`` crossed (or reached) a multiple."""
+        return self.amount > 0 and self._index(after) > self._index(before)
+
+    def point(self, t: Totals) -> float:
+        """The largest multiple of ``amount`` that totals ``t`` have reached (the schedule point an
+        evaluation at ``t`` stands for), in the cadence's currency."""
+        return self._index(t) * self.amount if self.amount > 0 else 0.0
+
+    def _index(self, t: Totals) -> int:
+        return math.floor(self.used(t) / self.amount)
+
+    def describe(self) -> str:
+        if self.amount == 0:
+            return "at the start and the end only"
+        unit = {"iterations": "iterations", "samples": "samples", "nfe": "NFE",
+                "seconds": "modeled seconds" if self.clock == "modeled" else "training seconds"}[self.currency]
+        return f"every {self.amount:g} {unit}"

@@ -17,7 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from bench.errors import AlgorithmSettingsError, UsageError
+from bench.budget import Cadence
+from bench.errors import UsageError, algorithm_settings
 from bench.registry import algorithm_class, did_you_mean, model_preset
 
 DEFAULTS: dict[str, Any] = {
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "steps": None,           # T; None = the model preset's default
         "guidance": None,        # CFG scale; <= 1 disables CFG
         "noise_level": None,     # SDE noise level (Flow-GRPO a / DanceGRPO eta / DDIM eta)
-        "sde": "flow_grpo",      # flow_grpo | dance (flow models)
+        "sde": "flow_grpo",      # flow_grpo | dance | cps (flow models)
         "shift": None,           # flow time shift
         "schedule": "auto",      # auto | scheduler | linspace (flow models; auto = the model family's reference)
         "final_image": None,     # sample | x0; None = the algorithm's reference behaviour
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
         "max_grad_norm": 1.0,
         "micro_batch": 64,       # max rows per denoiser call (rollout and update; CFG takes 2 rows)
         "optimizer_steps": 1,    # optimizer steps per iteration
+        "frozen": False,         # true: the update runs (loss, gradients, NFE, optimizer-step calls) but no weight
+                                 # changes: the null arm of a comparison (bench compare --controls)
     },
     "reward": {
         "name": None,            # "shapes_pref" or a weighted spec "hpsv2=1.0,clip_score=1.0"; None = preset's
@@ -64,7 +67,9 @@ DEFAULTS: dict[str, Any] = {
         "options": {},           # {reward_name: {option: value}}
     },
     "eval": {
-        "every": 10,             # evaluate every N iterations (0 = only at start and end)
+        "every": 10,             # evaluate every N iterations, or every budget amount (2000nfe, 500samples, 30s on
+                                 # the run's clock): at the first iteration boundary past each multiple (0 = only
+                                 # at start and end)
         "num_prompts": 32,       # first N prompts of the eval set
         "images_per_prompt": 4,  # images per eval prompt (independent noise each): resolution of the eval means
         "seed": 0,               # eval noise seed, independent of the run seed: every run of a comparison
@@ -87,6 +92,8 @@ DEFAULTS: dict[str, Any] = {
         "cost_profile": None,     # shipped profile name or JSON file: log modeled seconds per iteration
         "clock": "wall",          # wall | a profile: a seconds budget counts that profile's modeled seconds
         "trace": False,           # write every expensive call of every iteration to trace.jsonl
+        "label": None,            # the run's name in reports (default: the algorithm and its varying settings);
+                                  # bench compare --controls labels its control arms <baseline>-aa / -frozen
     },
     "budget": "10m",
     "seed": 0,
@@ -285,7 +292,7 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
     need(isinstance(s["guidance"], (int, float)), f"sampler.guidance must be a number, got {s['guidance']!r}")
     need(isinstance(s["noise_level"], (int, float)) and s["noise_level"] > 0,
          f"sampler.noise_level must be a number > 0, got {s['noise_level']!r}")
-    need(s["sde"] in ("flow_grpo", "dance"), f"sampler.sde must be flow_grpo or dance, got {s['sde']!r}")
+    need(s["sde"] in ("flow_grpo", "dance", "cps"), f"sampler.sde must be flow_grpo, dance or cps, got {s['sde']!r}")
     need(s["schedule"] in ("auto", "scheduler", "linspace"),
          f"sampler.schedule must be auto, scheduler or linspace, got {s['schedule']!r}")
     need(s["final_image"] in (None, "sample", "x0"),
@@ -297,7 +304,8 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
          f"train.micro_batch must be an integer >= 1, got {t['micro_batch']!r}")
     need(isinstance(t["optimizer_steps"], int) and t["optimizer_steps"] >= 1,
          f"train.optimizer_steps must be an integer >= 1, got {t['optimizer_steps']!r}")
-    need(isinstance(e["every"], int) and e["every"] >= 0, f"eval.every must be an integer >= 0, got {e['every']!r}")
+    Cadence.parse(e["every"])  # an integer (iterations) or one budget amount; UsageError lists the forms
+    need(isinstance(t["frozen"], bool), f"train.frozen must be true or false, got {t['frozen']!r}")
     need(isinstance(e["num_prompts"], int) and e["num_prompts"] >= 1,
          f"eval.num_prompts must be an integer >= 1, got {e['num_prompts']!r}")
     need(isinstance(e["images_per_prompt"], int) and e["images_per_prompt"] >= 1,
@@ -354,13 +362,13 @@ def _validate_run(cfg: dict[str, Any]) -> None:
     need(isinstance(ru["clock"], str) and ru["clock"] != "",
          f"run.clock must be 'wall' or a cost profile (shipped name or JSON file), got {ru['clock']!r}")
     need(isinstance(ru["trace"], bool), f"run.trace must be true or false, got {ru['trace']!r}")
+    need(ru["label"] is None or (isinstance(ru["label"], str) and ru["label"].strip() != ""),
+         f"run.label must be null or a non-empty name, got {ru['label']!r}")
 
 
 def algorithm_config(cfg: Mapping[str, Any]) -> Any:
     """Instantiate the algorithm's frozen Config from ``cfg['algo']`` (ValueError -> AlgorithmSettingsError)."""
     cls = algorithm_class(cfg["algo"]["name"])
     params = {k: v for k, v in cfg["algo"].items() if k != "name"}
-    try:
+    with algorithm_settings(cfg["algo"]["name"], catch=(TypeError, ValueError)):
         return cls.Config(**params)
-    except (TypeError, ValueError) as e:
-        raise AlgorithmSettingsError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None

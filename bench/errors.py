@@ -9,6 +9,9 @@ into ``AlgorithmSettingsError``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class UsageError(ValueError):
     """A user mistake (unknown name, bad value, contradictory options): the CLI prints the message
@@ -27,6 +30,17 @@ class MissingWeightsError(UsageError):
 class AlgorithmSettingsError(UsageError):
     """An algorithm refused its settings (e.g. TreeGRPO's d > window): a property of the sampled
     combination, not of the machine, so a sweep prunes the trial instead of stopping."""
+
+
+@contextlib.contextmanager
+def algorithm_settings(name: str, catch: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
+    """The one place an algorithm's refusal of its settings (``catch``: ValueError from its constructor;
+    TypeError too where its Config is built from user keys) becomes ``AlgorithmSettingsError``:
+    ``with algorithm_settings(name): algo = cls(...)``."""
+    try:
+        yield
+    except catch as e:
+        raise AlgorithmSettingsError(f"invalid settings for algorithm {name!r}: {e}") from None
 
 
 class RunFailure(RuntimeError):

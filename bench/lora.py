@@ -8,7 +8,9 @@
 * Full fine-tuning runs (``model.lora_rank = 0``): ``DIR/<transformer|unet>/``, the trained denoiser.
 
 The base model is rebuilt in float32 from the run's manifest (``model.path`` must still point at it)
-and the trained weights come from the run's newest valid checkpoint (or ``--checkpoint N``).
+and the trained weights come from the run's newest valid checkpoint (or ``--checkpoint N``); a run that kept
+an EMA of its weights (``algo.ema``: Flow-GRPO, DiffusionNFT) exports the EMA, as the reference trainers'
+checkpoints hold it (``--weights trained`` for the optimised weights).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 
 from bench.errors import UsageError
 from bench.model.families import denoiser_kind
+from bench.rundir.layout import MANIFEST
+from bench.types import PREFIX as SNAPSHOT_PREFIX
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -67,14 +71,20 @@ def save_merged(policy: Any, out_dir: str | Path) -> Path:
     return out
 
 
-def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu") -> Any:
-    """Rebuild a run's policy (base model + adapter) and load its trained weights from a checkpoint."""
+EXPORT_WEIGHTS = ("auto", "trained", "ema")
+
+
+def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, device: str = "cpu",
+                        weights: str = "auto") -> Any:
+    """Rebuild a run's policy (base model + adapter) and load its weights from a checkpoint: ``weights``
+    "trained" (the optimised ones), "ema" (the EMA snapshot "eval_ema" an algorithm keeps with ``algo.ema``, what
+    Flow-GRPO's and DiffusionNFT's ``save_ckpt`` write) or "auto" (the EMA when the checkpoint holds one)."""
     from bench.model.models import build_policy
     from bench.rundir import checkpoint as ckpt_mod
     from bench.spec import ModelSpec
 
     run_dir = Path(run_dir)
-    man = run_dir / "manifest.json"
+    man = run_dir / MANIFEST
     if not man.is_file():
         raise UsageError(f"{run_dir} is not a run directory (no manifest.json)")
     cfg = json.loads(man.read_text())["config"]
@@ -92,19 +102,26 @@ def load_trained_policy(run_dir: str | Path, checkpoint: int | None = None, devi
     cfg["model"] = {**cfg["model"], "mixed_precision": "no", "compile": False, "gradient_checkpointing": False}
     policy = build_policy(ModelSpec.from_config(cfg), torch.device(device))
     params = {n: p for n, p in policy.denoiser.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(ck.policy))
+    if weights not in EXPORT_WEIGHTS:
+        raise UsageError(f"--weights must be one of {', '.join(EXPORT_WEIGHTS)}, got {weights!r}")
+    ema_prefix = f"{SNAPSHOT_PREFIX}eval_ema/"  # algorithms.common.EMA_SNAPSHOT (bench/ stays below algorithms/)
+    has_ema = any(k.startswith(ema_prefix) for k in ck.policy)
+    if weights == "ema" and not has_ema:
+        raise UsageError(f"checkpoint {ck.path} holds no EMA weights (the run did not set algo.ema)")
+    prefix = ema_prefix if weights == "ema" or (weights == "auto" and has_ema) else ""
+    missing = sorted(n for n in params if prefix + n not in ck.policy)
     if missing:
         raise UsageError(f"checkpoint {ck.path} does not match the model rebuilt from {man} "
                          f"(missing {missing[:3]})")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(ck.policy[n].to(p.device, p.dtype))
+            p.copy_(ck.policy[prefix + n].to(p.device, p.dtype))
     return policy
 
 
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint: int | None = None, merge: bool = False,
-           device: str = "cpu") -> list[Path]:
-    policy = load_trained_policy(run_dir, checkpoint, device)
+           device: str = "cpu", weights: str = "auto") -> list[Path]:
+    policy = load_trained_policy(run_dir, checkpoint, device, weights)
     if not policy.is_lora:
         return [save_merged(policy, out_dir)]
     written = [save_lora(policy, out_dir)]
@@ -121,7 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=int, default=None, help="iteration of the checkpoint (default: newest)")
     p.add_argument("--merge", action="store_true", help="also write the denoiser with the adapter fused in")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", choices=EXPORT_WEIGHTS, default="auto",
+                   help="trained weights or the EMA (algo.ema); auto: the EMA when the run kept one")
     a = p.parse_args(argv)
-    for path in export(a.run_dir, a.out, a.checkpoint, a.merge, a.device):
+    for path in export(a.run_dir, a.out, a.checkpoint, a.merge, a.device, a.weights):
         print(f"wrote {path}")
     return 0

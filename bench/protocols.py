@@ -26,6 +26,11 @@ trainable weights the runner creates, checkpoints and restores (``bench.model.sn
 with one through ``RolloutPlan.weights``, ``engine.predict(..., weights=name)`` evaluates one.
 Likelihood-free algorithms declare ``likelihood_free = True`` (default False) and report
 ``UpdateStats.approx_kl``, ``clip_frac`` and ``first_ratio`` as NaN (there is no importance ratio).
+Direct-gradient algorithms (ReFL, DRaFT-K) declare ``reward_gradient = True`` (default False): the runner
+then requires a reward with a gradient path (``differentiable = True`` and ``score_grad(images, prompts,
+meta) -> Tensor [L]``, scores differentiable in the images) and attaches it to the engine; the update
+reaches it only through ``engine.decode_grad`` and ``engine.reward_grad``, which the call trace records
+(``vae_decode_backward``, ``reward_backward``). This is the one exception to "never reads the reward model".
 
 Each algorithm class also declares what the core and sweeps read through the registry: ``log_keys``
 (the keys it adds to iterations.jsonl, with their meaning), ``search_space`` (its sweepable settings, in
@@ -34,7 +39,8 @@ given).
 
 Reward lifecycle: constructed by ``bench.run.scoring.build_reward`` from a registry name, an entry point or
 a ``module:Class`` spec, as ``RewardClass(device=..., **options)``; heavy weights load on the first call,
-never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores.
+never at import. ``__call__`` runs under ``torch.no_grad`` and returns float32 scores. A reward may also
+offer a gradient path (``differentiable = True`` and ``score_grad``, see above).
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ def did_you_mean(name: str, valid: list[str] | tuple[str, ...] | Any, what: str)
 class Entry:
     target: str  # "module:attribute"
     description: str
+    #: Python modules the plug-in needs beyond the core install, checked before it is imported (a reward
+    #: whose package is missing is refused with the install command; ``bench rewards check`` lists them)
+    requires: tuple[str, ...] = ()
 
 
 ALGORITHMS: dict[str, Entry] = {
@@ -57,6 +60,15 @@ ALGORITHMS: dict[str, Entry] = {
     "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
                           "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
                           "samples, implicit positive/negative policies, EMA old policy"),
+    "awm": Entry("algorithms.awm:AWM",
+                 "AWM (arXiv 2509.25050): likelihood-free; advantage-weighted flow-matching loss on the clean "
+                 "samples, KL to the reference and to an EMA policy"),
+    "refl": Entry("algorithms.refl:ReFL",
+                  "ReFL (arXiv 2304.05977) / DRaFT-K (arXiv 2309.17400): direct gradient of a differentiable reward "
+                  "through the last K denoising steps"),
+    "flowdppo": Entry("algorithms.flowdppo:FlowDPPO",
+                      "Flow-DPPO (arXiv 2606.11025): Flow-GRPO sampler, a KL trust-region mask in place of "
+                      "ratio clipping"),
 }
 
 REWARDS: dict[str, Entry] = {
@@ -67,11 +79,16 @@ REWARDS: dict[str, Entry] = {
     "brightness": Entry("rewards.toy:Brightness", "Toy: mean pixel brightness in [0, 1]"),
     "jpeg_compressibility": Entry("rewards.toy:JpegCompressibility",
                                   "Toy (DDPO): negative JPEG size in kB at quality 95"),
-    "hpsv2": Entry("rewards.hpsv2:HPSv2", "HPSv2 / HPSv2.1 human preference score (open_clip ViT-H-14)"),
-    "image_reward": Entry("rewards.image_reward:ImageRewardScorer", "ImageReward 1.5 (BLIP + MLP head)"),
-    "clip_score": Entry("rewards.clip_score:ClipScore", "CLIPScore: cosine image-text similarity (open_clip)"),
-    "pickscore": Entry("rewards.pickscore:PickScore", "PickScore (CLIP-H fine-tuned on Pick-a-Pic)"),
-    "aesthetic": Entry("rewards.aesthetic:Aesthetic", "LAION aesthetic predictor (MLP on CLIP ViT-L/14)"),
+    "hpsv2": Entry("rewards.hpsv2:HPSv2", "HPSv2 / HPSv2.1 human preference score (open_clip ViT-H-14)",
+                   requires=("hpsv2", "clint", "torchvision", "ftfy", "regex")),
+    "image_reward": Entry("rewards.image_reward:ImageRewardScorer", "ImageReward 1.5 (BLIP + MLP head)",
+                          requires=("ImageReward", "timm", "fairscale", "torchvision")),
+    "clip_score": Entry("rewards.clip_score:ClipScore", "CLIPScore: cosine image-text similarity (open_clip)",
+                        requires=("open_clip", "timm", "torchvision", "ftfy", "regex")),
+    "pickscore": Entry("rewards.pickscore:PickScore", "PickScore (CLIP-H fine-tuned on Pick-a-Pic)",
+                       requires=("transformers",)),
+    "aesthetic": Entry("rewards.aesthetic:Aesthetic", "LAION aesthetic predictor (MLP on CLIP ViT-L/14)",
+                       requires=("transformers",)),
 }
 
 #: Reward that combines several ("a=1.0,b=0.5" specs); named by string to keep the layering.

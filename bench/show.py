@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 from bench.errors import UsageError
 from bench.run.progress import eval_means, table
+from bench.rundir import layout
+from bench.rundir.layout import EVALS, FINAL, MANIFEST
 
 COLUMNS = ["run", "algorithm", "seed", "budget", "stop", "iterations", "samples", "nfe", "seconds",
            "final_eval", "best_eval"]
@@ -23,40 +25,25 @@ def find_runs(paths: Sequence[str]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise UsageError(f"{p}: no such run directory")
-        if (p / "manifest.json").is_file():
-            runs.append(p)
-            continue
-        found = sorted(m.parent for m in p.rglob("manifest.json")) if p.is_dir() else []
+        found = layout.find_runs(p)
         if not found:
             raise UsageError(f"{p}: not a run directory and no run directory below it (no manifest.json)")
         runs.extend(found)
     return list(dict.fromkeys(runs))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _last_eval(run: Path) -> dict[str, Any] | None:
-    try:
-        lines = [ln for ln in (run / "evals.jsonl").read_text().splitlines() if ln.strip()]
+    try:  # a killed run may leave a partial last line: dropped by the reader
+        evals, _ = layout.read_jsonl(run / EVALS, strict=False)
     except OSError:
         return None
-    for ln in reversed(lines):  # a killed run may leave a partial last line
-        try:
-            return json.loads(ln)
-        except ValueError:
-            continue
-    return None
+    return evals[-1] if evals else None
 
 
 def summarize(run: Path) -> dict[str, Any]:
     """One row: the manifest, final.json (absent while a run trains or after a kill) and the evaluations."""
-    man = _read_json(run / "manifest.json") or {}
-    final = _read_json(run / "final.json") or {}
+    man = layout.read_json_or_none(run / MANIFEST) or {}
+    final = layout.read_json_or_none(run / FINAL) or {}
     ev = final.get("final_eval") or _last_eval(run)
     best = final.get("best_eval") or None
     return {"run": str(run), "algorithm": (man.get("algorithm") or {}).get("name"), "seed": man.get("seed"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bench import config as config_mod
-from bench.budget import Budget
+from bench.budget import Budget, Cadence
 from bench.errors import UsageError
 from bench.model.policy import ModelOptions
 from bench.types import SamplerSpec, TrainSpec
@@ -53,6 +53,7 @@ class OptimizerSpec:
     beta2: float
     eps: float
     weight_decay: float
+    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.run.runner.FrozenAdamW)
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Held-out evaluation: rewards evaluated, every N iterations (0 = start and end only), at start or
-    not, first N prompts of the eval set, images per prompt, the noise seed (independent of the run
-    seed, so every run of a comparison evaluates on the same noise), images per saved grid."""
+    """Held-out evaluation: rewards evaluated, when (``every``: a ``Cadence`` in iterations or a budget
+    currency; amount 0 = start and end only), at start or not, first N prompts of the eval set, images per
+    prompt, the noise seed (independent of the run seed, so every run of a comparison evaluates on the
+    same noise), images per saved grid."""
 
     rewards: tuple[str, ...]
-    every: int
+    every: Cadence
     at_start: bool
     num_prompts: int
     grid: int
@@ -133,10 +135,12 @@ class RunSpec:
             train=TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                             max_grad_norm=float(t["max_grad_norm"])),
             optimizer=OptimizerSpec(lr=float(t["lr"]), beta1=float(t["beta1"]), beta2=float(t["beta2"]),
-                                    eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"])),
+                                    eps=float(t["adam_eps"]), weight_decay=float(t["weight_decay"]),
+                                    frozen=bool(t.get("frozen", False))),
             prompts_per_iteration=int(t["prompts_per_iteration"]),
             reward=RewardSpec(name=r["name"], normalize=r["normalize"], options=dict(r["options"])),
-            eval=EvalSpec(rewards=tuple(e["rewards"]), every=int(e["every"]), at_start=bool(e["at_start"]),
+            eval=EvalSpec(rewards=tuple(e["rewards"]), every=Cadence.parse(e["every"], clock=cost.budget_clock(cfg)),
+                          at_start=bool(e["at_start"]),
                           num_prompts=int(e["num_prompts"]), grid=int(e["grid"]),
                           images_per_prompt=int(e["images_per_prompt"]), seed=int(e["seed"])),
             train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],

@@ -49,8 +49,10 @@ def check_name(name: str) -> str:
 STEP_MODES = ("ode", "sde", "dpm2")
 #: SDE families for flow models: "flow_grpo" = Flow-GRPO's ``sde_step_with_logprob`` (flow_grpo,
 #: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py); "dance" = DanceGRPO's ``flux_step`` with
-#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py). Epsilon models always use DDIM.
-SDE_TYPES = ("flow_grpo", "dance")
+#: ``sde_solver`` (DanceGRPO, fastvideo/train_grpo_flux.py); "cps" = coefficients-preserving sampling
+#: (the same flow_grpo function with ``sde_type='cps'``, ``bench.engine.sde.cps_sde_step``). Epsilon models
+#: always use DDIM.
+SDE_TYPES = ("flow_grpo", "dance", "cps")
 #: What a rollout decodes into its images (``sampler.final_image``): "sample" = the last sampled latent
 #: (Flow-GRPO, DDPO, MixGRPO, TreeGRPO); "x0" = the data prediction of the last denoiser evaluation
 #: (DanceGRPO decodes ``pred_original`` of its last step, whose SDE noise never reaches the reward).
@@ -98,11 +100,13 @@ class RolloutPlan:
     shared_noise:     all roots of one prompt start from the same initial noise (never shared across
                       prompts)
     noise_level:      SDE noise level (Flow-GRPO "a" / DanceGRPO "eta"; DDIM eta for epsilon models)
-    sde_type:         "flow_grpo" or "dance" (flow models; ignored by epsilon models, which use DDIM)
+    sde_type:         "flow_grpo", "dance" or "cps" (flow models; ignored by epsilon models, which use DDIM)
     guidance:         classifier-free guidance scale; <= 1 disables CFG (one NFE per evaluation)
     sigmas:           optional explicit sigma schedule [T+1] (1 -> 0) overriding the model's default;
                       MixGRPO-Flash uses it for its compressed post-window schedule
     keep_latents:     keep every node's latent in the Rollout (needed to recompute log-probs)
+    keep_means:       also keep the mean of every SDE step (``Rollout.means``): GRPO-Guard's RatioNorm
+                      compares the trained policy's step means with the sampling-time ones
     final_image:      "sample" (decode the last sampled latent) or "x0" (decode the last evaluation's data
                       prediction), see FINAL_IMAGES; identical for a last ODE step to sigma = 0
     log_std_range:    optional (lo, hi): flow SDE step stds are clamped to [e^lo, e^hi] (TreeGRPO's code)
@@ -111,6 +115,9 @@ class RolloutPlan:
     split_logp_std:   the std the log-prob of such a child is scored with: "step" (the step's std, as
                       BranchGRPO's code, whatever the scale) or "sampling" (scale * std, the distribution
                       the child was drawn from); see SPLIT_LOGP_STDS
+    cfg_uncond_grad:  False: in the update's guided evaluations (``RolloutEngine.logp``) the unconditional
+                      branch is detached, so gradients flow through the conditional branch only (Flow-GRPO's
+                      ``train_sd3.py::compute_log_prob``); True (default): through both
     weights:          the weights the rollout samples with: "current" (the trained ones) or the name of a
                       weight snapshot the algorithm declares (``bench.model.snapshots``; DiffusionNFT samples
                       with its EMA "old" policy)
@@ -128,10 +135,12 @@ class RolloutPlan:
     guidance: float = 1.0
     sigmas: tuple[float, ...] | None = None
     keep_latents: bool = True
+    keep_means: bool = False
     final_image: str = "sample"
     log_std_range: tuple[float, float] | None = None
     split_noise_scale: float = 1.0
     split_logp_std: str = "step"
+    cfg_uncond_grad: bool = True
     weights: str = "current"
     info: Mapping[str, float] = field(default_factory=dict, compare=False, hash=False)
 
@@ -213,6 +222,10 @@ class Rollout:
     iteration:  training iteration the rollout belongs to
     conditioning: the encoded prompts [P] (a ``bench.model.policy.Conditioning``) the engine reuses to
                 recompute log-probs
+    batch:      the PromptBatch the rollout was sampled for (prompt texts and metadata, which a
+                direct-gradient update passes to the reward; None in merged/split views)
+    means:      [N, C, h, w] float32 sampling-time mean of the step parent -> n (NaN for roots and
+                deterministic edges), kept only when the plan asks (``keep_means``), else None
     """
 
     latents: Tensor | None
@@ -230,6 +243,8 @@ class Rollout:
     plan: RolloutPlan
     iteration: int = 0
     conditioning: Any = None
+    batch: PromptBatch | None = None
+    means: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -312,7 +327,8 @@ class UpdateStats:
 
     loss:            mean loss over the trained terms
     approx_kl:       0.5 * mean((logp_new - logp_old)^2) over trained edges (DDPO's diagnostic)
-    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps]
+    clip_frac:       fraction of trained edges whose ratio left [1 - eps, 1 + eps] (an update with
+                     another surrogate counts the terms it reports as clipped, e.g. Flow-DPPO's masked ones)
     grad_norm:       gradient norm before clipping (last optimizer step)
     first_ratio:     mean importance ratio exp(logp_new - logp_old) of the first micro-batch, before
                      any optimizer step (should be 1 up to numerics)
@@ -346,7 +362,7 @@ class SamplerSpec:
     steps:       T
     guidance:    CFG scale (<= 1 disables CFG)
     noise_level: SDE noise level
-    sde_type:    "flow_grpo" | "dance"
+    sde_type:    "flow_grpo" | "dance" | "cps"
     shift:       time shift of the flow schedule (sigma' = s*sigma / (1 + (s-1)*sigma))
     prediction:  "flow" (velocity) or "epsilon" (DDIM models)
     schedule:    flow schedule, "scheduler" or "linspace" (``bench.engine.sde.FLOW_SCHEDULES``)

@@ -1,4 +1,4 @@
-"""What every report page shares: the options, the analysis of one RunSet (final scores, costs,
+"""What every report page shares: the options, the analysis of one RunSet (scores at the budget, costs,
 curves, verdict, reward-hacking table) and the page writer (PDF page + the same figure as PNG/SVG)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from reports import stats
+from reports import claims, stats
 from reports.hacking import hacking_table
 from reports.load import X_AXES, RunSet, axes_present, budget_axis, code_version_problems
-from reports.verdict import Verdict, build_verdict, cost_axes, gains
+from reports.verdict import Verdict, build_verdict, cost_axes
 
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, inches
 
@@ -26,41 +26,44 @@ class ReportOptions:
     x: str = "samples"               # budget axis of the learning curves: samples | nfe | modeled | seconds
     baseline: str | None = None      # label to compare against (default: dancegrpo if present, else first)
     metric: str | None = None        # eval key of the primary metric (default: eval/<training reward>)
-    threshold: float | None = None   # reward R for the speed-up table (default: baseline's final IQM)
     title: str = "treebench report"
-    reps: int = 2000                 # bootstrap resamples
+    reps: int = 20000                # Monte-Carlo draws of a permutation p-value beyond 200,000 splits
     points: int = 60                 # budget grid points per axis
-    wall_verdict: bool = False       # also state speed-ups in (noisy) wall-clock seconds
+    sesoi: dict[str, float] = field(default_factory=dict)  # smallest effects of interest: {metric | "cost": v}
+    targets: tuple[float, ...] = claims.TARGET_FRACTIONS     # cost-to-target: fractions of the baseline's gain
+    fractions: tuple[float, ...] = claims.BUDGET_FRACTIONS   # matched fractions of the budget
+    wall_verdict: bool = False       # also state cost claims in (noisy) wall-clock seconds
+    wall_pareto: bool = False        # Pareto panels on wall-clock time and CPU process memory too
     figures: bool = True             # write each page as an image file and the tables as CSV/Markdown
     figure_formats: tuple[str, ...] = ("png", "svg")  # page file formats (SVG skipped for raster pages)
 
 
 # --------------------------------------------------------------------------------------- analysis
 
-def final_scores(rs: RunSet, key: str) -> pd.DataFrame:
-    """Per run: the metric at its last eval record (label, run, seed, value)."""
-    if rs.evals.empty or key not in rs.evals:
-        return pd.DataFrame(columns=["run", "label", "seed", "value"])
-    ev = rs.evals.dropna(subset=[key]).sort_values(["run", "iteration"])
-    last = ev.groupby("run", sort=False).tail(1)
-    return last[["run", "label", "seed", key]].rename(columns={key: "value"})
+def final_scores(rs: RunSet, key: str, sched: claims.Schedule | None = None) -> pd.DataFrame:
+    """Per run: the metric at the budget (label, run, seed, value, gain): the evaluation at the
+    schedule's full budget (reports.claims.matched: less than one iteration past it), or, without a
+    schedule, the run's last evaluation."""
+    ev = claims.eval_table(rs, key)
+    if ev.empty:
+        return pd.DataFrame(columns=["run", "label", "seed", "value", "gain"])
+    if sched is not None:
+        ev = claims.matched(ev, sched.column, sched.budget, claims.boundaries(rs, sched.column))
+    else:
+        ev = ev.groupby("run", sort=False).tail(1)
+    return ev[["run", "label", "seed", "value", "gain"]].reset_index(drop=True)
 
 
-def final_table(rs: RunSet, key: str, reps: int) -> pd.DataFrame:
-    """Per label: IQM of the final metric over its runs and its 95% CI (NaN bounds below 3 runs)."""
-    fs = final_scores(rs, key)
+def final_table(rs: RunSet, key: str, sched: claims.Schedule | None = None) -> pd.DataFrame:
+    """Per label: the mean of the metric at the budget over its runs and its 95% t interval (NaN bounds
+    below 3 runs); ``summary`` the score, ``gain`` the gain over iteration 0 (Summary objects)."""
+    fs = final_scores(rs, key, sched)
     rows = []
     for lab in rs.labels:
-        s = stats.summarize(fs.loc[fs["label"] == lab, "value"], reps)
-        rows.append({"label": lab, "value": s.point, "lo": s.lo, "hi": s.hi, "n": s.n, "summary": s})
+        s = stats.summarize(fs.loc[fs["label"] == lab, "value"])
+        g = stats.summarize(fs.loc[fs["label"] == lab, "gain"])
+        rows.append({"label": lab, "value": s.point, "lo": s.lo, "hi": s.hi, "n": s.n, "summary": s, "gain": g})
     return pd.DataFrame(rows)
-
-
-def gain_table(rs: RunSet, key: str, reps: int) -> pd.DataFrame:
-    """Per label: the paired gain over each run's own iteration 0 (Summary in column ``summary``)."""
-    g = gains(rs, key)
-    return pd.DataFrame([{"label": lab, "summary": stats.summarize(g.loc[g["label"] == lab, "gain"], reps)}
-                         for lab in rs.labels])
 
 
 def cost_table(rs: RunSet) -> pd.DataFrame:
@@ -108,19 +111,28 @@ class Context:
     curves: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.final = final_table(self.rs, self.metric, self.opt.reps)
         self.costs = cost_table(self.rs)
         self.present = [a for a in axes_present(self.rs) if self.axis_allowed(a)]
         self.budget = budget_axis(self.rs)
+        self.schedule = claims.schedule(self.rs, self.opt.x)
+        self.final = final_table(self.rs, self.metric, self.schedule)
         self.code_problems = code_version_problems(self.rs.runs)
-        base_final = self.final.loc[self.final["label"] == self.baseline, "value"]
-        thr = self.opt.threshold
-        self.threshold = float(base_final.iloc[0]) if thr is None and len(base_final) else (
-            thr if thr is not None else math.nan)
         axes = cost_axes(self.rs, self.budget, self.present, self.wall_ok, self.opt.wall_verdict)
-        self.verdict: Verdict = build_verdict(self.rs, self.metric, self.baseline, axes, self.opt.reps,
-                                              self.code_problems)
+        self.verdict: Verdict = build_verdict(self.rs, self.metric, self.baseline, self.schedule, axes,
+                                              self.opt.sesoi, self.code_problems, self.opt.fractions,
+                                              self.opt.targets, self.opt.reps)
+        self.targets = self._target_levels()
         self.hacking = hacking_table(self.rs)
+
+    def _target_levels(self) -> list[tuple[float, float]]:
+        """(fraction, score) of each cost-to-target target on the primary metric: the baseline's mean
+        iteration-0 score plus the fraction of its mean gain at the budget."""
+        gain = self.verdict.notes.get("baseline_gain", math.nan)
+        ev = claims.eval_table(self.rs, self.metric)
+        start = ev.loc[(ev["label"] == self.baseline) & (ev["iteration"] == 0), "value"]
+        if not (np.isfinite(gain) and gain > 0 and len(start)):
+            return []
+        return [(f, float(start.mean()) + f * gain) for f in self.opt.targets]
 
     def curve(self, axis: str, key: str) -> pd.DataFrame:
         """Aggregated curve of ``key`` vs budget ``axis``: eval keys from evals, reward_mean from iterations."""
@@ -130,9 +142,9 @@ class Context:
             if frame.empty or x not in frame or key not in frame:
                 df = pd.DataFrame(columns=["label", "x", "value", "lo", "hi", "n"])
             else:
-                df = stats.aggregate_curves(frame, x, key, points=self.opt.points, reps=self.opt.reps)
-                # below 3 runs a band would be the min-max of the runs: draw the IQM line only
-                df.loc[df["n"] < stats.MIN_N_FOR_INTERVAL, ["lo", "hi"]] = np.nan
+                df = stats.aggregate_curves(frame, x, key, points=self.opt.points)
+                if key == "reward_mean":  # a record every iteration: no markers
+                    df["evaluated"] = False
             self.curves[(axis, key)] = df
         return self.curves[(axis, key)]
 

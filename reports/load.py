@@ -4,12 +4,22 @@
 containing run directories at any depth (a ``bench compare`` output, a sweep's ``trials/<n>/``), and
 returns a :class:`RunSet` with three frames keyed by ``run``:
 
-* ``runs``       one row per run: identity (algorithm, label, seed, reward + version, device, git),
+* ``runs``       one row per run: identity (algorithm, label, seed, reward + version, device, git;
+                 ``run_label`` (``run.label``) and ``frozen`` (``train.frozen``) for control arms),
                  totals from ``final.json`` (or the last iteration when a run has not finished),
                  mean seconds per iteration and per phase, peak memory, ``cfg.<dotted key>`` columns
                  for the algorithm's config (``cfg.algo.k``...)
 * ``iterations`` one row per iteration record, with ``run``, ``algo``, ``label``, ``seed`` prepended
 * ``evals``      one row per eval record, likewise
+* ``scores``     one row per evaluated image (``eval_scores.jsonl``: run, iteration, prompt_index,
+                 image_index, prompt and an ``eval/<reward>[/<component>]`` column per score); empty for
+                 run directories written before per-image scores existed
+
+A run's **label** is the algorithm name plus the ``algo.*`` settings that vary between that
+algorithm's runs (``treegrpo k=3 d=2``), or the arm label its manifest carries (``label``, e.g. the
+controls ``dancegrpo-aa`` and ``dancegrpo-frozen`` of ``bench compare --controls``); a run directory
+under ``<arm>/seed<s>`` whose ``<arm>`` is ``<algorithm>-aa`` or ``<algorithm>-frozen`` gets that label
+too.
 
 ``check_comparable`` refuses to put runs with different schema versions, training reward
 (name@version), held-out reward versions, or (for wall-clock axes) devices on one axis.
@@ -17,7 +27,6 @@ returns a :class:`RunSet` with three frames keyed by ``run``:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -29,8 +38,18 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.rundir import layout
+from bench.rundir.layout import (
+    EVAL_SCORES,
+    EVALS,
+    FINAL,
+    ITERATIONS,
+    MANIFEST,
+    NOT_RUNS,
+    READABLE_SCHEMA_VERSIONS,
+)
 
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = READABLE_SCHEMA_VERSIONS  # the run directory layout's (bench.rundir.layout)
 
 #: Canonical order of algorithms on every page (others follow alphabetically).
 ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft", "grpo")
@@ -62,6 +81,21 @@ def modeled_profiles(runs: pd.DataFrame) -> list:
     """Cost profile of each run (None where a run has none): the modeled axis needs one profile for all."""
     return list(runs["cost_profile"]) if "cost_profile" in runs else [None] * len(runs)
 
+#: Identity columns of the per-image score frame (``RunSet.scores``).
+SCORE_ID_COLUMNS = ["run", "label", "seed", "iteration", "prompt_index", "image_index", "prompt"]
+#: Suffixes of control-arm labels (``bench compare --controls``): A/A (the baseline algorithm under other
+#: seeds) and frozen (the baseline's rollouts and rewards, weights never updated).
+CONTROL_SUFFIXES = {"-aa": "aa", "-frozen": "frozen"}
+
+
+def control_of(label: str) -> tuple[str, str] | None:
+    """(kind, baseline label) of a control arm's label (``dancegrpo-aa`` -> ("aa", "dancegrpo")), else None."""
+    for suffix, kind in CONTROL_SUFFIXES.items():
+        if str(label).endswith(suffix) and len(str(label)) > len(suffix):
+            return kind, str(label)[: -len(suffix)]
+    return None
+
+
 # Config keys that differ between runs without making them different methods (seed, output paths,
 # budget, logging); used when deciding whether runs of one algorithm are variants.
 _IGNORED_CONFIG_LEAVES = {"seed", "out", "out_dir", "output", "run_name", "overwrite", "resume",
@@ -76,6 +110,7 @@ class RunSet:
     manifests: dict[str, dict] = field(default_factory=dict)
     finals: dict[str, dict] = field(default_factory=dict)
     trials: pd.DataFrame | None = None
+    scores: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SCORE_ID_COLUMNS))
 
     @property
     def labels(self) -> list[str]:
@@ -117,7 +152,7 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not p.exists():
             raise UsageError(f"{p}: no such file or directory")
         if p.is_file():
-            if p.name == "manifest.json":
+            if p.name == MANIFEST:
                 p = p.parent
             else:
                 raise UsageError(f"{p}: expected a run directory (holding manifest.json) or a directory of them")
@@ -135,11 +170,11 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def _walk(d: Path, out: list[Path]) -> None:
-    if (d / "manifest.json").is_file():
+    if (d / MANIFEST).is_file():
         out.append(d)
         return
     for child in sorted(d.iterdir(), key=lambda c: _natural_key(c.name)):
-        if child.is_dir() and child.name not in ("checkpoints", "samples") and not child.name.startswith("."):
+        if child.is_dir() and child.name not in NOT_RUNS and not child.name.startswith("."):
             _walk(child, out)
 
 
@@ -152,30 +187,17 @@ def _natural_key(s: str) -> list:
 # --------------------------------------------------------------------------------------- reading
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from e
+    """A JSON object file of a run directory (``UsageError`` naming the file when it is not one)."""
+    return layout.read_json(path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSON Lines file; a truncated last line (a run still writing) is skipped with a
-    warning, a bad line elsewhere is an error naming the file and line."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):
-                warnings.warn(f"{path}:{n}: skipping incomplete last line (run still writing?)", stacklevel=2)
-                continue
-            raise UsageError(f"{path}:{n}: not valid JSON ({e})") from e
-    return out
+    warning, a bad line elsewhere is an error naming the file and line (``bench.rundir.layout``)."""
+    recs, bad = layout.read_jsonl(path)
+    for n in bad:
+        warnings.warn(f"{path}:{n}: skipping incomplete last line (run still writing?)", stacklevel=2)
+    return recs
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -217,6 +239,10 @@ def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> 
     last = its[-1] if its else {}
     row: dict[str, Any] = {
         "run": run_id, "path": str(path), "run_name": m.get("run_name", path.name), "algo": algo,
+        # run.label names the run's group in reports (bench compare --controls: <baseline>-aa, -frozen)
+        "run_label": config_value(m, "run.label"),
+        "frozen": bool(m.get("weights_frozen", config_value(m, "train.frozen", False))),
+        "arm_label": arm_label(m, path, algo),
         "seed": m.get("seed", config_value(m, "seed")),
         "schema_version": m.get("schema_version"),
         "reward": reward.get("name"), "reward_version": str(reward.get("version")),
@@ -245,29 +271,66 @@ def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> 
     return row
 
 
+def arm_label(m: dict, path: Path, algo: str) -> str | None:
+    """The label a run directory declares: its manifest's ``label`` (or ``config.run.label``), else a
+    control arm's directory name (``<algo>-aa`` / ``<algo>-frozen`` above ``seed<s>``); None otherwise."""
+    for v in (m.get("label"), config_value(m, "run.label")):
+        if isinstance(v, str) and v.strip():
+            return v.strip()
+    for d in (path.parent, path):
+        if d.name in (f"{algo}{suffix}" for suffix in CONTROL_SUFFIXES):
+            return d.name
+    return None
+
+
+def read_scores(path: Path, run_id: str) -> pd.DataFrame:
+    """``eval_scores.jsonl`` of one run as a frame (columns SCORE_ID_COLUMNS minus label/seed, plus
+    ``eval/<key>`` per score key); empty when the file is absent."""
+    recs = read_jsonl(path / EVAL_SCORES)
+    if not recs:
+        return pd.DataFrame()
+    cols: dict[str, list] = {c: [] for c in ("iteration", "prompt_index", "image_index", "prompt")}
+    keys: dict[str, list] = {}
+    for n, r in enumerate(recs):
+        for c, lst in cols.items():
+            lst.append(r.get(c))
+        for k, v in (r.get("scores") or {}).items():
+            keys.setdefault(f"eval/{k}", [math.nan] * n)
+        for k, lst in keys.items():
+            v = (r.get("scores") or {}).get(k[5:])
+            lst.append(float(v) if isinstance(v, (int, float)) else math.nan)
+    df = pd.DataFrame({**cols, **keys})
+    df.insert(0, "run", run_id)
+    return df
+
+
 def load(paths: Iterable[str | os.PathLike]) -> RunSet:
     """Read every run directory at or below ``paths`` into a :class:`RunSet`."""
     paths = list(paths)
     dirs = find_run_dirs(paths)
     ids = _run_ids(dirs)
-    rows, it_frames, ev_frames, manifests, finals = [], [], [], {}, {}
+    rows, it_frames, ev_frames, sc_frames, manifests, finals = [], [], [], [], {}, {}
     for run_id, d in zip(ids, dirs):
-        m = read_json(d / "manifest.json")
-        final = read_json(d / "final.json") if (d / "final.json").is_file() else {}
-        its = read_jsonl(d / "iterations.jsonl")
-        evs = read_jsonl(d / "evals.jsonl")
+        m = read_json(d / MANIFEST)
+        final = read_json(d / FINAL) if (d / FINAL).is_file() else {}
+        its = read_jsonl(d / ITERATIONS)
+        evs = read_jsonl(d / EVALS)
         manifests[run_id], finals[run_id] = m, final
         rows.append(_run_row(run_id, d, m, final, its))
         it_frames.append(pd.DataFrame(its).assign(run=run_id))
         ev_frames.append(pd.DataFrame(evs).assign(run=run_id))
+        sc_frames.append(read_scores(d, run_id))
     runs = pd.DataFrame(rows)
     runs["label"] = _labels(runs)
     runs = _sort_runs(runs)
     ident = runs[["run", "algo", "label", "seed"]]
     iterations = _concat(it_frames, ident)
     evals = _fill_axis_columns(_concat(ev_frames, ident), iterations)
+    sc = [f for f in sc_frames if not f.empty]
+    scores = (ident.merge(pd.concat(sc, ignore_index=True), on="run", how="right").drop(columns="algo")
+              if sc else pd.DataFrame(columns=SCORE_ID_COLUMNS))
     return RunSet(runs=runs, iterations=iterations, evals=evals, manifests=manifests, finals=finals,
-                  trials=_read_trials(paths))
+                  trials=_read_trials(paths), scores=scores)
 
 
 def _concat(frames: list[pd.DataFrame], ident: pd.DataFrame) -> pd.DataFrame:
@@ -342,22 +405,27 @@ def _read_trials(paths: list) -> pd.DataFrame | None:
 # --------------------------------------------------------------------------------------- labels
 
 def _labels(runs: pd.DataFrame) -> list[str]:
-    """Algorithm name, plus the config values that vary between that algorithm's runs
-    (``treegrpo k=3 d=2``) so that variants are never averaged together as seeds."""
+    """``run.label`` where a run has one (the control arms of ``bench compare --controls``), else the
+    algorithm name plus the config values that vary between that algorithm's runs (``treegrpo k=3 d=2``)
+    so that variants are never averaged together as seeds."""
     cfg_cols = [c for c in runs.columns if c.startswith("cfg.")
                 and c.split(".")[-1] not in _IGNORED_CONFIG_LEAVES]
     labels = []
     varying: dict[str, list[str]] = {}
-    for algo, grp in runs.groupby("algo", sort=False):
+    declared = runs["arm_label"].notna() if "arm_label" in runs else pd.Series(False, index=runs.index)
+    for algo, grp in runs[~declared].groupby("algo", sort=False):
         cols = []
         for c in cfg_cols:
             vals = grp[c].map(repr).unique()
             if len(vals) > 1:
                 cols.append(c)
         varying[algo] = cols
-    for _, r in runs.iterrows():
+    for i, r in runs.iterrows():
+        if declared[i]:
+            labels.append(str(r["arm_label"]))
+            continue
         parts = [r["algo"]]
-        for c in varying[r["algo"]]:
+        for c in varying.get(r["algo"], []):
             parts.append(f"{c.split('.')[-1]}={_fmt_value(r[c])}")
         labels.append(" ".join(parts))
     return labels
@@ -378,7 +446,8 @@ def order_labels(pairs: Iterable[tuple[str, str]]) -> list[str]:
     def key(p):
         label, algo = p
         rank = ALGO_ORDER.index(algo) if algo in ALGO_ORDER else len(ALGO_ORDER)
-        return (rank, algo if rank == len(ALGO_ORDER) else "", _natural_key(label))
+        control = control_of(label) is not None  # control arms after every method
+        return (control, rank, algo if rank == len(ALGO_ORDER) else "", _natural_key(label))
 
     return [label for label, _ in sorted(pairs, key=key)]
 

@@ -19,21 +19,29 @@ WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
 LABELS_PER_SAMPLE_PAGE = 4
 
 
+def _targets(c: Context, key: str) -> list[tuple[str, float]]:
+    if key != c.metric:
+        return []
+    return [(f"{100 * f:g}% of {c.baseline}'s gain", y) for f, y in c.targets]
+
+
 def curves_page(w: Writer, c: Context) -> None:
     axis = c.opt.x
     xlabel = axis_label(c.rs.runs, axis)
     keys = [("reward_mean", f"{c.rs.train_eval_key().split('/', 1)[-1]} (training batch mean per iteration)")] + [
         (k, reward_label(c.rs, k)) for k in c.rs.eval_keys()]
     ncols = 2 if len(keys) > 1 else 1
-    heading = f"Learning curves vs {xlabel} (IQM over seeds; band: 95% CI, only with >= 3 seeds)"
+    heading = f"Learning curves vs {xlabel} (mean over seeds; 95% t band with >= 3 seeds)"
     fig, axes = w.page(heading, math.ceil(len(keys) / ncols), ncols)
     for ax, (key, ylabel) in zip(axes.flat, keys):
-        thr = c.threshold if key == c.metric else None
-        plots.learning_curves(ax, c.curve(axis, key), xlabel, "reward", labels=c.rs.labels, threshold=thr,
-                              title=ylabel)
+        plots.learning_curves(ax, c.curve(axis, key), xlabel, "reward", labels=c.rs.labels,
+                              targets=_targets(c, key), title=ylabel, legend=False)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_axis_off()
-    w.save(fig, heading)
+    top = plots.figure_legend(fig, plots.curve_handles(c.rs.labels, c.curve(axis, c.metric)))
+    fig.text(0.02, 0.01, "Markers: evaluated points (lines between them are straight, not data).", fontsize=7,
+             color="#555555")
+    w.save(fig, heading, rect_top=top, rect_bottom=0.03)
 
 
 def axes_page(w: Writer, c: Context) -> None:
@@ -46,8 +54,10 @@ def axes_page(w: Writer, c: Context) -> None:
             continue
         title = "wall clock: noisy, machine-bound" if axis == "seconds" else None
         plots.learning_curves(ax, c.curve(axis, c.metric), X_AXES[axis][1], reward_label(c.rs, c.metric),
-                              labels=c.rs.labels, threshold=c.threshold, title=title)
-    w.save(fig, heading)
+                              labels=c.rs.labels, targets=_targets(c, c.metric), title=title, legend=False)
+    top = plots.figure_legend(fig, plots.curve_handles(c.rs.labels, c.curve(c.present[0], c.metric)
+                                                       if c.present else None))
+    w.save(fig, heading, rect_top=top)
 
 
 #: Pareto cost columns: (column in runs / cost table, axis label, wall-clock bound, budget axis it is)
@@ -61,8 +71,11 @@ PARETO_COSTS = [("s_per_iter", "seconds per training iteration (s)", True, None)
 
 def pareto_specs(c: Context) -> tuple[list[tuple[str, str]], list[str]]:
     """The cost axes worth a Pareto panel, and why the others were left out: never the quantity the
-    budget fixed, nor one that does not vary between methods, nor wall-clock across devices."""
+    budget fixed, nor one that does not vary between methods, nor wall-clock across devices; wall-clock
+    time and memory of CPU runs (a shared, contended machine; process memory) only when asked for
+    (``wall_pareto``)."""
     keep, why = [], []
+    cpu = set(c.rs.runs["device_type"].astype(str)) <= {"cpu", "None", "nan"}
     for col, label, wall, budget in PARETO_COSTS:
         if col not in c.costs or not c.costs[col].notna().any():
             continue
@@ -70,6 +83,8 @@ def pareto_specs(c: Context) -> tuple[list[tuple[str, str]], list[str]]:
             why.append(f"{label}: fixed by the budget")
         elif wall and not c.wall_ok:
             why.append(f"{label}: runs on different devices")
+        elif wall and cpu and not c.opt.wall_pareto:
+            why.append(f"{label}: CPU runs (contended clock / process memory; --wall-pareto draws it)")
         else:
             ok, reason = varies(c.rs, col) if col in c.rs.runs else (True, "")
             (keep.append((col, label)) if ok else why.append(f"{label}: {reason}"))
@@ -78,7 +93,7 @@ def pareto_specs(c: Context) -> tuple[list[tuple[str, str]], list[str]]:
 
 def pareto_page(w: Writer, c: Context) -> None:
     keep, why = pareto_specs(c)
-    heading = f"Pareto frontiers: final {c.metric} (IQM; 95% CI with >= 3 seeds) vs cost; filled = non-dominated"
+    heading = f"Pareto frontiers: {c.metric} at the budget (mean; 95% t interval with >= 3 seeds) vs cost; filled = non-dominated"
     if not keep:
         fig, axes = w.page(heading)
         plots.note(axes[0, 0], "No Pareto panel: no cost differs between the methods beyond noise or was "
@@ -129,13 +144,14 @@ def _grid_runs(c: Context) -> pd.DataFrame:
 
 
 def kd_cells(c: Context, g: pd.DataFrame) -> pd.DataFrame:
-    """Per (k, d): final metric IQM [CI], NFE per iteration, s/iteration, peak memory, seeds."""
-    fs = final_scores(c.rs, c.metric).set_index("run")["value"]
+    """Per (k, d): the metric at the budget (mean [t interval]), NFE per iteration, s/iteration, peak
+    memory, seeds."""
+    fs = final_scores(c.rs, c.metric, c.schedule).set_index("run")["value"]
     g = g.assign(final=g["run"].map(fs), nfe_iter=pd.to_numeric(g["nfe_total"], errors="coerce")
                  / pd.to_numeric(g["iterations"], errors="coerce").clip(lower=1))
     rows = []
     for (algo, k, d), cell in g.groupby(["algo", "cfg.algo.k", "cfg.algo.d"]):
-        s = stats.summarize(cell["final"], c.opt.reps)
+        s = stats.summarize(cell["final"])
         rows.append({"algo": algo, "k": k, "d": d, "label": str(cell["label"].iloc[0]), "value": s.point,
                      "lo": s.lo, "hi": s.hi, "n": s.n, "nfe_iter": cell["nfe_iter"].mean(),
                      "s_iter": cell["s_per_iter"].mean(), "mem": cell["peak_mem_mb"].mean(),
@@ -154,7 +170,7 @@ def kd_page(w: Writer, c: Context) -> None:
         fig, axes = w.page(heading, 1, 3)
         # second map: NFE per iteration (noise-free) unless the budget made it equal everywhere
         flat = cf["nfe_iter"].nunique() <= 1 and c.wall_ok
-        specs = [("value", f"final {c.metric} (IQM)", "{:.3f}", True),
+        specs = [("value", f"{c.metric} at the budget (mean)", "{:.3f}", True),
                  ("s_iter", "seconds / iteration", "{:.3g}", False) if flat else
                  ("nfe_iter", "NFE per iteration", "{:.0f}", False)]
         for ax, (col, title, f, high) in zip(axes[0][:2], specs):
@@ -181,11 +197,11 @@ def window_page(w: Writer, c: Context) -> None:
     if key is None:
         return
     g = c.rs.runs.dropna(subset=[key])
-    fs = final_scores(c.rs, c.metric).set_index("run")["value"]
+    fs = final_scores(c.rs, c.metric, c.schedule).set_index("run")["value"]
     g = g.assign(final=g["run"].map(fs))
     rows_r, rows_t = [], []
     for (algo, win), cell in g.groupby(["algo", key]):
-        s = stats.summarize(cell["final"], c.opt.reps)
+        s = stats.summarize(cell["final"])
         if s.n:
             rows_r.append({"label": algo, "param": float(win), "value": s.point, "lo": s.lo, "hi": s.hi})
         t = cell["s_per_iter"].to_numpy(dtype=float)
@@ -194,7 +210,7 @@ def window_page(w: Writer, c: Context) -> None:
     heading = f"Window size ({key.removeprefix('cfg.')})"
     fig, axes = w.page(heading, 1, 2)
     plots.param_curve(axes[0, 0], pd.DataFrame(rows_r), "window size (denoising steps)",
-                      reward_label(c.rs, c.metric), title=f"final {c.metric} (IQM; 95% CI with >= 3 seeds)")
+                      reward_label(c.rs, c.metric), title=f"{c.metric} at the budget (mean; 95% t interval with >= 3 seeds)")
     if c.wall_ok:
         plots.param_curve(axes[0, 1], pd.DataFrame(rows_t), "window size (denoising steps)",
                           "seconds per iteration (s)", title="time per iteration (mean; bars: min-max)")
@@ -269,10 +285,13 @@ def hacking_page(w: Writer, c: Context) -> None:
     train, held = c.rs.train_eval_key(), c.rs.heldout_keys()
     for ax, run in zip(axes[1], shown):
         ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration")
-        plots.reward_hacking_panel(ax, ev, train, held, [], title=run)
+        plots.reward_hacking_panel(ax, ev, train, held, [], title=run, legend=False)
     for ax in list(axes[1])[len(shown):]:
         ax.set_axis_off()
-    w.save(fig, heading)
+    handles = plots.hacking_handles(train, [k for k in held if k in c.rs.evals])
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.005), ncol=min(len(handles), 4),
+               fontsize=8, frameon=False)  # one legend under every panel: none overprints an axis
+    w.save(fig, heading, rect_bottom=0.07)
 
 
 def held_keys(c: Context) -> list[str]:

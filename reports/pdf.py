@@ -2,8 +2,8 @@
 as PNG/SVG and the tables as CSV/Markdown in ``<report>_files/`` next to it.
 
 Fixed page order (pages marked * appear only when the runs contain what they show):
-  1. the verdict (one sentence per metric and cost axis, method vs baseline, with its uncertainty)
-     and what was compared: methods and seeds, budget, evaluation, metric resolutions, code version
+  1. the headline (who is ahead on what, by how much, how sure, at what budget, what the controls
+     show), what was compared, and the claims' sentences, all rendered from verdict.json
   2. setup details: model, rewards, devices, packages, stop reasons, notes
   3. learning curves on the chosen budget axis (IQM over seeds; CI bands only with >= 3 seeds)
   4. the primary metric vs every budget currency the runs logged
@@ -13,8 +13,10 @@ Fixed page order (pages marked * appear only when the runs contain what they sho
   8*. window-size curves
   9. eval sample grids (iteration 0, mid-run, end) with their prompts
  10. reward hacking: the judgement per method with its numbers, eval curves
- 11. tables: final scores and gains over iteration 0, resolution, P(improve) (>= 3 seeds per side),
-     costs, the verdict with its numbers
+ 11. tables: reward at matched fractions of the budget (the primary table), cost to the targets,
+     scores and gains at the budget, costs, every claim in numbers
+
+``verdict.json`` (reports.verdict) is written beside the PDF and into ``<report>_files/``.
 
 Wall-clock pages and panels are replaced by a note when the runs ran on different devices; asking for
 ``x="seconds"`` with mixed devices is refused (load.check_comparable).
@@ -23,6 +25,7 @@ Wall-clock pages and panels are replaced by a note when the runs ran on differen
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -37,21 +40,27 @@ from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.errors import UsageError
 from bench.rundir import failpoints
-from reports import pages, panels, plots, stats
+from reports import inference, pages, panels, plots
 from reports.context import (
     PAGE_SIZE,
     Context,
     ReportOptions,
     Writer,
-    final_scores,
     final_table,
     fmt,
-    gain_table,
     wrap,
 )
 from reports.export import write_tables
-from reports.load import X_AXES, RunSet, check_comparable, comparability_problems, load, modeled_profiles
-from reports.verdict import UNITS, resolution
+from reports.load import (
+    X_AXES,
+    RunSet,
+    check_comparable,
+    comparability_problems,
+    control_of,
+    load,
+    modeled_profiles,
+)
+from reports.verdict import UNITS, Verdict, fmt_cost, sesoi_for, write_json
 
 __all__ = ["Report", "ReportOptions", "build_report", "final_table", "report"]
 
@@ -59,8 +68,10 @@ __all__ = ["Report", "ReportOptions", "build_report", "final_table", "report"]
 @dataclass
 class Report:
     pages: list[str]
-    verdict: list[str]
+    verdict: list[str]                  # the printed lines: headline, then the sentences
     files: list[Path] = field(default_factory=list)
+    verdict_json: Path | None = None
+    claims: Verdict | None = None
 
 
 def build_report(runs: RunSet | Iterable[str | Path], out: str | Path, options: ReportOptions | None = None,
@@ -73,7 +84,8 @@ def _resolve(rs: RunSet, opt: ReportOptions) -> tuple[str, str]:
     labels = rs.labels
     baseline = opt.baseline
     if baseline is None:
-        baseline = next((lab for lab in labels if lab == "dancegrpo"), labels[0])
+        methods = [lab for lab in labels if control_of(lab) is None] or labels
+        baseline = next((lab for lab in methods if lab == "dancegrpo"), methods[0])
     elif baseline not in labels:
         cands = [lab for lab in labels if plots.algo_of(lab) == baseline]
         if len(cands) != 1:
@@ -114,7 +126,7 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
     if files_dir is not None:
         files_dir.mkdir(exist_ok=True)
         for old in files_dir.glob("*"):  # a rebuilt report never keeps pages of an older one
-            if old.is_file() and old.suffix in (".png", ".svg", ".csv", ".md"):
+            if old.is_file() and old.suffix in (".png", ".svg", ".csv", ".md", ".json"):
                 old.unlink()
     # a temporary name of this writer only (two report steps at once never share it), renamed over ``out``
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -127,9 +139,11 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
         tmp.unlink(missing_ok=True)
         raise
     files = list(w.files)
+    vj = write_json(c.verdict, out.parent / "verdict.json")
     if files_dir is not None:
         files += write_tables(tables, files_dir)
-    return Report(pages=w.pages, verdict=c.verdict.lines, files=files)
+        files.append(write_json(c.verdict, files_dir / "verdict.json"))
+    return Report(pages=w.pages, verdict=c.verdict.lines, files=files, verdict_json=vj, claims=c.verdict)
 
 
 def _write_pdf(tmp: Path, out: Path, c: Any, opt: Any, rs: Any, files_dir: Path | None) -> tuple[Any, Any]:
@@ -169,35 +183,64 @@ def _eval_setup(c: Context) -> str:
     return "; ".join(f"{p} prompts x {k} images, eval seed {s}" for p, k, s in sorted(combos, key=str))
 
 
+def _statistics_line(c: Context) -> str:
+    sesoi = ", ".join(f"{k.split('/', 1)[-1]} {v:.3g}" for k, (v, _) in
+                      ((k, sesoi_for(c.rs, k, c.opt.sesoi)) for k in c.rs.eval_keys()) if np.isfinite(v))
+    return ("Statistics: mean over seeds; method - baseline paired per image (shared eval prompts x noise), "
+            "Welch-t over seeds plus a prompt term, 95% intervals (t, not bootstrap); better/worse = interval "
+            f"excludes 0, equivalent = inside +-SESOI ({sesoi or 'none'}; costs "
+            f"{1 + c.opt.sesoi.get('cost', 0.25):.3g}x), else inconclusive; page-1 claims Holm-adjusted; "
+            f"intervals need >= {inference.MIN_SEEDS} seeds a side (here "
+            f"{'/'.join(map(str, sorted({len(v) for v in _seeds(c).values()})))})")
+
+
+def _schedule_line(c: Context) -> str:
+    s = c.schedule
+    if s is None:
+        return "Matched cost: no cost axis logged"
+    src = "the runs' budget" if s.source == "budget" else "the largest cost every run reached (not a common budget)"
+    frac = ", ".join(f"{100 * f:g}%" for f in c.opt.fractions)
+    return (f"Matched cost: {UNITS[s.axis]}, budget {fmt_cost(s.budget, s.axis)} ({src}); rewards compared at "
+            f"{frac} of it, each run at its evaluation at most one iteration past the matched cost, never "
+            f"interpolated; targets {', '.join(f'{100 * f:g}%' for f in c.opt.targets)} of {c.baseline}'s gain")
+
+
 def title_page(w: Writer, c: Context) -> None:
     heading = c.opt.title
     fig = plt.figure(figsize=PAGE_SIZE)
     fig.suptitle(heading, fontsize=13, fontweight="bold", x=0.02, ha="left")
     seeds = _seeds(c)
-    n = sorted({len(v) for v in seeds.values()})
-    head = [f"Compared: {', '.join(f'{lab} ({len(s)} seeds)' for lab, s in seeds.items())}",
-            (f"Budget: {', '.join(dict.fromkeys(map(str, c.rs.runs['budget_spec'])))}"
-             f"   Baseline: {c.baseline}   Primary metric: {c.metric} (final = last evaluation)"),
-            f"Evaluation: {_eval_setup(c)}; resolution (standard error of an eval mean): "
-            + ", ".join(f"{k.split('/', 1)[-1]} {fmt(resolution(c.rs, k), 2)}" for k in c.rs.eval_keys()),
-            (f"Statistics: IQM over seeds; 95% stratified-bootstrap CIs and P(improve) only with >= "
-             f"{stats.MIN_N_FOR_INTERVAL} seeds per method (here {'/'.join(map(str, n))}); gains are paired "
-             f"differences from each run's own iteration 0")]
-    commits = list(dict.fromkeys(f"{str(cm)[:12]}{' (dirty)' if d else ''}"
-                                 for cm, d in zip(c.rs.runs["git_commit"], c.rs.runs["git_dirty"])))
-    head.append(f"Code: {', '.join(commits)}")
     y = 0.93
     if c.code_problems:
         fig.text(0.02, y, "NOT ONE CLEAN COMMIT: " + "; ".join(c.code_problems)[:220], fontsize=9,
                  color="white", backgroundcolor="#c0392b", fontweight="bold", va="top")
         y -= 0.04
-    fig.text(0.02, y, "\n".join(wrap(head, 150)), fontsize=8, family="monospace", va="top")
-    y -= 0.02 + 0.0175 * len(wrap(head, 150))
-    fig.text(0.02, y, "Verdict", fontsize=12, fontweight="bold", va="top")
-    lines = wrap([f"* {s}" for s in c.verdict.lines], 140)
-    room = int((y - 0.06) / 0.0175)
-    shown = lines[:room] if len(lines) <= room else lines[:room - 1] + ["  (continued on the tables page)"]
-    fig.text(0.02, y - 0.035, "\n".join(shown), fontsize=8, family="monospace", va="top")
+    head = wrap(c.verdict.headline_parts or [c.verdict.headline], 160)
+    fig.text(0.02, y, "\n".join(head), fontsize=8.5, va="top",
+             color="#c0392b" if c.verdict.power is False else "black")
+    y -= 0.0205 * len(head) + 0.02
+    setup = [f"Compared: {', '.join(f'{lab} ({len(s)} seeds)' for lab, s in seeds.items())}",
+             (f"Budget: {', '.join(dict.fromkeys(map(str, c.rs.runs['budget_spec'])))}   Baseline: {c.baseline}"
+              f"   Primary metric: {c.metric}"),
+             _schedule_line(c),
+             f"Evaluation: {_eval_setup(c)}; per-image scores: "
+             + ("yes" if not c.rs.scores.empty else "no (older run directories: per-seed eval means)"),
+             _statistics_line(c)]
+    commits = list(dict.fromkeys(f"{str(cm)[:12]}{' (dirty)' if d else ''}"
+                                 for cm, d in zip(c.rs.runs["git_commit"], c.rs.runs["git_dirty"])))
+    setup.append(f"Code: {', '.join(commits)}")
+    setup = wrap(setup, 170)
+    fig.text(0.02, y, "\n".join(setup), fontsize=7, family="monospace", va="top", color="#333333")
+    y -= 0.016 * len(setup) + 0.02
+    fig.text(0.02, y, "Claims", fontsize=11, fontweight="bold", va="top")
+    sent = c.verdict.sentences()
+    lines = wrap([f"* {s}" for s in sent] if sent else ["(no claims)"], 175)
+    if c.verdict.power is False:
+        lines.append("  (method claims withheld: no power at this budget; numbers in verdict.json and the tables)")
+    room = int((y - 0.05) / 0.0145)
+    shown = lines[:room] if len(lines) <= room else lines[:room - 1] + [
+        "  (more claims: the tables pages and verdict.json)"]
+    fig.text(0.02, y - 0.03, "\n".join(shown), fontsize=6.8, family="monospace", va="top")
     w.save(fig, heading, tight=False)
 
 
@@ -223,7 +266,7 @@ def setup_page(w: Writer, c: Context) -> None:
              f"Run dates:       {u(sorted(str(x)[:10] for x in r['created']))}",
              f"Cost axes:       {', '.join(UNITS[a] for a in c.present)}; the verdict uses noise-free axes"
              + (" and wall-clock seconds (noisy)" if c.opt.wall_verdict else ""),
-             f"Bootstrap:       {c.opt.reps} resamples",
+             f"Permutation p:   exact up to {inference.MAX_EXACT:,} splits, else {c.opt.reps:,} seeded draws",
              f"Report written:  {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"]
     if c.rs.trials is not None:
         states = c.rs.trials["state"].value_counts().to_dict() if "state" in c.rs.trials else {}
@@ -244,29 +287,81 @@ def setup_page(w: Writer, c: Context) -> None:
 
 # --------------------------------------------------------------------------------------- tables
 
+def _ci(v: float, lo: float, hi: float, d: int = 3) -> str:
+    if not np.isfinite(v):
+        return "-"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{v:+.{d}f}"
+    return f"{v:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]"
+
+
 def _final_rows(c: Context) -> pd.DataFrame:
+    """Per method: the score and the gain over iteration 0 at the budget on every eval metric."""
     rs = c.rs
-    fs = final_scores(rs, c.metric)
-    base = fs.loc[fs["label"] == c.baseline, "value"].to_numpy(dtype=float)
-    fin = {k: final_table(rs, k, c.opt.reps).set_index("label") for k in rs.eval_keys()}
-    gain = {k: gain_table(rs, k, c.opt.reps).set_index("label") for k in rs.eval_keys()}
+    fin = {k: final_table(rs, k, c.schedule).set_index("label") for k in rs.eval_keys()}
     rows = []
     for lab in rs.labels:
         row = {"method": lab, "runs": int(fin[c.metric].loc[lab, "n"])}
         for k in rs.eval_keys():
             name = k.split("/", 1)[-1]
-            row[f"final {name} IQM [95% CI]"] = fin[k].loc[lab, "summary"].text(3)
-            row[f"{name} gain over it 0"] = gain[k].loc[lab, "summary"].text(3, sign=True)
-        mine = fs.loc[fs["label"] == lab, "value"].to_numpy(dtype=float)
-        col = f"P(improve over {c.baseline}) on {c.metric.split('/', 1)[-1]} [95% CI]"
-        if lab == c.baseline:
-            row[col] = "-"
-        elif min(mine.size, base.size) < stats.MIN_N_FOR_INTERVAL:
-            row[col] = f"n = {min(mine.size, base.size)}: needs >= {stats.MIN_N_FOR_INTERVAL} per side"
-        else:
-            p, lo, hi = stats.probability_of_improvement_ci(mine, base, reps=c.opt.reps)
-            row[col] = f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+            row[f"{name} at the budget, mean [95% CI]"] = fin[k].loc[lab, "summary"].text(3)
+            row[f"{name} gain over it 0"] = fin[k].loc[lab, "gain"].text(3, sign=True)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _matched_rows(c: Context) -> pd.DataFrame:
+    """The primary table: per metric, budget fraction and method, the mean gain [95% t interval] and the
+    difference from the baseline [95% CI] with its outcome."""
+    rows = []
+    reward = [r for r in c.verdict.rows if r["axis"] == "reward@budget"]
+    for r0 in reward:
+        if r0["method"] != reward[0]["method"]:
+            continue  # one baseline row per (metric, fraction)
+        b = inference.mean_interval(r0["baseline_values"])
+        rows.append({"method": c.baseline, "metric": r0["metric"].split("/", 1)[-1],
+                     "budget": f"{100 * r0['budget_fraction']:g}%", "gain over it 0 [95% CI]": _ci(*b),
+                     "vs baseline [95% CI]": "-",
+                     "outcome": "(baseline)", "seeds above": "-", "n": len(r0["baseline_values"])})
+    for r in reward:
+        m = inference.mean_interval(r["method_values"])
+        rows.append({"method": r["method"], "metric": r["metric"].split("/", 1)[-1],
+                     "budget": f"{100 * r['budget_fraction']:g}%", "gain over it 0 [95% CI]": _ci(*m),
+                     "vs baseline [95% CI]": _ci(r["estimate"], r["lo"], r["hi"]),
+                     "outcome": r["outcome"] + ("" if r["role"] == "confirmatory" else f" ({r['role']})"),
+                     "seeds above": f"{r['seeds_above']}/{r['n']}" if r["seeds_above"] is not None else "-",
+                     "n": r["n"]})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    order = {m: i for i, m in enumerate(c.rs.labels)}
+    keys = {k.split("/", 1)[-1]: i for i, k in enumerate([c.metric] + c.rs.eval_keys())}
+    df["_k"], df["_m"], df["_b"] = (df["metric"].map(keys), df["method"].map(order),
+                                    df["budget"].str.rstrip("%").astype(float))
+    return (df.sort_values(["_k", "_b", "_m"], kind="stable").drop(columns=["_k", "_m", "_b"])
+            .reset_index(drop=True))
+
+
+def _bracket_cell(b: list[float], k: int, n: int, axis: str) -> str:
+    return f"{k}/{n}: " + (f"{fmt_cost(b[0], axis)} .. {fmt_cost(b[1], axis)}" if np.isfinite(b[1])
+                           else f"> {fmt_cost(b[0], axis)}")
+
+
+def _ratio_cell(v: float) -> str:
+    return "inf" if v == math.inf else (f"{v:.2f}" if np.isfinite(v) else "-")
+
+
+def _cost_target_rows(c: Context) -> pd.DataFrame:
+    rows = []
+    for r in c.verdict.rows:
+        if r["axis"] != "cost_to_target":
+            continue
+        ax, ratio = r["cost_axis"], _ratio_cell
+        rows.append({"method": r["method"], "target": f"{100 * r['target_fraction']:g}% ({r['target']:+.4f})",
+                     "axis": UNITS[ax], "reached, median bracket": _bracket_cell(r["bracket"], r["reached"], r["n"], ax),
+                     "baseline": _bracket_cell(r["bracket_baseline"], r["reached_baseline"], r["n_baseline"], ax),
+                     "cost ratio [95% CI]": f"{ratio(r['estimate'])} [{ratio(r['lo'])}, {ratio(r['hi'])}]",
+                     "outcome": r["outcome"] + ("" if r["role"] == "confirmatory" else f" ({r['role']})")})
     return pd.DataFrame(rows)
 
 
@@ -287,39 +382,46 @@ def _cost_rows(c: Context) -> pd.DataFrame:
 
 
 def _verdict_rows(c: Context) -> pd.DataFrame:
+    """Every claim in numbers (verdict.json, formatted)."""
     v = c.verdict.frame()
     if v.empty:
         return v
-    def num(col: str, d: int = 3) -> pd.Series:
-        return v[col].map(lambda x: fmt(x, d)) if col in v else pd.Series("-", index=v.index)
-    return pd.DataFrame({"method": v["method"], "vs": v["baseline"], "metric": v["metric"].str.split("/").str[-1],
-                         "axis": v["axis"].map(lambda a: UNITS.get(a, "")), "n": v["n_method"].astype(str)
-                         + " vs " + v["n_baseline"].astype(str), "difference / speed-up":
-                         np.where(v["kind"] == "cost", num("speedup"), num("difference")),
-                         "95% CI": num("lo") + " .. " + num("hi"), "MDE": num("mde"),
-                         "P(improve)": num("p_improve", 2)})
+    g = lambda x, d=3: fmt(x, d)
+    where = [f"{100 * r['budget_fraction']:g}% budget" if r["axis"] == "reward@budget"
+             else f"{100 * r['target_fraction']:g}% gain, {UNITS[r['cost_axis']]}" for _, r in v.iterrows()]
+    return pd.DataFrame({
+        "method": v["method"], "vs": v["baseline"], "metric": v["metric"].str.split("/").str[-1], "where": where,
+        "role": v["role"], "outcome": v["outcome"], "estimate": v["estimate"].map(g),
+        "95% CI": v["lo"].map(g) + " .. " + v["hi"].map(g),
+        "adjusted CI": np.where(v["role"] == "confirmatory", v["lo_adj"].map(g) + " .. " + v["hi_adj"].map(g), "-"),
+        "p": v["p"].map(lambda x: fmt(x, 2)), "p Holm": v["p_holm"].map(lambda x: fmt(x, 2)),
+        "p perm": v["p_perm"].map(lambda x: fmt(x, 2)), "SESOI": v["sesoi"].map(g),
+        "MDE": v["mde"].map(g) if "mde" in v else "-", "n": v["n"].astype(str) + " vs " + v["n_baseline"].astype(str)})
 
 
 def table_frames(c: Context) -> dict[str, pd.DataFrame]:
     """Every table of the report (formatted strings), also written as CSV/Markdown."""
-    out = {"final": _final_rows(c), "costs": _cost_rows(c), "verdict": _verdict_rows(c)}
+    out = {"matched_budget": _matched_rows(c), "cost_to_target": _cost_target_rows(c), "final": _final_rows(c),
+           "costs": _cost_rows(c), "verdict": _verdict_rows(c)}
     if not c.hacking.empty:
         out["reward_hacking"] = c.hacking.drop(columns=["text"]).round(4)
-    if not c.verdict.frame().empty:
-        out["verdict_numbers"] = c.verdict.frame().round(5)
     return out
 
 
 def tables_pages(w: Writer, c: Context, tables: dict[str, pd.DataFrame]) -> None:
-    """Tables, packed top-down onto as few pages as fit: final scores, costs, verdict, sentences."""
+    """Tables, packed top-down onto as few pages as fit: reward at matched budgets, cost to targets, scores
+    at the budget, costs (every claim in numbers is in verdict.json and verdict.csv, not drawn)."""
     sections: list[tuple[str, Any]] = [
-        ((f"Final scores at each run's last evaluation and gains over its own iteration 0 (IQM over seeds; "
-          f"baseline {c.baseline})"), tables["final"]),
+        ((f"Reward at matched fractions of the budget: gain over iteration 0 (mean, 95% t) and difference from "
+         f"{c.baseline} (paired per image)"), tables["matched_budget"]),
+        ((f"Cost to reach a fraction of {c.baseline}'s gain (brackets between evaluations; ratio method / "
+         f"baseline, < 1: cheaper)"), tables["cost_to_target"]),
+        ("Scores and gains at the budget (mean over seeds, 95% t interval)", tables["final"]),
         ("Cost per method (mean over runs)", tables["costs"]),
-        (("Verdict in numbers (difference: IQM of gains; speed-up: baseline cost / method cost to reach the "
-          "baseline's final score; MDE: minimum detectable effect)"), tables["verdict"]),
-        ("Verdict:", wrap(c.verdict.lines, 150)),
+        (("Every claim with its p-values, adjusted interval, SESOI and MDE: verdict.json and "
+          "<report>_files/verdict.csv"), []),
     ]
+    sections = [(t, b) for t, b in sections if not (isinstance(b, pd.DataFrame) and b.empty)]
     title_pt, gap_pt, line_pt = 20.0, 16.0, 8 * 1.3
     page_h = PAGE_SIZE[1] * 72
     top, bottom = 0.92 * page_h, 0.05 * page_h

@@ -1,11 +1,15 @@
 """Plot functions: ``f(ax, data, ...) -> ax``. They draw on a given matplotlib Axes and never save.
 
-Every algorithm has a fixed colour on every page (``color``); variants of one algorithm (e.g. several
-k/d settings) share its colour and differ by line style / marker.
+Every algorithm has a fixed colour on every page (``color``). Variants of one algorithm that differ in
+one setting share its hue in shades from dark to light and differ by line style / marker; a grid over two
+settings (k x d) gets one hue per value of the first (k) and one lightness, line style and marker per
+value of the second (d). Control arms (``<baseline>-aa``: the baseline's hue, light and dotted;
+``<baseline>-frozen``: grey, dashed) are told apart from methods at a glance.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+
+from reports.load import control_of
 
 COLORS = {
     "ddpo": "#1f77b4",       # blue
@@ -30,6 +36,9 @@ COLORS = {
 _OTHER_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: Hues of the first setting of a two-setting grid (k of a k x d grid), distinguishable side by side.
+GRID_HUES = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+FROZEN_COLOR = "#7f7f7f"
 
 PHASE_LABELS = {
     "t_rollout_s": "rollout",
@@ -46,7 +55,11 @@ def algo_of(label: str) -> str:
 
 
 def color(label: str) -> str:
-    """Fixed colour of the label's algorithm (first word); unknown algorithms hash to a stable colour."""
+    """Fixed colour of the label's algorithm (first word); unknown algorithms hash to a stable colour;
+    a control arm takes its baseline's colour (the frozen arm grey)."""
+    ctrl = control_of(label)
+    if ctrl is not None:
+        return FROZEN_COLOR if ctrl[0] == "frozen" else shade(color(ctrl[1]), 0.45)
     algo = algo_of(label)
     if algo in COLORS:
         return COLORS[algo]
@@ -62,22 +75,50 @@ def shade(base: str, t: float) -> str:
     return to_hex(rgb + abs(t) * (target - rgb))
 
 
+def _settings(label: str) -> dict[str, str]:
+    """``treegrpo k=3 d=2`` -> {"k": "3", "d": "2"}."""
+    return dict(tok.split("=", 1) for tok in str(label).split(" ")[1:] if "=" in tok)
+
+
+def _value_key(v: str) -> Any:
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
+
+
 def styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """label -> {color, linestyle, marker}. Variants of one algorithm keep its hue, spread from darker
-    to lighter shades, and cycle line styles and markers, so they stay distinguishable."""
-    counts: dict[str, int] = {}
+    """label -> {color, linestyle, marker} (module docstring: shades for one setting, hue x lightness
+    for a two-setting grid, controls light/dotted and grey/dashed)."""
+    groups: dict[str, list[str]] = {}
     for lab in labels:
-        counts[algo_of(lab)] = counts.get(algo_of(lab), 0) + 1
-    seen: dict[str, int] = {}
-    out = {}
+        if control_of(lab) is None:
+            groups.setdefault(algo_of(lab), []).append(lab)
+    out: dict[str, dict[str, Any]] = {}
+    for labs in groups.values():
+        sets = {lab: _settings(lab) for lab in labs}
+        names = list(dict.fromkeys(k for s_ in sets.values() for k in s_))
+        varying = [k for k in names if len({s_.get(k) for s_ in sets.values()}) > 1]
+        if len(labs) > 1 and len(varying) >= 2:
+            first, second = varying[0], varying[1]
+            v1 = sorted({sets[lab].get(first, "") for lab in labs}, key=_value_key)
+            v2 = sorted({sets[lab].get(second, "") for lab in labs}, key=_value_key)
+            for lab in labs:
+                i, j = v1.index(sets[lab].get(first, "")), v2.index(sets[lab].get(second, ""))
+                t = 0.0 if len(v2) == 1 else -0.35 + 0.8 * j / (len(v2) - 1)
+                out[lab] = {"color": shade(GRID_HUES[i % len(GRID_HUES)], t),
+                            "linestyle": _LINESTYLES[j % len(_LINESTYLES)], "marker": _MARKERS[j % len(_MARKERS)]}
+            continue
+        m = len(labs)
+        for n, lab in enumerate(labs):
+            t = 0.0 if m == 1 else -0.45 + 0.95 * n / (m - 1)
+            out[lab] = {"color": shade(color(lab), t), "linestyle": _LINESTYLES[n % len(_LINESTYLES)],
+                        "marker": _MARKERS[n % len(_MARKERS)]}
     for lab in labels:
-        algo = algo_of(lab)
-        n = seen.get(algo, 0)
-        seen[algo] = n + 1
-        m = counts[algo]
-        t = 0.0 if m == 1 else -0.45 + 0.95 * n / (m - 1)
-        out[lab] = {"color": shade(color(lab), t), "linestyle": _LINESTYLES[n % len(_LINESTYLES)],
-                    "marker": _MARKERS[n % len(_MARKERS)]}
+        ctrl = control_of(lab)
+        if ctrl is not None:
+            out[lab] = {"color": color(lab), "linestyle": "--" if ctrl[0] == "frozen" else ":",
+                        "marker": "X" if ctrl[0] == "frozen" else "P"}
     return out
 
 
@@ -117,10 +158,12 @@ def learning_curves(
     ylabel: str,
     title: str | None = None,
     labels: Sequence[str] | None = None,
-    threshold: float | None = None,
+    targets: Sequence[tuple[str, float]] = (),
+    legend: bool = True,
 ) -> plt.Axes:
-    """IQM curve per label with its 95% bootstrap CI band. ``curves``: label, x, value, lo, hi, n
-    (stats.aggregate_curves)."""
+    """Mean curve per label with its 95% t band; markers at the evaluated points (column ``evaluated``:
+    the line between them is a straight line, not data); dotted horizontal lines at ``targets``
+    [(name, y)]. ``curves``: label, x, value, lo, hi, n[, evaluated] (stats.aggregate_curves)."""
     labels = list(labels) if labels is not None else list(dict.fromkeys(curves["label"]))
     st = styles(labels)
     for lab in labels:
@@ -129,11 +172,16 @@ def learning_curves(
             continue
         s = st[lab]
         n = int(g["n"].iloc[0])
-        ax.plot(g["x"], g["value"], color=s["color"], linestyle=s["linestyle"], lw=1.6,
-                marker=s["marker"] if len(g) < 4 else None, ms=4, label=f"{lab} (n={n})")
+        ax.plot(g["x"], g["value"], color=s["color"], linestyle=s["linestyle"], lw=1.6, label=f"{lab} (n={n})")
+        if "evaluated" in g and g["evaluated"].any():
+            e = g[g["evaluated"].astype(bool)]
+            ax.plot(e["x"], e["value"], color=s["color"], linestyle="none", marker=s["marker"], ms=4)
         ax.fill_between(g["x"], g["lo"], g["hi"], color=s["color"], alpha=0.18, lw=0)
-    if threshold is not None and np.isfinite(threshold):
-        ax.axhline(threshold, color="#444444", lw=0.8, ls=":", label=f"threshold {threshold:.3g}")
+    for name, y in targets:
+        if y is not None and np.isfinite(y):
+            ax.axhline(y, color="#444444", lw=0.8, ls=":")
+            ax.annotate(name, (1.0, y), xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                        textcoords="offset points", ha="right", va="bottom", fontsize=7, color="#444444")
     ax.set_xlabel(xlabel)
     readable_x(ax)
     ax.set_ylabel(ylabel)
@@ -142,8 +190,35 @@ def learning_curves(
     ax.grid(alpha=0.3)
     if curves.empty:
         return note(ax, "no data for this axis")
-    _legend(ax, loc="best")
+    if legend:
+        _legend(ax, loc="best")
     return ax
+
+
+def curve_handles(labels: Sequence[str], curves: pd.DataFrame | None = None) -> list:
+    """Legend entries (line + marker) for learning curves, for one legend shared by a figure's panels."""
+    from matplotlib.lines import Line2D
+
+    st = styles(labels)
+    out = []
+    for lab in labels:
+        n = ""
+        if curves is not None and not curves.empty and (curves["label"] == lab).any():
+            n = f" (n={int(curves.loc[curves['label'] == lab, 'n'].iloc[0])})"
+        out.append(Line2D([], [], color=st[lab]["color"], linestyle=st[lab]["linestyle"],
+                          marker=st[lab]["marker"], ms=4, label=f"{lab}{n}"))
+    return out
+
+
+def figure_legend(fig: plt.Figure, handles: list, top: float = 0.945, ncol: int = 6) -> float:
+    """One legend for the whole figure under its title; returns the figure y below it (for tight_layout)."""
+    if not handles:
+        return top
+    ncol = max(1, min(ncol, len(handles)))
+    rows = math.ceil(len(handles) / ncol)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, top), ncol=ncol, fontsize=8,
+               frameon=False)
+    return top - 0.028 * rows - 0.01
 
 
 def pareto(
@@ -319,6 +394,7 @@ def reward_hacking_panel(
     x: str = "iteration",
     xlabel: str = "training iteration",
     window: int = 3,
+    legend: bool = True,
 ) -> plt.Axes:
     """Training reward (left axis, solid) and held-out rewards (right axis, dashed) at each eval;
     eval windows that triggered the reward-hacking rule are shaded."""
@@ -334,7 +410,8 @@ def reward_hacking_panel(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     held = [h for h in heldout_keys if h in evals and h != train_key]
     if not held:
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        if legend:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         ax.text(0.5, 0.5, "no held-out eval reward logged:\nreward hacking cannot be detected", ha="center",
                 va="center", transform=ax.transAxes, fontsize=8, color="#777777")
         ax.grid(alpha=0.3)
@@ -342,21 +419,34 @@ def reward_hacking_panel(
             ax.set_title(title, fontsize=9)
         return ax
     ax2 = ax.twinx()
-    palette = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
     for i, k in enumerate(held):
-        ax2.plot(xs, evals[k], color=palette[i % len(palette)], marker="s", ms=3, lw=1.2, ls="--",
+        ax2.plot(xs, evals[k], color=HELD_PALETTE[i % len(HELD_PALETTE)], marker="s", ms=3, lw=1.2, ls="--",
                  label=f"{k} (held-out)")
     ax2.set_ylabel("held-out reward", fontsize=8)
     for k, (lo, hi) in enumerate(flag_spans(xs, flags, window)):
         ax.axvspan(lo, hi, color="#ffcc00", alpha=0.3, lw=0, label=None if k else "reward hacking flagged")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-               frameon=False)
+    if legend:
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax2.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                   frameon=False)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)
     return ax
+
+
+HELD_PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd")
+
+
+def hacking_handles(train_key: str, heldout_keys: Sequence[str]) -> list:
+    """Legend entries matching reward_hacking_panel's lines, for one legend under all panels."""
+    from matplotlib.lines import Line2D
+
+    hs = [Line2D([], [], color="#222222", marker="o", ms=3, lw=1.5, label=f"{train_key} (training reward, left axis)")]
+    hs += [Line2D([], [], color=HELD_PALETTE[i % len(HELD_PALETTE)], marker="s", ms=3, lw=1.2, ls="--",
+                  label=f"{k} (held-out, right axis)") for i, k in enumerate(heldout_keys)]
+    return hs
 
 
 def flag_spans(xs: Sequence[float], flags: Sequence[bool], window: int = 3) -> list[tuple[float, float]]:

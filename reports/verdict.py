@@ -1,42 +1,77 @@
-"""The verdict: who wins, by how much, and how sure, in one sentence per metric and per cost axis.
+"""The verdict: every claim's outcome by one rule, multiplicity control, and the sentences readers see.
 
-Every method is compared with the baseline:
+* Claims come from :mod:`reports.claims` (reward at matched fractions of the budget; cost to reach a
+  fraction of the baseline's gain), statistics from :mod:`reports.inference`.
+* **One rule** for every claim (``inference.outcome``): *better* / *worse* when the deciding interval
+  excludes 0, *equivalent* when it lies inside (-SESOI, +SESOI), *inconclusive* otherwise. For a cost
+  claim the interval is of log(method cost / baseline cost) (lower is better) and the SESOI a ratio.
+* **SESOI**, the smallest effect of interest, is declared per metric: ``DEFAULT_SESOI`` for the shapes
+  rewards; for any other reward 0.05 x its per-image standard deviation at iteration 0 (before any
+  training, so it cannot be tuned to a result); for costs a factor of 1.25. ``--sesoi name=value``
+  overrides any of them (``cost=0.1`` for a factor of 1.1).
+* **Multiplicity**: Holm's step-down over the *confirmatory* claims of one report (reward at the full
+  budget on every eval metric, cost to the targets on the primary metric along the budget's axis): each
+  is decided by its Holm-adjusted interval (``inference.holm_levels``), which excludes 0 exactly when
+  Holm rejects. Other budget fractions and cost axes are *exploratory*: decided by their unadjusted 95%
+  intervals and labelled so. Controls are judged unadjusted (a check of the comparison, not a result).
+* **Controls** (``bench compare --controls``): ``<baseline>-frozen`` must come out *worse* than the
+  baseline on the primary metric; when it does not, the comparison has no power at this budget: the
+  headline says so and no ranking is printed (the claims stay in verdict.json with ``withheld``).
+  ``<baseline>-aa`` should not come out better or worse.
 
-* per eval metric, on the **paired gain** of each run over its own iteration-0 evaluation (with a
-  shared ``eval.seed`` every run starts from the same iteration-0 score, so the gain is what training
-  did): IQM difference with a 95% bootstrap CI when both sides have >= 3 seeds, else the values and
-  "no interval"; when the CI covers 0 (or the difference is below the metric's resolution) the
-  sentence says "no detectable difference" with the minimum detectable effect;
-* per cost axis (the noise-free axes the runs logged: scored samples, NFE, modeled seconds; wall-clock
-  only when asked for and said to be noisy), the cost to reach the baseline's final score on the
-  primary metric, as a speed-up with a 95% bootstrap CI.
-
-The sentences are the first thing on page 1 of the PDF and what ``bench compare`` / ``bench report``
-print; ``verdict_frame`` holds the same numbers for the CSV/Markdown tables.
+``Verdict.rows`` is ``verdict.json`` (a list of objects, docs/REPORTS.md); the headline, the page-1
+sentences and the terminal print are rendered from it (:mod:`reports.sentences`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from reports import stats
-from reports.load import NOISE_FREE_AXES, X_AXES, RunSet
+from bench.errors import UsageError
+from reports import claims as cl
+from reports import inference as inf
+from reports.load import NOISE_FREE_AXES, RunSet, control_of
+from reports.sentences import UNITS, fmt_cost, headline, metric_name, sentence
 
-UNITS = {"samples": "scored samples", "nfe": "NFE", "modeled": "modeled seconds",
-         "seconds": "wall-clock seconds"}
+__all__ = ["UNITS", "Verdict", "build_verdict", "cost_axes", "decide", "fmt_cost", "gains", "metric_name",
+           "parse_sesoi", "resolution", "sesoi_for", "to_json", "write_json"]
+
+
+#: Smallest effects of interest of the shapes rewards (eval mean, score units). shapes_pref: 0.005 is
+#: about a third of a standard error of one eval mean over 128 images and about 0.03 per-image standard
+#: deviations; shapes_attr (a fraction of attributes right, in quarters per image): 0.01, five quanta
+#: of a 128-image mean.
+DEFAULT_SESOI = {"shapes_pref": 0.005, "shapes_attr": 0.01}
+#: Any other reward: this fraction of its per-image standard deviation at iteration 0.
+SESOI_SD_FRACTION = 0.05
+#: Costs: ratios within [1 / (1 + COST_SESOI), 1 + COST_SESOI] are "equivalent".
+COST_SESOI = 0.25
 
 
 @dataclass
 class Verdict:
-    lines: list[str]
-    rows: list[dict] = field(default_factory=list)
+    rows: list[dict]                      # verdict.json
+    headline: str = ""
+    headline_parts: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # what the terminal prints: headline, then sentences
+    power: bool | None = None             # frozen control worse than the baseline (None: no frozen control)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
+
+    def sentences(self) -> list[str]:
+        """Page-1 sentences: confirmatory claims (unless withheld) and controls."""
+        return [r["sentence"] for r in self.rows if r["role"] in ("confirmatory", "control") and not r["withheld"]]
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -57,9 +92,9 @@ def gains(rs: RunSet, key: str) -> pd.DataFrame:
 
 
 def resolution(rs: RunSet, key: str) -> float:
-    """The metric's resolution on this eval set: the standard error of an eval mean, std / sqrt(images),
-    at iteration 0 (median over runs). Differences below it are within what the choice of eval prompts
-    and noise alone moves. NaN when the records lack the std or image count."""
+    """The standard error of one eval mean, std / sqrt(images), at iteration 0 (median over runs): what
+    the choice of eval prompts and noise alone moves an *unpaired* score (the reward-hacking rule uses
+    it per run; paired differences between runs do not carry it). NaN without the std or image count."""
     std_key = f"{key}/std"
     if rs.evals.empty or std_key not in rs.evals:
         return math.nan
@@ -72,138 +107,206 @@ def resolution(rs: RunSet, key: str) -> float:
     return float(se.median()) if len(se) else math.nan
 
 
-def metric_name(rs: RunSet, key: str) -> str:
-    role = "training reward" if key == rs.train_eval_key() else "held-out"
-    return f"{key.split('/', 1)[-1]} ({role})"
+def image_sd(rs: RunSet, key: str) -> float:
+    """Per-image standard deviation of ``key`` at iteration 0 (median over runs), from the per-image
+    scores, else from the eval records' ``/std``; NaN when neither exists."""
+    sc = rs.scores
+    if not sc.empty and key in sc:
+        at0 = sc[sc["iteration"] == 0].dropna(subset=[key])
+        if len(at0):
+            return float(at0.groupby("run")[key].std(ddof=0).median())
+    std_key = f"{key}/std"
+    if not rs.evals.empty and std_key in rs.evals:
+        v = pd.to_numeric(rs.evals.loc[rs.evals["iteration"] == 0, std_key], errors="coerce").dropna()
+        if len(v):
+            return float(v.median())
+    return math.nan
 
 
 def cost_axes(rs: RunSet, budget: str | None, present: list[str], wall_ok: bool,
               include_wall: bool = False) -> list[str]:
     """Noise-free axes present, plus wall-clock seconds when the budget fixed it or it is asked for
-    (and the runs share one device); the budget's own axis is kept (a speed-up on it is meaningful)."""
+    (and the runs share one device)."""
     axes = [a for a in present if a in NOISE_FREE_AXES]
     if "seconds" in present and wall_ok and (include_wall or budget == "seconds"):
         axes.append("seconds")
     return axes
 
 
-# --------------------------------------------------------------------------------------- sentences
+# --------------------------------------------------------------------------------------- SESOI
 
-def _n_text(nx: int, nb: int) -> str:
-    return f"n = {nx}" if nx == nb else f"n = {nx} vs {nb}"
-
-
-def metric_verdict(rs: RunSet, key: str, label: str, baseline: str, reps: int) -> dict:
-    g = gains(rs, key)
-    use = "gain" if g["gain"].notna().any() else "final"
-    x = g.loc[g["label"] == label, use].to_numpy(dtype=float)
-    b = g.loc[g["label"] == baseline, use].to_numpy(dtype=float)
-    x, b = x[np.isfinite(x)], b[np.isfinite(b)]
-    res = resolution(rs, key)
-    sx, sb = stats.summarize(x, reps), stats.summarize(b, reps)
-    what = "gain over iteration 0" if use == "gain" else "final score (no iteration-0 evaluation)"
-    name = metric_name(rs, key)
-    row = {"kind": "metric", "method": label, "baseline": baseline, "metric": key, "axis": "", "statistic": what,
-           "n_method": sx.n, "n_baseline": sb.n, "method_value": sx.point, "baseline_value": sb.point,
-           "resolution": res}
-    if sx.n == 0 or sb.n == 0:
-        row["sentence"] = f"{label} vs {baseline}, {name}: no evaluations to compare"
-        return row
-    diff, lo, hi = stats.difference_ci(x, b, reps=reps)
-    mde = stats.min_detectable_effect(stats.pooled_sd([x, b]), sx.n, sb.n, res)
-    row.update(difference=diff, lo=lo, hi=hi, mde=mde)
-    if not (sx.has_interval and sb.has_interval):
-        row["detectable"] = None
-        row["sentence"] = (f"{label} vs {baseline}, {name} {what}: {sx.text(sign=True)} vs {sb.text(sign=True)}; "
-                           f"too few seeds to call (an interval needs >= {stats.MIN_N_FOR_INTERVAL} per method)")
-        return row
-    p = stats.probability_of_improvement(x, b)
-    row["p_improve"] = p
-    detectable = (lo > 0 or hi < 0) and (not np.isfinite(res) or abs(diff) >= res)
-    row["detectable"] = bool(detectable)
-    ci = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-    if detectable:
-        verb = "beats" if diff > 0 else "trails"
-        row["sentence"] = (f"{label} {verb} {baseline} on {name}: {what} {sx.point:+.3f} vs {sb.point:+.3f}, "
-                           f"difference {ci} (IQM, {_n_text(sx.n, sb.n)} seeds; P(improve) {p:.2f})".replace("n = ", ""))
-    else:
-        why = (f"; below the metric's resolution {res:.3f}" if (lo > 0 or hi < 0) else "")
-        row["sentence"] = (f"{label} vs {baseline} on {name}: no detectable difference at this budget "
-                           f"({_n_text(sx.n, sb.n)}; minimum detectable effect {mde:.3f}; difference {ci}{why})")
-    return row
+def parse_sesoi(items: Any) -> dict[str, float]:
+    """``["shapes_attr=0.01", "cost=0.1,shapes_pref=0.003"]`` -> {name: value}; UsageError on bad input."""
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    out: dict[str, float] = {}
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, eq, value = part.partition("=")
+            name = name.strip().removeprefix("eval/")
+            try:
+                v = float(value)
+            except ValueError:
+                v = math.nan
+            if not eq or not name or not (np.isfinite(v) and v > 0):
+                raise UsageError(f"--sesoi {part!r}: expected METRIC=VALUE with a positive VALUE, e.g. "
+                                 f"shapes_attr=0.01 (or cost=0.1 for a cost ratio within 1.1x)")
+            out[name] = v
+    return out
 
 
-def axis_curves(rs: RunSet, axis: str, key: str, labels: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Shared grid (every budget any of these runs evaluated at) and per label [runs, grid] curves of
-    ``key``, each run held at its final value after it stopped."""
-    col = X_AXES[axis][0]
-    ev = rs.evals[rs.evals["label"].isin(labels)].dropna(subset=[key])
-    xs = pd.to_numeric(ev[col], errors="coerce").to_numpy(dtype=float)
-    grid = np.unique(xs[np.isfinite(xs)])
-    out = {}
-    for lab in labels:
-        _, c = stats.curves_on_grid(ev[ev["label"] == lab], col, key, grid, hold_last=True)
-        out[lab] = c
-    return grid, out
+def sesoi_for(rs: RunSet, key: str, given: dict[str, float]) -> tuple[float, str]:
+    """(SESOI of eval key ``key``, where it comes from)."""
+    name = key.split("/", 1)[-1]
+    if name in given:
+        return given[name], "given (--sesoi)"
+    if name in DEFAULT_SESOI:
+        return DEFAULT_SESOI[name], "default"
+    sd = image_sd(rs, key)
+    if np.isfinite(sd) and sd > 0:
+        return SESOI_SD_FRACTION * sd, f"default: {SESOI_SD_FRACTION:g} x per-image sd at iteration 0"
+    return math.nan, "none (no per-image spread to scale a default from): equivalence not assessed"
 
 
-def _fmt_cost(v: float, axis: str) -> str:
-    if not np.isfinite(v):
-        return "-"
-    return f"{v:.4g} {UNITS[axis]}" if v < 1e5 else f"{v:.3g} {UNITS[axis]}"
+def check_sesoi_names(rs: RunSet, given: dict[str, float]) -> None:
+    known = [k.split("/", 1)[-1] for k in rs.eval_keys()]
+    bad = [n for n in given if n != "cost" and n not in known]
+    if bad:
+        raise UsageError(f"--sesoi {', '.join(bad)}: not an eval metric of these runs; choose from "
+                         f"{', '.join(known + ['cost'])}")
 
 
-def cost_verdict(rs: RunSet, key: str, axis: str, label: str, baseline: str, reps: int) -> dict:
-    grid, curves = axis_curves(rs, axis, key, [label, baseline])
-    unit = UNITS[axis] + (" (wall clock on one machine: noisy)" if axis == "seconds" else "")
-    name = metric_name(rs, key)
-    row = {"kind": "cost", "method": label, "baseline": baseline, "metric": key, "axis": axis,
-           "n_method": len(curves[label]), "n_baseline": len(curves[baseline])}
-    if grid.size == 0 or not len(curves[label]) or not len(curves[baseline]):
-        row["sentence"] = f"{label} vs {baseline}, cost in {unit}: no evaluations on this axis"
-        return row
-    sp = stats.speedup_ci(curves[baseline], curves[label], grid, reps=reps)
-    row.update(speedup=sp["speedup"], lo=sp["lo"], hi=sp["hi"], budget=sp["budget"],
-               baseline_budget=sp["baseline_budget"], threshold=sp["threshold"], reached=sp["reached"])
-    thr, n = sp["threshold"], row["n_method"]
-    target = f"{baseline}'s final {key.split('/', 1)[-1]} ({thr:.3f})"
-    seeds = f"{n} seeds" if n == row["n_baseline"] else f"{n} vs {row['n_baseline']} seeds"
-    if not np.isfinite(sp["baseline_budget"]) or sp["baseline_budget"] <= grid[0]:
-        row["sentence"] = (f"{baseline}'s final {name} ({thr:.3f}) is not above its starting score: "
-                           f"no cost to reach it to compare ({unit})")
-    elif not np.isfinite(sp["budget"]):
-        row["sentence"] = (f"{label} does not reach {target} within its budget "
-                           f"({_fmt_cost(float(grid.max()), axis)}; {seeds})")
-    else:
-        s = sp["speedup"]
-        word, f = ("fewer", s) if s >= 1 else ("more", 1 / s)
-        head = f"{label} reaches {target} with {f:.1f}x {word} {unit}"
-        spent = f"{_fmt_cost(sp['budget'], axis)} vs {_fmt_cost(sp['baseline_budget'], axis)}"
-        if not np.isfinite(sp["lo"]):
-            row["sentence"] = f"{head} ({spent}; {_n_text(n, row['n_baseline'])}, no interval)"
+def _json_num(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return float(v) if np.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+# --------------------------------------------------------------------------------------- decisions
+
+def decide(claims: list[cl.Claim], sesoi: dict[str, tuple[float, str]], cost_sesoi: float,
+           alpha: float = inf.ALPHA) -> list[dict]:
+    """Outcome, p-values and intervals of every claim (module docstring); one row per claim."""
+    p = np.array([c.test.p_value() if c.test is not None else math.nan for c in claims])
+    conf_idx = [i for i, c in enumerate(claims) if c.role == "confirmatory"]
+    p_holm = np.full(len(claims), np.nan)
+    level = np.full(len(claims), float(alpha))
+    if conf_idx:
+        p_holm[conf_idx] = inf.holm(p[conf_idx])
+        level[conf_idx] = inf.holm_levels(p[conf_idx], alpha)
+    family = int(np.isfinite(p[conf_idx]).sum()) if conf_idx else 0
+    rows = []
+    for i, c in enumerate(claims):
+        cost = c.axis == "cost_to_target"
+        s, s_src = (cost_sesoi, "cost ratio") if cost else sesoi.get(c.metric, (math.nan, "none"))
+        margin = math.log1p(s) if cost else s
+        if c.test is not None:
+            lo, hi = c.test.interval(1 - alpha)
+            lo_a, hi_a = c.test.interval(1 - level[i])
         else:
-            lo, hi = (sp["lo"], sp["hi"]) if s >= 1 else (1 / max(sp["hi"], 1e-12), 1 / max(sp["lo"], 1e-12))
-            hi_t = "never" if not np.isfinite(hi) or hi > 1e6 else f"{hi:.1f}"
-            tail = "; no detectable difference in cost" if sp["lo"] <= 1 <= sp["hi"] else ""
-            row["sentence"] = f"{label} reaches {target} with {f:.1f}x [{lo:.1f}, {hi_t}] {word} {unit} ({seeds}{tail})"
-    return row
+            lo = hi = lo_a = hi_a = math.nan
+        out = inf.outcome(lo_a, hi_a, margin, higher_is_better=not cost)
+        negligible = bool(out in ("better", "worse") and np.isfinite(margin) and -margin < lo_a and hi_a < margin)
+        est = c.test.estimate if c.test is not None else c.info.get("estimate", math.nan)
+        if cost:  # report ratios method / baseline
+            est, lo, hi, lo_a, hi_a = (math.exp(v) if not math.isnan(v) else math.nan
+                                       for v in (est, lo, hi, lo_a, hi_a))
+        row = {"method": c.method, "baseline": c.baseline, "metric": c.metric, "axis": c.axis, "outcome": out,
+               "estimate": est, "lo": lo, "hi": hi, "n": c.n, "n_baseline": c.n_baseline,
+               "p": p[i], "p_holm": p_holm[i], "p_perm": c.info.get("p_perm", math.nan),
+               "p_perm_exact": c.info.get("p_perm_exact"), "sesoi": s, "sesoi_source": s_src,
+               "role": c.role, "family_size": family if c.role == "confirmatory" else None,
+               "level": level[i], "lo_adj": lo_a, "hi_adj": hi_a,
+               "scale": "ratio" if cost else "difference", "basis": c.basis, "cost_axis": c.cost_axis,
+               "budget_fraction": c.budget_fraction, "budget": c.budget,
+               "target_fraction": c.target_fraction, "target": c.target, "data": c.data, "paired": c.paired,
+               "negligible": negligible,
+               "withheld": False}
+        if not cost:
+            t = c.test
+            row.update(se=t.se if t is not None else math.nan, df=t.df if t is not None else math.nan,
+                       mde=t.mde(alpha) if t is not None else math.nan,
+                       prompt_variance=dict(t.parts).get("prompts", math.nan) if t is not None else math.nan,
+                       seeds_above=c.info.get("seeds_above"), method_value=c.info.get("method_value", math.nan),
+                       baseline_value=c.info.get("baseline_value", math.nan),
+                       method_values=c.info.get("method_values", []), baseline_values=c.info.get("baseline_values", []),
+                       cost_method=c.info.get("cost_method", math.nan),
+                       cost_baseline=c.info.get("cost_baseline", math.nan), prompts=c.info.get("prompts"),
+                       note=c.info.get("note") or c.info.get("why_not_per_image"))
+        else:
+            ms, bs = c.info["method_side"], c.info["baseline_side"]
+            row.update(reached=ms["reached"], reached_baseline=bs["reached"], bracket=[ms["lo"], ms["hi"]],
+                       bracket_baseline=[bs["lo"], bs["hi"]], brackets=ms["brackets"],
+                       brackets_baseline=bs["brackets"])
+        rows.append(row)
+    return rows
 
 
-def build_verdict(rs: RunSet, metric: str, baseline: str, axes: list[str], reps: int = 2000,
-                  code_problems: list[str] | None = None) -> Verdict:
-    """Sentences for every method other than the baseline: each eval metric, then each cost axis."""
-    lines, rows = [], []
+# --------------------------------------------------------------------------------------- build
+
+def build_verdict(rs: RunSet, metric: str, baseline: str, sched: cl.Schedule | None, axes: list[str],
+                  sesoi: dict[str, float] | None = None, code_problems: list[str] | None = None,
+                  fractions: tuple[float, ...] = cl.BUDGET_FRACTIONS,
+                  targets: tuple[float, ...] = cl.TARGET_FRACTIONS, reps: int = 20_000) -> Verdict:
+    """Every claim of a report, decided; the headline and sentences rendered from the rows."""
+    given = dict(sesoi or {})
+    check_sesoi_names(rs, given)
+    warn = []
     if code_problems:
-        lines.append("WARNING: these runs do not come from one clean commit (" + "; ".join(code_problems)
-                     + "): differences may be code changes")
+        warn.append("WARNING: these runs do not come from one clean commit (" + "; ".join(code_problems)
+                    + "): differences may be code changes")
     others = [lab for lab in rs.labels if lab != baseline]
-    keys = [metric] + [k for k in rs.eval_keys() if k != metric and k in rs.evals]
-    for lab in others:
-        for k in keys:
-            rows.append(metric_verdict(rs, k, lab, baseline, reps))
-        for a in axes:
-            rows.append(cost_verdict(rs, metric, a, lab, baseline, reps))
     if not others:
-        lines.append(f"only one method ({baseline}): nothing to compare")
-    lines += [r["sentence"] for r in rows]
-    return Verdict(lines=lines, rows=rows)
+        msg = f"only one method ({baseline}): nothing to compare"
+        return Verdict([], msg, [msg], warn + [msg])
+    if sched is None:
+        msg = "no cost axis logged in the evaluation records: nothing can be compared at matched cost"
+        return Verdict([], msg, [msg], warn + [msg])
+    claims, notes = cl.build_claims(rs, metric, baseline, sched, axes, tuple(fractions), tuple(targets), reps)
+    sesoi_map = {k: sesoi_for(rs, k, given) for k in dict.fromkeys(c.metric for c in claims)}
+    rows = decide(claims, sesoi_map, given.get("cost", COST_SESOI))
+    frozen = next((r for r in rows if r["role"] == "control" and r["metric"] == metric
+                   and control_of(r["method"]) == ("frozen", baseline)), None)
+    power = None if frozen is None else frozen["outcome"] == "worse"
+    for r in rows:
+        r["withheld"] = power is False and r["role"] != "control"
+        r["sentence"] = sentence(r, rs)
+    parts = headline(rows, rs, baseline, metric, sched, notes, power)
+    head = " ".join(parts)
+    v = Verdict([{k: v for k, v in r.items()} for r in rows], head, parts, [], power, notes)
+    v.lines = warn + [head] + v.sentences()
+    if power is False:
+        v.lines.append("(claims withheld: no power; their numbers are in verdict.json and the tables)")
+    return v
+
+
+def to_json(v: Verdict) -> list[dict]:
+    """verdict.json: the rows with non-finite numbers as null (an unbounded cost-ratio bound included)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(y) for k, y in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(y) for y in x]
+        return _json_num(x)
+
+    return [clean(r) for r in v.rows]
+
+
+def write_json(v: Verdict, path: str | Path) -> Path:
+    path = Path(path)
+    # a temporary name of this writer only: two report steps into one directory never share it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(to_json(v), indent=1) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

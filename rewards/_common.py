@@ -121,11 +121,15 @@ class LazyReward:
     Subclasses set ``name``/``_base_version``, implement ``_locate()`` (find files, raise
     ``MissingWeightsError``; returns the list of files whose hashes identify the weights),
     ``_load()`` (build the model on ``self.device``) and ``_score(images, prompts) -> (scores,
-    components)`` for one batch already on the device.
+    components)`` for one batch already on the device. A subclass whose ``_score`` is differentiable in
+    the images (no detach, no PIL / numpy round trip) sets ``differentiable = True``: ``score_grad`` then
+    scores with the autograd graph kept, for direct-gradient algorithms (ReFL, DRaFT-K).
     """
 
     name: str = "reward"
     _base_version: str = "0"
+    #: ``_score`` keeps the graph back to the images (``score_grad`` is available)
+    differentiable: bool = False
 
     def __init__(self, device: str | torch.device = "cpu", batch_size: int = 16,
                  dtype: str | torch.dtype | None = "auto") -> None:
@@ -195,8 +199,34 @@ class LazyReward:
         return RewardOutput(scores=out.to(torch.float32),
                             components={k: torch.cat(v).to(torch.float32) for k, v in comps.items()})
 
+    def score_grad(self, images: Tensor, prompts: Sequence[str],
+                   meta: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
+        """Scores [L] float32 on the reward's device, differentiable with respect to ``images`` (the same
+        preprocessing, precision and batching as ``__call__``; the reward model's own weights are frozen).
+        Components are not returned: the direct-gradient loss uses the score only."""
+        if not self.differentiable:
+            raise NotImplementedError(f"reward {self.name!r} has no gradient path")
+        check_inputs(images, prompts, meta)
+        self.ensure_loaded()
+        freeze_modules(self)
+        out = []
+        with torch.enable_grad():
+            for sl in chunks(images.shape[0], self.batch_size):
+                x = images[sl].to(self.device, torch.float32).clamp(0.0, 1.0)
+                s, _ = self._score(x, list(prompts[sl]))
+                out.append(s.float())
+        return torch.cat(out) if out else images.new_zeros(0)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, loaded={self._loaded})"
+
+
+def freeze_modules(obj: Any) -> None:
+    """``requires_grad_(False)`` on every torch module held by ``obj``'s attributes (a reward model's
+    weights never receive gradients when a direct-gradient update back-propagates through it)."""
+    for v in vars(obj).values():
+        if isinstance(v, torch.nn.Module):
+            v.requires_grad_(False)
 
 
 # --- transformers CLIP helpers (PickScore, aesthetic) ----------------------------------------------

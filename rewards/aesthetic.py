@@ -70,6 +70,7 @@ class Aesthetic(LazyReward):
 
     name = "aesthetic"
     _base_version = "laion-aesthetic-v2:sac+logos+ava1-l14-linearMSE"
+    differentiable = True  # score_grad: scores with gradients to the images (ReFL, DRaFT-K)
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None, clip: str | None = None,
                  batch_size: int = 16, dtype: str | None = "auto") -> None:

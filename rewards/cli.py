@@ -19,14 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-#: Python modules each model-based reward needs (rewards not listed need only the core install).
-REQUIRED_MODULES: dict[str, tuple[str, ...]] = {
-    "hpsv2": ("hpsv2", "clint", "torchvision", "ftfy", "regex"),
-    "image_reward": ("ImageReward", "timm", "fairscale", "torchvision"),
-    "clip_score": ("open_clip", "timm", "torchvision", "ftfy", "regex"),
-    "pickscore": ("transformers",),
-    "aesthetic": ("transformers",),
-}
 INSTALL_HINT = ('pip install -c constraints.txt "treebench[rewards]" && '
                 'pip install -c constraints.txt --no-deps hpsv2x==1.2.0 image-reward==1.5')
 
@@ -41,7 +33,7 @@ def check_one(name: str, device: str = "cpu", load: bool = False, with_hash: boo
     from bench.registry import REWARDS, load_object
 
     entry: dict[str, Any] = {"reward": name, "target": REWARDS[name].target}
-    missing = [m for m in REQUIRED_MODULES.get(name, ()) if importlib.util.find_spec(m) is None]
+    missing = [m for m in REWARDS[name].requires if importlib.util.find_spec(m) is None]
     if missing:
         return {**entry, "ok": False, "status": "missing-package",
                 "why": f"python modules not installed: {', '.join(missing)}; install with: {INSTALL_HINT}"}

@@ -59,6 +59,7 @@ class ClipScore(LazyReward):
     """See the module docstring."""
 
     name = "clip_score"
+    differentiable = True  # score_grad: scores with gradients to the images (ReFL, DRaFT-K)
 
     def __init__(self, device: str | torch.device = "cpu", model: str = "ViT-H-14",
                  pretrained: str = "laion2b_s32b_b79k", path: str | None = None, batch_size: int = 16,

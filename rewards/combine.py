@@ -115,5 +115,25 @@ class WeightedSum:
         return RewardOutput(scores=total.to(torch.float32), components=comps,
                             weights={name: w for name, w, _ in self.parts})
 
+    @property
+    def differentiable(self) -> bool:
+        """A gradient path exists when every part has one and the sum is unnormalised (a z-score over the
+        batch would depend on how the update splits it)."""
+        return self.normalize == "none" and all(getattr(r, "differentiable", False) for _, _, r in self.parts)
+
+    def score_grad(self, images: Tensor, prompts: Sequence[str],
+                   meta: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
+        """sum_i w_i score_i, differentiable with respect to ``images`` (see ``differentiable``)."""
+        if not self.differentiable:
+            raise NotImplementedError(f"reward {self.name!r} has no gradient path (every part needs one and "
+                                      f"reward.normalize must be none)")
+        total: Tensor | None = None
+        for _, w, reward in self.parts:
+            s = reward.score_grad(images, prompts, meta).to(torch.float32)
+            term = w * s.to(total.device) if total is not None else w * s
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
     def __repr__(self) -> str:
         return f"WeightedSum({self.name!r}, normalize={self.normalize!r})"

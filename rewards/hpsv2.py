@@ -69,6 +69,7 @@ class HPSv2(LazyReward):
     ``arch`` (open_clip config name, default "ViT-H-14"), ``batch_size`` (16), ``dtype`` ("auto")."""
 
     name = "hpsv2"
+    differentiable = True  # score_grad: scores with gradients to the images (ReFL, DRaFT-K)
 
     def __init__(self, device: str | torch.device = "cpu", version: str = "v2.1", path: str | None = None,
                  arch: str = "ViT-H-14", batch_size: int = 16, dtype: str | None = "auto") -> None:

@@ -104,6 +104,7 @@ class ImageRewardScorer(LazyReward):
 
     name = "image_reward"
     _base_version = "image-reward-1.5:ImageReward-v1.0"
+    differentiable = True  # score_grad: scores with gradients to the images (ReFL, DRaFT-K)
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None, med_config: str | None = None,
                  tokenizer: str | None = None, batch_size: int = 16, dtype: str | None = "auto") -> None:

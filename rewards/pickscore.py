@@ -48,6 +48,7 @@ class PickScore(LazyReward):
 
     name = "pickscore"
     _base_version = "pickscore-v1"
+    differentiable = True  # score_grad: scores with gradients to the images (ReFL, DRaFT-K)
 
     def __init__(self, device: str | torch.device = "cpu", path: str | None = None, processor: str | None = None,
                  batch_size: int = 16, dtype: str | None = "auto") -> None:

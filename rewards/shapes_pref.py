@@ -108,6 +108,8 @@ class ShapesPref:
 
     name = "shapes_pref"
     version = "1"
+    #: ``score_grad`` back-propagates into the images (direct-gradient algorithms: ReFL, DRaFT-K)
+    differentiable = True
 
     def __init__(self, device: str = "cpu", weights: str | None = None, batch_size: int = 512, **options: Any):
         if options:
@@ -129,3 +131,20 @@ class ShapesPref:
             tx = self.net.encode_text(prompts[lo:lo + self.batch_size])
             out.append((im * tx).sum(-1).float().cpu())
         return RewardOutput(scores=torch.cat(out) if out else torch.zeros(0))
+
+    def score_grad(self, images: Tensor, prompts: Sequence[str],
+                   meta: Sequence[Mapping[str, Any]] | None = None) -> Tensor:
+        """Scores [L] (on the reward's device) differentiable with respect to ``images``; the scorer's own
+        weights are frozen."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"shapes_pref expects images [L, 3, H, W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"shapes_pref got {images.shape[0]} images but {len(prompts)} prompts")
+        self.net.requires_grad_(False)
+        out = []
+        with torch.enable_grad():
+            for lo in range(0, images.shape[0], self.batch_size):
+                im = self.net.encode_images(images[lo:lo + self.batch_size].to(self.device).clamp(0, 1))
+                tx = self.net.encode_text(prompts[lo:lo + self.batch_size])
+                out.append((im * tx).sum(-1).float())
+        return torch.cat(out) if out else images.new_zeros(0)

@@ -29,6 +29,7 @@ class Brightness:
 
     name = "brightness"
     version = "1"
+    differentiable = True  # score_grad (direct-gradient algorithms)
 
     def __init__(self, device: str = "cpu", **options: Any):
         if options:
@@ -40,6 +41,12 @@ class Brightness:
         _check(images, prompts, self.name)
         scores = images.detach().float().clamp(0, 1).mean(dim=(1, 2, 3)).cpu()
         return RewardOutput(scores=scores.to(torch.float32))
+
+    def score_grad(self, images: torch.Tensor, prompts: Sequence[str],
+                   meta: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+        """The same score, differentiable with respect to ``images``."""
+        _check(images, prompts, self.name)
+        return images.float().clamp(0, 1).mean(dim=(1, 2, 3))
 
 
 class JpegCompressibility:

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--set eval.every=5 (several after one --set also work)")
     p.add_argument("--seed", type=seed_arg, help="run seed shared by all trials (default 0)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--reject-hacking", action="store_true",
+                   help="prune (reject) a trial whose held-out reward falls below its iteration-0 value beyond "
+                        "its resolution and stays there while the training reward rises (the whole-curve "
+                        "reward-hacking rule); turns eval.at_start on")
+    p.add_argument("--validation-split", action="store_true",
+                   help="evaluate trials on a validation split: the eval prompt set's prompts past the first "
+                        "eval.num_prompts (those final runs are scored on), written to <out>/validation.jsonl")
     p.add_argument("--pruner", choices=PRUNERS, default="median", help="default median")
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="default tpe (ignored with --grid)")
     p.add_argument("--sampler-seed", type=int, help="seed of the Optuna sampler (default: fresh per worker)")
@@ -186,12 +193,49 @@ def _pruner(a: argparse.Namespace, multi: bool):
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
 
 
+#: The validation split needs at least this many prompts past the held-out ones.
+MIN_VALIDATION_PROMPTS = 2
+
+
+def validation_split(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Overrides that evaluate on a validation split: the prompts of ``cfg``'s eval prompt set past its
+    first ``eval.num_prompts`` (the held-out prompts final runs and the verdict are scored on), written to
+    ``out/validation.jsonl`` with their metadata (the shapes checker needs each prompt's attributes), at
+    most ``max(eval.num_prompts, 4)`` of them (a trial's evaluation costs no more than a final run's).
+    For ``shapes-eval`` (48 combinations, none in the training split) that is prompts 33-48 at the
+    default eval.num_prompts 32: never trained on, never in the verdict."""
+    from bench.engine.prompts import load_prompt_set
+
+    name, held = cfg["data"]["eval_prompts"], int(cfg["eval"]["num_prompts"])
+    ps = load_prompt_set(name)
+    # no larger than the held-out evaluation (at least 4 prompts where the set has them)
+    rest = list(range(held, min(len(ps), held + max(held, 4))))
+    if len(rest) < MIN_VALIDATION_PROMPTS:
+        raise UsageError(f"--validation-split: eval prompt set {name!r} has {len(ps)} prompts and the held-out "
+                         f"evaluation uses the first {held}; at least {MIN_VALIDATION_PROMPTS} must remain for "
+                         f"validation (lower eval.num_prompts or use a larger eval prompt set)")
+    overlap = set(ps.prompts[:held]) & {ps.prompts[i] for i in rest}
+    if overlap:
+        raise UsageError(f"--validation-split: prompt set {name!r} repeats held-out prompts after the first {held} "
+                         f"({sorted(overlap)[:3]}): validation would not be disjoint")
+    out.mkdir(parents=True, exist_ok=True)
+    path = (out / "validation.jsonl").resolve()
+    lines = [json.dumps({"prompt": ps.prompts[i], **ps.metadata[i]}, sort_keys=True) for i in rest]
+    text = "\n".join(lines) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return {"data.eval_prompts": str(path), "eval.num_prompts": len(rest)}
+
+
 def _definition(a: argparse.Namespace, space: Any, objective: str, base_sets: dict, flags: dict) -> dict:
     """What makes trials comparable; a worker joining the study must agree on all of it."""
     return {"algo": a.algo, "objective": objective, "direction": a.direction, "multi_objective": a.multi_objective,
             "budget_per_trial": a.budget_per_trial, "seed": flags["seed"], "model": a.model,
             "model_path": a.model_path, "reward": a.reward, "eval_rewards": a.eval_rewards, "config": a.config,
-            "preset": a.preset, "sets": base_sets, "space": space.to_dict()}
+            "preset": a.preset, "sets": base_sets, "space": space.to_dict(),
+            # only when given: studies created before these options existed stay joinable
+            **({"reject_hacking": True} if a.reject_hacking else {}),
+            **({"validation_split": True} if a.validation_split else {})}
 
 
 def prepare(a: argparse.Namespace):
@@ -206,17 +250,25 @@ def prepare(a: argparse.Namespace):
         raise UsageError(f"--n-jobs must be >= 1, got {a.n_jobs}")
     Budget.parse(a.budget_per_trial)
     space, grid = _space(a)
-    base_sets = {**SWEEP_DEFAULTS, **config_mod.parse_sets(a.sets)}
+    user_sets = config_mod.parse_sets(a.sets)
+    if a.reject_hacking:
+        if user_sets.get("eval.at_start") is False:
+            raise UsageError("--reject-hacking compares each evaluation with iteration 0: drop --set eval.at_start=false")
+        user_sets["eval.at_start"] = True
+    base_sets = {**SWEEP_DEFAULTS, **user_sets}
     flags = _flags(a)
     base_cfg = config_mod.resolve(base_sets, config_file=a.config, preset=a.preset, flags=flags)
+    out = Path(a.out or f"runs/sweep-{a.study or a.algo + ('-grid' if grid else '-sweep')}").expanduser()
+    if a.validation_split:
+        base_sets.update(validation_split(base_cfg, out))
+        base_cfg = config_mod.resolve(base_sets, config_file=a.config, preset=a.preset, flags=flags)
     _check_space_keys(space, base_cfg)
     objective = a.objective or f"eval/{base_cfg['eval']['rewards'][0]}"
     check_objective_key(objective, base_cfg)
     study = a.study or f"{a.algo}-{'grid' if grid else 'sweep'}"
-    out = Path(a.out or f"runs/sweep-{study}").expanduser()
     spec = SweepSpec(out=out, space=space, objective=objective, base_overrides=base_sets, flags=flags,
                      config_file=a.config, preset=a.preset, cost=a.multi_objective, heartbeat_s=a.heartbeat,
-                     base_cfg=base_cfg)
+                     base_cfg=base_cfg, reject_hacking=a.reject_hacking)
     if grid:
         check_grid(spec, grid)
     return spec, grid, study, _definition(a, space, objective, base_sets, flags)

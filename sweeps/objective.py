@@ -30,7 +30,7 @@ import optuna
 
 from bench import config as config_mod
 from bench.budget import Budget, Totals
-from bench.errors import AlgorithmSettingsError, StopRun, UsageError, is_out_of_memory
+from bench.errors import AlgorithmSettingsError, StopRun, UsageError, algorithm_settings, is_out_of_memory
 from bench.registry import algorithm_class
 from bench.run import runner
 from bench.spec import RunSpec
@@ -63,6 +63,7 @@ class SweepSpec:
     heartbeat_s: float = 30.0
     target: int | None = None              # --trials: trials of the study in total, over all workers
     base_cfg: dict[str, Any] = field(default_factory=dict)  # the resolved base config (bounds, checks)
+    reject_hacking: bool = False           # --reject-hacking: a trial the whole-curve hacking rule flags is PRUNED
 
     def resolve(self, overrides: Mapping[str, Any], out: Path | None) -> dict[str, Any]:
         flags = dict(self.flags)
@@ -89,10 +90,8 @@ def validate_run_config(cfg: Mapping[str, Any]) -> None:
     prediction type), without loading weights: catches combinations such as algo.d > algo.window or a
     window longer than the schedule before any run directory exists (``AlgorithmSettingsError``)."""
     spec = RunSpec.from_config(cfg)
-    try:
+    with algorithm_settings(spec.algo_name):
         algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
-    except ValueError as e:
-        raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
 
 
 def _free_memory() -> None:
@@ -147,7 +146,7 @@ class Objective:
         trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
         reporter = _Reporter(trial, spec.objective, multi=spec.cost is not None,
-                             budget=Budget.parse(str(cfg["budget"])))
+                             budget=Budget.parse(str(cfg["budget"])), reject_hacking=spec.reject_hacking)
         try:
             with Heartbeat(trial, spec.heartbeat_s):
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
@@ -173,6 +172,10 @@ class Objective:
             trial.set_user_attr(k, getattr(summary, k))
         if summary.stop_reason == "pruned":
             self._prune(trial, reporter.prune_reason or "pruned")
+        if spec.reject_hacking:  # the final evaluation is not passed to on_eval: judge it here too
+            reporter.judge(summary.final_eval or {})
+            if reporter.rejected:
+                self._prune(trial, reporter.rejected)
         if summary.stop_reason == "interrupted":
             self._requeue_interrupted(trial)
             raise KeyboardInterrupt
@@ -196,9 +199,22 @@ class Objective:
 class _Reporter:
     """``on_eval`` callback: reports held-out values to Optuna and stops the run when it is pruned."""
 
-    def __init__(self, trial: optuna.Trial, key: str, multi: bool, budget: Budget | None = None):
+    def __init__(self, trial: optuna.Trial, key: str, multi: bool, budget: Budget | None = None,
+                 reject_hacking: bool = False):
         self.trial, self.key, self.multi, self.budget = trial, key, multi, budget
+        self.reject_hacking = reject_hacking
         self.prune_reason: str | None = None
+        self.rejected: str | None = None
+
+    def judge(self, rec: Mapping[str, Any]) -> None:
+        """Reject the trial when the whole-curve reward-hacking rule (``heldout_below_start``, set by
+        ``bench.run.evaluation``) flags this evaluation: a held-out reward below its iteration-0 value by
+        more than its resolution at two evaluations in a row while the training reward rose."""
+        below = rec.get("heldout_below_start") or []
+        if self.reject_hacking and below and self.rejected is None:
+            self.rejected = (f"rejected: possible reward hacking at iteration {rec.get('iteration')}: held-out "
+                             f"{', '.join(k.split('/', 1)[-1] for k in below)} stays below its iteration-0 value "
+                             f"while the training reward rose")
 
     def _finished(self, rec: Mapping[str, Any]) -> bool:
         """The evaluation after the last iteration: the run is done, pruning would only discard it."""
@@ -212,6 +228,10 @@ class _Reporter:
         if self.key not in rec:
             raise SweepAbort(f"objective {self.key!r} is not in the eval records; they hold: "
                              f"{', '.join(k for k in rec if k.startswith('eval/'))}")
+        self.judge(rec)
+        if self.rejected is not None:
+            self.prune_reason = self.rejected
+            raise StopRun("pruned")
         if self.multi:  # Optuna cannot prune multi-objective trials
             return
         step, value = int(rec["iteration"]), float(rec[self.key])

@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 
 from bench.errors import UsageError
 from bench.rundir import failpoints
+from bench.rundir.layout import FINAL, ITERATIONS
 from bench.rundir.lock import RunLock, process_start
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -263,7 +264,7 @@ def requeue_dead_trials(study: optuna.Study, storage: Any, grace_s: float, out: 
 def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
     """Give the dead trial's run directory a final.json (stop_reason "error") so readers see it ended."""
     run_dir = t.user_attrs.get("run_dir")
-    if not run_dir or not Path(run_dir).is_dir() or (Path(run_dir) / "final.json").exists():
+    if not run_dir or not Path(run_dir).is_dir() or (Path(run_dir) / FINAL).exists():
         return
     try:
         lock = RunLock(run_dir).acquire()  # a worker still writing it (bench.rundir.lock) keeps it
@@ -277,7 +278,7 @@ def _close_dead_run_dir(t: optuna.trial.FrozenTrial, reason: str) -> None:
 
 def _write_dead_final(t: optuna.trial.FrozenTrial, run_dir: str, reason: str) -> None:
     last: dict[str, Any] = {}
-    its = Path(run_dir) / "iterations.jsonl"
+    its = Path(run_dir) / ITERATIONS
     if its.is_file():
         lines = [ln for ln in its.read_text().splitlines() if ln.strip()]
         if lines:
@@ -291,7 +292,7 @@ def _write_dead_final(t: optuna.trial.FrozenTrial, run_dir: str, reason: str) ->
              "best_eval": None, "error": f"sweep trial {t.number}: {reason}; re-queued"}
     tmp = Path(run_dir) / "final.json.tmp"
     tmp.write_text(json.dumps(final, indent=2))
-    os.replace(tmp, Path(run_dir) / "final.json")
+    os.replace(tmp, Path(run_dir) / FINAL)
 
 
 def counts(t: optuna.trial.FrozenTrial) -> bool:
@@ -387,7 +388,8 @@ def summarize(study: optuna.Study, value_names: Sequence[str]) -> dict[str, Any]
                 if t.values and all(math.isfinite(v) for v in t.values)]
     if complete and len(value_names) == 1:
         b = study.best_trial
-        out["best"] = {"number": b.number, value_names[0]: b.value, "params": b.params}
+        out["best"] = {"number": b.number, value_names[0]: b.value, "params": b.params,
+                       "overrides": b.user_attrs.get("overrides")}
     elif complete:
         out["pareto"] = [{"number": t.number, **dict(zip(value_names, t.values)), "params": t.params}
                          for t in study.best_trials]

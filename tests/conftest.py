@@ -12,7 +12,9 @@ import bench  # noqa: E402,F401,I001  (installs the torchvision import fix befor
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+#: intra-op threads: TREEBENCH_TEST_THREADS where set (tests/perturbed_rounding.sh runs the numerics tests with 1
+#: and 2 to perturb float32 reduction order), else at most 2
+torch.set_num_threads(int(os.environ.get("TREEBENCH_TEST_THREADS") or min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="module")

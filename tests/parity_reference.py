@@ -411,6 +411,127 @@ def nft_loss_terms(beta=1.0, adv_clip_max=5.0, adv_mode="all"):
     return r, adv_clip_max * (r * l_pos / beta + (1 - r) * l_neg / beta)
 
 
+#: BranchGRPO update parity: per trained edge (in the shuffled training order) its advantage and the
+#: derivative c of its new log-prob in the single weight w (logp_new = logp_old + w c), on two trees
+BRANCH_UPDATE_ADV = [1.2, -0.7, 0.4, -1.5, 0.9, 0.1, -0.3, 2.0, -0.8]
+BRANCH_UPDATE_C = [0.5, -1.0, 2.0, 0.3, -0.4, 1.5, -2.5, 0.8, 1.1]
+
+
+def branchgrpo_update_loop(adv, c, trees=2, ga=4, clip_range=0.03, adv_clip_max=1.8, lr=0.5, w0=0.0):
+    """``train_one_step_tree``'s update loop on a one-weight model whose edge log-prob is
+    logp_old + w c: for the i-th shuffled sample, ratio = exp(w c), loss = max(-A r, -A clip(r, 1 +- eps))
+    / (GA * (len(samples) // num_trees)) with A clamped to +-adv_clip_max, backward (d loss / d w =
+    -A r c / denom on the unclipped branch, 0 where the clipped branch is the max and the ratio is outside
+    the clip range), ``optimizer.step()`` (plain SGD here) when (i + 1) % GA == 0 and once more after the
+    loop for a remainder. Returns (w after every optimizer step, the per-sample logged losses)."""
+    denom = ga * max(1, len(adv) // trees)
+    w, g, ws, losses = float(w0), 0.0, [], []
+    for i, (a, ci) in enumerate(zip(adv, c)):
+        a = min(max(a, -adv_clip_max), adv_clip_max)
+        r = math.exp(w * ci)
+        rc = min(max(r, 1 - clip_range), 1 + clip_range)
+        unc, clp = -a * r, -a * rc
+        losses.append(max(unc, clp) / denom)
+        if unc >= clp:
+            g += -a * r * ci / denom
+        if (i + 1) % ga == 0:
+            w -= lr * g
+            g = 0.0
+            ws.append(w)
+    if len(adv) % ga:
+        w -= lr * g
+        ws.append(w)
+    return ws, losses
+
+
+# ---- MixGRPO multi-reward (Tencent-Hunyuan/MixGRPO, fastvideo/train_grpo_flux.py, multi_reward_mix) ------
+#: per reward model, the rewards of 2 prompts x num_generations 4 (contiguous groups, as the trainer lays
+#: them out): HPS, ImageReward, PickScore scales
+MIX_MULTI_REWARDS = {"hpsv2": [0.27, 0.29, 0.26, 0.31, 0.24, 0.25, 0.28, 0.22],
+                     "image_reward": [0.5, -1.2, 1.1, 0.3, -0.4, 0.9, 0.2, -1.5],
+                     "pickscore": [21.3, 21.9, 20.8, 22.4, 20.1, 20.6, 21.0, 20.9]}
+
+
+def mixgrpo_advantage_aggr(rewards, weights, G=4):
+    """``multi_reward_mix == "advantage_aggr"`` with ``use_group`` and ``trimmed_ratio`` 0: per reward model
+    and per group of G contiguous samples, (r - mean) / (unbiased std + 1e-8); the weights divided by their
+    total (``reward_weights = {k: v / total_weight}``); ``merged_advantages += model_advs * weight``."""
+    total = sum(weights.values())
+    w = {k: v / total for k, v in weights.items()}
+    out = np.zeros(len(next(iter(rewards.values()))))
+    for name, r in rewards.items():
+        r = np.asarray(r, dtype=np.float64)
+        adv = np.zeros_like(r)
+        for i in range(len(r) // G):
+            g = r[i * G:(i + 1) * G]
+            adv[i * G:(i + 1) * G] = (g - g.mean()) / (g.std(ddof=1) + 1e-8)
+        out += adv * w[name]
+    return out
+
+
+#: a BranchGRPO tree with single-child chains below each split (T = 4, splits at steps 0 and 2): node n's
+#: parent, in creation order; the leaves are nodes 9..12; the log-prob of the edge into each node
+BRANCH_CHAIN_PARENT = [-1, 0, 0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8]
+BRANCH_CHAIN_LOGPS = [0.0, -7.9, -3.6, 0.2, -0.1, -8.4, -6.2, -2.0, -5.5, 0.4, 0.1, -0.3, 0.6]
+BRANCH_CHAIN_REWARDS = [0.35, 0.8, 0.1, 0.55]
+
+
+def branchgrpo_tree_advantages(parent, leaf_rewards, logps):
+    """``compute_node_rewards_from_leaves(use_prob_weighted=True)`` + ``compute_hierarchical_advantages_by_depth``
+    on an arbitrary tree given by parent pointers: bottom-up over depths, a node with one child takes its
+    child's reward (the chain below a split), a node with several the softmax (temperature 1) of its
+    children's ``log_prob`` times their rewards; per depth (r - mean) / (unbiased std + 1e-8), zero for one
+    node or a std below 1e-6. Returns the advantage of every non-root node (the edge into it)."""
+    n = len(parent)
+    children = {i: [c for c in range(n) if parent[c] == i] for i in range(n)}
+    depth = [0] * n
+    for i in range(n):
+        j = i
+        while parent[j] >= 0:
+            depth[i] += 1
+            j = parent[j]
+    leaves = [i for i in range(n) if not children[i]]
+    reward = dict(zip(leaves, leaf_rewards))
+    for d in range(max(depth) - 1, -1, -1):
+        for i in (i for i in range(n) if depth[i] == d and children[i]):
+            c = children[i]
+            if len(c) == 1:
+                reward[i] = reward[c[0]]
+            else:
+                lp = np.array([logps[x] for x in c])
+                w = np.exp(lp - lp.max())
+                w /= w.sum()
+                reward[i] = float((w * np.array([reward[x] for x in c])).sum())
+    adv = np.zeros(n)
+    for d in range(max(depth) + 1):
+        ids = [i for i in range(n) if depth[i] == d]
+        v = np.array([reward[i] for i in ids])
+        if v.size > 1 and v.std(ddof=1) >= 1e-6:
+            adv[ids] = (v - v.mean()) / (v.std(ddof=1) + 1e-8)
+    return adv[1:]
+
+
+# ---- EMA of the trained weights (flow_grpo / DiffusionNFT flow_grpo/ema.py::EMAModuleWrapper) ------------
+def ema_wrapper_epoch(ema, thetas, global_step, calls_per_step, interval, decay):
+    """One epoch of a trainer holding ``EMAModuleWrapper(params, decay, update_step_interval=interval)``:
+    ``thetas[0]`` are the weights at the epoch's start, ``thetas[k]`` after its k-th optimizer step. The
+    trainer runs ``calls_per_step`` training batches per optimizer step (train_sd3.py: GA batches; the
+    optimizer steps when the accumulation syncs, after every GA-th batch, and ``global_step += 1``) and calls
+    ``ema.step(params, global_step)`` after every batch (DiffusionNFT: after every optimizer step,
+    calls_per_step = 1). ``step``: d = min((1 + g) / (10 + g), decay); when (g + 1) % interval == 0,
+    ema += (1 - d) (theta - ema). Returns (ema, global_step) after the epoch (numpy float64)."""
+    ema = np.array(ema, dtype=np.float64)
+    k = 0
+    for b in range((len(thetas) - 1) * calls_per_step):
+        if (b + 1) % calls_per_step == 0:
+            k += 1
+            global_step += 1
+        d = min((1 + global_step) / (10 + global_step), decay)
+        if (global_step + 1) % interval == 0:
+            ema += (1 - d) * (np.asarray(thetas[k], dtype=np.float64) - ema)
+    return ema, global_step
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")
@@ -451,6 +572,13 @@ if __name__ == "__main__":
     print("BranchGRPO depth-wise advantages, mean", _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS)))
     print("BranchGRPO depth-wise advantages, prob-weighted",
           _fmt(branchgrpo_depth_advantages(BRANCH_REWARDS, BRANCH_EDGE_LOGPS)))
+    for wts in ({"hpsv2": 1.0, "image_reward": 1.0, "pickscore": 1.0},
+                {"hpsv2": 2.0, "image_reward": 1.0, "pickscore": 1.0}):
+        print(f"MixGRPO advantage_aggr weights {wts}", _fmt(mixgrpo_advantage_aggr(MIX_MULTI_REWARDS, wts)))
+    print("BranchGRPO prob-weighted advantages, chains below the splits",
+          _fmt(branchgrpo_tree_advantages(BRANCH_CHAIN_PARENT, BRANCH_CHAIN_REWARDS, BRANCH_CHAIN_LOGPS)))
+    ws, losses = branchgrpo_update_loop(BRANCH_UPDATE_ADV, BRANCH_UPDATE_C)
+    print("BranchGRPO update loop: w after each step", _fmt(ws), "losses", _fmt(losses))
     print("DiffusionNFT return_decay types 0/1/2 at steps 0, 1, 74, 75, 200, 600",
           _fmt([nft_return_decay(st, ty) for ty in (0, 1, 2) for st in (0, 1, 74, 75, 200, 600)]))
     print("DiffusionNFT dpm2 final latent", _fmt(nft_dpm2_trajectory()))

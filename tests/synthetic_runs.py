@@ -9,11 +9,18 @@ Defaults, per iteration ``i`` (0-based) of ``iterations``:
   seconds_total = (i + 1) * sum(phase_seconds), reward_mean = train_curve(i + 1),
 and per evaluation after ``j`` completed iterations (j = 0, eval_every, 2 * eval_every, ..., iterations):
   eval/<training reward> = train_curve(j), eval/<held-out reward> = heldout_curve(j).
+
+Per-image scores (``eval_scores.jsonl``, one line per image: 16 prompts x 2 images): image k = 2 p + i
+scores curve(j) + 0.05 z_k, where z is a fixed zero-mean, unit-variance pattern shared by every run (the
+shared prompts x noise), plus, after iteration 0, ``interaction * (j / iterations) * w_p`` (a method x
+prompt effect, w zero-mean over prompts) and ``image_noise`` x a draw from (algo, seed, j) (run-specific
+noise). With both 0 (the default) every image mean equals the eval record exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +31,12 @@ from typing import Any
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 PHASES = ("t_rollout_s", "t_reward_s", "t_advantage_s", "t_update_s")
+EVAL_PROMPTS, EVAL_IMAGES = 16, 2
+_K = EVAL_PROMPTS * EVAL_IMAGES
+#: The shared per-image pattern: zero mean, unit variance (population), the same in every run.
+PATTERN = [((k * 7) % _K - (_K - 1) / 2) / math.sqrt((_K * _K - 1) / 12) for k in range(_K)]
+#: Method x prompt weights: zero mean over the prompts.
+PROMPT_WEIGHTS = [(p - (EVAL_PROMPTS - 1) / 2) / EVAL_PROMPTS for p in range(EVAL_PROMPTS)]
 
 
 def linear_curve(start: float, slope: float) -> Callable[[int], float]:
@@ -69,8 +82,14 @@ def write_run(
     git_commit: str | None = None,
     images: bool = True,
     final: bool = True,
+    label: str | None = None,
+    frozen: bool = False,
+    scores: bool = True,
+    image_noise: float = 0.0,
+    interaction: float = 0.0,
 ) -> Path:
-    """Write one synthetic run directory and return its path."""
+    """Write one synthetic run directory and return its path (``label``: the arm label its manifest
+    declares, as ``bench compare --controls`` arms do)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     git_commit = git_commit or GIT_COMMIT
@@ -83,7 +102,7 @@ def write_run(
         "created": "2026-11-26T00:00:00Z",
         "run_name": path.name,
         "config": {"algo": {"name": algo, **algo_config}, "model": {"name": "tiny-random"},
-                   "sampler": {"steps": 10}, "train": {"lr": 1e-4},
+                   "sampler": {"steps": 10}, "train": {"lr": 1e-4, "frozen": frozen}, "run": {"label": label},
                    "reward": {"spec": reward},
                    "eval": {"every": eval_every, "num_prompts": 16, "images_per_prompt": 2, "seed": 0},
                    "budget": budget_spec, "seed": seed},
@@ -94,13 +113,15 @@ def write_run(
                          {"name": heldout, "version": heldout_version}],
         "budget": {"spec": budget_spec, "seconds": None, "samples": None, "nfe": None,
                    "iterations": iterations},
-        "seed": seed,
+        "seed": seed, "weights_frozen": frozen,
         "git": {"commit": git_commit, "dirty": False},
         "packages": {"torch": "2.13.0", "treebench": "0.1.0"},
         "device": {"type": device_type, "name": device_name, "count": 1},
         "prompts": {"train": {"name": "shapes", "sha256": "a" * 64, "count": 64},
                     "eval": {"name": "shapes-eval", "sha256": "b" * 64, "count": 8}},
     }
+    if label is not None:
+        manifest["label"] = label
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     with open(path / "iterations.jsonl", "w") as f:
@@ -139,6 +160,9 @@ def write_run(
         })
     with open(path / "evals.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in evals)
+    if scores:
+        write_scores(path, evals, {reward: train_curve, heldout: heldout_curve}, iterations, algo, seed,
+                     image_noise, interaction)
 
     if final:
         best = max(evals, key=lambda e: e[f"eval/{reward}"])
@@ -154,16 +178,43 @@ def write_run(
     return path
 
 
+def write_scores(path: Path, evals: Sequence[dict], curves: dict[str, Callable[[int], float]], iterations: int,
+                 algo: str, seed: int, image_noise: float = 0.0, interaction: float = 0.0) -> None:
+    """eval_scores.jsonl for the given eval records (module docstring)."""
+    import random
+
+    with open(path / "eval_scores.jsonl", "w") as f:
+        for e in evals:
+            j = e["iteration"]
+            rng = random.Random(f"{algo}/{seed}/{j}")
+            for p in range(EVAL_PROMPTS):
+                for i in range(EVAL_IMAGES):
+                    k = p * EVAL_IMAGES + i
+                    sc = {}
+                    for name, curve in curves.items():
+                        v = float(curve(j)) + 0.05 * PATTERN[k]
+                        if j > 0:
+                            v += interaction * (j / max(iterations, 1)) * PROMPT_WEIGHTS[p]
+                            v += image_noise * rng.gauss(0.0, 1.0)
+                        sc[name] = v
+                    f.write(json.dumps({"iteration": j, "nfe": e["nfe_total"], "samples": e["samples_total"],
+                                        "seconds": e["seconds_total"], "prompt_index": p, "image_index": i,
+                                        "prompt": f"eval prompt {p}", "scores": sc}) + "\n")
+
+
 def write_comparison(
     root: str | Path,
     algos: Sequence[str] = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo"),
     seeds: Sequence[int] = (0, 1, 2),
+    controls: str | None = None,
     **kwargs: Any,
 ) -> list[Path]:
     """A ``bench compare``-shaped tree ROOT/<algo>/seed<s>/ with distinct, known curves per algorithm:
     algorithm number a (in the given order) learns at slope 0.01 * (a + 1) per iteration plus
     0.001 * seed, spends (1 + a) / 2 s rollout per iteration (so later ones are slower) and
-    320 - 40 * a NFE per iteration."""
+    320 - 40 * a NFE per iteration. ``controls=<baseline>`` adds ROOT/<baseline>-aa/seed<s> (the
+    baseline's curves under seeds 100 + s: slope + 0.001 * ((s + 1) % 3)) and ROOT/<baseline>-frozen/seed<s>
+    (the baseline's costs, a flat curve), labelled in their manifests."""
     out = []
     fixed_phases = kwargs.pop("phase_seconds", None)
     for a, algo in enumerate(algos):
@@ -175,6 +226,18 @@ def write_comparison(
                 heldout_curve=linear_curve(0.2, slope / 2 if algo != "ddpo" else -0.002),
                 phase_seconds=fixed_phases or ((1 + a) / 2, 0.2, 0.05, 0.75),
                 nfe_per_iter=320.0 - 40.0 * a, peak_mem_mb=100.0 + 50 * a, **kwargs))
+    if controls is not None:
+        a = list(algos).index(controls)
+        for s in seeds:
+            common = dict(algo=controls, phase_seconds=fixed_phases or ((1 + a) / 2, 0.2, 0.05, 0.75),
+                          nfe_per_iter=320.0 - 40.0 * a, peak_mem_mb=100.0 + 50 * a, **kwargs)
+            slope = 0.01 * (a + 1) + 0.001 * ((s + 1) % len(seeds))  # the baseline's slopes, other seeds
+            out.append(write_run(Path(root) / f"{controls}-aa" / f"seed{100 + s}", seed=100 + s,
+                                 train_curve=linear_curve(0.1, slope), heldout_curve=linear_curve(0.2, slope / 2),
+                                 label=f"{controls}-aa", **common))
+            out.append(write_run(Path(root) / f"{controls}-frozen" / f"seed{s}", seed=s,
+                                 train_curve=linear_curve(0.1, 0.0), heldout_curve=linear_curve(0.2, 0.0),
+                                 label=f"{controls}-frozen", **common))
     return out
 
 
@@ -216,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``python tests/synthetic_runs.py run --algo A --budget B --seed S --out DIR [--set fail=1] ...``.
     Used to test ``bench compare`` without training; ``--set fail=1`` exits with status 3; ``--set
     kill=1`` leaves a killed run (manifest and a checkpoint, no final.json; exit 137); ``--resume DIR``
-    completes a run from its manifest."""
+    completes a run from its manifest. ``--set run.label=L`` is recorded; ``--set train.frozen=true``
+    records a frozen run, whose rewards stay at their start (slope 0)."""
     import argparse
     import sys
 
@@ -237,19 +301,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    sets = dict(kv.split("=", 1) for kv in a.set)
     if a.resume:
         man = json.loads((Path(a.resume) / "manifest.json").read_text())
         a.algo, a.seed, a.out = man["algorithm"]["name"], man["seed"], a.resume
+        sets.setdefault("run.label", man["config"].get("run", {}).get("label"))
+        sets.setdefault("train.frozen", str(man.get("weights_frozen", False)).lower())
         print(f"synthetic resume {a.algo} seed {a.seed}", flush=True)
-    sets = dict(kv.split("=", 1) for kv in a.set)
+    frozen = sets.get("train.frozen") == "true"
     print(f"synthetic run {a.algo} seed {a.seed} budget {a.budget} -> {a.out}", flush=True)
     if sets.get("fail") == "1":
         print("synthetic failure requested", file=sys.stderr, flush=True)
         return 3
     order = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "grpo")
     rank = order.index(a.algo) if a.algo in order else len(order)
-    slope = 0.01 * (rank + 1) + 0.001 * a.seed
+    # a bounded seed effect (0.001 per seed, repeating every 7 seeds): the A/A arm's seeds (1000 + s) learn
+    # within the spread of seeds 0..6 instead of far faster
+    slope = 0.0 if frozen else 0.01 * (rank + 1) + 0.001 * (a.seed % 7)
     write_run(a.out, algo=a.algo, seed=a.seed, reward=a.reward, budget_spec=a.budget,
+              label=sets.get("run.label"), frozen=frozen,
               train_curve=linear_curve(0.1, slope), heldout_curve=linear_curve(0.2, slope / 2),
               phase_seconds=((1 + rank) / 2, 0.2, 0.05, 0.75), nfe_per_iter=320.0 - 40.0 * rank,
               peak_mem_mb=100.0 + 50 * rank, images=True, final=sets.get("kill") != "1",

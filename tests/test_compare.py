@@ -1,5 +1,6 @@
 """bench compare (bench/fleet/compare.py) with a stand-in runner: tests/synthetic_runs.py as a fake `bench run`."""
 
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +20,8 @@ def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_
         for s in (0, 1):
             assert (out / algo / f"seed{s}" / "final.json").is_file()
     assert (out / "report.pdf").stat().st_size > 10_000
+    rows = json.loads((out / "verdict.json").read_text())  # the machine-readable verdict beside the PDF
+    assert {(r["method"], r["baseline"]) for r in rows} == {("treegrpo", "dancegrpo")}
     text = capsys.readouterr().out
     assert "[treegrpo seed1] synthetic run treegrpo seed 1 budget 10it" in text  # streamed, prefixed
     # seed-major order: every algorithm at seed 0 before any at seed 1
@@ -51,6 +54,8 @@ def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
     (["--algos", "ddpo", "--budget", "20q"], "bad budget term '20q'"),
     (["--algos", "ddpo", "--budget", "1m", "--set", "novalue"], "KEY=VALUE"),
     (["--algos", "ddpo", "--budget", "1m", "--baseline", "treegrpo"], "not among --algos"),
+    (["--algos", "ddpo", "--budget", "1m", "--sesoi", "shapes_attr"], "--sesoi 'shapes_attr': expected METRIC=VALUE"),
+    (["--algos", "ddpo", "--budget", "1m", "--sesoi", "shapes_attr=0"], "positive VALUE"),
 ])
 def test_usage_errors(argv, message, tmp_path, capsys):
     assert compare.main([*argv, "--out", str(tmp_path)]) == 2
@@ -80,7 +85,7 @@ def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_ben
     assert "[treegrpo seed0] already finished under this budget: skipped" in text
     assert re.findall(r"== compare \d/(\d): .* --algo (\w+) .* --seed (\d)", text) == [
         ("2", "treegrpo", "2"), ("2", "dancegrpo", "2")]
-    assert "verdict:" in text and "(n = 3" not in text  # 3 seeds a side now: intervals
+    assert "verdict:" in text and "too few seeds" not in text  # 3 seeds a side now: intervals
     assert "[" in text.split("verdict:")[1]
 
 
@@ -148,3 +153,86 @@ def test_extending_with_other_options_is_refused(fake_bench_run, tmp_path, capsy
     capsys.readouterr()
     assert compare.main([*argv, "--set", "train.lr=2e-5"]) == 2
     assert "was trained with options --set train.lr=1e-5, not --set train.lr=2e-5" in capsys.readouterr().err
+
+
+# ---- --controls: an A/A arm and a frozen (null) arm of the baseline --------------------------------------
+def test_controls_add_an_aa_arm_on_disjoint_seeds_and_a_frozen_arm(tmp_path, capsys):
+    argv = ["--algos", "treegrpo,ddpo", "--budget", "20m", "--seeds", "0,5", "--out", str(tmp_path), "--dry-run"]
+    assert compare.main([*argv, "--controls"]) == 0  # no dancegrpo: the first of --algos is the baseline
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8  # 4 arms x 2 seeds
+    runs = {(re.search(r"--out \S+/([^/ ]+)/seed(\d+)", line).groups()): line for line in lines}
+    assert sorted(runs) == sorted([("treegrpo", "0"), ("treegrpo", "5"), ("ddpo", "0"), ("ddpo", "5"),
+                                   ("treegrpo-aa", "1000"), ("treegrpo-aa", "1005"),
+                                   ("treegrpo-frozen", "0"), ("treegrpo-frozen", "5")])
+    aa, frozen = runs[("treegrpo-aa", "1005")], runs[("treegrpo-frozen", "5")]
+    assert "--algo treegrpo" in aa and "--seed 1005" in aa and aa.endswith("--set run.label=treegrpo-aa")
+    assert "train.frozen" not in aa
+    assert "--algo treegrpo" in frozen and "--seed 5" in frozen
+    assert frozen.endswith("--set train.frozen=true --set run.label=treegrpo-frozen")
+    assert all("run.label" not in line and "frozen" not in line for key, line in runs.items()
+               if key[0] in ("treegrpo", "ddpo"))
+    # the A/A seeds are never the baseline's
+    assert set(compare.build_arms(["ddpo"], [0, 1, 2], True)[1].seeds).isdisjoint({0, 1, 2})
+    # --baseline picks the copied algorithm; so does dancegrpo when compared
+    assert compare.main([*argv, "--controls", "--baseline", "ddpo"]) == 0
+    assert "ddpo-aa/seed1005" in capsys.readouterr().out
+    assert [a.label for a in compare.build_arms(["ddpo", "dancegrpo"], [0], True)][2:] == \
+        ["dancegrpo-aa", "dancegrpo-frozen"]
+    # without --controls nothing changes
+    assert compare.main(argv) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,1000"], "would also be baseline seeds"),
+    (["--set", "run.label=mine"], "bench compare labels its runs itself"),
+])
+def test_controls_usage_errors(argv, message, tmp_path, capsys):
+    assert compare.main(["--algos", "ddpo", "--budget", "1m", "--controls", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys):
+    from reports.load import load
+
+    out = tmp_path / "cmp"
+    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+                         "--controls", "--no-report"]) == 0
+    for label, seeds in (("dancegrpo-aa", (1000, 1001)), ("dancegrpo-frozen", (0, 1))):
+        for s in seeds:
+            assert (out / label / f"seed{s}" / "final.json").is_file()
+    rs = load([out])
+    assert rs.labels == ["dancegrpo", "treegrpo", "dancegrpo-aa", "dancegrpo-frozen"]  # controls last
+    runs = rs.runs.set_index("run")
+    assert list(runs.loc[["dancegrpo-aa/seed1000", "dancegrpo-frozen/seed0"], "algo"]) == ["dancegrpo", "dancegrpo"]
+    assert runs["frozen"].to_dict() == {r: r.startswith("dancegrpo-frozen/") for r in runs.index}
+    assert set(rs.evals[rs.evals["label"] == "dancegrpo-aa"]["seed"]) == {1000, 1001}
+    # re-running extends: the control arms are skipped like any finished run
+    capsys.readouterr()
+    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+                         "--controls", "--no-report"]) == 0
+    assert "[dancegrpo-frozen seed1] already finished under this budget: skipped" in capsys.readouterr().out
+    # DIR/compare.json remembers whose controls these are (the report's baseline), also for runs without
+    # --controls that extend the comparison
+    assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
+    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+                         "--no-report"]) == 0
+    assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
+
+
+def test_compare_help_documents_controls(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--controls" in text and "disjoint from the baseline's" in text and "train.frozen=true" in text
+def test_report_only_passes_the_verdict_options(tmp_path, capsys):
+    from synthetic_runs import write_comparison
+
+    out = tmp_path / "cmp"
+    write_comparison(out, algos=("dancegrpo", "treegrpo"), seeds=(0,), git_commit=_head_commit())
+    argv = ["--algos", "dancegrpo,treegrpo", "--budget", "10it", "--seeds", "1", "--out", str(out), "--report-only"]
+    assert compare.main([*argv, "--sesoi", "nope=0.1"]) == 2  # the metric names are checked by the report
+    assert "--sesoi nope: not an eval metric of these runs" in capsys.readouterr().err
+    assert compare.main([*argv, "--targets", "0,2"]) == 2
+    assert "--targets '0,2'" in capsys.readouterr().err

@@ -115,7 +115,8 @@ def _cfg(tmp_path, algo, name="run", budget="2it", model="tiny-random", **sets):
 
 @pytest.mark.parametrize("algo,sets", [("treegrpo", {"algo.k": 2, "algo.d": 2}), ("dancegrpo", {"algo.group_size": 3}),
                                        ("mixgrpo", {"algo.group_size": 3, "algo.window": 2}),
-                                       ("ddpo", {"algo.group_size": 3})])
+                                       ("ddpo", {"algo.group_size": 3}),
+                                       ("flowdppo", {"algo.group_size": 3, "algo.num_sde_steps": 2})])
 def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, sets):
     cfg = _cfg(tmp_path, algo, budget="3it", **sets)
     s = runner.run(cfg)
@@ -240,7 +241,7 @@ def test_measured_profile_loads_and_prices_a_run(tmp_path):
     kinds = measure(cfg, torch.device("cpu"), warmup=0, repeats=1, log=lambda s: None, forward_rows=(1, 2),
                     backward_rows=(1, 2), image_rows=(1, 2))
     assert {"forward", "forward_backward", "forward_backward_checkpointed", "text_encode", "reward:brightness",
-            "optimizer_step"} <= set(kinds)
+            "reward_backward:brightness", "optimizer_step"} <= set(kinds)
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(profile_json("tiny-cpu", "tiny-random", ["tiny-random"], "cpu", "smoke", "", "full",
                                             kinds, "today")))
@@ -266,3 +267,21 @@ def test_bench_plan_compares_algorithms_with_the_paper(capsys):
     t, d = out["plans"]["treegrpo"], out["plans"]["dancegrpo"]
     assert rows["treegrpo"]["ratio_to_dancegrpo"] == pytest.approx(
         t["modeled_seconds_per_iteration"] / d["modeled_seconds_per_iteration"])
+
+
+def test_eval_every_seconds_counts_modeled_seconds_on_the_modeled_clock(tmp_path):
+    # run.clock = a profile: "0.25s" is 0.25 MODELED seconds (an iteration here models 0.31 s and takes
+    # seconds of wall clock, so wall seconds would put the evaluations at other points)
+    prof = _profile(tmp_path, {"forward": [(1, 0.01), (64, 0.1)], "forward_backward": [(1, 0.03), (16, 0.2)]})
+    s = runner.run(_cfg(tmp_path, "dancegrpo", budget="0.6s", **{"run.clock": str(prof), "eval.every": "0.25s",
+                                                                   "eval.at_start": True, "algo.group_size": 3,
+                                                                   "run.trace": False}))
+    assert s.stop_reason == "budget_modeled_seconds"
+    its = [json.loads(line) for line in (s.out_dir / "iterations.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (s.out_dir / "evals.jsonl").read_text().splitlines()]
+    step = {r["modeled_seconds_total"]: r["modeled_iteration_s"] for r in its}
+    assert [e["eval_point"] for e in evals] == pytest.approx([0.0, 0.25, 0.5])
+    for e in evals[1:]:
+        total = e["modeled_seconds_total"]
+        assert e["eval_point"] <= total < e["eval_point"] + step[total]
+    assert evals[-1]["modeled_seconds_total"] == its[-1]["modeled_seconds_total"]

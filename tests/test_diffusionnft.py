@@ -120,8 +120,8 @@ def test_invalid_settings_name_the_key():
             make("diffusionnft", over)
     with pytest.raises(ValueError, match="flow"):
         make("diffusionnft", prediction="epsilon")
-    with pytest.raises(NotImplementedError, match="algo.ema"):
-        make("diffusionnft", {"ema": True})
+    with pytest.raises(ValueError, match=r"algo\.ema_decay"):
+        make("diffusionnft", {"ema": True, "ema_decay": -0.1})
 
 
 # ---- through the runner: exact resume with the snapshots in the checkpoint -----------------------------

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--seed", "3",
         "--set", "sampler.steps=3", "--set", "algo.group_size=2", "--set", "eval.every=2",
         "--set", "run.checkpoint_every=1", "--set", "run.trace=true", "--no-progress"]
-SITES = ["log.iterations", "log.evals", "manifest", "final", "checkpoint.policy", "checkpoint.optimizer",
+SITES = ["log.iterations", "log.evals", "log.eval_scores", "manifest", "final", "checkpoint.policy", "checkpoint.optimizer",
          "checkpoint.rng", "checkpoint.state", "checkpoint.meta", "checkpoint.rename", "checkpoint.prune",
          "samples.grid", "trace", "reward", "lock"]
 FAULTS = ["crash", "enospc", "eio", "eacces", "efbig"]
@@ -30,7 +30,7 @@ AT = {"manifest": "@1", "final": "@1", "lock": "@1"}
 WORDS = {"enospc": "No space left on device (ENOSPC)", "eio": "Input/output error (EIO)",
          "eacces": "Permission denied (EACCES)", "efbig": "File too large (EFBIG)"}
 DEFAULT_CELLS = [("log.iterations", "crash"), ("checkpoint.rename", "enospc"), ("checkpoint.state", "eio"),
-                 ("final", "eacces"), ("manifest", "enospc")]
+                 ("final", "eacces"), ("manifest", "enospc"), ("log.eval_scores", "eio")]
 
 
 def _records(path):
@@ -44,6 +44,12 @@ def _final(run):
     f = json.loads((run / "final.json").read_text())
     f["final_eval"] = {k: v for k, v in (f["final_eval"] or {}).items() if k not in TIMING_KEYS}
     return {k: f[k] for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "final_eval", "best_eval")}
+
+
+def _scores(run):
+    """eval_scores.jsonl without its wall-clock field."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "eval_scores.jsonl").read_text().splitlines()]
 
 
 def _temp_files(run):
@@ -112,6 +118,7 @@ def check_cell(site, fault, ref, tmp_path, failpoints_fixture, capsys):
     assert [r["iteration"] for r in rb] == [0, 1, 2]  # none lost, none twice
     assert rb == ra and rb[: len(logged)] == logged  # what was logged before the fault is kept as it was
     assert _records(out / "evals.jsonl") == _records(ref / "evals.jsonl")
+    assert _scores(out) == _scores(ref)  # one line per evaluated image, none lost, none twice
     assert _final(out) == _final(ref)
     assert [r["iteration"] for r in map(json.loads, (out / "trace.jsonl").read_text().splitlines())] == \
         [r["iteration"] for r in map(json.loads, (ref / "trace.jsonl").read_text().splitlines())]

@@ -127,3 +127,18 @@ def test_no_bench_folder_holds_more_than_twenty_modules():
     for d in [ROOT / "bench", *[p for p in (ROOT / "bench").rglob("*") if p.is_dir()]]:
         n = len([p for p in d.glob("*.py") if p.name != "__init__.py"])
         assert n <= 20, f"{d.relative_to(ROOT)} holds {n} modules"
+
+
+# ---- one owner of the run directory (bench/rundir/layout.py) ------------------------------------------
+RUN_DIR_NAMES = {"manifest.json", "iterations.jsonl", "evals.jsonl", "eval_scores.jsonl", "final.json",
+                 "trace.jsonl", ".lock"}
+
+
+@pytest.mark.parametrize("path", [p for pkg in PACKAGES for p in files(pkg)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_run_directory_file_names_are_named_only_by_the_layout(path):
+    if path.relative_to(ROOT).as_posix() == "bench/rundir/layout.py":
+        return
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = sorted({n.value for n in ast.walk(tree)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in RUN_DIR_NAMES})
+    assert not found, f"{path.relative_to(ROOT)} names run-directory files {found}: use bench.rundir.layout"

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from parity_reference import LATENT, MODEL_A, MODEL_B, TREE_REWARDS
+from parity_reference import LATENT, MIX_MULTI_REWARDS, MODEL_A, MODEL_B, TREE_REWARDS
 
 from algorithms.dancegrpo import DanceGRPO, DanceGRPOConfig
 from algorithms.ddpo import DDPO, DDPOConfig
@@ -140,6 +140,30 @@ def test_mixgrpo_flash_post_window_solve(fixed_noise):
     close(plan.sigmas, FLASH_SCHEDULE)
     roll = RolloutEngine(ToyPolicy(), schedule="linspace", shift=3.0).run(plan, BATCH, 0)
     close(roll.images, FLASH_FINAL)
+
+
+# ---- MixGRPO multi-reward: per-model group advantages, merged with the normalised weights ----------------
+MIX_ADV_AGGR = {(1.0, 1.0, 1.0): [-0.22044899, -0.21271057, -0.40511880, 0.83827836, -0.61921489, 0.35279822,
+                                  0.85317345, -0.58675679],
+                (2.0, 1.0, 1.0): [-0.30627031, -0.07497279, -0.55751952, 0.93876262, -0.53941113, 0.28959866,
+                                  0.96487996, -0.71506748]}
+
+
+@pytest.mark.parametrize("weights", sorted(MIX_ADV_AGGR))
+def test_mixgrpo_advantage_aggr_is_the_released_merge(weights):
+    sp = SamplerSpec(steps=3, guidance=1.0, noise_level=0.7)
+    algo = MixGRPO(MixGRPOConfig(group_size=4, window=1, multi_reward="advantage_aggr"), sp, TrainSpec())
+    roll = RolloutEngine(ToyPolicy()).run(algo.plan(0), PromptBatch(("p0", "p1")), 0)
+    assert roll.leaf_prompts().tolist() == [0] * 4 + [1] * 4  # the trainer's contiguous groups
+    comps = {k: torch.tensor(v) for k, v in MIX_MULTI_REWARDS.items()}
+    w = dict(zip(("hpsv2", "image_reward", "pickscore"), weights))
+    total = sum(c * w[k] for k, c in comps.items())
+    adv = algo.advantages(PromptBatch(("p0", "p1")), roll, RewardOutput(total, comps, w))
+    close(adv.leaf, MIX_ADV_AGGR[weights])
+    # the preset that runs the released multi-reward setting uses it
+    preset = MixGRPO.PRESETS["mixgrpo-multireward"]
+    assert preset["algo.multi_reward"] == "advantage_aggr"
+    assert preset["reward.name"] == "hpsv2=1.0,image_reward=1.0,pickscore=1.0"
 
 
 # ---- TreeGRPO: backup over a k = 3, d = 2 tree; the step-std clamp --------------------------------------

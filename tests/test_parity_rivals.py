@@ -14,8 +14,13 @@ import contextlib
 import pytest
 import torch
 from parity_reference import (
+    BRANCH_CHAIN_LOGPS,
+    BRANCH_CHAIN_PARENT,
+    BRANCH_CHAIN_REWARDS,
     BRANCH_EDGE_LOGPS,
     BRANCH_REWARDS,
+    BRANCH_UPDATE_ADV,
+    BRANCH_UPDATE_C,
     FLOW_GRPO_PROMPTS,
     FLOW_GRPO_REWARDS,
     MODEL_A,
@@ -105,6 +110,54 @@ def test_flowgrpo_fast_window_trajectory_and_kl(fixed_noise):
     assert bool((exact > kl).all())  # the transition std is smaller than the code's noise scale
 
 
+# ---- Flow-GRPO: the CFG unconditional branch detached in the update (train_sd3.py::compute_log_prob) ------
+class _CfgToy(ToyPolicy):
+    """The toy denoiser with a trainable gain w and a prompt-dependent output: w (1 + e) A x + B t / 1000,
+    e = 1 for a prompt, 0 for the empty prompt, so the guided output is w A x (1 + g) + B t / 1000."""
+
+    def __init__(self):
+        super().__init__("flow")
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode_prompts(self, prompts):
+        from bench.model.policy import Conditioning
+
+        return Conditioning({"e": torch.ones(len(prompts), 1)})
+
+    def empty_conditioning(self):
+        from bench.model.policy import Conditioning
+
+        return Conditioning({"e": torch.zeros(1, 1)})
+
+    def predict(self, x, t, cond):
+        e = cond.tensors["e"].reshape(-1, 1, 1, 1).float()
+        return self.w * (1 + e) * MODEL_A * x.float() + MODEL_B * (t.float().reshape(-1, 1, 1, 1) / 1000.0)
+
+
+def test_flowgrpo_cfg_grad_detaches_the_unconditional_branch(fixed_noise):
+    """compute_log_prob: v = sg(v_u) + g (v_c - sg(v_u)) -> dv/dw = g dv_c/dw = 2 g A x; both branches
+    (train_sd3_fast.py): dv/dw = (1 + g) A x. The log-prob's gradient in w scales by 2 g / (1 + g)."""
+    import dataclasses
+
+    g = 3.0
+    grads = {}
+    pol = _CfgToy()
+    sp = SamplerSpec(steps=3, guidance=g, noise_level=0.7)
+    eng = RolloutEngine(pol)
+    roll = eng.run(FlowGRPO(FlowGRPOConfig(group_size=2), sp, TrainSpec()).plan(0), BATCH, 0)
+    edges = torch.nonzero(roll.parent >= 0).flatten()
+    for mode in ("cond", "both"):
+        plan = FlowGRPO(FlowGRPOConfig(group_size=2, cfg_grad=mode), sp, TrainSpec()).plan(0)
+        assert plan.cfg_uncond_grad is (mode == "both")
+        ev = eng.logp(dataclasses.replace(roll, plan=plan), edges)
+        assert ev.nfe == 2 * edges.numel()  # both rows evaluated either way
+        (grad,) = torch.autograd.grad(ev.log_prob.sum(), pol.w)
+        grads[mode] = float(grad)
+    assert grads["both"] != 0.0
+    close([grads["cond"] / grads["both"]], [2 * g / (1 + g)])
+    assert FlowGRPOConfig().cfg_grad == "cond"
+
+
 # ---- BranchGRPO: split children drawn with a scaled noise, scored with the unscaled (or sampling) std ----
 BRANCH_DECODED = [-0.03049144, -0.76549262, -1.82704633, 0.12757140, -0.97976866, 0.97484896, -2.77632353,
                   -0.82170582, -2.71869657, -0.76407892, -1.82563260, -0.32329016, -0.97835498, -1.71335608,
@@ -150,6 +203,87 @@ def test_branchgrpo_depthwise_advantages(fixed_noise, weighted, expected):
     adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_REWARDS)))
     close(adv.edge[roll.parent >= 0], expected)
     close(adv.leaf, expected[-8:])
+
+
+BRANCH_ADV_CHAIN = [0.70710677, -0.70710677, 0.70710677, -0.70710677, -0.33646328, 1.17762148, -1.17762148,
+                    0.33646328, -0.33646328, 1.17762148, -1.17762148, 0.33646328]
+
+
+def test_branchgrpo_prob_weighted_with_chains_below_the_splits(fixed_noise):
+    """Prob-weighting where a split's children continue as single-child chains (the recipe's steps after
+    each split, and after the last split down to the leaves): a lone child passes its reward up unchanged,
+    the split node takes the softmax of its children's edge log-probs, as compute_node_rewards_from_leaves."""
+    algo = _branch({"split_points": (0, 2), "prob_weighted": True}, 4)
+    roll = RolloutEngine(ToyPolicy(), schedule="linspace", shift=3.0).run(algo.plan(0), BATCH, 0)
+    assert roll.parent.tolist() == BRANCH_CHAIN_PARENT
+    roll.logp_old[roll.parent >= 0] = torch.tensor(BRANCH_CHAIN_LOGPS[1:])
+    adv = algo.advantages(BATCH, roll, RewardOutput(torch.tensor(BRANCH_CHAIN_REWARDS)))
+    close(adv.edge[roll.parent >= 0], BRANCH_ADV_CHAIN)
+
+
+# ---- BranchGRPO: the update loop of train_one_step_tree (one forward per edge, loss / (GA x edges per tree)) -
+BRANCH_UPDATE_W = [0.05156250, 0.04054215, 0.01178800]
+BRANCH_UPDATE_LOSS = [-0.07500000, 0.04375000, -0.02500000, 0.09375000, -0.05510173, -0.00643750, 0.01818750,
+                      -0.11587500, 0.05228029]
+
+
+class _OneWeight:
+    """A one-weight "model" for the update loop: the edge into node n has log-prob logp_old[n] + w c[n]."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+        self.calls: list[list[int]] = []
+        self.steps: list[float] = []
+
+    def trainable_parameters(self):
+        return [self.w]
+
+    def logp(self, rollout, nodes, reference=False, share_parents=True):
+        from bench.engine.rollout import EdgeEval
+
+        nodes = torch.as_tensor(nodes)
+        self.calls.append(nodes.tolist())
+        c = torch.tensor([0.0, 0.0] + BRANCH_UPDATE_C, dtype=torch.float64)[nodes]
+        lp = rollout.logp_old[nodes].double() + self.w * c
+        M = nodes.numel()
+        return EdgeEval(log_prob=lp, mean=torch.zeros(M, 1, 1, 1), std=torch.ones(M),
+                        nfe=int(torch.unique(rollout.parent[nodes]).numel()) if share_parents else M)
+
+
+@pytest.mark.parametrize("update", ["reference", "shared_parent"])
+def test_branchgrpo_update_loop_matches_train_one_step_tree(update):
+    from types import SimpleNamespace
+
+    # two roots (0, 1); nodes 2..10 are the trained edges' children, in training order; siblings share parents
+    parent = torch.tensor([-1, -1, 0, 0, 1, 1, 2, 2, 4, 4, 3])
+    roll = SimpleNamespace(parent=parent, logp_old=torch.linspace(-1.0, 1.0, 11), iteration=0,
+                           trainable=parent >= 0, plan=SimpleNamespace(cfg_factor=lambda: 1))
+    adv = torch.tensor([float("nan")] * 2 + BRANCH_UPDATE_ADV)
+    algo = BranchGRPO(BranchGRPOConfig(split_points=(0,), clip_range=0.03, adv_clip_max=1.8, grad_accum=4,
+                                       update=update),
+                      SamplerSpec(steps=3, guidance=1.0, noise_level=0.7),
+                      TrainSpec(micro_batch=64, optimizer_steps=3, max_grad_norm=0.0))
+    algo._trained_edges = lambda rollout, a: torch.arange(2, 11)  # the shuffled order, fixed
+    model = _OneWeight()
+    opt = torch.optim.SGD([model.w], lr=0.5)
+    seen = []
+    step = opt.step
+
+    def record():
+        step()
+        seen.append(float(model.w.detach()))
+    opt.step = record
+    st = algo.update(model, model, opt, roll, SimpleNamespace(edge=adv))
+    if update == "reference":
+        # one forward per trained edge (siblings too), batched within each GA-edge mini-batch
+        assert model.calls == [[2, 3, 4, 5], [6, 7, 8, 9], [10]] and st.nfe == 9
+        assert st.optimizer_steps == 3  # ceil(9 / GA)
+        close(seen, BRANCH_UPDATE_W)
+        # the logged loss is the mean of the unscaled terms: the code's per-sample losses x GA x (9 // 2)
+        close([st.loss], [sum(BRANCH_UPDATE_LOSS) * 4 * 4 / 9])
+    else:  # one evaluation per distinct parent, the mean loss, train.optimizer_steps steps
+        assert st.nfe == int(torch.unique(parent[2:]).numel()) and st.optimizer_steps == 3
+        assert len(seen) == 3 and seen[0] != BRANCH_UPDATE_W[0]
 
 
 # ---- DiffusionNFT: old-policy decay, the dpm2 rollout, the NFT loss ---------------------------------------

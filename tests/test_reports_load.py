@@ -119,3 +119,39 @@ def test_non_finite_values_as_the_run_log_writes_them(tmp_path):
     assert it["loss"].dtype.kind == "f" and it["loss"].iloc[3] == float("inf")
     assert it["grad_norm"].iloc[3] == float("-inf") and it["reward_mean"].isna().iloc[3]
     assert it["samples_total"].dtype.kind == "i"
+
+
+def test_per_image_scores_are_loaded_with_their_run(tmp_path):
+    write_comparison(tmp_path / "cmp", algos=("treegrpo", "ddpo"), seeds=(0,))
+    rs = L.load([tmp_path / "cmp"])
+    sc = rs.scores
+    # 6 evaluations x 16 prompts x 2 images per run; one column per score key
+    assert len(sc) == 2 * 6 * 32 and {"eval/shapes_pref", "eval/shapes_attr"} <= set(sc.columns)
+    one = sc[(sc["run"] == "treegrpo/seed0") & (sc["iteration"] == 10)]
+    assert one["label"].unique().tolist() == ["treegrpo"] and one["seed"].unique().tolist() == [0]
+    # the image mean is the eval record's mean (the shared pattern has mean 0)
+    assert one["eval/shapes_pref"].mean() == pytest.approx(0.1 + 10 * 0.01)
+    assert sorted(set(one["prompt_index"])) == list(range(16)) and set(one["image_index"]) == {0, 1}
+    assert one["prompt"].iloc[0] == "eval prompt 0"
+
+
+def test_runs_without_per_image_scores_load_as_before(tmp_path):
+    write_run(tmp_path / "old", scores=False)
+    rs = L.load([tmp_path / "old"])
+    assert rs.scores.empty and list(rs.scores.columns) == L.SCORE_ID_COLUMNS
+
+
+def test_control_arm_labels_from_manifest_or_directory(tmp_path):
+    write_comparison(tmp_path / "cmp", algos=("dancegrpo", "treegrpo"), seeds=(0, 1), controls="dancegrpo")
+    rs = L.load([tmp_path / "cmp"])
+    # controls after every method; the baseline's own runs keep their plain label
+    assert rs.labels == ["dancegrpo", "treegrpo", "dancegrpo-aa", "dancegrpo-frozen"]
+    assert L.control_of("dancegrpo-frozen") == ("frozen", "dancegrpo")
+    assert L.control_of("treegrpo k=3-aa") == ("aa", "treegrpo k=3") and L.control_of("-aa") is None
+    assert L.control_of("dancegrpo") is None
+    # without a label in the manifest, the arm directory names it
+    for man in (tmp_path / "cmp").glob("dancegrpo-*/seed*/manifest.json"):
+        m = json.loads(man.read_text())
+        del m["label"]
+        man.write_text(json.dumps(m))
+    assert L.load([tmp_path / "cmp"]).labels == rs.labels

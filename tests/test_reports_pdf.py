@@ -1,12 +1,13 @@
 """Reports built end-to-end from synthetic run directories with known values."""
 
+import json
 import re
 
 import pytest
 from synthetic_runs import linear_curve, write_comparison, write_run, write_sweep
 
 from bench.errors import UsageError
-from reports import cli, stats
+from reports import claims, cli
 from reports.load import load
 from reports.pdf import ReportOptions, build_report, final_table
 
@@ -29,35 +30,40 @@ def test_comparison_report_pages_via_cli(comparison, tmp_path, capsys):
     out = tmp_path / "report.pdf"
     assert cli.main([str(comparison), "--out", str(out), "--reps", "200", "--x", "nfe"]) == 0
     text = capsys.readouterr().out
-    # the verdict first, then the pages: title (verdict), setup, curves, curves per currency, Pareto, timing,
-    # samples, reward hacking (flagged: ddpo's held-out reward falls in every seed), tables (2 pages)
-    assert text.startswith("verdict:\n  * ddpo trails dancegrpo on shapes_pref (training reward): gain over "
-                           "iteration 0 +0.110 vs +0.210")
-    assert f"wrote {out} (10 pages: treebench report; Setup; Learning curves vs denoiser forward passes" in text
-    assert pdf_pages(out) == 10
+    # the headline first, then one line per page-1 claim; then the pages: title, setup, curves, curves per
+    # currency, Pareto, timing, samples, reward hacking (flagged: ddpo's held-out reward falls in every
+    # seed), tables
+    assert text.startswith("verdict:\n  * At the largest cost every run reached (2,000 NFE, runs compared at "
+                           "matched cost), vs dancegrpo")
+    assert "\n  * WORSE: ddpo vs dancegrpo on shapes_pref (training reward) at the budget (2,000 NFE): " in text
+    assert "No controls (bench compare --controls adds them)" in text
+    pages = text.split(f"wrote {out} (")[1].split(" pages: ")[0]
+    assert "Learning curves vs denoiser forward passes" in text and pdf_pages(out) == int(pages)
     assert "Reward hacking: FLAGGED for ddpo;" in text
-    assert text.rstrip().endswith("Tables (baseline: dancegrpo) (2/2))")
+    assert text.rstrip().endswith(f"and {tmp_path / 'verdict.json'}")
+    rows = json.loads((tmp_path / "verdict.json").read_text())
+    assert {r["method"] for r in rows} == {"ddpo", "mixgrpo", "treegrpo"}
     files = {p.name for p in (tmp_path / "report_files").iterdir()}
-    assert {"final.csv", "final.md", "costs.csv", "verdict.csv", "verdict.md", "reward_hacking.csv"} <= files
+    assert {"matched_budget.csv", "cost_to_target.csv", "final.csv", "final.md", "costs.csv", "verdict.csv",
+            "verdict.md", "reward_hacking.csv", "verdict.json"} <= files
     assert "01_treebench_report.png" in files and "01_treebench_report.svg" in files
-    assert sum(n.endswith(".png") for n in files) == 10
+    assert sum(n.endswith(".png") for n in files) == int(pages)
 
 
-def test_final_iqm_and_speedup_known_values(comparison):
+def test_scores_at_the_budget_known_values(comparison):
     rs = load([comparison])
+    sched = claims.schedule(rs, "samples")
     # treegrpo (index 3): slopes 0.040, 0.041, 0.042 per iteration, 10 iterations -> 0.50, 0.51, 0.52
-    ft = final_table(rs, "eval/shapes_pref", reps=500).set_index("label")
+    ft = final_table(rs, "eval/shapes_pref", sched).set_index("label")
     assert ft.loc["treegrpo", "value"] == pytest.approx(0.51)
-    # resampled means of 3 values lie in [0.50, 0.52]; each extreme has p = 1/27 > 2.5%
-    assert 0.50 - 1e-12 <= ft.loc["treegrpo", "lo"] < 0.51 < ft.loc["treegrpo", "hi"] <= 0.52 + 1e-12
+    # mean 0.51, sd 0.01: half-width t_{0.975,2} x 0.01 / sqrt(3)
+    assert ft.loc["treegrpo", "hi"] - 0.51 == pytest.approx(4.302653 * 0.01 / 3 ** 0.5, rel=1e-5)
     assert ft.loc["dancegrpo", "value"] == pytest.approx(0.31)
-    # dancegrpo's final IQM 0.31 at 160 samples; treegrpo's mean slope 0.041/16 per sample reaches it at
-    # 0.21 / 0.041 * 16 = 81.95 samples -> 160 / 81.95 = 1.952x
-    curves = stats.aggregate_curves(rs.evals, "samples_total", "eval/shapes_pref", points=20, reps=200)
-    reach = {lab: stats.time_to_threshold(g["x"], g["value"], 0.31) for lab, g in curves.groupby("label")}
-    assert reach["treegrpo"] == pytest.approx(0.21 / 0.041 * 16)
-    assert reach["dancegrpo"] == pytest.approx(160)
-    assert reach["ddpo"] != reach["ddpo"]  # never reaches it: NaN
+    assert ft.loc["treegrpo", "gain"].point == pytest.approx(0.41)
+    # on the NFE axis every run is compared at 2,000 NFE (treegrpo's total; 200 per iteration): ddpo (320 per
+    # iteration) at its evaluation after 6 iterations (1,920 NFE); its last one (3,200 NFE) is past the budget
+    ft = final_table(rs, "eval/shapes_pref", claims.schedule(rs, "nfe")).set_index("label")
+    assert ft.loc["ddpo", "value"] == pytest.approx(0.1 + 6 * 0.011)
 
 
 def test_sweep_report_has_kd_page(tmp_path):
@@ -111,7 +117,7 @@ def test_cli_usage_errors(comparison, tmp_path, capsys):
 def test_report_file_options(comparison, tmp_path, capsys):
     assert cli.main([str(comparison), "--out", str(tmp_path / "a.pdf"), "--reps", "200", "--formats", "png"]) == 0
     files = {p.suffix for p in (tmp_path / "a_files").iterdir()}
-    assert files == {".png", ".csv", ".md"}
+    assert files == {".png", ".csv", ".md", ".json"}
     assert cli.main([str(comparison), "--out", str(tmp_path / "b.pdf"), "--reps", "200", "--no-files"]) == 0
     assert not (tmp_path / "b_files").exists()
     assert cli.main([str(comparison), "--out", str(tmp_path / "c.pdf"), "--formats", "gif"]) == 2

@@ -28,13 +28,45 @@ def test_fixed_colours():
     assert st["treegrpo k=2"]["color"] != st["treegrpo k=3"]["color"]  # shades of one hue
 
 
+def test_grid_colours_one_hue_per_k_lightness_per_d():
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    labels = [f"treegrpo k={k} d={d}" for k in (2, 3, 4) for d in (1, 2, 3)]
+    st = plots.styles(labels)
+    hsv = {lab: rgb_to_hsv(to_rgb(st[lab]["color"])) for lab in labels}
+    assert len({st[lab]["color"] for lab in labels}) == 9
+    for k in (2, 3, 4):  # one hue per k, getting lighter with d (value up or saturation down)
+        row = [hsv[f"treegrpo k={k} d={d}"] for d in (1, 2, 3)]
+        assert max(abs(h[0] - row[0][0]) for h in row) < 0.02
+        light = [h[2] - h[1] for h in row]
+        assert light[0] < light[1] < light[2]
+    hues = {round(float(hsv[f"treegrpo k={k} d=1"][0]), 2) for k in (2, 3, 4)}
+    assert len(hues) == 3  # distinct hues across k
+    for d in (1, 2, 3):  # the same line style and marker per d
+        assert len({(st[f"treegrpo k={k} d={d}"]["linestyle"], st[f"treegrpo k={k} d={d}"]["marker"])
+                    for k in (2, 3, 4)}) == 1
+    ctrl = plots.styles(["dancegrpo", "dancegrpo-aa", "dancegrpo-frozen"])
+    assert ctrl["dancegrpo-frozen"]["color"] == plots.FROZEN_COLOR and ctrl["dancegrpo-aa"]["linestyle"] == ":"
+    assert ctrl["dancegrpo"]["color"] == plots.COLORS["dancegrpo"]
+
+
 def test_learning_curves(ax):
     curves = pd.DataFrame({"label": ["ddpo"] * 3, "x": [0, 1, 2], "value": [0.1, 0.2, 0.3],
-                           "lo": [0.0, 0.1, 0.2], "hi": [0.2, 0.3, 0.4], "n": 3})
-    assert plots.learning_curves(ax, curves, "scored samples (images)", "reward", threshold=0.25) is ax
+                           "lo": [0.0, 0.1, 0.2], "hi": [0.2, 0.3, 0.4], "n": 3, "evaluated": [True, False, True]})
+    assert plots.learning_curves(ax, curves, "scored samples (images)", "reward",
+                                 targets=[("50% of the gain", 0.25)]) is ax
     assert ax.get_xlabel() == "scored samples (images)"
     assert ax.lines[0].get_color() == plots.COLORS["ddpo"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ddpo (n=3)", "threshold 0.25"]
+    marks = ax.lines[1]  # markers only at the evaluated points
+    assert marks.get_linestyle() == "None" and list(marks.get_xdata()) == [0, 2]
+    assert ax.lines[2].get_ydata()[0] == 0.25 and ax.texts[0].get_text() == "50% of the gain"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ddpo (n=3)"]
+    fig2, ax2 = plt.subplots()
+    plots.learning_curves(ax2, curves, "x", "y", legend=False)
+    assert ax2.get_legend() is None
+    top = plots.figure_legend(fig2, plots.curve_handles(["ddpo"], curves))
+    assert fig2.legends[0].get_texts()[0].get_text() == "ddpo (n=3)" and top < 0.945
+    plt.close(fig2)
 
 
 def test_pareto_front_filled_dominated_hollow(ax):

@@ -23,7 +23,8 @@ def test_results_script_writes_both_reports_and_its_record(tmp_path):
            "KD_KS": "2 3", "KD_DS": "1", "KD_BASELINE": "treegrpo k=3", "RESULTS_ALGOS": "grpo,treegrpo",
            "RESULTS_SETTINGS": "--set train.prompts_per_iteration=2 --set eval.every=0 --set eval.num_prompts=2 "
                                "--set sampler.steps=3",
-           "KD_EVAL": "--set eval.every=0", "RESULTS_ARGS": "--model tiny-random --reps 200"}
+           "KD_EVAL": "--set eval.every=0", "RESULTS_ARGS": "--model tiny-random --reps 200",
+           "RESULTS_TUNE": "--tune lr --tune-trials 1 --tune-budget 1it"}
     p = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -34,3 +35,11 @@ def test_results_script_writes_both_reports_and_its_record(tmp_path):
     rec = json.loads((out / "results.json").read_text())
     assert rec["budget"] == "2it" and rec["seeds"] == 1 and rec["compare_wall_s"] >= 0 and len(rec["commit"]) == 40
     assert "results: comparison" in p.stdout
+    # the comparison was tuned first (one study per algorithm) and ships the tuned settings
+    assert rec["tune"].startswith("--tune lr") and set(rec["tuned"]) == {"grpo", "treegrpo"}
+    for a in ("grpo", "treegrpo"):
+        assert json.loads((out / "tuning" / a / "tuned.json").read_text())["trials"] == 1
+    # the comparison has its controls: the baseline (grpo: no dancegrpo here) on other seeds, and frozen
+    cmp = tmp_path / "runs" / "compare"
+    assert (cmp / "grpo-aa" / "seed1000" / "final.json").is_file()
+    assert json.loads((cmp / "grpo-frozen" / "seed0" / "manifest.json").read_text())["weights_frozen"] is True

@@ -35,11 +35,18 @@ def _final(run):
     return {k: f[k] for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "final_eval", "best_eval")}
 
 
+def _scores(path):
+    """eval_scores.jsonl without its wall-clock field."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+
 def assert_same_run(a, b):
     ra, rb = _records(a / "iterations.jsonl"), _records(b / "iterations.jsonl")
     assert [r["iteration"] for r in rb] == list(range(len(rb)))  # none lost, none twice
     assert ra == rb
     assert _records(a / "evals.jsonl") == _records(b / "evals.jsonl")
+    # one line per evaluated image, none lost, none twice, in the same order
+    assert _scores(a / "eval_scores.jsonl") == _scores(b / "eval_scores.jsonl")
     assert _final(a) == _final(b)
 
 
@@ -149,6 +156,27 @@ def test_resume_extends_budget_and_refuses_other_changes(ref, tmp_path, capsys):
     assert final["iterations"] == 4 and final["samples_total"] == 4 * 4
     evals = _records(run / "evals.jsonl")
     assert [e["iteration"] for e in evals] == [0, 2, 4]  # the eval at 2 is not repeated; the old final one (3) is gone
+    scored = [m["iteration"] for m in _scores(run / "eval_scores.jsonl")]
+    assert scored == [e["iteration"] for e in evals for _ in range(evals[0]["eval_images"])]  # and its images too
+
+
+def test_resume_continues_a_cost_schedule_and_keeps_eval_scores_exact(tmp_path, capsys):
+    # grpo here spends 24 NFE per iteration: evaluations at 0, 48 (>= 30), 72 (>= 60), 96 (>= 90) NFE
+    args = [*ARGS, "--budget", "4it", "--set", "eval.every=30nfe", "--set", "run.keep_checkpoints=4"]
+    ref = tmp_path / "ref"
+    assert main(["run", *args, "--out", str(ref)]) == 0
+    evals = _records(ref / "evals.jsonl")
+    assert [(e["iteration"], e["nfe_total"], e["eval_point"]) for e in evals] == \
+        [(0, 0, 0), (2, 48, 30), (3, 72, 60), (4, 96, 90)]
+    run = _copy(ref, tmp_path)
+    for name in ("step_000004", "step_000003"):  # as if killed during iteration 2, after its checkpoint ...
+        shutil.rmtree(run / "checkpoints" / name)
+    with open(run / "eval_scores.jsonl", "a") as f:  # ... and half-way through writing a line
+        f.write('{"iteration": 4, "nfe": 96, "sampl')
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert_same_run(ref, run)
+    assert len(_scores(run / "eval_scores.jsonl")) == 4 * evals[0]["eval_images"]
 
 
 def test_resume_refuses_changed_prompts(ref, tmp_path, capsys):

@@ -77,3 +77,22 @@ def test_batch_size_option_does_not_change_scores(name, weights, monkeypatch):
     a = reward_class(name)(device="cpu", batch_size=L, **opts[name])(_images(1), PROMPTS, _meta()).scores
     b = reward_class(name)(device="cpu", batch_size=2, **opts[name])(_images(1), PROMPTS, _meta()).scores
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_required_modules_come_from_the_registry_entry(monkeypatch):
+    """A reward's extra Python modules are declared once, on its registry entry (``Entry.requires``): the
+    run's preflight and ``bench rewards check`` both read them from there."""
+    from bench import registry
+    from bench.errors import UsageError
+    from bench.run import scoring
+    from rewards import cli as rewards_cli
+
+    fake = registry.Entry("rewards.toy:Brightness", "needs a module that does not exist",
+                          requires=("treebench_no_such_module_xyz",))
+    monkeypatch.setitem(registry.REWARDS, "needs_missing", fake)
+    assert scoring.missing_modules("needs_missing") == ["treebench_no_such_module_xyz"]
+    with pytest.raises(UsageError, match="treebench_no_such_module_xyz.*install with"):
+        scoring.check_packages("needs_missing")
+    out = rewards_cli.check_one("needs_missing")
+    assert out["status"] == "missing-package" and "treebench_no_such_module_xyz" in out["why"]
+    assert scoring.missing_modules("brightness") == []  # built-in toys need only the core install

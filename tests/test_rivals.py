@@ -60,6 +60,7 @@ def test_nfe_flowgrpo_fast(flow_policy, guidance):
     ({"kl_divisor": "sqrt"}, "algo.kl_divisor"),
     ({"sde_window_size": -1}, "algo.sde_window_size"),
     ({"sde_window_range": (3, 1)}, "algo.sde_window_range"),
+    ({"cfg_grad": "uncond"}, "algo.cfg_grad"),
     ({"beta": -0.1}, "algo.beta"),
 ])
 def test_flowgrpo_invalid_config_names_the_key(over, key):
@@ -69,17 +70,16 @@ def test_flowgrpo_invalid_config_names_the_key(over, key):
         FlowGRPOConfig(**over)
 
 
-def test_flowgrpo_window_must_fit_and_ema_is_not_implemented():
+def test_flowgrpo_window_must_fit_and_ema_is_off_by_default():
     with pytest.raises(ValueError, match=r"algo\.sde_window_size"):
         make("flowgrpo", {"sde_window_size": 3}, steps=4)  # range (0, 2) cannot hold 3 steps
     with pytest.raises(ValueError, match=r"algo\.timestep_fraction"):
         make("flowgrpo", {"timestep_fraction": 0.1}, steps=5)
     with pytest.raises(ValueError, match="flow"):
         make("flowgrpo", prediction="epsilon")
-    from algorithms.flowgrpo import FlowGRPOConfig
-
-    with pytest.raises(NotImplementedError, match="EMA"):
-        FlowGRPOConfig(ema=True)
+    plain, ema = make("flowgrpo"), make("flowgrpo", {"ema": True})  # the EMA itself: tests/test_ema.py
+    assert (plain.snapshots, plain.eval_weights) == ((), "current")
+    assert (ema.snapshots, ema.eval_weights) == (("eval_ema",), "eval_ema")
 
 
 def test_rivals_cite_their_paper_and_have_paper_presets():
@@ -92,6 +92,11 @@ def test_rivals_cite_their_paper_and_have_paper_presets():
         assert set(presets) <= set(cls.PRESETS)
     fast = algorithm_class("flowgrpo").PRESETS["flowgrpo-fast"]
     assert fast["algo.sde_window_size"] == 2 and algorithm_class("flowgrpo").PRESETS["flowgrpo-paper"]["algo.beta"] == 0.04
+    # config/grpo.py::pickscore_sd3_fast on config/base.py (flow_grpo 54809b5): noise 0.8, clip 1e-5, the
+    # base window range (0, 10), CFG 4.5 with both branches differentiated (train_sd3_fast.py), EMA
+    got = tuple(fast[k] for k in ("sampler.noise_level", "algo.clip_range", "algo.sde_window_range",
+                                  "sampler.guidance", "algo.cfg_grad", "algo.beta", "algo.group_size", "algo.ema"))
+    assert got == (0.8, 1e-5, [0, 10], 4.5, "both", 0.0, 24, True)
 
 
 # ---- BranchGRPO ------------------------------------------------------------------------------------------
@@ -104,10 +109,15 @@ def test_nfe_branchgrpo(flow_policy, guidance):
     assert plan.branch == (2, 1, 2, 1, 1) and plan.modes == ("sde",) * T and plan.trees_per_prompt == 1
     per_tree = 1 + 2 + 2 + 4 + 4  # nodes evaluated at levels 0..T-1
     eng, roll, _, st, trained = iterate(algo, flow_policy)
+    edges = 2 + 2 + 4 + 4 + 4
     assert eng.nfe_rollout == P * per_tree * c and roll.num_leaves == P * 4
-    # every edge is trained; the two children of a split share their parent's evaluation
-    assert st.edges == P * (2 + 2 + 4 + 4 + 4)
-    assert eng.nfe_update == P * per_tree * c
+    # every edge is trained, one (guided) forward per edge (train_one_step_tree), a step every 12 edges
+    assert st.edges == trained.numel() == P * edges
+    assert eng.nfe_update == P * edges * c and st.optimizer_steps == -(-P * edges // 12)
+    shared = make("branchgrpo", {"split_rounds": 2, "update": "shared_parent"}, steps=T, guidance=guidance)
+    eng, roll, _, st, trained = iterate(shared, flow_policy)
+    # the two children of a split share their parent's evaluation
+    assert st.edges == P * edges and eng.nfe_update == P * per_tree * c and st.optimizer_steps == 1
 
 
 def test_branchgrpo_depth_and_width_pruning(flow_policy):
@@ -147,6 +157,8 @@ def test_branchgrpo_depth_and_width_pruning(flow_policy):
     ({"width_pruning": "mode1"}, "algo.width_pruning"),
     ({"width_pruning_ratio": 0.0}, "algo.width_pruning_ratio"),
     ({"depth_pruning_slide_interval": 0}, "algo.depth_pruning_slide_interval"),
+    ({"update": "per_parent"}, "algo.update"),
+    ({"grad_accum": 0}, "algo.grad_accum"),
 ])
 def test_branchgrpo_invalid_config_names_the_key(over, key):
     from algorithms.branchgrpo import BranchGRPOConfig

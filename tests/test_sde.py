@@ -49,6 +49,39 @@ def test_dance_sde_step_known_answer():
     assert out.std.item() == pytest.approx(0.3 * 0.5, abs=1e-6)
 
 
+def test_cps_step_known_answer_scalars():
+    # sigma 0.5 -> 0.25, a = 0.5: std = 0.25 sin(pi / 4); x0 = x - 0.5 v, x1 = x + 0.5 v
+    x, v = torch.tensor([[1.0]]), torch.tensor([[2.0]])
+    out = sde.cps_sde_step(v, x, 0.5, 0.25, 0.5, prev_sample=torch.tensor([[0.3]]))
+    std = 0.25 * math.sin(math.pi / 4)
+    mean = (1.0 - 0.5 * 2.0) * 0.75 + (1.0 + 0.5 * 2.0) * math.sqrt(0.25**2 - std**2)
+    assert out.std.item() == pytest.approx(std, abs=1e-7)
+    assert out.mean.item() == pytest.approx(mean, abs=1e-6)
+    # the released log-prob keeps only -(x - mean)^2: no 1 / (2 std^2), no log std, no log sqrt(2 pi)
+    assert out.log_prob.item() == pytest.approx(-((0.3 - mean) ** 2), abs=1e-6)
+
+
+def test_cps_preserves_the_coefficients_and_ends_deterministic():
+    # with the exact velocity of a single data point x0 (v = eps - x0) the sampled latent stays on
+    # (1 - sigma') x0 + sigma' * (unit-variance noise): the mean's noise part and the fresh noise add in quadrature
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(1, 50000, generator=g), torch.randn(1, 50000, generator=g)
+    x = 0.4 * x0 + 0.6 * eps
+    out = sde.cps_sde_step(eps - x0, x, 0.6, 0.3, 0.7, generator=g)
+    resid = out.prev_sample - 0.7 * x0
+    assert float(resid.std()) == pytest.approx(0.3, rel=0.02)
+    last = sde.cps_sde_step(eps - x0, x, 0.6, 0.0, 0.7, generator=g)
+    assert torch.allclose(last.prev_sample, x0, atol=1e-5)
+    assert float(last.std) == 0.0 and float(last.log_prob) == 0.0
+
+
+def test_cps_at_zero_noise_is_the_euler_step():
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    ode = sde.flow_ode_step(v, x, 0.7, 0.45).prev_sample
+    assert torch.allclose(sde.cps_sde_step(v, x, 0.7, 0.45, 0.0, generator=g).prev_sample, ode, atol=1e-6)
+
+
 @pytest.mark.parametrize("fn", [sde.flow_sde_step, sde.dance_sde_step])
 def test_sde_mean_tends_to_ode_as_eta_to_zero(fn):
     g = torch.Generator().manual_seed(0)

@@ -17,7 +17,9 @@ from bench.run.records import metric_documented
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
          "mixgrpo": {"algo.group_size": 2, "algo.window": 2, "algo.shift_interval": 1},
          "treegrpo": {"algo.k": 2, "algo.d": 2}, "flowgrpo": {"algo.group_size": 2},
-         "branchgrpo": {"algo.split_rounds": 2}, "diffusionnft": {"algo.group_size": 2}}
+         "branchgrpo": {"algo.split_rounds": 2}, "diffusionnft": {"algo.group_size": 2},
+         "awm": {"algo.group_size": 2, "algo.train_timesteps": 3}, "refl": {"algo.group_size": 2},
+         "flowdppo": {"algo.group_size": 2, "algo.num_sde_steps": 2}}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +73,8 @@ def test_mixgrpo_flash_through_the_runner(tmp_path):
     assert [r["nfe_rollout"] for r in recs] == [2 * 2 * 3, 2 * 2 * 4]
 
 
-@pytest.mark.parametrize("algo", ["ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft"])
+@pytest.mark.parametrize("algo", ["ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft",
+                                  "awm", "refl"])
 def test_presets_resolve(algo):
     for preset in algorithm_class(algo).PRESETS:
         cfg = config.resolve({}, preset=preset, flags={"algo.name": algo, "model.name": "tiny-random"})

@@ -166,6 +166,7 @@ def test_list_presets_each_once_under_its_algorithm(capsys):
         elif ln.startswith("    "):
             seen.append((current, ln.split()[0]))
     assert ("treegrpo", "treegrpo-paper") in seen and ("dancegrpo", "treegrpo-paper") in seen
+    assert ("ddpo", "treegrpo-paper") in seen
     assert len(seen) == len(set(seen))
 
 

@@ -29,7 +29,7 @@ from bench import config as config_mod
 from bench.budget import Budget
 from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
-from bench.errors import UsageError
+from bench.errors import UsageError, algorithm_settings
 from bench.registry import MODELS, algorithm_class, model_preset
 from bench.types import RewardOutput, TrainSpec
 
@@ -62,8 +62,9 @@ class ShadowPolicy:
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, cond: Any) -> torch.Tensor:
         return 0.1 * x * self.weight
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(latents.shape[0], 3, 1, 1)
+    def decode(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad):  # images that depend on the latents, so a backward reaches them
+            return (0.0 * latents.reshape(latents.shape[0], -1)[:, :1]).reshape(-1, 1, 1, 1).expand(-1, 3, 1, 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.weight]
@@ -83,6 +84,19 @@ class ShadowPolicy:
     def ddim_alpha_bars(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         levels = torch.linspace(0.05, 0.999, num_steps + 1)
         return levels, torch.linspace(999.0, 0.0, num_steps + 1)[:num_steps]
+
+
+class ShadowReward:
+    """The training reward of a direct-gradient algorithm (``reward_gradient``) for ``simulate``: a score
+    with a gradient path and the reward's name (so its calls are traced as a real run traces them)."""
+
+    differentiable = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def score_grad(self, images: torch.Tensor, prompts: Sequence[str], meta: Any = None) -> torch.Tensor:
+        return images.float().mean(dim=(1, 2, 3))
 
 
 def _twin(cfg: dict[str, Any]) -> str | None:
@@ -140,10 +154,8 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
     sampler = sampler_spec(sched_cfg, prediction)
     train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
                       max_grad_norm=float(t["max_grad_norm"]))
-    try:
+    with algorithm_settings(cfg["algo"]["name"]):
         algo = algorithm_class(cfg["algo"]["name"])(config_mod.algorithm_config(cfg), sampler, train, seed)
-    except ValueError as e:
-        raise UsageError(f"invalid settings for algorithm {cfg['algo']['name']!r}: {e}") from None
     policy = ShadowPolicy(prediction, has_vae, model_options(cfg["model"]))
     if prediction == "flow":
         policy.scheduler = SimpleNamespace(config=FrozenDict(
@@ -151,6 +163,8 @@ def simulate(cfg: dict[str, Any], iterations: int = 1) -> list[list[trace_mod.Ca
     engine = RolloutEngine(policy, max_micro_batch=train.micro_batch, seed=seed, shift=sampler.shift,  # type: ignore[arg-type]
                            schedule=sampler.schedule)
     engine.snapshots.declare(algo)
+    if getattr(algo, "reward_gradient", False):
+        engine.attach_reward(ShadowReward(str(cfg["reward"]["name"])))
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     trace_mod.attach_optimizer(optimizer, engine.recorder)
     prompts = load_prompt_set(cfg["data"]["train_prompts"])

@@ -12,6 +12,9 @@ device-synchronised) and, on CUDA, the peak memory of each call:
   the shapes runs train 64-row micro-batches)
 * ``vae_decode`` (latent models), ``text_encode`` (prompts), ``reward:<name>`` for the training and
   held-out rewards (images), ``optimizer_step`` (AdamW over the trainable parameters)
+* ``vae_decode_backward`` (latent models) and ``reward_backward:<name>`` (rewards with a gradient path):
+  forward with gradients to the input, loss = sum of the output, backward (what a direct-gradient update,
+  ReFL / DRaFT-K, spends per image besides its denoiser passes)
 
 The JSON it writes is a ``bench.engine.pricing`` profile. ``convert_measurements`` turns a bare measurement file
 (``{"measurements": [{kind, rows, seconds_per_call, peak_mem_mb}]}``) into one.
@@ -79,6 +82,12 @@ def _fixed(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return lambda: fn(*args)
 
 
+def _backward_of(fn: Callable[..., Any], x: torch.Tensor, kwargs: Mapping[str, Any]) -> None:
+    """Forward ``fn(x, **kwargs)`` with gradients to ``x`` (a fresh leaf), then backward of its sum."""
+    leaf = x.detach().requires_grad_(True)
+    fn(leaf, **kwargs).float().sum().backward()
+
+
 def _denoiser_fns(policy: Any, grad: bool) -> Callable[[int], Callable[[], Any]]:
     dev = policy.device
     params = policy.trainable_parameters()
@@ -139,6 +148,9 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     prompt, meta = one.prompts[0], dict(one.metadata[0])
     kinds["text_encode"] = _points(lambda r: (lambda: policy.encode_prompts([prompt] * r)),
                                    image_rows, device, warmup, repeats, log, "text_encode")
+    if policy.vae is not None:
+        kinds["vae_decode_backward"] = _points(lambda r: _fixed(_backward_of, policy.decode, lat(r), {"grad": True}),
+                                               image_rows, device, warmup, repeats, log, "vae_decode_backward")
     images = policy.decode(lat(1))
     r = cfg["reward"]
     for name in dict.fromkeys([r["name"], *cfg["eval"]["rewards"]]):
@@ -146,6 +158,11 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
         kinds[f"reward:{name}"] = _points(
             lambda n, rw=reward: _fixed(rw, images.repeat(n, 1, 1, 1), [prompt] * n, [meta] * n),
             image_rows, device, warmup, repeats, log, f"reward:{name}")
+        if getattr(reward, "differentiable", False):
+            kinds[f"reward_backward:{name}"] = _points(
+                lambda n, rw=reward: _fixed(_backward_of, lambda x: rw.score_grad(x, [prompt] * n, [meta] * n),
+                                            images.repeat(n, 1, 1, 1), {}),
+                image_rows, device, warmup, repeats, log, f"reward_backward:{name}")
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-12)
     for p in policy.trainable_parameters():
         p.grad = torch.zeros_like(p)

@@ -91,8 +91,8 @@ class CostProfile:
     path: str = ""
 
     def table_for(self, call: Call) -> CostTable | None:
-        if call.kind == "reward":
-            return self.tables.get(f"reward:{call.component}") or self.tables.get("reward")
+        if call.kind in ("reward", "reward_backward"):
+            return self.tables.get(f"{call.kind}:{call.component}") or self.tables.get(call.kind)
         return self.tables.get(call.kind)
 
     def call_seconds(self, call: Call) -> float | None:
@@ -177,7 +177,7 @@ def price(profile: CostProfile, calls: Iterable[Call]) -> Priced:
     for c in calls:
         t = profile.table_for(c)
         if t is None:
-            unpriced[c.kind if c.kind != "reward" else f"reward:{c.component}"] += 1
+            unpriced[f"{c.kind}:{c.component}" if c.kind in ("reward", "reward_backward") else c.kind] += 1
             continue
         phases[c.phase] = phases.get(c.phase, 0.0) + t.seconds_at(c.rows)
         m = t.peak_mem_at(c.rows)

@@ -14,7 +14,10 @@ Only the engine calls the denoiser. It
   per distinct parent for all of its children (TreeGRPO's amortisation),
 * evaluates the denoiser on latents an algorithm builds itself (``predict``: likelihood-free updates
   such as DiffusionNFT's flow-matching loss on forward-noised samples), with the trained weights, a
-  weight snapshot (``bench.model.snapshots``) or the frozen reference; counted as update NFE and traced.
+  weight snapshot (``bench.model.snapshots``) or the frozen reference; counted as update NFE and traced,
+* decodes and scores with gradients for direct-gradient updates (``decode_grad``, ``reward_grad``:
+  ReFL, DRaFT-K back-propagate a differentiable reward into the denoiser), traced as
+  ``vae_decode_backward`` / ``reward_backward`` calls.
 """
 
 from __future__ import annotations
@@ -66,20 +69,24 @@ class _Nodes:
     """The nodes of a growing rollout, level by level; ids are assigned in frontier order (the roots
     0..P*G-1, then each level's children in the order of their parents)."""
 
-    def __init__(self, x: Tensor, P: int, G: int):
+    def __init__(self, x: Tensor, P: int, G: int, keep_means: bool = False):
         n0 = P * G
         self.lat, self.parent, self.level = [x], [torch.full((n0,), -1)], [torch.zeros(n0, dtype=torch.long)]
+        self.mean = [torch.full_like(x, float("nan"))] if keep_means else None
         self.prompt, self.tree = [torch.arange(P).repeat_interleave(G)], [torch.arange(n0)]
         self.logp, self.train = [torch.full((n0,), float("nan"))], [torch.zeros(n0, dtype=torch.bool)]
         self.front_ids, self.front_prompt, self.front_tree = torch.arange(n0), self.prompt[0], self.tree[0]
         self.next_id = n0
 
-    def grow(self, x: Tensor, level: int, k: int, log_prob: Tensor | None) -> None:
+    def grow(self, x: Tensor, level: int, k: int, log_prob: Tensor | None, mean: Tensor | None = None) -> None:
         """Add the new frontier x [F * k, ...] at ``level``: k children per frontier node; ``log_prob``
-        [F * k] for stochastic (trainable) edges, None for deterministic ones."""
+        [F * k] for stochastic (trainable) edges, None for deterministic ones; ``mean`` [F * k, ...] the
+        step's mean (kept when the plan asks for means)."""
         F2 = x.shape[0]
         rep = (lambda t: t.repeat_interleave(k)) if k > 1 else (lambda t: t)
         self.lat.append(x)
+        if self.mean is not None:
+            self.mean.append(mean.to(x.dtype) if mean is not None else torch.full_like(x, float("nan")))
         self.parent.append(rep(self.front_ids))
         self.level.append(torch.full((F2,), level, dtype=torch.long))
         self.front_prompt, self.front_tree = rep(self.front_prompt), rep(self.front_tree)
@@ -91,12 +98,13 @@ class _Nodes:
         self.next_id += F2
 
     def rollout(self, plan: RolloutPlan, images: Tensor, sched: "Schedule", nfe: int, iteration: int,
-                cond: Conditioning) -> Rollout:
+                cond: Conditioning, batch: PromptBatch | None = None) -> Rollout:
         return Rollout(latents=torch.cat(self.lat) if plan.keep_latents else None, parent=torch.cat(self.parent),
                        level=torch.cat(self.level), prompt=torch.cat(self.prompt), tree=torch.cat(self.tree),
                        logp_old=torch.cat(self.logp), trainable=torch.cat(self.train), leaves=self.front_ids,
                        images=images, sigmas=sched.levels.clone(), timesteps=sched.timesteps.clone(), nfe=nfe,
-                       plan=plan, iteration=iteration, conditioning=cond)
+                       plan=plan, iteration=iteration, conditioning=cond, batch=batch,
+                       means=torch.cat(self.mean) if self.mean is not None else None)
 
 
 class RolloutEngine:
@@ -119,6 +127,9 @@ class RolloutEngine:
         self.nfe_eval = 0
         #: every expensive call this engine makes (bench.engine.trace); the runner drains it per iteration
         self.recorder = CallRecorder()
+        #: the training reward, attached by the runner for algorithms that declare ``reward_gradient``
+        #: (direct-gradient updates call it through ``reward_grad``); None otherwise
+        self.reward: object | None = None
         #: named copies of the trainable weights an algorithm samples or evaluates with (bench.model.snapshots)
         self.snapshots = WeightSnapshots(lambda: policy.named_trainable_parameters(),
                                          lambda: getattr(policy, "denoiser", None))
@@ -142,8 +153,10 @@ class RolloutEngine:
 
     # ---- denoiser evaluation -------------------------------------------------------------------
     def _evaluate(self, x: Tensor, timesteps: Tensor, prompt_idx: Tensor, cond: Conditioning,
-                  guidance: float, phase: str = "rollout", role: str = "policy") -> tuple[Tensor, int]:
-        """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe)."""
+                  guidance: float, phase: str = "rollout", role: str = "policy",
+                  uncond_grad: bool = True) -> tuple[Tensor, int]:
+        """Guided model output for rows x [B, ...] (one call; the caller chunks). Returns (out, nfe).
+        ``uncond_grad=False`` detaches the unconditional branch of a guided output."""
         B = x.shape[0]
         per = 2 if guidance > 1.0 else 1  # rows per evaluated latent (cond + uncond with CFG)
         self.recorder.denoiser(per * B, phase=phase, grad=torch.is_grad_enabled(), role=role, per_eval=per,
@@ -153,6 +166,8 @@ class RolloutEngine:
             c = Conditioning.cat([empty.take(torch.zeros(B, dtype=torch.long)), cond.take(prompt_idx)])
             out = self.policy.predict(torch.cat([x, x]), torch.cat([timesteps, timesteps]), c)
             uncond, text = out.chunk(2)
+            if not uncond_grad:
+                uncond = uncond.detach()
             return uncond + guidance * (text - uncond), 2 * B
         return self.policy.predict(x, timesteps, cond.take(prompt_idx)), B
 
@@ -181,6 +196,8 @@ class RolloutEngine:
             if plan.sde_type == "flow_grpo":
                 return sde.flow_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen,
                                          log_std_range=plan.log_std_range)
+            if plan.sde_type == "cps":
+                return sde.cps_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
             return sde.dance_sde_step(out, x, a, b, plan.noise_level, prev_sample=prev_sample, generator=gen)
         raise ValueError(f"mode {mode!r} has no single-step rule")
 
@@ -203,8 +220,9 @@ class RolloutEngine:
             return st
         scale = torch.where(split_rows.to(st.std.device), plan.split_noise_scale, 1.0).to(st.std.dtype)
         std = (st.std * scale).reshape(-1, *([1] * (nxt.dim() - 1)))
-        return sde.StepOutput(prev_sample=st.prev_sample, log_prob=sde.gaussian_log_prob(nxt, st.mean, std),
-                              mean=st.mean, std=st.std * scale)
+        # CPS's log-prob carries no std (its released code drops the variance scale): nothing to rescore
+        lp = st.log_prob if plan.sde_type == "cps" else sde.gaussian_log_prob(nxt, st.mean, std)
+        return sde.StepOutput(prev_sample=st.prev_sample, log_prob=lp, mean=st.mean, std=st.std * scale)
 
     # ---- rollout -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -223,7 +241,7 @@ class RolloutEngine:
         cond = conditioning if conditioning is not None else pol.encode_prompts(batch.prompts)
         gen = generator(self.seed if seed is None else int(seed), iteration, stage)
         x = self._initial_noise(plan, P, gen)
-        nodes = _Nodes(x, P, plan.trees_per_prompt)
+        nodes = _Nodes(x, P, plan.trees_per_prompt, plan.keep_means)
         prev_x0: Tensor | None = None  # data prediction of the frontier's parents (DPM multistep)
         new_x0: Tensor | None = None
         nfe = 0
@@ -234,7 +252,8 @@ class RolloutEngine:
                 nfe += n
                 st, new_x0 = self._advance(plan, i, out, x, sched, prev_x0, gen)
                 x = st.prev_sample
-                nodes.grow(x, i + 1, plan.branch[i], st.log_prob if plan.modes[i] == "sde" else None)
+                sde_step = plan.modes[i] == "sde"
+                nodes.grow(x, i + 1, plan.branch[i], st.log_prob if sde_step else None, st.mean if sde_step else None)
                 prev_x0 = new_x0  # aligned with the new frontier (expanded before the step when k > 1)
         # "x0": the data prediction of the last evaluation (DanceGRPO decodes ``pred_original`` of its
         # last step); new_x0 is aligned with the leaves. A last ODE step to sigma = 0 gives the same latent.
@@ -243,7 +262,7 @@ class RolloutEngine:
             self.nfe_eval += nfe
         else:
             self.nfe_rollout += nfe
-        return nodes.rollout(plan, images, sched, nfe, iteration, cond)
+        return nodes.rollout(plan, images, sched, nfe, iteration, cond, batch)
 
     def _initial_noise(self, plan: RolloutPlan, P: int, gen: torch.Generator) -> Tensor:
         """Root latents [P * G, ...]: one noise per prompt shared by its G roots, or one per root."""
@@ -287,10 +306,13 @@ class RolloutEngine:
         return torch.cat(parts).float().cpu()
 
     # ---- log-probs with gradients --------------------------------------------------------------
-    def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False) -> EdgeEval:
+    def logp(self, rollout: Rollout, nodes: Tensor, *, reference: bool = False,
+             share_parents: bool = True) -> EdgeEval:
         """Log-probs of the edges parent(n) -> n for child nodes ``nodes`` [M], with gradients through
         the denoiser. One (guided) evaluation per distinct parent serves all of its children; the NFE
-        go to ``nfe_update``. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
+        go to ``nfe_update``. ``share_parents=False``: one evaluation per edge, siblings too (the cost of
+        trainers that loop over transitions, BranchGRPO's). With ``plan.cfg_uncond_grad`` False the guided
+        output's unconditional branch carries no gradient. ``reference=True`` evaluates the frozen reference (``policy.reference()``)
         without gradients (for the KL term)."""
         if rollout.latents is None:
             raise ValueError("rollout was sampled with keep_latents=False; log-probs cannot be recomputed")
@@ -303,7 +325,10 @@ class RolloutEngine:
         modes = {plan.modes[int(i)] for i in lvl.unique()}
         if modes - {"sde"}:
             raise ValueError(f"log-probs exist only for SDE edges; got edges from {sorted(modes)} steps")
-        uniq, inv = torch.unique(par, return_inverse=True)
+        if share_parents:
+            uniq, inv = torch.unique(par, return_inverse=True)
+        else:
+            uniq, inv = par, torch.arange(par.numel())
         sched = Schedule(rollout.sigmas, rollout.timesteps)
         lat = rollout.latents
         dev = self.policy.device
@@ -314,7 +339,8 @@ class RolloutEngine:
             with torch.no_grad(), self.policy.reference():
                 out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update", "reference")
         else:
-            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update")
+            out_u, n = self._evaluate(x_u, t_u, p_u, rollout.conditioning, plan.guidance, "update",
+                                      uncond_grad=plan.cfg_uncond_grad)
         self.nfe_update += n
         inv = inv.to(dev)
         nxt = lat[nodes.to(lat.device)].to(dev)
@@ -347,3 +373,39 @@ class RolloutEngine:
                 out, n = self._evaluate(x, t, prompt, rollout.conditioning, guidance, "update")
         self.nfe_update += n
         return Prediction(out=out, nfe=n)
+
+    # ---- decoding and scoring with gradients (direct-gradient updates) ---------------------------
+    def attach_reward(self, reward: object) -> None:
+        """The reward ``reward_grad`` calls: one with ``differentiable = True`` and a ``score_grad``
+        method (``rewards._common.LazyReward.score_grad``); the runner checks that before training."""
+        if not getattr(reward, "differentiable", False) or not callable(getattr(reward, "score_grad", None)):
+            name = getattr(reward, "name", type(reward).__name__)
+            raise ValueError(f"reward {name!r} has no gradient path (differentiable = True and score_grad)")
+        self.reward = reward
+
+    def decode_grad(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] of latents x [B, ...] with the autograd graph kept (one call, the
+        caller chunks); traced as ``vae_decode_backward`` when the policy has a VAE."""
+        if self.policy.vae is not None:
+            self.recorder.record("vae_decode_backward", x.shape[0], "update", "vae", grad=True)
+        return self.policy.decode(x, grad=True)
+
+    def reward_grad(self, rollout: Rollout, images: Tensor, leaves: Tensor) -> Tensor:
+        """Scores [B] float32 of images [B, 3, H, W] (with their graph) for the rollout's leaves ``leaves``
+        [B] (indices into ``rollout.leaves``: the prompt and metadata of each image), differentiable back
+        to ``images``; traced as ``reward_backward``."""
+        if self.reward is None:
+            raise RuntimeError("reward_grad needs a reward attached with attach_reward (the runner does it for "
+                               "algorithms that declare reward_gradient = True)")
+        if rollout.batch is None:
+            raise ValueError("reward_grad needs the rollout's PromptBatch (rollout.batch)")
+        leaves = torch.as_tensor(leaves, dtype=torch.long).cpu()
+        if images.shape[0] != leaves.numel():
+            raise ValueError(f"reward_grad: {images.shape[0]} images for {leaves.numel()} leaves")
+        idx = rollout.prompt[rollout.leaves[leaves]].tolist()
+        name = str(getattr(self.reward, "name", type(self.reward).__name__))
+        self.recorder.record("reward_backward", images.shape[0], "update", name, grad=True)
+        b = rollout.batch
+        scores = self.reward.score_grad(images, [b.prompts[i] for i in idx],  # type: ignore[attr-defined]
+                                        [b.metadata[i] for i in idx])
+        return scores.float()

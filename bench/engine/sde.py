@@ -9,7 +9,8 @@ Every step returns ``StepOutput(prev_sample, log_prob, mean, std)``:
   log_prob    [B]       Gaussian log-density of prev_sample under N(mean, std^2), *mean* over the
                         non-batch dims as in every reference implementation (flow_grpo
                         ``sde_step_with_logprob``, DanceGRPO ``flux_step``, ddpo-pytorch
-                        ``ddim_step_with_logprob``);
+                        ``ddim_step_with_logprob``); the CPS step keeps only -(x - mean)^2 as its
+                        released code does (``cps_log_prob``);
                         NaN for deterministic steps
   mean        [B, ...]  the step's mean (the deterministic update for ODE steps)
   std         [B]       the step's standard deviation (0 for deterministic steps)
@@ -137,6 +138,43 @@ def dance_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_n
     nxt = _sample_or_take(mean, std, prev_sample, generator)
     return StepOutput(prev_sample=nxt, log_prob=gaussian_log_prob(nxt, mean, std), mean=mean,
                       std=std.reshape(-1))
+
+
+def cps_log_prob(x: Tensor, mean: Tensor) -> Tensor:
+    """The CPS step's log-prob as flow_grpo computes it: -(x - mean)^2, mean over non-batch dims. Every
+    constant of the Gaussian log-density is dropped, *including* the 1 / (2 std^2) scale and -log std
+    ("remove all constants" in ``sde_step_with_logprob``): a log-ratio of two such values is the Gaussian
+    log-ratio times 2 std^2. ``x`` is treated as data (detached), gradients flow through ``mean``."""
+    lp = -((x.detach() - mean) ** 2)
+    return lp.mean(dim=tuple(range(1, lp.dim())))
+
+
+def cps_sde_step(velocity: Tensor, x_t: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+                 noise_level: float, prev_sample: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> StepOutput:
+    """Coefficients-preserving sampling (CPS; Wang & Yu 2025, arXiv 2509.05952), as released in
+    yifan123/flow_grpo ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py::sde_step_with_logprob`` with
+    ``sde_type='cps'`` (commit 3d02fd9d65957d45bc7d0b240ad347a9d334fcb9):
+
+        std    = sigma_next sin(a pi / 2)                  (a = ``noise_level``; the paper's sigma_t)
+        x0_hat = x - sigma v;   x1_hat = x + (1 - sigma) v  (predicted data and noise)
+        mean   = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat
+        x_next = mean + std z
+
+    so x_next keeps the coefficients (1 - sigma_next) on the data and sigma_next on the total noise. The
+    log-prob is ``cps_log_prob`` (-(x_next - mean)^2 averaged over dims, constants and the variance
+    scale dropped as in the released code). At the last step (sigma_next = 0) std = 0 and the step is
+    deterministic (x_next = x0_hat, log-prob 0 at sampling); a = 0 gives the Euler step.
+    """
+    x = x_t.to(torch.float32)
+    v = velocity.to(torch.float32)
+    s, sn = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    std = sn * math.sin(noise_level * math.pi / 2)
+    x0 = x - s * v
+    x1 = x + v * (1 - s)
+    mean = x0 * (1 - sn) + x1 * torch.sqrt(sn**2 - std**2)
+    nxt = _sample_or_take(mean, std, prev_sample, generator)
+    return StepOutput(prev_sample=nxt, log_prob=cps_log_prob(nxt, mean), mean=mean, std=std.reshape(-1))
 
 
 def ddim_step(eps: Tensor, x_t: Tensor, alpha_bar_t: float | Tensor, alpha_bar_prev: float | Tensor,

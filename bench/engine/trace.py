@@ -2,6 +2,9 @@
 
 The rollout engine records denoiser calls (rollout, ``logp`` in the update, the reference pass for KL,
 evaluation), VAE decodes and prompt encodings; the runner records reward scoring and optimizer steps.
+Direct-gradient algorithms (ReFL, DRaFT-K) also decode and score with gradients inside the update: the
+engine records those as ``vae_decode_backward`` and ``reward_backward`` (forward and backward of the
+decoder / the reward model on ``rows`` images), so their cost is in the same trace.
 A :class:`Call` says which component ran, on how many rows, with or without gradients, with gradient
 checkpointing on or off, and in which phase. ``bench.engine.pricing`` prices a trace with a measured cost profile;
 ``bench.cost.estimate`` produces the same trace without loading any weights (a test checks both agree).
@@ -20,9 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from bench.rundir.layout import TRACE
+
 #: Call kinds, the keys of a cost profile's tables (docs/COST.md).
 DENOISER_KINDS = ("forward", "forward_backward", "forward_backward_checkpointed")
-KINDS = (*DENOISER_KINDS, "vae_decode", "text_encode", "reward", "optimizer_step")
+KINDS = (*DENOISER_KINDS, "vae_decode", "text_encode", "reward", "optimizer_step", "vae_decode_backward",
+         "reward_backward")
 #: Phases of a training iteration that hold calls ("advantage" makes none), plus evaluation.
 TRAIN_PHASES = ("rollout", "reward", "update")
 
@@ -76,8 +82,8 @@ class CallRecorder:
         self.calls.append(Call(denoiser_kind(grad, checkpointing), int(rows), phase, "denoiser", bool(grad),
                                bool(grad and checkpointing), int(per_eval), role))
 
-    def record(self, kind: str, rows: int, phase: str, component: str) -> None:
-        self.calls.append(Call(kind, int(rows), phase, component))
+    def record(self, kind: str, rows: int, phase: str, component: str, grad: bool = False) -> None:
+        self.calls.append(Call(kind, int(rows), phase, component, bool(grad)))
 
     def drain(self) -> list[Call]:
         out, self.calls = self.calls, []
@@ -126,7 +132,7 @@ class TraceWriter:
         """On resume, the lines of the iterations a resume recomputes are dropped: training iterations from
         ``resume_iteration`` on, and evaluations not among ``kept_evals`` (the iterations of the
         evaluations the checkpoint carries; one at ``resume_iteration`` may or may not be among them)."""
-        self.path = Path(out_dir) / "trace.jsonl"
+        self.path = Path(out_dir) / TRACE
         if resume_iteration is not None and self.path.is_file():
             kept, keep = set(kept_evals), []
             for line in self.path.read_text().splitlines():
@@ -155,7 +161,7 @@ class TraceWriter:
 def read_trace(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``trace.jsonl`` with ``calls`` as :class:`Call` objects."""
     out = []
-    for line in (Path(run_dir) / "trace.jsonl").read_text().splitlines():
+    for line in (Path(run_dir) / TRACE).read_text().splitlines():
         rec = json.loads(line)
         rec["calls"] = [Call.from_list(v) for v in rec["calls"]]
         out.append(rec)

@@ -14,6 +14,13 @@ Where the runs execute is ``bench.fleet.launch``: one after another (default), `
 machine (one GPU each; ``--threads-per-run`` pins CPU threads so that records do not depend on it), or
 one scheduler job per run through submitit (``--launcher slurm`` / ``submitit-local``).
 
+``--controls`` adds two control arms of the baseline algorithm (``--baseline``, else dancegrpo when
+compared, else the first of ``--algos``): ``<baseline>-aa``, the baseline under other seeds (seed
+``s + AA_SEED_OFFSET`` for each seed ``s``, so never one of the baseline's), which a sound comparison finds
+equivalent to the baseline; and ``<baseline>-frozen``, the baseline with ``train.frozen=true`` (the same
+rollouts, rewards and NFE, no weight change), which it must find worse. They live in
+DIR/<baseline>-aa/seed<s>/ and DIR/<baseline>-frozen/seed<s>/, and ``run.label`` names them in reports.
+
 Re-running a comparison extends it: a run directory that already finished under the same budget is
 skipped, a killed one (no final.json, or stopped by a signal) is resumed from its newest checkpoint
 (``bench run --resume``) or, without one, started again. Runs from another git commit, or from a
@@ -31,10 +38,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.budget import Budget
 from bench.errors import RunFailure, UsageError
+from bench.fleet import tune as tune_mod
 from bench.fleet.launch import (
     Job,
     Launch,
@@ -45,16 +54,72 @@ from bench.fleet.launch import (
     run_submitit,
 )
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
+from bench.rundir import layout
+from bench.rundir.layout import FINAL, MANIFEST
 from bench.rundir.lock import RunLock
 from bench.rundir.runlog import atomic_write_text
 
-#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=) -> list[str]``
-#: (the page headings; it prints the verdict). A string so that bench does not import reports.
+#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=)
+#: -> list[str]`` (the page headings; it prints the verdict and writes DIR/verdict.json beside the PDF). A
+#: string so that bench does not import reports.
 REPORT = "reports.cli:compare_report"
 
 #: How a training run is launched (without the current directory on its import path,
 #: ``bench.fleet.launch.python_module``); tests replace it with a stand-in that writes synthetic run dirs.
 RUNNER: list[str] = python_module("bench.cli")
+
+#: The A/A control arm runs the baseline at seed s + AA_SEED_OFFSET for each seed s of the comparison:
+#: disjoint from the baseline's seeds (checked), and stable when a comparison is extended with more seeds.
+AA_SEED_OFFSET = 1000
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a comparison: its label (DIR/<label>/seed<s>/), the algorithm, its seeds, and the
+    options only its runs get (the control arms' ``--set``)."""
+
+    label: str
+    algo: str
+    seeds: tuple[int, ...]
+    sets: tuple[str, ...] = ()
+
+
+def default_baseline(algos: Sequence[str], baseline: str | None) -> str:
+    """The baseline the controls copy: ``--baseline``, else dancegrpo when compared, else the first."""
+    if baseline is not None:
+        return baseline
+    return "dancegrpo" if "dancegrpo" in algos else algos[0]
+
+
+def build_arms(algos: Sequence[str], seeds: Sequence[int], controls: bool = False,
+               baseline: str | None = None, tuned: dict[str, tuple[str, ...]] | None = None) -> list[Arm]:
+    """Every algorithm at ``seeds``; with ``controls`` also ``<baseline>-aa`` (seeds s + AA_SEED_OFFSET)
+    and ``<baseline>-frozen`` (train.frozen=true, the baseline's seeds). With ``tuned`` (algorithm -> its
+    tuned ``--set`` options, ``--tune``) each algorithm's arm runs its tuned settings (labelled with the
+    algorithm), the controls copy the baseline's tuned settings, and ``<algo>-default`` runs the reference
+    defaults beside it."""
+    t = tuned or {}
+    arms = []
+    for a in algos:
+        if tuned is None:
+            arms.append(Arm(a, a, tuple(seeds)))
+        else:
+            arms += [Arm(a, a, tuple(seeds), (*t.get(a, ()), "--set", f"run.label={a}")),
+                     Arm(f"{a}-default", a, tuple(seeds), ("--set", f"run.label={a}-default"))]
+    if controls:
+        b = default_baseline(algos, baseline)
+        aa = tuple(s + AA_SEED_OFFSET for s in seeds)
+        clash = sorted(set(aa) & set(seeds))
+        if clash:
+            raise UsageError(f"--controls: the A/A arm runs seed s + {AA_SEED_OFFSET} for each seed s, and "
+                             f"{clash} would also be baseline seeds; use seeds below {AA_SEED_OFFSET}")
+        arms += [Arm(f"{b}-aa", b, aa, (*t.get(b, ()), "--set", f"run.label={b}-aa")),
+                 Arm(f"{b}-frozen", b, tuple(seeds), (*t.get(b, ()), "--set", "train.frozen=true", "--set",
+                                                      f"run.label={b}-frozen"))]
+    taken = [a.label for a in arms]
+    if len(set(taken)) != len(taken):
+        raise UsageError(f"--controls: an algorithm is named like a control arm ({', '.join(taken)})")
+    return arms
 
 
 def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
@@ -77,13 +142,36 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
-    p.add_argument("--baseline", default=None, help="report baseline (default: dancegrpo if compared)")
+    p.add_argument("--baseline", default=None,
+                   help="report baseline, and the algorithm --controls copies (default: dancegrpo if compared; "
+                        "the report's default otherwise, the first of --algos for --controls)")
+    p.add_argument("--controls", action="store_true",
+                   help="add two control arms of the baseline: <baseline>-aa, the baseline under other seeds "
+                        f"(seed s+{AA_SEED_OFFSET} for each seed s, disjoint from the baseline's: it should come "
+                        "out equivalent), and <baseline>-frozen, the baseline with train.frozen=true (same "
+                        "rollouts, rewards and NFE, weights never change: it should come out worse)")
+    p.add_argument("--tune", default=None, metavar="lr[,KEY...]",
+                   help="first tune every algorithm with an equal budget: one Optuna study each over the same "
+                        "space (lr log-uniform in [1e-6, 1e-3]; other keys from the algorithm's own search "
+                        "space), --tune-trials trials of --tune-budget each at tuning seed 2000, scored on a "
+                        "validation split with the held-out metric, hacking trials rejected; then each algorithm "
+                        "runs tuned (label <algo>) and with reference defaults (<algo>-default). Studies and "
+                        "tuned settings: DIR/tuning/<algo>/ (docs/REPORTS.md)")
+    p.add_argument("--tune-trials", type=int, default=8, help="trials per algorithm with --tune (default 8)")
+    p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
+                                                       "(required with --tune)")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--allow-mixed-code", action="store_true",
                    help="put runs from different git commits or a dirty working tree on one axis anyway "
                         "(the report marks them loudly)")
-    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the report (default 2000)")
+    p.add_argument("--reps", type=int, default=2000,
+                   help="Monte-Carlo draws of the report's permutation p-values beyond 200,000 splits (default 2000)")
+    p.add_argument("--sesoi", action="append", default=[], metavar="METRIC=VALUE",
+                   help="the report's smallest effect of interest of an eval metric or of costs (cost=0.1), "
+                        "repeatable (docs/REPORTS.md)")
+    p.add_argument("--targets", default=None,
+                   help="the report's cost-to-target fractions of the baseline's gain (default 0.5,0.75)")
     p.add_argument("--no-report", action="store_true",
                    help="train only (e.g. one cell of a grid that is reported as a whole later)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
@@ -147,16 +235,15 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str]) -> list[str]:
+def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str], label: str | None = None
+                ) -> list[str]:
+    """``bench run`` of one run: DIR/<label (default: the algorithm)>/seed<s>/."""
     return [*RUNNER, "run", "--algo", algo, "--budget", budget, "--seed", str(seed),
-            "--out", str(out / algo / f"seed{seed}"), *extra]
+            "--out", str(out / (label or algo) / f"seed{seed}"), *extra]
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    return layout.read_json_or_none(path)
 
 
 def run_state(run_dir: Path, budget: str) -> str:
@@ -164,12 +251,12 @@ def run_state(run_dir: Path, budget: str) -> str:
     "new" (absent), "done" (finished under this budget), "resume" (killed, has a checkpoint),
     "restart" (killed before any checkpoint), "failed" (stopped by an error: rerun with --overwrite),
     or "other-budget" (finished under a different budget: refuse)."""
-    man = _read_json(run_dir / "manifest.json")
+    man = _read_json(run_dir / MANIFEST)
     if man is None:
         return "new" if not run_dir.exists() or not any(run_dir.iterdir()) else "restart"
-    final = _read_json(run_dir / "final.json")
+    final = _read_json(run_dir / FINAL)
     spec = (man.get("budget") or {}).get("spec")
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+    has_ckpt = layout.RunDir(run_dir).has_checkpoint()
     if final is None or final.get("stop_reason") == "interrupted":
         return "resume" if has_ckpt else "restart"
     if final.get("stop_reason") in ("error", "nonfinite"):
@@ -183,7 +270,7 @@ def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
     """Existing run directories whose git commit differs from this checkout's, or that were dirty."""
     bad = []
     for d in run_dirs:
-        git = (_read_json(d / "manifest.json") or {}).get("git") or {}
+        git = (_read_json(d / MANIFEST) or {}).get("git") or {}
         if git.get("commit") != here.get("commit"):
             bad.append(f"{d} (commit {str(git.get('commit'))[:12]})")
         elif git.get("dirty"):
@@ -191,16 +278,20 @@ def code_mismatch(run_dirs: Sequence[Path], here: dict) -> list[str]:
     return bad
 
 
-def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path, extra: Sequence[str],
+def plan_jobs(arms: Sequence[Arm], budget: str, out: Path, extra: Sequence[str],
               overwrite: bool) -> list[tuple[str, int, str, list[str] | None]]:
-    """(algo, seed, state, command or None) in seed-major order; see ``run_state``."""
+    """(label, seed, state, command or None) in seed-major order (the k-th seed of every arm, then the
+    (k+1)-th); see ``run_state``."""
     jobs = []
-    for s in seeds:
-        for a in algos:
+    for k in range(max((len(arm.seeds) for arm in arms), default=0)):
+        for arm in arms:
+            if k >= len(arm.seeds):
+                continue
+            a, s = arm.label, arm.seeds[k]
             d = out / a / f"seed{s}"
             state = "new" if overwrite else run_state(d, budget)
             if state == "other-budget":
-                man = _read_json(d / "manifest.json") or {}
+                man = _read_json(d / MANIFEST) or {}
                 raise UsageError(f"{d} finished under budget {(man.get('budget') or {}).get('spec')!r}, not "
                                  f"{budget!r}: use another --out, or --overwrite to rerun every run")
             if state == "done":
@@ -208,9 +299,9 @@ def plan_jobs(algos: Sequence[str], seeds: Sequence[int], budget: str, out: Path
             elif state == "resume":
                 cmd = [*RUNNER, "run", "--resume", str(d), "--budget", budget]
             else:
-                rerun = [*extra] + (["--overwrite"] if state in ("restart", "failed") and "--overwrite" not in extra
-                                    else [])
-                cmd = run_command(a, s, budget, out, rerun)
+                rerun = [*extra, *arm.sets] + (["--overwrite"] if state in ("restart", "failed")
+                                               and "--overwrite" not in extra else [])
+                cmd = run_command(arm.algo, s, budget, out, rerun, label=arm.label)
             jobs.append((a, s, state, cmd))
     return jobs
 
@@ -222,8 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         Budget.parse(args.budget)  # fail before starting any run
         if args.reps < 100:
             raise UsageError("--reps must be at least 100")
+        _check_sesoi(args.sesoi)
         if args.baseline is not None and args.baseline not in algos:
             raise UsageError(f"--baseline {args.baseline!r} is not among --algos ({', '.join(algos)})")
+        if any(kv.partition("=")[0].strip() == "run.label" for kv in args.set):
+            raise UsageError("--set run.label: bench compare labels its runs itself (the algorithm, or "
+                             "<baseline>-aa / <baseline>-frozen for --controls)")
         out = Path(args.out)
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
     except UsageError as e:
@@ -261,25 +356,46 @@ def lock_output(out: Path, create: bool = True) -> RunLock:
 
 def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra: list[str], out: Path,
              launch: Launch) -> int:
+    """The comparison, once its directory is locked (``--dry-run``: not locked, nothing written)."""
+    tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
+    tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
+    arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+    # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
+    controls = default_baseline(algos, args.baseline) if args.controls else \
+        (_read_json(out / OPTIONS_FILE) or {}).get("controls")
+    baseline = args.baseline or controls
     if not args.report_only and not args.dry_run:
         check_options(out, extra, args.overwrite)
-    jobs = plan_jobs(algos, seeds, args.budget, out, extra, args.overwrite)
+    jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
     if not args.report_only and not args.allow_mixed_code:
         _check_code(out, jobs)
     if args.dry_run:
+        for _, cmd in (tune_plan or {}).values():
+            print(subprocess.list2cmdline(cmd))
+        if tune_plan:
+            print("# then, with the tuned settings of DIR/tuning/<algo>/tuned.json (shown where it exists):")
         for a, s, state, cmd in jobs:
             print(subprocess.list2cmdline(cmd) if cmd else f"# {a} seed{s}: already finished, skipped")
         return 0
 
     failed: list[str] = []
     if not args.report_only:
-        try:
-            atomic_write_text(out / OPTIONS_FILE, json.dumps({"options": _run_options(extra)}, indent=1) + "\n",
-                              failpoint="compare.options")
+        try:  # whole or not at all (a temporary file, renamed)
+            atomic_write_text(out / OPTIONS_FILE, json.dumps({"options": _run_options(extra), "controls": controls},
+                                                             indent=1) + "\n", failpoint="compare.options")
         except OSError as e:
             raise RunFailure(f"could not write {out / OPTIONS_FILE}: {os.strerror(e.errno) if e.errno else e}; no "
                              f"run was started. Fix the file system holding {out}, then run the command "
                              f"again.") from None
+        if tune_plan is not None:
+            try:
+                _tune(tune_plan, launch, out, args)
+                tuned = {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
+                arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+                jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
+            except UsageError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
         failed = _train(jobs, launch, out, args.device)
 
     if args.no_report:
@@ -287,9 +403,10 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
             print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
     try:
-        pages = load_object(REPORT)(out, out / "report.pdf", baseline=args.baseline, x=args.x,
+        pages = load_object(REPORT)(out, out / "report.pdf", baseline=baseline, x=args.x,
                                     title=f"bench compare --budget {args.budget}",
-                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps)
+                                    allow_mixed_code=args.allow_mixed_code, reps=args.reps,
+                                    sesoi=args.sesoi, targets=args.targets)
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
@@ -303,6 +420,20 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
         print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+#: DIR/compare.json: the options every run was trained with, and the baseline whose controls DIR holds
+#: (null without --controls); a later `bench compare` into DIR reports against that baseline.
+def _check_sesoi(items: Sequence[str]) -> None:
+    """--sesoi syntax, before any run starts (the report checks the metric names)."""
+    for part in (x.strip() for item in items for x in item.split(",")):
+        name, _, value = part.partition("=")
+        try:
+            ok = bool(part) and bool(name.strip()) and float(value) > 0
+        except ValueError:
+            ok = False
+        if part and not ok:
+            raise UsageError(f"--sesoi {part!r}: expected METRIC=VALUE with a positive VALUE, e.g. shapes_attr=0.01")
 
 
 OPTIONS_FILE = "compare.json"
@@ -340,6 +471,58 @@ def _check_code(out: Path, jobs: Sequence[tuple[str, int, str, list[str] | None]
     if here.get("dirty"):
         print("warning: this working tree has uncommitted changes: the runs will be marked dirty and the "
               "report says so; commit first for results that can be rebuilt", file=sys.stderr, flush=True)
+
+
+def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[int], extra: Sequence[str],
+               out: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """algorithm -> (its tuning space, its ``bench sweep`` command); checks the tuning options."""
+    from bench import config as config_mod
+
+    if args.tune_budget is None:
+        raise UsageError("--tune needs --tune-budget (the budget of every tuning trial, e.g. 300it)")
+    if args.tune_trials < 1:
+        raise UsageError(f"--tune-trials must be >= 1, got {args.tune_trials}")
+    Budget.parse(args.tune_budget)
+    used = set(seeds) | ({s + AA_SEED_OFFSET for s in seeds} if args.controls else set())
+    if tune_mod.TUNE_SEED in used:
+        raise UsageError(f"--tune trains its trials at seed {tune_mod.TUNE_SEED}: leave it out of --seeds")
+    keys = tune_mod.keys_per_algo(algos, tune_mod.parse_keys(args.tune))
+    flags = {"algo.name": algos[0], "model.name": args.model, "model.path": args.model_path,
+             "reward.name": args.reward, "budget": args.tune_budget, "seed": tune_mod.TUNE_SEED,
+             "model.device": args.device}
+    if args.eval_rewards:
+        flags["eval.rewards"] = [r.strip() for r in args.eval_rewards.split(",") if r.strip()]
+    cfg = config_mod.resolve(config_mod.parse_sets(args.set), config_file=args.config, preset=args.preset,
+                             flags=flags)
+    objective, note = tune_mod.heldout_metric(cfg)
+    args.tune_objective, args.tune_note = objective, note
+    return {a: (keys[a], tune_mod.sweep_command(RUNNER, a, keys[a], args.tune_trials, args.tune_budget, out,
+                                                objective, extra)) for a in algos}
+
+
+def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Path,
+          args: argparse.Namespace) -> None:
+    """Run every algorithm's tuning study (resumed where it stopped), then write its tuned.json."""
+    objective, note = args.tune_objective, args.tune_note
+    if note:
+        print(f"warning: --tune: {note}", file=sys.stderr, flush=True)
+    todo = [Job(f"[tune {a}]", cmd) for a, (_, cmd) in plan.items()]
+    print(f"== tuning {len(todo)} algorithm(s): {args.tune_trials} trials of {args.tune_budget} each, objective "
+          f"{objective} on the validation split, seed {tune_mod.TUNE_SEED}", flush=True)
+    if launch.launcher == "local":
+        failed = run_local(todo, launch, args.device)  # a study with no completed trial exits 1: tuned.json says so
+    else:
+        failed = run_submitit(todo, launch, out, RUNNER)
+    refused = [f for f in failed if f.endswith("(exit 2)")]
+    if refused:  # e.g. DIR/tuning/<algo> holds a study with other settings: its old result must not be used
+        raise UsageError(f"tuning refused: {', '.join(refused)} (see the message above); use another --out or "
+                         f"the tuning options DIR was tuned with")
+    for a, (names, _) in plan.items():
+        info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note)
+        got = info["overrides"]
+        print(f"== [tune {a}] {'best ' + ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in got.items()) if got else info['note']}"
+              f" ({', '.join(f'{n} {s.lower()}' for s, n in sorted(info['states'].items()))}) -> "
+              f"{tune_mod.tuning_dir(out, a) / 'tuned.json'}", flush=True)
 
 
 def _train(jobs: Sequence[tuple[str, int, str, list[str] | None]], launch: Launch, out: Path,

@@ -208,15 +208,16 @@ class Policy:
                 return p.dtype
         return torch.float32
 
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents [L, C, h, w] -> images [L, 3, H, W] float32 in [0, 1]."""
-        x = latents.to(self.device, torch.float32)
-        if self.vae is not None:
-            cfg = self.vae.config
-            x = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-            x = self.vae.decode(x.to(next(self.vae.parameters()).dtype), return_dict=False)[0].float()
-        return ((x + 1) / 2).clamp(0, 1)
+    def decode(self, latents: Tensor, grad: bool = False) -> Tensor:
+        """Latents [L, C, h, w] -> images [L, 3, H, W] float32 in [0, 1]; ``grad=True`` keeps the autograd
+        graph back to the latents (direct-gradient updates; the VAE's own weights stay frozen)."""
+        with torch.set_grad_enabled(grad):
+            x = latents.to(self.device, torch.float32)
+            if self.vae is not None:
+                cfg = self.vae.config
+                x = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+                x = self.vae.decode(x.to(next(self.vae.parameters()).dtype), return_dict=False)[0].float()
+            return ((x + 1) / 2).clamp(0, 1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.named_trainable_parameters().values())

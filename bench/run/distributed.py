@@ -309,7 +309,8 @@ def split_rollout(rollout: Rollout, rewards: RewardOutput, world_size: int, rank
         prompt=rollout.prompt[ids] - lo, tree=rollout.tree[ids] - tree_lo, logp_old=rollout.logp_old[ids],
         trainable=rollout.trainable[ids], leaves=new_id[rollout.leaves[leaf_mask]],
         images=rollout.images[leaf_mask], sigmas=rollout.sigmas, timesteps=rollout.timesteps, nfe=rollout.nfe,
-        plan=rollout.plan, iteration=rollout.iteration, conditioning=cond)
+        plan=rollout.plan, iteration=rollout.iteration, conditioning=cond,
+        means=rollout.means[ids] if rollout.means is not None else None)
     rew = RewardOutput(rewards.scores[leaf_mask], {k: v[leaf_mask] for k, v in rewards.components.items()},
                        dict(rewards.weights))
     return local, rew

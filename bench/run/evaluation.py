@@ -11,16 +11,18 @@ import torch
 
 from bench.run.progress import eval_line
 from bench.run.scoring import score
-from bench.rundir.runlog import reward_hacking_flag, save_grid
-from bench.types import RolloutPlan
+from bench.rundir.layout import SAMPLES
+from bench.rundir.runlog import reward_hacking_flag, save_grid, sustained_fall
+from bench.types import CURRENT, RolloutPlan
 
 
-def eval_plan(sampler: Any, images_per_prompt: int = 1) -> RolloutPlan:
+def eval_plan(sampler: Any, images_per_prompt: int = 1, weights: str = CURRENT) -> RolloutPlan:
     """Deterministic chains with the sampler's steps and guidance: ``images_per_prompt`` per eval prompt,
-    each from its own noise (shared_noise=False)."""
+    each from its own noise (shared_noise=False), sampled with ``weights`` (the trained weights, or the
+    weight snapshot an algorithm evaluates with: its ``eval_weights``, e.g. Flow-GRPO's EMA)."""
     T = sampler.steps
     return RolloutPlan(num_steps=T, modes=("ode",) * T, branch=(1,) * T, trees_per_prompt=images_per_prompt,
-                       shared_noise=False, guidance=sampler.guidance, keep_latents=False)
+                       shared_noise=False, guidance=sampler.guidance, keep_latents=False, weights=weights)
 
 
 def _eval_rollout(r: Any) -> Any:
@@ -28,13 +30,38 @@ def _eval_rollout(r: Any) -> Any:
         r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
     e = r.spec.eval
     # noise from eval.seed, not the run seed: the same prompts and noise for every run whatever its seed
-    return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt), r.eval_batch, 0, stage="eval",
+    weights = getattr(r.algo, "eval_weights", CURRENT)
+    return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt, weights), r.eval_batch, 0, stage="eval",
                         conditioning=r.eval_conditioning, seed=e.seed)
 
 
-def evaluate(r: Any, iteration: int) -> dict[str, Any]:
+def image_scores(r: Any, roll: Any, iteration: int, scored: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lines of eval_scores.jsonl for one evaluation: one per image, in the rollout's leaf order, with
+    the run's cumulative training totals, the image's prompt (index into the eval prompts) and its index
+    among that prompt's images (its noise: the same in every run of a comparison), and every reward's
+    score and component (``scored``: reward name -> its RewardOutput)."""
+    t = r.totals
+    prompts = roll.leaf_prompts().tolist()
+    seen: dict[int, int] = {}
+    lines = []
+    for leaf, j in enumerate(prompts):
+        k = seen.get(j, 0)
+        seen[j] = k + 1
+        scores: dict[str, float] = {}
+        for name, out in scored.items():
+            scores[name] = float(out.scores[leaf])
+            for c, v in out.components.items():
+                scores[f"{name}/{c}"] = float(v[leaf])
+        lines.append({"iteration": iteration, "nfe": t.nfe, "samples": t.samples, "seconds": t.seconds,
+                      "prompt_index": int(j), "image_index": k, "prompt": r.eval_batch.prompts[int(j)],
+                      "scores": scores})
+    return lines
+
+
+def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, Any]:
     """Evaluate run ``r`` (a ``bench.run.runner.Run``) after ``iteration`` completed iterations; appends the
-    record to ``r.evals`` and evals.jsonl and saves a sample grid."""
+    record to ``r.evals`` and evals.jsonl, each image's scores to eval_scores.jsonl, and saves a sample
+    grid. ``point``: the multiple of ``eval.every`` this evaluation stands for (None: the end of the run)."""
     if not r.dist.is_main:  # rank 0 evaluates and logs ...
         if r.dist.fsdp:  # ... but a sharded denoiser needs every rank in each of its forward passes
             _eval_rollout(r)
@@ -45,16 +72,18 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     roll = _eval_rollout(r)
     rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
                            "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
-                           "eval_images": int(roll.images.shape[0])}
+                           "eval_images": int(roll.images.shape[0]), "eval_point": point}
+    scored: dict[str, Any] = {}
     with torch.no_grad():
         for name, reward in r.eval_rewards.items():
             out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
                         stage="eval", recorder=r.engine.recorder)
+            scored[name] = out
             rec[f"eval/{name}"] = float(out.scores.mean())
             rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
             for k, v in out.components.items():
                 rec[f"eval/{name}/{k}"] = float(v.mean())
-    grid_dir = r.out / "samples"
+    grid_dir = r.out / SAMPLES
     grid_dir.mkdir(exist_ok=True)
     png = grid_dir / f"eval_{iteration:06d}.png"
     # one row per prompt when there are several images per prompt, so a grid shows their spread
@@ -63,13 +92,24 @@ def evaluate(r: Any, iteration: int) -> dict[str, Any]:
     rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
     r.evals.append(rec)
     train_name = r.spec.reward.name
-    rec["reward_hacking"] = reward_hacking_flag(
-        r.evals, f"eval/{train_name}", [f"eval/{n}" for n in r.eval_rewards if n != train_name])
+    held = [f"eval/{n}" for n in r.eval_rewards if n != train_name]
+    recent = reward_hacking_flag(r.evals, f"eval/{train_name}", held)
+    rec["heldout_below_start"] = sustained_fall(r.evals, f"eval/{train_name}", held)
+    rec["reward_hacking"] = bool(recent or rec["heldout_below_start"])
     rec["t_eval_s"] = time.perf_counter() - t0
     rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
-    if rec["reward_hacking"]:
+    if rec["heldout_below_start"]:
+        names = ", ".join(k.split("/", 1)[-1] for k in rec["heldout_below_start"])
+        now = ", ".join(f"{k.split('/', 1)[-1]} {r.evals[0][k]:.3f} -> {rec[k]:.3f}" for k in rec["heldout_below_start"])
+        print(f"warning: possible reward hacking at iteration {iteration}: training reward above its iteration-0 "
+              f"value while held-out {names} stays below its iteration-0 value by more than its resolution "
+              f"({now}; see {rec['samples_png']})", file=sys.stderr)
+    elif rec["reward_hacking"]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "
               f"held-out reward fell over the last 3 evaluations (see {rec['samples_png']})", file=sys.stderr)
+    # the images' scores first: a process killed between the two writes leaves lines that no evals.jsonl
+    # record names, and resume keeps only the lines of the checkpoint's evaluations (bench.rundir.resume)
+    r.log.eval_scores(image_scores(r, roll, iteration, scored))
     r.log.evaluation(rec)
     r.trackers.evaluation(rec, r.out, list(r.eval_batch.prompts[: r.spec.eval.grid]))
     print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.run.progress)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from bench.errors import NonFiniteGrad, OutOfMemory, WriteFault
+from bench.rundir.layout import FINAL, ITERATIONS, MANIFEST
 from bench.types import RewardOutput, Rollout
 
 #: where a non-finite value was seen -> how messages name it
@@ -124,14 +125,14 @@ def write_failure(e: OSError, out: Path, *, last_checkpoint: int | None, final_f
 
     where = e.filename or f"a file in {out}"
     lines = [f"could not write {where}: {describe_oserror(e)}; the run stopped."]
-    if not (out / "manifest.json").is_file():
+    if not (out / MANIFEST).is_file():
         lines.append(f"  nothing was kept: {out} has no manifest.json yet, so there is nothing to resume.")
         lines.append(f"  to continue: {_ADVICE.get(e.errno, 'fix')} {out}, then start the run again with the "
                      f"same options and --overwrite (it replaces {out}).")
         return _chained(WriteFault("\n".join(lines)), e)
     try:
-        logged, _ = read_jsonl(out / "iterations.jsonl")
-        kept = f"{len(logged)} iteration(s) logged in {out / 'iterations.jsonl'}"
+        logged, _ = read_jsonl(out / ITERATIONS)
+        kept = f"{len(logged)} iteration(s) logged in {out / ITERATIONS}"
     except OSError as e2:
         kept = f"iterations.jsonl unreadable ({describe_oserror(e2)})"
     ck = step_dir(out, last_checkpoint) if last_checkpoint is not None else None
@@ -144,7 +145,7 @@ def write_failure(e: OSError, out: Path, *, last_checkpoint: int | None, final_f
     lines.append(f"  kept: {kept}.")
     if final_fault is not None:
         lines.append(f"  final.json was not written ({describe_oserror(final_fault)}).")
-    elif (out / "final.json").is_file():
+    elif (out / FINAL).is_file():
         lines.append("  final.json records the stop (stop_reason error).")
     lines.append(f"  to continue: {_ADVICE.get(e.errno, 'fix')} {out}, then run:  bench run --resume {out}"
                  f"\n  ({resume_from}; later iterations are recomputed exactly)")

@@ -77,7 +77,9 @@ def final_record(r: Any, stop_reason: str, error: str | None, final_eval: dict |
            "final_eval": final_eval, "best_eval": best, "finished": now_iso(),
            "checkpoint": (str(ckpt_mod.step_dir(Path("."), r.last_checkpoint))
                           if r.last_checkpoint is not None else None),
-           "checkpoint_seconds": r.checkpoint_seconds}
+           "checkpoint_seconds": r.checkpoint_seconds,
+           # the evaluations that warned of possible reward hacking (either rule, bench.run.evaluation)
+           "reward_hacking_evals": [int(e["iteration"]) for e in r.evals if e.get("reward_hacking")]}
     if r.spec.cost_profile is not None:
         out["modeled_seconds_total"] = r.totals.modeled_seconds
         out["cost_profile"] = r.spec.cost_profile.name
@@ -106,7 +108,10 @@ def announce(r: Any) -> None:
           f"window change it)\n"
           f"  denoiser micro-batch {a['micro_batch_rows']} rows ({a['evaluations_per_call']} evaluations with "
           f"CFG x{a['cfg_factor']}); update: {update_line(a)}\n"
-          f"  run directory: {r.out}", flush=True)
+          f"  evaluation {s.eval.every.describe()}; run directory: {r.out}", flush=True)
+    if s.optimizer.frozen:
+        print("  train.frozen=true: the update runs (same NFE and calls) but no weight changes (a null arm)",
+              flush=True)
     if s.cost_profile is not None:
         clock = ("the seconds budget counts these modeled seconds" if s.budget.clock == "modeled" else
                  "the budget counts wall-clock seconds")

@@ -45,7 +45,8 @@ class IterationRecord:
         "doc": "mean of a reward component (weighted parts, per-attribute checks)", "key": "reward/<component>"})
     loss: float = _doc("mean PPO loss over trained edge terms", math.nan)
     approx_kl: float = _doc("0.5 * mean((logp_new - logp_old)^2) over trained edges", math.nan)
-    clip_frac: float = _doc("fraction of trained edges whose ratio left [1 - clip, 1 + clip]", math.nan)
+    clip_frac: float = _doc("fraction of trained edges whose ratio left [1 - clip, 1 + clip] "
+                            "(Flow-DPPO: the fraction its KL mask dropped)", math.nan)
     grad_norm: float = _doc("gradient norm before clipping (last optimizer step)", math.nan)
     first_ratio: float = _doc("mean importance ratio of the first update micro-batch (should be 1)", math.nan)
     kl: float = _doc("mean KL to the frozen reference (0 when beta = 0)", math.nan)
@@ -90,9 +91,28 @@ EVAL_KEYS: dict[str, str] = {
     "eval/<reward>/std": "population std of the held-out reward",
     "eval/<reward>/<component>": "mean of a held-out reward component",
     "samples_png": "sample grid of this evaluation, relative to the run directory",
-    "reward_hacking": "training reward rose while a held-out reward fell over the last 3 evaluations",
+    "reward_hacking": "possible reward hacking at this evaluation: the training reward rose while a held-out reward "
+                      "fell over the last 3 evaluations, or heldout_below_start is not empty",
+    "heldout_below_start": "held-out eval keys judged on the whole curve: the training reward's eval score is above "
+                           "its iteration-0 value, and this held-out reward below its iteration-0 value, each by more "
+                           "than the iteration-0 standard error, at this and the previous evaluation after iteration 0 "
+                           "(a collapse that stays is flagged at every later evaluation; [] otherwise)",
     "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
     "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
+    "eval_point": "the multiple of eval.every (in its currency: iterations, samples, NFE or seconds) this evaluation "
+                  "is the first iteration boundary at or past; 0 at the start, null for the end-of-run evaluation",
+}
+
+#: Keys of each line of eval_scores.jsonl (one line per evaluated image; docs/RUNDIR.md).
+EVAL_SCORE_KEYS: dict[str, str] = {
+    "iteration": "completed training iterations at the evaluation (its evals.jsonl record has the same)",
+    "nfe": "cumulative training NFE at the evaluation (evals.jsonl nfe_total)",
+    "samples": "cumulative training samples at the evaluation (evals.jsonl samples_total)",
+    "seconds": "cumulative training seconds at the evaluation (evals.jsonl seconds_total; wall clock)",
+    "prompt_index": "index of the image's prompt in the eval prompt set (the first eval.num_prompts)",
+    "image_index": "index of the image among its prompt's eval.images_per_prompt images (its noise, from eval.seed)",
+    "prompt": "the prompt text",
+    "scores": "{<reward>: score, <reward>/<component>: component} for every eval reward",
 }
 
 #: Wall-clock and memory fields: differ between two otherwise identical runs.

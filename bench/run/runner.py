@@ -27,11 +27,11 @@ from bench.engine.arithmetic import batch_arithmetic
 from bench.engine.prompts import load_prompt_set
 from bench.engine.rollout import RolloutEngine, Schedule
 from bench.errors import (
-    AlgorithmSettingsError,
     Interrupted,
     NonFiniteGrad,
     StopRun,
     UsageError,
+    algorithm_settings,
     is_out_of_memory,
 )
 from bench.model.models import build_policy, resolve_device, weights_hash
@@ -52,13 +52,36 @@ from bench.run.faults import (
 from bench.run.finish import announce, finish
 from bench.run.progress import Progress, end_summary
 from bench.run.records import PHASES, IterationRecord, zero_spread_fraction
-from bench.run.scoring import build_rewards, score
+from bench.run.scoring import build_rewards, check_reward_gradient, score
 from bench.run.timing import PhaseTimer, peak_mem_mb
 from bench.rundir import resume as resume_mod
 from bench.rundir.lock import RunLock
 from bench.rundir.runlog import RunLog, check_out_dir, create_out_dir, manifest
 from bench.spec import RunSpec
 from bench.types import Advantages, RewardOutput, Rollout, RolloutPlan, UpdateStats
+
+
+class FrozenAdamW(torch.optim.AdamW):
+    """AdamW for ``train.frozen=true`` (the null arm of ``bench compare --controls``): the algorithm's update
+    runs unchanged (loss, gradients, clipping, the same forward passes), and ``step()`` is called as often
+    and runs the optimizer's hooks (non-finite check, call trace, so the modeled cost is the same), but it
+    changes no parameter and keeps no moments, only each parameter's step count (a non-empty state, as
+    sharded checkpoints expect). Its learning rate is 0, which is what ``lr`` in iterations.jsonl records.
+    (AdamW with lr 0 is not enough: ``p + 0 * x`` turns a weight of -0.0 into +0.0, so the weights would
+    not be bit-identical.)"""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
+        return loss
 
 
 @dataclass
@@ -108,11 +131,11 @@ class Run:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
         tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
-        try:
+        with algorithm_settings(spec.algo_name):
             self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
-        except ValueError as e:
-            raise AlgorithmSettingsError(f"invalid settings for algorithm {spec.algo_name!r}: {e}") from None
         self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
+        if getattr(self.algo, "reward_gradient", False):  # direct-gradient algorithms (ReFL, DRaFT-K)
+            check_reward_gradient(self.reward, spec.algo_name)
         torch.manual_seed(spec.seed)
         self.policy = build_policy(spec.model, self.device)
         if self.policy.prediction != spec.model.prediction:
@@ -123,10 +146,14 @@ class Run:
                                     seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
                                     schedule=spec.sampler.schedule)
         self.engine.snapshots.declare(self.algo)  # copies of the initial weights (restored on resume)
+        if getattr(self.algo, "reward_gradient", False):
+            self.engine.attach_reward(self.reward)  # the update scores with gradients (engine.reward_grad)
         self.check_schedule()
         o = spec.optimizer
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                           eps=o.eps, weight_decay=o.weight_decay)
+        # train.frozen: the null arm of a comparison; every step is still called (hooks, trace), none moves a weight
+        adamw = FrozenAdamW if o.frozen else torch.optim.AdamW
+        self.optimizer = adamw(self.policy.trainable_parameters(), lr=0.0 if o.frozen else o.lr,
+                               betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
         self.optimizer.register_step_pre_hook(refuse_nonfinite_step)  # NaN/inf steps are never applied
         trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # optimizer steps in the call trace
         self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
@@ -339,13 +366,16 @@ def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callab
     """Iterate until the budget (or a non-finite batch with run.on_nonfinite=stop) stops the run."""
     every, ckpt_every = r.spec.eval.every, r.spec.run.checkpoint_every
     if r.spec.eval.at_start and r.totals.iterations == 0 and not r.evals:
-        _evaluate(r, 0, on_eval)
+        _evaluate(r, 0, on_eval, point=0.0)
     i = r.totals.iterations
     while True:
+        # the budget is checked at iteration boundaries: the last iteration may pass it (final.json and the
+        # final evaluation record the exact totals)
         stop_reason = r.spec.budget.exhausted(r.totals)
         if stop_reason:
             return stop_reason
         r.check_stop()
+        before = r.totals
         rec = r.iteration(i).to_json()
         r.log.iteration(rec)
         r.trackers.iteration(rec)
@@ -363,13 +393,15 @@ def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callab
                 return "nonfinite"
         if on_iteration:
             on_iteration(rec)
-        if every and i % every == 0:
-            _evaluate(r, i, on_eval)
+        # the evaluation schedule: the first iteration boundary at or past each multiple of eval.every (in
+        # iterations or a budget currency), decided from cumulative totals, so a resumed run keeps it
+        if every.due(before, r.totals):
+            _evaluate(r, i, on_eval, point=every.point(r.totals))
         if ckpt_every and i % ckpt_every == 0:
             resume_mod.save_checkpoint(r)
 
 
-def _evaluate(r: Run, iteration: int, on_eval: Callable[[dict], None] | None) -> None:
-    rec = evaluate(r, iteration)
+def _evaluate(r: Run, iteration: int, on_eval: Callable[[dict], None] | None, point: float | None = None) -> None:
+    rec = evaluate(r, iteration, point=point)
     if on_eval:
         on_eval(rec)

@@ -21,18 +21,13 @@ from bench.registry import WEIGHTED_REWARD, is_spec, load_object, reward_class, 
 from bench.rundir import failpoints
 from bench.types import PromptBatch, RewardOutput
 
-#: where the Python modules each model-based reward needs are listed (shared with ``bench rewards check``)
-REQUIRED_MODULES = "rewards.cli:REQUIRED_MODULES"
-
 
 def missing_modules(name: str) -> list[str]:
     """Python modules reward ``name`` needs that are not installed (first of the two preflight checks)."""
     import importlib.util
 
-    try:
-        required = load_object(REQUIRED_MODULES).get(name, ())
-    except NotImplementedError:
-        required = ()
+    entry = rewards().get(name)  # the registry's entry lists them (``Entry.requires``)
+    required = entry.requires if entry is not None else ()
     return [m for m in required if importlib.util.find_spec(m) is None]
 
 
@@ -98,6 +93,21 @@ def build_rewards(spec: Any, eval_names: tuple[str, ...], device: torch.device) 
     evals = {name: reward if name == spec.name else build_reward_checked(name, device, spec.options)
              for name in eval_names}
     return reward, evals
+
+
+#: the built-in rewards with a gradient path (``differentiable = True``), named in the usage error below
+DIFFERENTIABLE_HINT = ("shapes_pref, brightness, pickscore, hpsv2, clip_score, image_reward, aesthetic, and weighted "
+                       "sums of them with reward.normalize none")
+
+
+def check_reward_gradient(reward: Any, algo_name: str) -> None:
+    """An algorithm that back-propagates the reward into the policy (class attribute ``reward_gradient``:
+    ReFL, DRaFT-K) needs a reward with a gradient path (``differentiable`` and ``score_grad``)."""
+    if getattr(reward, "differentiable", False) and callable(getattr(reward, "score_grad", None)):
+        return
+    name = getattr(reward, "name", type(reward).__name__)
+    raise UsageError(f"algorithm {algo_name!r} back-propagates the reward into the policy, but reward {name!r} has "
+                     f"no gradient path; differentiable rewards: {DIFFERENTIABLE_HINT}")
 
 
 def score(reward: Any, images: torch.Tensor, batch: PromptBatch, leaf_prompts: torch.Tensor, *,

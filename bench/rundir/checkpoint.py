@@ -37,9 +37,10 @@ import torch
 
 from bench.errors import CheckpointError, UsageError
 from bench.rundir import failpoints
+from bench.rundir.layout import CHECKPOINTS
 
 FORMAT_VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = CHECKPOINTS  # the run directory layout's name (bench.rundir.layout)
 _PREFIX = "step_"
 TMP_PREFIX = ".tmp_"  # temporary checkpoint directories (removed on failure, and by resume)
 

@@ -26,7 +26,8 @@ from typing import Callable
 NAMES = {
     "log.iterations": "appending a record to iterations.jsonl",
     "log.evals": "appending a record to evals.jsonl",
-    "log.rewrite": "rewriting iterations.jsonl / evals.jsonl on resume (temporary file)",
+    "log.eval_scores": "appending an evaluation's per-image scores to eval_scores.jsonl",
+    "log.rewrite": "rewriting iterations.jsonl / evals.jsonl / eval_scores.jsonl on resume (temporary file)",
     "manifest": "writing manifest.json (temporary file)",
     "final": "writing final.json (temporary file)",
     "checkpoint.policy": "writing policy.safetensors of a checkpoint",

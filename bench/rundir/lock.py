@@ -35,9 +35,10 @@ from typing import Any
 
 from bench.errors import RunLocked, UsageError, WriteFault
 from bench.rundir import failpoints
+from bench.rundir.layout import LOCK
 from bench.rundir.secrets import redact, redact_argv
 
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK  # the file name is the run directory layout's (bench.rundir.layout)
 
 
 def process_start(pid: int) -> str | None:

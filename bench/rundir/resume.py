@@ -4,8 +4,8 @@ Resume (``bench run --resume RUN``) continues a run with the run's own configura
 cannot change the records may differ (``RESUME_MUTABLE``), and the budget may only be extended. The same
 prompts, model weights and reward versions are required. ``iterations.jsonl`` keeps the records of the
 checkpointed iterations (a partial last line from a killed process is dropped, later records are
-recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations, so no iteration is lost
-or counted twice. The checkpoint format itself is ``bench.rundir.checkpoint``.
+recomputed) and ``evals.jsonl`` is rewritten from the checkpoint's evaluations (``eval_scores.jsonl`` keeps
+the lines of those evaluations only), so no iteration or evaluation is lost or counted twice. The checkpoint format itself is ``bench.rundir.checkpoint``.
 """
 
 from __future__ import annotations
@@ -25,40 +25,29 @@ from bench.errors import UsageError
 from bench.model import fsdp
 from bench.model.snapshots import PREFIX as SNAPSHOT_PREFIX
 from bench.rundir import checkpoint as ckpt_mod
+from bench.rundir import layout
 from bench.rundir.checkpoint import warn
+from bench.rundir.layout import EVAL_SCORES, EVALS, FINAL, ITERATIONS, MANIFEST
 from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
-RESUME_MUTABLE = ("out", "run.overwrite", "run.force", "run.progress", "run.tensorboard", "run.log_with", "run.checkpoint_every",
-                  "run.keep_checkpoints", "train.micro_batch")
+RESUME_MUTABLE = ("out", "run.overwrite", "run.force", "run.progress", "run.tensorboard", "run.log_with",
+                  "run.checkpoint_every", "run.keep_checkpoints", "train.micro_batch", "run.label")
 
 
 
 # ---- run-log repair -------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Records of a JSON Lines file and the number of unreadable lines dropped (a partial last line
-    from a killed process)."""
-    if not path.is_file():
-        return [], 0
-    out, bad = [], 0
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            bad += 1
-            if n != len(lines) - 1:
-                warn(f"{path}: line {n + 1} is not valid JSON; dropped")
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-        else:
-            bad += 1
-    return out, bad
+    from a killed process; a bad line elsewhere is dropped with a warning: resume repairs the log)."""
+    recs, bad = layout.read_jsonl(path, strict=False)
+    total = len(path.read_text().splitlines()) if bad else 0
+    for n in bad:
+        if n != total:
+            warn(f"{path}: line {n} is not valid JSON; dropped")
+    return recs, len(bad)
 
 
 def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
@@ -69,7 +58,7 @@ def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
 def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Cut the run's logs back to the checkpoint after ``iteration`` completed iterations; returns the
     iteration records kept (exactly iterations 0 .. iteration-1)."""
-    it_path = run_dir / "iterations.jsonl"
+    it_path = run_dir / ITERATIONS
     recs, bad = read_jsonl(it_path)
     if bad:
         warn(f"{it_path}: dropped {bad} incomplete line(s) left by the interrupted process")
@@ -83,11 +72,30 @@ def repair_logs(run_dir: Path, iteration: int, evals: list[dict[str, Any]]) -> l
         print(f"resume: discarding {dropped} iteration record(s) {after}; they are recomputed "
               f"{'from the checkpoint' if iteration else 'from the start'}", file=sys.stderr)
     rewrite_jsonl(it_path, kept)
-    rewrite_jsonl(run_dir / "evals.jsonl", evals)
-    with_final = run_dir / "final.json"
+    rewrite_jsonl(run_dir / EVAL_SCORES, kept_eval_scores(run_dir / EVAL_SCORES, evals))
+    rewrite_jsonl(run_dir / EVALS, evals)
+    with_final = run_dir / FINAL
     if with_final.exists():
         with_final.unlink()
     return kept
+
+
+def kept_eval_scores(path: Path, evals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of eval_scores.jsonl that belong to the checkpoint's evaluations ``evals``, each image once:
+    a killed process may have written the lines of an evaluation it did not live to record, or that the
+    checkpoint does not hold (it is recomputed)."""
+    recs, bad = read_jsonl(path)
+    if bad:
+        warn(f"{path}: dropped {bad} incomplete line(s) left by the interrupted process")
+    wanted = {e.get("iteration") for e in evals}
+    seen: set[tuple[Any, Any, Any]] = set()
+    out = []
+    for r in recs:
+        key = (r.get("iteration"), r.get("prompt_index"), r.get("image_index"))
+        if key[0] in wanted and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 # ---- configuration on resume ----------------------------------------------------------------------
@@ -148,7 +156,7 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"--resume {run_dir}: no such run directory")
-    man = run_dir / "manifest.json"
+    man = run_dir / MANIFEST
     try:
         manifest = json.loads(man.read_text())
     except OSError:
@@ -157,6 +165,7 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"--resume {run_dir}: manifest.json is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         raise UsageError(f"--resume {run_dir}: manifest.json has no config")
+    layout.check_schema(manifest, run_dir)  # a directory of another run-directory schema is refused
     problem = manifest_problem(manifest)
     if problem:
         raise UsageError(f"cannot resume {run_dir}: its manifest.json is not one treebench wrote ({problem}); it "
@@ -365,7 +374,7 @@ def resume(r: Any) -> list[dict[str, Any]]:
         if ck is not None:
             restore(r, ck)
         return []
-    manifest = json.loads((r.out / "manifest.json").read_text())
+    manifest = json.loads((r.out / MANIFEST).read_text())
     check_same_inputs(r, manifest)
     left = remove_temp_files(r.out)  # we hold the run's lock: these belong to a writer that died
     if left:

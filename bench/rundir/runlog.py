@@ -17,10 +17,10 @@ from typing import Any, Mapping, Sequence
 
 from bench.errors import UsageError
 from bench.rundir import failpoints
+from bench.rundir.layout import EVAL_SCORES, EVALS, FINAL, ITERATIONS, MANIFEST, SAMPLES, SCHEMA_VERSION
 from bench.rundir.lock import LOCK_NAME, RunLock
 from bench.rundir.secrets import redact_argv
 
-SCHEMA_VERSION = 1
 
 def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
                         window: int = 3) -> bool:
@@ -42,6 +42,48 @@ def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, held
         if s is not None and all(b < a for a, b in zip(s, s[1:])):
             return True
     return False
+
+
+#: A held-out reward must be below its iteration-0 value at this many consecutive evaluations after
+#: iteration 0 (the current one included) for the sustained-fall rule: one low evaluation that recovers
+#: is not a flag.
+SUSTAIN = 2
+
+
+def standard_error(rec: Mapping[str, Any], key: str) -> float | None:
+    """The resolution of an eval mean: the population std over images / sqrt(images) of one evaluation
+    (``eval/<r>/std``, ``eval_images``), None when the record lacks them."""
+    std, n = rec.get(f"{key}/std"), rec.get("eval_images")
+    if std is None or not n:
+        return None
+    return float(std) / math.sqrt(float(n))
+
+
+def sustained_fall(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
+                   stay: int = SUSTAIN) -> list[str]:
+    """Held-out keys judged on the whole curve at the newest evaluation: the run's first evaluation is at
+    iteration 0, the training reward's eval score now exceeds its iteration-0 value by more than its
+    resolution, and the held-out reward is below its iteration-0 value by more than its resolution at
+    each of the last ``stay`` evaluations after iteration 0 (resolution: the standard error of the
+    iteration-0 eval mean, ``standard_error``). A held-out score that collapsed (to 0, say) and stays
+    there is flagged at every later evaluation, which the last-3-evaluations rule cannot do once the
+    score no longer falls; a flat curve whose evaluations wander within the resolution is not."""
+    if len(evals) < stay + 1 or int(evals[0].get("iteration", -1)) != 0:
+        return []
+    first, last = evals[0], evals[-stay:]
+    if any(int(e.get("iteration", 0)) == 0 for e in last):
+        return []
+
+    def beyond(key: str, rec: Mapping[str, Any], sign: float) -> bool:
+        v0, v = first.get(key), rec.get(key)
+        if v0 is None or v is None or not (math.isfinite(float(v0)) and math.isfinite(float(v))):
+            return False
+        res = standard_error(first, key) or 0.0
+        return sign * (float(v) - float(v0)) > res
+
+    if not beyond(train_key, evals[-1], +1.0):
+        return []
+    return [k for k in heldout_keys if all(beyond(k, e, -1.0) for e in last)]
 
 
 def json_safe(v: Any) -> Any:
@@ -107,7 +149,7 @@ def remove_temp_files(out: Path) -> list[Path]:
     """Temporary files a killed writer left in run directory ``out`` (call only while holding its lock)."""
     from bench.rundir.checkpoint import CHECKPOINT_DIR, TMP_PREFIX
 
-    found = [*out.glob("*.tmp"), *out.glob("samples/*.tmp"), *(out / CHECKPOINT_DIR).glob(f"{TMP_PREFIX}*")]
+    found = [*out.glob("*.tmp"), *out.glob(f"{SAMPLES}/*.tmp"), *(out / CHECKPOINT_DIR).glob(f"{TMP_PREFIX}*")]
     for p in found:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -122,8 +164,9 @@ class RunLog:
 
     def __init__(self, out: Path, tensorboard: bool = False):
         self.out = out
-        self.iter_path = out / "iterations.jsonl"
-        self.eval_path = out / "evals.jsonl"
+        self.iter_path = out / ITERATIONS
+        self.eval_path = out / EVALS
+        self.scores_path = out / EVAL_SCORES
         self._tb = None
         if tensorboard:
             try:
@@ -134,11 +177,13 @@ class RunLog:
             self._tb = SummaryWriter(str(out / "tensorboard"))
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        atomic_write_json(self.out / "manifest.json", {"schema_version": SCHEMA_VERSION, **manifest},
+        atomic_write_json(self.out / MANIFEST, {"schema_version": SCHEMA_VERSION, **manifest},
                           failpoint="manifest")
 
-    def _append(self, path: Path, record: Mapping[str, Any], failpoint: str) -> None:
-        line = json.dumps(json_safe(record)) + "\n"
+    def _append(self, path: Path, record: Mapping[str, Any] | Sequence[Mapping[str, Any]], failpoint: str) -> None:
+        """Append one record, or several in one write (a list)."""
+        records = record if isinstance(record, list) else [record]
+        line = "".join(json.dumps(json_safe(r)) + "\n" for r in records)
         with open(path, "a") as f:
             # a full disk may take part of the line: resume drops a torn last line (bench.rundir.resume.read_jsonl)
             failpoints.hit(failpoint, path, partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
@@ -153,6 +198,10 @@ class RunLog:
         self._append(self.eval_path, record, "log.evals")
         self._mirror(record, "", int(record["samples_total"]))
 
+    def eval_scores(self, lines: list[Mapping[str, Any]]) -> None:
+        """One evaluation's per-image scores (eval_scores.jsonl, docs/RUNDIR.md)."""
+        self._append(self.scores_path, lines, "log.eval_scores")
+
     def _mirror(self, record: Mapping[str, Any], prefix: str, step: int) -> None:
         if self._tb is None:
             return
@@ -162,7 +211,7 @@ class RunLog:
         self._tb.flush()
 
     def final(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.out / "final.json", summary, failpoint="final")
+        atomic_write_json(self.out / FINAL, summary, failpoint="final")
         if self._tb is not None:
             self._tb.close()
 
@@ -190,7 +239,7 @@ def is_treebench_run(out: Path) -> bool:
     """Whether ``out`` holds a manifest.json that treebench wrote (a JSON object with its schema version and
     a configuration): the only non-empty directory ``--overwrite`` empties without ``--force``."""
     try:
-        man = json.loads((out / "manifest.json").read_text())
+        man = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(man, dict) and isinstance(man.get("schema_version"), int) and isinstance(man.get("config"), dict)
@@ -227,7 +276,7 @@ def check_overwrite(out: Path, force: bool) -> None:
 def check_out_dir(out: Path, overwrite: bool, resume: bool = False, force: bool = False) -> Path:
     """Validate the run directory before anything is built or deleted."""
     if resume:
-        if not (out / "manifest.json").is_file():
+        if not (out / MANIFEST).is_file():
             raise UsageError(f"--resume {out}: not a run directory (no manifest.json); nothing to resume")
         if not os.access(out, os.W_OK):
             raise UsageError(f"cannot write to run directory {out}: permission denied")
@@ -237,10 +286,10 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False, force: bool 
     if overwrite:
         check_overwrite(out, force)
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
-        if (out / "manifest.json").is_file():
+        if (out / MANIFEST).is_file():
             from bench.rundir.checkpoint import list_checkpoints
 
-            it_file = out / "iterations.jsonl"
+            it_file = out / ITERATIONS
             done = it_file.read_bytes().count(b"\n") if it_file.is_file() else 0
             cks = list_checkpoints(out)
             where = f"newest checkpoint {cks[0].name}" if cks else "no checkpoint"
@@ -307,6 +356,7 @@ def manifest(spec: Any, *, out: Path, policy: Any, weights_sha256: str, reward: 
         "eval_rewards": [{"name": n, "version": str(getattr(r, "version", "unknown"))}
                          for n, r in eval_rewards.items()],
         "budget": spec.budget.to_dict(), "seed": spec.seed, "git": git_state(), "packages": package_versions(),
+        "weights_frozen": spec.optimizer.frozen,  # train.frozen: a null arm, no weight ever changes
         "device": device_info(device), "host": host_info(), "batch": dict(batch),
         "world_size": world_size,  # processes training data-parallel
         "cost_profile": spec.cost_profile.describe() if spec.cost_profile is not None else None,

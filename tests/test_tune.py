@@ -1,0 +1,135 @@
+"""bench compare --tune (issue #28): equal tuning budget per algorithm, validation split, rejection of
+hacking trials, tuned and reference-default arms."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from optuna.trial import TrialState
+
+from bench.engine.prompts import load_prompt_set
+from bench.errors import StopRun, UsageError
+from bench.fleet import compare
+from bench.fleet import tune as tune_mod
+from bench.run.runner import RunSummary
+from sweeps import cli
+from sweeps.objective import Objective, TrialFailed, _Reporter
+
+TINY = ["--model", "tiny-random", "--budget-per-trial", "1it", "--pruner", "none",
+        "--set", "sampler.steps=3", "--set", "eval.every=1", "--set", "eval.num_prompts=2",
+        "--set", "train.prompts_per_iteration=1"]
+
+
+def test_validation_split_is_the_eval_set_past_the_heldout_prompts(tmp_path):
+    cfg = {"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 32}}
+    sets = cli.validation_split(cfg, tmp_path)
+    held = load_prompt_set("shapes-eval")
+    val = load_prompt_set(sets["data.eval_prompts"])
+    assert sets["eval.num_prompts"] == len(val) == len(held) - 32 == 16
+    assert not set(val.prompts) & set(held.prompts[:32])          # disjoint from the verdict's prompts
+    assert not set(val.prompts) & set(load_prompt_set("shapes-train").prompts)  # and never trained on
+    assert val.prompts == held.prompts[32:] and val.metadata == held.metadata[32:]  # the checker's attributes
+    # no larger than the held-out evaluation, and refused when too little is left
+    assert cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 4}},
+                                tmp_path / "s")["eval.num_prompts"] == 4
+    assert cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 2}},
+                                tmp_path / "t")["eval.num_prompts"] == 4
+    with pytest.raises(UsageError, match="at least 2 must remain"):
+        cli.validation_split({"data": {"eval_prompts": "shapes-eval"}, "eval": {"num_prompts": 47}}, tmp_path)
+
+
+def _spec(tmp_path, *args):
+    a = cli.build_parser().parse_args(["--algo", "grpo", "--out", str(tmp_path), *TINY, *args])
+    return cli.prepare(a)[0]
+
+
+def test_reject_hacking_turns_eval_at_start_on_and_prunes_flagged_trials(tmp_path):
+    spec = _spec(tmp_path, "--reject-hacking")
+    assert spec.reject_hacking and spec.base_overrides["eval.at_start"] is True
+    with pytest.raises(UsageError, match="eval.at_start"):
+        _spec(tmp_path / "b", "--reject-hacking", "--set", "eval.at_start=false")
+
+    def finished(flagged):
+        def run_fn(cfg, **kw):
+            final = {"iteration": 1, "eval/brightness": 0.9, "heldout_below_start": flagged}
+            return RunSummary(Path(cfg["out"]), "budget_iterations", 1, 2, 10, 0.1, final_eval=final)
+        return run_fn
+
+    for flagged, state in ((["eval/other"], TrialState.PRUNED), ([], TrialState.COMPLETE)):
+        study = optuna.create_study(direction="maximize")
+        study.optimize(Objective(spec, run_fn=finished(flagged)), n_trials=1, catch=(TrialFailed,))
+        t = study.trials[0]
+        assert t.state == state
+        if flagged:
+            assert t.user_attrs["reason"].startswith("rejected: possible reward hacking at iteration 1: held-out other")
+    # at an intermediate evaluation the run is stopped at once
+    rep = _Reporter(optuna.create_study().ask(), "eval/brightness", multi=False, reject_hacking=True)
+    with pytest.raises(StopRun):
+        rep({"iteration": 2, "eval/brightness": 0.5, "heldout_below_start": ["eval/other"]})
+    assert rep.prune_reason.startswith("rejected")
+
+
+def test_tuning_space_cadence_and_tuned_arms(tmp_path):
+    assert tune_mod.keys_per_algo(["dancegrpo", "treegrpo"], ["lr", "timestep_fraction"]) == \
+        {"dancegrpo": ["lr", "timestep_fraction"], "treegrpo": ["lr"]}
+    with pytest.raises(UsageError, match="no compared algorithm declares it"):
+        tune_mod.keys_per_algo(["dancegrpo"], ["lr", "nonsense"])
+    assert [tune_mod.eval_every(b) for b in ("3it", "20it", "20000nfe", "400samples", "2m")] == \
+        ["1", "5", "5000nfe", "100samples", "30s"]
+    assert tune_mod.heldout_metric({"reward": {"name": "shapes_pref"},
+                                    "eval": {"rewards": ["shapes_pref", "shapes_attr"]}}) == ("eval/shapes_attr", None)
+    key, note = tune_mod.heldout_metric({"reward": {"name": "brightness"}, "eval": {"rewards": ["brightness"]}})
+    assert key == "eval/brightness" and "cannot be detected" in note
+    # a finished study -> tuned.json -> the tuned arm's options; none completed -> reference defaults
+    d = tune_mod.tuning_dir(tmp_path, "dancegrpo")
+    d.mkdir(parents=True)
+    (d / "sweep.json").write_text(json.dumps({"states": {"COMPLETE": 3, "PRUNED": 1}, "best": {
+        "number": 2, "value": 0.7, "params": {"lr": 3.5e-05}, "overrides": {"train.lr": 3.5e-05}}}))
+    info = tune_mod.write_tuned(tmp_path, "dancegrpo", ["lr"], 4, "3it", "eval/shapes_attr")
+    assert tune_mod.read_tuned(tmp_path, "dancegrpo") == info and info["budget_per_trial"] == "3it"
+    assert tune_mod.tuned_sets(info) == ("--set", "train.lr=3.5e-05")
+    none = tune_mod.write_tuned(tmp_path, "treegrpo", ["lr"], 4, "3it", "eval/shapes_attr")
+    assert none["overrides"] is None and "reference defaults" in none["note"] and tune_mod.tuned_sets(none) == ()
+    arms = compare.build_arms(["dancegrpo", "treegrpo"], [0, 1], controls=True,
+                              tuned={"dancegrpo": ("--set", "train.lr=3.5e-05"), "treegrpo": ()})
+    by = {a.label: a for a in arms}
+    assert list(by) == ["dancegrpo", "dancegrpo-default", "treegrpo", "treegrpo-default", "dancegrpo-aa",
+                        "dancegrpo-frozen"]
+    assert "train.lr=3.5e-05" in by["dancegrpo"].sets and "train.lr=3.5e-05" in by["dancegrpo-aa"].sets
+    assert "train.lr=3.5e-05" in by["dancegrpo-frozen"].sets
+    assert not any("train.lr" in s for s in by["dancegrpo-default"].sets)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--tune", "lr"], "--tune-budget"),
+    (["--tune", "lr", "--tune-budget", "3it", "--seeds", "0,2000"], "seed 2000"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-trials", "0"], "--tune-trials"),
+    (["--tune", "bogus", "--tune-budget", "3it"], "no compared algorithm declares it"),
+])
+def test_tune_usage_errors(tmp_path, capsys, argv, msg):
+    assert compare.main(["--algos", "dancegrpo", "--budget", "2it", "--out", str(tmp_path / "x"), *argv]) == 2
+    assert msg in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_compare_tune_end_to_end_on_tiny_random(tmp_path):
+    """The issue's check, smaller: every algorithm gets a study with the same trials and budget per trial,
+    and each final run of the tuned arm records the tuned learning rate in its manifest."""
+    out = tmp_path / "c"
+    rc = compare.main(["--tune", "lr", "--tune-trials", "2", "--tune-budget", "2it", "--algos", "dancegrpo,treegrpo",
+                       "--budget", "2it", "--seeds", "1", "--model", "tiny-random", "--out", str(out), "--no-report",
+                       "--set", "sampler.steps=3", "--set", "train.prompts_per_iteration=1"])
+    assert rc == 0
+    infos = {a: tune_mod.read_tuned(out, a) for a in ("dancegrpo", "treegrpo")}
+    assert {(i["trials"], i["budget_per_trial"]) for i in infos.values()} == {(2, "2it")}
+    for a, info in infos.items():
+        d = tune_mod.tuning_dir(out, a)
+        assert (d / "trials.csv").is_file() and (d / "validation.jsonl").is_file()
+        assert sum(info["states"].values()) == 2
+        lr = json.loads((out / a / "seed0" / "manifest.json").read_text())["config"]["train"]["lr"]
+        assert lr == pytest.approx(info["overrides"]["train.lr"], rel=1e-12)
+        default = json.loads((out / f"{a}-default" / "seed0" / "manifest.json").read_text())["config"]["train"]["lr"]
+        assert default == 1e-4  # the tiny-random preset's reference value
