@@ -30,6 +30,8 @@ _TERM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*$
 
 STOP_REASONS = {"seconds": "budget_seconds", "samples": "budget_samples", "nfe": "budget_nfe",
                 "iterations": "budget_iterations"}
+#: currencies that count whole things: their limits are integers
+COUNTED = ("samples", "nfe", "iterations")
 #: clocks a seconds budget can count: "wall" (measured training seconds) or "modeled" (the modeled
 #: seconds of the run's cost profile, ``run.clock``; docs/COST.md)
 CLOCKS = ("wall", "modeled")
@@ -70,8 +72,14 @@ class Budget:
                                  f"(units: h, m, s, samples, nfe, it; combine with commas, first reached stops)")
             key, mult = unit
             value = float(m.group(1)) * mult
+            if not math.isfinite(value):  # 1e309 parses as inf: an unlimited budget is written by leaving it out
+                raise UsageError(f"budget term {term.strip()!r} is too large to be a limit (give a finite number, or "
+                                 f"leave the currency out for no limit). Valid forms: {', '.join(FORMS)}")
             if value <= 0:
                 raise UsageError(f"budget term {term.strip()!r} must be positive. Valid forms: {', '.join(FORMS)}")
+            if key in COUNTED and value != int(value):  # 0.5it would run 0 iterations
+                raise UsageError(f"budget term {term.strip()!r} must be a whole number of {key} (a count), got "
+                                 f"{value:g}. Valid forms: {', '.join(FORMS)}")
             if key in limits:
                 raise UsageError(f"budget {spec!r} limits {key} twice; give each currency once. "
                                  f"Valid forms: {', '.join(FORMS)}")

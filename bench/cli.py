@@ -53,6 +53,10 @@ def seed_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    from bench.config import SEED_MAX
+
+    if v > SEED_MAX:  # torch.manual_seed and numpy take a signed 64-bit seed
+        raise argparse.ArgumentTypeError(f"must be at most {SEED_MAX} (2**63 - 1), got {v}")
     return v
 
 
@@ -75,7 +79,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-prompts", help="prompt set name or file for training")
     p.add_argument("--eval-prompts", help="prompt set name or file for evaluation")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run directory (a treebench run, or an empty directory)")
+    p.add_argument("--force", action="store_true",
+                   help="with --overwrite: also empty a directory that is not a treebench run (its entries are "
+                        "named when --overwrite alone refuses)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped or killed run from its newest valid checkpoint, with its own "
                         "configuration (only --budget may extend it; see docs/ERRORS.md)")
@@ -102,6 +110,8 @@ def flags_from_args(a: argparse.Namespace) -> dict:
         flags["eval.rewards"] = [r.strip() for r in a.eval_rewards.split(",") if r.strip()]
     if a.overwrite:
         flags["run.overwrite"] = True
+    if getattr(a, "force", False):
+        flags["run.force"] = True
     if a.no_progress:
         flags["run.progress"] = False
     if getattr(a, "log_with", None):
@@ -214,6 +224,9 @@ def _guard(fn) -> int:  # noqa: ANN001
     except UsageError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
+    except RunFailure as e:  # a fault of the environment (a full disk): what was kept and how to continue
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
     except NotImplementedError as e:
         print(f"bench: not implemented: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {"train_prompts": None, "eval_prompts": None},
     "run": {
         "overwrite": False,
+        "force": False,           # --force: --overwrite may empty a directory that is not a treebench run
         "progress": True,
         "tensorboard": False,
         "log_with": [],           # experiment trackers: tensorboard, wandb, mlflow (bench/run/trackers.py)
@@ -99,6 +101,9 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "out": None,
 }
+
+#: Largest seed: torch, numpy and the seed derivation (bench/engine/seeding.py) all take a signed 64-bit one
+SEED_MAX = 2**63 - 1
 
 #: Settings that follow from the model preset when the user does not give them.
 PRESET_KEYS = ("sampler.steps", "sampler.guidance", "sampler.noise_level", "sampler.shift", "train.lr",
@@ -190,6 +195,11 @@ def _set(cfg: dict[str, Any], key: str, value: Any) -> None:
                                                                         for v in valid], "config section"))
         node = node[part]
     leaf = parts[-1]
+    if isinstance(node.get(leaf), dict) and key not in ("reward.options",):
+        # a whole section (``--set train=5``, ``--set 'algo={k: 2}'``): its keys are set one by one
+        example = (" ".join(f"--set {key}.{k}={v}" for k, v in value.items()) if isinstance(value, Mapping) and value
+                   else f"--set {key}.{next((k for k in node[leaf] if k != 'name'), 'KEY')}=VALUE")
+        raise UsageError(f"{key} is a config section, not a setting: set its keys one by one, e.g. {example}")
     if parts[0] != "algo" and leaf not in node:
         prefix = ".".join(parts[:-1])
         valid = [f"{prefix}.{k}" if prefix else k for k in node]
@@ -258,9 +268,23 @@ def _need(cond: bool, msg: str) -> None:
 
 def _validate(cfg: dict[str, Any]) -> None:
     """Types and ranges of every section (the algorithm's own Config checks ``algo.*``)."""
+    _validate_finite(cfg)
     _validate_sampling(cfg)
     _validate_model(cfg)
     _validate_run(cfg)
+
+
+def _validate_finite(node: Any, key: str = "") -> None:
+    """No setting may be NaN or infinite (``--set sampler.guidance=nan`` would silently turn CFG off, and
+    the manifest, strict JSON, could not record it for a resume)."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise UsageError(f"{key} must be a finite number, got {node!r}")
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            _validate_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _validate_finite(v, f"{key}[{i}]")
 
 
 def _validate_sampling(cfg: dict[str, Any]) -> None:
@@ -288,7 +312,8 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
          f"eval.num_prompts must be an integer >= 1, got {e['num_prompts']!r}")
     need(isinstance(e["images_per_prompt"], int) and e["images_per_prompt"] >= 1,
          f"eval.images_per_prompt must be an integer >= 1, got {e['images_per_prompt']!r}")
-    need(isinstance(e["seed"], int) and e["seed"] >= 0, f"eval.seed must be an integer >= 0, got {e['seed']!r}")
+    need(isinstance(e["seed"], int) and not isinstance(e["seed"], bool) and 0 <= e["seed"] <= SEED_MAX,
+         f"eval.seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {e['seed']!r}")
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
 
 
@@ -315,8 +340,8 @@ def _validate_model(cfg: dict[str, Any]) -> None:
          f"model.distributed must be auto, fsdp or off, got {m['distributed']!r}")
     need(cfg["reward"]["normalize"] in ("none", "zscore"),
          f"reward.normalize must be none or zscore, got {cfg['reward']['normalize']!r}")
-    need(isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool) and cfg["seed"] >= 0,
-         f"seed must be an integer >= 0, got {cfg['seed']!r}")
+    need(isinstance(cfg["seed"], int) and not isinstance(cfg["seed"], bool) and 0 <= cfg["seed"] <= SEED_MAX,
+         f"seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {cfg['seed']!r}")
 
 
 def _validate_run(cfg: dict[str, Any]) -> None:
@@ -331,6 +356,8 @@ def _validate_run(cfg: dict[str, Any]) -> None:
          f"run.keep_checkpoints must be an integer >= 1, got {ru['keep_checkpoints']!r}")
     need(isinstance(ru["log_with"], list) and all(isinstance(x, str) for x in ru["log_with"]),
          f"run.log_with must be a list of tracker names (tensorboard, wandb, mlflow), got {ru['log_with']!r}")
+    need(isinstance(ru["force"], bool) and (not ru["force"] or ru["overwrite"]),
+         "--force (run.force=true) only widens --overwrite; pass --overwrite too")
     need(ru["on_nonfinite"] in ("stop", "skip"), f"run.on_nonfinite must be stop or skip, got {ru['on_nonfinite']!r}")
     need(ru["cost_profile"] is None or isinstance(ru["cost_profile"], str),
          f"run.cost_profile must be null, a shipped profile name or a JSON file, got {ru['cost_profile']!r}")

@@ -95,6 +95,7 @@ class RunOptions:
     on_nonfinite: str
     trace: bool                  # write every expensive call to trace.jsonl (bench.engine.trace)
     log_with: tuple[str, ...] = ()  # experiment trackers (bench.run.trackers)
+    force: bool = False          # --overwrite may empty a directory that is not a treebench run
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class RunSpec:
             run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),
                            keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"],
-                           trace=bool(ru["trace"]), log_with=tuple(ru.get("log_with") or ())),
+                           trace=bool(ru["trace"]), log_with=tuple(ru.get("log_with") or ()),
+                           force=bool(ru.get("force", False))),
             budget=Budget.parse(str(cfg["budget"]), clock=cost.budget_clock(cfg)), seed=int(cfg["seed"]),
             cost_profile=cost.run_profile(cfg))
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ import pandas as pd
 from matplotlib.backends.backend_pdf import PdfPages
 
 from bench.errors import UsageError
+from bench.rundir import failpoints
 from reports import inference, pages, panels, plots
 from reports.context import (
     PAGE_SIZE,
@@ -125,7 +128,25 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
         for old in files_dir.glob("*"):  # a rebuilt report never keeps pages of an older one
             if old.is_file() and old.suffix in (".png", ".svg", ".csv", ".md", ".json"):
                 old.unlink()
-    tmp = out.with_name(out.name + ".tmp")
+    # a temporary name of this writer only (two report steps at once never share it), renamed over ``out``
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the report private
+    try:
+        w, tables = _write_pdf(tmp, out, c, opt, rs, files_dir)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    files = list(w.files)
+    vj = write_json(c.verdict, out.parent / "verdict.json")
+    if files_dir is not None:
+        files += write_tables(tables, files_dir)
+        files.append(write_json(c.verdict, files_dir / "verdict.json"))
+    return Report(pages=w.pages, verdict=c.verdict.lines, files=files, verdict_json=vj, claims=c.verdict)
+
+
+def _write_pdf(tmp: Path, out: Path, c: Any, opt: Any, rs: Any, files_dir: Path | None) -> tuple[Any, Any]:
     with PdfPages(tmp) as pdf:
         w = Writer(pdf, opt.title, files_dir, opt.figure_formats)
         title_page(w, c)
@@ -143,13 +164,9 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
         d = pdf.infodict()
         d["Title"] = opt.title
         d["Subject"] = "treebench comparison of " + ", ".join(rs.labels)
+    failpoints.hit("report", out)
     tmp.replace(out)
-    files = list(w.files)
-    vj = write_json(c.verdict, out.parent / "verdict.json")
-    if files_dir is not None:
-        files += write_tables(tables, files_dir)
-        files.append(write_json(c.verdict, files_dir / "verdict.json"))
-    return Report(pages=w.pages, verdict=c.verdict.lines, files=files, verdict_json=vj, claims=c.verdict)
+    return w, tables
 
 
 # --------------------------------------------------------------------------------------- page 1-2

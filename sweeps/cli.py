@@ -13,6 +13,7 @@ and, with the default storage, ``<out>/sweeps/<study>.journal``. See docs/SWEEPS
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -24,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli import seed_arg
-from bench.errors import UsageError
-from bench.fleet.launch import Job, add_cluster_args, launch_from_args, run_submitit
+from bench.errors import RunFailure, UsageError
+from bench.fleet.launch import Job, add_cluster_args, launch_from_args, python_module, run_submitit, safe_env
 from bench.registry import ALGORITHMS, MODELS, algorithm_class, did_you_mean
+from bench.rundir.lock import RunLock
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random")
@@ -278,12 +280,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     spec, grid, study_name, definition = prepare(a)
 
-    from sweeps import spaces
     from sweeps import study as st
 
     out = spec.out
     storage, where = st.make_storage(a.storage, out, study_name)  # a bad storage leaves no directory behind
     out.mkdir(parents=True, exist_ok=True)
+    # the sweep's own lock on its directory: every worker of this study shares it (--n-jobs, or the same
+    # command started again); another study, or a comparison, writing here is refused while one lives
+    lock = RunLock(out, what="sweep directory", shared=f"sweep of study {study_name!r} in {where}").acquire()
+    try:
+        return _sweep(a, argv, spec, grid, study_name, definition, storage, where)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise RunFailure(f"could not write {e.filename or where}: {os.strerror(e.errno)} "
+                         f"({errno.errorcode.get(e.errno, e.errno)}); the sweep stopped. The study keeps every "
+                         f"finished trial: fix the file system (free space), then run the same command again to "
+                         f"continue (a trial that was running is re-queued).") from None
+    finally:
+        lock.release()
+
+
+#: errno values of a sweep's storage or tables that cannot be written: the sweep stops with exit status 1
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _sweep(a: argparse.Namespace, argv: list[str], spec: Any, grid: dict | None, study_name: str, definition: dict,
+           storage: Any, where: str) -> int:
+    from sweeps import spaces
+    from sweeps import study as st
+
+    out = spec.out
     multi = spec.cost is not None
     directions = [a.direction] + (["minimize"] if multi else [])
     value_names = ["value"] + ([f"cost_{spec.cost}"] if multi else [])
@@ -379,7 +406,8 @@ def _spawn_workers(argv: list[str], n: int, storage: str | None = None) -> int:
         wenv = dict(env)
         if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in env:
             wenv["CUDA_VISIBLE_DEVICES"] = str(i % gpus)  # one device per worker
-        procs.append(subprocess.Popen([sys.executable, "-m", "sweeps.cli", *argv, "--n-jobs", "1"], env=wenv))
+        # without the current directory on the worker's import path (bench.fleet.launch.python_module)
+        procs.append(subprocess.Popen([*python_module("sweeps.cli"), *argv, "--n-jobs", "1"], env=safe_env(wenv)))
         time.sleep(0.5)
     codes = [p.wait() for p in procs]
     bad = [c for c in codes if c != 0]
@@ -400,7 +428,7 @@ def _submit_workers(argv: list[str], a: argparse.Namespace, out: Path) -> int:
     if a.storage is not None and redact(a.storage) != a.storage:
         raise UsageError("--storage holds a password: the jobs' command lines are written to the submitit "
                          "folder; export TREEBENCH_STORAGE instead (SLURM passes your environment to the jobs)")
-    cmd = [sys.executable, "-m", "sweeps.cli", *argv, "--launcher", "local", "--n-jobs", "1"]
+    cmd = [*python_module("sweeps.cli"), *argv, "--launcher", "local", "--n-jobs", "1"]
     jobs = [Job(f"[worker {i}]", cmd) for i in range(a.n_jobs)]
     failed = run_submitit(jobs, launch, out, runner=[])
     if failed:
@@ -426,7 +454,8 @@ def _finish(study: Any, out: Path, value_names: list[str], seed: int, name: str,
     if multi and "pareto" in summary:
         st.write_csv(out / "pareto.csv", st.pareto_rows(study, value_names, seed))
     info = {"study": name, "storage": where, "definition": definition, **summary}
-    (out / "sweep.json").write_text(json.dumps(info, indent=2, default=str))
+    # whole or not at all: concurrent workers of the study write it too (a temporary name of this process)
+    st.atomic_write(out / "sweep.json", json.dumps(info, indent=2, default=str))
     print(f"bench sweep: {study.study_name}: {st.describe_states(rows)} -> {out / 'trials.csv'}")
     if "best" in summary:
         b = summary["best"]
@@ -444,3 +473,6 @@ if __name__ == "__main__":
     except UsageError as e:
         print(f"bench sweep: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFailure as e:
+        print(f"bench sweep: error: {e}", file=sys.stderr)
+        sys.exit(1)

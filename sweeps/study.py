@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -101,9 +102,8 @@ def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
         path = journal_path(out, study) if url is None else Path(url.split("journal:", 1)[-1]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(str(path))), f"journal file {path}"
+        return JournalStorage(_journal_backend(str(path))), f"journal file {path}"
     from optuna.storages import RDBStorage
 
     kwargs: dict[str, Any] = {}
@@ -125,6 +125,18 @@ def make_storage(url: str | None, out: Path, study: str) -> tuple[Any, str]:
                                  f"{_scrub(str(e), url)}") from None
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def _journal_backend(path: str) -> Any:
+    """Optuna's journal file, with failpoint ``sweep.journal`` before each append (bench.rundir.failpoints)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    class FailpointJournal(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            failpoints.hit("sweep.journal", path)
+            super().append_logs(logs)
+
+    return FailpointJournal(path)
 
 
 # ---- joining a study -----------------------------------------------------------------------------------
@@ -336,16 +348,26 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         for k in r:
             if k not in cols:
                 cols.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols or ["number"])
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write(path, buf.getvalue())
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all, under a temporary name of this process and thread (concurrent workers
+    of a study write the same files; none ever leaves a torn one). Failpoint ``sweep.storage``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols or ["number"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-            failpoints.hit("sweep.storage", path)
-        os.replace(tmp, path)  # atomic: concurrent workers never leave a torn table
+            failpoints.hit("sweep.storage", path, partial=lambda: f.write(text[: len(text) // 2]))
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

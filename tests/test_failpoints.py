@@ -23,12 +23,12 @@ ARGS = ["--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--seed",
         "--set", "run.checkpoint_every=1", "--set", "run.trace=true", "--no-progress"]
 SITES = ["log.iterations", "log.evals", "log.eval_scores", "manifest", "final", "checkpoint.policy", "checkpoint.optimizer",
          "checkpoint.rng", "checkpoint.state", "checkpoint.meta", "checkpoint.rename", "checkpoint.prune",
-         "samples.grid", "trace", "reward"]
-FAULTS = ["crash", "enospc", "eio", "eacces"]
-#: the hit that fires: mid-run where the site is hit more than once (manifest and final: once per run)
-AT = {"manifest": "@1", "final": "@1"}
+         "samples.grid", "trace", "reward", "lock"]
+FAULTS = ["crash", "enospc", "eio", "eacces", "efbig"]
+#: the hit that fires: mid-run where the site is hit more than once (manifest, final, lock: once per run)
+AT = {"manifest": "@1", "final": "@1", "lock": "@1"}
 WORDS = {"enospc": "No space left on device (ENOSPC)", "eio": "Input/output error (EIO)",
-         "eacces": "Permission denied (EACCES)"}
+         "eacces": "Permission denied (EACCES)", "efbig": "File too large (EFBIG)"}
 DEFAULT_CELLS = [("log.iterations", "crash"), ("checkpoint.rename", "enospc"), ("checkpoint.state", "eio"),
                  ("final", "eacces"), ("manifest", "enospc"), ("log.eval_scores", "eio")]
 
@@ -94,6 +94,8 @@ def check_cell(site, fault, ref, tmp_path, failpoints_fixture, capsys):
         assert code == 0 and "could not delete old checkpoints" in err, err
     elif site == "reward":
         assert code == 1 and "reward 'brightness' failed" in err and WORDS[fault].split(" (")[0] in err, err
+    elif site == "lock":  # before anything is written: nothing started, no lock file left
+        assert code == 1 and f"could not write the lock file {out}/.lock: {WORDS[fault]}" in err, err
     else:
         assert code == 1, err
         assert f"bench: error: could not write {out}" in err and WORDS[fault] in err, err
@@ -103,8 +105,8 @@ def check_cell(site, fault, ref, tmp_path, failpoints_fixture, capsys):
     _all_checkpoints_load(out)
     logged = [{k: v for k, v in r.items() if k not in TIMING_KEYS}  # the valid records (a torn last line aside)
               for r in read_jsonl(out / "iterations.jsonl")[0]]
-    if site == "manifest":  # nothing was created that could be resumed: refused, nothing logged
-        if fault != "crash":
+    if site in ("manifest", "lock"):  # nothing was created that could be resumed: refused, nothing logged
+        if fault != "crash" and site == "manifest":
             assert "nothing was kept" in err
         assert main(["run", "--resume", str(out), "--no-progress"]) == 2
         assert "nothing to resume" in capsys.readouterr().err
@@ -150,6 +152,27 @@ def test_write_fault_message_names_what_was_kept(ref, tmp_path, failpoints, caps
     final = json.loads((out / "final.json").read_text())
     assert final["stop_reason"] == "error" and "No space left on device" in final["error"]
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step_000002", "step_000001"]
+
+
+def test_failed_checkpoint_at_the_stop_exits_1_and_resumes(ref, tmp_path, failpoints, capsys):
+    """Default cadence (run.checkpoint_every=20) on a 3-iteration run: the only checkpoint is the one at the
+    stop. When it cannot be written the run must not end as complete (exit 0 and a later extension restarting
+    from iteration 0 unannounced): exit 1, what was kept, how to resume; the resume gives the same records."""
+    out = tmp_path / "stop"
+    args = [a if a != "run.checkpoint_every=1" else "run.checkpoint_every=20" for a in ARGS]
+    failpoints("checkpoint.policy=enospc")
+    assert main(["run", *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not write {out}/checkpoints/" in err and "No space left on device (ENOSPC)" in err
+    assert "kept: 3 iteration(s) logged" in err and "no checkpoint yet" in err
+    assert f"bench run --resume {out}" in err and "resume starts again from iteration 0" in err
+    assert json.loads((out / "final.json").read_text())["stop_reason"] == "error"
+    assert checkpoint.list_checkpoints(out) == [] and _temp_files(out) == [] and not (out / ".lock").exists()
+    failpoints("")
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert _records(out / "iterations.jsonl") == _records(ref / "iterations.jsonl")
+    assert _final(out) == _final(ref)
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step_000003"]
 
 
 def test_rewrite_on_resume_fails_cleanly_then_resumes(ref, tmp_path, failpoints, capsys):

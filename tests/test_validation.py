@@ -6,6 +6,7 @@ Regenerate the table after changing a message: ``python tests/test_validation.py
 """
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -98,7 +99,37 @@ CASES = [
       "--out", "{tmp}/sweep"]),
     ("sweep-seed-negative", "negative sweep --seed",
      ["sweep", "--algo", "grpo", "--model", "tiny-random", "--seed", "-1", "--out", "{tmp}/sweep"]),
+    # ---- inputs a hand probe broke (issue #30) ----
+    ("value-nan", "a setting that is not a number (NaN would turn CFG off)", R("--set", "sampler.guidance=nan")),
+    ("value-inf", "an infinite setting", R("--set", "train.lr=inf")),
+    ("value-algo-inf", "an infinite algorithm setting", R("--algo", "grpo", "--set", "algo.clip_range=-inf")),
+    ("set-section", "a whole section set to a value", R("--set", "train=5")),
+    ("set-section-mapping", "a whole section set to a mapping", R("--set", "algo={k: 2}")),
+    ("seed-too-large", "--seed beyond 64 bits", R("--seed", "18446744073709551616")),
+    ("set-seed-too-large", "seed beyond 64 bits through --set", R("--set", "seed=18446744073709551616")),
+    ("budget-inf-nfe", "a budget too large to be finite", R("--algo", "grpo", "--budget", "1e309nfe")),
+    ("budget-inf-it", "an iteration budget too large to be finite", R("--algo", "grpo", "--budget", "1e309it")),
+    ("budget-inf-samples", "a sample budget too large to be finite", R("--algo", "grpo", "--budget", "1e309samples")),
+    ("budget-fraction", "a fractional iteration budget", R("--algo", "grpo", "--budget", "0.5it")),
+    ("resume-manifest-empty", "--resume of a run whose manifest has an empty config",
+     ["run", "--resume", "{tmp}/bad_empty"]),
+    ("resume-manifest-budget", "--resume of a run whose manifest config has no budget",
+     ["run", "--resume", "{tmp}/bad_budget"]),
+    ("resume-manifest-section", "--resume of a run whose manifest config has train: 5",
+     ["run", "--resume", "{tmp}/bad_section"]),
+    ("resume-manifest-value", "--resume of a run whose manifest holds a value the config refuses",
+     ["run", "--resume", "{tmp}/bad_value"]),
+    ("resume-force", "--resume with --force", ["run", "--resume", "{tmp}/old_run", "--force"]),
+    ("force-alone", "--force without --overwrite", R("--algo", "grpo", "--force")),
+    ("overwrite-not-run", "--overwrite of a directory that is not a treebench run",
+     R("--algo", "grpo", "--out", "{tmp}/full_dir", "--overwrite")),
+    ("overwrite-link", "--overwrite of a symbolic link", R("--algo", "grpo", "--out", "{tmp}/link_dir", "--overwrite")),
+    ("overwrite-cwd", "--overwrite of the working directory (run from inside a run directory)",
+     R("--algo", "grpo", "--out", ".", "--overwrite")),
 ]
+
+#: cases run from inside ``{tmp}/old_run`` (a treebench run: only the working-directory rule refuses)
+CHDIR = {"overwrite-cwd": "old_run"}
 
 
 def workspace(tmp: Path) -> None:
@@ -120,6 +151,14 @@ def workspace(tmp: Path) -> None:
                                                       "budget": "4it", "out": str(run)})
     (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "config": cfg}))
     (run / "iterations.jsonl").write_text('{"iteration": 0}\n{"iteration": 1}\n')
+    (tmp / "link_dir").symlink_to(tmp / "old_run")
+    no_budget = {k: v for k, v in cfg.items() if k != "budget"}
+    bad_value = json.loads(json.dumps(cfg))
+    bad_value["train"]["lr"] = -1
+    for name, bad in (("bad_empty", {}), ("bad_budget", no_budget), ("bad_section", {**cfg, "train": 5}),
+                      ("bad_value", bad_value)):
+        (tmp / name).mkdir()
+        (tmp / name / "manifest.json").write_text(json.dumps({"schema_version": 1, "config": bad}))
 
 
 def run_case(argv, tmp: Path, capsys) -> tuple[int, str]:
@@ -165,7 +204,7 @@ def rows():
 
 
 @pytest.mark.parametrize("case_id,what,argv", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_the_documented_message(case_id, what, argv, rows, tmp_path, capsys):
+def test_bad_input_exits_2_with_the_documented_message(case_id, what, argv, rows, tmp_path, capsys, monkeypatch):
     if case_id == "device-cuda":
         import torch
 
@@ -173,11 +212,15 @@ def test_bad_input_exits_2_with_the_documented_message(case_id, what, argv, rows
             pytest.skip("this machine has CUDA")
     workspace(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
+    inside = sorted(p.name for p in (tmp_path / "old_run").iterdir())
+    if case_id in CHDIR:
+        monkeypatch.chdir(tmp_path / CHDIR[case_id])
     code, msg = run_case(argv, tmp_path, capsys)
     assert code == 2, msg
     assert case_id in rows, f"docs/ERRORS.md has no row for {case_id}; message: {msg}"
     assert same_message(to_cell(msg), rows[case_id]), msg
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    assert sorted(p.name for p in (tmp_path / "old_run").iterdir()) == inside  # nothing deleted
     assert json.loads((tmp_path / "old_run" / "manifest.json").read_text())["config"]["budget"] == "4it"
 
 
@@ -203,6 +246,12 @@ if __name__ == "__main__":  # print the table rows from the current messages
     for case_id, what, argv in CASES:
         with tempfile.TemporaryDirectory() as d:
             workspace(Path(d))
-            code, msg = run_case(argv, Path(d), _Cap())
+            here = os.getcwd()
+            if case_id in CHDIR:
+                os.chdir(Path(d) / CHDIR[case_id])
+            try:
+                code, msg = run_case(argv, Path(d), _Cap())
+            finally:
+                os.chdir(here)
         shown = " ".join(a if a and " " not in a else repr(a) for a in argv).replace("{tmp}", "<tmp>")
         print(f"| `{case_id}` | {what}: {to_cell('bench ' + shown)} | {code} | {to_cell(msg)} |", file=sys.__stdout__)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,20 +42,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.budget import Budget
-from bench.errors import UsageError
+from bench.errors import RunFailure, UsageError
 from bench.fleet import tune as tune_mod
-from bench.fleet.launch import Job, Launch, add_cluster_args, launch_from_args, run_local, run_submitit
+from bench.fleet.launch import (
+    Job,
+    Launch,
+    add_cluster_args,
+    launch_from_args,
+    python_module,
+    run_local,
+    run_submitit,
+)
 from bench.registry import algorithms, did_you_mean, is_spec, load_object
 from bench.rundir import layout
 from bench.rundir.layout import FINAL, MANIFEST
+from bench.rundir.lock import RunLock
+from bench.rundir.runlog import atomic_write_text
 
 #: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=)
 #: -> list[str]`` (the page headings; it prints the verdict and writes DIR/verdict.json beside the PDF). A
 #: string so that bench does not import reports.
 REPORT = "reports.cli:compare_report"
 
-#: How a training run is launched; tests replace it with a stand-in that writes synthetic run dirs.
-RUNNER: list[str] = [sys.executable, "-m", "bench.cli"]
+#: How a training run is launched (without the current directory on its import path,
+#: ``bench.fleet.launch.python_module``); tests replace it with a stand-in that writes synthetic run dirs.
+RUNNER: list[str] = python_module("bench.cli")
 
 #: The A/A control arm runs the baseline at seed s + AA_SEED_OFFSET for each seed s of the comparison:
 #: disjoint from the baseline's seeds (checked), and stable when a comparison is extended with more seeds.
@@ -186,6 +198,10 @@ def parse_seeds(text: str) -> list[int]:
             seeds = list(range(n))
     except ValueError:
         raise UsageError(f"--seeds {text!r}: give a positive count (3) or a comma-separated list (0,1,7)") from None
+    from bench.config import SEED_MAX
+
+    if any(not 0 <= s <= SEED_MAX for s in seeds):
+        raise UsageError(f"--seeds {text!r}: every seed must be an integer from 0 to {SEED_MAX} (2**63 - 1)")
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r}: repeated seed")
     return seeds
@@ -304,22 +320,55 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--set run.label: bench compare labels its runs itself (the algorithm, or "
                              "<baseline>-aa / <baseline>-frozen for --controls)")
         out = Path(args.out)
-        tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
-        tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
-        arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
-        # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
-        controls = default_baseline(algos, args.baseline) if args.controls else \
-            (_read_json(out / OPTIONS_FILE) or {}).get("controls")
-        baseline = args.baseline or controls
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
-        if not args.report_only and not args.dry_run:
-            check_options(out, extra, args.overwrite)
-        jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
-        if not args.report_only and not args.allow_mixed_code:
-            _check_code(out, jobs)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    lock = None
+    try:
+        if not args.dry_run:  # one comparison writes a directory at a time (its runs lock their own)
+            lock = lock_output(out, create=not args.report_only)
+        return _compare(args, algos, seeds, extra, out, launch)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_output(out: Path, create: bool = True) -> RunLock:
+    """The comparison's own lock on its directory (``bench.rundir.lock``): a second comparison (or a sweep) into
+    it is refused while this one runs."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory; choose another --out")
+    if not create and not out.is_dir():
+        raise UsageError(f"--report-only: {out} does not exist; nothing to report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create comparison directory {out}: {e.strerror or e}; choose another --out") from None
+    return RunLock(out, what="comparison directory").acquire()
+
+
+def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra: list[str], out: Path,
+             launch: Launch) -> int:
+    """The comparison, once its directory is locked (``--dry-run``: not locked, nothing written)."""
+    tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
+    tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
+    arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+    # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
+    controls = default_baseline(algos, args.baseline) if args.controls else \
+        (_read_json(out / OPTIONS_FILE) or {}).get("controls")
+    baseline = args.baseline or controls
+    if not args.report_only and not args.dry_run:
+        check_options(out, extra, args.overwrite)
+    jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
+    if not args.report_only and not args.allow_mixed_code:
+        _check_code(out, jobs)
     if args.dry_run:
         for _, cmd in (tune_plan or {}).values():
             print(subprocess.list2cmdline(cmd))
@@ -331,9 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.report_only:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OPTIONS_FILE).write_text(json.dumps({"options": _run_options(extra), "controls": controls},
-                                                   indent=1) + "\n")
+        try:  # whole or not at all (a temporary file, renamed)
+            atomic_write_text(out / OPTIONS_FILE, json.dumps({"options": _run_options(extra), "controls": controls},
+                                                             indent=1) + "\n", failpoint="compare.options")
+        except OSError as e:
+            raise RunFailure(f"could not write {out / OPTIONS_FILE}: {os.strerror(e.errno) if e.errno else e}; no "
+                             f"run was started. Fix the file system holding {out}, then run the command "
+                             f"again.") from None
         if tune_plan is not None:
             try:
                 _tune(tune_plan, launch, out, args)
@@ -357,6 +410,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
+    except OSError as e:  # the report is written to a temporary file and renamed: no half report is left
+        print(f"error: could not write {e.filename or out / 'report.pdf'}: {os.strerror(e.errno) if e.errno else e}; "
+              f"the runs are kept. Fix the file system holding {out}, then rebuild the report: bench compare "
+              f"... --out {out} --report-only", file=sys.stderr)
+        return 1
     print(f"wrote {out / 'report.pdf'} ({len(pages)} pages)")
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}", file=sys.stderr)

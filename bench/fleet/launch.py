@@ -32,6 +32,30 @@ from bench.errors import UsageError
 LAUNCHERS = ("local", "submitit-local", "slurm")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
+#: Python < 3.11 has no -P: drop the current directory from the path before anything is imported (``sys``
+#: is built in, so nothing can shadow it), then run the module as ``python -m`` would
+_SAFE_PATH_STUB = ("import sys; del sys.path[0]; module = sys.argv.pop(1); import runpy; "
+                   "runpy.run_module(module, run_name='__main__', alter_sys=True)")
+
+
+def python_module(module: str) -> list[str]:
+    """argv running ``python -m module`` WITHOUT the current directory on the child's import path: plain
+    ``python -m`` puts it first, so a ``yaml.py`` (or the ``planted.py`` of ``--algos planted:Evil``) in the
+    directory the command is run from would be imported by every child. The child imports treebench from
+    its install (or ``PYTHONPATH``), like the ``bench`` command itself. ``-P`` on Python 3.11+ (and
+    ``PYTHONSAFEPATH=1`` in ``safe_env``, for the processes those children start, e.g. under accelerate)."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    return [sys.executable, "-c", _SAFE_PATH_STUB, module]
+
+
+def safe_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child process: on Python 3.11+ ``PYTHONSAFEPATH=1``, so that neither it nor the Python
+    processes it starts put the current directory (or a script's directory) first on their import path."""
+    if sys.version_info >= (3, 11):
+        env["PYTHONSAFEPATH"] = "1"
+    return env
+
 
 @dataclass(frozen=True)
 class Job:
@@ -123,7 +147,7 @@ def run_env(threads: int | None, device: str | None = None) -> dict[str, str]:
         env.update({v: str(threads) for v in _THREAD_VARS})
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
-    return env
+    return safe_env(env)
 
 
 def visible_gpus() -> list[str]:
@@ -255,7 +279,7 @@ def submitit_command(cmd: Sequence[str], runner: Sequence[str], gpus_per_run: in
     """The job's command: the run itself, or under accelerate launch for a multi-GPU run."""
     if gpus_per_run <= 1:
         return list(cmd)
-    if list(cmd[:len(runner)]) != list(runner) or list(runner[1:]) != ["-m", "bench.cli"]:
+    if list(cmd[:len(runner)]) != list(runner) or list(runner[-2:]) != ["-m", "bench.cli"]:
         raise UsageError("--gpus-per-run > 1 starts `bench run` under accelerate launch; it needs the standard "
                          "runner (python -m bench.cli)")
     from bench.run.distributed import launch_command

@@ -19,11 +19,22 @@ def finish(r: Any, stop_reason: str, failure: BaseException | None) -> dict[str,
     # a checkpoint at the stop, unless the state is mid-update or must not move past a NaN batch
     want = stop_reason == "interrupted" or (r.spec.run.checkpoint_every > 0 and stop_reason != "nonfinite")
     want = want and not is_write_fault(failure)  # the log may lack the last record: keep the last good checkpoint
+    pending = None  # a checkpoint failure that is not a write fault: raised once final.json records it
     if want and not r.in_update and r.last_checkpoint != r.totals.iterations:
         try:
             resume_mod.save_checkpoint(r)
-        except Exception as e:  # noqa: BLE001 - the run's outcome matters more than this checkpoint
-            ckpt_mod.warn(f"could not write the final checkpoint: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - recorded: the run ends with status 1 (docs/ERRORS.md)
+            # without it, a later resume (or an extension of the budget) would restart from the last good
+            # checkpoint, possibly iteration 0: the run must not end as if it were complete
+            if failure is None:
+                failure = e
+                if is_write_fault(e):
+                    r.write_fault = e  # bench.run.runner.run turns it into the write-fault message (exit 1)
+                else:
+                    pending = e
+            else:
+                ckpt_mod.warn(f"could not write the checkpoint at the stop either: {type(e).__name__}: {e}")
+            stop_reason = "error"
     if stop_reason == "interrupted":
         if r.in_update:
             ckpt_mod.warn(f"interrupted during an update: no checkpoint of the partial iteration; resume "
@@ -49,6 +60,8 @@ def finish(r: Any, stop_reason: str, failure: BaseException | None) -> dict[str,
         if failure is None:
             r.write_fault = e
     r.trackers.close(r.final_record)
+    if pending is not None:
+        raise pending
     return final_eval
 
 

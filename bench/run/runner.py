@@ -127,7 +127,7 @@ class Run:
         if self.dist.is_main:
             if self.out.is_dir():  # refused at once when a live process writes it
                 self.lock = RunLock(self.out).acquire()
-            check_out_dir(self.out, spec.run.overwrite, resume)
+            check_out_dir(self.out, spec.run.overwrite, resume, force=spec.run.force)
         if resume:
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
         tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
@@ -163,7 +163,7 @@ class Run:
         self.arith = batch_arithmetic(self.algo.plan(0), spec.prompts_per_iteration, spec.train.micro_batch,
                                       spec.train.optimizer_steps)
         if not resume and self.dist.is_main:
-            self.lock = create_out_dir(self.out, spec.run.overwrite, self.lock)
+            self.lock = create_out_dir(self.out, spec.run.overwrite, self.lock, force=spec.run.force)
         self.log = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
         self.trackers = trackers_mod.Trackers(tracker_names if self.dist.is_main else [], self.out, spec.config,
                                               self.out.name)

@@ -6,10 +6,19 @@ later with ``wandb sync``), MLflow in a local SQLite store ``RUN/mlflow.db`` (ar
 ``RUN/mlartifacts``) unless ``MLFLOW_TRACKING_URI`` names another store or a server. They mirror every iteration record, every evaluation and its sample grid (captioned with the eval
 prompts), and the final summary. The run directory's JSONL files stay the source of truth; a tracker
 that fails mid-run is warned about once and dropped, never stops the run.
+
+Offline means no network and nothing outside the run directory (``offline_env``), through each library's
+documented switches, each only where the user has not set it: MLflow's usage telemetry (a DNS lookup of
+its config server, an installation id in ``~/.config/mlflow``) is off (``MLFLOW_DISABLE_TELEMETRY``, read
+when mlflow is imported); W&B in offline mode reports no errors to its server (``WANDB_ERROR_REPORTING``)
+and keeps its cache, config, staging and artifact directories (``WANDB_CACHE_DIR``, ``WANDB_CONFIG_DIR``,
+``WANDB_DATA_DIR``, ``WANDB_ARTIFACT_DIR``; default under ``~/.cache``, ``~/.config``, ``~/.local``) in
+``RUN/wandb``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +27,30 @@ from bench.errors import UsageError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+#: environment variables this process set for an offline tracker (so a later run of the same process, e.g.
+#: the next sweep trial, moves them to its own directory, while a user's own setting is never touched)
+_SET_HERE: dict[str, str] = {}
+
+
+def offline_env(name: str, out: Path) -> dict[str, str]:
+    """The environment settings that keep tracker ``name`` off the network and inside ``out`` (see the module
+    docstring); applied to ``os.environ`` where the user has not set them. Returns what was applied."""
+    if name == "mlflow":
+        wanted = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    elif name == "wandb":
+        base = out / "wandb"
+        wanted = {"WANDB_ERROR_REPORTING": "false", "WANDB_CACHE_DIR": str(base / "cache"),
+                  "WANDB_CONFIG_DIR": str(base / "config"), "WANDB_DATA_DIR": str(base / "data"),
+                  "WANDB_ARTIFACT_DIR": str(base / "artifacts")}
+    else:
+        return {}
+    applied = {}
+    for k, v in wanted.items():
+        if k in os.environ and _SET_HERE.get(k) != os.environ[k]:
+            continue  # the user's own choice
+        os.environ[k] = _SET_HERE[k] = applied[k] = v
+    return applied
 
 
 def check(names: Sequence[str]) -> None:
@@ -79,12 +112,12 @@ class _TensorBoard:
 
 class _WandB:
     def __init__(self, out: Path, config: Mapping[str, Any], name: str):
-        import os
-
+        mode = os.environ.get("WANDB_MODE", "offline")  # offline unless the user asks for online
+        if mode in ("offline", "disabled", "dryrun"):
+            offline_env("wandb", out)
         import wandb
 
         self.wandb = wandb
-        mode = os.environ.get("WANDB_MODE", "offline")  # offline unless the user asks for online
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "treebench"), name=name, dir=str(out),
                               config=dict(config), mode=mode, reinit="create_new")
 
@@ -102,9 +135,15 @@ class _WandB:
 
 class _MLflow:
     def __init__(self, out: Path, config: Mapping[str, Any], name: str):
-        import os
-
+        offline_env("mlflow", out)  # before mlflow is imported: it starts its telemetry client at import
         from mlflow.tracking import MlflowClient
+
+        try:  # mlflow imported earlier in this process (another run): its telemetry client is re-read
+            from mlflow.telemetry import set_telemetry_client
+
+            set_telemetry_client()
+        except ImportError:  # an MLflow without telemetry
+            pass
 
         # MLflow 3 keeps its file store in maintenance mode: the local default is a SQLite store in the run
         # directory, with artifacts (sample grids) beside it

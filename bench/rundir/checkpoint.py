@@ -147,12 +147,27 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], failpoint: s
     try:
         save_file(dict(tensors), str(path))
     except SafetensorError as e:  # safetensors reports a failed write as its own error: give the OSError back
-        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EROFS)
-                     if os.strerror(c).lower() in str(e).lower()), None)
+        code = safetensors_errno(e)
         if code is None:
             raise
         raise OSError(code, os.strerror(code), str(path)) from e
     _fsync_path(path)
+
+
+#: errors a failed safetensors write may carry, recognised by their words when the message has no errno
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def safetensors_errno(e: BaseException) -> int | None:
+    """The errno inside a ``SafetensorError`` from a failed write ("I/O error: File too large (os error 27)"),
+    or None when it is not a system error."""
+    import re
+
+    text = str(e)
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        return int(m.group(1))
+    return next((c for c in _WRITE_ERRNOS if os.strerror(c).lower() in text.lower()), None)
 
 
 def step_dir(run_dir: Path, iteration: int) -> Path:

@@ -7,7 +7,8 @@ Switched on by the environment variable ``TREEBENCH_FAILPOINTS`` (read at import
     TREEBENCH_FAILPOINTS="log.iterations=eio@3+,final=eacces"   # the 3rd hit and every later one; every hit
 
 Faults: ``crash`` (the process exits at once with status ``CRASH_STATUS``, like ``kill -9``: nothing is
-cleaned up), ``enospc``, ``eio``, ``eacces`` (an ``OSError`` with that errno, as the system would raise).
+cleaned up), ``enospc``, ``eio``, ``eacces``, ``efbig`` (an ``OSError`` with that errno, as the system would
+raise; ``efbig`` is a file-size limit, ``ulimit -f``).
 A write site may first write part of its data (``partial``), as a real full disk does.
 
 When no failpoint is set, ``hit`` costs one dict lookup. The names are ``NAMES`` (docs/ERRORS.md).
@@ -39,9 +40,13 @@ NAMES = {
     "samples.grid": "writing an evaluation's sample grid PNG",
     "trace": "appending to trace.jsonl (run.trace)",
     "reward": "calling the reward model",
-    "sweep.storage": "writing a sweep's results (trials.csv, best.json)",
+    "sweep.storage": "writing a sweep's results (trials.csv, pareto.csv, sweep.json)",
+    "sweep.journal": "appending to a sweep's Optuna journal file (the default storage)",
+    "lock": "writing the lock file .lock of a run, comparison or sweep directory",
+    "compare.options": "writing compare.json of a comparison directory",
+    "report": "writing a report PDF (bench compare, bench report; a temporary file, renamed)",
 }
-FAULTS = {"crash": None, "enospc": errno.ENOSPC, "eio": errno.EIO, "eacces": errno.EACCES}
+FAULTS = {"crash": None, "enospc": errno.ENOSPC, "eio": errno.EIO, "eacces": errno.EACCES, "efbig": errno.EFBIG}
 CRASH_STATUS = 86
 ENV = "TREEBENCH_FAILPOINTS"
 

@@ -33,8 +33,8 @@ from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_sa
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
-RESUME_MUTABLE = ("out", "run.overwrite", "run.progress", "run.tensorboard", "run.log_with", "run.checkpoint_every",
-                  "run.keep_checkpoints", "train.micro_batch", "run.label")
+RESUME_MUTABLE = ("out", "run.overwrite", "run.force", "run.progress", "run.tensorboard", "run.log_with",
+                  "run.checkpoint_every", "run.keep_checkpoints", "train.micro_batch", "run.label")
 
 
 
@@ -147,7 +147,7 @@ def check_resume_config(run_dir: Path, saved: Mapping[str, Any], new: Mapping[st
     if diff:
         raise UsageError(f"cannot resume {run_dir}: the configuration differs from the one the run was started "
                          f"with:\n{format_diff(diff)}\nOn resume only the budget may be extended and "
-                         f"{', '.join(k for k in RESUME_MUTABLE if k not in ('out', 'run.overwrite'))} may "
+                         f"{', '.join(k for k in RESUME_MUTABLE if k not in ('out', 'run.overwrite', 'run.force'))} may "
                          f"change; start a new run (another --out) to change anything else.")
     check_budget_extension(saved["budget"], new["budget"])
 
@@ -166,7 +166,44 @@ def saved_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
         raise UsageError(f"--resume {run_dir}: manifest.json has no config")
     layout.check_schema(manifest, run_dir)  # a directory of another run-directory schema is refused
+    problem = manifest_problem(manifest)
+    if problem:
+        raise UsageError(f"cannot resume {run_dir}: its manifest.json is not one treebench wrote ({problem}); it "
+                         f"was edited or damaged. Restore it, or start a new run (another --out).")
     return manifest["config"]
+
+
+#: the parts of manifest.json a resume reads, and their JSON types
+MANIFEST_TYPES = {"config": dict, "budget": dict, "model": dict, "reward": dict, "prompts": dict, "eval_rewards": list,
+                  "git": dict, "resumes": list}
+
+
+def manifest_problem(manifest: Mapping[str, Any]) -> str | None:
+    """What is wrong with the shape of a run's manifest (None: nothing): every part a resume reads has its
+    type, and the saved configuration has every section of ``bench.config.DEFAULTS`` with its type."""
+    from bench.config import DEFAULTS
+
+    for key, kind in MANIFEST_TYPES.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            return f"{key!r} is {type(manifest[key]).__name__}, not {'an object' if kind is dict else 'a list'}"
+    for key in ("eval_rewards", "resumes"):
+        if not all(isinstance(x, dict) for x in manifest.get(key, [])):
+            return f"{key!r} holds something else than objects"
+    cfg = manifest["config"]
+    for sec, default in DEFAULTS.items():
+        if sec == "out":
+            continue
+        if sec not in cfg:
+            return f"its config has no {sec!r}"
+        if isinstance(default, dict) and not isinstance(cfg[sec], dict):
+            return f"its config's {sec!r} is {cfg[sec]!r}, not a section"
+    if not isinstance(cfg["algo"].get("name"), str):
+        return "its config names no algorithm (algo.name)"
+    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
+        return f"its config's seed is {cfg['seed']!r}, not an integer"
+    if not isinstance(cfg["budget"], str):
+        return f"its config's budget is {cfg['budget']!r}, not a budget string"
+    return None
 
 
 def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *,
@@ -184,14 +221,20 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
     if flags.get("out") is not None and Path(flags["out"]).resolve() != run_dir.resolve():
         raise UsageError(f"--out {flags['out']} and --resume {run_dir} name different run directories; "
                          f"give only --resume")
-    if flags.get("run.overwrite"):
-        raise UsageError("--overwrite and --resume contradict each other: --overwrite deletes the run that "
-                         "--resume continues")
+    if flags.get("run.overwrite") or flags.get("run.force"):
+        what = "--overwrite" if flags.get("run.overwrite") else "--force (which widens --overwrite)"
+        raise UsageError(f"{what} and --resume contradict each other: --overwrite deletes the run that --resume "
+                         f"continues")
     layer: dict[str, Any] = dict(config.flatten(saved))
     # runs started before eval.images_per_prompt / eval.seed existed evaluated one image per prompt on
     # noise from the run seed: keep that, so a resumed run's evaluations stay comparable with its own
     layer.setdefault("eval.images_per_prompt", 1)
     layer.setdefault("eval.seed", int(saved.get("seed") or 0))
+    try:  # the saved configuration alone must be valid (a hand-edited manifest: refused, not half applied)
+        config.resolve(dict(layer), flags={"out": str(run_dir), "run.overwrite": False})
+    except UsageError as e:
+        raise UsageError(f"cannot resume {run_dir}: the configuration in its manifest.json is not valid ({e}); "
+                         f"the file was edited or damaged. Restore it, or start a new run (another --out).") from None
     explicit: set[str] = set()
     file_layer = config.load_config_file(config_file) if config_file else {}
     algo = saved.get("algo", {}).get("name")
@@ -211,7 +254,7 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
     layer.update(overrides or {})
     explicit |= set(overrides or {})
     explicit |= set(flags)
-    flags = {**flags, "out": str(run_dir), "run.overwrite": False}
+    flags = {**flags, "out": str(run_dir), "run.overwrite": False, "run.force": False}
     new = config.resolve(layer, flags=flags)
     check_resume_config(run_dir, saved, new, explicit)
     return new
@@ -239,7 +282,8 @@ def save_checkpoint(r: Any) -> Path:
         # the trainable weights and, beside them, the algorithm's weight snapshots (bench.model.snapshots)
         weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
         optimizer = r.optimizer.state_dict()
-    state = {"totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
+    state = {"config": r.spec.config,  # what the state was computed with: a resume checks the manifest against it
+             "totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
              "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds,
              "optimizer_format": "by_name" if sharded else "by_index"}
     path = ckpt_mod.save(r.out, r.totals.iterations, policy=weights,
@@ -249,8 +293,43 @@ def save_checkpoint(r: Any) -> Path:
     return path
 
 
+def check_checkpoint_config(r: Any, ck: ckpt_mod.Checkpoint) -> None:
+    """The configuration a resume runs with (manifest.json) must be the one the checkpoint's state was computed
+    with: a hand-edited manifest would otherwise be applied in part (the clip range from the file, the learning
+    rate from the restored optimizer). Refused, with the differences."""
+    saved = ck.state.get("config")
+    diff = config_diff(saved, r.spec.config) if isinstance(saved, dict) else []
+    if diff:
+        lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (manifest.json)" for k, a, b in diff)
+        raise UsageError(f"cannot resume {r.out}: the configuration in its manifest.json differs from the one checkpoint "
+                         f"{ck.path.name} was written with:\n{lines}\nmanifest.json was edited after the run started; "
+                         f"restore it, or start a new run (another --out) with the settings you want.")
+
+
+def check_optimizer_settings(r: Any, ck: ckpt_mod.Checkpoint) -> None:
+    """After the optimizer state is loaded: its hyperparameters are the configuration's (the logged lr is the
+    lr used). Covers checkpoints written before they recorded their configuration."""
+    o = r.spec.optimizer
+    want = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+    names = {"lr": "train.lr", "betas": "train.beta1/beta2", "eps": "train.adam_eps",
+             "weight_decay": "train.weight_decay"}
+    bad = []
+    for g in r.optimizer.param_groups:
+        for k, v in want.items():
+            got = tuple(float(x) for x in g[k]) if k == "betas" else float(g[k])
+            exp = tuple(float(x) for x in v) if k == "betas" else float(v)
+            if got != exp and names[k] not in [b[0] for b in bad]:
+                bad.append((names[k], got, exp))
+    if bad:
+        lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (manifest.json)" for k, a, b in bad)
+        raise UsageError(f"cannot resume {r.out}: the optimizer settings in checkpoint {ck.path.name} differ from the "
+                         f"configuration in its manifest.json:\n{lines}\nmanifest.json was edited after the run "
+                         f"started; restore it, or start a new run (another --out) with the settings you want.")
+
+
 def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
     """Load checkpoint ``ck`` into run ``r``: weights, optimizer, algorithm state, totals, RNG."""
+    check_checkpoint_config(r, ck)
     params = trainable_state(r.policy)
     saved = {k: v for k, v in ck.policy.items() if not k.startswith(SNAPSHOT_PREFIX)}
     missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -277,6 +356,7 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
         fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
     else:
         r.optimizer.load_state_dict(ck.optimizer)
+    check_optimizer_settings(r, ck)
     r.algo.load_state_dict(ck.state.get("algorithm", {}))
     r.totals = Totals(**ck.state["totals"])
     r.evals = [dict(e) for e in ck.state.get("evals", [])]

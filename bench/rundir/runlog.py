@@ -19,6 +19,7 @@ from bench.errors import UsageError
 from bench.rundir import failpoints
 from bench.rundir.layout import EVAL_SCORES, EVALS, FINAL, ITERATIONS, MANIFEST, SAMPLES, SCHEMA_VERSION
 from bench.rundir.lock import LOCK_NAME, RunLock
+from bench.rundir.secrets import redact_argv
 
 
 def reward_hacking_flag(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
@@ -229,11 +230,50 @@ def now_iso() -> str:
 
 
 def host_info() -> dict[str, Any]:
-    return {"hostname": platform.node(), "platform": platform.platform(), "argv": sys.argv}
+    # the command line without the passwords of its URLs (a sweep worker's --storage postgresql://user:PW@...)
+    return {"hostname": platform.node(), "platform": platform.platform(), "argv": redact_argv(sys.argv)}
 
 
 # ---- lifecycle: check, create, describe ------------------------------------------------------------------
-def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
+def is_treebench_run(out: Path) -> bool:
+    """Whether ``out`` holds a manifest.json that treebench wrote (a JSON object with its schema version and
+    a configuration): the only non-empty directory ``--overwrite`` empties without ``--force``."""
+    try:
+        man = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(man, dict) and isinstance(man.get("schema_version"), int) and isinstance(man.get("config"), dict)
+
+
+def _listing(entries: Sequence[Path], n: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in entries)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def check_overwrite(out: Path, force: bool) -> None:
+    """``--overwrite`` deletes only what treebench created: the contents of a treebench run, or of an empty
+    directory; anything else needs ``--force`` (the message names what would go). Never the working directory
+    (or one holding it) or the home directory, never through a symbolic link."""
+    if out.is_symlink():
+        raise UsageError(f"--out {out} is a symbolic link (to {os.readlink(out)}); --overwrite does not delete "
+                         f"through links: give the directory itself as --out, or choose another --out")
+    if not out.is_dir():
+        return
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    what = ("the current working directory" if real == cwd else
+            "a directory holding the current working directory" if real in cwd.parents else
+            "the home directory" if real == Path.home().resolve() else None)
+    if what is not None:
+        raise UsageError(f"--overwrite refuses to empty {out}: it is {what}; choose another --out")
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if not entries or is_treebench_run(out) or force:
+        return
+    raise UsageError(f"--overwrite refuses to empty {out}: it is not a treebench run (no manifest.json written by "
+                     f"treebench) and it holds {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} "
+                     f"({_listing(entries)}). Choose another --out, or add --force to delete them.")
+
+
+def check_out_dir(out: Path, overwrite: bool, resume: bool = False, force: bool = False) -> Path:
     """Validate the run directory before anything is built or deleted."""
     if resume:
         if not (out / MANIFEST).is_file():
@@ -243,6 +283,8 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
         return out
     if out.exists() and not out.is_dir():
         raise UsageError(f"run directory {out} exists and is not a directory; choose another --out")
+    if overwrite:
+        check_overwrite(out, force)
     if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         if (out / MANIFEST).is_file():
             from bench.rundir.checkpoint import list_checkpoints
@@ -254,8 +296,10 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
             raise UsageError(f"run directory {out} already holds a run ({done} iterations logged, {where}); "
                              f"pass --resume {out} to continue it, --overwrite to replace it, or choose "
                              f"another --out")
-        raise UsageError(f"run directory {out} already exists and is not empty; pass --overwrite to replace "
-                         f"it or choose another --out")
+        entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        raise UsageError(f"run directory {out} already exists, is not empty and is not a treebench run "
+                         f"({_listing(entries)}); choose another --out (--overwrite --force would delete what it "
+                         f"holds)")
     anc = out
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -265,7 +309,7 @@ def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
     return out
 
 
-def create_out_dir(out: Path, overwrite: bool, lock: RunLock | None = None) -> RunLock:
+def create_out_dir(out: Path, overwrite: bool, lock: RunLock | None = None, force: bool = False) -> RunLock:
     """Create (or with ``overwrite`` empty) a run directory already checked by ``check_out_dir``; returns
     its lock (``lock`` when the caller already holds it), taken before anything in it is deleted."""
     try:
@@ -279,6 +323,7 @@ def create_out_dir(out: Path, overwrite: bool, lock: RunLock | None = None) -> R
         lock = RunLock(out).acquire()
     try:
         if overwrite:  # everything but the lock this process holds
+            check_overwrite(out, force)  # again, under the lock: what is deleted is what was checked
             for p in out.iterdir():
                 if p.name == LOCK_NAME:
                     continue
