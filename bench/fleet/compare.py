@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "<baseline>-aa / <baseline>-frozen for --controls)")
         out = Path(args.out)
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
+        tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
+        tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
+        arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -328,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.dry_run:  # one comparison writes a directory at a time (its runs lock their own)
             lock = lock_output(out, create=not args.report_only)
-        return _compare(args, algos, seeds, extra, out, launch)
+        return _compare(args, algos, seeds, extra, out, launch, tune_plan, arms)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -355,11 +358,9 @@ def lock_output(out: Path, create: bool = True) -> RunLock:
 
 
 def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra: list[str], out: Path,
-             launch: Launch) -> int:
-    """The comparison, once its directory is locked (``--dry-run``: not locked, nothing written)."""
-    tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
-    tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
-    arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+             launch: Launch, tune_plan: dict | None, arms: list[Arm]) -> int:
+    """The comparison, once its directory is locked (``--dry-run``: not locked, nothing written); what it
+    finds in the directory (finished runs, compare.json) is read under the lock."""
     # with controls (now, or from an earlier run into DIR) the report compares against the baseline they copy
     controls = default_baseline(algos, args.baseline) if args.controls else \
         (_read_json(out / OPTIONS_FILE) or {}).get("controls")
