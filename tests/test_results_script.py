@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow  # ~3 min: make results end to end at toy scale (tuning, controls, grid); compare, report
+# and tune each have fast tests of their own in the default run
 def test_results_script_writes_both_reports_and_its_record(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RESULTS_ALLOW_DIRTY": "1",
            "BENCH": f"{sys.executable} -m bench.cli", "RESULTS_RUNS": str(tmp_path / "runs"),
