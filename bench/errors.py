@@ -39,6 +39,8 @@ def algorithm_settings(name: str, catch: tuple[type[Exception], ...] = (ValueErr
     ``with algorithm_settings(name): algo = cls(...)``."""
     try:
         yield
+    except UsageError:  # already a usage error (e.g. from building the Config): not wrapped twice
+        raise
     except catch as e:
         raise AlgorithmSettingsError(f"invalid settings for algorithm {name!r}: {e}") from None
 

@@ -36,3 +36,20 @@ def test_sweeps_validate_with_the_models_own_prediction():
     with pytest.raises(AlgorithmSettingsError, match="flow-matching model"):
         validate_run_config(_cfg("mixgrpo", "sd1.5-random-reduced", **{"algo.flash": True}))
     validate_run_config(_cfg("mixgrpo", "sd3.5-medium-random-reduced", **{"algo.flash": True}))
+
+
+def test_algorithm_settings_wraps_a_refusal_once():
+    from bench.errors import UsageError, algorithm_settings
+
+    with pytest.raises(AlgorithmSettingsError, match=r"^invalid settings for algorithm 'x': d > window$"):
+        with algorithm_settings("x"):
+            raise ValueError("d > window")
+    with pytest.raises(AlgorithmSettingsError) as e:  # an inner usage error is not wrapped again
+        with algorithm_settings("x"):
+            with algorithm_settings("x"):
+                raise ValueError("bad")
+    assert str(e.value).count("invalid settings") == 1
+    with pytest.raises(TypeError):  # only the declared kinds of refusal are turned into usage errors
+        with algorithm_settings("x"):
+            raise TypeError("a bug")
+    assert issubclass(AlgorithmSettingsError, UsageError)
