@@ -66,6 +66,31 @@ def launch_command(script: Sequence[str], num_processes: int = 2, cpu: bool = Tr
     return [*cmd, *script]
 
 
+_TEARDOWN_REGISTERED = False
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if one is initialised (a no-op otherwise)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group when the interpreter exits, while it is still fully alive (``atexit`` runs
+    after the main thread returned and before finalisation). Left to interpreter shutdown, a gloo group's
+    worker threads may still hold work objects whose tensors need the GIL while the interpreter is torn
+    down: the process aborts with "terminate called without an active exception" (pytorch/pytorch issue
+    #190489; the teardown order explained in pytorch/pytorch PR #179291). Registered once per process."""
+    global _TEARDOWN_REGISTERED
+    if not _TEARDOWN_REGISTERED:
+        import atexit
+
+        atexit.register(destroy_process_group)
+        _TEARDOWN_REGISTERED = True
+
+
 def free_port() -> int:
     """A TCP port that is free on this machine now (bound to port 0 and released)."""
     import socket
@@ -131,6 +156,7 @@ class Dist:
         # some ranks make (rank-0 evaluation); the denoisers' buffers are constants
         acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no",
                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        destroy_at_exit()
         fsdp = cfg["model"].get("distributed") == "fsdp" or acc.distributed_type == DistributedType.FSDP
         return cls(acc, fsdp=fsdp)
 
