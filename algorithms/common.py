@@ -554,3 +554,17 @@ def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges
                        grad_norm=grad_norm, first_ratio=first_ratio if first_ratio is not None else 1.0,
                        edges=n_terms, optimizer_steps=n_steps, micro_batches=micro_batches,
                        kl=tot_kl / n_terms, nfe=nfe)
+
+
+def per_term_noise(seed: int, iteration: int, stage: str, term_ids: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Gaussian noise [B, *shape] for the update terms ``term_ids`` [B]: one generator seed per term
+    (derived from (seed, iteration, stage) + the term id), so micro-batching changes nothing."""
+    from bench.engine.seeding import derive_seed
+
+    base = derive_seed(seed, iteration, stage)
+    g = torch.Generator()
+    out = []
+    for j in term_ids.tolist():
+        g.manual_seed((base + int(j)) % (1 << 63))
+        out.append(torch.randn(shape, generator=g))
+    return torch.stack(out)

@@ -72,9 +72,10 @@ from algorithms.common import (
     ema_schedule,
     flow_grpo_advantages,
     optimizer_step,
+    per_term_noise,
 )
 from bench.engine.rollout import RolloutEngine
-from bench.engine.seeding import derive_seed, generator
+from bench.engine.seeding import generator
 from bench.model.policy import Policy
 from bench.types import (
     Advantages,
@@ -297,13 +298,7 @@ class DiffusionNFT:
 
     def term_noise(self, rollout: Rollout, term_ids: Tensor, shape: tuple[int, ...]) -> Tensor:
         """eps for terms ``term_ids`` [B]: one generator seed per term, so micro-batching changes nothing."""
-        base = derive_seed(self.seed, rollout.iteration, "diffusionnft_noise")
-        g = torch.Generator()
-        out = []
-        for j in term_ids.tolist():
-            g.manual_seed((base + int(j)) % (1 << 63))
-            out.append(torch.randn(shape, generator=g))
-        return torch.stack(out)
+        return per_term_noise(self.seed, rollout.iteration, "diffusionnft_noise", term_ids, shape)
 
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
