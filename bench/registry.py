@@ -40,35 +40,49 @@ class Entry:
     #: Python modules the plug-in needs beyond the core install, checked before it is imported (a reward
     #: whose package is missing is refused with the install command; ``bench rewards check`` lists them)
     requires: tuple[str, ...] = ()
+    #: An algorithm's fixed colour on every report page (reports.plots; a plug-in without one gets a stable
+    #: colour from its name). The order of ``ALGORITHMS`` is the order of reports' tables and legends.
+    color: str | None = None
 
 
-ALGORITHMS: dict[str, Entry] = {
-    "grpo": Entry("algorithms.grpo:GRPO",
-                  "Minimal chain GRPO (all steps SDE, group-normalised leaf advantage); harness smoke tests"),
+ALGORITHMS: dict[str, Entry] = {  # in report order (reports.load.order_labels)
     "ddpo": Entry("algorithms.ddpo:DDPO",
-                  "DDPO (Black et al. 2023): i.i.d. chains, per-prompt reward statistics, PPO-clip"),
+                  "DDPO (Black et al. 2023): i.i.d. chains, per-prompt reward statistics, PPO-clip",
+                  color="#1f77b4"),
     "dancegrpo": Entry("algorithms.dancegrpo:DanceGRPO",
-                       "DanceGRPO (arXiv 2505.07818): all-SDE groups with shared noise, random trained steps"),
+                       "DanceGRPO (arXiv 2505.07818): all-SDE groups with shared noise, random trained steps",
+                       color="#ff7f0e"),
     "mixgrpo": Entry("algorithms.mixgrpo:MixGRPO",
-                     "MixGRPO (arXiv 2507.21802): SDE sliding window, ODE elsewhere; Flash variant option"),
+                     "MixGRPO (arXiv 2507.21802): SDE sliding window, ODE elsewhere; Flash variant option",
+                     color="#2ca02c"),
     "treegrpo": Entry("algorithms.treegrpo:TreeGRPO",
-                      "TreeGRPO (arXiv 2512.08153): shared-prefix trees, k-ary SDE branching, per-edge advantages"),
+                      "TreeGRPO (arXiv 2512.08153): shared-prefix trees, k-ary SDE branching, per-edge advantages",
+                      color="#d62728"),
     "flowgrpo": Entry("algorithms.flowgrpo:FlowGRPO",
-                      "Flow-GRPO (arXiv 2505.05470): all-SDE groups, KL to the reference; Fast variant: SDE window"),
+                      "Flow-GRPO (arXiv 2505.05470): all-SDE groups, KL to the reference; Fast variant: SDE window",
+                      color="#8c564b"),
     "branchgrpo": Entry("algorithms.branchgrpo:BranchGRPO",
-                        "BranchGRPO (arXiv 2509.06040): binary-split trees, depth-wise advantages, pruning"),
+                        "BranchGRPO (arXiv 2509.06040): binary-split trees, depth-wise advantages, pruning",
+                        color="#e377c2"),
     "diffusionnft": Entry("algorithms.diffusionnft:DiffusionNFT",
                           "DiffusionNFT (arXiv 2509.16117): likelihood-free; flow-matching loss on forward-noised "
-                          "samples, implicit positive/negative policies, EMA old policy"),
+                          "samples, implicit positive/negative policies, EMA old policy",
+                          color="#17becf"),
     "awm": Entry("algorithms.awm:AWM",
                  "AWM (arXiv 2509.25050): likelihood-free; advantage-weighted flow-matching loss on the clean "
-                 "samples, KL to the reference and to an EMA policy"),
+                 "samples, KL to the reference and to an EMA policy",
+                 color="#bcbd22"),
     "refl": Entry("algorithms.refl:ReFL",
                   "ReFL (arXiv 2304.05977) / DRaFT-K (arXiv 2309.17400): direct gradient of a differentiable reward "
-                  "through the last K denoising steps"),
+                  "through the last K denoising steps",
+                  color="#393b79"),
     "flowdppo": Entry("algorithms.flowdppo:FlowDPPO",
                       "Flow-DPPO (arXiv 2606.11025): Flow-GRPO sampler, a KL trust-region mask in place of "
-                      "ratio clipping"),
+                      "ratio clipping",
+                      color="#637939"),
+    "grpo": Entry("algorithms.grpo:GRPO",
+                  "Minimal chain GRPO (all steps SDE, group-normalised leaf advantage); harness smoke tests",
+                  color="#9467bd"),
 }
 
 REWARDS: dict[str, Entry] = {

@@ -38,6 +38,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.registry import ALGORITHMS
 from bench.rundir import layout
 from bench.rundir.layout import (
     EVAL_SCORES,
@@ -52,7 +53,8 @@ from bench.rundir.layout import (
 SUPPORTED_SCHEMA_VERSIONS = READABLE_SCHEMA_VERSIONS  # the run directory layout's (bench.rundir.layout)
 
 #: Canonical order of algorithms on every page (others follow alphabetically).
-ALGO_ORDER = ("ddpo", "dancegrpo", "mixgrpo", "treegrpo", "flowgrpo", "branchgrpo", "diffusionnft", "grpo")
+#: Tables and legends list algorithms in the registry's order (bench.registry.ALGORITHMS), plug-ins after them.
+ALGO_ORDER = tuple(ALGORITHMS)
 
 #: Budget axes: name -> (cumulative column in iterations/evals, axis label with unit). An axis whose
 #: column no run logged is simply absent from a report; add an entry here to report a new cost column.

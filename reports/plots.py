@@ -21,18 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from bench.registry import ALGORITHMS
 from reports.load import control_of
 
-COLORS = {
-    "ddpo": "#1f77b4",       # blue
-    "dancegrpo": "#ff7f0e",  # orange
-    "mixgrpo": "#2ca02c",    # green
-    "treegrpo": "#d62728",   # red
-    "grpo": "#9467bd",       # purple
-    "flowgrpo": "#8c564b",   # brown
-    "branchgrpo": "#e377c2",  # pink
-    "diffusionnft": "#17becf",  # cyan
-}
+#: The fixed colour of every registered algorithm (``bench.registry.ALGORITHMS``: one place to add one).
+COLORS = {name: e.color for name, e in ALGORITHMS.items() if e.color}
 _OTHER_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 _LINESTYLES = ("-", "--", "-.", ":")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -50,8 +43,14 @@ PHASE_COLORS = {"t_rollout_s": "#4c72b0", "t_reward_s": "#dd8452", "t_advantage_
                 "t_update_s": "#c44e52"}
 
 
+#: Label suffix of the reference-defaults arm of a tuned comparison (``bench compare --tune``): it is drawn
+#: as a variant of its algorithm (same hue, another shade and line style), not as another algorithm.
+DEFAULT_ARM = "-default"
+
+
 def algo_of(label: str) -> str:
-    return str(label).split(" ")[0]
+    first = str(label).split(" ")[0]
+    return first[: -len(DEFAULT_ARM)] if first.endswith(DEFAULT_ARM) and len(first) > len(DEFAULT_ARM) else first
 
 
 def color(label: str) -> str:

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"algorithm: {', '.join(ALGORITHMS)}, an installed plug-in or module:Class "
                         f"(default treegrpo)")
     p.add_argument("--space", help="comma-separated built-in parameters to search (e.g. k,d,window; 'all'); "
-                                   "default per algorithm: treegrpo k,d,window; mixgrpo window,window_stride,"
-                                   "shift_interval; dancegrpo/ddpo timestep_fraction; grpo group_size")
+                                   "default: the algorithm's own search_default (every algorithm's space: "
+                                   "docs/SWEEPS.md)")
     p.add_argument("--space-file", help="YAML search space (docs/SWEEPS.md); --space then selects from it")
     p.add_argument("--grid", nargs="+", action="extend", metavar="NAME=V1,V2",
                    help="exhaustive grid, e.g. --grid k=2,3,4 d=1,2,3 (names as in --space or config keys)")

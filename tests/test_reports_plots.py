@@ -104,3 +104,26 @@ def test_phase_breakdown_heatmap_grid_and_hacking(ax, tmp_path):
     assert plots.reward_hacking_panel(axes[2], ev, "eval/tr", ["eval/ho"], [False, False, True]) is axes[2]
     assert plots.flag_spans([0, 1, 2, 3], [False, False, True, True]) == [(0.0, 3.0)]
     plt.close(fig)
+
+
+def test_colours_and_order_come_from_the_registry():
+    from bench.registry import ALGORITHMS
+    from reports.load import order_labels
+
+    # every registered algorithm has its own colour, set on its registry entry
+    assert all(e.color for e in ALGORITHMS.values())
+    assert {a: plots.color(a) for a in ALGORITHMS} == {a: e.color for a, e in ALGORITHMS.items()}
+    assert len({e.color for e in ALGORITHMS.values()}) == len(ALGORITHMS)
+    # tables and legends follow the registry's order, plug-ins after, controls last
+    names = list(ALGORITHMS)
+    shuffled = [(a, a) for a in reversed(names)] + [("mine", "mine"), ("dancegrpo-aa", "dancegrpo")]
+    assert order_labels(shuffled) == names + ["mine", "dancegrpo-aa"]
+
+
+def test_reference_defaults_arm_is_drawn_as_a_variant_of_its_algorithm():
+    assert plots.algo_of("dancegrpo-default") == "dancegrpo"
+    st = plots.styles(["dancegrpo", "dancegrpo-default"])
+    assert st["dancegrpo"]["color"] != st["dancegrpo-default"]["color"]
+    assert st["dancegrpo"]["linestyle"] != st["dancegrpo-default"]["linestyle"]
+    hue = [matplotlib.colors.rgb_to_hsv(matplotlib.colors.to_rgb(st[x]["color"]))[0] for x in st]
+    assert abs(hue[0] - hue[1]) < 0.02  # one hue, two shades

@@ -21,6 +21,8 @@ import json
 import tempfile
 from typing import Any
 
+from bench.registry import ALGORITHMS
+
 PHASES = ("rollout", "reward", "advantage", "update")
 
 
@@ -74,8 +76,7 @@ def _one(algo: str, model: str, profile: str, iterations: int, warmup: int, sets
     return row
 
 
-def validate(model: str = "shapes", profile: str = "shapes-cpu", algos: tuple[str, ...] = ("ddpo", "dancegrpo",
-             "mixgrpo", "treegrpo"), iterations: int = 4, warmup: int = 1,
+def validate(model: str = "shapes", profile: str = "shapes-cpu", algos: tuple[str, ...] | None = None, iterations: int = 4, warmup: int = 1,
              sets: dict[str, Any] | None = None, preset: str | None = None) -> dict[str, Any]:
     import torch
 
@@ -85,7 +86,7 @@ def validate(model: str = "shapes", profile: str = "shapes-cpu", algos: tuple[st
     out: dict[str, Any] = {"model": model, "profile": prof.describe(), "iterations": iterations, "warmup": warmup,
                            "torch_threads": torch.get_num_threads(), "overrides": sets or {}, "preset": preset,
                            "results": {}}
-    for algo in algos:
+    for algo in (tuple(ALGORITHMS) if algos is None else algos):  # default: every registered algorithm
         out["results"][algo] = _one(algo, model, profile, iterations, warmup, dict(sets or {}), preset)
     ratios = [r["ratio"] for r in out["results"].values()]
     out["within_20_percent"] = all(0.8 <= x <= 1.2 for x in ratios)
@@ -113,7 +114,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("validate-cost", help="modeled vs measured seconds per iteration for each algorithm")
     p.add_argument("--model", default="shapes")
     p.add_argument("--profile", default="shapes-cpu", help="cost profile (shipped name or JSON file)")
-    p.add_argument("--algos", default="ddpo,dancegrpo,mixgrpo,treegrpo")
+    p.add_argument("--algos", default=None, help="comma-separated algorithms (default: every registered one)")
     p.add_argument("--preset", default=None, help="algorithm preset for every algorithm (e.g. treegrpo-paper)")
     p.add_argument("--iterations", type=int, default=4, help="timed iterations per algorithm")
     p.add_argument("--warmup", type=int, default=1)
@@ -129,7 +130,8 @@ def main(a: Any) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    res = validate(a.model, a.profile, tuple(x.strip() for x in a.algos.split(",") if x.strip()), a.iterations,
+    algos = None if a.algos is None else tuple(x.strip() for x in a.algos.split(",") if x.strip())
+    res = validate(a.model, a.profile, algos, a.iterations,
                    a.warmup, parse_sets(a.sets), a.preset)
     print(format_table(res))
     with open(a.out, "w") as f:
