@@ -20,6 +20,12 @@ import torch
 from torch import Tensor
 
 from bench.errors import NonFiniteGrad
+
+#: The sampler of the SD3.5-medium papers' comparisons (TreeGRPO, Flow-GRPO, and the re-runs of DanceGRPO,
+#: MixGRPO and DDPO in the TreeGRPO paper): T = 10 steps, CFG 4.5, Flow-GRPO SDE noise level 0.7. Presets
+#: spread it (``{**PAPER_SAMPLER, ...}``); the model preset ``sd3.5-medium`` (bench.registry) repeats it
+#: because bench never imports algorithms.
+PAPER_SAMPLER = {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7}
 from bench.model.fsdp import full, scalar
 from bench.types import Rollout, TrainSpec, UpdateStats
 

@@ -41,6 +41,7 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    PAPER_SAMPLER,
     chain_edge_advantages,
     chain_step_edges,
     check_guard,
@@ -117,7 +118,7 @@ class DanceGRPO:
                             "algo.timestep_fraction": 0.6, "algo.clip_range": 1e-4, "train.optimizer_steps": 3},
         # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7;
         # DanceGRPO's trainer takes 3 optimizer steps per iteration (12 samples, GA 4, as above)
-        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "treegrpo-paper": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "train.optimizer_steps": 3},
     }
 

@@ -42,6 +42,7 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    PAPER_SAMPLER,
     PerPromptStatTracker,
     chain_edge_advantages,
     chain_step_edges,
@@ -125,7 +126,7 @@ class DDPO:
         # the TreeGRPO paper's comparison setting (SD3.5-M re-run, as dancegrpo's and mixgrpo's
         # "treegrpo-paper"): T = 10, CFG 4.5, Flow-GRPO SDE 0.7; DDPO's trainer takes 2 optimizer steps per
         # epoch (as above); its own settings (full fraction, stat tracking) stay at ddpo-pytorch's
-        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "treegrpo-paper": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "algo.timestep_fraction": 1.0,
                            "train.optimizer_steps": 2},
     }

@@ -67,6 +67,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    PAPER_SAMPLER,
     EMA_SNAPSHOT,
     KL_DIVISORS,
     chain_edge_advantages,
@@ -183,12 +184,12 @@ class FlowGRPO:
         # config/grpo.py::geneval_sd3 / general_ocr_sd3 (SD3.5-M): T = 10, CFG 4.5, a = 0.7, G = 24,
         # fraction 0.99, beta 0.04, global std; an optimizer step every num_batches_per_epoch // 2
         # batches -> 2 optimizer steps per epoch
-        "flowgrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "flowgrpo-paper": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
                            "algo.beta": 0.04, "algo.global_std": True, "algo.ema": True, "algo.ema_calls_per_step": 2,
                           "train.optimizer_steps": 2},
         # config/grpo.py::pickscore_sd3: as above with beta 0.01
-        "flowgrpo-pickscore": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "flowgrpo-pickscore": {**PAPER_SAMPLER,
                                "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.beta": 0.01,
                                "algo.global_std": True, "algo.ema": True, "algo.ema_calls_per_step": 2,
                           "train.optimizer_steps": 2},
@@ -214,7 +215,7 @@ class FlowGRPO:
         # noise 0.7, G = 24, fraction 0.99, no KL, per-prompt std, clip 2e-6, RatioNorm + reweighting,
         # gradient accumulation num_batches_per_epoch // 2 -> 2 optimizer steps per epoch; 16 GPUs x 9 images
         # of G = 24 -> 8 batches, GA 4 (EMA calls per step); its compute_log_prob keeps both CFG branches
-        "flowgrpo-guard": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "flowgrpo-guard": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "algo.group_size": 24, "algo.timestep_fraction": 0.99,
                            "algo.beta": 0.0, "algo.global_std": False, "algo.clip_range": 2e-6,
                            "algo.guard": True, "algo.cfg_grad": "both", "algo.ema": True,

@@ -51,6 +51,7 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    PAPER_SAMPLER,
     chain_edge_advantages,
     chain_step_edges,
     check_ppo_settings,
@@ -180,7 +181,7 @@ class MixGRPO:
                                  "algo.compress_ratio": 0.2, "train.optimizer_steps": 4},
         # the TreeGRPO paper's comparison setting (SD3.5-M re-run): T = 10, CFG 4.5, Flow-GRPO SDE 0.7;
         # MixGRPO's trainer takes 4 optimizer steps per iteration (12 samples, GA 3, as above)
-        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "treegrpo-paper": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "train.optimizer_steps": 4},
     }
     #: the released scripts decode the last sampled latent (``--drop_last_sample`` off)

@@ -59,6 +59,7 @@ import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    PAPER_SAMPLER,
     WEIGHTINGS,
     check_guard,
     check_ppo_settings,
@@ -188,12 +189,12 @@ class TreeGRPO:
         # the exact formula is not available; the released code averages uniformly).
         # Optimizer steps: train() sets GA = total_samples // 2 = 13 // 2 = 6 over the 13 parent nodes
         # of a k = 3, d = 3 tree -> 2 steps per iteration (the 13th node's gradient spills over)
-        "treegrpo-paper": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "treegrpo-paper": {**PAPER_SAMPLER,
                            "sampler.sde": "flow_grpo", "algo.k": 3, "algo.d": 3, "algo.window_mode": "random",
                            "algo.weighting": "softmax_logprob", "train.optimizer_steps": 2},
         # the released code's configs/base.yaml: k = 2, window = d = 4 from step 0, sliding by 1 every 50
         # iterations, uniform weights, summed children loss; GA = 15 // 2 = 7 over 15 parents -> 2 steps
-        "treegrpo-code": {"sampler.steps": 10, "sampler.guidance": 4.5, "sampler.noise_level": 0.7,
+        "treegrpo-code": {**PAPER_SAMPLER,
                           "sampler.sde": "flow_grpo", "algo.k": 2, "algo.d": 4, "algo.window": 4,
                           "algo.window_mode": "progressive", "algo.window_stride": 1,
                           "algo.shift_interval": 50, "algo.weighting": "uniform", "algo.loss_agg": "sum",
