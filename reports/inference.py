@@ -131,6 +131,25 @@ def welch_df(parts: Sequence[tuple[float, float]]) -> float:
     return total * total / den if den > 0 else math.inf
 
 
+def seeds_needed(sd_x: float, sd_b: float, effect: float, prompt_var: float = 0.0, alpha: float = ALPHA,
+                 power: float = POWER, max_n: int = 100) -> int | None:
+    """Power calculation for choosing the number of seeds: the smallest n (seeds per arm) whose MDE with t,
+    ``(t_{1-alpha/2, df} + t_{power, df}) x SE``, is at most ``effect``, where SE^2 = sd_x^2/n + sd_b^2/n +
+    ``prompt_var`` (the prompt term, which more seeds do not shrink) and df is Welch-Satterthwaite over the
+    two seed terms (n - 1 each). ``sd_*``: the seed-to-seed standard deviations of each arm's per-seed mean
+    gain (from a pilot). None when even ``max_n`` seeds cannot resolve ``effect`` (the prompt term alone
+    is too large: more eval prompts or images are needed, not more seeds)."""
+    if effect <= 0 or not np.isfinite(effect):
+        raise ValueError(f"effect must be a positive number, got {effect}")
+    for n in range(2, max_n + 1):
+        parts = [(sd_x * sd_x / n, n - 1), (sd_b * sd_b / n, n - 1)]
+        se = math.sqrt(sum(v for v, _ in parts) + prompt_var)
+        df = welch_df(parts + ([(prompt_var, math.inf)] if prompt_var > 0 else []))
+        if (t_ppf(1 - alpha / 2, df) + t_ppf(power, df)) * se <= effect:
+            return n
+    return None
+
+
 def _clean(v: Any) -> np.ndarray:
     a = np.asarray(v, dtype=float).reshape(-1)
     return a[np.isfinite(a)]

@@ -214,3 +214,18 @@ def test_coverage_over_three_to_ten_seeds_many_replicates():
         for model in ({}, {"interaction_sd": 0.03}, {"seed_sd": 0.01, "interaction_sd": 0.0}):
             cov = coverage.coverage_simulation(n, reps=20_000, seed=10 + n, **model)
             assert cov >= (0.92 if n >= 5 else 0.90), (n, model, cov)
+
+
+def test_seeds_needed_known_answers():
+    # equal seed sds 1, no prompt term: df = 2(n - 1). n = 5: (t_.975,8 2.306 + t_.8,8 0.889) x sqrt(2/5)
+    # = 2.021 > 2.0; n = 6: (2.228 + 0.879) x sqrt(2/6) = 1.794 <= 2.0 (t quantiles from printed tables)
+    from reports.inference import seeds_needed
+
+    assert seeds_needed(1.0, 1.0, 2.0) == 6
+    assert seeds_needed(1.0, 1.0, 2.03) == 5
+    # n = 3: (t_.975,4 2.776 + t_.8,4 0.941) x sqrt(2/3) = 3.035
+    assert seeds_needed(1.0, 1.0, 3.04) == 3 and seeds_needed(1.0, 1.0, 3.03) == 4
+    # a prompt term that alone exceeds the effect cannot be beaten by seeds
+    assert seeds_needed(0.1, 0.1, 0.5, prompt_var=0.25) is None
+    with pytest.raises(ValueError):
+        seeds_needed(1.0, 1.0, 0.0)
