@@ -74,7 +74,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import chain_edge_advantages, flow_grpo_advantages, optimizer_step, per_term_noise
+from algorithms.common import (
+    chain_edge_advantages,
+    check_count,
+    check_fraction,
+    flow_grpo_advantages,
+    optimizer_step,
+    per_term_noise,
+)
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -249,9 +256,7 @@ class AWMConfig:
     ema: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for per-prompt advantages, got "
-                             f"{self.group_size!r}")
+        check_count(self, "group_size", 2, "for per-prompt advantages")
         if not float(self.std_eps) >= 0:
             raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
         if not float(self.adv_clip_max) > 0:
@@ -260,10 +265,8 @@ class AWMConfig:
             raise ValueError(f"algo.advantage_max must be > 0 or null, got {self.advantage_max!r}")
         if not float(self.clip_range) > 0:
             raise ValueError(f"algo.clip_range must be > 0, got {self.clip_range!r}")
-        if not isinstance(self.train_timesteps, int) or self.train_timesteps < 1:
-            raise ValueError(f"algo.train_timesteps must be an integer >= 1, got {self.train_timesteps!r}")
-        if not 0.0 < float(self.timestep_fraction) <= 1.0:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        check_count(self, "train_timesteps", 1)
+        check_fraction(self, "timestep_fraction")
         for key, value, valid in (("time_type", self.time_type, TIME_TYPES), ("weighting", self.weighting, WEIGHTINGS),
                                   ("kl_weight", self.kl_weight, KL_WEIGHTS),
                                   ("kl_ema_weight", self.kl_ema_weight, KL_WEIGHTS),

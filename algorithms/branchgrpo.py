@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import check_ppo_settings, ppo_update, tree_backup
+from algorithms.common import check_count, check_fraction, check_ppo_settings, ppo_update, tree_backup
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -154,8 +154,7 @@ class BranchGRPOConfig:
         object.__setattr__(self, "depth_pruning", tuple(int(d) for d in self.depth_pruning))
         if not isinstance(self.k, int) or self.k < 2:
             raise ValueError(f"algo.k must be an integer >= 2 (children per split), got {self.k!r}")
-        if not isinstance(self.split_rounds, int) or self.split_rounds < 1:
-            raise ValueError(f"algo.split_rounds must be an integer >= 1, got {self.split_rounds!r}")
+        check_count(self, "split_rounds", 1)
         if any(p < 0 for p in self.split_points):
             raise ValueError(f"algo.split_points must be >= 0, got {self.split_points!r}")
         if not float(self.split_noise_scale) > 0:
@@ -165,15 +164,13 @@ class BranchGRPOConfig:
         if self.width_pruning not in WIDTH_PRUNING:
             raise ValueError(f"algo.width_pruning must be one of {', '.join(WIDTH_PRUNING)}, "
                              f"got {self.width_pruning!r}")
-        if not 0.0 < float(self.width_pruning_ratio) <= 1.0:
-            raise ValueError(f"algo.width_pruning_ratio must be in (0, 1], got {self.width_pruning_ratio!r}")
+        check_fraction(self, "width_pruning_ratio")
         if not isinstance(self.depth_pruning_slide_interval, int) or self.depth_pruning_slide_interval < 1:
             raise ValueError("algo.depth_pruning_slide_interval must be an integer >= 1, "
                              f"got {self.depth_pruning_slide_interval!r}")
         if self.update not in UPDATES:
             raise ValueError(f"algo.update must be one of {', '.join(UPDATES)}, got {self.update!r}")
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
-            raise ValueError(f"algo.grad_accum must be an integer >= 1, got {self.grad_accum!r}")
+        check_count(self, "grad_accum", 1)
         if self.mix_ode_sde:
             raise NotImplementedError("algo.mix_ode_sde: the released code's mixed ODE/SDE tree (off in its "
                                       "recipe) is not implemented")

@@ -209,6 +209,20 @@ def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: st
     return out
 
 
+def check_count(config: Any, key: str, low: int, why: str = "") -> None:
+    """``algo.<key>`` must be an integer (not a bool) >= ``low``; ``why`` completes the message."""
+    v = getattr(config, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ValueError(f"algo.{key} must be an integer >= {low}{' ' + why if why else ''}, got {v!r}")
+
+
+def check_fraction(config: Any, key: str) -> None:
+    """``algo.<key>`` must be a number in (0, 1]."""
+    v = getattr(config, key)
+    if not 0.0 < float(v) <= 1.0:
+        raise ValueError(f"algo.{key} must be in (0, 1], got {v!r}")
+
+
 def check_ppo_settings(config: Any) -> None:
     """The checks every algorithm's Config shares (each raises ValueError naming the ``algo.<key>``):
     clip_range > 0, adv_clip_max > 0, std_eps >= 0 (when the config has it), beta >= 0."""

@@ -44,6 +44,8 @@ from algorithms.common import (
     PAPER_SAMPLER,
     chain_edge_advantages,
     chain_step_edges,
+    check_count,
+    check_fraction,
     check_guard,
     check_ppo_settings,
     group_normalize,
@@ -94,11 +96,8 @@ class DanceGRPOConfig:
     guard: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
-                             f"got {self.group_size!r}")
-        if not 0.0 < float(self.timestep_fraction) <= 1.0:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        check_count(self, "group_size", 2, "for group-relative advantages")
+        check_fraction(self, "timestep_fraction")
         check_ppo_settings(self)
 
 

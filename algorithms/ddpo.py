@@ -46,6 +46,8 @@ from algorithms.common import (
     PerPromptStatTracker,
     chain_edge_advantages,
     chain_step_edges,
+    check_count,
+    check_fraction,
     check_ppo_settings,
     ppo_update,
     random_step_subset,
@@ -95,14 +97,10 @@ class DDPOConfig:
     beta: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"algo.group_size must be an integer >= 1, got {self.group_size!r}")
-        if not 0.0 < float(self.timestep_fraction) <= 1.0:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
-        if not isinstance(self.buffer_size, int) or self.buffer_size < 1:
-            raise ValueError(f"algo.buffer_size must be an integer >= 1, got {self.buffer_size!r}")
-        if not isinstance(self.min_count, int) or self.min_count < 1:
-            raise ValueError(f"algo.min_count must be an integer >= 1, got {self.min_count!r}")
+        check_count(self, "group_size", 1)
+        check_fraction(self, "timestep_fraction")
+        check_count(self, "buffer_size", 1)
+        check_count(self, "min_count", 1)
         if self.per_prompt_stat_tracking and self.min_count > self.buffer_size:
             raise ValueError(f"algo.min_count ({self.min_count}) > algo.buffer_size ({self.buffer_size}): "
                              f"per-prompt statistics would never be used")

@@ -68,7 +68,9 @@ from torch.optim import Optimizer
 from algorithms.common import (
     EMA_SNAPSHOT,
     chain_edge_advantages,
+    check_count,
     check_ema_settings,
+    check_fraction,
     ema_schedule,
     flow_grpo_advantages,
     optimizer_step,
@@ -197,9 +199,7 @@ class DiffusionNFTConfig:
     ema_decay: float = 0.9
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for per-prompt advantages, got "
-                             f"{self.group_size!r}")
+        check_count(self, "group_size", 2, "for per-prompt advantages")
         if not float(self.beta) > 0:
             raise ValueError(f"algo.beta must be > 0 (the loss divides by it), got {self.beta!r}")
         if not float(self.kl_beta) >= 0:
@@ -210,8 +210,7 @@ class DiffusionNFTConfig:
             raise ValueError(f"algo.adv_mode must be one of {', '.join(ADV_MODES)}, got {self.adv_mode!r}")
         if not float(self.adv_clip_max) > 0:
             raise ValueError(f"algo.adv_clip_max must be > 0, got {self.adv_clip_max!r}")
-        if not 0.0 < float(self.timestep_fraction) <= 1.0:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        check_fraction(self, "timestep_fraction")
         if not float(self.std_eps) >= 0:
             raise ValueError(f"algo.std_eps must be >= 0, got {self.std_eps!r}")
         if self.solver not in SOLVERS:

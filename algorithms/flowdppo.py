@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import PPOTerms, chain_edge_advantages, chain_step_edges, ppo_update
+from algorithms.common import PPOTerms, chain_edge_advantages, chain_step_edges, check_count, ppo_update
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.errors import NonFiniteGrad
@@ -109,9 +109,7 @@ class FlowDPPOConfig:
     shared_noise: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
-                             f"got {self.group_size!r}")
+        check_count(self, "group_size", 2, "for group-relative advantages")
         if self.num_sde_steps is not None and (not isinstance(self.num_sde_steps, int) or self.num_sde_steps < 1):
             raise ValueError(f"algo.num_sde_steps must be an integer >= 1 (or null = the whole pool), "
                              f"got {self.num_sde_steps!r}")

@@ -67,12 +67,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
-    PAPER_SAMPLER,
     EMA_SNAPSHOT,
     KL_DIVISORS,
+    PAPER_SAMPLER,
     chain_edge_advantages,
     chain_step_edges,
+    check_count,
     check_ema_settings,
+    check_fraction,
     check_guard,
     check_ppo_settings,
     ema_schedule,
@@ -156,15 +158,11 @@ class FlowGRPOConfig:
     guard: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
-                             f"got {self.group_size!r}")
-        if not 0.0 < float(self.timestep_fraction) <= 1.0:
-            raise ValueError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction!r}")
+        check_count(self, "group_size", 2, "for group-relative advantages")
+        check_fraction(self, "timestep_fraction")
         if self.kl_divisor not in KL_DIVISORS:
             raise ValueError(f"algo.kl_divisor must be one of {', '.join(KL_DIVISORS)}, got {self.kl_divisor!r}")
-        if not isinstance(self.sde_window_size, int) or self.sde_window_size < 0:
-            raise ValueError(f"algo.sde_window_size must be an integer >= 0, got {self.sde_window_size!r}")
+        check_count(self, "sde_window_size", 0)
         rng = tuple(int(v) for v in self.sde_window_range)
         if rng and (len(rng) != 2 or not 0 <= rng[0] < rng[1]):
             raise ValueError(f"algo.sde_window_range must be empty or (lo, hi) with 0 <= lo < hi, "

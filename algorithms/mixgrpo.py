@@ -54,6 +54,8 @@ from algorithms.common import (
     PAPER_SAMPLER,
     chain_edge_advantages,
     chain_step_edges,
+    check_count,
+    check_fraction,
     check_ppo_settings,
     group_normalize,
     ppo_update,
@@ -127,20 +129,14 @@ class MixGRPOConfig:
     beta: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 2:
-            raise ValueError(f"algo.group_size must be an integer >= 2 for group-relative advantages, "
-                             f"got {self.group_size!r}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"algo.window must be an integer >= 1, got {self.window!r}")
-        if not isinstance(self.window_stride, int) or self.window_stride < 0:
-            raise ValueError(f"algo.window_stride must be an integer >= 0, got {self.window_stride!r}")
-        if not isinstance(self.shift_interval, int) or self.shift_interval < 1:
-            raise ValueError(f"algo.shift_interval must be an integer >= 1, got {self.shift_interval!r}")
+        check_count(self, "group_size", 2, "for group-relative advantages")
+        check_count(self, "window", 1)
+        check_count(self, "window_stride", 0)
+        check_count(self, "shift_interval", 1)
         if self.sample_strategy not in SAMPLE_STRATEGIES:
             raise ValueError(f"algo.sample_strategy must be one of {', '.join(SAMPLE_STRATEGIES)}, "
                              f"got {self.sample_strategy!r}")
-        if not 0.0 < float(self.compress_ratio) <= 1.0:
-            raise ValueError(f"algo.compress_ratio must be in (0, 1], got {self.compress_ratio!r}")
+        check_fraction(self, "compress_ratio")
         if self.multi_reward not in MULTI_REWARD:
             raise ValueError(f"algo.multi_reward must be one of {', '.join(MULTI_REWARD)}, "
                              f"got {self.multi_reward!r}")

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import chain_step_edges, optimizer_step
+from algorithms.common import chain_step_edges, check_count, optimizer_step
 from bench.engine import sde
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -120,15 +120,13 @@ class ReFLConfig:
     ema: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"algo.group_size must be an integer >= 1, got {self.group_size!r}")
+        check_count(self, "group_size", 1)
         rng = tuple(int(v) for v in self.stop_steps)
         if rng and (len(rng) != 2 or (rng[0] < 0) != (rng[1] < 0) or rng[0] > rng[1]):
             raise ValueError(f"algo.stop_steps must be empty or (lo, hi) with lo <= hi, both >= 0 or both < 0 "
                              f"(counted from the end), got {self.stop_steps!r}")
         object.__setattr__(self, "stop_steps", rng)
-        if not isinstance(self.grad_steps, int) or self.grad_steps < 1:
-            raise ValueError(f"algo.grad_steps must be an integer >= 1, got {self.grad_steps!r}")
+        check_count(self, "grad_steps", 1)
         if self.solver not in SOLVERS:
             raise ValueError(f"algo.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.loss not in LOSSES:

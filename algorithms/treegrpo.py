@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from algorithms.common import (
     PAPER_SAMPLER,
     WEIGHTINGS,
+    check_count,
     check_guard,
     check_ppo_settings,
     group_normalize,
@@ -156,14 +157,11 @@ class TreeGRPOConfig:
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"algo.window_mode must be one of {', '.join(WINDOW_MODES)}, "
                              f"got {self.window_mode!r}")
-        if not isinstance(self.window_stride, int) or self.window_stride < 0:
-            raise ValueError(f"algo.window_stride must be an integer >= 0, got {self.window_stride!r}")
-        if not isinstance(self.shift_interval, int) or self.shift_interval < 1:
-            raise ValueError(f"algo.shift_interval must be an integer >= 1, got {self.shift_interval!r}")
+        check_count(self, "window_stride", 0)
+        check_count(self, "shift_interval", 1)
         if self.branch_at not in BRANCH_AT:
             raise ValueError(f"algo.branch_at must be one of {', '.join(BRANCH_AT)}, got {self.branch_at!r}")
-        if not isinstance(self.trees_per_prompt, int) or self.trees_per_prompt < 1:
-            raise ValueError(f"algo.trees_per_prompt must be an integer >= 1, got {self.trees_per_prompt!r}")
+        check_count(self, "trees_per_prompt", 1)
         if self.k ** self.d * self.trees_per_prompt < 2:
             raise ValueError("a prompt needs at least 2 leaves for group-relative advantages: raise algo.k "
                              "or algo.trees_per_prompt")
