@@ -58,7 +58,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import check_count, check_fraction, check_ppo_settings, ppo_update, tree_backup
+from algorithms.common import (
+    check_count,
+    check_fraction,
+    check_ppo_settings,
+    config_ppo_update,
+    tree_backup,
+)
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -306,9 +312,7 @@ class BranchGRPO:
             ga = self.config.grad_accum
             kw = {"share_parents": False, "edges_per_step": ga,
                   "loss_denom": float(ga * max(1, int(edges.numel()) // trees))}
-        stats = ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                           clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                           beta=self.config.beta, **kw)
+        stats = config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge, **kw)
         total = int(rollout.trainable.sum())
         metrics = {**stats.metrics, "branchgrpo/trained_edges": float(edges.numel()),
                    "branchgrpo/pruned_edges": float(total - edges.numel())}

@@ -466,6 +466,17 @@ def optimizer_step(optimizer: Any, params: Sequence[Tensor], max_grad_norm: floa
     return grad_norm
 
 
+def config_ppo_update(c: Any, train: Any, policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor,
+                      adv: Tensor, **kw: Any) -> UpdateStats:
+    """:func:`ppo_update` of ``edges`` with the PPO settings a Config carries (``clip_range``, ``adv_clip_max``,
+    ``beta``) and, when it has ``guard`` set, GRPO-Guard's surrogate; ``adv``: every edge's advantage
+    (``Advantages.edge``); ``kw``: the rest of ``ppo_update``'s options."""
+    if getattr(c, "guard", False):
+        kw.setdefault("surrogate", guard_surrogate(rollout, c.clip_range, c.adv_clip_max))
+    return ppo_update(policy, engine, optimizer, rollout, edges, adv[edges], train=train, clip_range=c.clip_range,
+                      adv_clip_max=c.adv_clip_max, beta=c.beta, **kw)
+
+
 def ppo_update(policy: Any, engine: Any, optimizer: Any, rollout: Rollout, edges: Tensor, adv: Tensor, *,
                train: TrainSpec, clip_range: float | None = None, adv_clip_max: float | None = None,
                beta: float = 0.0, reduction: str = "mean", kl_divisor: str = "step_std",

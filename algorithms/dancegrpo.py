@@ -48,9 +48,8 @@ from algorithms.common import (
     check_fraction,
     check_guard,
     check_ppo_settings,
+    config_ppo_update,
     group_normalize,
-    guard_surrogate,
-    ppo_update,
     random_step_subset,
 )
 from bench.engine.rollout import RolloutEngine
@@ -169,9 +168,7 @@ class DanceGRPO:
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
         c = self.config
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
-                          surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None)
+        return config_ppo_update(c, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}

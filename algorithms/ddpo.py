@@ -49,7 +49,7 @@ from algorithms.common import (
     check_count,
     check_fraction,
     check_ppo_settings,
-    ppo_update,
+    config_ppo_update,
     random_step_subset,
 )
 from bench.engine.rollout import RolloutEngine
@@ -192,9 +192,7 @@ class DDPO:
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
         edges = self._trained_edges(rollout)
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta)
+        return config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config), "tracker": self.tracker.state_dict()}

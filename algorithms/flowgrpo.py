@@ -77,10 +77,9 @@ from algorithms.common import (
     check_fraction,
     check_guard,
     check_ppo_settings,
+    config_ppo_update,
     ema_schedule,
     flow_grpo_advantages,
-    guard_surrogate,
-    ppo_update,
 )
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -313,11 +312,8 @@ class FlowGRPO:
                 if kk == k:
                     engine.snapshots.blend(EMA_SNAPSHOT, d)
 
-        stats = ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                           clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
-                           kl_divisor=c.kl_divisor,
-                           surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None,
-                           on_step=ema_step if c.ema else None)
+        stats = config_ppo_update(c, self.train, policy, engine, optimizer, rollout, edges, adv.edge,
+                                  kl_divisor=c.kl_divisor, on_step=ema_step if c.ema else None)
         self.optimizer_steps_total += stats.optimizer_steps
         return stats
 

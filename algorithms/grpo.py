@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch.optim import Optimizer
 
-from algorithms.common import chain_edge_advantages, group_normalize, ppo_update
+from algorithms.common import chain_edge_advantages, config_ppo_update, group_normalize
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -90,9 +90,7 @@ class GRPO:
         edges = torch.nonzero(rollout.trainable).flatten()
         perm = torch.randperm(edges.numel(), generator=generator(self.seed, rollout.iteration, "update"))
         edges = edges[perm]
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta)
+        return config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}

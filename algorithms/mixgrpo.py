@@ -57,8 +57,8 @@ from algorithms.common import (
     check_count,
     check_fraction,
     check_ppo_settings,
+    config_ppo_update,
     group_normalize,
-    ppo_update,
     progressive_window_start,
     weighted_advantage_sum,
 )
@@ -296,9 +296,7 @@ class MixGRPO:
         gen = generator(self.seed, rollout.iteration, "update")
         edges = step_edges[torch.randperm(step_edges.shape[0], generator=gen)].flatten()
         edges = edges[(edges >= 0) & rollout.trainable[edges.clamp_min(0)]]
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=self.config.clip_range, adv_clip_max=self.config.adv_clip_max,
-                          beta=self.config.beta)
+        return config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
     def state_dict(self) -> dict:
         # the window is a pure function of the iteration (``plan`` keeps no state): nothing to restore

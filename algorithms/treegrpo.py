@@ -64,9 +64,8 @@ from algorithms.common import (
     check_count,
     check_guard,
     check_ppo_settings,
+    config_ppo_update,
     group_normalize,
-    guard_surrogate,
-    ppo_update,
     progressive_window_start,
     tree_backup,
 )
@@ -284,10 +283,8 @@ class TreeGRPO:
         gen = generator(self.seed, rollout.iteration, "update")
         edges = edges[torch.randperm(edges.numel(), generator=gen)]
         c = self.config
-        return ppo_update(policy, engine, optimizer, rollout, edges, adv.edge[edges], train=self.train,
-                          clip_range=c.clip_range, adv_clip_max=c.adv_clip_max, beta=c.beta,
-                          reduction="sum_children" if c.loss_agg == "sum" else "mean",
-                          surrogate=guard_surrogate(rollout, c.clip_range, c.adv_clip_max) if c.guard else None)
+        return config_ppo_update(c, self.train, policy, engine, optimizer, rollout, edges, adv.edge,
+                                 reduction="sum_children" if c.loss_agg == "sum" else "mean")
 
     def state_dict(self) -> dict:
         return {"config": asdict(self.config)}
