@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default: the algorithm's own search_default (every algorithm's space: "
                                    "docs/SWEEPS.md)")
     p.add_argument("--space-file", help="YAML search space (docs/SWEEPS.md); --space then selects from it")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="narrow a numeric parameter of the space to [LOW, HIGH] (repeatable), e.g. "
+                        "--range lr=1e-5:2e-4; its scale (log or not) is kept")
     p.add_argument("--grid", nargs="+", action="extend", metavar="NAME=V1,V2",
                    help="exhaustive grid, e.g. --grid k=2,3,4 d=1,2,3 (names as in --space or config keys)")
     p.add_argument("--trials", type=int, help="trials in the study in total, over all workers (default 20; "
@@ -115,14 +118,16 @@ def _space(a: argparse.Namespace):
 
     names = [n.strip() for n in a.space.split(",") if n.strip()] if a.space else None
     if a.grid:
-        if a.space or a.space_file:
-            raise UsageError("--grid enumerates a fixed grid and cannot be combined with --space/--space-file; "
+        if a.space or a.space_file or a.range:
+            raise UsageError("--grid enumerates a fixed grid and cannot be combined with --space/--space-file/--range; "
                              "fix other settings with --set")
         grid, keys = spaces.parse_grid(a.grid, a.algo)
         return spaces.grid_space(grid, keys), grid
     if a.space_file:
-        return spaces.select(spaces.load_space_file(a.space_file, a.algo), names), None
-    return spaces.builtin_space(a.algo, names), None
+        space = spaces.select(spaces.load_space_file(a.space_file, a.algo), names)
+    else:
+        space = spaces.builtin_space(a.algo, names)
+    return spaces.with_ranges(space, spaces.parse_ranges(a.range)), None
 
 
 def _check_space_keys(space: Any, base_cfg: dict[str, Any]) -> None:

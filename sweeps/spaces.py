@@ -21,6 +21,7 @@ combinations raise ``InvalidCombination``; the objective prunes such trials with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -326,6 +327,46 @@ def load_space_file(path: str | Path, algo: str) -> Space:
 
     data = read_yaml_file(path, "space file")
     return space_from_dict(data, algo, where=f"space file {Path(path)}")
+
+
+def parse_ranges(items: Iterable[str]) -> dict[str, tuple[float, float]]:
+    """``["lr=1e-5:2e-4"]`` -> {"lr": (1e-5, 2e-4)} (``--range``), checked: numbers, LOW < HIGH, each once."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in items:
+        name, sep, rng = str(item).partition("=")
+        lo, sep2, hi = rng.partition(":")
+        try:
+            if not (sep and sep2 and name.strip()):
+                raise ValueError
+            low, high = float(lo), float(hi)
+        except ValueError:
+            raise UsageError(f"--range {item!r}: expected NAME=LOW:HIGH with two numbers, e.g. lr=1e-5:2e-4") from None
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise UsageError(f"--range {item!r}: needs finite LOW < HIGH")
+        if name.strip() in out:
+            raise UsageError(f"--range names {name.strip()!r} twice")
+        out[name.strip()] = (low, high)
+    return out
+
+
+def with_ranges(space: Space, ranges: Mapping[str, tuple[float, float]]) -> Space:
+    """The space with the named numeric parameters' bounds replaced (their kind, scale and step kept)."""
+    if not ranges:
+        return space
+    params = {p.name: p for p in space.params}
+    for name, (low, high) in ranges.items():
+        p = params.get(name)
+        if p is None:
+            raise UsageError(did_you_mean(name, list(params), "--range parameter (not in the searched space):"))
+        if p.kind not in ("int", "float"):
+            raise UsageError(f"--range {name}: {name!r} is {p.kind}, not a numeric parameter")
+        if p.log and low <= 0:
+            raise UsageError(f"--range {name}: {name!r} is searched on a log scale and needs LOW > 0, got {low:g}")
+        if p.kind == "int" and (low != int(low) or high != int(high)):
+            raise UsageError(f"--range {name}: {name!r} is an integer parameter: give integer bounds")
+        cast = int if p.kind == "int" else float
+        params[name] = dataclasses.replace(p, low=cast(low), high=cast(high))
+    return Space(tuple(params[p.name] for p in space.params), space.constraints, space.fixed)
 
 
 def select(space: Space, names: Sequence[str] | None) -> Space:

@@ -108,6 +108,9 @@ def test_tuning_space_cadence_and_tuned_arms(tmp_path):
     (["--tune", "lr", "--tune-budget", "3it", "--seeds", "0,2000"], "seed 2000"),
     (["--tune", "lr", "--tune-budget", "3it", "--tune-trials", "0"], "--tune-trials"),
     (["--tune", "bogus", "--tune-budget", "3it"], "no compared algorithm declares it"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "lr=2e-4:1e-5"], "LOW < HIGH"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "timestep_fraction=0.1:0.5"], "is not tuned"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "lr=abc"], "KEY=LOW:HIGH"),
 ])
 def test_tune_usage_errors(tmp_path, capsys, argv, msg):
     assert compare.main(["--algos", "dancegrpo", "--budget", "2it", "--out", str(tmp_path / "x"), *argv]) == 2
@@ -133,3 +136,26 @@ def test_compare_tune_end_to_end_on_tiny_random(tmp_path):
         assert lr == pytest.approx(info["overrides"]["train.lr"], rel=1e-12)
         default = json.loads((out / f"{a}-default" / "seed0" / "manifest.json").read_text())["config"]["train"]["lr"]
         assert default == 1e-4  # the tiny-random preset's reference value
+
+
+def test_tune_range_reaches_every_study_and_narrows_the_space():
+    from sweeps import spaces
+
+    assert tune_mod.parse_ranges(["lr=1e-5:2e-4"], ["lr", "timestep_fraction"]) == {"lr": [1e-5, 2e-4]}
+    # passed to the studies of the algorithms that tune the key, not to the others
+    cmd = tune_mod.sweep_command(["bench"], "treegrpo", ["lr"], 4, "3it", Path("o"), "eval/x", [],
+                                 ["lr=1e-5:2e-4", "timestep_fraction=0.2:0.5"])
+    assert cmd[cmd.index("--range") + 1] == "lr=1e-5:2e-4" and cmd.count("--range") == 1
+    space = spaces.with_ranges(spaces.builtin_space("dancegrpo", ["lr", "timestep_fraction"]),
+                               spaces.parse_ranges(["lr=1e-5:2e-4"]))
+    lr = {p.name: p for p in space.params}["lr"]
+    assert (lr.low, lr.high, lr.log) == (1e-5, 2e-4, True)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        t = study.ask()
+        assert 1e-5 <= space(t)["train.lr"] <= 2e-4
+        study.tell(t, 0.0)
+    for bad, msg in ((["lr=0:1e-3"], "LOW > 0"), (["k=2:3"], "not in the searched space"),
+                     (["lr=1e-5:1e-5"], "LOW < HIGH"), (["lr=1e-5:2e-4", "lr=1e-5:3e-4"], "twice")):
+        with pytest.raises(UsageError, match=msg):
+            spaces.with_ranges(spaces.builtin_space("dancegrpo", ["lr"]), spaces.parse_ranges(bad))

@@ -158,6 +158,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                         "runs tuned (label <algo>) and with reference defaults (<algo>-default). Studies and "
                         "tuned settings: DIR/tuning/<algo>/ (docs/REPORTS.md)")
     p.add_argument("--tune-trials", type=int, default=8, help="trials per algorithm with --tune (default 8)")
+    p.add_argument("--tune-range", action="append", default=[], metavar="KEY=LOW:HIGH",
+                   help="narrow a tuned parameter's range for every algorithm alike (repeatable), e.g. "
+                        "--tune-range lr=1e-5:2e-4 (default: the built-in range, lr 1e-6..1e-3)")
     p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
                                                        "(required with --tune)")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
@@ -488,6 +491,7 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     if tune_mod.TUNE_SEED in used:
         raise UsageError(f"--tune trains its trials at seed {tune_mod.TUNE_SEED}: leave it out of --seeds")
     keys = tune_mod.keys_per_algo(algos, tune_mod.parse_keys(args.tune))
+    args.tune_ranges = tune_mod.parse_ranges(args.tune_range, tune_mod.parse_keys(args.tune))
     flags = {"algo.name": algos[0], "model.name": args.model, "model.path": args.model_path,
              "reward.name": args.reward, "budget": args.tune_budget, "seed": tune_mod.TUNE_SEED,
              "model.device": args.device}
@@ -498,7 +502,7 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     objective, note = tune_mod.heldout_metric(cfg)
     args.tune_objective, args.tune_note = objective, note
     return {a: (keys[a], tune_mod.sweep_command(RUNNER, a, keys[a], args.tune_trials, args.tune_budget, out,
-                                                objective, extra)) for a in algos}
+                                                objective, extra, args.tune_range)) for a in algos}
 
 
 def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Path,
@@ -519,7 +523,8 @@ def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Pat
         raise UsageError(f"tuning refused: {', '.join(refused)} (see the message above); use another --out or "
                          f"the tuning options DIR was tuned with")
     for a, (names, _) in plan.items():
-        info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note)
+        info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note,
+                                    ranges=args.tune_ranges)
         got = info["overrides"]
         print(f"== [tune {a}] {'best ' + ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in got.items()) if got else info['note']}"
               f" ({', '.join(f'{n} {s.lower()}' for s, n in sorted(info['states'].items()))}) -> "

@@ -25,6 +25,7 @@ then runs ``<algo>`` with its tuned overrides and ``<algo>-default`` (reference 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,23 +91,48 @@ def heldout_metric(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
                                   f"be detected or rejected (add one with --eval-rewards {train},<held-out reward>)")
 
 
+def parse_ranges(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[float]]:
+    """``--tune-range KEY=LOW:HIGH`` items -> {KEY: [LOW, HIGH]}: each KEY one of the ``--tune`` keys, given
+    once, LOW < HIGH (the sweep checks the rest against the parameter: log scale needs LOW > 0)."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        key, sep, rng = str(item).partition("=")
+        lo, sep2, hi = rng.partition(":")
+        key = key.strip()
+        try:
+            if not (sep and sep2 and key):
+                raise ValueError
+            low, high = float(lo), float(hi)
+        except ValueError:
+            raise UsageError(f"--tune-range {item!r}: expected KEY=LOW:HIGH, e.g. lr=1e-5:2e-4") from None
+        if key not in keys:
+            raise UsageError(f"--tune-range {item!r}: {key!r} is not tuned (--tune {','.join(keys)})")
+        if key in out:
+            raise UsageError(f"--tune-range names {key!r} twice")
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise UsageError(f"--tune-range {item!r}: needs finite LOW < HIGH")
+        out[key] = [low, high]
+    return out
+
+
 def tuning_dir(out: Path, algo: str) -> Path:
     return Path(out) / "tuning" / algo
 
 
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
-                  out: Path, objective: str, extra: Sequence[str]) -> list[str]:
+                  out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = ()) -> list[str]:
     """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite)."""
     passed = [x for x in extra if x != "--overwrite"]
     return [*runner, "sweep", "--algo", algo, "--space", ",".join(names), "--trials", str(trials),
             "--budget-per-trial", budget, "--objective", objective, "--pruner", "hyperband",
             "--sampler-seed", "0", "--seed", str(TUNE_SEED), "--study", f"tune-{algo}",
             "--reject-hacking", "--validation-split", "--out", str(tuning_dir(out, algo)),
+            *[x for r in ranges if r.partition("=")[0].strip() in names for x in ("--range", r)],
             *passed, "--set", f"eval.every={eval_every(budget)}"]
 
 
 def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget: str, objective: str,
-                objective_note: str | None = None) -> dict:
+                objective_note: str | None = None, ranges: Mapping[str, Sequence[float]] | None = None) -> dict:
     """Read the finished study's sweep.json and write ``tuned.json``: the best trial's overrides (None when
     no trial completed without being pruned, rejected or failing: the tuned arm then runs the reference
     defaults, and the file says so)."""
@@ -116,7 +142,8 @@ def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget:
     except (OSError, json.JSONDecodeError):
         sweep = {}
     best = sweep.get("best")
-    info = {"algo": algo, "space": list(names), "objective": objective, "objective_note": objective_note,
+    info = {"algo": algo, "space": list(names), "ranges": {k: list(v) for k, v in (ranges or {}).items() if k in names},
+            "objective": objective, "objective_note": objective_note,
             "trials": trials,
             "budget_per_trial": budget, "eval_every": eval_every(budget), "seed": TUNE_SEED,
             "validation_prompts": str((d / "validation.jsonl").resolve()), "pruner": "hyperband",
