@@ -66,8 +66,7 @@ Where treebench differs, and why:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -75,6 +74,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    StepCountState,
     chain_edge_advantages,
     check_count,
     check_fraction,
@@ -286,7 +286,7 @@ class AWMConfig:
                                       "and checkpoints; the harness evaluates the trained weights")
 
 
-class AWM:
+class AWM(StepCountState):
     name: ClassVar[str] = "awm"
     Config: ClassVar[type] = AWMConfig
     #: no sampling log-probs: approx_kl, clip_frac and first_ratio are NaN (null in iterations.jsonl)
@@ -456,8 +456,3 @@ class AWM:
         sums["t"] += float(t.sum())
         return nfe
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config), "optimizer_steps_total": self.optimizer_steps_total}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer_steps_total = int(state.get("optimizer_steps_total", 0))

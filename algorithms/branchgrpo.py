@@ -51,14 +51,15 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    ConfigState,
     check_count,
     check_fraction,
     check_ppo_settings,
@@ -183,7 +184,7 @@ class BranchGRPOConfig:
         check_ppo_settings(self)
 
 
-class BranchGRPO:
+class BranchGRPO(ConfigState):
     name: ClassVar[str] = "branchgrpo"
     Config: ClassVar[type] = BranchGRPOConfig
     FINAL_IMAGE: ClassVar[str] = "x0"
@@ -318,8 +319,3 @@ class BranchGRPO:
                    "branchgrpo/pruned_edges": float(total - edges.numel())}
         return replace(stats, metrics=metrics)
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -207,6 +207,32 @@ def tree_backup(parent: Tensor, leaf_values: Tensor, logp: Tensor, weighting: st
     out = value.float()
     out[~has_parent] = float("nan")
     return out
+
+
+class ConfigState:
+    """``state_dict`` / ``load_state_dict`` of an algorithm that keeps nothing between iterations but its
+    settings: the checkpoint records them (``{"config": ...}``) and resuming restores nothing."""
+
+    config: Any
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+class StepCountState(ConfigState):
+    """As :class:`ConfigState`, plus the optimizer steps taken so far (``optimizer_steps_total``), which the
+    algorithm's schedules (EMA decay, old-policy decay) depend on and a resumed run must continue from."""
+
+    optimizer_steps_total: int
+
+    def state_dict(self) -> dict:
+        return {"config": asdict(self.config), "optimizer_steps_total": self.optimizer_steps_total}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer_steps_total = int(state.get("optimizer_steps_total", 0))
 
 
 def check_count(config: Any, key: str, low: int, why: str = "") -> None:

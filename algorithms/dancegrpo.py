@@ -34,14 +34,15 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
     PAPER_SAMPLER,
+    ConfigState,
     chain_edge_advantages,
     chain_step_edges,
     check_count,
@@ -100,7 +101,7 @@ class DanceGRPOConfig:
         check_ppo_settings(self)
 
 
-class DanceGRPO:
+class DanceGRPO(ConfigState):
     name: ClassVar[str] = "dancegrpo"
     Config: ClassVar[type] = DanceGRPOConfig
     #: the reference decodes the last evaluation's x0-prediction (``run_sample_step``: latents = pred_original)
@@ -170,8 +171,3 @@ class DanceGRPO:
         c = self.config
         return config_ppo_update(c, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None

@@ -58,8 +58,8 @@ Where treebench differs, and why:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -67,6 +67,7 @@ from torch.optim import Optimizer
 
 from algorithms.common import (
     EMA_SNAPSHOT,
+    StepCountState,
     chain_edge_advantages,
     check_count,
     check_ema_settings,
@@ -218,7 +219,7 @@ class DiffusionNFTConfig:
         check_ema_settings(self)
 
 
-class DiffusionNFT:
+class DiffusionNFT(StepCountState):
     name: ClassVar[str] = "diffusionnft"
     Config: ClassVar[type] = DiffusionNFTConfig
     #: no log-probs: approx_kl, clip_frac and first_ratio are NaN (null in iterations.jsonl)
@@ -375,8 +376,3 @@ class DiffusionNFT:
         sums["neg"] += float(terms.negative.sum())
         return nfe
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config), "optimizer_steps_total": self.optimizer_steps_total}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer_steps_total = int(state.get("optimizer_steps_total", 0))

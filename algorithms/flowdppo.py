@@ -45,15 +45,22 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import PPOTerms, chain_edge_advantages, chain_step_edges, check_count, ppo_update
+from algorithms.common import (
+    ConfigState,
+    PPOTerms,
+    chain_edge_advantages,
+    chain_step_edges,
+    check_count,
+    ppo_update,
+)
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.errors import NonFiniteGrad
@@ -186,7 +193,7 @@ def flowdppo_loss(logp_new: Tensor, logp_old: Tensor, mean_new: Tensor, mean_old
     return DPPOTerms(loss=loss, ratio=r, kl=kl, kl_high=high, masked=masked)
 
 
-class FlowDPPO:
+class FlowDPPO(ConfigState):
     name: ClassVar[str] = "flowdppo"
     Config: ClassVar[type] = FlowDPPOConfig
     FINAL_IMAGE: ClassVar[str] = "sample"
@@ -327,8 +334,3 @@ class FlowDPPO:
                    "flowdppo/kl_mean": sums["kl"] / n, "flowdppo/kl_max": sums["kl_max"]}
         return replace(stats, nfe=stats.nfe + anchor_nfe, metrics={**stats.metrics, **metrics})
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None

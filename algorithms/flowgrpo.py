@@ -59,8 +59,8 @@ stat-tracking options into it would lose that. ``flowgrpo`` is the benchmarked m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -70,6 +70,7 @@ from algorithms.common import (
     EMA_SNAPSHOT,
     KL_DIVISORS,
     PAPER_SAMPLER,
+    StepCountState,
     chain_edge_advantages,
     chain_step_edges,
     check_count,
@@ -173,7 +174,7 @@ class FlowGRPOConfig:
         check_ppo_settings(self)
 
 
-class FlowGRPO:
+class FlowGRPO(StepCountState):
     name: ClassVar[str] = "flowgrpo"
     Config: ClassVar[type] = FlowGRPOConfig
     FINAL_IMAGE: ClassVar[str] = "sample"
@@ -317,8 +318,3 @@ class FlowGRPO:
         self.optimizer_steps_total += stats.optimizer_steps
         return stats
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config), "optimizer_steps_total": self.optimizer_steps_total}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.optimizer_steps_total = int(state.get("optimizer_steps_total", 0))

@@ -14,13 +14,13 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-from algorithms.common import chain_edge_advantages, config_ppo_update, group_normalize
+from algorithms.common import ConfigState, chain_edge_advantages, config_ppo_update, group_normalize
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -54,7 +54,7 @@ class GRPOConfig:
             raise ValueError("algo.clip_range must be > 0")
 
 
-class GRPO:
+class GRPO(ConfigState):
     name: ClassVar[str] = "grpo"
     Config: ClassVar[type] = GRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -92,8 +92,3 @@ class GRPO:
         edges = edges[perm]
         return config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None

@@ -44,14 +44,15 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from algorithms.common import (
     PAPER_SAMPLER,
+    ConfigState,
     chain_edge_advantages,
     chain_step_edges,
     check_count,
@@ -143,7 +144,8 @@ class MixGRPOConfig:
         check_ppo_settings(self)
 
 
-class MixGRPO:
+# the window is a pure function of the iteration (``plan`` keeps no state): nothing to restore on resume
+class MixGRPO(ConfigState):
     name: ClassVar[str] = "mixgrpo"
     Config: ClassVar[type] = MixGRPOConfig
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -298,9 +300,3 @@ class MixGRPO:
         edges = edges[(edges >= 0) & rollout.trainable[edges.clamp_min(0)]]
         return config_ppo_update(self.config, self.train, policy, engine, optimizer, rollout, edges, adv.edge)
 
-    def state_dict(self) -> dict:
-        # the window is a pure function of the iteration (``plan`` keeps no state): nothing to restore
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass

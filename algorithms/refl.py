@@ -47,15 +47,14 @@ Where treebench differs, and why:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import chain_step_edges, check_count, optimizer_step
+from algorithms.common import ConfigState, chain_step_edges, check_count, optimizer_step
 from bench.engine import sde
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -138,7 +137,7 @@ class ReFLConfig:
                                       "the harness evaluates the trained weights")
 
 
-class ReFL:
+class ReFL(ConfigState):
     name: ClassVar[str] = "refl"
     Config: ClassVar[type] = ReFLConfig
     #: no sampling log-probs: approx_kl, clip_frac and first_ratio are NaN (null in iterations.jsonl)
@@ -281,8 +280,3 @@ class ReFL:
         sums["active"] += float(active.float().sum())
         return nfe
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None

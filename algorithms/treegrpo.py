@@ -52,8 +52,8 @@ Implementation details:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -61,6 +61,7 @@ from torch.optim import Optimizer
 from algorithms.common import (
     PAPER_SAMPLER,
     WEIGHTINGS,
+    ConfigState,
     check_count,
     check_guard,
     check_ppo_settings,
@@ -175,7 +176,7 @@ class TreeGRPOConfig:
         check_ppo_settings(self)
 
 
-class TreeGRPO:
+class TreeGRPO(ConfigState):
     name: ClassVar[str] = "treegrpo"
     Config: ClassVar[type] = TreeGRPOConfig
     #: the released pipeline decodes the leaves' latents (the last step is an ODE step)
@@ -286,11 +287,6 @@ class TreeGRPO:
         return config_ppo_update(c, self.train, policy, engine, optimizer, rollout, edges, adv.edge,
                                  reduction="sum_children" if c.loss_agg == "sum" else "mean")
 
-    def state_dict(self) -> dict:
-        return {"config": asdict(self.config)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
 
 
 def _mean_max_sibling_weight(rollout: Rollout) -> float:
