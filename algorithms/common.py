@@ -427,6 +427,14 @@ def random_step_subset(num_chains: int, num_steps: int, num_train: int, gen: tor
     return torch.argsort(keys, dim=1)[:, :num_train]
 
 
+def shuffled_chain_edges(chosen: Tensor, rollout: Rollout, gen: torch.Generator) -> Tensor:
+    """[C, n] child node ids of each chain's chosen steps (-1: none) -> the trained edges, flat: chains in a
+    random order drawn from ``gen`` (one ``randperm``), each chain's steps in the given order, padding and
+    non-trainable edges dropped."""
+    chosen = chosen[torch.randperm(chosen.shape[0], generator=gen)].flatten()
+    return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+
+
 def chain_step_edges(rollout: Rollout) -> Tensor:
     """[C, T] long: node id of the edge produced by step i of chain c (chains in root order), for an
     unbranched rollout; -1 where a chain has no node at that level."""

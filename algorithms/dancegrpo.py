@@ -52,6 +52,7 @@ from algorithms.common import (
     config_ppo_update,
     group_normalize,
     random_step_subset,
+    shuffled_chain_edges,
 )
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -162,8 +163,7 @@ class DanceGRPO(ConfigState):
         step_edges = chain_step_edges(rollout)[:, :-1]  # [C, T-1]: the last step is never trained
         C, Tm1 = step_edges.shape
         chosen = torch.gather(step_edges, 1, random_step_subset(C, Tm1, self._n_train(), gen))
-        chosen = chosen[torch.randperm(C, generator=gen)].flatten()
-        return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+        return shuffled_chain_edges(chosen, rollout, gen)
 
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:

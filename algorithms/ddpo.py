@@ -51,6 +51,7 @@ from algorithms.common import (
     check_ppo_settings,
     config_ppo_update,
     random_step_subset,
+    shuffled_chain_edges,
 )
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -186,8 +187,7 @@ class DDPO:
         C, T = step_edges.shape
         steps = random_step_subset(C, T, self._n_train(), gen)  # [C, n]
         chosen = torch.gather(step_edges, 1, steps)
-        chosen = chosen[torch.randperm(C, generator=gen)].flatten()
-        return chosen[rollout.trainable[chosen.clamp_min(0)] & (chosen >= 0)]
+        return shuffled_chain_edges(chosen, rollout, gen)
 
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:

@@ -60,6 +60,7 @@ from algorithms.common import (
     chain_step_edges,
     check_count,
     ppo_update,
+    shuffled_chain_edges,
 )
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -271,8 +272,7 @@ class FlowDPPO(ConfigState):
         sde = [i for i, m in enumerate(rollout.plan.modes) if m == "sde"]
         chosen = chain_step_edges(rollout)[:, sde]  # [C, S]
         gen = generator(self.seed, rollout.iteration, "update")
-        chosen = chosen[torch.randperm(chosen.shape[0], generator=gen)].flatten()
-        return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+        return shuffled_chain_edges(chosen, rollout, gen)
 
     def _anchor(self, engine: RolloutEngine, rollout: Rollout, edges: Tensor) -> tuple[Tensor, int]:
         """mu_old [N, C, h, w] (rows of the trained edges filled) and the NFE spent on it."""

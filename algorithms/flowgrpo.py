@@ -81,6 +81,7 @@ from algorithms.common import (
     config_ppo_update,
     ema_schedule,
     flow_grpo_advantages,
+    shuffled_chain_edges,
 )
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -296,8 +297,7 @@ class FlowGRPO(StepCountState):
         s0 = int(rollout.plan.info.get("flowgrpo/window_start", 0))
         chosen = steps[:, s0:s0 + self._n_train()]
         gen = generator(self.seed, rollout.iteration, "update")
-        chosen = chosen[torch.randperm(chosen.shape[0], generator=gen)].flatten()
-        return chosen[(chosen >= 0) & rollout.trainable[chosen.clamp_min(0)]]
+        return shuffled_chain_edges(chosen, rollout, gen)
 
     def update(self, policy: Policy, engine: RolloutEngine, optimizer: Optimizer, rollout: Rollout,
                adv: Advantages) -> UpdateStats:
