@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-numerics test-all bench-engine results clean
+.PHONY: install run test test-numerics test-all bench-engine results results-rivals clean
 
 install: .venv/.installed
 
@@ -27,9 +27,14 @@ test-all: install
 bench-engine: install
 	.venv/bin/python -m bench.cost.perf engine --json
 
-# Canonical shapes results (docs/results/*.pdf) from one clean commit; settings in scripts/results.sh
+# Canonical shapes results (docs/results/) from one clean commit; settings in scripts/results.sh, choices in
+# docs/REPORTS.md: the four seed algorithms with tuning and controls ...
 results: install
-	bash scripts/results.sh
+	bash scripts/results.sh main
+
+# ... and the rivals under the same protocol plus the TreeGRPO k x d grid
+results-rivals: install
+	bash scripts/results.sh rivals
 
 clean:
 	rm -rf .venv runs

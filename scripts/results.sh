@@ -1,83 +1,135 @@
 #!/usr/bin/env bash
-# Canonical shapes-world results from one clean commit (`make results`; docs/REPORTS.md):
-#   1. the four algorithms under one equal NFE budget, RESULTS_SEEDS seeds, plus the controls (an A/A arm
-#      and a frozen arm of the baseline, bench compare --controls)           -> docs/results/compare_shapes.pdf
-#      each algorithm first tuned with an equal budget (bench compare --tune: one Optuna study per algorithm,
-#      RESULTS_TUNE), then run tuned (<algo>) and with reference defaults (<algo>-default)
-#                                                                            -> docs/results/tuning/<algo>/
-#   2. a TreeGRPO k x d grid, KD_SEEDS seeds per cell                         -> docs/results/treegrpo_kd_grid.pdf
-# Re-running resumes: finished runs are skipped, killed ones resumed (bench compare). Every setting can be
-# overridden from the environment (a smoke test uses a tiny budget and model).
+# Canonical shapes-world results from one clean commit (docs/REPORTS.md "Canonical results"):
+#
+#   bash scripts/results.sh main     (`make results`)
+#     the four seed algorithms (RESULTS_ALGOS), each first tuned with an equal budget (bench compare --tune:
+#     one Optuna study per algorithm, RESULTS_TUNE) then run tuned (<algo>) and at the reference defaults
+#     (<algo>-default), RESULTS_SEEDS seeds each, plus the controls (<baseline>-aa: the baseline on other
+#     seeds; <baseline>-frozen: its weights frozen)            -> docs/results/compare_shapes.pdf (+ _files/)
+#   bash scripts/results.sh rivals   (`make results-rivals`)
+#     the rivals (RIVALS_ALGOS, baseline RIVALS_BASELINE) under the same protocol -> docs/results/compare_rivals.pdf
+#     and a TreeGRPO k x d grid, KD_SEEDS seeds per cell, at the tuned TreeGRPO learning rate of `main`
+#                                                              -> docs/results/treegrpo_kd_grid.pdf
+#
+# Each part also ships the per-run data every number is recomputed from (docs/results/runs/<part>/: manifest,
+# final.json, evaluations, iteration records, per-image scores gzipped; `bench report docs/results/runs/compare`
+# redraws the report), the tuning studies' results (docs/results/tuning/<algo>/) and its settings, commit and
+# wall time in docs/results/results.json. Re-running resumes: finished runs are skipped, killed ones resumed.
+# Every setting can be overridden from the environment (a smoke test uses a tiny budget and model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PART=${1:-main}
+case "$PART" in main|rivals) ;; *) echo "usage: $0 [main|rivals]" >&2; exit 2 ;; esac
+
 BENCH=${BENCH:-.venv/bin/bench}
+PY=${PYTHON:-.venv/bin/python}
 RUNS=${RESULTS_RUNS:-runs/results}
 OUT=${RESULTS_OUT:-docs/results}
+# The protocol (docs/REPORTS.md says how each value was chosen from pilot measurements):
 BUDGET=${RESULTS_BUDGET:-20000nfe}
 SEEDS=${RESULTS_SEEDS:-5}
+ALGOS=${RESULTS_ALGOS:-ddpo,dancegrpo,mixgrpo,treegrpo}
+BASELINE=${RESULTS_BASELINE:-dancegrpo}
+RIVALS=${RIVALS_ALGOS:-flowgrpo,branchgrpo,diffusionnft,awm,refl,flowdppo}
+RIVALS_BASELINE=${RIVALS_BASELINE:-flowgrpo}
 KD_SEEDS=${KD_SEEDS:-3}
 KS=${KD_KS:-2 3 4}
 DS=${KD_DS:-1 2 3}
-ALGOS=${RESULTS_ALGOS:-ddpo,dancegrpo,mixgrpo,treegrpo}
-# 4 prompts per iteration: twice the updates per NFE of the default 8 (more iterations inside a small
-# budget); evaluation: 32 held-out prompts x 4 images on shared noise (eval.seed 0) on one NFE grid, every
-# 2,500 NFE (above every algorithm's cost per iteration, a divisor of the budget: 25/50/75/100% are grid
-# points) for every algorithm (every 10 iterations in the grid, whose cheap cells run many iterations);
-# docs/REPORTS.md says why
+# 4 prompts per iteration (twice the updates per NFE of the default 8; the group size is unchanged);
+# evaluation: 32 held-out prompts x 4 images on shared noise (eval.seed 0), on one NFE grid every 2,500 NFE
+# (above every algorithm's cost per iteration; 25/50/75/100% of the budget are grid points)
 SETTINGS=${RESULTS_SETTINGS:---set train.prompts_per_iteration=4 --set eval.every=2500nfe --set eval.num_prompts=32 --set eval.images_per_prompt=4 --set eval.seed=0}
-KD_EVAL=${KD_EVAL:---set eval.every=10}
 EXTRA=${RESULTS_ARGS:-}
-CONTROLS=${RESULTS_CONTROLS:---controls}  # <baseline>-aa and <baseline>-frozen arms (bench compare --help)
-# equal tuning budget per algorithm: 8 trials of 5,000 NFE each (a quarter of a final run; Hyperband prunes
-# the poor ones), learning rate log-uniform in [1e-6, 1e-3], scored with the held-out shapes_attr on the
-# validation prompts (shapes-eval prompts 33-48), trials the reward-hacking rule flags rejected
-# (docs/REPORTS.md "Tuning"); RESULTS_TUNE= (empty) compares at the reference defaults only
-TUNE=${RESULTS_TUNE---tune lr --tune-trials 8 --tune-budget 5000nfe}
+CONTROLS=${RESULTS_CONTROLS:---controls}
+# equal tuning budget per algorithm: RESULTS_TUNE (empty: compare at the reference defaults only)
+TUNE=${RESULTS_TUNE---tune lr --tune-range lr=1e-5:2e-4 --tune-trials 6 --tune-budget 10000nfe}
+# two runs at once, one CPU thread each (records do not depend on it: the thread count is pinned)
+JOBS=${RESULTS_JOBS:---jobs 2 --threads-per-run 1}
 
-if [ -n "$(git status --porcelain --untracked-files=no)" ] && [ "${RESULTS_ALLOW_DIRTY:-0}" != 1 ]; then
-  echo "error: the working tree has uncommitted changes; canonical results come from one clean commit" >&2
-  echo "       (commit first, or RESULTS_ALLOW_DIRTY=1 for a throw-away smoke run)" >&2
+if [ -n "$(git status --porcelain)" ] && [ "${RESULTS_ALLOW_DIRTY:-0}" != 1 ]; then
+  echo "error: the working tree has uncommitted changes or untracked files; canonical results come from one" >&2
+  echo "       clean commit (commit or remove them first, or RESULTS_ALLOW_DIRTY=1 for a throw-away smoke run)" >&2
+  git status --short >&2
   exit 2
 fi
 commit=$(git rev-parse HEAD)
 MIXED=""
 if [ "${RESULTS_ALLOW_DIRTY:-0}" = 1 ]; then MIXED="--allow-mixed-code"; fi
-MIXED_REPORT=""  # bench report marks mixed or dirty code on its first page; it refuses nothing
 mkdir -p "$OUT" "$RUNS"
+
+# compare NAME ALGOS BASELINE: one tuned comparison with controls -> $OUT/NAME.pdf, _files/, runs/NAME/, tuning/
+compare() {
+  local name=$1 algos=$2 baseline=$3
+  # shellcheck disable=SC2086
+  $BENCH compare --algos "$algos" --baseline "$baseline" --budget "$BUDGET" --seeds "$SEEDS" --out "$RUNS/$name" \
+    --x nfe $CONTROLS $TUNE $JOBS $MIXED $SETTINGS $EXTRA
+  rm -rf "${OUT:?}/$name.pdf" "${OUT:?}/${name}_files"
+  cp "$RUNS/$name/report.pdf" "$OUT/$name.pdf"
+  cp -r "$RUNS/$name/report_files" "$OUT/${name}_files"
+  $PY scripts/export_runs.py "$RUNS/$name" "$OUT/runs/$name" --skip tuning
+  if [ -d "$RUNS/$name/tuning" ]; then
+    for d in "$RUNS/$name/tuning"/*/; do  # the tuned settings and the trials table of every study (small)
+      a=$(basename "$d")
+      rm -rf "${OUT:?}/tuning/$a"
+      mkdir -p "$OUT/tuning/$a"
+      cp "$d/tuned.json" "$d/trials.csv" "$d/sweep.json" "$d/validation.jsonl" "$OUT/tuning/$a/" 2>/dev/null || true
+    done
+  fi
+}
+
 t0=$(date +%s)
-# shellcheck disable=SC2086
-$BENCH compare --algos "$ALGOS" --budget "$BUDGET" --seeds "$SEEDS" --out "$RUNS/compare" --x nfe \
-  $CONTROLS $TUNE $MIXED $SETTINGS $EXTRA
-t1=$(date +%s)
-for k in $KS; do
-  for d in $DS; do
-    # shellcheck disable=SC2086
-    $BENCH compare --algos treegrpo --budget "$BUDGET" --seeds "$KD_SEEDS" --out "$RUNS/kd/k${k}_d${d}" --no-report \
-      $MIXED $SETTINGS $KD_EVAL --set algo.k="$k" --set algo.d="$d" $EXTRA
+if [ "$PART" = main ]; then
+  compare compare_shapes "$ALGOS" "$BASELINE"
+else
+  compare compare_rivals "$RIVALS" "$RIVALS_BASELINE"
+  # the grid at TreeGRPO's tuned learning rate (from `main`'s study when it exists), evaluated every 10 iterations
+  lr_set=$($PY -c 'import json,sys
+try: o = json.load(open(sys.argv[1]))["overrides"] or {}
+except (OSError, ValueError, KeyError): o = {}
+print(" ".join(f"--set {k}={v}" for k, v in o.items()))' "$OUT/tuning/treegrpo/tuned.json")
+  for k in $KS; do
+    for d in $DS; do
+      # shellcheck disable=SC2086
+      $BENCH compare --algos treegrpo --budget "$BUDGET" --seeds "$KD_SEEDS" --out "$RUNS/kd/k${k}_d${d}" --no-report \
+        $JOBS $MIXED $SETTINGS $lr_set --set eval.every=10 --set algo.k="$k" --set algo.d="$d" $EXTRA
+    done
   done
-done
-$BENCH report "$RUNS/kd" --out "$RUNS/kd/report.pdf" --x nfe --baseline "${KD_BASELINE:-treegrpo k=3 d=3}" $MIXED_REPORT \
-  --title "TreeGRPO k x d grid, budget $BUDGET"
-t2=$(date +%s)
-rm -rf "$OUT/compare_shapes_files" "$OUT/treegrpo_kd_grid_files"
-cp "$RUNS/compare/report.pdf" "$OUT/compare_shapes.pdf"
-cp -r "$RUNS/compare/report_files" "$OUT/compare_shapes_files"
-cp "$RUNS/kd/report.pdf" "$OUT/treegrpo_kd_grid.pdf"
-cp -r "$RUNS/kd/report_files" "$OUT/treegrpo_kd_grid_files"
-rm -rf "$OUT/tuning"
-tuned="{}"
-if [ -d "$RUNS/compare/tuning" ]; then
-  for d in "$RUNS/compare/tuning"/*/; do  # the tuned settings and the trials table of every study (small)
-    a=$(basename "$d")
-    mkdir -p "$OUT/tuning/$a"
-    cp "$d/tuned.json" "$d/trials.csv" "$d/sweep.json" "$d/validation.jsonl" "$OUT/tuning/$a/" 2>/dev/null || true
-  done
-  tuned=$(python3 -c 'import json,pathlib,sys; print(json.dumps({p.parent.name: json.loads(p.read_text()).get("overrides") for p in sorted(pathlib.Path(sys.argv[1]).glob("*/tuned.json"))}))' "$OUT/tuning")
+  $BENCH report "$RUNS/kd" --out "$RUNS/kd/report.pdf" --x nfe --baseline "${KD_BASELINE:-treegrpo k=3 d=3}" \
+    --title "TreeGRPO k x d grid, budget $BUDGET"
+  rm -rf "$OUT/treegrpo_kd_grid.pdf" "$OUT/treegrpo_kd_grid_files"
+  cp "$RUNS/kd/report.pdf" "$OUT/treegrpo_kd_grid.pdf"
+  cp -r "$RUNS/kd/report_files" "$OUT/treegrpo_kd_grid_files"
+  $PY scripts/export_runs.py "$RUNS/kd" "$OUT/runs/kd"
 fi
-cat > "$OUT/results.json" <<JSON
-{"commit": "$commit", "budget": "$BUDGET", "seeds": $SEEDS, "kd_seeds": $KD_SEEDS, "settings": "$SETTINGS $EXTRA",
- "controls": "$CONTROLS", "tune": "$TUNE", "tuned": $tuned,
- "compare_wall_s": $((t1 - t0)), "kd_grid_wall_s": $((t2 - t1)), "machine": "$(nproc) CPU cores"}
-JSON
-echo "results: comparison $((t1 - t0)) s, k/d grid $((t2 - t1)) s (commit ${commit:0:12}) -> $OUT"
+t1=$(date +%s)
+
+# results.json: one entry per part (the other part's entry is kept), with every setting and the wall time
+$PY - "$OUT/results.json" "$PART" <<PYEOF
+import json, os, sys
+from pathlib import Path
+path, part = Path(sys.argv[1]), sys.argv[2]
+try:
+    doc = json.loads(path.read_text())
+    if not isinstance(doc.get("parts"), dict):
+        doc = {"parts": {}}
+except (OSError, ValueError):
+    doc = {"parts": {}}
+tuned = {}
+for p in sorted(Path("$OUT", "tuning").glob("*/tuned.json")):
+    t = json.loads(p.read_text())
+    tuned[p.parent.name] = {"overrides": t.get("overrides"), "best_value": t.get("best_value"),
+                            "states": t.get("states"), "note": t.get("note")}
+entry = {"commit": "$commit", "budget": "$BUDGET", "seeds": $SEEDS, "settings": "$SETTINGS $EXTRA".strip(),
+         "controls": "$CONTROLS", "tune": "$TUNE", "jobs": "$JOBS", "tuned": tuned,
+         "wall_s": $((t1 - t0)), "machine": f"{os.cpu_count()} CPU cores"}
+if part == "main":
+    entry.update(algos="$ALGOS", baseline="$BASELINE", report="compare_shapes.pdf", runs="runs/compare_shapes")
+else:
+    entry.update(algos="$RIVALS", baseline="$RIVALS_BASELINE", report="compare_rivals.pdf",
+                 runs="runs/compare_rivals", kd_seeds=$KD_SEEDS, kd_ks="$KS", kd_ds="$DS",
+                 kd_eval_every="10 iterations", kd_report="treegrpo_kd_grid.pdf")
+doc["parts"][part] = entry
+path.write_text(json.dumps(doc, indent=1) + "\n")
+PYEOF
+echo "results ($PART): $((t1 - t0)) s (commit ${commit:0:12}) -> $OUT"

@@ -16,32 +16,50 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.slow  # ~3 min: make results end to end at toy scale (tuning, controls, grid); compare, report
-# and tune each have fast tests of their own in the default run
-def test_results_script_writes_both_reports_and_its_record(tmp_path):
+@pytest.mark.slow  # ~5 min: both parts of make results end to end at toy scale (tuning, controls, grid); compare,
+# report and tune each have fast tests of their own in the default run
+def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RESULTS_ALLOW_DIRTY": "1",
-           "BENCH": f"{sys.executable} -m bench.cli", "RESULTS_RUNS": str(tmp_path / "runs"),
+           "BENCH": f"{sys.executable} -m bench.cli", "PYTHON": sys.executable, "RESULTS_RUNS": str(tmp_path / "runs"),
            "RESULTS_OUT": str(tmp_path / "out"), "RESULTS_BUDGET": "2it", "RESULTS_SEEDS": "1", "KD_SEEDS": "1",
            "KD_KS": "2 3", "KD_DS": "1", "KD_BASELINE": "treegrpo k=3", "RESULTS_ALGOS": "grpo,treegrpo",
+           "RESULTS_BASELINE": "grpo", "RIVALS_ALGOS": "dancegrpo", "RIVALS_BASELINE": "dancegrpo",
            "RESULTS_SETTINGS": "--set train.prompts_per_iteration=2 --set eval.every=0 --set eval.num_prompts=2 "
                                "--set sampler.steps=3",
-           "KD_EVAL": "--set eval.every=0", "RESULTS_ARGS": "--model tiny-random --reps 200",
-           "RESULTS_TUNE": "--tune lr --tune-trials 1 --tune-budget 1it"}
-    p = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh")], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+           "RESULTS_ARGS": "--model tiny-random --reps 200", "RESULTS_JOBS": "--jobs 2 --threads-per-run 1",
+           "RESULTS_TUNE": "--tune lr --tune-range lr=1e-5:2e-4 --tune-trials 1 --tune-budget 1it"}
     out = tmp_path / "out"
-    for name in ("compare_shapes", "treegrpo_kd_grid"):
+    for part in ("main", "rivals"):
+        p = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh"), part], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        assert f"results ({part})" in p.stdout
+    for name in ("compare_shapes", "compare_rivals", "treegrpo_kd_grid"):
         assert (out / f"{name}.pdf").stat().st_size > 10_000
         assert any((out / f"{name}_files").glob("*.png")) and (out / f"{name}_files" / "final.csv").is_file()
-    rec = json.loads((out / "results.json").read_text())
-    assert rec["budget"] == "2it" and rec["seeds"] == 1 and rec["compare_wall_s"] >= 0 and len(rec["commit"]) == 40
-    assert "results: comparison" in p.stdout
-    # the comparison was tuned first (one study per algorithm) and ships the tuned settings
-    assert rec["tune"].startswith("--tune lr") and set(rec["tuned"]) == {"grpo", "treegrpo"}
-    for a in ("grpo", "treegrpo"):
-        assert json.loads((out / "tuning" / a / "tuned.json").read_text())["trials"] == 1
-    # the comparison has its controls: the baseline (grpo: no dancegrpo here) on other seeds, and frozen
-    cmp = tmp_path / "runs" / "compare"
+    assert (out / "compare_shapes_files" / "verdict.json").is_file()
+    rec = json.loads((out / "results.json").read_text())["parts"]
+    assert set(rec) == {"main", "rivals"}
+    assert rec["main"]["budget"] == "2it" and rec["main"]["seeds"] == 1 and rec["main"]["wall_s"] >= 0
+    assert len(rec["main"]["commit"]) == 40 and rec["rivals"]["kd_ks"] == "2 3"
+    # each comparison was tuned first (one study per algorithm) and ships the tuned settings
+    assert rec["main"]["tune"].startswith("--tune lr") and set(rec["main"]["tuned"]) == {"grpo", "treegrpo"}
+    for a in ("grpo", "treegrpo", "dancegrpo"):
+        t = json.loads((out / "tuning" / a / "tuned.json").read_text())
+        assert t["trials"] == 1 and t["ranges"] == {"lr": [1e-5, 2e-4]}
+    # the comparison has its controls: the baseline on other seeds, and frozen
+    cmp = tmp_path / "runs" / "compare_shapes"
     assert (cmp / "grpo-aa" / "seed1000" / "final.json").is_file()
     assert json.loads((cmp / "grpo-frozen" / "seed0" / "manifest.json").read_text())["weights_frozen"] is True
+    # the shipped per-run data: every final run (no tuning trial), readable, and a report redrawn from it
+    shipped = out / "runs" / "compare_shapes"
+    assert sorted(p.parent.relative_to(shipped).as_posix() for p in shipped.rglob("manifest.json")) == [
+        "grpo-aa/seed1000", "grpo-default/seed0", "grpo-frozen/seed0", "grpo/seed0", "treegrpo-default/seed0",
+        "treegrpo/seed0"]
+    assert not list(shipped.rglob("checkpoints")) and list(shipped.rglob("eval_scores.jsonl.gz"))
+    r = subprocess.run([sys.executable, "-m", "bench.cli", "report", str(shipped), "--out", str(tmp_path / "re.pdf"),
+                        "--reps", "200", "--baseline", "grpo", "--x", "nfe"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "verdict.json").read_text()) == json.loads(
+        (out / "compare_shapes_files" / "verdict.json").read_text())

@@ -59,3 +59,30 @@ def test_find_runs_skips_checkpoints_and_samples(tmp_path):
     assert layout.find_runs(a) == [a]
     assert layout.find_runs(tmp_path / "missing") == []
     assert RunDir(a).is_run() and not RunDir(tmp_path).is_run() and not RunDir(a).has_checkpoint()
+
+
+def test_exported_run_reads_like_the_run_and_is_reproducible(tmp_path):
+    d = _run(tmp_path)
+    (d / layout.EVALS).write_text('{"iteration": 0, "eval/r": 0.5}\n')
+    scores = "".join(json.dumps({"iteration": 0, "prompt_index": p, "image_index": 0, "scores": {"r": p / 10}}) + "\n"
+                     for p in range(50))
+    (d / layout.EVAL_SCORES).write_text(scores)
+    (d / layout.CHECKPOINTS / "step_1").mkdir(parents=True)
+    (d / layout.SAMPLES).mkdir()
+    out = tmp_path / "shipped"
+    written = layout.export_run(d, out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([layout.MANIFEST, layout.EVALS, layout.EVAL_SCORES + ".gz"]) == sorted(p.name for p in written)
+    shipped, orig = RunDir(out), RunDir(d)
+    assert shipped.manifest() == orig.manifest() and shipped.evals() == orig.evals()
+    assert shipped.eval_scores() == orig.eval_scores() and len(shipped.eval_scores()) == 50
+    assert (out / (layout.EVAL_SCORES + ".gz")).stat().st_size < len(scores)
+    # byte-identical on re-export (no time stamp in the gzip header): a re-run changes no shipped file needlessly
+    first = (out / (layout.EVAL_SCORES + ".gz")).read_bytes()
+    layout.export_run(d, tmp_path / "again")
+    assert (tmp_path / "again" / (layout.EVAL_SCORES + ".gz")).read_bytes() == first
+    (out / (layout.EVAL_SCORES + ".gz")).write_bytes(b"not gzip")
+    with pytest.raises(layout.JSONLError, match="gzip"):
+        shipped.eval_scores()
+    with pytest.raises(UsageError, match="not a run directory"):
+        layout.export_run(tmp_path / "nothing", tmp_path / "x")

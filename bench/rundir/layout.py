@@ -12,7 +12,9 @@ file reads as empty. ``RunDir.manifest`` checks the schema version.
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +70,18 @@ def read_jsonl(path: Path, strict: bool = True) -> tuple[list[dict[str, Any]], l
     line that is not a JSON object) raises ``JSONLError`` when ``strict``, else it is dropped too."""
     path = Path(path)
     if not path.is_file():
-        return [], []
-    lines = path.read_text().splitlines()
+        packed = path.with_name(path.name + ".gz")  # a run shipped with its large logs compressed (export_run)
+        if not packed.is_file():
+            return [], []
+        try:
+            lines = gzip.decompress(packed.read_bytes()).decode().splitlines()
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise JSONLError(f"{packed}: not a readable gzip file ({e})") from None
+        return _records(lines, packed, strict)
+    return _records(path.read_text().splitlines(), path, strict)
+
+
+def _records(lines: list[str], path: Path, strict: bool) -> tuple[list[dict[str, Any]], list[int]]:
     out: list[dict[str, Any]] = []
     bad: list[int] = []
     for n, line in enumerate(lines, 1):
@@ -189,3 +201,31 @@ def find_runs(root: Path) -> list[Path]:
         return []
     return sorted(m.parent for m in root.rglob(MANIFEST)
                   if not any(part in NOT_RUNS for part in m.relative_to(root).parts[:-1]))
+
+
+#: what ``export_run`` keeps of a run: enough to recompute every report number (evaluations, per-image scores,
+#: per-iteration records, totals, settings), without checkpoints, sample grids or the call trace
+EXPORTED = (MANIFEST, FINAL, EVALS, ITERATIONS)
+#: exported compressed (``<name>.gz``; the readers above read either form)
+EXPORTED_PACKED = (EVAL_SCORES,)
+
+
+def export_run(src: Path, dst: Path) -> list[Path]:
+    """Copy the small, recomputable part of run directory ``src`` to ``dst`` (created): ``EXPORTED`` as they
+    are, ``EXPORTED_PACKED`` gzip-compressed (deterministic: no name or time in the gzip header). Returns the
+    files written. ``bench report dst`` reads the copy as it reads the run."""
+    src, dst = Path(src), Path(dst)
+    if not RunDir(src).is_run():
+        raise UsageError(f"{src}: not a run directory (no {MANIFEST})")
+    dst.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in EXPORTED:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            written.append(dst / name)
+    for name in EXPORTED_PACKED:
+        if (src / name).is_file():
+            out = dst / (name + ".gz")
+            out.write_bytes(gzip.compress((src / name).read_bytes(), compresslevel=9, mtime=0))
+            written.append(out)
+    return written
