@@ -111,6 +111,11 @@ def test_tuning_space_cadence_and_tuned_arms(tmp_path):
     (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "lr=2e-4:1e-5"], "LOW < HIGH"),
     (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "timestep_fraction=0.1:0.5"], "is not tuned"),
     (["--tune", "lr", "--tune-budget", "3it", "--tune-range", "lr=abc"], "KEY=LOW:HIGH"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,1e-5"], "twice"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5", "--tune-trials", "3"], "2 points"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5", "--tune-range", "lr=1e-5:1e-4"],
+     "give one of them"),
+    (["--tune", "lr,timestep_fraction", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5"], "every tuned key"),
 ])
 def test_tune_usage_errors(tmp_path, capsys, argv, msg):
     assert compare.main(["--algos", "dancegrpo", "--budget", "2it", "--out", str(tmp_path / "x"), *argv]) == 2
@@ -159,3 +164,12 @@ def test_tune_range_reaches_every_study_and_narrows_the_space():
                      (["lr=1e-5:1e-5"], "LOW < HIGH"), (["lr=1e-5:2e-4", "lr=1e-5:3e-4"], "twice")):
         with pytest.raises(UsageError, match=msg):
             spaces.with_ranges(spaces.builtin_space("dancegrpo", ["lr"]), spaces.parse_ranges(bad))
+
+
+def test_tune_grid_gives_every_algorithm_the_same_values():
+    grid = tune_mod.parse_grid(["lr=1e-5,3.2e-5,1e-4"], ["lr"])
+    assert grid == {"lr": ["1e-5", "3.2e-5", "1e-4"]} and tune_mod.grid_trials(grid) == 3
+    for algo in ("dancegrpo", "treegrpo"):
+        cmd = tune_mod.sweep_command(["bench"], algo, ["lr"], 99, "3it", Path("o"), "eval/x", [], (), grid)
+        assert cmd[cmd.index("--grid") + 1] == "lr=1e-5,3.2e-5,1e-4" and "--space" not in cmd
+        assert cmd[cmd.index("--trials") + 1] == "3"

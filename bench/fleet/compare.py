@@ -157,10 +157,14 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                         "validation split with the held-out metric, hacking trials rejected; then each algorithm "
                         "runs tuned (label <algo>) and with reference defaults (<algo>-default). Studies and "
                         "tuned settings: DIR/tuning/<algo>/ (docs/REPORTS.md)")
-    p.add_argument("--tune-trials", type=int, default=8, help="trials per algorithm with --tune (default 8)")
+    p.add_argument("--tune-trials", type=int, default=None, help="trials per algorithm with --tune (default 8; "
+                                                                   "with --tune-grid: the grid's size)")
     p.add_argument("--tune-range", action="append", default=[], metavar="KEY=LOW:HIGH",
                    help="narrow a tuned parameter's range for every algorithm alike (repeatable), e.g. "
                         "--tune-range lr=1e-5:2e-4 (default: the built-in range, lr 1e-6..1e-3)")
+    p.add_argument("--tune-grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="tune on a fixed grid instead of sampling (repeatable, one per tuned key): every algorithm "
+                        "tries exactly these values, e.g. --tune-grid lr=1e-5,1.8e-5,3.2e-5,5.6e-5,1e-4")
     p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
                                                        "(required with --tune)")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
@@ -484,6 +488,17 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
 
     if args.tune_budget is None:
         raise UsageError("--tune needs --tune-budget (the budget of every tuning trial, e.g. 300it)")
+    tuned_keys = tune_mod.parse_keys(args.tune)
+    args.tune_grids = tune_mod.parse_grid(args.tune_grid, tuned_keys)
+    if args.tune_grids and args.tune_range:
+        raise UsageError("--tune-grid fixes the values tried; --tune-range narrows a sampled range: give one of them")
+    if args.tune_grids:
+        size = tune_mod.grid_trials(args.tune_grids)
+        if args.tune_trials is not None and args.tune_trials != size:
+            raise UsageError(f"--tune-trials {args.tune_trials}: the grid has {size} points (leave --tune-trials out)")
+        args.tune_trials = size
+    elif args.tune_trials is None:
+        args.tune_trials = 8
     if args.tune_trials < 1:
         raise UsageError(f"--tune-trials must be >= 1, got {args.tune_trials}")
     Budget.parse(args.tune_budget)
@@ -491,7 +506,7 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     if tune_mod.TUNE_SEED in used:
         raise UsageError(f"--tune trains its trials at seed {tune_mod.TUNE_SEED}: leave it out of --seeds")
     keys = tune_mod.keys_per_algo(algos, tune_mod.parse_keys(args.tune))
-    args.tune_ranges = tune_mod.parse_ranges(args.tune_range, tune_mod.parse_keys(args.tune))
+    args.tune_ranges = tune_mod.parse_ranges(args.tune_range, tuned_keys)
     flags = {"algo.name": algos[0], "model.name": args.model, "model.path": args.model_path,
              "reward.name": args.reward, "budget": args.tune_budget, "seed": tune_mod.TUNE_SEED,
              "model.device": args.device}
@@ -502,7 +517,7 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     objective, note = tune_mod.heldout_metric(cfg)
     args.tune_objective, args.tune_note = objective, note
     return {a: (keys[a], tune_mod.sweep_command(RUNNER, a, keys[a], args.tune_trials, args.tune_budget, out,
-                                                objective, extra, args.tune_range)) for a in algos}
+                                                objective, extra, args.tune_range, args.tune_grids)) for a in algos}
 
 
 def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Path,
@@ -524,7 +539,7 @@ def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Pat
                          f"the tuning options DIR was tuned with")
     for a, (names, _) in plan.items():
         info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note,
-                                    ranges=args.tune_ranges)
+                                    ranges=args.tune_ranges, grid=args.tune_grids)
         got = info["overrides"]
         print(f"== [tune {a}] {'best ' + ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in got.items()) if got else info['note']}"
               f" ({', '.join(f'{n} {s.lower()}' for s, n in sorted(info['states'].items()))}) -> "

@@ -115,15 +115,50 @@ def parse_ranges(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[fl
     return out
 
 
+def parse_grid(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[str]]:
+    """``--tune-grid KEY=V1,V2,...`` items -> {KEY: [V1, V2, ...]} (values as written; the sweep parses and
+    checks them): each KEY a ``--tune`` key, given once; when a grid is given, every tuned key needs one."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = str(item).partition("=")
+        key = key.strip()
+        vals = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(vals):
+            raise UsageError(f"--tune-grid {item!r}: expected KEY=V1,V2,..., e.g. lr=1e-5,3e-5,1e-4")
+        if key not in keys:
+            raise UsageError(f"--tune-grid {item!r}: {key!r} is not tuned (--tune {','.join(keys)})")
+        if key in out:
+            raise UsageError(f"--tune-grid names {key!r} twice")
+        if len(set(vals)) != len(vals):
+            raise UsageError(f"--tune-grid {item!r} lists a value twice")
+        out[key] = vals
+    missing = [k for k in keys if out and k not in out]
+    if missing:
+        raise UsageError(f"--tune-grid: give a grid for every tuned key (missing: {', '.join(missing)})")
+    return out
+
+
+def grid_trials(grid: Mapping[str, Sequence[str]], names: Sequence[str] | None = None) -> int:
+    """Trials of a grid study: the product of the grid sizes (of ``names`` only, when given)."""
+    return math.prod(len(v) for k, v in grid.items() if names is None or k in names)
+
+
 def tuning_dir(out: Path, algo: str) -> Path:
     return Path(out) / "tuning" / algo
 
 
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
-                  out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = ()) -> list[str]:
-    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite)."""
+                  out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = (),
+                  grid: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite): over
+    ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``."""
     passed = [x for x in extra if x != "--overwrite"]
-    return [*runner, "sweep", "--algo", algo, "--space", ",".join(names), "--trials", str(trials),
+    if grid:
+        space = ["--grid", *[f"{k}={','.join(v)}" for k, v in grid.items() if k in names]]
+        trials = grid_trials(grid, names)
+    else:
+        space = ["--space", ",".join(names)]
+    return [*runner, "sweep", "--algo", algo, *space, "--trials", str(trials),
             "--budget-per-trial", budget, "--objective", objective, "--pruner", "hyperband",
             "--sampler-seed", "0", "--seed", str(TUNE_SEED), "--study", f"tune-{algo}",
             "--reject-hacking", "--validation-split", "--out", str(tuning_dir(out, algo)),
@@ -132,7 +167,8 @@ def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials
 
 
 def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget: str, objective: str,
-                objective_note: str | None = None, ranges: Mapping[str, Sequence[float]] | None = None) -> dict:
+                objective_note: str | None = None, ranges: Mapping[str, Sequence[float]] | None = None,
+                grid: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Read the finished study's sweep.json and write ``tuned.json``: the best trial's overrides (None when
     no trial completed without being pruned, rejected or failing: the tuned arm then runs the reference
     defaults, and the file says so)."""
@@ -143,8 +179,10 @@ def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget:
         sweep = {}
     best = sweep.get("best")
     info = {"algo": algo, "space": list(names), "ranges": {k: list(v) for k, v in (ranges or {}).items() if k in names},
+            "grid": {k: list(v) for k, v in (grid or {}).items() if k in names} or None,
+            "sampler": "grid" if grid else "tpe",
             "objective": objective, "objective_note": objective_note,
-            "trials": trials,
+            "trials": grid_trials(grid, names) if grid else trials,
             "budget_per_trial": budget, "eval_every": eval_every(budget), "seed": TUNE_SEED,
             "validation_prompts": str((d / "validation.jsonl").resolve()), "pruner": "hyperband",
             "states": sweep.get("states", {}), "best_trial": best.get("number") if best else None,
