@@ -29,8 +29,8 @@ from bench import config as config_mod
 from bench.budget import Budget
 from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
-from bench.errors import UsageError, algorithm_settings
-from bench.registry import MODELS, algorithm_class, model_preset
+from bench.errors import UsageError
+from bench.registry import MODELS, model_preset
 from bench.types import RewardOutput
 
 
@@ -145,9 +145,9 @@ def simulate(cfg: dict[str, Any], iterations: int = 1, stats: list[dict[str, int
     from diffusers.configuration_utils import FrozenDict
 
     from bench.engine.prompts import load_prompt_set
-    from bench.engine.rollout import RolloutEngine
     from bench.engine.seeding import generator
     from bench.model.models import model_scheduler
+    from bench.run.build import build_algorithm, build_engine, build_optimizer
     from bench.spec import RunSpec
 
     _, has_vae = model_facts(cfg)
@@ -155,19 +155,14 @@ def simulate(cfg: dict[str, Any], iterations: int = 1, stats: list[dict[str, int
     # scheduler config give the prediction and the schedule (model_facts reads the same index); the estimator
     # prices with its own profile, so the run's cost profile is not loaded
     spec = RunSpec.from_config(_schedule_cfg(cfg), cost_profile=False)
-    sampler, train, seed, prediction = spec.sampler, spec.train, spec.seed, spec.model.prediction
-    with algorithm_settings(spec.algo_name):
-        algo = algorithm_class(spec.algo_name)(spec.algo_config, sampler, train, seed)
+    seed, prediction = spec.seed, spec.model.prediction
+    # the run's own builders (bench.run.build), around the shadow policy and reward
+    algo = build_algorithm(spec)
     policy = ShadowPolicy(prediction, has_vae, spec.model.options)
     if prediction == "flow":
         policy.scheduler = SimpleNamespace(config=FrozenDict(model_scheduler(spec.model.name, spec.model.path)[1]))
-    engine = RolloutEngine(policy, max_micro_batch=train.micro_batch, seed=seed, shift=sampler.shift,  # type: ignore[arg-type]
-                           schedule=sampler.schedule)
-    engine.snapshots.declare(algo)
-    if getattr(algo, "reward_gradient", False):
-        engine.attach_reward(ShadowReward(spec.reward.name))
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
-    trace_mod.attach_optimizer(optimizer, engine.recorder)
+    engine = build_engine(spec, policy, algo, seed, ShadowReward(spec.reward.name))  # type: ignore[arg-type]
+    optimizer = build_optimizer(spec.optimizer, policy.trainable_parameters(), engine.recorder)
     prompts = load_prompt_set(spec.train_prompts)
     reward_name = spec.reward.name
     out = []
