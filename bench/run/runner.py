@@ -349,7 +349,7 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
     if failure is not None:
         raise failure
     if r.dist.is_main:
-        print(end_summary(r.state.evals, r.state.final_record, r.out), flush=True)
+        print(end_summary(r.state.evals, r.state.final_record or {}, r.out), flush=True)
     t = r.state.totals
     return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=t.iterations, samples_total=t.samples,
                       nfe_total=t.nfe, seconds_total=t.seconds, final_eval=final_eval, records=records)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     return recs, len(bad)
 
 
-def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+def rewrite_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Replace ``path`` whole or not at all (the old log stays intact when the write fails)."""
     atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records), "log.rewrite")
 
@@ -313,7 +313,7 @@ def check_optimizer_settings(parts: CheckpointParts, ck: ckpt_mod.Checkpoint) ->
     want = parts.optimizer_settings
     names = {"lr": "train.lr", "betas": "train.beta1/beta2", "eps": "train.adam_eps",
              "weight_decay": "train.weight_decay"}
-    bad = []
+    bad: list[tuple[str, Any, Any]] = []
     for g in parts.optimizer.param_groups:
         for k, v in want.items():
             got = tuple(float(x) for x in g[k]) if k == "betas" else float(g[k])
