@@ -26,7 +26,7 @@ class ModelSpec:
     """name: preset (bench list); path: local pipeline dir or hub id (None = the preset's source);
     device: "auto" | "cpu" | "cuda[:N]"; mixed_precision: "no" | "bf16" | "fp16"; options: how it is
     loaded and trained (LoRA, resolution, ...); prediction: "flow" | "epsilon", read from the model index
-    before any weights load."""
+    before any weights load; distributed: "auto" | "fsdp" | "off" (bench.run.distributed)."""
 
     name: str
     path: str | None
@@ -34,6 +34,7 @@ class ModelSpec:
     mixed_precision: str
     options: ModelOptions
     prediction: str
+    distributed: str = "auto"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
@@ -41,7 +42,8 @@ class ModelSpec:
 
         m = cfg["model"]
         return cls(name=m["name"], path=m.get("path"), device=m["device"], mixed_precision=m["mixed_precision"],
-                   options=model_options(m), prediction=model_prediction(m["name"], m.get("path")))
+                   options=model_options(m), prediction=model_prediction(m["name"], m.get("path")),
+                   distributed=str(m.get("distributed", "auto")))
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class OptimizerSpec:
     beta2: float
     eps: float
     weight_decay: float
-    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.run.runner.FrozenAdamW)
+    frozen: bool = False         # train.frozen: the optimizer steps change no weight (bench.run.build.FrozenAdamW)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class RunOptions:
     trace: bool                  # write every expensive call to trace.jsonl (bench.engine.trace)
     log_with: tuple[str, ...] = ()  # experiment trackers (bench.run.trackers)
     force: bool = False          # --overwrite may empty a directory that is not a treebench run
+    flops: bool = True           # count FLOPs per call kind on the meta device (flops / mfu in the records)
+    peak_flops: float | None = None  # peak FLOP/s per device for MFU (None: the device table, bench.engine.flops)
 
 
 @dataclass(frozen=True)
@@ -120,10 +124,11 @@ class RunSpec:
     cost_profile: Any = None     # a bench.engine.pricing.CostProfile pricing the run's calls (run.cost_profile / run.clock)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "RunSpec":
+    def from_config(cls, cfg: Mapping[str, Any], cost_profile: bool = True) -> "RunSpec":
         """Read a resolved config (``bench.config.resolve``). Raises ``AlgorithmSettingsError`` when the
         algorithm's Config refuses its settings and ``UsageError``/``MissingWeightsError`` when the model
-        cannot be found; loads no weights."""
+        cannot be found; loads no weights. ``cost_profile=False`` leaves the run's cost profile unloaded
+        (``bench plan`` prices with its own)."""
         from bench.engine import pricing as cost
 
         cfg = copy.deepcopy(dict(cfg))
@@ -148,9 +153,10 @@ class RunSpec:
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),
                            keep_checkpoints=int(ru["keep_checkpoints"]), on_nonfinite=ru["on_nonfinite"],
                            trace=bool(ru["trace"]), log_with=tuple(ru.get("log_with") or ()),
-                           force=bool(ru.get("force", False))),
+                           force=bool(ru.get("force", False)), flops=bool(ru.get("flops", True)),
+                           peak_flops=float(ru["peak_flops"]) if ru.get("peak_flops") else None),
             budget=Budget.parse(str(cfg["budget"]), clock=cost.budget_clock(cfg)), seed=int(cfg["seed"]),
-            cost_profile=cost.run_profile(cfg))
+            cost_profile=cost.run_profile(cfg) if cost_profile else None)
 
 
 def sampler_spec(cfg: Mapping[str, Any], prediction: str) -> SamplerSpec:

@@ -27,7 +27,7 @@ from bench.run.records import TIMING_KEYS  # noqa: E402
 
 SMALL = {"grpo": {"algo.group_size": 2}, "ddpo": {"algo.group_size": 2}, "dancegrpo": {"algo.group_size": 2},
          "mixgrpo": {"algo.group_size": 2, "algo.window": 2, "algo.shift_interval": 1},
-         "treegrpo": {"algo.k": 2, "algo.d": 2}}
+         "treegrpo": {"algo.k": 2, "algo.d": 2}, "flowdppo": {"algo.num_sde_steps": 2}}
 IGNORED = set(TIMING_KEYS) | {"t_eval_s"}
 
 

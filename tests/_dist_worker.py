@@ -110,7 +110,7 @@ def check_training(dist: Dist, out_dir: str) -> dict:
 def main() -> None:
     report_path, out_dir = sys.argv[1], sys.argv[2]
     cfg = config.resolve({"model.device": "cpu"}, flags={"algo.name": "grpo", "model.name": "tiny-random"})
-    dist = Dist.from_config(cfg, torch.device("cpu"))
+    dist = Dist.launch(cfg["model"]["distributed"], torch.device("cpu"))
     report = {"world_size": dist.world_size, "advantages": check_advantages(dist),
               "training": check_training(dist, out_dir)}
     if dist.is_main:

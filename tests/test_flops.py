@@ -132,8 +132,8 @@ def test_device_table():
     assert flops.device_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312.0e12
     peak, why = flops.device_peak("Some Accelerator", "bf16")
     assert peak is None and "run.peak_flops" in why
-    assert flops.run_peak({"run": {"peak_flops": 5e12}}, "cpu") == (5e12, "run.peak_flops")
-    assert flops.run_peak({"run": {"peak_flops": None}}, "cpu")[0] is None
+    assert flops.run_peak(5e12, "no", "cpu") == (5e12, "run.peak_flops")
+    assert flops.run_peak(None, "no", "cpu")[0] is None
     with pytest.raises(UsageError, match="run.peak_flops"):
         config.resolve({"run.peak_flops": -1})
 

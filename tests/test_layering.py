@@ -129,6 +129,45 @@ def test_no_bench_folder_holds_more_than_twenty_modules():
         assert n <= 20, f"{d.relative_to(ROOT)} holds {n} modules"
 
 
+# ---- the run travels typed (README "Architecture"): no parameter carrying it is typed Any ----------------
+#: parameter names that carry a run (or a part of it) by convention in bench/
+RUN_PARAMETERS = ("r", "run")
+
+
+def untyped_run_parameters(path: Path) -> list[str]:
+    """``function(param)`` for every parameter named like a run that has no annotation or is annotated ``Any``
+    (``Any``, ``typing.Any``, or the string ``"Any"``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+            if arg.arg not in RUN_PARAMETERS:
+                continue
+            ann = arg.annotation
+            text = None if ann is None else (ann.value if isinstance(ann, ast.Constant) else ast.unparse(ann))
+            if text is None or str(text).strip() in ("Any", "typing.Any"):
+                bad.append(f"{node.name}({arg.arg}: {text})")
+    return bad
+
+
+@pytest.mark.parametrize("path", files("bench"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_run_parameter_is_typed_any(path):
+    bad = untyped_run_parameters(path)
+    assert not bad, (f"{path.relative_to(ROOT)}: {bad} carry a run untyped; type them (bench.run.parts.RunParts, "
+                     f"bench.rundir.state.RunState / CheckpointParts, or the part they need)")
+
+
+def test_the_untyped_run_check_can_fail(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from typing import Any\nimport typing\n"
+                   "def a(r: Any): ...\ndef b(run): ...\ndef c(x, *, r: 'Any'): ...\ndef d(r: typing.Any): ...\n"
+                   "def ok(r: int, run: 'RunParts', other: Any): ...\n")
+    assert untyped_run_parameters(src) == ["a(r: Any)", "b(run: None)", "c(r: Any)", "d(r: typing.Any)"]
+
+
 # ---- one owner of the run directory (bench/rundir/layout.py) ------------------------------------------
 RUN_DIR_NAMES = {"manifest.json", "iterations.jsonl", "evals.jsonl", "eval_scores.jsonl", "final.json",
                  "trace.jsonl", ".lock"}

@@ -53,3 +53,18 @@ def test_algorithm_settings_wraps_a_refusal_once():
         with algorithm_settings("x"):
             raise TypeError("a bug")
     assert issubclass(AlgorithmSettingsError, UsageError)
+
+
+def test_the_settings_read_after_the_spec_is_built_are_on_it():
+    spec = RunSpec.from_config(_cfg("grpo", "tiny-random", **{"model.distributed": "off", "run.flops": False,
+                                                              "run.peak_flops": 5e12, "train.micro_batch": 3}))
+    assert (spec.model.distributed, spec.run.flops, spec.run.peak_flops) == ("off", False, 5e12)
+    assert spec.train.micro_batch == 3 and spec.budget.spec == "2it"
+    default = RunSpec.from_config(_cfg("grpo", "tiny-random"))
+    assert (default.model.distributed, default.run.flops, default.run.peak_flops) == ("auto", True, None)
+
+
+def test_cost_profile_false_leaves_the_runs_profile_unloaded():
+    cfg = _cfg("grpo", "shapes", **{"run.cost_profile": "shapes-cpu"})
+    assert RunSpec.from_config(cfg).cost_profile.name == "shapes-cpu"
+    assert RunSpec.from_config(cfg, cost_profile=False).cost_profile is None

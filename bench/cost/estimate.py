@@ -29,9 +29,9 @@ from bench import config as config_mod
 from bench.budget import Budget
 from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
-from bench.errors import UsageError, algorithm_settings
-from bench.registry import MODELS, algorithm_class, model_preset
-from bench.types import RewardOutput, TrainSpec
+from bench.errors import UsageError
+from bench.registry import MODELS, model_preset
+from bench.types import RewardOutput
 
 
 class ShadowPolicy:
@@ -145,35 +145,29 @@ def simulate(cfg: dict[str, Any], iterations: int = 1, stats: list[dict[str, int
     from diffusers.configuration_utils import FrozenDict
 
     from bench.engine.prompts import load_prompt_set
-    from bench.engine.rollout import RolloutEngine
     from bench.engine.seeding import generator
-    from bench.model.models import model_options, model_scheduler
-    from bench.spec import sampler_spec
+    from bench.model.models import model_scheduler
+    from bench.run.build import build_algorithm, build_engine, build_optimizer
+    from bench.spec import RunSpec
 
-    prediction, has_vae = model_facts(cfg)
-    t, seed = cfg["train"], int(cfg["seed"])
-    sched_cfg = _schedule_cfg(cfg)
-    sampler = sampler_spec(sched_cfg, prediction)
-    train = TrainSpec(micro_batch=int(t["micro_batch"]), optimizer_steps=int(t["optimizer_steps"]),
-                      max_grad_norm=float(t["max_grad_norm"]))
-    with algorithm_settings(cfg["algo"]["name"]):
-        algo = algorithm_class(cfg["algo"]["name"])(config_mod.algorithm_config(cfg), sampler, train, seed)
-    policy = ShadowPolicy(prediction, has_vae, model_options(cfg["model"]))
+    _, has_vae = model_facts(cfg)
+    # the typed spec of the run, its weightless model named by its random twin: the twin's model index and
+    # scheduler config give the prediction and the schedule (model_facts reads the same index); the estimator
+    # prices with its own profile, so the run's cost profile is not loaded
+    spec = RunSpec.from_config(_schedule_cfg(cfg), cost_profile=False)
+    seed, prediction = spec.seed, spec.model.prediction
+    # the run's own builders (bench.run.build), around the shadow policy and reward
+    algo = build_algorithm(spec)
+    policy = ShadowPolicy(prediction, has_vae, spec.model.options)
     if prediction == "flow":
-        policy.scheduler = SimpleNamespace(config=FrozenDict(
-            model_scheduler(sched_cfg["model"]["name"], sched_cfg["model"].get("path"))[1]))
-    engine = RolloutEngine(policy, max_micro_batch=train.micro_batch, seed=seed, shift=sampler.shift,  # type: ignore[arg-type]
-                           schedule=sampler.schedule)
-    engine.snapshots.declare(algo)
-    if getattr(algo, "reward_gradient", False):
-        engine.attach_reward(ShadowReward(str(cfg["reward"]["name"])))
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
-    trace_mod.attach_optimizer(optimizer, engine.recorder)
-    prompts = load_prompt_set(cfg["data"]["train_prompts"])
-    reward_name = str(cfg["reward"]["name"])
+        policy.scheduler = SimpleNamespace(config=FrozenDict(model_scheduler(spec.model.name, spec.model.path)[1]))
+    engine = build_engine(spec, policy, algo, seed, ShadowReward(spec.reward.name))  # type: ignore[arg-type]
+    optimizer = build_optimizer(spec.optimizer, policy.trainable_parameters(), engine.recorder)
+    prompts = load_prompt_set(spec.train_prompts)
+    reward_name = spec.reward.name
     out = []
     for i in range(iterations):  # the runner's iteration, minus timing, logging and fault handling
-        batch = prompts.sample(int(t["prompts_per_iteration"]), seed, i)
+        batch = prompts.sample(spec.prompts_per_iteration, seed, i)
         rollout = engine.run(algo.plan(i), batch, i)
         trace_mod.record_reward(engine.recorder, reward_name, rollout.num_leaves, "reward")
         scores = torch.rand(rollout.num_leaves, generator=generator(seed, i, "plan_reward"))

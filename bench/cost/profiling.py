@@ -123,10 +123,11 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     from bench.engine.prompts import load_prompt_set
     from bench.model.models import build_policy
     from bench.run.scoring import build_reward_checked
-    from bench.spec import ModelSpec
+    from bench.spec import RunSpec
 
+    spec = RunSpec.from_config(cfg, cost_profile=False)
     torch.manual_seed(0)
-    policy = build_policy(ModelSpec.from_config(cfg), device)
+    policy = build_policy(spec.model, device)
     kinds: dict[str, list[dict[str, Any]]] = {}
     grads_mib = sum(p.numel() * p.element_size() for p in policy.trainable_parameters()) / 2**20
 
@@ -158,7 +159,7 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
     if policy.vae is not None:
         kinds["vae_decode"] = _points(lambda r: _fixed(policy.decode, lat(r)), image_rows, device, warmup,
                                       repeats, log, "vae_decode")
-    one = load_prompt_set(cfg["data"]["train_prompts"]).head(1)  # a prompt every reward of the world can read
+    one = load_prompt_set(spec.train_prompts).head(1)  # a prompt every reward of the world can read
     prompt, meta = one.prompts[0], dict(one.metadata[0])
     kinds["text_encode"] = _points(lambda r: (lambda: policy.encode_prompts([prompt] * r)),
                                    image_rows, device, warmup, repeats, log, "text_encode")
@@ -166,9 +167,9 @@ def measure(cfg: Mapping[str, Any], device: torch.device, warmup: int = 2, repea
         kinds["vae_decode_backward"] = _points(lambda r: _fixed(_backward_of, policy.decode, lat(r), {"grad": True}),
                                                image_rows, device, warmup, repeats, log, "vae_decode_backward")
     images = policy.decode(lat(1))
-    r = cfg["reward"]
-    for name in dict.fromkeys([r["name"], *cfg["eval"]["rewards"]]):
-        reward = build_reward_checked(name, device, r["options"], r["normalize"])
+    r = spec.reward
+    for name in dict.fromkeys([r.name, *spec.eval.rewards]):
+        reward = build_reward_checked(name, device, r.options, r.normalize)
         kinds[f"reward:{name}"] = _points(
             lambda n, rw=reward: _fixed(rw, images.repeat(n, 1, 1, 1), [prompt] * n, [meta] * n),
             image_rows, device, warmup, repeats, log, f"reward:{name}")

@@ -34,10 +34,10 @@ def _probe(cfg: dict[str, Any], rows: int, repeats: int = 5) -> float:
     from bench.model.models import build_policy, resolve_device
     from bench.spec import ModelSpec
 
-    dev = resolve_device(cfg["model"]["device"])
+    model = ModelSpec.from_config(cfg)
+    dev = resolve_device(model.device)
     torch.manual_seed(0)
-    return time_call(_denoiser_fns(build_policy(ModelSpec.from_config(cfg), dev), False)(rows), dev, 1,
-                     repeats)["seconds"]
+    return time_call(_denoiser_fns(build_policy(model, dev), False)(rows), dev, 1, repeats)["seconds"]
 
 
 def _one(algo: str, model: str, profile: str, iterations: int, warmup: int, sets: dict[str, Any],

@@ -425,11 +425,11 @@ SHIPPED_COUNTS = Path(__file__).resolve().parents[1] / "profiles" / "counts"
 
 def reward_signature(rewards: Mapping[str, Any]) -> list[Any]:
     """Names and architecture versions of rewards (part of a cache key; no weight file is looked up)."""
-    def one(r: Any) -> Any:
-        parts = getattr(r, "parts", None)
+    def one(reward: Any) -> Any:
+        parts = getattr(reward, "parts", None)
         if parts:
             return [one(p) for _, _, p in parts]
-        return getattr(r, "_base_version", None) or str(getattr(type(r), "version", ""))
+        return getattr(reward, "_base_version", None) or str(getattr(type(reward), "version", ""))
 
     return sorted([n, one(r)] for n, r in rewards.items())
 
@@ -594,12 +594,12 @@ def trace_flops(counts: ModelCounts, calls: Sequence[Call]) -> tuple[float, int]
     return total, uncounted
 
 
-def run_peak(config: Mapping[str, Any], device_name: str | None) -> tuple[float | None, str]:
-    """Peak FLOP/s per device for MFU: ``run.peak_flops``, else the device table for the run's precision."""
-    given = config.get("run", {}).get("peak_flops")
+def run_peak(given: float | None, mixed_precision: str, device_name: str | None) -> tuple[float | None, str]:
+    """Peak FLOP/s per device for MFU: ``given`` (``run.peak_flops``), else the device table for the run's
+    precision ``mixed_precision`` (``model.mixed_precision``)."""
     if given:
         return float(given), "run.peak_flops"
     if device_name is None or device_name.lower().startswith("cpu"):
         return None, ("no default peak FLOP/s for a CPU (it depends on the cores, their vector units and the "
                       "threads); set run.peak_flops to get MFU")
-    return device_peak(device_name, config.get("model", {}).get("mixed_precision", "no"))
+    return device_peak(device_name, mixed_precision)

@@ -140,9 +140,9 @@ class Dist:
         return cls(None)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], device: torch.device) -> Dist:
-        """One process unless launched with several and ``model.distributed`` is ``auto`` or ``fsdp``."""
-        mode = cfg["model"].get("distributed", "auto")
+    def launch(cls, mode: str, device: torch.device) -> Dist:
+        """One process unless launched with several and ``mode`` (``model.distributed``, the run spec's
+        ``model.distributed``) is ``auto`` or ``fsdp``."""
         if mode == "fsdp" and launched_world_size() <= 1:
             raise UsageError("model.distributed=fsdp shards the denoiser over the processes of a launch; this is "
                              "one process: start it with accelerate launch --multi_gpu --num_processes N "
@@ -157,7 +157,7 @@ class Dist:
         acc = Accelerator(cpu=device.type == "cpu", mixed_precision="no",
                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         destroy_at_exit()
-        fsdp = cfg["model"].get("distributed") == "fsdp" or acc.distributed_type == DistributedType.FSDP
+        fsdp = mode == "fsdp" or acc.distributed_type == DistributedType.FSDP
         return cls(acc, fsdp=fsdp)
 
     @property

@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
+from bench.run.parts import RunParts
 from bench.run.progress import eval_line
 from bench.run.scoring import score
 from bench.rundir.layout import SAMPLES
 from bench.rundir.runlog import reward_hacking_flag, save_grid, sustained_fall
-from bench.types import CURRENT, RolloutPlan
+from bench.types import CURRENT, RewardOutput, Rollout, RolloutPlan, SamplerSpec
 
 
-def eval_plan(sampler: Any, images_per_prompt: int = 1, weights: str = CURRENT) -> RolloutPlan:
+def eval_plan(sampler: SamplerSpec, images_per_prompt: int = 1, weights: str = CURRENT) -> RolloutPlan:
     """Deterministic chains with the sampler's steps and guidance: ``images_per_prompt`` per eval prompt,
     each from its own noise (shared_noise=False), sampled with ``weights`` (the trained weights, or the
     weight snapshot an algorithm evaluates with: its ``eval_weights``, e.g. Flow-GRPO's EMA)."""
@@ -25,7 +26,7 @@ def eval_plan(sampler: Any, images_per_prompt: int = 1, weights: str = CURRENT) 
                        shared_noise=False, guidance=sampler.guidance, keep_latents=False, weights=weights)
 
 
-def _eval_rollout(r: Any) -> Any:
+def _eval_rollout(r: RunParts) -> Rollout:
     if r.eval_conditioning is None:
         r.eval_conditioning = r.policy.encode_prompts(r.eval_batch.prompts)
     e = r.spec.eval
@@ -35,12 +36,12 @@ def _eval_rollout(r: Any) -> Any:
                         conditioning=r.eval_conditioning, seed=e.seed)
 
 
-def image_scores(r: Any, roll: Any, iteration: int, scored: dict[str, Any]) -> list[dict[str, Any]]:
+def image_scores(r: RunParts, roll: Rollout, iteration: int, scored: dict[str, RewardOutput]) -> list[dict[str, Any]]:
     """The lines of eval_scores.jsonl for one evaluation: one per image, in the rollout's leaf order, with
     the run's cumulative training totals, the image's prompt (index into the eval prompts) and its index
     among that prompt's images (its noise: the same in every run of a comparison), and every reward's
     score and component (``scored``: reward name -> its RewardOutput)."""
-    t = r.totals
+    t = r.state.totals
     prompts = roll.leaf_prompts().tolist()
     seen: dict[int, int] = {}
     lines = []
@@ -58,22 +59,22 @@ def image_scores(r: Any, roll: Any, iteration: int, scored: dict[str, Any]) -> l
     return lines
 
 
-def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, Any]:
+def evaluate(r: RunParts, iteration: int, point: float | None = None) -> dict[str, Any]:
     """Evaluate run ``r`` (a ``bench.run.runner.Run``) after ``iteration`` completed iterations; appends the
-    record to ``r.evals`` and evals.jsonl, each image's scores to eval_scores.jsonl, and saves a sample
+    record to ``r.state.evals`` and evals.jsonl, each image's scores to eval_scores.jsonl, and saves a sample
     grid. ``point``: the multiple of ``eval.every`` this evaluation stands for (None: the end of the run)."""
     if not r.dist.is_main:  # rank 0 evaluates and logs ...
         if r.dist.fsdp:  # ... but a sharded denoiser needs every rank in each of its forward passes
             _eval_rollout(r)
-            r.evals.append({"iteration": iteration})  # keeps the ranks' "already evaluated" checks equal
+            r.state.evals.append({"iteration": iteration})  # keeps the ranks' "already evaluated" checks equal
         return {"iteration": iteration}
     t0 = time.perf_counter()
     e = r.spec.eval
     roll = _eval_rollout(r)
-    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.totals.samples,
-                           "nfe_total": r.totals.nfe, "seconds_total": r.totals.seconds,
+    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.state.totals.samples,
+                           "nfe_total": r.state.totals.nfe, "seconds_total": r.state.totals.seconds,
                            "eval_images": int(roll.images.shape[0]), "eval_point": point}
-    scored: dict[str, Any] = {}
+    scored: dict[str, RewardOutput] = {}
     with torch.no_grad():
         for name, reward in r.eval_rewards.items():
             out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
@@ -90,17 +91,17 @@ def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, An
     save_grid(roll.images[: e.grid], png, ncol=e.images_per_prompt if e.images_per_prompt > 1 else 8)
     rec["samples_png"] = str(png.relative_to(r.out))
     rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
-    r.evals.append(rec)
+    r.state.evals.append(rec)
     train_name = r.spec.reward.name
     held = [f"eval/{n}" for n in r.eval_rewards if n != train_name]
-    recent = reward_hacking_flag(r.evals, f"eval/{train_name}", held)
-    rec["heldout_below_start"] = sustained_fall(r.evals, f"eval/{train_name}", held)
+    recent = reward_hacking_flag(r.state.evals, f"eval/{train_name}", held)
+    rec["heldout_below_start"] = sustained_fall(r.state.evals, f"eval/{train_name}", held)
     rec["reward_hacking"] = bool(recent or rec["heldout_below_start"])
     rec["t_eval_s"] = time.perf_counter() - t0
     rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
     if rec["heldout_below_start"]:
         names = ", ".join(k.split("/", 1)[-1] for k in rec["heldout_below_start"])
-        now = ", ".join(f"{k.split('/', 1)[-1]} {r.evals[0][k]:.3f} -> {rec[k]:.3f}" for k in rec["heldout_below_start"])
+        now = ", ".join(f"{k.split('/', 1)[-1]} {r.state.evals[0][k]:.3f} -> {rec[k]:.3f}" for k in rec["heldout_below_start"])
         print(f"warning: possible reward hacking at iteration {iteration}: training reward above its iteration-0 "
               f"value while held-out {names} stays below its iteration-0 value by more than its resolution "
               f"({now}; see {rec['samples_png']})", file=sys.stderr)
@@ -112,5 +113,5 @@ def evaluate(r: Any, iteration: int, point: float | None = None) -> dict[str, An
     r.log.eval_scores(image_scores(r, roll, iteration, scored))
     r.log.evaluation(rec)
     r.trackers.evaluation(rec, r.out, list(r.eval_batch.prompts[: r.spec.eval.grid]))
-    print(eval_line(rec, r.evals[0]), flush=True)  # the result where the user looks (bench.run.progress)
+    print(eval_line(rec, r.state.evals[0]), flush=True)  # the result where the user looks (bench.run.progress)
     return rec

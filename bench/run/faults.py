@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -108,7 +108,7 @@ _ADVICE = {errno.ENOSPC: "free space on the file system holding", errno.EDQUOT: 
            errno.EFBIG: "free space or raise the file size limit for"}
 
 
-def is_write_fault(e: BaseException | None) -> bool:
+def is_write_fault(e: BaseException | None) -> TypeGuard[OSError]:
     return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,18 +25,18 @@ from bench.engine import pricing as cost_mod
 from bench.engine import trace as trace_mod
 from bench.engine.arithmetic import batch_arithmetic
 from bench.engine.prompts import load_prompt_set
-from bench.engine.rollout import RolloutEngine, Schedule
+from bench.engine.rollout import Schedule
 from bench.errors import (
     Interrupted,
     NonFiniteGrad,
     StopRun,
     UsageError,
-    algorithm_settings,
     is_out_of_memory,
 )
 from bench.model.models import build_policy, resolve_device, weights_hash
-from bench.registry import algorithm_class
+from bench.model.policy import Conditioning
 from bench.run import trackers as trackers_mod
+from bench.run.build import build_algorithm, build_engine, build_optimizer
 from bench.run.distributed import Dist, NullLog
 from bench.run.evaluation import evaluate
 from bench.run.faults import (
@@ -45,12 +44,11 @@ from bench.run.faults import (
     is_write_fault,
     nonfinite_inputs,
     oom_failure,
-    refuse_nonfinite_step,
     report_nonfinite,
     stop_signals,
     write_failure,
 )
-from bench.run.finish import announce, finish
+from bench.run.finish import announce, finish, resume_run
 from bench.run.progress import Progress, end_summary
 from bench.run.records import PHASES, IterationRecord, zero_spread_fraction
 from bench.run.scoring import build_rewards, check_reward_gradient, score
@@ -58,31 +56,9 @@ from bench.run.timing import PhaseTimer, peak_mem_mb
 from bench.rundir import resume as resume_mod
 from bench.rundir.lock import RunLock
 from bench.rundir.runlog import RunLog, check_out_dir, create_out_dir, manifest
+from bench.rundir.state import CheckpointParts, RunState
 from bench.spec import RunSpec
 from bench.types import Advantages, RewardOutput, Rollout, RolloutPlan, UpdateStats
-
-
-class FrozenAdamW(torch.optim.AdamW):
-    """AdamW for ``train.frozen=true`` (the null arm of ``bench compare --controls``): the algorithm's update
-    runs unchanged (loss, gradients, clipping, the same forward passes), and ``step()`` is called as often
-    and runs the optimizer's hooks (non-finite check, call trace, so the modeled cost is the same), but it
-    changes no parameter and keeps no moments, only each parameter's step count (a non-empty state, as
-    sharded checkpoints expect). Its learning rate is 0, which is what ``lr`` in iterations.jsonl records.
-    (AdamW with lr 0 is not enough: ``p + 0 * x`` turns a weight of -0.0 into +0.0, so the weights would
-    not be bit-identical.)"""
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    state = self.state[p]
-                    state["step"] = state.get("step", torch.zeros((), dtype=torch.float32)) + 1
-        return loss
 
 
 @dataclass
@@ -102,8 +78,6 @@ class Run:
 
     def __init__(self, spec: RunSpec, resume: bool = False):
         self.lock: RunLock | None = None         # one writer per run directory (bench.rundir.lock), held until release()
-        self.write_fault: OSError | None = None  # a write fault seen while finishing (final eval, final.json)
-        self.final_fault: OSError | None = None  # final.json could not be written
         try:
             self._build(spec, resume)
         except BaseException:
@@ -118,7 +92,7 @@ class Run:
     def _build(self, spec: RunSpec, resume: bool) -> None:
         self.spec, self.resume = spec, resume
         device = resolve_device(spec.model.device)
-        self.dist = Dist.from_config(spec.config, device)  # one process, or data-parallel under accelerate
+        self.dist = Dist.launch(spec.model.distributed, device)  # one process, or data-parallel under accelerate
         self.device = self.dist.device(device)
         self.train_prompts = load_prompt_set(spec.train_prompts)
         self.eval_prompts = load_prompt_set(spec.eval_prompts)
@@ -128,12 +102,11 @@ class Run:
             if self.out.is_dir():  # refused at once when a live process writes it
                 self.lock = RunLock(self.out).acquire()
             check_out_dir(self.out, spec.run.overwrite, resume, force=spec.run.force)
-        if resume:
+        if resume:  # the saved config against the new one: both resolved dicts, the format manifests store
             resume_mod.check_resume_config(self.out, resume_mod.saved_config(self.out), spec.config)
         tracker_names = trackers_mod.check_run(spec.run)  # opened once the run directory exists
         # the algorithm and the rewards are checked before the (possibly large) model is loaded
-        with algorithm_settings(spec.algo_name):
-            self.algo = algorithm_class(spec.algo_name)(spec.algo_config, spec.sampler, spec.train, spec.seed)
+        self.algo = build_algorithm(spec)
         self.reward, self.eval_rewards = build_rewards(spec.reward, spec.eval.rewards, self.device)
         if getattr(self.algo, "reward_gradient", False):  # direct-gradient algorithms (ReFL, DRaFT-K)
             check_reward_gradient(self.reward, spec.algo_name)
@@ -143,20 +116,17 @@ class Run:
             raise UsageError(f"{self.policy.path}: the model predicts {self.policy.prediction!r} but its "
                              f"model_index.json says {spec.model.prediction!r}")
         self.dist.prepare_policy(self.policy)  # DDP wrapper for the update's forward passes
-        self.engine = RolloutEngine(self.policy, max_micro_batch=spec.train.micro_batch,
-                                    seed=self.dist.rollout_seed(spec.seed), shift=spec.sampler.shift,
-                                    schedule=spec.sampler.schedule)
-        self.engine.snapshots.declare(self.algo)  # copies of the initial weights (restored on resume)
-        if getattr(self.algo, "reward_gradient", False):
-            self.engine.attach_reward(self.reward)  # the update scores with gradients (engine.reward_grad)
+        # weight snapshots of the initial weights (restored on resume); the reward a direct-gradient update scores with
+        self.engine = build_engine(spec, self.policy, self.algo, self.dist.rollout_seed(spec.seed), self.reward)
         self.check_schedule()
+        # AdamW (train.frozen: FrozenAdamW), NaN/inf steps refused, every step in the call trace
+        self.optimizer = build_optimizer(spec.optimizer, self.policy.trainable_parameters(), self.engine.recorder)
         o = spec.optimizer
-        # train.frozen: the null arm of a comparison; every step is still called (hooks, trace), none moves a weight
-        adamw = FrozenAdamW if o.frozen else torch.optim.AdamW
-        self.optimizer = adamw(self.policy.trainable_parameters(), lr=0.0 if o.frozen else o.lr,
-                               betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-        self.optimizer.register_step_pre_hook(refuse_nonfinite_step)  # NaN/inf steps are never applied
-        trace_mod.attach_optimizer(self.optimizer, self.engine.recorder)  # optimizer steps in the call trace
+        self.checkpointed = CheckpointParts(
+            out=self.out, config=spec.config, policy=self.policy, snapshots=self.engine.snapshots,
+            optimizer=self.optimizer, algo=self.algo, keep=spec.run.keep_checkpoints, is_main=self.dist.is_main,
+            sharded=self.dist.fsdp, optimizer_settings={"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps,
+                                                        "weight_decay": o.weight_decay})
         self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
         self.counts, self.flops_info = self.count_flops()  # FLOPs per call kind (meta device) and the device peak
         self.train_calls: list[trace_mod.Call] = []  # the last iteration's training calls
@@ -164,32 +134,25 @@ class Run:
                                       spec.train.optimizer_steps)
         if not resume and self.dist.is_main:
             self.lock = create_out_dir(self.out, spec.run.overwrite, self.lock, force=spec.run.force)
-        self.log = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
+        self.log: RunLog | NullLog = RunLog(self.out, tensorboard=spec.run.tensorboard) if self.dist.is_main else NullLog()
+        # trackers record the configuration as the user wrote it (the resolved dict, as the manifest stores it)
         self.trackers = trackers_mod.Trackers(tracker_names if self.dist.is_main else [], self.out, spec.config,
                                               self.out.name)
         self.eval_batch = self.eval_prompts.head(spec.eval.num_prompts)
-        self.eval_conditioning = None            # encoded eval prompts, reused by every evaluation
-        # the state checkpoints carry (bench.rundir.resume)
-        self.totals = Totals()
-        self.evals: list[dict[str, Any]] = []
-        self.last_checkpoint: int | None = None
-        self.checkpoint_seconds = 0.0
-        self.wall_before = 0.0                   # wall seconds of earlier processes (resumed runs)
-        self.wall0 = time.perf_counter()
-        # control
+        self.eval_conditioning: Conditioning | None = None  # encoded eval prompts, reused by every evaluation
+        self.state = RunState()                  # what the run has done (restored on resume); its wall clock starts now
         self.stop = StopFlag()
-        self.in_update = False                   # inside advantages/update: state not checkpointable
 
-    def count_flops(self) -> tuple[Any, dict[str, Any]]:
+    def count_flops(self) -> tuple[flops_mod.ModelCounts | None, dict[str, Any]]:
         """FLOPs per call kind of this run's model and training reward, counted on a meta-device copy
         (bench.engine.flops; cached), and the peak FLOP/s per device MFU divides by. Never fatal: a model
         the counter cannot copy leaves flops null, with the reason in the manifest."""
         from bench.rundir.runlog import device_info
 
         name = device_info(self.device).get("name") if self.device.type == "cuda" else "cpu"
-        peak, source = flops_mod.run_peak(self.spec.config, name)
+        peak, source = flops_mod.run_peak(self.spec.run.peak_flops, self.spec.model.mixed_precision, name)
         info: dict[str, Any] = {"peak_flops_per_device": peak, "peak_source": source}
-        if not self.spec.config["run"].get("flops", True):
+        if not self.spec.run.flops:
             return None, {**info, "counted": False, "reason": "run.flops=false"}
         try:
             counts = flops_mod.count_model(self.policy, {self.spec.reward.name: self.reward})
@@ -201,7 +164,7 @@ class Run:
     def start(self) -> list[dict[str, Any]]:
         """Write the manifest, or resume; returns the iteration records already in the run directory."""
         if self.resume:
-            return resume_mod.resume(self)
+            return resume_run(self)
         if self.dist.is_main:
             self.log.write_manifest(manifest(
                 self.spec, out=self.out, policy=self.policy, weights_sha256=weights_hash(self.policy.path),
@@ -230,9 +193,6 @@ class Run:
         return {"kind": s.schedule if s.prediction == "flow" else "ddim", "steps": s.steps, "shift": s.shift,
                 "sigmas": [float(v) for v in sched.levels], "timesteps": [float(v) for v in sched.timesteps]}
 
-    def wall_seconds(self) -> float:
-        return self.wall_before + time.perf_counter() - self.wall0
-
     def check_stop(self) -> None:
         if self.stop.signal is not None:
             raise Interrupted(self.stop.signal)
@@ -254,7 +214,7 @@ class Run:
         nonfinite = self.dist.any_flag(nonfinite_inputs(rewards, rollout))  # one rank's bad batch: all skip
         adv, stats, view, update_nfe = None, None, None, 0
         if nonfinite is None:
-            self.in_update = True  # from here the algorithm's state changes: not checkpointable until done
+            self.state.in_update = True  # from here the algorithm's state changes: not checkpointable until done
             with timer("advantage"):
                 # computed on every rank's data (the single-process result), local part kept
                 adv, view = self.dist.advantages(self.algo, global_batch, batch, rollout, rewards)
@@ -266,7 +226,7 @@ class Run:
         rec = self._record(i, plan, rollout, rewards, adv, stats, local, update_nfe, timer.seconds)
         if nonfinite is None and not rec.finite():
             nonfinite = "loss"
-        self.in_update = False
+        self.state.in_update = False
         return rec if nonfinite is None else dataclasses.replace(rec, nonfinite=nonfinite)
 
     def _update(self, rollout: Rollout, adv: Advantages) -> tuple[UpdateStats | None, int, str | None]:
@@ -292,10 +252,11 @@ class Run:
         if self.counts is not None:  # every rank makes the same calls on an equal shard
             f, unc = flops_mod.trace_flops(self.counts, self.train_calls)
             flops = f * self.dist.world_size
-        self.totals = Totals(seconds=self.totals.seconds + secs, samples=self.totals.samples + n_samples,
-                             nfe=self.totals.nfe + nfe_r + nfe_u, iterations=i + 1,
-                             modeled_seconds=cost.get("modeled_seconds_total", self.totals.modeled_seconds),
-                             flops=self.totals.flops + (flops or 0.0))
+        was = self.state.totals
+        t = self.state.totals = Totals(seconds=was.seconds + secs, samples=was.samples + n_samples,
+                                       nfe=was.nfe + nfe_r + nfe_u, iterations=i + 1,
+                                       modeled_seconds=cost.get("modeled_seconds_total", was.modeled_seconds),
+                                       flops=was.flops + (flops or 0.0))
         peak = self.flops_info.get("peak_flops_per_device")
         mfu = flops / (secs * peak * self.dist.world_size) if flops is not None and peak and secs > 0 else None
         sc = rewards.scores
@@ -304,14 +265,14 @@ class Run:
             "grad_norm": stats.grad_norm, "first_ratio": stats.first_ratio, "kl": stats.kl, "edges": stats.edges,
             "optimizer_steps": stats.optimizer_steps, "micro_batches": stats.micro_batches}
         return IterationRecord(
-            iteration=i, samples=n_samples, samples_total=self.totals.samples, nfe_rollout=nfe_r, nfe_update=nfe_u,
-            nfe_total=self.totals.nfe, seconds_total=self.totals.seconds,
+            iteration=i, samples=n_samples, samples_total=t.samples, nfe_rollout=nfe_r, nfe_update=nfe_u,
+            nfe_total=t.nfe, seconds_total=t.seconds,
             **{f"t_{p}_s": seconds.get(p, 0.0) for p in PHASES}, t_iteration_s=secs,
             reward_mean=float(sc.mean()), reward_std=float(sc.std(unbiased=False)), reward_min=float(sc.min()),
             reward_max=float(sc.max()),
             reward_components={k: float(v.float().mean()) for k, v in rewards.components.items()},
             lr=self.optimizer.param_groups[0]["lr"], peak_mem_mb=peak_mem_mb(self.device), flops=flops,
-            flops_total=self.totals.flops if flops is not None else None, mfu=mfu, flops_uncounted_calls=unc or 0,
+            flops_total=t.flops if flops is not None else None, mfu=mfu, flops_uncounted_calls=unc or 0,
             zero_spread_frac=zero_spread_fraction(sc, rollout.leaf_prompts()), **update,
             algorithm={**plan.info, **(adv.metrics if adv else {}), **(stats.metrics if stats else {})}, cost=cost)
 
@@ -325,11 +286,11 @@ class Run:
         if stage == "eval":
             return {} if profile is None else {
                 "modeled_eval_s": cost_mod.price(profile, calls, self.counts).phases["eval"],
-                "modeled_seconds_total": self.totals.modeled_seconds}
+                "modeled_seconds_total": self.state.totals.modeled_seconds}
         self.train_calls = [c for c in calls if c.phase in trace_mod.TRAIN_PHASES]
         keys: dict[str, Any] = trace_mod.summarize(calls)
         if profile is not None:
-            keys.update(cost_mod.iteration_record(profile, calls, self.totals.modeled_seconds, self.counts))
+            keys.update(cost_mod.iteration_record(profile, calls, self.state.totals.modeled_seconds, self.counts))
         return keys
 
 
@@ -348,11 +309,13 @@ def run(cfg: Mapping[str, Any], on_iteration: Callable[[dict], None] | None = No
     except OSError as e:
         if not is_write_fault(e):
             raise
-        raise write_failure(e, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault) from None
+        raise write_failure(e, r.out, last_checkpoint=r.state.last_checkpoint,
+                            final_fault=r.state.final_fault) from None
     finally:
         r.release()
-    if r.write_fault is not None:
-        raise write_failure(r.write_fault, r.out, last_checkpoint=r.last_checkpoint, final_fault=r.final_fault)
+    st = r.state
+    if st.write_fault is not None:
+        raise write_failure(st.write_fault, r.out, last_checkpoint=st.last_checkpoint, final_fault=st.final_fault)
     return summary
 
 
@@ -360,8 +323,8 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
          progress: bool | None, resume: bool) -> RunSummary:
     records = r.start()
     if r.spec.run.trace and r.dist.is_main:
-        r.trace_writer = trace_mod.TraceWriter(r.out, r.totals.iterations if resume else None,
-                                               kept_evals=[e["iteration"] for e in r.evals])
+        r.trace_writer = trace_mod.TraceWriter(r.out, r.state.totals.iterations if resume else None,
+                                               kept_evals=[e["iteration"] for e in r.state.evals])
     show = (r.spec.run.progress if progress is None else progress) and r.dist.is_main
     if r.dist.is_main:
         announce(r)
@@ -376,9 +339,9 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
             stop_reason = "interrupted"
         except Exception as e:  # noqa: BLE001 - recorded in final.json, then re-raised
             failure = e if not is_out_of_memory(e) else oom_failure(
-                e, device=r.device, iteration=r.totals.iterations, micro_batch=r.spec.train.micro_batch,
+                e, device=r.device, iteration=r.state.totals.iterations, micro_batch=r.spec.train.micro_batch,
                 prompts_per_iteration=r.spec.prompts_per_iteration, out=r.out,
-                resumable=r.last_checkpoint is not None)
+                resumable=r.state.last_checkpoint is not None)
             stop_reason = "error"
         if bar is not None:
             bar.close()
@@ -386,27 +349,27 @@ def _run(r: Run, on_iteration: Callable[[dict], None] | None, on_eval: Callable[
     if failure is not None:
         raise failure
     if r.dist.is_main:
-        print(end_summary(r.evals, r.final_record, r.out), flush=True)
-    return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=r.totals.iterations,
-                      samples_total=r.totals.samples, nfe_total=r.totals.nfe, seconds_total=r.totals.seconds,
-                      final_eval=final_eval, records=records)
+        print(end_summary(r.state.evals, r.state.final_record or {}, r.out), flush=True)
+    t = r.state.totals
+    return RunSummary(out_dir=r.out, stop_reason=stop_reason, iterations=t.iterations, samples_total=t.samples,
+                      nfe_total=t.nfe, seconds_total=t.seconds, final_eval=final_eval, records=records)
 
 
 def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callable[[dict], None] | None,
            on_eval: Callable[[dict], None] | None) -> str:
     """Iterate until the budget (or a non-finite batch with run.on_nonfinite=stop) stops the run."""
     every, ckpt_every = r.spec.eval.every, r.spec.run.checkpoint_every
-    if r.spec.eval.at_start and r.totals.iterations == 0 and not r.evals:
+    if r.spec.eval.at_start and r.state.totals.iterations == 0 and not r.state.evals:
         _evaluate(r, 0, on_eval, point=0.0)
-    i = r.totals.iterations
+    i = r.state.totals.iterations
     while True:
         # the budget is checked at iteration boundaries: the last iteration may pass it (final.json and the
         # final evaluation record the exact totals)
-        stop_reason = r.spec.budget.exhausted(r.totals)
+        stop_reason = r.spec.budget.exhausted(r.state.totals)
         if stop_reason:
             return stop_reason
         r.check_stop()
-        before = r.totals
+        before = r.state.totals
         rec = r.iteration(i).to_json()
         r.log.iteration(rec)
         r.trackers.iteration(rec)
@@ -415,21 +378,21 @@ def _train(r: Run, records: list[dict[str, Any]], bar: Any, on_iteration: Callab
             print(f"warning: first importance ratio {rec['first_ratio']:.6f} != 1: rollout and update "
                   f"log-probs disagree (mixed precision or nondeterministic kernels?)", file=sys.stderr)
         if bar is not None:
-            bar.update(r.spec.budget.fraction(r.totals), rec)
+            bar.update(r.spec.budget.fraction(r.state.totals), rec)
         i += 1
         if "nonfinite" in rec:
             stop = r.spec.run.on_nonfinite != "skip"
-            report_nonfinite(rec["nonfinite"], i - 1, stop, r.last_checkpoint)
+            report_nonfinite(rec["nonfinite"], i - 1, stop, r.state.last_checkpoint)
             if stop:
                 return "nonfinite"
         if on_iteration:
             on_iteration(rec)
         # the evaluation schedule: the first iteration boundary at or past each multiple of eval.every (in
         # iterations or a budget currency), decided from cumulative totals, so a resumed run keeps it
-        if every.due(before, r.totals):
-            _evaluate(r, i, on_eval, point=every.point(r.totals))
+        if every.due(before, r.state.totals):
+            _evaluate(r, i, on_eval, point=every.point(r.state.totals))
         if ckpt_every and i % ckpt_every == 0:
-            resume_mod.save_checkpoint(r)
+            resume_mod.save_checkpoint(r.checkpointed, r.state)
 
 
 def _evaluate(r: Run, iteration: int, on_eval: Callable[[dict], None] | None, point: float | None = None) -> None:

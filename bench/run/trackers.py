@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bench.errors import UsageError
+from bench.spec import RunOptions
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -67,7 +68,7 @@ def check(names: Sequence[str]) -> None:
                              f"'treebench[trackers]' (or pip install {PACKAGES[n]})")
 
 
-def check_run(run: Any) -> list[str]:
+def check_run(run: RunOptions) -> list[str]:
     """The trackers of a run's ``RunOptions``, checked (``run.tensorboard`` already mirrors to TensorBoard
     through the run log, so ``--log-with tensorboard`` does not open a second writer)."""
     names = [n for n in run.log_with if not (n == "tensorboard" and run.tensorboard)]

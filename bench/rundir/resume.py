@@ -16,19 +16,21 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from bench.budget import Totals
+from bench.budget import Budget, Totals
 from bench.errors import UsageError
 from bench.model import fsdp
+from bench.model.policy import Policy
 from bench.model.snapshots import PREFIX as SNAPSHOT_PREFIX
 from bench.rundir import checkpoint as ckpt_mod
 from bench.rundir import layout
 from bench.rundir.checkpoint import warn
 from bench.rundir.layout import EVAL_SCORES, EVALS, FINAL, ITERATIONS, MANIFEST
 from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_safe, now_iso, remove_temp_files
+from bench.rundir.state import CheckpointParts, RunState
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
 #: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
@@ -50,7 +52,7 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     return recs, len(bad)
 
 
-def rewrite_jsonl(path: Path, records: list[Mapping[str, Any]]) -> None:
+def rewrite_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Replace ``path`` whole or not at all (the old log stays intact when the write fails)."""
     atomic_write_text(path, "".join(json.dumps(json_safe(r)) + "\n" for r in records), "log.rewrite")
 
@@ -261,60 +263,58 @@ def resume_config(run_dir: str | os.PathLike, overrides: Mapping[str, Any] | Non
 
 
 # ---- a run's state: written to checkpoints, restored on resume -------------------------------------
-def trainable_state(policy: Any) -> dict[str, torch.Tensor]:
+def trainable_state(policy: Policy) -> dict[str, torch.Tensor]:
     return policy.named_trainable_parameters()
 
 
-def save_checkpoint(r: Any) -> Path:
-    """Save the state of run ``r`` (a ``bench.run.runner.Run``) after ``r.totals.iterations`` completed
-    iterations; outside the budget."""
+def save_checkpoint(parts: CheckpointParts, state: RunState) -> Path:
+    """Save the run's state after ``state.totals.iterations`` completed iterations; outside the budget."""
     t0 = time.perf_counter()
-    sharded = r.dist.fsdp
-    if sharded:  # every rank gathers the whole tensors of its shards (collectives); rank 0 writes them
-        fsdp.reshard(r.policy.denoiser)
-        weights = {n: fsdp.full(p) for n, p in trainable_state(r.policy).items()}
-        weights.update(r.engine.snapshots.state_dict())
-        optimizer = fsdp.full_optimizer_state(r.policy.denoiser, r.optimizer)
-    if not r.dist.is_main:  # the state is identical on every rank; rank 0 writes it
-        r.last_checkpoint = r.totals.iterations
-        return r.out
-    if not sharded:
+    if parts.sharded:  # every rank gathers the whole tensors of its shards (collectives); rank 0 writes them
+        fsdp.reshard(parts.policy.denoiser)
+        weights = {n: fsdp.full(p) for n, p in trainable_state(parts.policy).items()}
+        weights.update(parts.snapshots.state_dict())
+        optimizer = fsdp.full_optimizer_state(parts.policy.denoiser, parts.optimizer)
+    if not parts.is_main:  # the state is identical on every rank; rank 0 writes it
+        state.last_checkpoint = state.totals.iterations
+        return parts.out
+    if not parts.sharded:
         # the trainable weights and, beside them, the algorithm's weight snapshots (bench.model.snapshots)
-        weights = {**trainable_state(r.policy), **r.engine.snapshots.state_dict()}
-        optimizer = r.optimizer.state_dict()
-    state = {"config": r.spec.config,  # what the state was computed with: a resume checks the manifest against it
-             "totals": asdict(r.totals), "evals": r.evals, "algorithm": r.algo.state_dict(),
-             "wall_seconds": r.wall_seconds(), "checkpoint_seconds": r.checkpoint_seconds,
-             "optimizer_format": "by_name" if sharded else "by_index"}
-    path = ckpt_mod.save(r.out, r.totals.iterations, policy=weights,
-                         optimizer=optimizer, state=state, keep=r.spec.run.keep_checkpoints)
-    r.last_checkpoint = r.totals.iterations
-    r.checkpoint_seconds += time.perf_counter() - t0
+        weights = {**trainable_state(parts.policy), **parts.snapshots.state_dict()}
+        optimizer = parts.optimizer.state_dict()
+    saved = {"config": parts.config,  # what the state was computed with: a resume checks the manifest against it
+             "totals": asdict(state.totals), "evals": state.evals, "algorithm": parts.algo.state_dict(),
+             "wall_seconds": state.wall_seconds(), "checkpoint_seconds": state.checkpoint_seconds,
+             "optimizer_format": "by_name" if parts.sharded else "by_index"}
+    path = ckpt_mod.save(parts.out, state.totals.iterations, policy=weights,
+                         optimizer=optimizer, state=saved, keep=parts.keep)
+    state.last_checkpoint = state.totals.iterations
+    state.checkpoint_seconds += time.perf_counter() - t0
     return path
 
 
-def check_checkpoint_config(r: Any, ck: ckpt_mod.Checkpoint) -> None:
+def check_checkpoint_config(parts: CheckpointParts, ck: ckpt_mod.Checkpoint) -> None:
     """The configuration a resume runs with (manifest.json) must be the one the checkpoint's state was computed
     with: a hand-edited manifest would otherwise be applied in part (the clip range from the file, the learning
-    rate from the restored optimizer). Refused, with the differences."""
+    rate from the restored optimizer). Refused, with the differences. (Dict against dict: the checkpoint stores
+    the resolved config, the user-facing format.)"""
     saved = ck.state.get("config")
-    diff = config_diff(saved, r.spec.config) if isinstance(saved, dict) else []
+    diff = config_diff(saved, parts.config) if isinstance(saved, dict) else []
     if diff:
         lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (manifest.json)" for k, a, b in diff)
-        raise UsageError(f"cannot resume {r.out}: the configuration in its manifest.json differs from the one checkpoint "
-                         f"{ck.path.name} was written with:\n{lines}\nmanifest.json was edited after the run started; "
-                         f"restore it, or start a new run (another --out) with the settings you want.")
+        raise UsageError(f"cannot resume {parts.out}: the configuration in its manifest.json differs from the one "
+                         f"checkpoint {ck.path.name} was written with:\n{lines}\nmanifest.json was edited after the "
+                         f"run started; restore it, or start a new run (another --out) with the settings you want.")
 
 
-def check_optimizer_settings(r: Any, ck: ckpt_mod.Checkpoint) -> None:
+def check_optimizer_settings(parts: CheckpointParts, ck: ckpt_mod.Checkpoint) -> None:
     """After the optimizer state is loaded: its hyperparameters are the configuration's (the logged lr is the
     lr used). Covers checkpoints written before they recorded their configuration."""
-    o = r.spec.optimizer
-    want = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "weight_decay": o.weight_decay}
+    want = parts.optimizer_settings
     names = {"lr": "train.lr", "betas": "train.beta1/beta2", "eps": "train.adam_eps",
              "weight_decay": "train.weight_decay"}
-    bad = []
-    for g in r.optimizer.param_groups:
+    bad: list[tuple[str, Any, Any]] = []
+    for g in parts.optimizer.param_groups:
         for k, v in want.items():
             got = tuple(float(x) for x in g[k]) if k == "betas" else float(g[k])
             exp = tuple(float(x) for x in v) if k == "betas" else float(v)
@@ -322,22 +322,22 @@ def check_optimizer_settings(r: Any, ck: ckpt_mod.Checkpoint) -> None:
                 bad.append((names[k], got, exp))
     if bad:
         lines = "\n".join(f"  {k}: {a!r} (checkpoint) -> {b!r} (manifest.json)" for k, a, b in bad)
-        raise UsageError(f"cannot resume {r.out}: the optimizer settings in checkpoint {ck.path.name} differ from the "
-                         f"configuration in its manifest.json:\n{lines}\nmanifest.json was edited after the run "
+        raise UsageError(f"cannot resume {parts.out}: the optimizer settings in checkpoint {ck.path.name} differ from "
+                         f"the configuration in its manifest.json:\n{lines}\nmanifest.json was edited after the run "
                          f"started; restore it, or start a new run (another --out) with the settings you want.")
 
 
-def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
-    """Load checkpoint ``ck`` into run ``r``: weights, optimizer, algorithm state, totals, RNG."""
-    check_checkpoint_config(r, ck)
-    params = trainable_state(r.policy)
+def restore(parts: CheckpointParts, state: RunState, ck: ckpt_mod.Checkpoint) -> None:
+    """Load checkpoint ``ck`` into the run: weights, optimizer, algorithm state, ``state``, RNG."""
+    check_checkpoint_config(parts, ck)
+    params = trainable_state(parts.policy)
     saved = {k: v for k, v in ck.policy.items() if not k.startswith(SNAPSHOT_PREFIX)}
     missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or extra:
         raise UsageError(f"checkpoint {ck.path} does not match the model's trainable parameters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    if r.dist.fsdp:
-        fsdp.reshard(r.policy.denoiser)
+    if parts.sharded:
+        fsdp.reshard(parts.policy.denoiser)
     with torch.no_grad():
         for n, p in params.items():
             if tuple(ck.policy[n].shape) != tuple(p.shape):
@@ -345,84 +345,84 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
                                  f"the model has {tuple(p.shape)}")
             fsdp.copy_full_into(p, ck.policy[n])  # this rank's shard of it, when sharded
     try:
-        r.engine.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
+        parts.snapshots.load_state_dict(ck.policy, where=f"checkpoint {ck.path}")
     except ValueError as e:
         raise UsageError(str(e)) from None
     by_name = ck.state.get("optimizer_format") == "by_name"  # written by a sharded run (bench/model/fsdp.py)
-    if by_name != r.dist.fsdp:
+    if by_name != parts.sharded:
         raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
                          f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
     if by_name:
-        fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
+        fsdp.load_optimizer_state(parts.policy.denoiser, parts.optimizer, ck.optimizer)
     else:
-        r.optimizer.load_state_dict(ck.optimizer)
-    check_optimizer_settings(r, ck)
-    r.algo.load_state_dict(ck.state.get("algorithm", {}))
-    r.totals = Totals(**ck.state["totals"])
-    r.evals = [dict(e) for e in ck.state.get("evals", [])]
-    r.wall_before = float(ck.state.get("wall_seconds", 0.0))
-    r.checkpoint_seconds = float(ck.state.get("checkpoint_seconds", 0.0))
-    r.last_checkpoint = ck.iteration
+        parts.optimizer.load_state_dict(ck.optimizer)
+    check_optimizer_settings(parts, ck)
+    parts.algo.load_state_dict(ck.state.get("algorithm", {}))
+    state.totals = Totals(**ck.state["totals"])
+    state.evals = [dict(e) for e in ck.state.get("evals", [])]
+    state.wall_before = float(ck.state.get("wall_seconds", 0.0))
+    state.checkpoint_seconds = float(ck.state.get("checkpoint_seconds", 0.0))
+    state.last_checkpoint = ck.iteration
     ckpt_mod.set_rng_state(ck.rng_tensors, ck.rng_json)
 
 
-def resume(r: Any) -> list[dict[str, Any]]:
-    """Continue run ``r`` in its directory: check its inputs, restore the newest valid checkpoint, cut the
-    logs back to it and record the resume in the manifest. Returns the iteration records kept."""
-    if not r.dist.is_main:  # other ranks only restore the state; rank 0 owns the files
-        ck = ckpt_mod.load_latest(r.out)
+def restore_latest(parts: CheckpointParts, state: RunState) -> tuple[list[dict[str, Any]], str | None]:
+    """Restore the newest valid checkpoint into the run and, on rank 0, cut the logs back to it (no checkpoint:
+    the run restarts from iteration 0). Returns (the iteration records kept, the checkpoint's name or None)."""
+    if not parts.is_main:  # other ranks only restore the state; rank 0 owns the files
+        ck = ckpt_mod.load_latest(parts.out)
         if ck is not None:
-            restore(r, ck)
-        return []
-    manifest = json.loads((r.out / MANIFEST).read_text())
-    check_same_inputs(r, manifest)
-    left = remove_temp_files(r.out)  # we hold the run's lock: these belong to a writer that died
+            restore(parts, state, ck)
+        return [], None if ck is None else ck.path.name
+    left = remove_temp_files(parts.out)  # we hold the run's lock: these belong to a writer that died
     if left:
         warn(f"removed {len(left)} temporary file(s) left by the interrupted process: "
              f"{', '.join(p.name for p in left[:4])}")
-    ck = ckpt_mod.load_latest(r.out)
-    resumed_from = None
+    ck = ckpt_mod.load_latest(parts.out)
     if ck is None:
-        warn(f"{r.out} has no checkpoint: the run restarts from iteration 0")
-        kept = repair_logs(r.out, 0, [])
-    else:
-        restore(r, ck)
-        kept = repair_logs(r.out, ck.iteration, r.evals)
-        resumed_from = ck.path.name
-    manifest.pop("schema_version", None)
-    cfg = r.spec.config
-    manifest["resumes"] = [*manifest.get("resumes", []), {
-        "time": now_iso(), "checkpoint": resumed_from, "iteration": r.totals.iterations,
-        "budget": {"before": manifest.get("config", {}).get("budget"), "after": cfg["budget"]}, "git": git_state(),
-        "micro_batch": cfg["train"]["micro_batch"], "host": host_info()}]
-    manifest.update(config=cfg, budget=r.spec.budget.to_dict(), batch=r.arith)
-    r.log.write_manifest(manifest)
-    t = r.totals
-    print(f"resuming {r.out} from {resumed_from or 'the start'}: {t.iterations} iterations, "
-          f"{t.samples} samples, {t.nfe} NFE, {t.seconds:.1f} s training already done", flush=True)
-    return kept
+        warn(f"{parts.out} has no checkpoint: the run restarts from iteration 0")
+        return repair_logs(parts.out, 0, []), None
+    restore(parts, state, ck)
+    return repair_logs(parts.out, ck.iteration, state.evals), ck.path.name
 
 
-def check_same_inputs(r: Any, manifest: Mapping[str, Any]) -> None:
-    """A resumed run must see the same prompts, model weights and reward versions."""
+def resumed_manifest(manifest: Mapping[str, Any], *, checkpoint: str | None, iterations: int,
+                     config: Mapping[str, Any], budget: Budget, micro_batch: int,
+                     batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's manifest with this resume recorded: from which checkpoint, the budget before and after, the
+    micro-batch (it may change on resume), and the config, budget and batch arithmetic it now runs with."""
+    out = dict(manifest)
+    out.pop("schema_version", None)
+    out["resumes"] = [*out.get("resumes", []), {
+        "time": now_iso(), "checkpoint": checkpoint, "iteration": iterations,
+        "budget": {"before": out.get("config", {}).get("budget"), "after": budget.spec}, "git": git_state(),
+        "micro_batch": micro_batch, "host": host_info()}]
+    out.update(config=config, budget=budget.to_dict(), batch=batch)
+    return out
+
+
+def check_same_inputs(out: Path, manifest: Mapping[str, Any], *, prompts: Mapping[str, tuple[str, str]],
+                      weights_path: Path, reward_versions: Mapping[str, str]) -> None:
+    """A resumed run must see the same prompts (``prompts``: split -> (name, sha256) of its prompt set), model
+    weights (those in ``weights_path``) and reward versions (``reward_versions``: name -> version, the training
+    reward first) as the run recorded in its manifest."""
     from bench.model.models import weights_hash
 
     changed = []
-    for split, ps in (("train", r.train_prompts), ("eval", r.eval_prompts)):
+    for split, (name, sha) in prompts.items():
         old = manifest.get("prompts", {}).get(split, {}).get("sha256")
-        if old and old != ps.sha256:
-            changed.append(f"the {split} prompt set {ps.name!r} (sha256 {old[:12]}... -> {ps.sha256[:12]}...)")
+        if old and old != sha:
+            changed.append(f"the {split} prompt set {name!r} (sha256 {old[:12]}... -> {sha[:12]}...)")
     old_w = manifest.get("model", {}).get("weights_sha256")
-    if old_w and old_w != weights_hash(r.policy.path):
-        changed.append(f"the model weights in {r.policy.path}")
+    if old_w and old_w != weights_hash(weights_path):
+        changed.append(f"the model weights in {weights_path}")
     old_r = {e.get("name"): e.get("version") for e in manifest.get("eval_rewards", [])}
     old_r[manifest.get("reward", {}).get("spec")] = manifest.get("reward", {}).get("version")
-    for name, rw in {r.spec.reward.name: r.reward, **r.eval_rewards}.items():
-        v = str(getattr(rw, "version", "unknown"))
+    for name, v in reward_versions.items():
         if old_r.get(name) not in (None, v):
             changed.append(f"the version of reward {name!r} ({old_r[name]} -> {v})")
     if changed:
-        raise UsageError(f"cannot resume {r.out}: {'; '.join(changed)} changed since the run started, so "
+        raise UsageError(f"cannot resume {out}: {'; '.join(changed)} changed since the run started, so "
                          f"the resumed iterations would not continue the same run. Restore them or start "
                          f"a new run.")
     old_git, git = manifest.get("git", {}), git_state()

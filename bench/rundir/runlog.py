@@ -198,7 +198,7 @@ class RunLog:
         self._append(self.eval_path, record, "log.evals")
         self._mirror(record, "", int(record["samples_total"]))
 
-    def eval_scores(self, lines: list[Mapping[str, Any]]) -> None:
+    def eval_scores(self, lines: Sequence[Mapping[str, Any]]) -> None:
         """One evaluation's per-image scores (eval_scores.jsonl, docs/RUNDIR.md)."""
         self._append(self.scores_path, lines, "log.eval_scores")
 
