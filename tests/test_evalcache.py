@@ -205,3 +205,21 @@ def test_an_unwritable_cache_is_a_warning_not_a_failure(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     evalcache.store(tmp_path / "file" / "c", "k", FIELDS, [0], SCORED, CALLS, 1, png, 1.0)
     assert "could not store" in capsys.readouterr().err
+
+
+def test_the_cache_directory_is_not_part_of_a_sweep_definition():
+    """A tuning study resumed with or without the cache (bench compare --no-eval-cache) stays joinable."""
+    from types import SimpleNamespace
+
+    from sweeps.cli import _definition
+
+    a = SimpleNamespace(algo="grpo", direction="maximize", multi_objective=False, budget_per_trial="2it", model=None,
+                        model_path=None, reward=None, eval_rewards=None, config=None, preset=None,
+                        reject_hacking=True, validation_split=True)
+    space = SimpleNamespace(to_dict=lambda: {"lr": [1e-6, 1e-3]})
+
+    def definition(sets):
+        return _definition(a, space, "eval/r", sets, {"seed": 0})
+
+    assert definition({"eval.every": 1, "eval.cache": "DIR/.eval_cache"}) == definition({"eval.every": 1})
+    assert definition({"eval.every": 2}) != definition({"eval.every": 1})
