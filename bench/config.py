@@ -77,6 +77,8 @@ DEFAULTS: dict[str, Any] = {
         "rewards": None,         # list; None = the preset's
         "grid": 16,              # images in each saved sample grid
         "at_start": True,
+        "cache": None,           # a directory caching the iteration-0 evaluation across runs (the same images and
+                                 # scores in every run of a comparison; bench compare sets DIR/.eval_cache); null = off
     },
     "data": {"train_prompts": None, "eval_prompts": None},
     "run": {
@@ -315,6 +317,11 @@ def _validate_sampling(cfg: dict[str, Any]) -> None:
     need(isinstance(e["seed"], int) and not isinstance(e["seed"], bool) and 0 <= e["seed"] <= SEED_MAX,
          f"eval.seed must be an integer from 0 to {SEED_MAX} (2**63 - 1), got {e['seed']!r}")
     need(isinstance(e["rewards"], list), f"eval.rewards must be a list of reward names, got {e['rewards']!r}")
+    cache = e.get("cache")
+    need(cache is None or (isinstance(cache, str) and cache.strip() != ""),
+         f"eval.cache must be a directory path or null, got {cache!r} (a numeric name reads as a number: write ./123)")
+    need(cache is None or not Path(cache).exists() or Path(cache).is_dir(),
+         f"eval.cache {cache!r} exists and is not a directory; name a directory (created when missing)")
 
 
 def _validate_model(cfg: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ class EvalSpec:
     """Held-out evaluation: rewards evaluated, when (``every``: a ``Cadence`` in iterations or a budget
     currency; amount 0 = start and end only), at start or not, first N prompts of the eval set, images per
     prompt, the noise seed (independent of the run seed, so every run of a comparison evaluates on the
-    same noise), images per saved grid."""
+    same noise), images per saved grid, and the directory caching the iteration-0 evaluation (None: off)."""
 
     rewards: tuple[str, ...]
     every: Cadence
@@ -82,6 +82,7 @@ class EvalSpec:
     grid: int
     images_per_prompt: int = 1
     seed: int = 0
+    cache: Path | None = None    # eval.cache: the iteration-0 evaluation's cache directory (bench.run.evalcache)
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ class RunSpec:
             eval=EvalSpec(rewards=tuple(e["rewards"]), every=Cadence.parse(e["every"], clock=cost.budget_clock(cfg)),
                           at_start=bool(e["at_start"]),
                           num_prompts=int(e["num_prompts"]), grid=int(e["grid"]),
-                          images_per_prompt=int(e["images_per_prompt"]), seed=int(e["seed"])),
+                          images_per_prompt=int(e["images_per_prompt"]), seed=int(e["seed"]),
+                          cache=Path(e["cache"]) if e.get("cache") is not None else None),
             train_prompts=cfg["data"]["train_prompts"], eval_prompts=cfg["data"]["eval_prompts"],
             run=RunOptions(out=out_path(cfg), overwrite=bool(ru["overwrite"]), progress=bool(ru["progress"]),
                            tensorboard=bool(ru["tensorboard"]), checkpoint_every=int(ru["checkpoint_every"]),

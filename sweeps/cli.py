@@ -237,7 +237,9 @@ def _definition(a: argparse.Namespace, space: Any, objective: str, base_sets: di
     return {"algo": a.algo, "objective": objective, "direction": a.direction, "multi_objective": a.multi_objective,
             "budget_per_trial": a.budget_per_trial, "seed": flags["seed"], "model": a.model,
             "model_path": a.model_path, "reward": a.reward, "eval_rewards": a.eval_rewards, "config": a.config,
-            "preset": a.preset, "sets": base_sets, "space": space.to_dict(),
+            "preset": a.preset, "space": space.to_dict(),
+            # where the iteration-0 evaluation is cached changes no trial's result (bench.run.evalcache)
+            "sets": {k: v for k, v in base_sets.items() if k != "eval.cache"},
             # only when given: studies created before these options existed stay joinable
             **({"reject_hacking": True} if a.reject_hacking else {}),
             **({"validation_split": True} if a.validation_split else {})}

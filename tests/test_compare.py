@@ -35,8 +35,38 @@ def test_dry_run_passes_the_same_options_to_every_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
     tails = {line.split("--out ")[1].split(" ", 1)[1] for line in lines}
-    assert tails == {"--model shapes --set a=1 --set b=2 --overwrite"}
+    cache = subprocess.list2cmdline([f"eval.cache={tmp_path / '.eval_cache'}"])
+    assert tails == {f"--model shapes --set a=1 --set b=2 --overwrite --set {cache}"}
     assert "run --algo treegrpo --budget 20m --seed 5 --out" in lines[-1]
+
+
+@pytest.mark.parametrize("opts, cache", [([], ".eval_cache"), (["--no-eval-cache"], None),
+                                         (["--set", "eval.cache=elsewhere"], "user")])
+def test_runs_and_tuning_trials_share_the_eval_cache(tmp_path, capsys, opts, cache):
+    out = tmp_path / "cmp"
+    argv = ["--algos", "dancegrpo,treegrpo", "--budget", "6it", "--seeds", "2", "--model", "tiny-random", "--out",
+            str(out), "--tune", "lr", "--tune-trials", "2", "--tune-budget", "2it", "--dry-run", *opts]
+    assert compare.main(argv) == 0
+    lines = [ln for ln in capsys.readouterr().out.strip().splitlines() if not ln.startswith("#")]
+    assert len(lines) == 2 + 2 * 2 * 2  # two tuning studies, then tuned and default arms at two seeds
+    for line in lines:
+        args = line.split()
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set" and "eval.cache" in args[i + 1]]
+        if cache == ".eval_cache":
+            assert sets == [f"eval.cache={out / '.eval_cache'}"], line
+        elif cache is None:
+            assert sets == [], line
+        else:
+            assert sets == ["eval.cache=elsewhere"], line  # the user's, not replaced
+
+
+def test_the_eval_cache_is_not_a_comparison_option(fake_bench_run, tmp_path, capsys):
+    """compare.json keeps the options that change records: a comparison extends with or without the cache."""
+    out = tmp_path / "cmp"
+    argv = ["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(out), "--no-report"]
+    assert compare.main(argv) == 0
+    assert json.loads((out / "compare.json").read_text())["options"] == []
+    assert compare.main([*argv, "--seeds", "2", "--no-eval-cache"]) == 0
 
 
 def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
@@ -104,7 +134,8 @@ def test_killed_runs_are_resumed_or_restarted(tmp_path, capsys):
                          "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].endswith(f"run --resume {out / 'ddpo' / 'seed0'} --budget 10it")
-    assert lines[1].endswith("--seed 1 --out " + str(out / "ddpo" / "seed1") + " --overwrite")
+    assert lines[1].endswith("--seed 1 --out " + str(out / "ddpo" / "seed1") + " --set eval.cache="
+                             + str(out / ".eval_cache") + " --overwrite")
     assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "3", "--out", str(out)]) == 2
     assert "finished under budget '5it'" in capsys.readouterr().err
 
@@ -226,6 +257,7 @@ def test_compare_help_documents_controls(capsys):
         compare.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--controls" in text and "disjoint from the baseline's" in text and "train.frozen=true" in text
+    assert "--no-eval-cache" in text and "DIR/.eval_cache" in text
 def test_report_only_passes_the_verdict_options(tmp_path, capsys):
     from synthetic_runs import write_comparison
 

@@ -167,6 +167,11 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                         "tries exactly these values, e.g. --tune-grid lr=1e-5,1.8e-5,3.2e-5,5.6e-5,1e-4")
     p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
                                                        "(required with --tune)")
+    p.add_argument("--no-eval-cache", action="store_true",
+                   help="evaluate iteration 0 in every run and tuning trial; by default they share DIR/.eval_cache "
+                        "(eval.cache): the iteration-0 evaluation (same initial weights, prompts, noise and "
+                        "sampler in every run) is computed once per setting and copied, marked \"cached\": true "
+                        "in evals.jsonl (docs/REPORTS.md). A --set eval.cache=PATH or eval.cache in --config wins")
     p.add_argument("--x", default="samples", choices=("samples", "nfe", "modeled", "seconds"),
                    help="budget axis of the report's learning curves (default: samples)")
     p.add_argument("--allow-mixed-code", action="store_true",
@@ -240,6 +245,19 @@ def passthrough(args: argparse.Namespace) -> list[str]:
     if args.overwrite:
         out.append("--overwrite")
     return out
+
+
+def eval_cache_options(args: argparse.Namespace, out: Path) -> list[str]:
+    """``--set eval.cache=DIR/.eval_cache`` for every run and tuning trial (``bench.run.evalcache``), unless
+    ``--no-eval-cache`` or the user set ``eval.cache`` (``--set`` or the ``--config`` file). Not part of the
+    comparison's saved options (compare.json): where the cache lives changes no record."""
+    from bench.config import load_config_file
+
+    if args.no_eval_cache or any(kv.partition("=")[0].strip() == "eval.cache" for kv in args.set):
+        return []
+    if args.config is not None and "eval.cache" in load_config_file(args.config):
+        return []
+    return ["--set", f"eval.cache={out / layout.EVAL_CACHE}"]
 
 
 def run_command(algo: str, seed: int, budget: str, out: Path, extra: Sequence[str], label: str | None = None
@@ -374,7 +392,8 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
     baseline = args.baseline or controls
     if not args.report_only and not args.dry_run:
         check_options(out, extra, args.overwrite)
-    jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
+    runs_extra = [*extra, *eval_cache_options(args, out)]  # what the runs get; compare.json keeps ``extra``
+    jobs = plan_jobs(arms, args.budget, out, runs_extra, args.overwrite)
     if not args.report_only and not args.allow_mixed_code:
         _check_code(out, jobs)
     if args.dry_run:
@@ -400,7 +419,7 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
                 _tune(tune_plan, launch, out, args)
                 tuned = {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
                 arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
-                jobs = plan_jobs(arms, args.budget, out, extra, args.overwrite)
+                jobs = plan_jobs(arms, args.budget, out, runs_extra, args.overwrite)
             except UsageError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
@@ -516,8 +535,10 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
                              flags=flags)
     objective, note = tune_mod.heldout_metric(cfg)
     args.tune_objective, args.tune_note = objective, note
+    runs_extra = [*extra, *eval_cache_options(args, out)]
     return {a: (keys[a], tune_mod.sweep_command(RUNNER, a, keys[a], args.tune_trials, args.tune_budget, out,
-                                                objective, extra, args.tune_range, args.tune_grids)) for a in algos}
+                                                objective, runs_extra, args.tune_range, args.tune_grids))
+            for a in algos}
 
 
 def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Path,

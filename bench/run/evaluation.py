@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.run import evalcache
 from bench.run.parts import RunParts
 from bench.run.progress import eval_line
 from bench.run.scoring import score
@@ -34,6 +36,21 @@ def _eval_rollout(r: RunParts) -> Rollout:
     weights = getattr(r.algo, "eval_weights", CURRENT)
     return r.engine.run(eval_plan(r.spec.sampler, e.images_per_prompt, weights), r.eval_batch, 0, stage="eval",
                         conditioning=r.eval_conditioning, seed=e.seed)
+
+
+def _images_and_scores(r: RunParts, iteration: int, png: Path) -> tuple[Rollout, dict[str, RewardOutput]]:
+    """Sample the eval images, score them with every eval reward (reward name -> RewardOutput) and save
+    their grid to ``png``."""
+    e = r.spec.eval
+    roll = _eval_rollout(r)
+    scored: dict[str, RewardOutput] = {}
+    with torch.no_grad():
+        for name, reward in r.eval_rewards.items():
+            scored[name] = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out,
+                                 iteration=iteration, stage="eval", recorder=r.engine.recorder)
+    # one row per prompt when there are several images per prompt, so a grid shows their spread
+    save_grid(roll.images[: e.grid], png, ncol=e.images_per_prompt if e.images_per_prompt > 1 else 8)
+    return roll, scored
 
 
 def image_scores(r: RunParts, roll: Rollout, iteration: int, scored: dict[str, RewardOutput]) -> list[dict[str, Any]]:
@@ -70,25 +87,19 @@ def evaluate(r: RunParts, iteration: int, point: float | None = None) -> dict[st
         return {"iteration": iteration}
     t0 = time.perf_counter()
     e = r.spec.eval
-    roll = _eval_rollout(r)
-    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.state.totals.samples,
-                           "nfe_total": r.state.totals.nfe, "seconds_total": r.state.totals.seconds,
-                           "eval_images": int(roll.images.shape[0]), "eval_point": point}
-    scored: dict[str, RewardOutput] = {}
-    with torch.no_grad():
-        for name, reward in r.eval_rewards.items():
-            out = score(reward, roll.images, r.eval_batch, roll.leaf_prompts(), out_dir=r.out, iteration=iteration,
-                        stage="eval", recorder=r.engine.recorder)
-            scored[name] = out
-            rec[f"eval/{name}"] = float(out.scores.mean())
-            rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
-            for k, v in out.components.items():
-                rec[f"eval/{name}/{k}"] = float(v.mean())
     grid_dir = r.out / SAMPLES
     grid_dir.mkdir(exist_ok=True)
     png = grid_dir / f"eval_{iteration:06d}.png"
-    # one row per prompt when there are several images per prompt, so a grid shows their spread
-    save_grid(roll.images[: e.grid], png, ncol=e.images_per_prompt if e.images_per_prompt > 1 else 8)
+    # the images, their scores and grid; iteration 0's from the evaluation cache with eval.cache set
+    roll, scored, cached = evalcache.evaluate_images(r, iteration, png, _images_and_scores)
+    rec: dict[str, Any] = {"iteration": iteration, "samples_total": r.state.totals.samples,
+                           "nfe_total": r.state.totals.nfe, "seconds_total": r.state.totals.seconds,
+                           "eval_images": len(roll.leaf_prompts()), "eval_point": point}
+    for name, out in scored.items():
+        rec[f"eval/{name}"] = float(out.scores.mean())
+        rec[f"eval/{name}/std"] = float(out.scores.std(unbiased=False))
+        for k, v in out.components.items():
+            rec[f"eval/{name}/{k}"] = float(v.mean())
     rec["samples_png"] = str(png.relative_to(r.out))
     rec["samples_prompts"] = [r.eval_batch.prompts[int(j)] for j in roll.leaf_prompts()[: e.grid]]
     r.state.evals.append(rec)
@@ -98,6 +109,8 @@ def evaluate(r: RunParts, iteration: int, point: float | None = None) -> dict[st
     rec["heldout_below_start"] = sustained_fall(r.state.evals, f"eval/{train_name}", held)
     rec["reward_hacking"] = bool(recent or rec["heldout_below_start"])
     rec["t_eval_s"] = time.perf_counter() - t0
+    if cached:
+        rec["cached"] = True  # from eval.cache (bench.run.evalcache); t_eval_s is the lookup's time
     rec.update(r.drain_calls(iteration, "eval"))  # the evaluation's calls, outside the training budget
     if rec["heldout_below_start"]:
         names = ", ".join(k.split("/", 1)[-1] for k in rec["heldout_below_start"])

@@ -38,6 +38,20 @@ LOCK = ".lock"                      # the run lock of the process writing the di
 #: sub-directories a search for run directories does not descend into
 NOT_RUNS = (CHECKPOINTS, SAMPLES)
 
+# the evaluation cache (eval.cache, bench.run.evalcache): outside run directories, shared by the runs of a
+# comparison; a dot-directory, so searches for run directories skip it
+EVAL_CACHE = ".eval_cache"          # bench compare's cache folder: DIR/.eval_cache
+
+
+def eval_cache_entry(cache: Path, key: str) -> Path:
+    """The JSON entry of one cached iteration-0 evaluation."""
+    return Path(cache) / f"{key}.json"
+
+
+def eval_cache_grid(cache: Path, key: str, png_sha256: str) -> Path:
+    """The sample grid of one entry, named by its content (so racing writers never mix two grids)."""
+    return Path(cache) / f"{key}-{png_sha256[:16]}.png"
+
 
 class JSONLError(UsageError):
     """A JSON Lines file of a run directory has an unreadable line that is not its last."""

@@ -33,10 +33,12 @@ from bench.rundir.runlog import atomic_write_text, git_state, host_info, json_sa
 from bench.rundir.state import CheckpointParts, RunState
 
 #: Settings that may differ on resume because they cannot change a record: where the run lives,
-#: display and checkpoint cadence, and the micro-batch (memory only: results are independent of it).
+#: display and checkpoint cadence, the micro-batch (memory only: results are independent of it) and the
+#: evaluation cache directory (a cached evaluation writes the same scores).
 #: ``budget`` may change too, but only to extend the run (``check_budget_extension``).
 RESUME_MUTABLE = ("out", "run.overwrite", "run.force", "run.progress", "run.tensorboard", "run.log_with",
-                  "run.checkpoint_every", "run.keep_checkpoints", "train.micro_batch", "run.label")
+                  "run.checkpoint_every", "run.keep_checkpoints", "train.micro_batch", "run.label",
+                  "eval.cache")
 
 
 
