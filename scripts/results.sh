@@ -42,8 +42,11 @@ DS=${KD_DS:-1 2 3}
 SETTINGS=${RESULTS_SETTINGS:---set train.prompts_per_iteration=4 --set eval.every=2500nfe --set eval.num_prompts=32 --set eval.images_per_prompt=4 --set eval.seed=0}
 EXTRA=${RESULTS_ARGS:-}
 CONTROLS=${RESULTS_CONTROLS:---controls}
-# equal tuning budget per algorithm: RESULTS_TUNE (empty: compare at the reference defaults only)
-TUNE=${RESULTS_TUNE---tune lr --tune-range lr=1e-5:2e-4 --tune-trials 6 --tune-budget 10000nfe}
+# equal tuning budget per algorithm: the same three learning rates for every algorithm (a grid: the same values
+# for all, 2x apart, bracketing the pilot's 5e-5 at which TreeGRPO hacks within the budget), each trial at the
+# full budget (hacking shows only after ~15k NFE), Hyperband-pruned; RESULTS_TUNE= (empty) compares at the
+# reference defaults only
+TUNE=${RESULTS_TUNE---tune lr --tune-grid lr=1.5e-5,3e-5,6e-5 --tune-budget $BUDGET}
 # two runs at once, one CPU thread each (records do not depend on it: the thread count is pinned)
 JOBS=${RESULTS_JOBS:---jobs 2 --threads-per-run 1}
 
