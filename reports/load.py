@@ -38,6 +38,8 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.fleet.compare import OPTIONS_FILE as COMPARE_OPTIONS
+from bench.fleet.tune import TUNING_DIR
 from bench.registry import ALGORITHMS
 from bench.rundir import layout
 from bench.rundir.layout import (
@@ -175,8 +177,11 @@ def _walk(d: Path, out: list[Path]) -> None:
     if (d / MANIFEST).is_file():
         out.append(d)
         return
+    # a bench compare directory's tuning studies hold runs too (trials on the validation prompts), but they
+    # are not arms of the comparison: report them by naming DIR/tuning/<algo> itself
+    skip = {TUNING_DIR} if (d / COMPARE_OPTIONS).is_file() else set()
     for child in sorted(d.iterdir(), key=lambda c: _natural_key(c.name)):
-        if child.is_dir() and child.name not in NOT_RUNS and not child.name.startswith("."):
+        if child.is_dir() and child.name not in NOT_RUNS and child.name not in skip and not child.name.startswith("."):
             _walk(child, out)
 
 

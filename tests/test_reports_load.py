@@ -155,3 +155,19 @@ def test_control_arm_labels_from_manifest_or_directory(tmp_path):
         del m["label"]
         man.write_text(json.dumps(m))
     assert L.load([tmp_path / "cmp"]).labels == rs.labels
+
+
+def test_a_comparisons_tuning_trials_are_not_arms(tmp_path):
+    """bench compare --tune keeps its studies' trial runs under DIR/tuning/: a report of DIR leaves them out
+    (they score the validation prompts), and naming the tuning folder reports them."""
+    from reports.load import find_run_dirs
+
+    cmp = tmp_path / "cmp"
+    for d in ("dancegrpo/seed0", "dancegrpo-frozen/seed0", "tuning/dancegrpo/trials/0"):
+        (cmp / d).mkdir(parents=True)
+        (cmp / d / "manifest.json").write_text("{}")
+    assert find_run_dirs([cmp]) == [cmp / "dancegrpo" / "seed0", cmp / "dancegrpo-frozen" / "seed0",
+                                    cmp / "tuning" / "dancegrpo" / "trials" / "0"]  # not a compare dir yet
+    (cmp / "compare.json").write_text("{}")
+    assert find_run_dirs([cmp]) == [cmp / "dancegrpo" / "seed0", cmp / "dancegrpo-frozen" / "seed0"]
+    assert find_run_dirs([cmp / "tuning"]) == [cmp / "tuning" / "dancegrpo" / "trials" / "0"]

@@ -143,8 +143,13 @@ def grid_trials(grid: Mapping[str, Sequence[str]], names: Sequence[str] | None =
     return math.prod(len(v) for k, v in grid.items() if names is None or k in names)
 
 
+#: the folder of a comparison directory that holds the tuning studies (their trials are runs, but not arms of
+#: the comparison: its report leaves them out)
+TUNING_DIR = "tuning"
+
+
 def tuning_dir(out: Path, algo: str) -> Path:
-    return Path(out) / "tuning" / algo
+    return Path(out) / TUNING_DIR / algo
 
 
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
