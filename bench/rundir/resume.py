@@ -274,7 +274,8 @@ def save_checkpoint(r: Any) -> Path:
         fsdp.reshard(r.policy.denoiser)
         weights = {n: fsdp.full(p) for n, p in trainable_state(r.policy).items()}
         weights.update(r.engine.snapshots.state_dict())
-        optimizer = fsdp.full_optimizer_state(r.policy.denoiser, r.optimizer)
+        with r.engine.recorder.ignoring():  # an optimizer without state yet gets one by a zero-lr step
+            optimizer = fsdp.full_optimizer_state(r.policy.denoiser, r.optimizer)
     if not r.dist.is_main:  # the state is identical on every rank; rank 0 writes it
         r.last_checkpoint = r.totals.iterations
         return r.out
@@ -353,7 +354,8 @@ def restore(r: Any, ck: ckpt_mod.Checkpoint) -> None:
         raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
                          f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
     if by_name:
-        fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
+        with r.engine.recorder.ignoring():  # the fresh optimizer's state is created by a zero-lr step first
+            fsdp.load_optimizer_state(r.policy.denoiser, r.optimizer, ck.optimizer)
     else:
         r.optimizer.load_state_dict(ck.optimizer)
     check_optimizer_settings(r, ck)
