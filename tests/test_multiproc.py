@@ -6,12 +6,14 @@ tiny model, for one representative algorithm per parallel mode:
 * **DDP** (``model.distributed=auto``, LoRA): GRPO;
 * **FSDP** (``model.distributed=fsdp``, full fine-tuning, the denoiser sharded): DanceGRPO.
 
-Each run trains 2 iterations and checkpoints after every one. A second launch of the same run is stopped
-by a failpoint that ends rank 0 like ``kill -9`` while it appends the second iteration's record (a torn
-line left behind; the launcher then terminates rank 1), and ``--resume`` finishes it: its records and
-evaluations must equal the uninterrupted launch's. Every record must also count the global batch the way a
-single process does (closed forms below): a runner change once counted samples world-size times and rollout
-NFE as 0 on ranks other than 0, and nothing noticed. The parametrised kill-and-resume tests over more
+The launch trains 2 iterations, logging and evaluating after each, and checkpoints after each; a failpoint
+ends rank 0 like ``kill -9`` as it renames the second checkpoint into place (the launcher then terminates
+rank 1). What that launch logged up to there, both iterations' records and the evaluations, is what an
+uninterrupted 2-process run logs: the reference. ``--resume`` restarts from the first checkpoint, cuts the
+logs back to it and computes the second iteration and its evaluation again; its records and evaluations
+must equal the reference. Every record must also count the global batch the way a single process does
+(closed forms below): a runner change once counted samples world-size times and rollout NFE as 0 on ranks
+other than 0, and nothing noticed. Two launches per mode; the parametrised kill-and-resume tests over more
 algorithms stay in tests/test_fsdp.py (``-m slow``).
 """
 
@@ -21,14 +23,14 @@ import json
 from pathlib import Path
 
 import pytest
-from _launch import Launch, Result, run_launch
+from _launch import Result, run_launch
 
 from bench.run.records import TIMING_KEYS
 from bench.rundir.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.multiproc
 
-#: seconds one launch may take (about 30 s each on the loaded 2-core machine, mostly imports in 3 processes)
+#: seconds one launch may take (30-60 s on the loaded 2-core machine, mostly imports in 3 processes)
 TIMEOUT = 300
 P, G, T, ITERS = 2, 2, 3, 2  # prompts per iteration (one per rank), group size, denoising steps, iterations
 COMMON = ["run", "--model", "tiny-random", "--budget", f"{ITERS}it", "--no-progress",
@@ -43,9 +45,9 @@ CASES = {
     "fsdp": (["--algo", "dancegrpo", "--set", "model.distributed=fsdp", "--set", "model.lora_rank=0"],
              P * G * int((T - 1) * 0.6)),
 }
-#: where the interrupted launch dies: rank 0 (the only writer) appending the 2nd iteration's record, after the
-#: checkpoint of iteration 1 was written
-CRASH = {"TREEBENCH_FAILPOINTS": "log.iterations=crash@2"}
+#: where the launch dies: rank 0 (the only writer) renaming the 2nd checkpoint into place, after both iterations
+#: and their evaluations were logged (its temporary checkpoint directory is left behind)
+CRASH = {"TREEBENCH_FAILPOINTS": "checkpoint.rename=crash@2"}
 
 
 def _records(run: Path, name: str = "iterations.jsonl") -> list[dict]:
@@ -53,8 +55,7 @@ def _records(run: Path, name: str = "iterations.jsonl") -> list[dict]:
             for line in (run / name).read_text().splitlines()]
 
 
-def _ok(res: Result) -> None:
-    assert res.returncode == 0, res.tail()
+def _no_abort(res: Result) -> None:
     # the shutdown abort of a gloo group left to interpreter finalisation (bench.run.distributed.destroy_at_exit)
     assert "terminate called" not in res.stderr, res.tail()
 
@@ -62,35 +63,31 @@ def _ok(res: Result) -> None:
 @pytest.mark.parametrize("mode", sorted(CASES))
 def test_two_process_run_killed_and_resumed_equals_uninterrupted(tmp_path, mode):
     extra, nfe_update = CASES[mode]
-    args = [*COMMON, *extra]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    # the uninterrupted and the interrupted launch are independent: run side by side
-    ref_launch = Launch([*args, "--out", str(ref)], tmp_path / "logs_ref")
-    cut_launch = Launch([*args, "--out", str(cut)], tmp_path / "logs_cut", env=CRASH)
-    ref_res, cut_res = ref_launch.wait(TIMEOUT), cut_launch.wait(TIMEOUT)
-
-    _ok(ref_res)
-    man = json.loads((ref / "manifest.json").read_text())
+    run = tmp_path / "run"
+    res = run_launch([*COMMON, *extra, "--out", str(run)], tmp_path / "logs_cut", TIMEOUT, env=CRASH)
+    # rank 0 died at the failpoint (the launch fails with its status), before anything marked the run complete
+    assert res.returncode != 0 and "failpoint checkpoint.rename: crash" in res.stderr, res.tail()
+    _no_abort(res)
+    assert not (run / "final.json").exists()
+    assert [c.name for c in list_checkpoints(run)] == ["step_000001"]
+    man = json.loads((run / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["config"]["model"]["distributed"] == ("fsdp" if mode == "fsdp" else "auto")
-    recs = _records(ref)
+
+    # the log of the uninterrupted run
+    recs, evals = _records(run), _records(run, "evals.jsonl")
     assert [r["iteration"] for r in recs] == list(range(ITERS))
+    assert [e["iteration"] for e in evals] == list(range(ITERS + 1))  # at the start and after every iteration
     # budgets count the global batch exactly once, as one process would (not world-size times, not rank 0 only)
     for i, r in enumerate(recs, start=1):
         assert (r["samples"], r["nfe_rollout"], r["nfe_update"]) == (P * G, P * G * T, nfe_update), r
         assert r["samples_total"] == i * P * G and r["nfe_total"] == i * (P * G * T + nfe_update), r
-    final = json.loads((ref / "final.json").read_text())
+
+    res = run_launch(["run", "--resume", str(run), "--no-progress"], tmp_path / "logs_resume", TIMEOUT)
+    assert res.returncode == 0, res.tail()
+    _no_abort(res)
+    # restarted after iteration 1: the second iteration and its evaluation were computed again
+    assert "from step_000001: 1 iterations" in res.stdout and f"eval @ it {ITERS}" in res.stdout, res.tail()
+    final = json.loads((run / "final.json").read_text())
     assert (final["iterations"], final["samples_total"]) == (ITERS, ITERS * P * G), final
-
-    # the interrupted launch: rank 0 died at the failpoint (its status is the launch's root cause)
-    assert cut_res.returncode != 0, cut_res.tail()
-    assert "failpoint log.iterations: crash" in cut_res.stderr, cut_res.tail()
-    assert not (cut / "final.json").exists()
-    assert [c.name for c in list_checkpoints(cut)] == ["step_000001"]
-    assert (cut / "iterations.jsonl").read_text().count("\n") == 1  # one whole record, then the torn line
-
-    res = run_launch(["run", "--resume", str(cut), "--no-progress"], tmp_path / "logs_resume", TIMEOUT)
-    _ok(res)
-    assert "resuming" in res.stdout and "from step_000001" in res.stdout, res.tail()
-    assert _records(cut) == recs
-    assert _records(cut, "evals.jsonl") == _records(ref, "evals.jsonl")
-    assert len(_records(ref, "evals.jsonl")) == ITERS + 1  # at the start and after every iteration
+    assert _records(run) == recs
+    assert _records(run, "evals.jsonl") == evals
