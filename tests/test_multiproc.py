@@ -30,8 +30,9 @@ from bench.rundir.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.multiproc
 
-#: seconds one launch may take (30-60 s on the loaded 2-core machine, mostly imports in 3 processes)
-TIMEOUT = 300
+#: seconds one launch may take (30-60 s on the loaded 2-core machine, mostly imports in 3 processes); two of them
+#: stay under pytest's --timeout=600, which would stop the test without killing the ranks
+TIMEOUT = 240
 P, G, T, ITERS = 2, 2, 3, 2  # prompts per iteration (one per rank), group size, denoising steps, iterations
 COMMON = ["run", "--model", "tiny-random", "--budget", f"{ITERS}it", "--no-progress",
           "--set", f"sampler.steps={T}", "--set", f"train.prompts_per_iteration={P}", "--set", f"algo.group_size={G}",
