@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-numerics test-all bench-engine results results-rivals clean
+.PHONY: install run test test-numerics test-dist test-all bench-engine results results-rivals clean
 
 install: .venv/.installed
 
@@ -20,6 +20,12 @@ test: install
 # another machine); .ci/run runs it after `make test`
 test-numerics: install
 	PYTHON=.venv/bin/python bash tests/perturbed_rounding.sh
+
+# the fast 2-process DDP and FSDP runs (accelerate launch, gloo on CPU): kill, resume, records identical to an
+# uninterrupted run; budgets counted once (marker multiproc, not in `make test`); .ci/run runs it after test-numerics.
+# Named by file: collecting the whole suite to find them would cost more than a third of their run time
+test-dist: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "multiproc and not slow" tests/test_multiproc.py
 
 test-all: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "not gpu and not postgres"

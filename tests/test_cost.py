@@ -13,7 +13,7 @@ from bench.cli import main as cli_main
 from bench.cost.estimate import model_counts, plan_report, simulate
 from bench.engine import pricing as cost
 from bench.engine.rollout import RolloutEngine
-from bench.engine.trace import Call, read_trace, summarize
+from bench.engine.trace import Call, CallRecorder, attach_optimizer, read_trace, summarize
 from bench.errors import UsageError
 from bench.run import runner
 from bench.types import PromptBatch, RolloutPlan
@@ -75,6 +75,25 @@ def test_hand_computed_trace_and_price(tiny_flow_policy, tmp_path):
     # reference trainers: 10 evaluations of 2 rows (0.010 s each), 6 trained steps of 2 rows (0.03 s each)
     r = cost.price(prof, cost.reference_calls(calls))
     assert r.phases["rollout"] == pytest.approx(10 * 0.010) and r.phases["update"] == pytest.approx(6 * 0.03)
+
+
+def test_optimizer_steps_are_recorded_except_bookkeeping_ones():
+    """Every optimizer step is a call of the trace, except those made inside ``ignoring()`` (the zero-lr step
+    with which torch.distributed.checkpoint creates a fresh optimizer's state on a sharded resume)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    rec = CallRecorder()
+    attach_optimizer(opt, rec)
+    w.grad = torch.ones(3)
+    opt.step()
+    with rec.ignoring():
+        opt.step()
+        rec.record("reward", 2, "reward", "x")
+    with pytest.raises(RuntimeError), rec.ignoring():
+        opt.step()
+        raise RuntimeError
+    opt.step()
+    assert [(c.kind, c.rows) for c in rec.drain()] == [("optimizer_step", 1)] * 2
 
 
 def test_reference_calls_split_per_item():

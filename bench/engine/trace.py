@@ -16,12 +16,13 @@ encoder one prompt.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from bench.rundir.layout import TRACE
 
@@ -88,6 +89,17 @@ class CallRecorder:
     def drain(self) -> list[Call]:
         out, self.calls = self.calls, []
         return out
+
+    @contextlib.contextmanager
+    def ignoring(self) -> Iterator[None]:
+        """Calls made inside are bookkeeping, not work of the run, and are dropped: e.g. the zero-learning-rate
+        ``optimizer.step()`` with which torch.distributed.checkpoint creates an empty optimizer's state before
+        loading or reading it (a sharded resume would otherwise log one optimizer step too many)."""
+        n = len(self.calls)
+        try:
+            yield
+        finally:
+            del self.calls[n:]
 
 
 def record_reward(recorder: CallRecorder, name: str, rows: int, phase: str) -> None:

@@ -125,7 +125,7 @@ class Run:
         self.checkpointed = CheckpointParts(
             out=self.out, config=spec.config, policy=self.policy, snapshots=self.engine.snapshots,
             optimizer=self.optimizer, algo=self.algo, keep=spec.run.keep_checkpoints, is_main=self.dist.is_main,
-            sharded=self.dist.fsdp, optimizer_settings={"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps,
+            sharded=self.dist.fsdp, ignoring_calls=self.engine.recorder.ignoring, optimizer_settings={"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps,
                                                         "weight_decay": o.weight_decay})
         self.trace_writer: trace_mod.TraceWriter | None = None  # the full call trace (run.trace), set by run()
         self.counts, self.flops_info = self.count_flops()  # FLOPs per call kind (meta device) and the device peak

@@ -276,7 +276,8 @@ def save_checkpoint(parts: CheckpointParts, state: RunState) -> Path:
         fsdp.reshard(parts.policy.denoiser)
         weights = {n: fsdp.full(p) for n, p in trainable_state(parts.policy).items()}
         weights.update(parts.snapshots.state_dict())
-        optimizer = fsdp.full_optimizer_state(parts.policy.denoiser, parts.optimizer)
+        with parts.ignoring_calls():  # an optimizer without state yet gets one by a zero-lr step
+            optimizer = fsdp.full_optimizer_state(parts.policy.denoiser, parts.optimizer)
     if not parts.is_main:  # the state is identical on every rank; rank 0 writes it
         state.last_checkpoint = state.totals.iterations
         return parts.out
@@ -355,7 +356,8 @@ def restore(parts: CheckpointParts, state: RunState, ck: ckpt_mod.Checkpoint) ->
         raise UsageError(f"checkpoint {ck.path} was written by a {'sharded' if by_name else 'non-sharded'} run; "
                          f"resume it with model.distributed={'fsdp' if by_name else 'auto'} under the same launch")
     if by_name:
-        fsdp.load_optimizer_state(parts.policy.denoiser, parts.optimizer, ck.optimizer)
+        with parts.ignoring_calls():  # the fresh optimizer's state is created by a zero-lr step first
+            fsdp.load_optimizer_state(parts.policy.denoiser, parts.optimizer, ck.optimizer)
     else:
         parts.optimizer.load_state_dict(ck.optimizer)
     check_optimizer_settings(parts, ck)

@@ -10,7 +10,8 @@ These are declared here, below the run in the layering (tests/test_layering.py),
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,3 +65,6 @@ class CheckpointParts:
     keep: int                          # run.keep_checkpoints
     is_main: bool                      # rank 0 writes; other ranks only restore
     sharded: bool                      # an FSDP-sharded denoiser: every rank gathers its shards for rank 0
+    #: a context in which the engine's call recorder drops what it sees (CallRecorder.ignoring): the zero-lr
+    #: optimizer step torch takes when a sharded optimizer state is gathered or loaded is not the run's work
+    ignoring_calls: Callable[[], AbstractContextManager[None]]
