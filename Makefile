@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-numerics test-dist test-all bench-engine results results-rivals clean
+.PHONY: install run test test-numerics test-dist test-all bench-engine results results-rivals results-kd clean
 
 install: .venv/.installed
 
@@ -38,9 +38,13 @@ bench-engine: install
 results: install
 	bash scripts/results.sh main
 
-# ... and the rivals under the same protocol plus the TreeGRPO k x d grid
+# ... the rivals under the same protocol (tuned arms and controls) ...
 results-rivals: install
 	bash scripts/results.sh rivals
+
+# ... and the TreeGRPO k x d grid at TreeGRPO's tuned learning rate
+results-kd: install
+	bash scripts/results.sh kd
 
 clean:
 	rm -rf .venv runs

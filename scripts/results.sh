@@ -7,8 +7,11 @@
 #     (<algo>-default), RESULTS_SEEDS seeds each, plus the controls (<baseline>-aa: the baseline on other
 #     seeds; <baseline>-frozen: its weights frozen)            -> docs/results/compare_shapes.pdf (+ _files/)
 #   bash scripts/results.sh rivals   (`make results-rivals`)
-#     the rivals (RIVALS_ALGOS, baseline RIVALS_BASELINE) under the same protocol -> docs/results/compare_rivals.pdf
-#     and a TreeGRPO k x d grid, KD_SEEDS seeds per cell, at the tuned TreeGRPO learning rate of `main`
+#     the rivals (RIVALS_ALGOS, baseline RIVALS_BASELINE) under the same protocol, tuned arms only
+#     (RIVALS_ARGS=--no-default-arms: the reference-defaults arms would add half the runs)
+#                                                              -> docs/results/compare_rivals.pdf
+#   bash scripts/results.sh kd       (`make results-kd`)
+#     a TreeGRPO k x d grid, KD_SEEDS seeds per cell, at the tuned TreeGRPO learning rate of `main`
 #                                                              -> docs/results/treegrpo_kd_grid.pdf
 #
 # Each part also ships the per-run data every number is recomputed from (docs/results/runs/<part>/: manifest,
@@ -20,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PART=${1:-main}
-case "$PART" in main|rivals) ;; *) echo "usage: $0 [main|rivals]" >&2; exit 2 ;; esac
+case "$PART" in main|rivals|kd) ;; *) echo "usage: $0 [main|rivals|kd]" >&2; exit 2 ;; esac
 
 BENCH=${BENCH:-.venv/bin/bench}
 PY=${PYTHON:-.venv/bin/python}
@@ -33,6 +36,7 @@ ALGOS=${RESULTS_ALGOS:-ddpo,dancegrpo,mixgrpo,treegrpo}
 BASELINE=${RESULTS_BASELINE:-dancegrpo}
 RIVALS=${RIVALS_ALGOS:-flowgrpo,branchgrpo,diffusionnft,awm,refl,flowdppo}
 RIVALS_BASELINE=${RIVALS_BASELINE:-flowgrpo}
+RIVALS_EXTRA=${RIVALS_ARGS---no-default-arms}
 KD_SEEDS=${KD_SEEDS:-3}
 KS=${KD_KS:-2 3 4}
 DS=${KD_DS:-1 2 3}
@@ -61,12 +65,13 @@ MIXED=""
 if [ "${RESULTS_ALLOW_DIRTY:-0}" = 1 ]; then MIXED="--allow-mixed-code"; fi
 mkdir -p "$OUT" "$RUNS"
 
-# compare NAME ALGOS BASELINE: one tuned comparison with controls -> $OUT/NAME.pdf, _files/, runs/NAME/, tuning/
+# compare NAME ALGOS BASELINE [OPTIONS]: one tuned comparison with controls -> $OUT/NAME.pdf, _files/, runs/NAME/,
+# tuning/
 compare() {
-  local name=$1 algos=$2 baseline=$3
+  local name=$1 algos=$2 baseline=$3 more=${4:-}
   # shellcheck disable=SC2086
   $BENCH compare --algos "$algos" --baseline "$baseline" --budget "$BUDGET" --seeds "$SEEDS" --out "$RUNS/$name" \
-    --x nfe $CONTROLS $TUNE $JOBS $MIXED $SETTINGS $EXTRA
+    --x nfe $CONTROLS $TUNE $JOBS $MIXED $SETTINGS $EXTRA $more
   rm -rf "${OUT:?}/$name.pdf" "${OUT:?}/${name}_files"
   cp "$RUNS/$name/report.pdf" "$OUT/$name.pdf"
   cp -r "$RUNS/$name/report_files" "$OUT/${name}_files"
@@ -84,8 +89,9 @@ compare() {
 t0=$(date +%s)
 if [ "$PART" = main ]; then
   compare compare_shapes "$ALGOS" "$BASELINE"
+elif [ "$PART" = rivals ]; then
+  compare compare_rivals "$RIVALS" "$RIVALS_BASELINE" "$RIVALS_EXTRA"
 else
-  compare compare_rivals "$RIVALS" "$RIVALS_BASELINE"
   # the grid at TreeGRPO's tuned learning rate (from `main`'s study when it exists), evaluated every 10 iterations
   lr_set=$($PY -c 'import json,sys
 try: o = json.load(open(sys.argv[1]))["overrides"] or {}
@@ -128,10 +134,14 @@ entry = {"commit": "$commit", "budget": "$BUDGET", "seeds": $SEEDS, "settings": 
          "wall_s": $((t1 - t0)), "machine": f"{os.cpu_count()} CPU cores"}
 if part == "main":
     entry.update(algos="$ALGOS", baseline="$BASELINE", report="compare_shapes.pdf", runs="runs/compare_shapes")
-else:
+elif part == "rivals":
     entry.update(algos="$RIVALS", baseline="$RIVALS_BASELINE", report="compare_rivals.pdf",
-                 runs="runs/compare_rivals", kd_seeds=$KD_SEEDS, kd_ks="$KS", kd_ds="$DS",
-                 kd_eval_every="10 iterations", kd_report="treegrpo_kd_grid.pdf")
+                 runs="runs/compare_rivals", options="$RIVALS_EXTRA")
+else:
+    for k in ("controls", "tune", "tuned"):
+        entry.pop(k)
+    entry.update(algos="treegrpo", report="treegrpo_kd_grid.pdf", runs="runs/kd", kd_ks="$KS", kd_ds="$DS",
+                 kd_eval_every="10 iterations", seeds=$KD_SEEDS, lr_from="tuning/treegrpo/tuned.json (make results)")
 doc["parts"][part] = entry
 path.write_text(json.dumps(doc, indent=1) + "\n")
 PYEOF

@@ -1,5 +1,5 @@
 """`make results` (scripts/results.sh) end to end at a toy scale: the tiny model, 2 iterations, one seed,
-a 2 x 1 k/d grid. Checks that it writes both PDFs, their page files and results.json with its timings."""
+a 2 x 1 k/d grid. Checks that it writes the three PDFs, their page files and results.json with its timings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.slow  # ~5 min: both parts of make results end to end at toy scale (tuning, controls, grid); compare,
+@pytest.mark.slow  # ~5 min: the three parts of make results end to end at toy scale (tuning, controls, grid); compare,
 # report and tune each have fast tests of their own in the default run
 def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RESULTS_ALLOW_DIRTY": "1",
@@ -29,7 +29,7 @@ def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
            "RESULTS_ARGS": "--model tiny-random --reps 200", "RESULTS_JOBS": "--jobs 2 --threads-per-run 1",
            "RESULTS_TUNE": "--tune lr --tune-range lr=1e-5:2e-4 --tune-trials 1 --tune-budget 1it"}
     out = tmp_path / "out"
-    for part in ("main", "rivals"):
+    for part in ("main", "rivals", "kd"):
         p = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh"), part], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
@@ -39,9 +39,9 @@ def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
         assert any((out / f"{name}_files").glob("*.png")) and (out / f"{name}_files" / "final.csv").is_file()
     assert (out / "compare_shapes_files" / "verdict.json").is_file()
     rec = json.loads((out / "results.json").read_text())["parts"]
-    assert set(rec) == {"main", "rivals"}
+    assert set(rec) == {"main", "rivals", "kd"}
     assert rec["main"]["budget"] == "2it" and rec["main"]["seeds"] == 1 and rec["main"]["wall_s"] >= 0
-    assert len(rec["main"]["commit"]) == 40 and rec["rivals"]["kd_ks"] == "2 3"
+    assert len(rec["main"]["commit"]) == 40 and rec["kd"]["kd_ks"] == "2 3"
     # each comparison was tuned first (one study per algorithm) and ships the tuned settings
     assert rec["main"]["tune"].startswith("--tune lr") and set(rec["main"]["tuned"]) == {"grpo", "treegrpo"}
     for a in ("grpo", "treegrpo", "dancegrpo"):
@@ -51,6 +51,10 @@ def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
     cmp = tmp_path / "runs" / "compare_shapes"
     assert (cmp / "grpo-aa" / "seed1000" / "final.json").is_file()
     assert json.loads((cmp / "grpo-frozen" / "seed0" / "manifest.json").read_text())["weights_frozen"] is True
+    # the rivals ran their tuned arms and controls only (--no-default-arms)
+    riv = tmp_path / "runs" / "compare_rivals"
+    assert sorted(p.parent.parent.name for p in riv.glob("*/seed*/final.json")) == [
+        "dancegrpo", "dancegrpo-aa", "dancegrpo-frozen"]
     # the shipped per-run data: every final run (no tuning trial), readable, and a report redrawn from it
     shipped = out / "runs" / "compare_shapes"
     assert sorted(p.parent.relative_to(shipped).as_posix() for p in shipped.rglob("manifest.json")) == [

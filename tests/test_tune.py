@@ -101,6 +101,10 @@ def test_tuning_space_cadence_and_tuned_arms(tmp_path):
     assert "train.lr=3.5e-05" in by["dancegrpo"].sets and "train.lr=3.5e-05" in by["dancegrpo-aa"].sets
     assert "train.lr=3.5e-05" in by["dancegrpo-frozen"].sets
     assert not any("train.lr" in s for s in by["dancegrpo-default"].sets)
+    # --no-default-arms: the tuned arms and the controls only
+    lean = compare.build_arms(["dancegrpo", "treegrpo"], [0, 1], controls=True,
+                              tuned={"dancegrpo": ("--set", "train.lr=3.5e-05"), "treegrpo": ()}, default_arms=False)
+    assert [a.label for a in lean] == ["dancegrpo", "treegrpo", "dancegrpo-aa", "dancegrpo-frozen"]
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -116,6 +120,7 @@ def test_tuning_space_cadence_and_tuned_arms(tmp_path):
     (["--tune", "lr", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5", "--tune-range", "lr=1e-5:1e-4"],
      "give one of them"),
     (["--tune", "lr,timestep_fraction", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5"], "every tuned key"),
+    (["--no-default-arms"], "it needs --tune"),
 ])
 def test_tune_usage_errors(tmp_path, capsys, argv, msg):
     assert compare.main(["--algos", "dancegrpo", "--budget", "2it", "--out", str(tmp_path / "x"), *argv]) == 2

@@ -92,20 +92,22 @@ def default_baseline(algos: Sequence[str], baseline: str | None) -> str:
 
 
 def build_arms(algos: Sequence[str], seeds: Sequence[int], controls: bool = False,
-               baseline: str | None = None, tuned: dict[str, tuple[str, ...]] | None = None) -> list[Arm]:
+               baseline: str | None = None, tuned: dict[str, tuple[str, ...]] | None = None,
+               default_arms: bool = True) -> list[Arm]:
     """Every algorithm at ``seeds``; with ``controls`` also ``<baseline>-aa`` (seeds s + AA_SEED_OFFSET)
     and ``<baseline>-frozen`` (train.frozen=true, the baseline's seeds). With ``tuned`` (algorithm -> its
     tuned ``--set`` options, ``--tune``) each algorithm's arm runs its tuned settings (labelled with the
     algorithm), the controls copy the baseline's tuned settings, and ``<algo>-default`` runs the reference
-    defaults beside it."""
+    defaults beside it (unless ``default_arms`` is false: ``--no-default-arms``)."""
     t = tuned or {}
     arms = []
     for a in algos:
         if tuned is None:
             arms.append(Arm(a, a, tuple(seeds)))
         else:
-            arms += [Arm(a, a, tuple(seeds), (*t.get(a, ()), "--set", f"run.label={a}")),
-                     Arm(f"{a}-default", a, tuple(seeds), ("--set", f"run.label={a}-default"))]
+            arms.append(Arm(a, a, tuple(seeds), (*t.get(a, ()), "--set", f"run.label={a}")))
+            if default_arms:
+                arms.append(Arm(f"{a}-default", a, tuple(seeds), ("--set", f"run.label={a}-default")))
     if controls:
         b = default_baseline(algos, baseline)
         aa = tuple(s + AA_SEED_OFFSET for s in seeds)
@@ -167,6 +169,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                         "tries exactly these values, e.g. --tune-grid lr=1e-5,1.8e-5,3.2e-5,5.6e-5,1e-4")
     p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
                                                        "(required with --tune)")
+    p.add_argument("--no-default-arms", action="store_true",
+                   help="with --tune: run only the tuned arms, not <algo>-default beside them (halves the final "
+                        "runs when the reference defaults are not in question)")
     p.add_argument("--no-eval-cache", action="store_true",
                    help="evaluate iteration 0 in every run and tuning trial; by default they share DIR/.eval_cache "
                         "(eval.cache): the iteration-0 evaluation (same initial weights, prompts, noise and "
@@ -346,9 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "<baseline>-aa / <baseline>-frozen for --controls)")
         out = Path(args.out)
         launch = launch_from_args(args, jobs=args.jobs, threads=args.threads_per_run)
+        if args.no_default_arms and args.tune is None:
+            raise UsageError("--no-default-arms leaves out the <algo>-default arms of a tuned comparison: it needs --tune")
         tune_plan = _tune_plan(args, algos, seeds, extra, out) if args.tune is not None else None
         tuned = None if tune_plan is None else {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
-        arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+        arms = build_arms(algos, seeds, args.controls, args.baseline, tuned, not args.no_default_arms)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -418,7 +425,7 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
             try:
                 _tune(tune_plan, launch, out, args)
                 tuned = {a: tune_mod.tuned_sets(tune_mod.read_tuned(out, a)) for a in algos}
-                arms = build_arms(algos, seeds, args.controls, args.baseline, tuned)
+                arms = build_arms(algos, seeds, args.controls, args.baseline, tuned, not args.no_default_arms)
                 jobs = plan_jobs(arms, args.budget, out, runs_extra, args.overwrite)
             except UsageError as e:
                 print(f"error: {e}", file=sys.stderr)
