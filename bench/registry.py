@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -220,14 +222,43 @@ def load_object(target: str) -> Any:
 ENTRY_POINT_GROUPS = {"algorithm": "treebench.algorithms", "reward": "treebench.rewards"}
 
 
+#: entry points per (group, import-path state): reading every installed package's metadata costs ~20 ms, and
+#: the registry is asked often (each record key checked against the glossary asks every algorithm)
+_ENTRY_POINTS: dict[tuple[str, tuple[tuple[str, int | None], ...]], tuple[tuple[str, str, str], ...]] = {}
+
+
+def _path_state() -> tuple[tuple[str, int | None], ...]:
+    """sys.path with each folder's modification time: installing or removing a package (a ``.dist-info`` folder
+    added or removed) or changing the import path changes it."""
+    state = []
+    for p in sys.path:
+        try:
+            state.append((p, os.stat(p or ".").st_mtime_ns))
+        except OSError:
+            state.append((p, None))
+    return tuple(state)
+
+
+def _entry_points(group: str) -> tuple[tuple[str, str, str], ...]:
+    """(name, target, distribution) of the entry points in ``group``, read again when the import path changes."""
+    key = (group, _path_state())
+    hit = _ENTRY_POINTS.get(key)
+    if hit is None:
+        hit = tuple((ep.name, ep.value, getattr(getattr(ep, "dist", None), "name", None) or "an installed package")
+                    for ep in metadata.entry_points(group=group))
+        if len(_ENTRY_POINTS) > 32:  # import-path states of a long test session: keep the memo small
+            _ENTRY_POINTS.clear()
+        _ENTRY_POINTS[key] = hit
+    return hit
+
+
 def _plugins(kind: str, builtin: dict[str, Entry]) -> dict[str, Entry]:
     """Names added by installed packages' entry points (read from package metadata: nothing is imported)."""
     out = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUPS[kind]):
-        if ep.name in builtin or ep.name in out:
+    for name, value, dist in _entry_points(ENTRY_POINT_GROUPS[kind]):
+        if name in builtin or name in out:
             continue
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
-        out[ep.name] = Entry(ep.value, f"plug-in from {dist} ({ep.value})")
+        out[name] = Entry(value, f"plug-in from {dist} ({value})")
     return out
 
 
