@@ -153,6 +153,28 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def parse_ranges(items: Any, flag: str = "--range") -> dict[str, tuple[float, float]]:
+    """``["lr=1e-5:2e-4"]`` -> {"lr": (1e-5, 2e-4)}: the KEY=LOW:HIGH items of ``flag`` (``bench sweep --range``,
+    ``bench compare --tune-range``), checked: two finite numbers, LOW < HIGH, each key once."""
+    out: dict[str, tuple[float, float]] = {}
+    for item in items:
+        key, sep, rng = str(item).partition("=")
+        lo, sep2, hi = rng.partition(":")
+        key = key.strip()
+        try:
+            if not (sep and sep2 and key):
+                raise ValueError
+            low, high = float(lo), float(hi)
+        except ValueError:
+            raise UsageError(f"{flag} {item!r}: expected KEY=LOW:HIGH with two numbers, e.g. lr=1e-5:2e-4") from None
+        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+            raise UsageError(f"{flag} {item!r}: needs finite LOW < HIGH")
+        if key in out:
+            raise UsageError(f"{flag} names {key!r} twice")
+        out[key] = (low, high)
+    return out
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

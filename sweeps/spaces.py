@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import algorithm_fields, parse_value
+from bench.config import parse_ranges as parse_range_items
 from bench.errors import UsageError
 from bench.registry import algorithm_class, did_you_mean
 
@@ -330,23 +331,9 @@ def load_space_file(path: str | Path, algo: str) -> Space:
 
 
 def parse_ranges(items: Iterable[str]) -> dict[str, tuple[float, float]]:
-    """``["lr=1e-5:2e-4"]`` -> {"lr": (1e-5, 2e-4)} (``--range``), checked: numbers, LOW < HIGH, each once."""
-    out: dict[str, tuple[float, float]] = {}
-    for item in items:
-        name, sep, rng = str(item).partition("=")
-        lo, sep2, hi = rng.partition(":")
-        try:
-            if not (sep and sep2 and name.strip()):
-                raise ValueError
-            low, high = float(lo), float(hi)
-        except ValueError:
-            raise UsageError(f"--range {item!r}: expected NAME=LOW:HIGH with two numbers, e.g. lr=1e-5:2e-4") from None
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise UsageError(f"--range {item!r}: needs finite LOW < HIGH")
-        if name.strip() in out:
-            raise UsageError(f"--range names {name.strip()!r} twice")
-        out[name.strip()] = (low, high)
-    return out
+    """``["lr=1e-5:2e-4"]`` -> {"lr": (1e-5, 2e-4)} (``--range``), checked: numbers, LOW < HIGH, each once
+    (the one parser of ``bench compare --tune-range`` too)."""
+    return parse_range_items(items, "--range")
 
 
 def with_ranges(space: Space, ranges: Mapping[str, tuple[float, float]]) -> Space:

@@ -92,26 +92,19 @@ def heldout_metric(cfg: Mapping[str, Any]) -> tuple[str, str | None]:
 
 
 def parse_ranges(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[float]]:
-    """``--tune-range KEY=LOW:HIGH`` items -> {KEY: [LOW, HIGH]}: each KEY one of the ``--tune`` keys, given
-    once, LOW < HIGH (the sweep checks the rest against the parameter: log scale needs LOW > 0)."""
-    out: dict[str, list[float]] = {}
-    for item in items:
-        key, sep, rng = str(item).partition("=")
-        lo, sep2, hi = rng.partition(":")
-        key = key.strip()
-        try:
-            if not (sep and sep2 and key):
-                raise ValueError
-            low, high = float(lo), float(hi)
-        except ValueError:
-            raise UsageError(f"--tune-range {item!r}: expected KEY=LOW:HIGH, e.g. lr=1e-5:2e-4") from None
-        if key not in keys:
-            raise UsageError(f"--tune-range {item!r}: {key!r} is not tuned (--tune {','.join(keys)})")
-        if key in out:
-            raise UsageError(f"--tune-range names {key!r} twice")
-        if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
-            raise UsageError(f"--tune-range {item!r}: needs finite LOW < HIGH")
-        out[key] = [low, high]
+    """``--tune-range KEY=LOW:HIGH`` items -> {KEY: [LOW, HIGH]}: parsed as ``bench sweep --range``
+    (``bench.config.parse_ranges``), each KEY one of the ``--tune`` keys (the sweep checks the rest against the
+    parameter: log scale needs LOW > 0)."""
+    from bench.config import parse_ranges as parse_range_items
+
+    out = {}
+    for item in items:  # one at a time: the error names the item that fails
+        for key, (low, high) in parse_range_items([item], "--tune-range").items():
+            if key not in keys:
+                raise UsageError(f"--tune-range {item!r}: {key!r} is not tuned (--tune {','.join(keys)})")
+            if key in out:
+                raise UsageError(f"--tune-range names {key!r} twice")
+            out[key] = [low, high]
     return out
 
 
