@@ -60,8 +60,14 @@ Where treebench differs, and why:
   (with beta = 0 the released script fails on an undefined ``log_prob_ref``, so it has no behaviour to copy).
 - Not offered: the continuous ``time_type`` "uniform" / "logit_normal" (the update evaluates the model at
   the rollout's step grid), ``loss_type`` "sum_first" (identical gradient on-policy), ``off_policy``
-  sampling with the EMA adapter (off in every recipe). Not reproduced: the EMA of the trained weights for
-  evaluation and checkpoints (``train.ema``, decay 0.99); ``ema=True`` raises NotImplementedError.
+  sampling with the EMA adapter (off in every recipe).
+- Evaluation EMA (``ema``; ``train.ema`` True in every recipe, on in the presets; off by default, as for the
+  other algorithms): ``EMAModuleWrapper(decay=0.99, update_step_interval=1)`` stepped once per epoch after
+  the training loop, ``ema.step(params, global_step)`` with global_step = the optimizer steps so far
+  (``main``, after the inner loop): s <- d s + (1 - d) theta with d = min((1 + g) / (10 + g), ``ema_decay``)
+  when (g + 1) % ``ema_interval`` == 0 (``algorithms.common.ema_decay``). Kept in the weight snapshot
+  "eval_ema" (checkpointed with the run, restored on resume); evaluation samples with it (``eval_weights``),
+  as the trainer's "eval_reward_ema" does (it also logs the non-EMA evaluation; treebench evaluates one).
 """
 
 from __future__ import annotations
@@ -74,14 +80,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from algorithms.common import (
+    EMA_SNAPSHOT,
     StepCountState,
     chain_edge_advantages,
     check_count,
+    check_ema_settings,
     check_fraction,
     flow_grpo_advantages,
     optimizer_step,
     per_term_noise,
 )
+from algorithms.common import ema_decay as eval_ema_decay
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
 from bench.model.policy import Policy
@@ -198,7 +207,9 @@ _RECIPE: dict[str, Any] = {
     "algo.train_timesteps": 6, "algo.timestep_fraction": 0.9, "algo.weighting": "ghuber",
     "algo.ghuber_power": 0.25, "algo.advantage_max": 1.0, "algo.clip_range": 1.0, "algo.kl_weight": "uniform",
     "algo.ema_beta": 1.0, "algo.kl_ema_weight": "uniform", "algo.kl_ema_decay": 0.3,
-    "algo.kl_ema_decay_type": "linear", "algo.solver": "dpm2", "train.optimizer_steps": 1}
+    "algo.kl_ema_decay_type": "linear", "algo.solver": "dpm2", "train.optimizer_steps": 1,
+    # the evaluation EMA: train.ema True, ema_decay 0.99, ema_update_step_interval 1 in every recipe
+    "algo.ema": True, "algo.ema_decay": 0.99, "algo.ema_interval": 1}
 
 
 @dataclass(frozen=True)
@@ -231,7 +242,10 @@ class AWMConfig:
     solver:            rollout solver: "dpm2" (default), "ode" (Euler) or "sde" (Flow-GRPO SDE)
     cfg:               guide the update's forward passes with the sampler's CFG scale (``train.cfg``); default
                        False
-    ema:               EMA of the trained weights for evaluation (``train.ema``); True is not implemented
+    ema:               keep an EMA of the trained weights (``train.ema``) for evaluation; default False (the
+                       presets: True)
+    ema_decay:         the EMA's largest decay (``train.ema_decay`` 0.99): min((1 + g) / (10 + g), ema_decay)
+    ema_interval:      an EMA update when (g + 1) % interval == 0 (``train.ema_update_step_interval`` 1)
     """
 
     group_size: int = 24
@@ -254,6 +268,8 @@ class AWMConfig:
     solver: str = "dpm2"
     cfg: bool = False
     ema: bool = False
+    ema_decay: float = 0.99
+    ema_interval: int = 1
 
     def __post_init__(self) -> None:
         check_count(self, "group_size", 2, "for per-prompt advantages")
@@ -281,9 +297,7 @@ class AWMConfig:
                 raise ValueError(f"algo.{key} must be >= 0, got {getattr(self, key)!r}")
         if not 0.0 <= float(self.kl_ema_decay) < 1.0:
             raise ValueError(f"algo.kl_ema_decay must be in [0, 1), got {self.kl_ema_decay!r}")
-        if self.ema:
-            raise NotImplementedError("algo.ema: AWM's EMA (train.ema) only changes the weights used for evaluation "
-                                      "and checkpoints; the harness evaluates the trained weights")
+        check_ema_settings(self)
 
 
 class AWM(StepCountState):
@@ -337,6 +351,9 @@ class AWM(StepCountState):
                              f"sampler.steps={T} (sigma 0 has no velocity to match)")
         #: weight snapshots (bench.model.snapshots): "initial" is the KL reference, "ema" the EMA policy
         self.snapshots: tuple[str, ...] = tuple(n for n, w in (("initial", c.beta), ("ema", c.ema_beta)) if w > 0)
+        if c.ema:  # the EMA of the trained weights, which evaluation samples with
+            self.snapshots += (EMA_SNAPSHOT,)
+        self.eval_weights = EMA_SNAPSHOT if c.ema else "current"
         self.optimizer_steps_total = 0
 
     def plan(self, iteration: int) -> RolloutPlan:
@@ -397,6 +414,9 @@ class AWM(StepCountState):
                 micro += 1
             grad_norm = optimizer_step(optimizer, params, self.train.max_grad_norm, nfe)
             self.optimizer_steps_total += 1
+        g = self.optimizer_steps_total
+        if cfg.ema and (g + 1) % cfg.ema_interval == 0:  # train_sd3_awm.py: ema.step(params, global_step) per epoch
+            engine.snapshots.blend(EMA_SNAPSHOT, eval_ema_decay(g, cfg.ema_decay))
         decay = ema_decay(self.optimizer_steps_total, cfg.kl_ema_decay, cfg.kl_ema_decay_type)
         if "ema" in self.snapshots:
             engine.snapshots.blend("ema", decay)

@@ -460,6 +460,15 @@ def ema_decay(step: int, max_decay: float) -> float:
     return min((1.0 + step) / (10.0 + step), float(max_decay))
 
 
+def ema_model_decay(calls: int, max_decay: float) -> float:
+    """``diffusers.training_utils.EMAModel.get_decay`` at its defaults (no warm-up, ``update_after_step`` 0,
+    ``min_decay`` 0) for the ``calls``-th ``step`` call (1-based: ``optimization_step`` is incremented first):
+    0 on the first call (the EMA becomes a copy of the weights), then min((1 + n) / (10 + n), max_decay) with
+    n = calls - 1."""
+    n = max(0, int(calls) - 1)
+    return 0.0 if n <= 0 else min((1.0 + n) / (10.0 + n), float(max_decay))
+
+
 def ema_schedule(steps_before: int, steps: int, calls_per_step: int, interval: int,
                  max_decay: float) -> list[tuple[int, float]]:
     """The EMA updates the reference trainers apply while an update takes ``steps`` optimizer steps after

@@ -41,8 +41,15 @@ Where treebench differs, and why:
   stop step per micro-batch of ``train_batch_size`` (2) images with Python's ``random``.
 - The reward's preprocessing is treebench's (``rewards/``): ReFL's gradient path resizes with torchvision
   (Resize(224, bicubic), CenterCrop(224)); treebench's rewards use the preprocessing of each reward model.
-- Not reproduced: the EMA of the UNet used for evaluation (``--use_ema``); ``ema=True`` raises
-  NotImplementedError. DRaFT-LV (several noisings of the final image) is not offered.
+- Evaluation EMA (``ema``; ``--use_ema`` in ``scripts/train_refl.sh``, on in the ``refl-paper`` preset, off by
+  default): diffusers' ``EMAModel`` at its defaults (decay 0.9999, no warm-up) stepped after every optimizer
+  step (``Trainer.train``: ``ema_unet.step`` when the accumulation syncs): s <- d s + (1 - d) theta with
+  d = 0 at the first call and min((1 + n) / (10 + n), ``ema_decay``) at call n + 1
+  (``algorithms.common.ema_model_decay``). Kept in the weight snapshot "eval_ema" (checkpointed, resumed with
+  the step count); evaluation samples with it, as the reference's validation does (``store``/``copy_to``).
+  The reference's EMA starts from a second copy of the pretrained UNet; the first call makes it a copy of
+  the trained weights either way.
+- Not offered: DRaFT-LV (several noisings of the final image).
 """
 
 from __future__ import annotations
@@ -54,7 +61,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from algorithms.common import ConfigState, chain_step_edges, check_count, optimizer_step
+from algorithms.common import (
+    EMA_SNAPSHOT,
+    StepCountState,
+    chain_step_edges,
+    check_count,
+    ema_model_decay,
+    optimizer_step,
+)
 from bench.engine import sde
 from bench.engine.rollout import RolloutEngine
 from bench.engine.seeding import generator
@@ -106,7 +120,9 @@ class ReFLConfig:
     loss:        "hinge" (relu(margin - r), ReFL; default) or "negative" (-r, DRaFT)
     margin:      the hinge's margin lambda [reward units]; default 2.0 (ReFL on ImageReward)
     loss_scale:  multiplies the loss (ReFL's ``grad_scale``); default 1e-3
-    ema:         EMA of the trained weights for evaluation (``--use_ema``); True is not implemented
+    ema:         keep an EMA of the trained weights (``--use_ema``) for evaluation; default False (``refl-paper``:
+                 True)
+    ema_decay:   the EMA's largest decay (diffusers ``EMAModel`` default 0.9999)
     """
 
     group_size: int = 1
@@ -117,6 +133,7 @@ class ReFLConfig:
     margin: float = 2.0
     loss_scale: float = 1e-3
     ema: bool = False
+    ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
         check_count(self, "group_size", 1)
@@ -132,12 +149,11 @@ class ReFLConfig:
             raise ValueError(f"algo.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not float(self.loss_scale) > 0:
             raise ValueError(f"algo.loss_scale must be > 0, got {self.loss_scale!r}")
-        if self.ema:
-            raise NotImplementedError("algo.ema: ReFL's EMA (--use_ema) only changes the weights used for evaluation; "
-                                      "the harness evaluates the trained weights")
+        if not 0.0 <= float(self.ema_decay) <= 1.0:
+            raise ValueError(f"algo.ema_decay must be in [0, 1], got {self.ema_decay!r}")
 
 
-class ReFL(ConfigState):
+class ReFL(StepCountState):
     name: ClassVar[str] = "refl"
     Config: ClassVar[type] = ReFLConfig
     #: no sampling log-probs: approx_kl, clip_frac and first_ratio are NaN (null in iterations.jsonl)
@@ -153,7 +169,7 @@ class ReFL(ConfigState):
                        "algo.group_size": 1, "algo.stop_steps": [30, 39], "algo.grad_steps": 1, "algo.solver": "sde",
                        "algo.loss": "hinge", "algo.margin": 2.0, "algo.loss_scale": 1e-3,
                        "train.prompts_per_iteration": 64, "train.optimizer_steps": 1, "train.lr": 1e-5,
-                       "train.max_grad_norm": 1.0, "model.lora_rank": 0},
+                       "train.max_grad_norm": 1.0, "model.lora_rank": 0, "algo.ema": True},
         # DRaFT-1 (arXiv 2309.17400, Sec. 4.1): deterministic sampler, gradient through the last step only,
         # loss -r; the sampler's other settings stay the model preset's
         "draft-1": {"algo.grad_steps": 1, "algo.solver": "ode", "algo.loss": "negative", "algo.loss_scale": 1.0,
@@ -183,6 +199,11 @@ class ReFL(ConfigState):
         if lo < 0 or hi + K > T:
             raise ValueError(f"algo.stop_steps={self.config.stop_steps or (lo, hi)} with algo.grad_steps={K} is "
                              f"outside the {T} steps (need 0 <= lo and hi + K <= sampler.steps={T})")
+        #: weight snapshots (bench.model.snapshots): the EMA of the trained weights, when on; evaluation samples
+        #: with it
+        self.snapshots: tuple[str, ...] = (EMA_SNAPSHOT,) if config.ema else ()
+        self.eval_weights = EMA_SNAPSHOT if config.ema else "current"
+        self.optimizer_steps_total = 0
 
     def stop_range(self) -> tuple[int, int]:
         """(lo, hi) of the first gradient step, inclusive."""
@@ -242,6 +263,9 @@ class ReFL(ConfigState):
                 nfe += self._micro_batch(engine, rollout, leaves[ids], start[ids], m[ids], hi - lo, sums)
                 micro += 1
             grad_norm = optimizer_step(optimizer, params, self.train.max_grad_norm, nfe)
+            self.optimizer_steps_total += 1
+            if self.config.ema:  # ReFL.py: ema_unet.step(unet.parameters()) after every optimizer step
+                engine.snapshots.blend(EMA_SNAPSHOT, ema_model_decay(self.optimizer_steps_total, self.config.ema_decay))
         nan = float("nan")
         return UpdateStats(loss=sums["loss"] / L, approx_kl=nan, clip_frac=nan, grad_norm=grad_norm, first_ratio=nan,
                            edges=L, optimizer_steps=n_opt, micro_batches=micro, nfe=nfe,

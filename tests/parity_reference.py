@@ -532,6 +532,19 @@ def ema_wrapper_epoch(ema, thetas, global_step, calls_per_step, interval, decay)
     return ema, global_step
 
 
+def ema_wrapper_after_epoch(ema, thetas, global_step, interval, decay):
+    """One epoch of AWM's ``train_sd3_awm.py::main``: the inner loop takes ``len(thetas) - 1`` optimizer steps
+    (``global_step += 1`` after each), then ``ema.step(params, global_step)`` is called once, after the loop,
+    with the final weights ``thetas[-1]`` (the same ``EMAModuleWrapper.step`` as above). Returns (ema,
+    global_step) after the epoch (numpy float64)."""
+    ema = np.array(ema, dtype=np.float64)
+    global_step += len(thetas) - 1
+    d = min((1 + global_step) / (10 + global_step), decay)
+    if (global_step + 1) % interval == 0:
+        ema += (1 - d) * (np.asarray(thetas[-1], dtype=np.float64) - ema)
+    return ema, global_step
+
+
 def _fmt(a) -> str:
     return np.array2string(np.asarray(a, dtype=np.float64).ravel(), precision=8, separator=", ",
                            max_line_width=100, floatmode="fixed")

@@ -142,8 +142,8 @@ def test_awm_invalid_settings_name_the_key():
         make("awm", {"timestep_fraction": 1.0, "time_type": "discrete_wo_init"}, steps=1)
     with pytest.raises(ValueError, match="flow"):
         make("awm", prediction="epsilon")
-    with pytest.raises(NotImplementedError, match="algo.ema"):
-        make("awm", {"ema": True})
+    with pytest.raises(ValueError, match=r"algo\.ema_decay"):  # the evaluation EMA: tests/test_ema.py
+        make("awm", {"ema": True, "ema_decay": 1.5})
 
 
 # ---- ReFL / DRaFT-K -------------------------------------------------------------------------------------
@@ -201,8 +201,8 @@ def test_refl_invalid_settings_name_the_key():
             make("refl", over)
     with pytest.raises(ValueError, match="algo.stop_steps"):
         make("refl", {"stop_steps": [3, 4], "grad_steps": 2}, steps=5)
-    with pytest.raises(NotImplementedError, match="algo.ema"):
-        make("refl", {"ema": True})
+    with pytest.raises(ValueError, match=r"algo\.ema_decay"):  # the evaluation EMA: tests/test_ema.py
+        make("refl", {"ema": True, "ema_decay": -0.5})
 
 
 def test_engine_refuses_a_reward_without_gradient_path(flow_policy):

@@ -1,6 +1,7 @@
-"""The EMA of the trained weights (Flow-GRPO ``algo.ema``, DiffusionNFT ``algo.ema``): its decay schedule, its
-updates against a transcription of the reference trainers' ``EMAModuleWrapper`` loop
-(``tests/parity_reference.py::ema_wrapper_epoch``), evaluation with it, and exact resume."""
+"""The EMA of the trained weights (Flow-GRPO, DiffusionNFT, AWM and ReFL ``algo.ema``): its decay schedule, its
+updates against a transcription of the reference trainers' ``EMAModuleWrapper`` loops
+(``tests/parity_reference.py::ema_wrapper_epoch``, ``ema_wrapper_after_epoch``), evaluation with it, and
+exact resume."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from parity_reference import ema_wrapper_epoch
+from parity_reference import ema_wrapper_after_epoch, ema_wrapper_epoch
 from test_algorithms import BATCH, brightness, make
 
-from algorithms.common import EMA_SNAPSHOT, ema_decay, ema_schedule
+from algorithms.common import EMA_SNAPSHOT, ema_decay, ema_model_decay, ema_schedule
 from bench.cli import main
 from bench.engine.rollout import RolloutEngine
 from bench.rundir import checkpoint
@@ -56,10 +57,13 @@ def _flat(policy):
     return torch.cat([p.detach().reshape(-1).double() for p in policy.trainable_parameters()]).numpy()
 
 
-def _train(algo, policy, iterations, steps):
+def _train(algo, policy, iterations, steps, reward=None):
     """``iterations`` plan -> rollout -> update cycles on one engine (snapshots persist), SGD lr 0.05; returns
-    the engine and, per iteration, the flat trainable weights at its start and after each optimizer step."""
+    the engine and, per iteration, the flat trainable weights at its start and after each optimizer step.
+    ``reward``: the differentiable reward a direct-gradient algorithm back-propagates."""
     eng = RolloutEngine(policy, max_micro_batch=64, seed=0)
+    if reward is not None:
+        eng.attach_reward(reward)
     eng.snapshots.declare(algo)
     opt = torch.optim.SGD(policy.trainable_parameters(), lr=0.05)
     step, per_iter = opt.step, []
@@ -110,6 +114,71 @@ def test_diffusionnft_ema_follows_the_reference_loop(flow_policy):
     got = _ema(eng)
     assert not np.allclose(got, per_iter[-1][-1])
     np.testing.assert_allclose(got, ema, rtol=0, atol=64 * 2.0**-24 * float(np.abs(ema).max()))
+
+
+@pytest.mark.parametrize("interval", [1, 3])  # 3: updates only at g = 2 (of 2, 4, 6)
+def test_awm_ema_follows_the_reference_loop(flow_policy, interval):
+    # train_sd3_awm.py: one ema.step after each epoch's optimizer steps, at the step count after them
+    algo = make("awm", {"group_size": 2, "ema": True, "ema_interval": interval, "beta": 0.0, "ema_beta": 0.0,
+                        "train_timesteps": 2}, steps=3, train=TrainSpec(micro_batch=64, optimizer_steps=2,
+                                                                        max_grad_norm=0.0))
+    assert algo.snapshots == (EMA_SNAPSHOT,) and algo.eval_weights == EMA_SNAPSHOT
+    eng, per_iter = _train(algo, flow_policy, 3, 2)
+    ema, g = per_iter[0][0], 0
+    for thetas in per_iter:
+        ema, g = ema_wrapper_after_epoch(ema, thetas, g, interval, 0.99)
+    assert g == algo.optimizer_steps_total == 6
+    got = _ema(eng)
+    assert not np.allclose(got, per_iter[0][0]) and not np.allclose(got, per_iter[-1][-1])  # it moved, it lags
+    np.testing.assert_allclose(got, ema, rtol=0, atol=64 * 2.0**-24 * float(np.abs(ema).max()))
+
+
+def test_awm_ema_known_decays_and_presets():
+    # after epochs of 2 steps at interval 1: g = 2, 4, 6 -> d = 3/12, 5/14, 7/16 (the 0.99 cap is far)
+    from parity_reference import ema_wrapper_after_epoch as ref
+
+    e, g = ref([0.0], [[0.0], [0.5], [1.0]], 0, 1, 0.99)
+    assert g == 2 and e[0] == pytest.approx(1 - 3 / 12)
+    from bench.registry import algorithm_class
+
+    for name, preset in algorithm_class("awm").PRESETS.items():  # every released recipe: train.ema, 0.99, 1
+        assert (preset["algo.ema"], preset["algo.ema_decay"], preset["algo.ema_interval"]) == (True, 0.99, 1), name
+    plain = make("awm", {"group_size": 2})
+    assert (plain.eval_weights, EMA_SNAPSHOT in plain.snapshots) == ("current", False)
+    with pytest.raises(ValueError, match=r"algo\.ema_interval"):
+        make("awm", {"group_size": 2, "ema": True, "ema_interval": 0})
+
+
+def test_ema_model_decay_known_answers():
+    # diffusers EMAModel.get_decay at its defaults, for the n-th step call: 0, then min((1 + m) / (10 + m), cap)
+    # with m = n - 1
+    assert ema_model_decay(1, 0.9999) == 0.0 and ema_model_decay(2, 0.9999) == pytest.approx(2 / 11)
+    assert ema_model_decay(5, 0.9999) == pytest.approx(5 / 14) and ema_model_decay(10**6, 0.9999) == 0.9999
+
+
+def test_refl_ema_is_diffusers_ema_model(flow_policy):
+    """ReFL's --use_ema: diffusers' own EMAModel, stepped after every optimizer step, gives the snapshot."""
+    from diffusers.training_utils import EMAModel
+    from test_awm_refl import Brightness
+
+    algo = make("refl", {"group_size": 2, "ema": True, "loss": "negative", "loss_scale": 1.0, "stop_steps": [-1, -1]},
+                steps=3, train=TrainSpec(micro_batch=64, optimizer_steps=2, max_grad_norm=0.0))
+    assert algo.snapshots == (EMA_SNAPSHOT,) and algo.eval_weights == EMA_SNAPSHOT
+    params = [p.detach().clone() for p in flow_policy.trainable_parameters()]
+    eng, per_iter = _train(algo, flow_policy, 2, 2, reward=Brightness())
+    assert algo.optimizer_steps_total == 4 and algo.state_dict()["optimizer_steps_total"] == 4
+    ref = EMAModel([torch.nn.Parameter(p.double()) for p in params])  # the reference's class, decay 0.9999
+    for thetas in per_iter:
+        for flat in thetas[1:]:  # the weights after each optimizer step
+            chunks, i = [], 0
+            for p in params:
+                chunks.append(torch.nn.Parameter(torch.from_numpy(flat[i:i + p.numel()]).reshape(p.shape)))
+                i += p.numel()
+            ref.step(chunks)
+    want = torch.cat([s.reshape(-1) for s in ref.shadow_params]).numpy()
+    got = _ema(eng)
+    assert not np.allclose(got, per_iter[-1][-1])  # it lags the weights
+    np.testing.assert_allclose(got, want, rtol=0, atol=64 * 2.0**-24 * float(np.abs(want).max()))
 
 
 ARGS = ["--algo", "flowgrpo", "--model", "tiny-random", "--budget", "3it", "--set", "sampler.steps=3",
