@@ -2,7 +2,7 @@
 BUDGET ?= 10m
 ARGS ?=
 
-.PHONY: install run test test-numerics test-dist test-all bench-engine results results-rivals results-kd clean
+.PHONY: install run test test-numerics test-dist test-slow test-all bench-engine results results-rivals results-kd clean
 
 install: .venv/.installed
 
@@ -26,6 +26,10 @@ test-numerics: install
 # Named by file: collecting the whole suite to find them would cost more than a third of their run time
 test-dist: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "multiproc and not slow" tests/test_multiproc.py
+
+# the end-to-end variants behind the default suite's fast representatives (marker slow; .ci/run runs it last)
+test-slow: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "slow and not gpu and not postgres and not multiproc"
 
 test-all: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "not gpu and not postgres"

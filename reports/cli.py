@@ -109,9 +109,11 @@ def print_verdict(lines: Sequence[str]) -> None:
 
 def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: str | None = None,
                    x: str = "samples", title: str = "bench compare", allow_mixed_code: bool = False,
-                   reps: int = 20000, sesoi: Sequence[str] = (), targets: str | None = None) -> list[str]:
+                   reps: int = 20000, sesoi: Sequence[str] = (), targets: str | None = None,
+                   files: bool = True) -> list[str]:
     """The report step of ``bench compare`` (named by a string in bench.fleet.compare): the PDF of every run
-    under ``out_dir`` and ``verdict.json`` beside it, its verdict printed. Runs from different commits or
+    under ``out_dir`` and ``verdict.json`` beside it, its verdict printed; ``files``: also the per-page images
+    and tables (``<report>_files/``, ``--no-report-files`` leaves them out). Runs from different commits or
     dirty trees are refused unless ``allow_mixed_code`` (then the report marks them on its first page)."""
     from reports.load import code_version_problems, load
     from reports.pdf import ReportOptions, report
@@ -122,7 +124,7 @@ def compare_report(out_dir: str | Path, report_path: str | Path, *, baseline: st
     if problems and not allow_mixed_code:
         raise UsageError("the runs do not come from one clean commit: " + "; ".join(problems)
                          + ". Rerun them from one commit (--overwrite) or pass --allow-mixed-code")
-    rep = report(rs, report_path, ReportOptions(x=x, baseline=baseline, title=title, reps=reps, **opts))
+    rep = report(rs, report_path, ReportOptions(x=x, baseline=baseline, title=title, reps=reps, figures=files, **opts))
     print_verdict(rep.verdict)
     return rep.pages
 

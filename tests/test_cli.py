@@ -54,6 +54,7 @@ def test_usage_errors_exit_2(args, msg, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_run_3it_via_cli(tmp_path):
     out = tmp_path / "x"
     res = _bench("run", "--algo", "grpo", "--model", "tiny-random", "--budget", "3it", "--out", str(out),

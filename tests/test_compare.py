@@ -10,16 +10,21 @@ from synthetic_runs import _head_commit, write_run
 
 from bench.fleet import compare, launch
 
+#: the report steps here check the PDF, the printed verdict and verdict.json; their per-page images
+#: (report_files/: most of a report's time) are tested by tests/test_reports_pdf.py
+NOFILES = ["--no-report-files"]
+
 
 def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--seeds", "2", "--out", str(out),
+    rc = compare.main([*NOFILES, "--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--seeds", "2", "--out", str(out),
                        "--reward", "shapes_pref", "--set", "train.lr=1e-5"])
     assert rc == 0
     for algo in ("treegrpo", "dancegrpo"):
         for s in (0, 1):
             assert (out / algo / f"seed{s}" / "final.json").is_file()
     assert (out / "report.pdf").stat().st_size > 10_000
+    assert not (out / "report_files").exists()  # --no-report-files (make results ships them: the default)
     rows = json.loads((out / "verdict.json").read_text())  # the machine-readable verdict beside the PDF
     assert {(r["method"], r["baseline"]) for r in rows} == {("treegrpo", "dancegrpo")}
     text = capsys.readouterr().out
@@ -30,7 +35,7 @@ def test_compare_runs_every_algorithm_and_seed_then_reports(fake_bench_run, tmp_
 
 
 def test_dry_run_passes_the_same_options_to_every_run(tmp_path, capsys):
-    assert compare.main(["--algos", "ddpo,treegrpo", "--budget", "20m", "--seeds", "0,5", "--out", str(tmp_path),
+    assert compare.main([*NOFILES, "--algos", "ddpo,treegrpo", "--budget", "20m", "--seeds", "0,5", "--out", str(tmp_path),
                          "--model", "shapes", "--set", "a=1", "--set", "b=2", "--overwrite", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4
@@ -66,11 +71,11 @@ def test_the_eval_cache_is_not_a_comparison_option(fake_bench_run, tmp_path, cap
     argv = ["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(out), "--no-report"]
     assert compare.main(argv) == 0
     assert json.loads((out / "compare.json").read_text())["options"] == []
-    assert compare.main([*argv, "--seeds", "2", "--no-eval-cache"]) == 0
+    assert compare.main([*NOFILES, *argv, "--seeds", "2", "--no-eval-cache"]) == 0
 
 
 def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
-    rc = compare.main(["--algos", "ddpo", "--budget", "1it", "--reps", "200", "--seeds", "1", "--out", str(tmp_path / "f"),
+    rc = compare.main([*NOFILES, "--algos", "ddpo", "--budget", "1it", "--reps", "200", "--seeds", "1", "--out", str(tmp_path / "f"),
                        "--set", "fail=1"])
     assert rc == 1
     err = capsys.readouterr()
@@ -88,7 +93,7 @@ def test_failed_runs_are_reported(fake_bench_run, tmp_path, capsys):
     (["--algos", "ddpo", "--budget", "1m", "--sesoi", "shapes_attr=0"], "positive VALUE"),
 ])
 def test_usage_errors(argv, message, tmp_path, capsys):
-    assert compare.main([*argv, "--out", str(tmp_path)]) == 2
+    assert compare.main([*NOFILES, *argv, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -101,16 +106,16 @@ def test_stream_keeps_final_progress_state_in_logs(capsys):
 
 def test_report_only_without_runs_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert compare.main(["--algos", "ddpo", "--budget", "1m", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "1m", "--out", str(tmp_path / "empty"), "--report-only"]) == 2
     assert "no run directories" in capsys.readouterr().err
 
 
 def test_rerun_skips_finished_runs_and_more_seeds_extend_the_comparison(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--reps", "200", "--out", str(out)]
-    assert compare.main([*args, "--seeds", "2"]) == 0
+    assert compare.main([*NOFILES, *args, "--seeds", "2"]) == 0
     capsys.readouterr()
-    assert compare.main([*args, "--seeds", "3"]) == 0
+    assert compare.main([*NOFILES, *args, "--seeds", "3"]) == 0
     text = capsys.readouterr().out
     assert "[treegrpo seed0] already finished under this budget: skipped" in text
     assert re.findall(r"== compare \d/(\d): .* --algo (\w+) .* --seed (\d)", text) == [
@@ -130,23 +135,23 @@ def test_killed_runs_are_resumed_or_restarted(tmp_path, capsys):
     assert compare.run_state(out / "ddpo" / "seed2", "5it") == "done"
     assert compare.run_state(out / "ddpo" / "seed2", "10it") == "other-budget"
     assert compare.run_state(out / "ddpo" / "seed3", "10it") == "new"
-    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "0,1", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "0,1", "--out", str(out),
                          "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].endswith(f"run --resume {out / 'ddpo' / 'seed0'} --budget 10it")
     assert lines[1].endswith("--seed 1 --out " + str(out / "ddpo" / "seed1") + " --set eval.cache="
                              + str(out / ".eval_cache") + " --overwrite")
-    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "3", "--out", str(out)]) == 2
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "3", "--out", str(out)]) == 2
     assert "finished under budget '5it'" in capsys.readouterr().err
 
 
 def test_resume_completes_a_killed_run(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out), "--set", "kill=1"])
+    rc = compare.main([*NOFILES, "--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out), "--set", "kill=1"])
     assert rc == 1 and not (out / "ddpo" / "seed0" / "final.json").exists()
     capsys.readouterr()
     # the same options (a resumed `bench run --resume` gets only the budget: the stand-in then finishes)
-    assert compare.main(["--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "10it", "--reps", "200", "--seeds", "1", "--out", str(out),
                          "--set", "kill=1"]) == 0
     assert "(resuming a killed run)" in capsys.readouterr().out
     assert (out / "ddpo" / "seed0" / "final.json").is_file()
@@ -159,9 +164,9 @@ def test_runs_from_other_code_are_refused_unless_allowed(fake_bench_run, tmp_pat
     assert compare.main(argv) == 2
     assert "come from other code than this checkout" in capsys.readouterr().err
     assert not (out / "treegrpo").exists()
-    assert compare.main([*argv, "--allow-mixed-code"]) == 0
+    assert compare.main([*NOFILES, *argv, "--allow-mixed-code"]) == 0
     assert "WARNING: these runs do not come from one clean commit" in capsys.readouterr().out
-    assert compare.main([*argv, "--report-only"]) == 2  # the report step refuses too
+    assert compare.main([*NOFILES, *argv, "--report-only"]) == 2  # the report step refuses too
     assert "do not come from one clean commit" in capsys.readouterr().err
 
 
@@ -179,17 +184,17 @@ def test_bench_cli_dispatches_compare_and_report(tmp_path, capsys):
 def test_extending_with_other_options_is_refused(fake_bench_run, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(out), "--no-report"]
-    assert compare.main([*argv, "--set", "train.lr=1e-5"]) == 0
-    assert compare.main([*argv, "--seeds", "2", "--set", "train.lr=1e-5"]) == 0  # same options: extends
+    assert compare.main([*NOFILES, *argv, "--set", "train.lr=1e-5"]) == 0
+    assert compare.main([*NOFILES, *argv, "--seeds", "2", "--set", "train.lr=1e-5"]) == 0  # same options: extends
     capsys.readouterr()
-    assert compare.main([*argv, "--set", "train.lr=2e-5"]) == 2
+    assert compare.main([*NOFILES, *argv, "--set", "train.lr=2e-5"]) == 2
     assert "was trained with options --set train.lr=1e-5, not --set train.lr=2e-5" in capsys.readouterr().err
 
 
 # ---- --controls: an A/A arm and a frozen (null) arm of the baseline --------------------------------------
 def test_controls_add_an_aa_arm_on_disjoint_seeds_and_a_frozen_arm(tmp_path, capsys):
     argv = ["--algos", "treegrpo,ddpo", "--budget", "20m", "--seeds", "0,5", "--out", str(tmp_path), "--dry-run"]
-    assert compare.main([*argv, "--controls"]) == 0  # no dancegrpo: the first of --algos is the baseline
+    assert compare.main([*NOFILES, *argv, "--controls"]) == 0  # no dancegrpo: the first of --algos is the baseline
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8  # 4 arms x 2 seeds
     runs = {(re.search(r"--out \S+/([^/ ]+)/seed(\d+)", line).groups()): line for line in lines}
@@ -206,7 +211,7 @@ def test_controls_add_an_aa_arm_on_disjoint_seeds_and_a_frozen_arm(tmp_path, cap
     # the A/A seeds are never the baseline's
     assert set(compare.build_arms(["ddpo"], [0, 1, 2], True)[1].seeds).isdisjoint({0, 1, 2})
     # --baseline picks the copied algorithm; so does dancegrpo when compared
-    assert compare.main([*argv, "--controls", "--baseline", "ddpo"]) == 0
+    assert compare.main([*NOFILES, *argv, "--controls", "--baseline", "ddpo"]) == 0
     assert "ddpo-aa/seed1005" in capsys.readouterr().out
     assert [a.label for a in compare.build_arms(["ddpo", "dancegrpo"], [0], True)][2:] == \
         ["dancegrpo-aa", "dancegrpo-frozen"]
@@ -220,7 +225,7 @@ def test_controls_add_an_aa_arm_on_disjoint_seeds_and_a_frozen_arm(tmp_path, cap
     (["--set", "run.label=mine"], "bench compare labels its runs itself"),
 ])
 def test_controls_usage_errors(argv, message, tmp_path, capsys):
-    assert compare.main(["--algos", "ddpo", "--budget", "1m", "--controls", "--out", str(tmp_path), *argv]) == 2
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "1m", "--controls", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -228,7 +233,7 @@ def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys
     from reports.load import load
 
     out = tmp_path / "cmp"
-    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
                          "--controls", "--no-report"]) == 0
     for label, seeds in (("dancegrpo-aa", (1000, 1001)), ("dancegrpo-frozen", (0, 1))):
         for s in seeds:
@@ -241,20 +246,20 @@ def test_controls_runs_are_labelled_for_reports(fake_bench_run, tmp_path, capsys
     assert set(rs.evals[rs.evals["label"] == "dancegrpo-aa"]["seed"]) == {1000, 1001}
     # re-running extends: the control arms are skipped like any finished run
     capsys.readouterr()
-    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
                          "--controls", "--no-report"]) == 0
     assert "[dancegrpo-frozen seed1] already finished under this budget: skipped" in capsys.readouterr().out
     # DIR/compare.json remembers whose controls these are (the report's baseline), also for runs without
     # --controls that extend the comparison
     assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
-    assert compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "treegrpo,dancegrpo", "--budget", "10it", "--seeds", "2", "--out", str(out),
                          "--no-report"]) == 0
     assert json.loads((out / "compare.json").read_text())["controls"] == "dancegrpo"
 
 
 def test_compare_help_documents_controls(capsys):
     with pytest.raises(SystemExit):
-        compare.main(["--help"])
+        compare.main([*NOFILES, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--controls" in text and "disjoint from the baseline's" in text and "train.frozen=true" in text
     assert "--no-eval-cache" in text and "DIR/.eval_cache" in text
@@ -264,7 +269,7 @@ def test_report_only_passes_the_verdict_options(tmp_path, capsys):
     out = tmp_path / "cmp"
     write_comparison(out, algos=("dancegrpo", "treegrpo"), seeds=(0,), git_commit=_head_commit())
     argv = ["--algos", "dancegrpo,treegrpo", "--budget", "10it", "--seeds", "1", "--out", str(out), "--report-only"]
-    assert compare.main([*argv, "--sesoi", "nope=0.1"]) == 2  # the metric names are checked by the report
+    assert compare.main([*NOFILES, *argv, "--sesoi", "nope=0.1"]) == 2  # the metric names are checked by the report
     assert "--sesoi nope: not an eval metric of these runs" in capsys.readouterr().err
-    assert compare.main([*argv, "--targets", "0,2"]) == 2
+    assert compare.main([*NOFILES, *argv, "--targets", "0,2"]) == 2
     assert "--targets '0,2'" in capsys.readouterr().err

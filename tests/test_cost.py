@@ -238,6 +238,7 @@ def test_bench_run_unknown_clock_exits_2_and_leaves_nothing(tmp_path, capsys):
 
 
 # ---- reports: the modeled-seconds axis ----------------------------------------------------------------
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_report_plots_against_modeled_seconds(tmp_path):
     pytest.importorskip("matplotlib")
     from reports.load import axis_label, load

@@ -302,6 +302,7 @@ def test_second_compare_into_one_directory_is_refused_while_the_first_runs(tmp_p
         first.wait()
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_compare_write_faults_keep_what_was_there(fake_bench_run, tmp_path, failpoints, capsys):
     from bench.fleet import compare
 

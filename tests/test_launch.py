@@ -13,11 +13,16 @@ from bench.errors import UsageError
 from bench.fleet import compare, launch
 from bench.run.records import TIMING_KEYS
 
+#: the report steps here check the PDF, the printed verdict and verdict.json; their per-page images
+#: (report_files/: most of a report's time) are tested by tests/test_reports_pdf.py
+NOFILES = ["--no-report-files"]
+
 #: a stand-in runner: records its thread setting, its GPU and the most stand-in runs it saw running at once. Each
 #: holds a marker file in $PROBE_LIVE while it runs; it waits (up to 20 s) until it has seen a second one, then
 #: watches 0.5 s more, so "two at a time" does not depend on how fast the machine starts processes
 PROBE = """
 import json, os, sys, time
+
 out = sys.argv[sys.argv.index('--out') + 1]
 os.makedirs(out, exist_ok=True)
 live = os.environ['PROBE_LIVE']
@@ -49,7 +54,7 @@ def _probes(out: Path) -> list[dict]:
 
 def test_jobs_run_side_by_side_with_pinned_threads(probe_runner, tmp_path, capsys):
     out = tmp_path / "par"
-    assert compare.main(["--algos", "ddpo,treegrpo", "--budget", "1it", "--seeds", "2", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "ddpo,treegrpo", "--budget", "1it", "--seeds", "2", "--out", str(out),
                          "--jobs", "2", "--threads-per-run", "1", "--no-report"]) == 0
     probes = _probes(out)
     assert len(probes) == 4 and {p["omp"] for p in probes} == {"1"}
@@ -62,7 +67,7 @@ def test_jobs_run_side_by_side_with_pinned_threads(probe_runner, tmp_path, capsy
 def test_one_gpu_per_concurrent_run(probe_runner, tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "visible_gpus", lambda: ["3", "5"])
     out = tmp_path / "gpu"
-    assert compare.main(["--algos", "ddpo,treegrpo", "--budget", "1it", "--seeds", "1", "--out", str(out),
+    assert compare.main([*NOFILES, "--algos", "ddpo,treegrpo", "--budget", "1it", "--seeds", "1", "--out", str(out),
                          "--jobs", "2", "--no-report"]) == 0
     assert sorted(p["gpu"] for p in _probes(out)) == ["3", "5"]
     with pytest.raises(UsageError, match="--jobs 3 needs one GPU per concurrent run, 2 visible"):
@@ -75,14 +80,15 @@ def _records(run: Path) -> list[dict]:
             for line in (run / "iterations.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_jobs_2_gives_the_records_of_jobs_1(tmp_path):
     """Real `bench run`s on the tiny model: side by side (2 jobs) or one by one, same records."""
     common = ["--algos", "grpo,dancegrpo", "--budget", "2it", "--seeds", "1", "--model", "tiny-random",
               "--threads-per-run", "1", "--no-report", "--set", "sampler.steps=3", "--set", "algo.group_size=2",
               "--set", "train.prompts_per_iteration=2", "--set", "eval.every=0", "--set", "eval.at_start=false",
               "--set", "run.progress=false"]
-    assert compare.main([*common, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
-    assert compare.main([*common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert compare.main([*NOFILES, *common, "--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    assert compare.main([*NOFILES, *common, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     for algo in ("grpo", "dancegrpo"):
         a, b = _records(tmp_path / "one" / algo / "seed0"), _records(tmp_path / "two" / algo / "seed0")
         assert len(a) == 2 and a == b
@@ -91,7 +97,7 @@ def test_jobs_2_gives_the_records_of_jobs_1(tmp_path):
 def test_submitit_local_executor_runs_a_comparison_and_its_report(fake_bench_run, tmp_path, capsys):
     pytest.importorskip("submitit")
     out = tmp_path / "sub"
-    rc = compare.main(["--algos", "treegrpo,dancegrpo", "--budget", "4it", "--seeds", "1", "--reps", "200",
+    rc = compare.main([*NOFILES, "--algos", "treegrpo,dancegrpo", "--budget", "4it", "--seeds", "1", "--reps", "200",
                        "--out", str(out), "--launcher", "submitit-local", "--time-limit", "5"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -104,7 +110,7 @@ def test_submitit_local_executor_runs_a_comparison_and_its_report(fake_bench_run
 
 def test_submitit_failure_is_reported(fake_bench_run, tmp_path, capsys):
     pytest.importorskip("submitit")
-    rc = compare.main(["--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(tmp_path / "f"),
+    rc = compare.main([*NOFILES, "--algos", "ddpo", "--budget", "1it", "--seeds", "1", "--out", str(tmp_path / "f"),
                        "--launcher", "submitit-local", "--set", "fail=1", "--no-report"])
     assert rc == 1
     out = capsys.readouterr()
@@ -131,10 +137,11 @@ def test_multi_gpu_jobs_run_under_accelerate_launch():
     (["--launcher", "slurm", "--time-limit", "0"], "--time-limit must be >= 1 minute"),
 ])
 def test_launcher_usage_errors(argv, message, tmp_path, capsys):
-    assert compare.main(["--algos", "ddpo", "--budget", "1it", "--out", str(tmp_path / "u"), *argv]) == 2
+    assert compare.main([*NOFILES, "--algos", "ddpo", "--budget", "1it", "--out", str(tmp_path / "u"), *argv]) == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_sweep_workers_as_submitit_local_jobs_share_one_study(tmp_path):
     pytest.importorskip("submitit")
     optuna = pytest.importorskip("optuna")

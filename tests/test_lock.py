@@ -103,6 +103,7 @@ def test_lock_conflicts_within_one_process_and_is_released(tmp_path):
         pass
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_concurrent_resume_of_a_live_run_is_refused_and_cannot_duplicate(tmp_path, capsys):
     """The reported failure: `--resume X` while X still runs. Refused; the log stays one run's."""
     out = tmp_path / "live"

@@ -66,6 +66,7 @@ def test_scores_at_the_budget_known_values(comparison):
     assert ft.loc["ddpo", "value"] == pytest.approx(0.1 + 6 * 0.011)
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_sweep_report_has_kd_page(tmp_path):
     write_sweep(tmp_path / "study", ks=(2, 3), ds=(1, 2), seeds=(0,))
     pages = build_report([tmp_path / "study"], tmp_path / "s.pdf", ReportOptions(**FAST))
@@ -74,6 +75,7 @@ def test_sweep_report_has_kd_page(tmp_path):
     assert pdf_pages(tmp_path / "s.pdf") == len(pages)
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_window_page_and_custom_metric(tmp_path):
     for w in (2, 4):
         for s in (0, 1):
@@ -96,6 +98,7 @@ def test_mixed_reward_versions_refused_by_report_and_cli(tmp_path, capsys):
     assert not (tmp_path / "r.pdf").exists()
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_mixed_devices_only_drop_wall_clock(tmp_path):
     write_run(tmp_path / "runs" / "a", algo="ddpo", device_type="cuda", device_name="NVIDIA H100")
     write_run(tmp_path / "runs" / "b", algo="treegrpo", device_type="cuda", device_name="NVIDIA A100")
@@ -114,6 +117,7 @@ def test_cli_usage_errors(comparison, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_report_file_options(comparison, tmp_path, capsys):
     assert cli.main([str(comparison), "--out", str(tmp_path / "a.pdf"), "--reps", "200", "--formats", "png"]) == 0
     files = {p.suffix for p in (tmp_path / "a_files").iterdir()}

@@ -171,7 +171,7 @@ def test_list_presets_each_once_under_its_algorithm(capsys):
 
 
 # ---- one reward check, in one order, before anything is created ------------------------------------
-@pytest.mark.parametrize("flag", ["--reward", "--eval-rewards"])
+@pytest.mark.parametrize("flag", ["--reward", pytest.param("--eval-rewards", marks=pytest.mark.slow)])
 def test_reward_without_weights_refused_before_anything_exists(flag, tmp_path):
     """clip_score used to be checked only after the base-model evaluation, leaving a run directory."""
     env = {"TREEBENCH_WEIGHTS": str(tmp_path / "weights"), "HF_HOME": str(tmp_path / "hf"),
@@ -207,6 +207,7 @@ def test_storage_from_environment(monkeypatch, tmp_path):
     assert build_parser().parse_args(["--algo", "grpo"]).storage == "postgresql://bob:pw@host/db"
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_sweep_with_password_leaves_it_nowhere(tmp_path):
     out = tmp_path / "sw"
     res = subprocess.run([sys.executable, "-m", "bench.cli", "sweep", "--algo", "grpo", "--model", "tiny-random",

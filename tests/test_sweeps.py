@@ -232,6 +232,7 @@ def _worker(out, storage, name, trials, space):
                              *TINY], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_two_workers_share_one_study(tmp_path, backend, small_space):
     out = tmp_path / "w"

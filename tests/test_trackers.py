@@ -119,6 +119,7 @@ def test_tensorboard_and_wandb_together(tmp_path):
     _wandb(out, its, evs)
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_mlflow(tmp_path):
     pytest.importorskip("mlflow")
     out, its, evs = _run(tmp_path, "mlflow")
@@ -138,6 +139,7 @@ def test_missing_tracker_package_refused_before_anything_exists(tmp_path, monkey
     assert not out.exists()
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_resume_may_add_a_tracker(tmp_path):
     """--log-with may change on --resume (it changes no record): the resumed iterations reach the tracker."""
     pytest.importorskip("tensorboard")

@@ -59,7 +59,8 @@ from bench.rundir.layout import FINAL, MANIFEST
 from bench.rundir.lock import RunLock
 from bench.rundir.runlog import atomic_write_text
 
-#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=)
+#: The report step: ``fn(out_dir, report_path, baseline=, x=, title=, allow_mixed_code=, reps=, sesoi=, targets=,
+#: files=)
 #: -> list[str]`` (the page headings; it prints the verdict and writes DIR/verdict.json beside the PDF). A
 #: string so that bench does not import reports.
 REPORT = "reports.cli:compare_report"
@@ -191,6 +192,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
                    help="the report's cost-to-target fractions of the baseline's gain (default 0.5,0.75)")
     p.add_argument("--no-report", action="store_true",
                    help="train only (e.g. one cell of a grid that is reported as a whole later)")
+    p.add_argument("--no-report-files", action="store_true",
+                   help="write the report PDF and verdict.json only, no DIR/report_files/ (per-page PNG/SVG images "
+                        "and CSV/Markdown tables; rendering the images takes most of a report's time)")
     p.add_argument("--report-only", action="store_true", help="skip training; rebuild DIR/report.pdf")
     p.add_argument("--dry-run", action="store_true", help="print the run commands and exit")
     g = add_cluster_args(p, "runs", "slurm: one SLURM job per run through submitit; submitit-local: submitit's "
@@ -440,7 +444,7 @@ def _compare(args: argparse.Namespace, algos: list[str], seeds: list[int], extra
         pages = load_object(REPORT)(out, out / "report.pdf", baseline=baseline, x=args.x,
                                     title=f"bench compare --budget {args.budget}",
                                     allow_mixed_code=args.allow_mixed_code, reps=args.reps,
-                                    sesoi=args.sesoi, targets=args.targets)
+                                    sesoi=args.sesoi, targets=args.targets, files=not args.no_report_files)
     except UsageError as e:
         print(f"error: cannot build the report: {e}", file=sys.stderr)
         return 1 if failed else 2
