@@ -25,14 +25,14 @@ test-numerics: install
 # uninterrupted run; budgets counted once (marker multiproc, not in `make test`); .ci/run runs it after test-numerics.
 # Named by file: collecting the whole suite to find them would cost more than a third of their run time
 test-dist: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "multiproc and not slow" tests/test_multiproc.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "multiproc and not slow" tests/test_multiproc.py
 
 # the end-to-end variants behind the default suite's fast representatives (marker slow; .ci/run runs it last)
 test-slow: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "slow and not gpu and not postgres and not multiproc"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "slow and not gpu and not postgres and not multiproc"
 
 test-all: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "not gpu and not postgres"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "not gpu and not postgres"
 
 bench-engine: install
 	.venv/bin/python -m bench.cost.perf engine --json

@@ -13,8 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 #: intra-op threads: TREEBENCH_TEST_THREADS where set (tests/perturbed_rounding.sh runs the numerics tests with 1
-#: and 2 to perturb float32 reduction order), else at most 2
-torch.set_num_threads(int(os.environ.get("TREEBENCH_TEST_THREADS") or min(2, torch.get_num_threads())))
+#: and 2 to perturb float32 reduction order), else 1 in each of pytest-xdist's worker processes (the default
+#: run: two of them share the cores), else at most 2
+torch.set_num_threads(int(os.environ.get("TREEBENCH_TEST_THREADS")
+                          or (1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))))
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ for v in "${variants[@]}"; do
   [[ $cap != native ]] && env_+=(ATEN_CPU_CAPABILITY="$cap")
   [[ $cap == default ]] && env_+=(MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41)
   echo "== numerics under perturbed rounding: ATEN_CPU_CAPABILITY=$cap, $threads intra-op thread(s), tiny models rebuilt"
-  env "${env_[@]}" "$PY" -m pytest -q -p no:cacheprovider "${SKIP[@]}" "${TESTS[@]}" || status=1
+  env "${env_[@]}" "$PY" -m pytest -q -n 0 -p no:cacheprovider "${SKIP[@]}" "${TESTS[@]}" || status=1
   rm -rf "$cache"
 done
 exit $status
