@@ -27,9 +27,10 @@ test-numerics: install
 test-dist: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "multiproc and not slow" tests/test_multiproc.py
 
-# the end-to-end variants behind the default suite's fast representatives (marker slow; .ci/run runs it last)
+# the end-to-end variants behind the default suite's fast representatives (marker slow; .ci/run runs it last),
+# two test processes as in the default run
 test-slow: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "slow and not gpu and not postgres and not multiproc"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -m "slow and not gpu and not postgres and not multiproc"
 
 test-all: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python -m pytest -q -n 0 -m "not gpu and not postgres"
