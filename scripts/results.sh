@@ -125,7 +125,10 @@ try:
 except (OSError, ValueError):
     doc = {"parts": {}}
 tuned = {}
+mine = {"main": "$ALGOS", "rivals": "$RIVALS"}.get(part, "").split(",")  # this part's studies only
 for p in sorted(Path("$OUT", "tuning").glob("*/tuned.json")):
+    if p.parent.name not in mine:
+        continue
     t = json.loads(p.read_text())
     tuned[p.parent.name] = {"overrides": t.get("overrides"), "best_value": t.get("best_value"),
                             "states": t.get("states"), "note": t.get("note")}

@@ -44,6 +44,7 @@ def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
     assert len(rec["main"]["commit"]) == 40 and rec["kd"]["kd_ks"] == "2 3"
     # each comparison was tuned first (one study per algorithm) and ships the tuned settings
     assert rec["main"]["tune"].startswith("--tune lr") and set(rec["main"]["tuned"]) == {"grpo", "treegrpo"}
+    assert set(rec["rivals"]["tuned"]) == {"dancegrpo"}  # each part lists its own studies
     for a in ("grpo", "treegrpo", "dancegrpo"):
         t = json.loads((out / "tuning" / a / "tuned.json").read_text())
         assert t["trials"] == 1 and t["ranges"] == {"lr": [1e-5, 2e-4]}
