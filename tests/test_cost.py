@@ -148,6 +148,7 @@ def test_plan_trace_equals_the_real_runs_trace(tmp_path, algo, sets):
         assert rec["nfe_rollout"] + rec["nfe_update"] == sum(c.rows for c in calls if c.component == "denoiser")
 
 
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it): the tiny-model cases above run by default
 def test_plan_trace_equals_a_latent_models_run_trace(tmp_path):
     """The real SD3.5 pipeline classes at CPU size: VAE decodes and LoRA included."""
     cfg = _cfg(tmp_path, "treegrpo", budget="1it", model="sd3.5-medium-random-reduced",

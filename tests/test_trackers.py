@@ -111,6 +111,14 @@ def _mlflow(out, its, evs):
 CHECKS = {"tensorboard": _tensorboard, "wandb": _wandb, "mlflow": _mlflow}
 
 
+def test_tensorboard(tmp_path):
+    """The fast representative of the tracker runs: one tracker mirrors every record and evaluation."""
+    pytest.importorskip("tensorboard")
+    out, its, evs = _run(tmp_path, "tensorboard")
+    _tensorboard(out, its, evs)
+
+
+@pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_tensorboard_and_wandb_together(tmp_path):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
