@@ -66,6 +66,7 @@ from algorithms.common import (
     StepCountState,
     chain_step_edges,
     check_count,
+    check_ema_settings,
     ema_model_decay,
     optimizer_step,
 )
@@ -149,8 +150,7 @@ class ReFLConfig:
             raise ValueError(f"algo.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not float(self.loss_scale) > 0:
             raise ValueError(f"algo.loss_scale must be > 0, got {self.loss_scale!r}")
-        if not 0.0 <= float(self.ema_decay) <= 1.0:
-            raise ValueError(f"algo.ema_decay must be in [0, 1], got {self.ema_decay!r}")
+        check_ema_settings(self)
 
 
 class ReFL(StepCountState):
