@@ -92,7 +92,8 @@ if [ "$PART" = main ]; then
 elif [ "$PART" = rivals ]; then
   compare compare_rivals "$RIVALS" "$RIVALS_BASELINE" "$RIVALS_EXTRA"
 else
-  # the grid at TreeGRPO's tuned learning rate (from `main`'s study when it exists), evaluated every 10 iterations
+  # the grid at TreeGRPO's tuned learning rate (from `main`'s study when it exists), evaluated on the protocol's NFE
+  # grid (SETTINGS), the iteration-0 evaluation computed once for all cells (one eval cache)
   lr_set=$($PY -c 'import json,sys
 try: o = json.load(open(sys.argv[1]))["overrides"] or {}
 except (OSError, ValueError, KeyError): o = {}
@@ -101,7 +102,8 @@ print(" ".join(f"--set {k}={v}" for k, v in o.items()))' "$OUT/tuning/treegrpo/t
     for d in $DS; do
       # shellcheck disable=SC2086
       $BENCH compare --algos treegrpo --budget "$BUDGET" --seeds "$KD_SEEDS" --out "$RUNS/kd/k${k}_d${d}" --no-report \
-        $JOBS $MIXED $SETTINGS $lr_set --set eval.every=10 --set algo.k="$k" --set algo.d="$d" $EXTRA
+        $JOBS $MIXED $SETTINGS $lr_set --set eval.cache="$RUNS/kd/.eval_cache" --set algo.k="$k" --set algo.d="$d" \
+        $EXTRA
     done
   done
   $BENCH report "$RUNS/kd" --out "$RUNS/kd/report.pdf" --x nfe --baseline "${KD_BASELINE:-treegrpo k=3 d=3}" \
@@ -144,7 +146,7 @@ else:
     for k in ("controls", "tune", "tuned"):
         entry.pop(k)
     entry.update(algos="treegrpo", report="treegrpo_kd_grid.pdf", runs="runs/kd", kd_ks="$KS", kd_ds="$DS",
-                 kd_eval_every="10 iterations", seeds=$KD_SEEDS, lr_from="tuning/treegrpo/tuned.json (make results)")
+                 kd_eval="the settings' grid, one iteration-0 evaluation for all cells", seeds=$KD_SEEDS, lr_from="tuning/treegrpo/tuned.json (make results)")
 doc["parts"][part] = entry
 path.write_text(json.dumps(doc, indent=1) + "\n")
 PYEOF

@@ -45,6 +45,10 @@ def test_results_script_writes_both_parts_their_runs_and_record(tmp_path):
     # each comparison was tuned first (one study per algorithm) and ships the tuned settings
     assert rec["main"]["tune"].startswith("--tune lr") and set(rec["main"]["tuned"]) == {"grpo", "treegrpo"}
     assert set(rec["rivals"]["tuned"]) == {"dancegrpo"}  # each part lists its own studies
+    # the grid's cells share one iteration-0 evaluation: computed by the first run, a hit in the others
+    cached = [json.loads((p.parent / "evals.jsonl").read_text().splitlines()[0]).get("cached", False)
+              for p in sorted((tmp_path / "runs" / "kd").glob("k*_d*/treegrpo/seed0/final.json"))]
+    assert len(cached) == 2 and cached.count(True) == 1
     for a in ("grpo", "treegrpo", "dancegrpo"):
         t = json.loads((out / "tuning" / a / "tuned.json").read_text())
         assert t["trials"] == 1 and t["ranges"] == {"lr": [1e-5, 2e-4]}
