@@ -97,15 +97,11 @@ def parse_ranges(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[fl
     parameter: log scale needs LOW > 0)."""
     from bench.config import parse_ranges as parse_range_items
 
-    out = {}
-    for item in items:  # one at a time: the error names the item that fails
-        for key, (low, high) in parse_range_items([item], "--tune-range").items():
-            if key not in keys:
-                raise UsageError(f"--tune-range {item!r}: {key!r} is not tuned (--tune {','.join(keys)})")
-            if key in out:
-                raise UsageError(f"--tune-range names {key!r} twice")
-            out[key] = [low, high]
-    return out
+    ranges = parse_range_items(items, "--tune-range")  # syntax, LOW < HIGH, each key once
+    for key in ranges:
+        if key not in keys:
+            raise UsageError(f"--tune-range {key}=...: {key!r} is not tuned (--tune {','.join(keys)})")
+    return {k: list(v) for k, v in ranges.items()}
 
 
 def parse_grid(items: Sequence[str], keys: Sequence[str]) -> dict[str, list[str]]:
