@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed override for every trial, repeatable as in bench run: --set sampler.steps=10 "
                         "--set eval.every=5 (several after one --set also work)")
     p.add_argument("--seed", type=seed_arg, help="run seed shared by all trials (default 0)")
+    p.add_argument("--seeds-per-trial", type=int, default=1, metavar="N",
+                   help="train every trial at N seeds (--seed, --seed + 1, ...), one run after the other: its value "
+                        "is the mean of their final values; the pruner sees the first seed's evaluations; with "
+                        "--reject-hacking a trial is rejected when any seed hacks (default 1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--reject-hacking", action="store_true",
                    help="prune (reject) a trial whose held-out reward falls below its iteration-0 value beyond "
@@ -242,6 +246,7 @@ def _definition(a: argparse.Namespace, space: Any, objective: str, base_sets: di
             "sets": {k: v for k, v in base_sets.items() if k != "eval.cache"},
             # only when given: studies created before these options existed stay joinable
             **({"reject_hacking": True} if a.reject_hacking else {}),
+            **({"seeds_per_trial": a.seeds_per_trial} if a.seeds_per_trial != 1 else {}),
             **({"validation_split": True} if a.validation_split else {})}
 
 
@@ -255,6 +260,8 @@ def prepare(a: argparse.Namespace):
         raise UsageError(f"--trials must be >= 1, got {a.trials}")
     if a.n_jobs < 1:
         raise UsageError(f"--n-jobs must be >= 1, got {a.n_jobs}")
+    if a.seeds_per_trial < 1:
+        raise UsageError(f"--seeds-per-trial must be >= 1, got {a.seeds_per_trial}")
     Budget.parse(a.budget_per_trial)
     space, grid = _space(a)
     user_sets = config_mod.parse_sets(a.sets)
@@ -275,7 +282,7 @@ def prepare(a: argparse.Namespace):
     study = a.study or f"{a.algo}-{'grid' if grid else 'sweep'}"
     spec = SweepSpec(out=out, space=space, objective=objective, base_overrides=base_sets, flags=flags,
                      config_file=a.config, preset=a.preset, cost=a.multi_objective, heartbeat_s=a.heartbeat,
-                     base_cfg=base_cfg, reject_hacking=a.reject_hacking)
+                     base_cfg=base_cfg, reject_hacking=a.reject_hacking, seeds_per_trial=a.seeds_per_trial)
     if grid:
         check_grid(spec, grid)
     return spec, grid, study, _definition(a, space, objective, base_sets, flags)
@@ -333,10 +340,11 @@ def _sweep(a: argparse.Namespace, argv: list[str], spec: Any, grid: dict | None,
     target = a.trials or (spaces.grid_size(grid) if grid else 20)
     print(f"bench sweep: study {study_name!r} ({'created' if created else 'joined'}) in {where}; "
           f"{'grid of ' + str(spaces.grid_size(grid)) if grid else str(target)} trials of {a.algo} "
-          f"(budget {a.budget_per_trial} each, seed {spec.flags['seed']}), objective {spec.objective}"
+          f"(budget {a.budget_per_trial} each, {_seed_label(spec)}), objective {spec.objective}"
           f"{' + ' + spec.cost if multi else ''}; space: "
           f"{'; '.join(p.describe() for p in spec.space.params)}", flush=True)
-    seed = int(spec.flags["seed"])
+    seeds = spec.seeds()
+    seed: int | str = seeds[0] if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"  # the table's seed column
     requeued = st.requeue_dead_trials(study, storage, a.grace)
     if requeued:
         print(f"bench sweep: re-queued trial(s) {requeued} whose worker died", flush=True)
@@ -359,6 +367,12 @@ def _sweep(a: argparse.Namespace, argv: list[str], spec: Any, grid: dict | None,
     finally:
         write_table()
     return _finish(study, out, value_names, seed, study_name, where, definition, multi) if code == 0 else code
+
+
+def _seed_label(spec: Any) -> str:
+    """``seed 0``, or with --seeds-per-trial 3 ``seeds 0-2``."""
+    seeds = spec.seeds()
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
 
 
 def _optimize(study: Any, storage: Any, spec: Any, target: int, grid: dict | None, a: argparse.Namespace,
@@ -452,7 +466,7 @@ def _cuda_count() -> int:
         return 0
 
 
-def _finish(study: Any, out: Path, value_names: list[str], seed: int, name: str, where: str,
+def _finish(study: Any, out: Path, value_names: list[str], seed: int | str, name: str, where: str,
             definition: dict, multi: bool) -> int:
     from sweeps import study as st
 

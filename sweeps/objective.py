@@ -15,6 +15,13 @@ Outcomes:
 - a mistake in the sweep itself (objective key absent from the eval records, a model that cannot be
   loaded, any other usage error the runner raises that is not about the algorithm's settings)
   -> ``SweepAbort``: the sweep stops with the message.
+
+With ``--seeds-per-trial N`` (N > 1) a trial trains N runs, one after the other, at seeds ``seed`` ..
+``seed + N - 1`` (``<out>/trials/<number>/seed<S>/``) with the same sampled parameters; its value is the
+mean of their final held-out values (its cost, in multi-objective mode, their summed cost). The first
+seed's evaluations are the intermediate values the pruner compares (every trial's first seed is the same
+seed, so they are comparable); with ``--reject-hacking`` a trial is rejected when the hacking rule flags
+*any* of its seeds (a learning rate that hacks in one seed of N must not win on the others' mean).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from sweeps.spaces import InvalidCombination, Space, sample
 from sweeps.study import Heartbeat, counts
 
 COSTS = {"seconds": "seconds_total", "nfe": "nfe_total", "samples": "samples_total"}
+#: a run's totals, recorded on its trial (summed over the runs of a --seeds-per-trial trial)
+TOTALS = ("iterations", "samples_total", "nfe_total", "seconds_total")
 
 
 class SweepAbort(UsageError):
@@ -64,10 +73,18 @@ class SweepSpec:
     target: int | None = None              # --trials: trials of the study in total, over all workers
     base_cfg: dict[str, Any] = field(default_factory=dict)  # the resolved base config (bounds, checks)
     reject_hacking: bool = False           # --reject-hacking: a trial the whole-curve hacking rule flags is PRUNED
+    seeds_per_trial: int = 1               # --seeds-per-trial: runs per trial, at seed, seed + 1, ...
 
-    def resolve(self, overrides: Mapping[str, Any], out: Path | None) -> dict[str, Any]:
+    def seeds(self) -> list[int]:
+        """The run seeds of every trial."""
+        first = int(self.flags["seed"])
+        return list(range(first, first + self.seeds_per_trial))
+
+    def resolve(self, overrides: Mapping[str, Any], out: Path | None, seed: int | None = None) -> dict[str, Any]:
         flags = dict(self.flags)
         flags["out"] = str(out) if out is not None else None
+        if seed is not None:
+            flags["seed"] = seed
         return config_mod.resolve({**self.base_overrides, **overrides}, config_file=self.config_file,
                                   preset=self.preset, flags=flags)
 
@@ -108,12 +125,15 @@ class Objective:
     def __init__(self, spec: SweepSpec, run_fn: Callable[..., runner.RunSummary] | None = None):
         self.spec = spec
         self.run_fn = run_fn or runner.run  # tests substitute a failing run
+        self._where = ""  # with --seeds-per-trial: the seed a reason is about ("seed 2001: ")
 
     def _prune(self, trial: optuna.Trial, reason: str) -> None:
+        reason = self._where + reason
         trial.set_user_attr("reason", reason)
         raise optuna.TrialPruned(reason)
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        reason = self._where + reason
         trial.set_user_attr("reason", reason)
         raise TrialFailed(reason)
 
@@ -124,6 +144,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> Any:
         spec = self.spec
+        self._where = ""
         if spec.target is not None:
             # parallel workers may both start a trial as the study reaches its target: the later one is
             # surplus and ends at once (it still shows in the table, with this reason)
@@ -131,22 +152,34 @@ class Objective:
             if ahead >= spec.target:
                 trial.study.stop()
                 self._prune(trial, f"surplus: the study already had its {spec.target} trials")
+        trial_dir = spec.out / "trials" / str(trial.number)
+        seeds = spec.seeds()
         try:
             overrides = sample(trial, spec.space, spec.base_cfg)
-            cfg = spec.resolve(overrides, spec.out / "trials" / str(trial.number))
+            cfgs = [spec.resolve(overrides, trial_dir if len(seeds) == 1 else trial_dir / f"seed{s}", s)
+                    for s in seeds]
         except (InvalidCombination, UsageError) as e:  # a sampled value the config refuses
             self._prune(trial, f"invalid combination: {e}")
         try:
-            validate_run_config(cfg)
+            validate_run_config(cfgs[0])
         except AlgorithmSettingsError as e:
             self._prune(trial, f"invalid combination: {e}")
         except UsageError as e:  # e.g. no model at the path: every trial would fail the same way
             raise SweepAbort(str(e)) from None
-        cfg["run"]["overwrite"] = True  # trial numbers are unique within a study
-        trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))
         trial.set_user_attr("overrides", {k: v for k, v in overrides.items()})
+        if len(seeds) == 1:
+            return self._outcome(trial, *self._run(trial, cfgs[0], first=True))
+        return self._mean_outcome(trial, seeds, cfgs)
+
+    def _run(self, trial: optuna.Trial, cfg: dict[str, Any], first: bool
+             ) -> tuple[runner.RunSummary, _Reporter]:
+        """Train one run of the trial; its evaluations go to the pruner when it is the trial's ``first`` run."""
+        spec = self.spec
+        cfg["run"]["overwrite"] = True  # trial numbers are unique within a study
+        trial.set_user_attr("run_dir", str(Path(cfg["out"]).resolve()))  # the running one (a dead worker's is closed)
         reporter = _Reporter(trial, spec.objective, multi=spec.cost is not None,
-                             budget=Budget.parse(str(cfg["budget"])), reject_hacking=spec.reject_hacking)
+                             budget=Budget.parse(str(cfg["budget"])), reject_hacking=spec.reject_hacking,
+                             report=first)
         try:
             with Heartbeat(trial, spec.heartbeat_s):
                 summary = self.run_fn(cfg, on_eval=reporter, progress=False)
@@ -163,12 +196,35 @@ class Objective:
             oom = is_out_of_memory(e)
             _free_memory()
             self._fail(trial, f"{'out of memory' if oom else 'error'}: {type(e).__name__}: {e}")
-        return self._outcome(trial, summary, reporter)
+        return summary, reporter
 
-    def _outcome(self, trial: optuna.Trial, summary: runner.RunSummary, reporter: "_Reporter") -> Any:
-        """The trial's value(s) from a finished run, or PRUNED / FAIL / re-queued with the reason."""
+    def _mean_outcome(self, trial: optuna.Trial, seeds: list[int], cfgs: list[dict[str, Any]]) -> Any:
+        """``--seeds-per-trial``: the runs one after the other, each judged as a one-seed trial (a pruned,
+        rejected or failed seed ends the trial, its reason naming the seed); the mean of their values, the sum
+        of their costs. The table's totals are the trial's (all its runs so far)."""
+        results: list[Any] = []
+        totals = dict.fromkeys(TOTALS, 0)
+        for i, (seed, cfg) in enumerate(zip(seeds, cfgs)):
+            self._where = f"seed {seed}: "
+            try:
+                summary, reporter = self._run(trial, cfg, first=i == 0)
+                for k in totals:
+                    totals[k] += getattr(summary, k)
+                results.append(self._outcome(trial, summary, reporter))
+            finally:
+                for k, v in totals.items():
+                    trial.set_user_attr(k, v)
+            trial.set_user_attr("seed_values", [r[0] if isinstance(r, tuple) else r for r in results])
+        values = [r[0] if isinstance(r, tuple) else r for r in results]
+        value = sum(values) / len(values)
+        if self.spec.cost is None:
+            return value
+        return value, float(sum(r[1] for r in results))
+
+    def _outcome(self, trial: optuna.Trial, summary: runner.RunSummary, reporter: _Reporter) -> Any:
+        """The value(s) of a finished run, or PRUNED / FAIL / re-queued with the reason."""
         spec = self.spec
-        for k in ("stop_reason", "iterations", "samples_total", "nfe_total", "seconds_total"):
+        for k in ("stop_reason", *TOTALS):
             trial.set_user_attr(k, getattr(summary, k))
         if summary.stop_reason == "pruned":
             self._prune(trial, reporter.prune_reason or "pruned")
@@ -197,11 +253,13 @@ class Objective:
 
 
 class _Reporter:
-    """``on_eval`` callback: reports held-out values to Optuna and stops the run when it is pruned."""
+    """``on_eval`` callback: reports held-out values to Optuna and stops the run when it is pruned (``report``
+    False: a trial's later seeds, judged for hacking but not reported: the pruner sees the first seed's curve)."""
 
     def __init__(self, trial: optuna.Trial, key: str, multi: bool, budget: Budget | None = None,
-                 reject_hacking: bool = False):
+                 reject_hacking: bool = False, report: bool = True):
         self.trial, self.key, self.multi, self.budget = trial, key, multi, budget
+        self.report = report
         self.reject_hacking = reject_hacking
         self.prune_reason: str | None = None
         self.rejected: str | None = None
@@ -232,7 +290,7 @@ class _Reporter:
         if self.rejected is not None:
             self.prune_reason = self.rejected
             raise StopRun("pruned")
-        if self.multi:  # Optuna cannot prune multi-objective trials
+        if self.multi or not self.report:  # Optuna cannot prune multi-objective trials
             return
         step, value = int(rec["iteration"]), float(rec[self.key])
         if not math.isfinite(value):

@@ -309,10 +309,12 @@ def counted_trials(study: optuna.Study) -> int:
 
 # ---- the trials table ----------------------------------------------------------------------------------
 TABLE_ATTRS = ("stop_reason", "reason", "iterations", "samples_total", "nfe_total", "seconds_total",
-               "run_dir", "requeued_from")
+               "run_dir", "requeued_from", "seed_values")
 
 
-def trial_rows(study: optuna.Study, value_names: Sequence[str], seed: int) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study, value_names: Sequence[str], seed: int | str) -> list[dict[str, Any]]:
+    """One row per trial; ``seed`` is the trials' seed (``2000-2001`` for --seeds-per-trial 2: ``seed_values``
+    then holds each seed's final value, ``value`` their mean)."""
     trials = study.get_trials(deepcopy=False)
     param_names: list[str] = []
     for t in trials:
@@ -374,7 +376,7 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def pareto_rows(study: optuna.Study, value_names: Sequence[str], seed: int) -> list[dict[str, Any]]:
+def pareto_rows(study: optuna.Study, value_names: Sequence[str], seed: int | str) -> list[dict[str, Any]]:
     best = {t.number for t in study.best_trials}
     return [r for r in trial_rows(study, value_names, seed) if r["number"] in best]
 

@@ -225,6 +225,23 @@ def test_multi_objective_writes_a_pareto_set(tmp_path, small_space):
     assert pareto and {r["number"] for r in pareto} <= {r["number"] for r in rows}
 
 
+def test_two_seeds_per_trial_run_both_and_average(tmp_path, small_space):
+    """--seeds-per-trial 2 end to end: each trial trains seeds 0 and 1 in trials/<n>/seed<S>/, its value is the
+    mean of their final values and its cost (multi-objective) their summed NFE; the table says which seeds."""
+    out = tmp_path / "two"
+    assert cli.main(["--algo", "grpo", "--space-file", small_space, "--trials", "1", "--multi-objective", "nfe",
+                     "--seeds-per-trial", "2", "--out", str(out), *TINY]) == 0
+    (row,) = _rows(out / "trials.csv")
+    assert row["state"] == "COMPLETE" and row["seed"] == "0-1"
+    finals = [json.loads((out / "trials" / "0" / f"seed{s}" / "final.json").read_text()) for s in (0, 1)]
+    seeds = [json.loads((out / "trials" / "0" / f"seed{s}" / "manifest.json").read_text())["seed"] for s in (0, 1)]
+    assert seeds == [0, 1]
+    vals = [f["final_eval"]["eval/brightness"] for f in finals]
+    assert json.loads(row["seed_values"]) == pytest.approx(vals, rel=1e-12)
+    assert float(row["value"]) == pytest.approx(sum(vals) / 2, rel=1e-12)
+    assert float(row["cost_nfe"]) == float(row["nfe_total"]) == sum(f["nfe_total"] for f in finals)
+
+
 def _worker(out, storage, name, trials, space):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "sweeps.cli", "--algo", "grpo", "--space-file", space,

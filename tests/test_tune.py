@@ -72,6 +72,71 @@ def test_reject_hacking_turns_eval_at_start_on_and_prunes_flagged_trials(tmp_pat
     assert rep.prune_reason.startswith("rejected")
 
 
+def _seeded_run(values, flagged=(), calls=None):
+    """A fake run: final value values[seed], intermediate evaluations at iterations 1 and 2 (value - 0.1, then
+    the value), the hacking flag on the seeds in ``flagged``; records (seed, out) in ``calls``."""
+    def run_fn(cfg, on_eval=None, **kw):
+        seed = int(cfg["seed"])
+        if calls is not None:
+            calls.append((seed, cfg["out"]))
+        flag = ["eval/other"] if seed in flagged else []
+        on_eval({"iteration": 1, "eval/brightness": values[seed] - 0.1, "heldout_below_start": [],
+                 "seconds_total": 1.0, "samples_total": 2, "nfe_total": 10})
+        final = {"iteration": 2, "eval/brightness": values[seed], "heldout_below_start": flag}
+        return RunSummary(Path(cfg["out"]), "budget_iterations", 2, 4, 20, 1.5, final_eval=final)
+    return run_fn
+
+
+def test_seeds_per_trial_mean_value_first_seed_pruner_and_any_seed_rejects(tmp_path):
+    """--seeds-per-trial 2: one run per seed in its own directory, the trial's value their mean, its totals
+    their sum, only the first seed's evaluations reported to the pruner, and a hacking seed rejects it."""
+    spec = _spec(tmp_path, "--reject-hacking", "--seed", "7", "--seeds-per-trial", "2")
+    assert spec.seeds() == [7, 8]
+    calls = []
+    study = optuna.create_study(direction="maximize")
+    study.optimize(Objective(spec, run_fn=_seeded_run({7: 0.6, 8: 0.8}, calls=calls)), n_trials=1,
+                   catch=(TrialFailed,))
+    t = study.trials[0]
+    assert t.state == TrialState.COMPLETE and t.value == pytest.approx(0.7, abs=1e-12)
+    assert t.user_attrs["seed_values"] == [0.6, 0.8]
+    assert [c[0] for c in calls] == [7, 8]
+    assert [Path(c[1]) for c in calls] == [tmp_path / "trials" / "0" / "seed7", tmp_path / "trials" / "0" / "seed8"]
+    assert (t.user_attrs["iterations"], t.user_attrs["samples_total"], t.user_attrs["nfe_total"]) == (4, 8, 40)
+    assert t.user_attrs["seconds_total"] == pytest.approx(3.0)
+    assert t.intermediate_values == {1: pytest.approx(0.5)}  # seed 7's evaluation only
+    # the second seed hacks: the trial is rejected, its reason naming the seed, whatever the mean
+    study = optuna.create_study(direction="maximize")
+    study.optimize(Objective(spec, run_fn=_seeded_run({7: 0.6, 8: 0.9}, flagged={8})), n_trials=1,
+                   catch=(TrialFailed,))
+    t = study.trials[0]
+    assert t.state == TrialState.PRUNED
+    assert t.user_attrs["reason"].startswith("seed 8: rejected: possible reward hacking")
+    assert t.user_attrs["seed_values"] == [0.6] and t.user_attrs["iterations"] == 4
+    # one seed: the run directory is the trial's, as before
+    one = _spec(tmp_path / "one")
+    calls = []
+    study = optuna.create_study(direction="maximize")
+    study.optimize(Objective(one, run_fn=_seeded_run({0: 0.4}, calls=calls)), n_trials=1)
+    assert Path(calls[0][1]) == tmp_path / "one" / "trials" / "0" and study.trials[0].value == pytest.approx(0.4)
+    assert "seed_values" not in study.trials[0].user_attrs
+    # the study definition records it: a worker with another --seeds-per-trial cannot join
+    a = cli.build_parser().parse_args(["--algo", "grpo", "--out", str(tmp_path / "d"), *TINY, "--seeds-per-trial", "3"])
+    assert cli.prepare(a)[3]["seeds_per_trial"] == 3
+    assert "seeds_per_trial" not in cli.prepare(cli.build_parser().parse_args(
+        ["--algo", "grpo", "--out", str(tmp_path / "e"), *TINY]))[3]
+    with pytest.raises(UsageError, match="--seeds-per-trial must be >= 1"):
+        _spec(tmp_path / "f", "--seeds-per-trial", "0")
+
+
+def test_tune_seeds_reach_the_studies_and_tuned_json(tmp_path):
+    cmd = tune_mod.sweep_command(["bench"], "treegrpo", ["lr"], 4, "3it", tmp_path, "eval/x", [], seeds=2)
+    assert cmd[cmd.index("--seeds-per-trial") + 1] == "2" and cmd[cmd.index("--seed") + 1] == "2000"
+    assert "--seeds-per-trial" not in tune_mod.sweep_command(["bench"], "treegrpo", ["lr"], 4, "3it", tmp_path,
+                                                             "eval/x", [])
+    info = tune_mod.write_tuned(tmp_path, "treegrpo", ["lr"], 4, "3it", "eval/x", seeds=3)
+    assert info["seeds"] == [2000, 2001, 2002] and info["seed"] == 2000
+
+
 def test_tuning_space_cadence_and_tuned_arms(tmp_path):
     assert tune_mod.keys_per_algo(["dancegrpo", "treegrpo"], ["lr", "timestep_fraction"]) == \
         {"dancegrpo": ["lr", "timestep_fraction"], "treegrpo": ["lr"]}
@@ -121,6 +186,9 @@ def test_tuning_space_cadence_and_tuned_arms(tmp_path):
      "give one of them"),
     (["--tune", "lr,timestep_fraction", "--tune-budget", "3it", "--tune-grid", "lr=1e-5,3e-5"], "every tuned key"),
     (["--no-default-arms"], "it needs --tune"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-seeds", "0"], "--tune-seeds must be >= 1"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-seeds", "3", "--seeds", "0,2002"], "seeds 2000-2002"),
+    (["--tune", "lr", "--tune-budget", "3it", "--tune-seeds", "2", "--seeds", "5,1001", "--controls"], "reuse 2001"),
 ])
 def test_tune_usage_errors(tmp_path, capsys, argv, msg):
     assert compare.main(["--algos", "dancegrpo", "--budget", "2it", "--out", str(tmp_path / "x"), *argv]) == 2

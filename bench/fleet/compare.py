@@ -168,6 +168,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--tune-grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="tune on a fixed grid instead of sampling (repeatable, one per tuned key): every algorithm "
                         "tries exactly these values, e.g. --tune-grid lr=1e-5,1.8e-5,3.2e-5,5.6e-5,1e-4")
+    p.add_argument("--tune-seeds", type=int, default=1, metavar="N",
+                   help="train every tuning trial at N seeds (2000, 2001, ...): its value is their mean and it is "
+                        "rejected when any of them hacks (default 1; each trial then costs N runs)")
     p.add_argument("--tune-budget", default=None, help="budget of every tuning trial, e.g. 300it, 5000nfe "
                                                        "(required with --tune)")
     p.add_argument("--no-default-arms", action="store_true",
@@ -532,9 +535,15 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     if args.tune_trials < 1:
         raise UsageError(f"--tune-trials must be >= 1, got {args.tune_trials}")
     Budget.parse(args.tune_budget)
+    if args.tune_seeds < 1:
+        raise UsageError(f"--tune-seeds must be >= 1, got {args.tune_seeds}")
     used = set(seeds) | ({s + AA_SEED_OFFSET for s in seeds} if args.controls else set())
-    if tune_mod.TUNE_SEED in used:
-        raise UsageError(f"--tune trains its trials at seed {tune_mod.TUNE_SEED}: leave it out of --seeds")
+    clash = sorted(used & set(tune_mod.tune_seeds(args.tune_seeds)))
+    if clash:
+        where = f"seed {tune_mod.TUNE_SEED}" if args.tune_seeds == 1 else \
+            f"seeds {tune_mod.TUNE_SEED}-{tune_mod.TUNE_SEED + args.tune_seeds - 1}"
+        raise UsageError(f"--tune trains its trials at {where}: the final runs (or their A/A control, at seed + "
+                         f"{AA_SEED_OFFSET}) would reuse {', '.join(map(str, clash))}; choose other --seeds")
     keys = tune_mod.keys_per_algo(algos, tune_mod.parse_keys(args.tune))
     args.tune_ranges = tune_mod.parse_ranges(args.tune_range, tuned_keys)
     flags = {"algo.name": algos[0], "model.name": args.model, "model.path": args.model_path,
@@ -548,7 +557,8 @@ def _tune_plan(args: argparse.Namespace, algos: Sequence[str], seeds: Sequence[i
     args.tune_objective, args.tune_note = objective, note
     runs_extra = [*extra, *eval_cache_options(args, out)]
     return {a: (keys[a], tune_mod.sweep_command(RUNNER, a, keys[a], args.tune_trials, args.tune_budget, out,
-                                                objective, runs_extra, args.tune_range, args.tune_grids))
+                                                objective, runs_extra, args.tune_range, args.tune_grids,
+                                                args.tune_seeds))
             for a in algos}
 
 
@@ -560,7 +570,9 @@ def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Pat
         print(f"warning: --tune: {note}", file=sys.stderr, flush=True)
     todo = [Job(f"[tune {a}]", cmd) for a, (_, cmd) in plan.items()]
     print(f"== tuning {len(todo)} algorithm(s): {args.tune_trials} trials of {args.tune_budget} each, objective "
-          f"{objective} on the validation split, seed {tune_mod.TUNE_SEED}", flush=True)
+          f"{objective} on the validation split, seed {tune_mod.TUNE_SEED}"
+          f"{f' (and the next {args.tune_seeds - 1}: mean over {args.tune_seeds})' if args.tune_seeds > 1 else ''}",
+          flush=True)
     if launch.launcher == "local":
         failed = run_local(todo, launch, args.device)  # a study with no completed trial exits 1: tuned.json says so
     else:
@@ -571,7 +583,7 @@ def _tune(plan: dict[str, tuple[list[str], list[str]]], launch: Launch, out: Pat
                          f"the tuning options DIR was tuned with")
     for a, (names, _) in plan.items():
         info = tune_mod.write_tuned(out, a, names, args.tune_trials, args.tune_budget, objective, note,
-                                    ranges=args.tune_ranges, grid=args.tune_grids)
+                                    ranges=args.tune_ranges, grid=args.tune_grids, seeds=args.tune_seeds)
         got = info["overrides"]
         print(f"== [tune {a}] {'best ' + ', '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}' for k, v in got.items()) if got else info['note']}"
               f" ({', '.join(f'{n} {s.lower()}' for s, n in sorted(info['states'].items()))}) -> "

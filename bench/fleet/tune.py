@@ -3,7 +3,8 @@
 For every compared algorithm, one Optuna study (``bench sweep`` in a subprocess: the sweeps package's
 storage, samplers, pruners and trials table) over the same space (``lr``, log-uniform 1e-6..1e-3, plus any
 other ``--tune`` key the algorithm declares in its own ``search_space``), with the same number of trials
-and the same budget per trial, all on the tuning seed ``TUNE_SEED`` (never a final or A/A seed). Trials:
+and the same budget per trial, all on the tuning seed ``TUNE_SEED`` (``--tune-seeds N``: seeds ``TUNE_SEED`` ..
+``TUNE_SEED + N - 1``, each trial's value the mean over them; never a final or A/A seed). Trials:
 
 * are scored on a **validation split** (``bench sweep --validation-split``: the eval prompt set's prompts
   past the first ``eval.num_prompts``, so never the held-out prompts the final verdict uses, and, for the
@@ -11,8 +12,9 @@ and the same budget per trial, all on the tuning seed ``TUNE_SEED`` (never a fin
   not the training reward), not with the training reward: tuning on the training reward picks the
   learning rate that hacks it;
 * are **rejected** (PRUNED, reason "rejected: possible reward hacking ...") when the whole-curve
-  reward-hacking rule flags them (``bench sweep --reject-hacking``): a held-out score that collapsed on the
-  validation prompts while the training reward rose must not win even if it recovers a little;
+  reward-hacking rule flags them (``bench sweep --reject-hacking``) in any of their seeds: a held-out score
+  that collapsed on the validation prompts while the training reward rose must not win even if it recovers
+  a little;
 * are evaluated four times within their budget (``eval.every`` = a quarter of ``--tune-budget``) so that
   Optuna's Hyperband pruner (successive halving) stops the poor ones early.
 
@@ -137,15 +139,21 @@ def grid_trials(grid: Mapping[str, Sequence[str]], names: Sequence[str] | None =
 TUNING_DIR = "tuning"
 
 
+def tune_seeds(n: int) -> list[int]:
+    """The seeds every tuning trial trains at (``--tune-seeds n``)."""
+    return list(range(TUNE_SEED, TUNE_SEED + n))
+
+
 def tuning_dir(out: Path, algo: str) -> Path:
     return Path(out) / TUNING_DIR / algo
 
 
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
                   out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = (),
-                  grid: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+                  grid: Mapping[str, Sequence[str]] | None = None, seeds: int = 1) -> list[str]:
     """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite): over
-    ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``."""
+    ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``; each trial at
+    ``seeds`` seeds from ``TUNE_SEED``."""
     passed = [x for x in extra if x != "--overwrite"]
     if grid:
         space = ["--grid", *[f"{k}={','.join(v)}" for k, v in grid.items() if k in names]]
@@ -154,7 +162,8 @@ def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials
         space = ["--space", ",".join(names)]
     return [*runner, "sweep", "--algo", algo, *space, "--trials", str(trials),
             "--budget-per-trial", budget, "--objective", objective, "--pruner", "hyperband",
-            "--sampler-seed", "0", "--seed", str(TUNE_SEED), "--study", f"tune-{algo}",
+            "--sampler-seed", "0", "--seed", str(TUNE_SEED), *(["--seeds-per-trial", str(seeds)] if seeds > 1 else []),
+            "--study", f"tune-{algo}",
             "--reject-hacking", "--validation-split", "--out", str(tuning_dir(out, algo)),
             *[x for r in ranges if r.partition("=")[0].strip() in names for x in ("--range", r)],
             *passed, "--set", f"eval.every={eval_every(budget)}"]
@@ -162,7 +171,7 @@ def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials
 
 def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget: str, objective: str,
                 objective_note: str | None = None, ranges: Mapping[str, Sequence[float]] | None = None,
-                grid: Mapping[str, Sequence[str]] | None = None) -> dict:
+                grid: Mapping[str, Sequence[str]] | None = None, seeds: int = 1) -> dict:
     """Read the finished study's sweep.json and write ``tuned.json``: the best trial's overrides (None when
     no trial completed without being pruned, rejected or failing: the tuned arm then runs the reference
     defaults, and the file says so)."""
@@ -178,6 +187,7 @@ def write_tuned(out: Path, algo: str, names: Sequence[str], trials: int, budget:
             "objective": objective, "objective_note": objective_note,
             "trials": grid_trials(grid, names) if grid else trials,
             "budget_per_trial": budget, "eval_every": eval_every(budget), "seed": TUNE_SEED,
+            "seeds": tune_seeds(seeds),
             "validation_prompts": str((d / "validation.jsonl").resolve()), "pruner": "hyperband",
             "states": sweep.get("states", {}), "best_trial": best.get("number") if best else None,
             "best_value": best.get("value") if best else None,
