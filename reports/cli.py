@@ -28,6 +28,10 @@ def build_parser(prog: str = "bench report") -> argparse.ArgumentParser:
                         "(default: the training reward's eval key)")
     add_verdict_args(p)
     p.add_argument("--title", default="treebench report", help="title printed on every page")
+    p.add_argument("--tuning", action="append", default=[], metavar="DIR",
+                   help="a folder of tuning studies (<algo>/tuned.json and trials.csv, as bench compare --tune "
+                        "writes in DIR/tuning) for the tuning page, when they are not under the runs' DIR/tuning "
+                        "(e.g. docs/results/tuning beside the exported runs); repeatable")
     p.add_argument("--reps", type=int, default=20000,
                    help="Monte-Carlo draws of a permutation p-value when there are more than 200,000 splits of "
                         "the seeds to enumerate (default 20000)")
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = report(args.runs, args.out, ReportOptions(
             x=args.x, baseline=args.baseline, metric=args.metric, title=args.title, reps=args.reps,
             wall_verdict=args.wall_verdict, wall_pareto=args.wall_pareto, figures=not args.no_files,
-            figure_formats=formats, **verdict_options(args)))
+            figure_formats=formats, tuning=tuple(args.tuning), **verdict_options(args)))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

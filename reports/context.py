@@ -36,6 +36,7 @@ class ReportOptions:
     wall_pareto: bool = False        # Pareto panels on wall-clock time and CPU process memory too
     figures: bool = True             # write each page as an image file and the tables as CSV/Markdown
     figure_formats: tuple[str, ...] = ("png", "svg")  # page file formats (SVG skipped for raster pages)
+    tuning: tuple[str, ...] = ()     # more folders of tuning studies (<algo>/tuned.json) than the runs' DIR/tuning
 
 
 # --------------------------------------------------------------------------------------- analysis

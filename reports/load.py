@@ -11,6 +11,8 @@ returns a :class:`RunSet` with three frames keyed by ``run``:
                  for the algorithm's config (``cfg.algo.k``...)
 * ``iterations`` one row per iteration record, with ``run``, ``algo``, ``label``, ``seed`` prepended
 * ``evals``      one row per eval record, likewise
+* ``tuning``     the tuning studies of a tuned comparison (``bench compare --tune``), per algorithm:
+                 ``DIR/tuning/<algo>/tuned.json`` and its ``trials.csv`` (``read_tuning``)
 * ``scores``     one row per evaluated image (``eval_scores.jsonl``: run, iteration, prompt_index,
                  image_index, prompt and an ``eval/<reward>[/<component>]`` column per score); empty for
                  run directories written before per-image scores existed
@@ -115,6 +117,7 @@ class RunSet:
     finals: dict[str, dict] = field(default_factory=dict)
     trials: pd.DataFrame | None = None
     scores: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SCORE_ID_COLUMNS))
+    tuning: dict[str, dict[str, Any]] = field(default_factory=dict)  # algo -> {"tuned": ..., "trials": ...}
 
     @property
     def labels(self) -> list[str]:
@@ -251,6 +254,7 @@ def _run_row(run_id: str, path: Path, m: dict, final: dict, its: list[dict]) -> 
         "frozen": bool(m.get("weights_frozen", config_value(m, "train.frozen", False))),
         "arm_label": arm_label(m, path, algo),
         "seed": m.get("seed", config_value(m, "seed")),
+        "lr": config_value(m, "train.lr"),
         "schema_version": m.get("schema_version"),
         "reward": reward.get("name"), "reward_version": str(reward.get("version")),
         "reward_spec": reward.get("spec"),
@@ -337,7 +341,33 @@ def load(paths: Iterable[str | os.PathLike]) -> RunSet:
     scores = (ident.merge(pd.concat(sc, ignore_index=True), on="run", how="right").drop(columns="algo")
               if sc else pd.DataFrame(columns=SCORE_ID_COLUMNS))
     return RunSet(runs=runs, iterations=iterations, evals=evals, manifests=manifests, finals=finals,
-                  trials=_read_trials(paths), scores=scores)
+                  trials=_read_trials(paths), scores=scores,
+                  tuning=read_tuning(paths, set(runs["algo"].astype(str))))
+
+
+def read_tuning(paths: Iterable[str | os.PathLike], algos: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The tuning studies of ``bench compare --tune`` for the algorithms in ``algos`` (all when None): each
+    ``<algo>/tuned.json`` (and ``trials.csv`` beside it) under ``P/tuning/`` for every path ``P``, or under
+    ``P`` itself when it is such a folder (``docs/results/tuning``). An algorithm found twice must be the
+    same study (a UsageError otherwise: the page would show one of two tunings)."""
+    out: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        p = Path(p)
+        for root in (p / TUNING_DIR, p):
+            if not root.is_dir():
+                continue
+            for f in sorted(root.glob("*/tuned.json")):
+                algo = f.parent.name
+                if algos is not None and algo not in algos:
+                    continue
+                tuned = read_json(f)
+                trials_csv = f.parent / "trials.csv"
+                trials = pd.read_csv(trials_csv) if trials_csv.is_file() else None
+                if algo in out and out[algo]["tuned"] != tuned:
+                    raise UsageError(f"two tuning studies of {algo!r}: {out[algo]['path']} and {f.parent}; "
+                                     f"name one (--tuning)")
+                out[algo] = {"tuned": tuned, "trials": trials, "path": str(f.parent)}
+    return out
 
 
 def _concat(frames: list[pd.DataFrame], ident: pd.DataFrame) -> pd.DataFrame:

@@ -119,6 +119,88 @@ def pareto_page(w: Writer, c: Context) -> None:
     w.save(fig, heading, rect_top=0.92, rect_bottom=0.03 + 0.022 * (note.count("\n") + 1) if note else 0.02)
 
 
+def tuning_kind(state: str, reason: str) -> str:
+    """complete | rejected (pruned by --reject-hacking) | pruned | failed, from a trials.csv row."""
+    if state == "COMPLETE":
+        return "complete"
+    if state == "PRUNED":
+        return "rejected" if "possible reward hacking" in reason else "pruned"
+    return "failed"
+
+
+def tuning_rows(c: Context) -> pd.DataFrame:
+    """One row per tuned algorithm: what was tried, how each trial ended and what the tuned arm runs."""
+    rows = []
+    for algo in [a for a in dict.fromkeys(c.rs.runs["algo"].astype(str)) if a in c.rs.tuning]:
+        info, trials = c.rs.tuning[algo]["tuned"], c.rs.tuning[algo]["trials"]
+        kinds: dict[str, int] = {}
+        if trials is not None:
+            for st, rs in zip(trials["state"].astype(str), trials.get("reason", pd.Series([""] * len(trials)))):
+                k = tuning_kind(st, "" if pd.isna(rs) else str(rs))
+                kinds[k] = kinds.get(k, 0) + 1
+        else:
+            kinds = {k.lower(): v for k, v in (info.get("states") or {}).items()}
+        space = info.get("grid") or info.get("ranges") or {}
+        tried = "; ".join(f"{k} {', '.join(map(str, v))}" if info.get("grid") else f"{k} {v[0]:g}..{v[1]:g}"
+                          for k, v in space.items()) or ", ".join(info.get("space") or []) + " (built-in range)"
+        over = info.get("overrides") or {}
+        seeds = info.get("seeds") or [info.get("seed")]
+        rows.append({"method": algo, "tried": tried,
+                     "tuned": ", ".join(f"{k.split('.')[-1]} {v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in over.items()) or "reference defaults (no trial completed)",
+                     "best value": f"{info['best_value']:.3f}" if info.get("best_value") is not None else "-",
+                     "trials": " / ".join(str(kinds.get(k, 0)) for k in ("complete", "rejected", "pruned", "failed")),
+                     "budget per trial": str(info.get("budget_per_trial")),
+                     "seeds": f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]} (mean)"})
+    return pd.DataFrame(rows)
+
+
+def tuning_page(w: Writer, c: Context) -> None:
+    """bench compare --tune: every algorithm's study (the same space, trials and budget per trial) and the
+    settings its tuned arm runs."""
+    table = tuning_rows(c)
+    if table.empty:
+        return
+    infos = {a: c.rs.tuning[a]["tuned"] for a in table["method"]}
+    first = next(iter(infos.values()))
+    heading = "Tuning: the same budget for every method (bench compare --tune)"
+    fig, axes = w.page(heading, 3, 1, gridspec_kw={"height_ratios": [3, 0.55, 1.6]})
+    params = {tuple(i.get("space") or []) for i in infos.values()}
+    param = next(iter(params))[0] if len(params) == 1 and len(next(iter(params))) == 1 else None
+    studies = {}
+    for algo, info in infos.items():
+        t = c.rs.tuning[algo]["trials"]
+        col = f"params_{param}" if param else None
+        if t is None or col not in t:
+            continue
+        reasons = t["reason"].fillna("").astype(str) if "reason" in t else pd.Series([""] * len(t))
+        studies[algo] = pd.DataFrame({
+            "x": pd.to_numeric(t[col], errors="coerce"), "value": pd.to_numeric(t["value"], errors="coerce"),
+            "kind": [tuning_kind(str(s), r) for s, r in zip(t["state"], reasons)],
+            "best": t["number"] == info.get("best_trial")})
+    ax = axes[0, 0]
+    objective = str(first.get("objective"))
+    if param and studies:
+        xs = pd.concat([d["x"] for d in studies.values()]).dropna()
+        log = param == "lr" or bool(len(xs) and xs.min() > 0 and xs.max() / xs.min() >= 10)
+        plots.tuning_trials(ax, studies, param, f"{objective} on the validation prompts", log)
+        many = any(len(i.get("seeds") or [0]) > 1 for i in infos.values())
+        ax.set_title("each trial's final value" + (" (the mean over its seeds)" if many else ""), fontsize=9)
+    else:
+        plots.note(ax, "the trials table is missing or the studies tune more than one parameter: see the table "
+                       "and DIR/tuning/<algo>/trials.csv")
+    lines = [(f"Objective: {objective} at the end of each trial, on the validation prompts (eval prompts past the "
+              f"held-out ones the verdict uses); a trial the whole-curve reward-hacking rule flags in any seed is "
+              f"rejected. Sampler {first.get('sampler')}, pruner {first.get('pruner')}, evaluated every "
+              f"{first.get('eval_every')}. The final comparison runs each method's tuned settings on fresh seeds."),
+             "Trials: complete / rejected (reward hacking) / pruned / failed."]
+    if first.get("objective_note"):
+        lines.append(f"Note: {first['objective_note']}")
+    panels.text_block(axes[1, 0], wrap(lines, 150), fontsize=8)
+    panels.table(axes[2, 0], table)
+    w.save(fig, heading)
+
+
 def timing_page(w: Writer, c: Context) -> None:
     heading = "Where the time goes: seconds per iteration by phase"
     fig, axes = w.page(heading, 1, 2, gridspec_kw={"width_ratios": [2, 1]})

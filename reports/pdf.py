@@ -4,7 +4,9 @@ as PNG/SVG and the tables as CSV/Markdown in ``<report>_files/`` next to it.
 Fixed page order (pages marked * appear only when the runs contain what they show):
   1. the headline (who is ahead on what, by how much, how sure, at what budget, what the controls
      show), what was compared, and the claims' sentences, all rendered from verdict.json
-  2. setup details: model, rewards, devices, packages, stop reasons, notes
+  2. setup details: model, rewards, devices, packages, stop reasons, learning rate per arm, notes
+  2b*. tuning (bench compare --tune): each method's study (the same space, trials and budget per trial),
+     its trials against the tuned parameter and the settings its tuned arm runs
   3. learning curves on the chosen budget axis (IQM over seeds; CI bands only with >= 3 seeds)
   4. the primary metric vs every budget currency the runs logged
   5. Pareto frontiers, only on costs the budget left free that differ between methods beyond noise
@@ -59,6 +61,7 @@ from reports.load import (
     control_of,
     load,
     modeled_profiles,
+    read_tuning,
 )
 from reports.verdict import UNITS, Verdict, fmt_cost, sesoi_for, write_json
 
@@ -107,6 +110,15 @@ def report(runs: RunSet | Iterable[str | Path], out: str | Path, options: Report
     rs = runs if isinstance(runs, RunSet) else load(runs)
     if rs.runs.empty:
         raise UsageError("no runs to report")
+    if opt.tuning:
+        for d in opt.tuning:
+            if not Path(d).is_dir():
+                raise UsageError(f"--tuning {d}: no such directory (a folder of <algo>/tuned.json, e.g. DIR/tuning)")
+        found = read_tuning(opt.tuning, set(rs.runs["algo"].astype(str)))
+        if not found:
+            raise UsageError(f"--tuning {', '.join(map(str, opt.tuning))}: no tuning study (<algo>/tuned.json) of "
+                             f"the reported algorithms ({', '.join(sorted(set(rs.runs['algo'].astype(str))))})")
+        rs.tuning = {**rs.tuning, **found}
     if opt.x not in X_AXES:
         raise UsageError(f"unknown budget axis {opt.x!r}; choose one of {', '.join(X_AXES)}")
     profs = modeled_profiles(rs.runs)
@@ -151,6 +163,7 @@ def _write_pdf(tmp: Path, out: Path, c: Any, opt: Any, rs: Any, files_dir: Path 
         w = Writer(pdf, opt.title, files_dir, opt.figure_formats)
         title_page(w, c)
         setup_page(w, c)
+        pages.tuning_page(w, c)
         pages.curves_page(w, c)
         pages.axes_page(w, c)
         pages.pareto_page(w, c)
@@ -253,7 +266,9 @@ def setup_page(w: Writer, c: Context) -> None:
     for m in c.rs.manifests.values():
         for name, ver in (m.get("packages") or {}).items():
             pk.setdefault(name, set()).add(str(ver))
-    lines = [f"  - {lab:<28} seeds {', '.join(map(str, s)) or '?'}" for lab, s in _seeds(c).items()]
+    lrs = {lab: u(sorted(set(g.dropna()))) for lab, g in r.groupby("label")["lr"]} if "lr" in r else {}
+    lines = [f"  - {lab:<28} seeds {', '.join(map(str, s)) or '?':<22}" + (f" lr {lrs[lab]}" if lrs.get(lab) else "")
+             for lab, s in _seeds(c).items()]
     lines = [f"Compared:        {len(c.rs.labels)} method(s), {len(r)} run(s)", *lines, "",
              f"Model:           {u(r['model'])}",
              f"Training reward: {u(r['reward'] + ' v' + r['reward_version'])}",

@@ -381,6 +381,49 @@ def param_curve(ax: plt.Axes, data: pd.DataFrame, xlabel: str, ylabel: str, titl
     return ax
 
 
+def tuning_trials(ax: plt.Axes, studies: dict[str, pd.DataFrame], param: str, ylabel: str, log: bool) -> plt.Axes:
+    """The tuning trials of each algorithm against one parameter: ``studies`` maps an algorithm to rows of
+    ``x``, ``value`` (NaN when the trial has none), ``kind`` (complete | rejected | pruned | failed) and
+    ``best``. Completed trials are joined per algorithm, the chosen one ringed; trials without a value
+    are drawn on the lower edge (red x: rejected for reward hacking; hollow: stopped by the pruner; grey x:
+    failed). Algorithms are nudged apart along x so that shared grid values stay readable."""
+    n = len(studies)
+    if not n or all(df.empty for df in studies.values()):
+        return note(ax, "no trials")
+    for i, (algo, df) in enumerate(studies.items()):
+        c = color(algo)
+        nudge = (1.02 ** (i - (n - 1) / 2)) if log else 1.0
+        xs = df["x"].astype(float) * nudge
+        done = df["kind"] == "complete"
+        g = df[done].assign(x=xs[done]).sort_values("x")
+        ax.plot(g["x"], g["value"], color=c, marker="o", linestyle="-", label=algo, markersize=5)
+        best = df[df["best"].astype(bool)]
+        ax.plot(xs[best.index], best["value"], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
+                markeredgecolor=c, markeredgewidth=1.6)
+        edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
+        for kind, mk in (("rejected", {"marker": "x", "color": "#d62728"}),
+                         ("pruned", {"marker": "o", "markerfacecolor": "none", "color": c}),
+                         ("failed", {"marker": "x", "color": "#7f7f7f"})):
+            k = df["kind"] == kind
+            if k.any():
+                ax.plot(xs[k], [0.03] * int(k.sum()), linestyle="none", transform=edge, markersize=7, **mk)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = ax.get_legend_handles_labels()[0] + [
+        Line2D([], [], linestyle="none", marker="o", markersize=10, markerfacecolor="none", color="k",
+               label="chosen (tuned arm)"),
+        Line2D([], [], linestyle="none", marker="x", color="#d62728", label="rejected: reward hacking"),
+        Line2D([], [], linestyle="none", marker="o", markerfacecolor="none", color="k", label="pruned"),
+        Line2D([], [], linestyle="none", marker="x", color="#7f7f7f", label="failed")]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    return ax
+
+
 # --------------------------------------------------------------------------------------- reward hacking
 
 def reward_hacking_panel(

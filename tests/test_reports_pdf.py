@@ -126,3 +126,65 @@ def test_report_file_options(comparison, tmp_path, capsys):
     assert not (tmp_path / "b_files").exists()
     assert cli.main([str(comparison), "--out", str(tmp_path / "c.pdf"), "--formats", "gif"]) == 2
     assert "--formats 'gif'" in capsys.readouterr().err
+
+
+def _write_tuning(root, algo, trials, tuned):
+    """DIR/tuning/<algo>/: trials.csv rows (number, state, value, lr, reason) and tuned.json (``tuned`` over a
+    study of lr on a three-point grid, two seeds per trial)."""
+    d = root / "tuning" / algo
+    d.mkdir(parents=True)
+    lines = ["number,state,value,params_lr,seed,reason"]
+    lines += [f"{n},{st},{'' if v is None else v},{lr},2000-2001,{reason}" for n, st, v, lr, reason in trials]
+    (d / "trials.csv").write_text("\n".join(lines) + "\n")
+    info = {"algo": algo, "space": ["lr"], "grid": {"lr": ["1.5e-5", "3e-5", "6e-5"]}, "sampler": "grid",
+            "objective": "eval/shapes_attr", "objective_note": None, "trials": 3, "budget_per_trial": "2000nfe",
+            "eval_every": "500nfe", "seed": 2000, "seeds": [2000, 2001], "pruner": "hyperband", **tuned}
+    (d / "tuned.json").write_text(json.dumps(info))
+    return d
+
+
+def test_tuning_page_shows_every_study_and_the_tuned_settings(tmp_path, capsys):
+    from reports.context import Context
+    from reports.load import read_tuning
+    from reports.pages import tuning_rows
+
+    root = tmp_path / "cmp"
+    write_comparison(root, algos=("dancegrpo", "treegrpo"), seeds=(0, 1, 2))
+    untuned = load([root])
+    assert untuned.tuning == {}
+    assert tuning_rows(Context(untuned, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, [])).empty
+    hack = "seed 2001: rejected: possible reward hacking at iteration 9: held-out shapes_attr stays below"
+    _write_tuning(root, "dancegrpo", [(0, "COMPLETE", 0.61, 1.5e-5, ""), (1, "COMPLETE", 0.7, 3e-5, ""),
+                                      (2, "PRUNED", None, 6e-5, hack)],
+                  {"states": {"COMPLETE": 2, "PRUNED": 1}, "best_trial": 1, "best_value": 0.7,
+                   "overrides": {"train.lr": 3e-5}})
+    _write_tuning(root, "treegrpo", [(0, "FAIL", None, 1.5e-5, "error: boom"),
+                                     (1, "PRUNED", None, 3e-5, "pruned at iteration 4: eval/shapes_attr = 0.1")],
+                  {"states": {"FAIL": 1, "PRUNED": 1}, "best_trial": None, "best_value": None, "overrides": None})
+    _write_tuning(root, "mixgrpo", [], {"states": {}, "best_trial": None, "best_value": None, "overrides": None})
+    rs = load([root])
+    assert set(rs.tuning) == {"dancegrpo", "treegrpo"}  # a study of an algorithm not compared is left out
+    assert set(rs.runs["lr"]) == {1e-4}                  # each run's learning rate, for the setup page
+    rows = tuning_rows(Context(rs, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, []))
+    assert rows.to_dict("records") == [
+        {"method": "dancegrpo", "tried": "lr 1.5e-5, 3e-5, 6e-5", "tuned": "lr 3e-05", "best value": "0.700",
+         "trials": "2 / 1 / 0 / 0", "budget per trial": "2000nfe", "seeds": "2000-2001 (mean)"},
+        {"method": "treegrpo", "tried": "lr 1.5e-5, 3e-5, 6e-5", "tuned": "reference defaults (no trial completed)",
+         "best value": "-", "trials": "0 / 0 / 1 / 1", "budget per trial": "2000nfe", "seeds": "2000-2001 (mean)"}]
+    # the studies kept apart from the runs (docs/results/tuning beside the exported runs): --tuning
+    runs_only, studies = tmp_path / "runs_only", tmp_path / "studies"
+    write_comparison(runs_only, algos=("dancegrpo", "treegrpo"), seeds=(0, 1, 2))
+    (root / "tuning").rename(studies)
+    out = tmp_path / "r.pdf"
+    assert cli.main([str(runs_only), "--out", str(out), "--reps", "200", "--no-files", "--tuning", str(studies)]) == 0
+    pages = capsys.readouterr().out.split(" pages: ")[1].split("; ")
+    assert pages[2] == "Tuning: the same budget for every method (bench compare --tune)"  # after the setup page
+    assert cli.main([str(runs_only), "--out", str(out), "--reps", "200", "--tuning", str(tmp_path / "nope")]) == 2
+    assert "--tuning" in capsys.readouterr().err
+    assert cli.main([str(runs_only), "--out", str(out), "--reps", "200", "--tuning", str(studies / "mixgrpo")]) == 2
+    assert "no tuning study" in capsys.readouterr().err
+    # one algorithm tuned twice, differently: refused (the page would show one of them)
+    other = tmp_path / "other"
+    _write_tuning(other, "dancegrpo", [], {"states": {}, "best_trial": None, "best_value": None, "overrides": None})
+    with pytest.raises(UsageError, match="two tuning studies of 'dancegrpo'"):
+        read_tuning([studies, other / "tuning"])
