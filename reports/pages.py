@@ -225,53 +225,95 @@ def _grid_runs(c: Context) -> pd.DataFrame:
     return c.rs.runs.dropna(subset=cols)
 
 
-def kd_cells(c: Context, g: pd.DataFrame) -> pd.DataFrame:
-    """Per (k, d): the metric at the budget (mean [t interval]), NFE per iteration, s/iteration, peak
-    memory, seeds."""
-    fs = final_scores(c.rs, c.metric, c.schedule).set_index("run")["value"]
+def kd_cells(c: Context, g: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Per (k, d): ``metric`` (default the report's) at the budget (mean [t interval]), NFE per iteration,
+    s/iteration, peak memory, optimizer steps over the whole run (mean over seeds; NaN where the records lack
+    them), seeds."""
+    fs = final_scores(c.rs, metric or c.metric, c.schedule).set_index("run")["value"]
+    its = c.rs.iterations
+    steps = (pd.to_numeric(its["optimizer_steps"], errors="coerce").groupby(its["run"]).sum(min_count=1)
+             if "optimizer_steps" in its else pd.Series(dtype=float))
     g = g.assign(final=g["run"].map(fs), nfe_iter=pd.to_numeric(g["nfe_total"], errors="coerce")
-                 / pd.to_numeric(g["iterations"], errors="coerce").clip(lower=1))
+                 / pd.to_numeric(g["iterations"], errors="coerce").clip(lower=1), opt_steps=g["run"].map(steps))
     rows = []
     for (algo, k, d), cell in g.groupby(["algo", "cfg.algo.k", "cfg.algo.d"]):
         s = stats.summarize(cell["final"])
         rows.append({"algo": algo, "k": k, "d": d, "label": str(cell["label"].iloc[0]), "value": s.point,
                      "lo": s.lo, "hi": s.hi, "n": s.n, "nfe_iter": cell["nfe_iter"].mean(),
                      "s_iter": cell["s_per_iter"].mean(), "mem": cell["peak_mem_mb"].mean(),
+                     "opt_steps": cell["opt_steps"].mean(),
                      "short": bool((~cell["stop_reason"].astype(str).str.startswith("budget")).any())})
     return pd.DataFrame(rows)
 
 
+def steps_correlation(cells: pd.DataFrame) -> float | None:
+    """Pearson r between the cells' metric and log(optimizer steps): on an equal budget a cheap configuration
+    gets more updates, and a grid whose values track that (|r| near 1) ranks update counts as much as k and d.
+    None with fewer than 3 cells that have both, or when either does not vary."""
+    ok = cells[np.isfinite(cells["value"].astype(float)) & (cells["opt_steps"].astype(float) > 0)]
+    if len(ok) < 3:
+        return None
+    x, y = np.log(ok["opt_steps"].to_numpy(dtype=float)), ok["value"].to_numpy(dtype=float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def kd_page(w: Writer, c: Context) -> None:
+    """Heatmaps over k x d of the report's metric and of each held-out metric at the budget, of the cost per
+    iteration and of the optimizer steps the budget bought; the Pareto front of the report's metric."""
     g = _grid_runs(c)
     if g.empty or len(g[["cfg.algo.k", "cfg.algo.d"]].drop_duplicates()) < 2:
         return
-    cells = kd_cells(c, g)
+    metrics = [c.metric, *[k for k in held_keys(c) if k != c.metric]][:2]
+    per_metric = {m: kd_cells(c, g, m) for m in metrics}
+    cells = per_metric[c.metric]
     for algo, cf in cells.groupby("algo", sort=False):
         heading = f"{algo} k/d ablation: branching factor k x branching depth d (seeds per cell: " \
                   f"{'/'.join(map(str, sorted(set(cf['n']))))})"
-        fig, axes = w.page(heading, 1, 3)
-        # second map: NFE per iteration (noise-free) unless the budget made it equal everywhere
+        steps = bool(cf["opt_steps"].notna().any())
+        # NFE per iteration (noise-free) unless the budget made it equal everywhere; the optimizer steps each
+        # configuration got from the budget (the update count an equal budget confounds with k and d)
         flat = cf["nfe_iter"].nunique() <= 1 and c.wall_ok
-        specs = [("value", f"{c.metric} at the budget (mean)", "{:.3f}", True),
-                 ("s_iter", "seconds / iteration", "{:.3g}", False) if flat else
-                 ("nfe_iter", "NFE per iteration", "{:.0f}", False)]
-        for ax, (col, title, f, high) in zip(axes[0][:2], specs):
-            tab = cf.pivot(index="d", columns="k", values=col).sort_index().sort_index(axis=1)
+        specs = [(per_metric[m][per_metric[m]["algo"] == algo], "value", f"{m} at the budget (mean)", "{:.3f}",
+                  True, True) for m in metrics]
+        specs.append((cf, "s_iter", "seconds / iteration", "{:.3g}", False, True) if flat else
+                     (cf, "nfe_iter", "NFE per iteration", "{:.0f}", False, True))
+        if steps:
+            specs.append((cf, "opt_steps", "optimizer steps in the run (mean)", "{:.0f}", True, False))
+        ncols = 3 if len(specs) + 1 > 4 else 2
+        fig, axes = w.page(heading, 2, ncols)
+        cells_axes = list(axes.flat)
+        for ax, (frame, col, title, f, high, box) in zip(cells_axes, specs):
+            tab = frame.pivot(index="d", columns="k", values=col).sort_index().sort_index(axis=1)
             tab.index.name, tab.columns.name = "d (branching depth, SDE steps)", "k (branching factor)"
-            marks = cf.pivot(index="d", columns="k", values="short").reindex_like(tab).fillna(False)
-            plots.heatmap(ax, tab, f"{algo}: {title}", title, fmt=f, higher_is_better=high, marks=marks)
+            marks = frame.pivot(index="d", columns="k", values="short").reindex_like(tab).fillna(False)
+            plots.heatmap(ax, tab, title, title, fmt=f, higher_is_better=high, marks=marks, box=box)
+        front_ax = cells_axes[len(specs)]
+        for ax in cells_axes[len(specs) + 1:]:
+            ax.set_axis_off()
         # noise-free cost per iteration (the paper plots seconds per iteration; the heatmap shows that
         # when NFE per iteration is equal everywhere)
         cost, label = ("s_iter", "seconds per iteration (s; wall clock, noisy)") if flat else \
             ("nfe_iter", "NFE per iteration")
         pts = cf.assign(cost=cf[cost], label=[f"k={k} d={d}" for k, d in zip(cf["k"], cf["d"])])
         pts["front"] = stats.pareto_mask(pts["value"], pts["cost"])
-        plots.pareto(axes[0][2], pts, label, reward_label(c.rs, c.metric), legend=False, annotate=True)
-        axes[0][2].set_title("Pareto front across k/d (filled: non-dominated)", fontsize=9)
+        plots.pareto(front_ax, pts, label, reward_label(c.rs, c.metric), legend=False, annotate=True)
+        front_ax.set_title(f"Pareto front across k/d, {c.metric} (filled: non-dominated)", fontsize=9)
+        foot = []
+        rs_ = {m: steps_correlation(per_metric[m][per_metric[m]["algo"] == algo]) for m in metrics}
+        if any(r is not None for r in rs_.values()):
+            foot.append(f"Across the {int(cf['opt_steps'].notna().sum())} cells, the value at the budget tracks "
+                        "log(optimizer steps) with " + ", ".join(f"r = {r:+.2f} ({m})" for m, r in rs_.items()
+                                                                 if r is not None)
+                        + ": on an equal budget a cheaper iteration buys more updates, so the grid ranks update "
+                          "counts as well as k and d.")
         if cf["short"].any():
-            fig.text(0.02, 0.015, "* includes runs that did not spend their whole budget (pruned, interrupted "
-                     "or failed): their final values come from fewer iterations.", fontsize=8)
-        w.save(fig, heading)
+            foot.append("* includes runs that did not spend their whole budget (pruned, interrupted or failed): "
+                        "their final values come from fewer iterations.")
+        if foot:
+            fig.text(0.02, 0.015, "\n".join(foot), fontsize=8)
+        w.save(fig, heading, rect_bottom=0.02 + 0.02 * len(foot))
 
 
 def window_page(w: Writer, c: Context) -> None:

@@ -329,9 +329,10 @@ def heatmap(
     cmap: str = "viridis",
     higher_is_better: bool = True,
     marks: pd.DataFrame | None = None,
+    box: bool = True,
 ) -> plt.Axes:
-    """Annotated heatmap of a pivot table (index = rows, e.g. d; columns = e.g. k); the best cell is boxed.
-    ``marks`` (same shape, bool) appends a "*" to the marked cells' numbers."""
+    """Annotated heatmap of a pivot table (index = rows, e.g. d; columns = e.g. k); the best cell is boxed
+    (``box``). ``marks`` (same shape, bool) appends a "*" to the marked cells' numbers."""
     if table.empty:
         return note(ax, "no grid data")
     vals = table.to_numpy(dtype=float)
@@ -352,7 +353,7 @@ def heatmap(
         star = "*" if marks is not None and bool(marks.to_numpy()[i, j]) else ""
         ax.text(j, i, fmt.format(v) + star, ha="center", va="center", fontsize=8,
                 color="white" if dark else "black")
-    if finite.any():
+    if box and finite.any():
         bi, bj = np.unravel_index(np.nanargmax(vals) if higher_is_better else np.nanargmin(vals), vals.shape)
         ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="black", lw=2))
     cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

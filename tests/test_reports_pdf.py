@@ -75,6 +75,29 @@ def test_sweep_report_has_kd_page(tmp_path):
     assert pdf_pages(tmp_path / "s.pdf") == len(pages)
 
 
+def test_kd_cells_count_optimizer_steps_and_their_correlation_with_the_metric(tmp_path):
+    import math
+
+    import pandas as pd
+
+    from reports.context import Context
+    from reports.pages import _grid_runs, kd_cells, steps_correlation
+
+    write_sweep(tmp_path / "study", ks=(2, 3), ds=(1, 2), seeds=(0, 1))
+    rs = load([tmp_path / "study"])
+    c = Context(rs, ReportOptions(**FAST), rs.labels[0], "eval/shapes_pref", True, [])
+    cells = kd_cells(c, _grid_runs(c))
+    assert len(cells) == 4 and set(cells["opt_steps"]) == {10.0}  # 10 iterations x 1 optimizer step, per seed
+    assert steps_correlation(cells) is None                        # the steps do not vary
+    frame = lambda v, st: pd.DataFrame({"value": v, "opt_steps": st})
+    e = math.e
+    assert steps_correlation(frame([0.1, 0.2, 0.3], [e, e ** 2, e ** 3])) == pytest.approx(1.0, abs=1e-12)
+    assert steps_correlation(frame([0.3, 0.2, 0.1], [10, 100, 1000])) == pytest.approx(-1.0, abs=1e-12)
+    # log steps 0, 1, 2 against values 1, 2, 4: r = 3 / sqrt(2 x 42/9) by hand
+    assert steps_correlation(frame([1.0, 2.0, 4.0], [1, e, e ** 2])) == pytest.approx(3 / math.sqrt(28 / 3), rel=1e-9)
+    assert steps_correlation(frame([1.0, 2.0, math.nan], [1, e, e ** 2])) is None  # fewer than 3 usable cells
+
+
 @pytest.mark.slow  # end-to-end variant (make test-slow; CI runs it)
 def test_window_page_and_custom_metric(tmp_path):
     for w in (2, 4):
