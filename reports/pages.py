@@ -356,9 +356,22 @@ def _prompts(ev: pd.Series) -> list[str]:
     return list(p) if isinstance(p, (list, tuple)) else []
 
 
+def any_sample_grid(c: Context) -> bool:
+    """Whether any run directory holds an eval sample grid its records name (run directories exported with
+    records only, docs/results/runs, hold none: the report then leaves the sample pages out)."""
+    ev = c.rs.evals
+    if "samples_png" not in ev or ev.empty:
+        return False
+    paths = dict(zip(c.rs.runs["run"], c.rs.runs["path"]))
+    return any((Path(paths[r]) / str(f)).is_file() for r, f in zip(ev["run"], ev["samples_png"])
+               if isinstance(f, str) and r in paths)
+
+
 def samples_pages(w: Writer, c: Context) -> None:
     """Eval sample grids of the first seed of each method at iteration 0, mid-run and the end, large,
-    with each grid row's prompt beside it."""
+    with each grid row's prompt beside it; none when no run directory holds its grids."""
+    if not any_sample_grid(c):
+        return
     first = c.rs.runs.drop_duplicates("label")
     runs = [(r["run"], r["label"], r["seed"], Path(r["path"])) for _, r in first.iterrows()]
     chunks = [runs[i:i + LABELS_PER_SAMPLE_PAGE] for i in range(0, len(runs), LABELS_PER_SAMPLE_PAGE)]

@@ -13,7 +13,8 @@ Fixed page order (pages marked * appear only when the runs contain what they sho
   6. time per iteration by phase; NFE per scored sample
   7*. k/d ablation: heatmaps and the Pareto front across configurations
   8*. window-size curves
-  9. eval sample grids (iteration 0, mid-run, end) with their prompts
+  9*. eval sample grids (iteration 0, mid-run, end) with their prompts (left out, with a note on the setup page,
+     when the run directories hold no grids: exported runs)
  10. reward hacking: the judgement per method with its numbers, eval curves
  11. tables: reward at matched fractions of the budget (the primary table), cost to the targets,
      scores and gains at the budget, costs, every claim in numbers
@@ -288,6 +289,9 @@ def setup_page(w: Writer, c: Context) -> None:
         lines.append(f"Sweep trials:    {len(c.rs.trials)} in trials.csv"
                      + (" (" + ", ".join(f"{k} x{v}" for k, v in states.items()) + ")" if states else ""))
     notes = list(c.code_problems)
+    if not pages.any_sample_grid(c):
+        notes.append("No eval sample grids in these run directories (runs exported with their records only, as "
+                     "under docs/results/runs, keep none): the sample pages are left out.")
     if not c.wall_ok:
         notes.append("Wall-clock and memory panels are omitted: " + "; ".join(c.wall_problems))
     short = r[~r["stop_reason"].astype(str).str.startswith("budget")]

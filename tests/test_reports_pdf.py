@@ -211,3 +211,22 @@ def test_tuning_page_shows_every_study_and_the_tuned_settings(tmp_path, capsys):
     _write_tuning(other, "dancegrpo", [], {"states": {}, "best_trial": None, "best_value": None, "overrides": None})
     with pytest.raises(UsageError, match="two tuning studies of 'dancegrpo'"):
         read_tuning([studies, other / "tuning"])
+
+
+def test_runs_without_sample_grids_leave_the_sample_pages_out(tmp_path):
+    """Exported runs (records only) draw no pages of "missing image" panels: the setup page says why."""
+    import shutil
+
+    from reports.context import Context
+    from reports.pages import any_sample_grid
+
+    root = tmp_path / "cmp"
+    write_comparison(root, algos=("dancegrpo", "treegrpo"), seeds=(0, 1))
+    with_images = load([root])
+    assert any_sample_grid(Context(with_images, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, []))
+    for d in root.glob("*/seed*/samples"):
+        shutil.rmtree(d)
+    rs = load([root])
+    assert not any_sample_grid(Context(rs, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, []))
+    pages = build_report(rs, tmp_path / "r.pdf", ReportOptions(figures=False, **FAST))
+    assert not any(p.startswith("Eval samples") for p in pages) and pdf_pages(tmp_path / "r.pdf") == len(pages)
