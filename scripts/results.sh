@@ -40,6 +40,8 @@ RIVALS_EXTRA=${RIVALS_ARGS---no-default-arms}
 KD_SEEDS=${KD_SEEDS:-3}
 KS=${KD_KS:-2 3 4}
 DS=${KD_DS:-1 2 3}
+KD_PARALLEL=${KD_PARALLEL:-2}                           # k x d cells at once after the first
+KD_JOBS=${KD_JOBS:---jobs 1 --threads-per-run 1}          # each such cell: its seeds one after the other
 # 4 prompts per iteration (twice the updates per NFE of the default 8; the group size is unchanged);
 # evaluation: 32 held-out prompts x 4 images on shared noise (eval.seed 0), on one NFE grid every 2,500 NFE
 # (above every algorithm's cost per iteration; 25/50/75/100% of the budget are grid points)
@@ -98,14 +100,36 @@ else
 try: o = json.load(open(sys.argv[1]))["overrides"] or {}
 except (OSError, ValueError, KeyError): o = {}
 print(" ".join(f"--set {k}={v}" for k, v in o.items()))' "$OUT/tuning/treegrpo/tuned.json")
-  for k in $KS; do
-    for d in $DS; do
-      # shellcheck disable=SC2086
-      $BENCH compare --algos treegrpo --budget "$BUDGET" --seeds "$KD_SEEDS" --out "$RUNS/kd/k${k}_d${d}" --no-report \
-        $JOBS $MIXED $SETTINGS $lr_set --set eval.cache="$RUNS/kd/.eval_cache" --set algo.k="$k" --set algo.d="$d" \
-        $EXTRA
-    done
+  # cells: the first alone with $JOBS (it computes the shared iteration-0 evaluation), then KD_PARALLEL cells at
+  # once, each running its seeds one after the other on one core, so that no core idles while a cell's odd seed
+  # runs alone (3 seeds two at a time leave one core idle for a third of each cell); each cell's output goes to
+  # $RUNS/kd/<cell>.log
+  kd_cell() {  # kd_cell K D JOBS...
+    local k=$1 d=$2
+    shift 2
+    # shellcheck disable=SC2086
+    $BENCH compare --algos treegrpo --budget "$BUDGET" --seeds "$KD_SEEDS" --out "$RUNS/kd/k${k}_d${d}" --no-report \
+      "$@" $MIXED $SETTINGS $lr_set --set eval.cache="$RUNS/kd/.eval_cache" --set algo.k="$k" --set algo.d="$d" \
+      $EXTRA
+  }
+  cells=()
+  for k in $KS; do for d in $DS; do cells+=("$k $d"); done; done
+  mkdir -p "$RUNS/kd"
+  first=${cells[0]}
+  # shellcheck disable=SC2086
+  kd_cell ${first% *} ${first#* } $JOBS
+  failed=0
+  for cell in "${cells[@]:1}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$KD_PARALLEL" ]; do wait -n || failed=$((failed + 1)); done
+    echo "== kd cell k=${cell% *} d=${cell#* } -> $RUNS/kd/k${cell% *}_d${cell#* }.log"
+    # shellcheck disable=SC2086
+    kd_cell ${cell% *} ${cell#* } $KD_JOBS > "$RUNS/kd/k${cell% *}_d${cell#* }.log" 2>&1 &
   done
+  while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=$((failed + 1)); done
+  if [ "$failed" -gt 0 ]; then
+    echo "error: $failed k x d cell(s) failed (their logs: $RUNS/kd/k*_d*.log); run the same command again to resume" >&2
+    exit 1
+  fi
   $BENCH report "$RUNS/kd" --out "$RUNS/kd/report.pdf" --x nfe --baseline "${KD_BASELINE:-treegrpo k=3 d=3}" \
     --title "TreeGRPO k x d grid, budget $BUDGET"
   rm -rf "$OUT/treegrpo_kd_grid.pdf" "$OUT/treegrpo_kd_grid_files"
@@ -146,7 +170,9 @@ else:
     for k in ("controls", "tune", "tuned"):
         entry.pop(k)
     entry.update(algos="treegrpo", report="treegrpo_kd_grid.pdf", runs="runs/kd", kd_ks="$KS", kd_ds="$DS",
-                 kd_eval="the settings' grid, one iteration-0 evaluation for all cells", seeds=$KD_SEEDS, lr_from="tuning/treegrpo/tuned.json (make results)")
+                 kd_eval="the settings' grid, one iteration-0 evaluation for all cells", seeds=$KD_SEEDS,
+                 lr_from="tuning/treegrpo/tuned.json (make results)",
+                 kd_schedule="the first cell alone ($JOBS), then $KD_PARALLEL cells at once ($KD_JOBS each)")
 doc["parts"][part] = entry
 path.write_text(json.dumps(doc, indent=1) + "\n")
 PYEOF
