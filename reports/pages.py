@@ -7,13 +7,14 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from reports import panels, plots, stats
 from reports.context import Context, Writer, final_scores, fmt, reward_label, varies, wrap
-from reports.load import X_AXES, axis_label
+from reports.load import X_AXES, RunSet, axis_label
 
 WINDOW_KEYS = ("cfg.algo.window", "cfg.algo.window_size")
 LABELS_PER_SAMPLE_PAGE = 4
@@ -367,27 +368,35 @@ def any_sample_grid(c: Context) -> bool:
                if isinstance(f, str) and r in paths)
 
 
+def sample_picks(rs: RunSet) -> list[tuple[str, str, Any, Path, pd.DataFrame]]:
+    """The evaluations the sample pages show: per method (label) its first run (run, label, seed, path) and
+    the eval records at iteration 0, mid-run and the end that name a sample grid. ``scripts/export_runs.py
+    --sample-grids`` ships exactly these grids with the exported records."""
+    out = []
+    for _, r in rs.runs.drop_duplicates("label").iterrows():
+        ev = rs.evals[rs.evals["run"] == r["run"]].sort_values("iteration").reset_index(drop=True)
+        ev = ev.dropna(subset=["samples_png"]) if "samples_png" in ev else ev.iloc[0:0]
+        out.append((r["run"], r["label"], r["seed"], Path(r["path"]), ev.iloc[_checkpoints(len(ev))]))
+    return out
+
+
 def samples_pages(w: Writer, c: Context) -> None:
     """Eval sample grids of the first seed of each method at iteration 0, mid-run and the end, large,
     with each grid row's prompt beside it; none when no run directory holds its grids."""
     if not any_sample_grid(c):
         return
-    first = c.rs.runs.drop_duplicates("label")
-    runs = [(r["run"], r["label"], r["seed"], Path(r["path"])) for _, r in first.iterrows()]
+    runs = sample_picks(c.rs)
     chunks = [runs[i:i + LABELS_PER_SAMPLE_PAGE] for i in range(0, len(runs), LABELS_PER_SAMPLE_PAGE)]
     for n, chunk in enumerate(chunks, 1):
         heading = "Eval samples (same prompts and noise in every run; first seed of each method)"
         heading += f" ({n}/{len(chunks)})" if len(chunks) > 1 else ""
         fig, axes = w.page(heading, len(chunk), 3)
-        for row, (run, label, seed, path) in zip(axes, chunk):
-            ev = c.rs.evals[c.rs.evals["run"] == run].sort_values("iteration").reset_index(drop=True)
-            ev = ev.dropna(subset=["samples_png"]) if "samples_png" in ev else ev.iloc[0:0]
-            picks = _checkpoints(len(ev))
+        for row, (_run, label, seed, path, picked) in zip(axes, chunk):
             for j, ax in enumerate(row):
-                if j >= len(picks):
+                if j >= len(picked):
                     ax.set_axis_off()
                     continue
-                e = ev.iloc[picks[j]]
+                e = picked.iloc[j]
                 scores = " / ".join(fmt(e.get(k), 3) for k in c.rs.eval_keys() if k in e)
                 panels.sample_image(ax, path / str(e["samples_png"]), _prompts(e) if j == 0 else [],
                                    title=f"it {int(e['iteration'])}: {scores}",

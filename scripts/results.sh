@@ -15,8 +15,9 @@
 #                                                              -> docs/results/treegrpo_kd_grid.pdf
 #
 # Each part also ships the per-run data every number is recomputed from (docs/results/runs/<part>/: manifest,
-# final.json, evaluations, iteration records, per-image scores gzipped; `bench report docs/results/runs/compare`
-# redraws the report), the tuning studies' results (docs/results/tuning/<algo>/) and its settings, commit and
+# final.json, evaluations, iteration records, per-image scores gzipped, the sample grids the report shows;
+# `bench report docs/results/runs/compare_shapes --tuning docs/results/tuning` redraws the report), the tuning
+# studies' results (docs/results/tuning/<algo>/) and its settings, commit and
 # wall time in docs/results/results.json. Re-running resumes: finished runs are skipped, killed ones resumed.
 # Every setting can be overridden from the environment (a smoke test uses a tiny budget and model).
 set -euo pipefail
@@ -77,7 +78,7 @@ compare() {
   rm -rf "${OUT:?}/$name.pdf" "${OUT:?}/${name}_files"
   cp "$RUNS/$name/report.pdf" "$OUT/$name.pdf"
   cp -r "$RUNS/$name/report_files" "$OUT/${name}_files"
-  $PY scripts/export_runs.py "$RUNS/$name" "$OUT/runs/$name" --skip tuning
+  $PY scripts/export_runs.py "$RUNS/$name" "$OUT/runs/$name" --skip tuning --sample-grids
   if [ -d "$RUNS/$name/tuning" ]; then
     for d in "$RUNS/$name/tuning"/*/; do  # the tuned settings and the trials table of every study (small)
       a=$(basename "$d")
@@ -135,7 +136,7 @@ print(" ".join(f"--set {k}={v}" for k, v in o.items()))' "$OUT/tuning/treegrpo/t
   rm -rf "$OUT/treegrpo_kd_grid.pdf" "$OUT/treegrpo_kd_grid_files"
   cp "$RUNS/kd/report.pdf" "$OUT/treegrpo_kd_grid.pdf"
   cp -r "$RUNS/kd/report_files" "$OUT/treegrpo_kd_grid_files"
-  $PY scripts/export_runs.py "$RUNS/kd" "$OUT/runs/kd"
+  $PY scripts/export_runs.py "$RUNS/kd" "$OUT/runs/kd" --sample-grids
 fi
 t1=$(date +%s)
 

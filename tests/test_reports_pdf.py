@@ -230,3 +230,32 @@ def test_runs_without_sample_grids_leave_the_sample_pages_out(tmp_path):
     assert not any_sample_grid(Context(rs, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, []))
     pages = build_report(rs, tmp_path / "r.pdf", ReportOptions(figures=False, **FAST))
     assert not any(p.startswith("Eval samples") for p in pages) and pdf_pages(tmp_path / "r.pdf") == len(pages)
+
+
+def test_export_with_sample_grids_redraws_the_sample_pages(tmp_path, capsys):
+    """scripts/export_runs.py: records only by default (the report leaves the sample pages out); with
+    --sample-grids exactly the grids the sample pages show, so the exported runs redraw them."""
+    import importlib.util
+    from pathlib import Path
+
+    from reports.context import Context
+    from reports.pages import any_sample_grid, sample_picks
+
+    spec = importlib.util.spec_from_file_location("export_runs", Path(__file__).parents[1] / "scripts" / "export_runs.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    src = tmp_path / "cmp"
+    write_comparison(src, algos=("dancegrpo", "treegrpo"), seeds=(0, 1))
+    picks = sample_picks(load([src]))
+    # per method its first seed; 6 evaluations (iterations 0, 2, ..., 10): indices 0, round(2.5) = 2 and 5
+    assert [(lab, seed, list(p["iteration"])) for _, lab, seed, _, p in picks] == [
+        ("dancegrpo", 0, [0, 4, 10]), ("treegrpo", 0, [0, 4, 10])]
+    assert export.main([str(src), str(tmp_path / "plain")]) == 0
+    assert not list((tmp_path / "plain").rglob("*.png"))
+    assert export.main([str(src), str(tmp_path / "full"), "--sample-grids"]) == 0
+    assert "6 sample grids" in capsys.readouterr().out
+    pngs = sorted(p.relative_to(tmp_path / "full").as_posix() for p in (tmp_path / "full").rglob("*.png"))
+    assert pngs == [f"{a}/seed0/samples/eval_{i:06d}.png" for a in ("dancegrpo", "treegrpo") for i in (0, 4, 10)]
+    rs = load([tmp_path / "full"])
+    assert any_sample_grid(Context(rs, ReportOptions(**FAST), "dancegrpo", "eval/shapes_pref", True, []))
+    assert [list(p["iteration"]) for *_, p in sample_picks(rs)] == [[0, 4, 10], [0, 4, 10]]
