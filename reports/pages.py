@@ -304,17 +304,18 @@ def kd_page(w: Writer, c: Context) -> None:
         foot = []
         rs_ = {m: steps_correlation(per_metric[m][per_metric[m]["algo"] == algo]) for m in metrics}
         if any(r is not None for r in rs_.values()):
-            foot.append(f"Across the {int(cf['opt_steps'].notna().sum())} cells, the value at the budget tracks "
-                        "log(optimizer steps) with " + ", ".join(f"r = {r:+.2f} ({m})" for m, r in rs_.items()
-                                                                 if r is not None)
-                        + ": on an equal budget a cheaper iteration buys more updates, so the grid ranks update "
-                          "counts as well as k and d.")
+            foot.append(f"Correlation across the {int(cf['opt_steps'].notna().sum())} cells between the value at the "
+                        "budget and log(optimizer steps): " + ", ".join(f"r = {r:+.2f} ({m})" for m, r in rs_.items()
+                                                                       if r is not None)
+                        + ". On an equal budget a cheaper iteration buys more updates: |r| near 1 means the grid "
+                          "ranks update counts as much as k and d.")
         if cf["short"].any():
             foot.append("* includes runs that did not spend their whole budget (pruned, interrupted or failed): "
                         "their final values come from fewer iterations.")
+        foot = wrap(foot, 175)
         if foot:
-            fig.text(0.02, 0.015, "\n".join(foot), fontsize=8)
-        w.save(fig, heading, rect_bottom=0.02 + 0.02 * len(foot))
+            fig.text(0.02, 0.03, "\n".join(foot), fontsize=8, va="bottom")
+        w.save(fig, heading, rect_bottom=0.03 + 0.018 * len(foot))
 
 
 def window_page(w: Writer, c: Context) -> None:
