@@ -215,7 +215,7 @@ def test_the_cache_directory_is_not_part_of_a_sweep_definition():
 
     a = SimpleNamespace(algo="grpo", direction="maximize", multi_objective=False, budget_per_trial="2it", model=None,
                         model_path=None, reward=None, eval_rewards=None, config=None, preset=None,
-                        reject_hacking=True, validation_split=True)
+                        reject_hacking=True, validation_split=True, seeds_per_trial=1)
     space = SimpleNamespace(to_dict=lambda: {"lr": [1e-6, 1e-3]})
 
     def definition(sets):
