@@ -8,9 +8,9 @@ consistency can be checked), over the run's own iteration-0 evaluation
 
 (resolution = the standard error of an eval mean, ``verdict.resolution``), **or**, judged on the whole
 curve, the held-out reward has fallen below its iteration-0 value by more than its resolution and stays
-there, with the training reward above its own (``bench.rundir.runlog.sustained_fall`` at the run's last
-evaluation: its last ``SUSTAIN`` evaluations after iteration 0 are all below). The table then says since
-which iteration the held-out reward stays below. A dip in one attribute of one image that later
+there, in a run whose training reward rose above its own at some evaluation
+(``bench.rundir.runlog.sustained_fall`` at the run's last evaluation: its last ``SUSTAIN`` evaluations after
+iteration 0 are all below). The table then says since which iteration the held-out reward stays below. A dip in one attribute of one image that later
 recovers, or a drop in one seed only, is not a flag. The numbers behind each judgement are returned
 beside it. (The run log's own per-run ``reward_hacking`` field is the run-time warning; reports do not
 use it for the flag.)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--reject-hacking", action="store_true",
                    help="prune (reject) a trial whose held-out reward falls below its iteration-0 value beyond "
-                        "its resolution and stays there while the training reward rises (the whole-curve "
+                        "its resolution and stays there in a run whose training reward rose (the whole-curve "
                         "reward-hacking rule); turns eval.at_start on")
     p.add_argument("--validation-split", action="store_true",
                    help="evaluate trials on a validation split: the eval prompt set's prompts past the first "

@@ -70,6 +70,20 @@ def test_no_flag_when_training_reward_did_not_rise_or_no_iteration_zero():
     assert sustained_fall(late, TR, [HO]) == []
 
 
+def test_collapse_that_drags_the_training_reward_back_is_still_flagged():
+    """TreeGRPO k=2 d=1, seed 0, of the shipped k x d grid (docs/results/runs/kd, evals.jsonl, rounded): the
+    training reward rises to 0.671, the held-out checker collapses to 0 and stays, and the training reward
+    then falls back to its start. The old condition (training reward above its start at the newest
+    evaluation) let this run go unflagged; it learned its reward and then lost the held-out metric."""
+    train = [0.638, 0.646, 0.641, 0.646, 0.653, 0.663, 0.671, 0.651, 0.637]
+    held = [0.799, 0.789, 0.787, 0.467, 0.000, 0.000, 0.000, 0.000, 0.000]
+    # its iteration-0 standard deviations over 128 images: resolutions 0.148 / sqrt(128) = 0.013 (training
+    # reward) and 0.190 / sqrt(128) = 0.017 (held-out)
+    evals = [{**r, "eval_images": 128, f"{TR}/std": 0.148, f"{HO}/std": 0.190} for r in records(train, held)]
+    assert sustained_fall(evals, TR, [HO]) == [HO]
+    assert not reward_hacking_flag(evals, TR, [HO])  # the three-point rule is silent at the end
+
+
 def test_dip_that_recovers_is_not_flagged_at_the_end():
     evals = records([0.60, 0.65, 0.70, 0.75, 0.80], [0.80, 0.60, 0.55, 0.79, 0.81])
     assert sustained_fall(evals[:3], TR, [HO]) == [HO]    # while it stays below: flagged

@@ -115,8 +115,8 @@ def evaluate(r: RunParts, iteration: int, point: float | None = None) -> dict[st
     if rec["heldout_below_start"]:
         names = ", ".join(k.split("/", 1)[-1] for k in rec["heldout_below_start"])
         now = ", ".join(f"{k.split('/', 1)[-1]} {r.state.evals[0][k]:.3f} -> {rec[k]:.3f}" for k in rec["heldout_below_start"])
-        print(f"warning: possible reward hacking at iteration {iteration}: training reward above its iteration-0 "
-              f"value while held-out {names} stays below its iteration-0 value by more than its resolution "
+        print(f"warning: possible reward hacking at iteration {iteration}: the training reward rose above its "
+              f"iteration-0 value during the run while held-out {names} stays below its iteration-0 value by more than its resolution "
               f"({now}; see {rec['samples_png']})", file=sys.stderr)
     elif rec["reward_hacking"]:
         print(f"warning: possible reward hacking at iteration {iteration}: training reward rising while a "

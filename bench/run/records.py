@@ -101,10 +101,11 @@ EVAL_KEYS: dict[str, str] = {
     "samples_png": "sample grid of this evaluation, relative to the run directory",
     "reward_hacking": "possible reward hacking at this evaluation: the training reward rose while a held-out reward "
                       "fell over the last 3 evaluations, or heldout_below_start is not empty",
-    "heldout_below_start": "held-out eval keys judged on the whole curve: the training reward's eval score is above "
-                           "its iteration-0 value, and this held-out reward below its iteration-0 value, each by more "
-                           "than the iteration-0 standard error, at this and the previous evaluation after iteration 0 "
-                           "(a collapse that stays is flagged at every later evaluation; [] otherwise)",
+    "heldout_below_start": "held-out eval keys judged on the whole curve: the training reward's eval score has been "
+                           "above its iteration-0 value at some evaluation of the run, and this held-out reward is below "
+                           "its iteration-0 value at this and the previous evaluation after iteration 0, each by more "
+                           "than the iteration-0 standard error (a collapse that stays is flagged at every later "
+                           "evaluation; [] otherwise)",
     "eval_images": "images scored in this evaluation (eval.num_prompts x eval.images_per_prompt)",
     "samples_prompts": "prompt of each image of the sample grid, in grid order (row-major)",
     "eval_point": "the multiple of eval.every (in its currency: iterations, samples, NFE or seconds) this evaluation "

@@ -62,12 +62,14 @@ def standard_error(rec: Mapping[str, Any], key: str) -> float | None:
 def sustained_fall(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_keys: Sequence[str],
                    stay: int = SUSTAIN) -> list[str]:
     """Held-out keys judged on the whole curve at the newest evaluation: the run's first evaluation is at
-    iteration 0, the training reward's eval score now exceeds its iteration-0 value by more than its
-    resolution, and the held-out reward is below its iteration-0 value by more than its resolution at
-    each of the last ``stay`` evaluations after iteration 0 (resolution: the standard error of the
-    iteration-0 eval mean, ``standard_error``). A held-out score that collapsed (to 0, say) and stays
-    there is flagged at every later evaluation, which the last-3-evaluations rule cannot do once the
-    score no longer falls; a flat curve whose evaluations wander within the resolution is not."""
+    iteration 0, the training reward's eval score has exceeded its iteration-0 value by more than its
+    resolution at some evaluation since (the run learned its reward), and the held-out reward is below its
+    iteration-0 value by more than its resolution at each of the last ``stay`` evaluations after iteration
+    0 (resolution: the standard error of the iteration-0 eval mean, ``standard_error``). A held-out score
+    that collapsed (to 0, say) and stays there is flagged at every later evaluation, which the
+    last-3-evaluations rule cannot do once the score no longer falls, and so is one whose collapse later
+    drags the training reward back to its start too (over-optimisation that ends in collapse); a flat curve
+    whose evaluations wander within the resolution is not, nor a run whose training reward never rose."""
     if len(evals) < stay + 1 or int(evals[0].get("iteration", -1)) != 0:
         return []
     first, last = evals[0], evals[-stay:]
@@ -81,7 +83,7 @@ def sustained_fall(evals: Sequence[Mapping[str, Any]], train_key: str, heldout_k
         res = standard_error(first, key) or 0.0
         return sign * (float(v) - float(v0)) > res
 
-    if not beyond(train_key, evals[-1], +1.0):
+    if not any(beyond(train_key, e, +1.0) for e in evals[1:]):
         return []
     return [k for k in heldout_keys if all(beyond(k, e, -1.0) for e in last)]
 
