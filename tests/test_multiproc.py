@@ -82,6 +82,8 @@ def test_two_process_run_killed_and_resumed_equals_uninterrupted(tmp_path, mode)
     for i, r in enumerate(recs, start=1):
         assert (r["samples"], r["nfe_rollout"], r["nfe_update"]) == (P * G, P * G * T, nfe_update), r
         assert r["samples_total"] == i * P * G and r["nfe_total"] == i * (P * G * T + nfe_update), r
+        # one edge loss term per trained step of every chain (1 NFE each without CFG), of both ranks
+        assert r["edges"] == nfe_update, r
 
     res = run_launch(["run", "--resume", str(run), "--no-progress"], tmp_path / "logs_resume", TIMEOUT)
     assert res.returncode == 0, res.tail()

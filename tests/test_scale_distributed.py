@@ -83,7 +83,8 @@ def test_fsdp_without_a_launch_is_a_usage_error(tmp_path):
 def test_single_process_dist_is_a_no_op():
     d = Dist.single()
     assert d.shard(PROMPTS) is PROMPTS and d.any_flag(None) is None
-    assert d.totals(3, 4, 5, {"rollout": 1.0}) == (3, 4, 5, {"rollout": 1.0})
+    assert d.totals(3, 4, 5, {"rollout": 1.0}, 6) == (3, 4, 5, {"rollout": 1.0}, 6)
+    assert d.totals(3, 4, 5, {"rollout": 1.0}) == (3, 4, 5, {"rollout": 1.0}, 0)
 
 
 @pytest.mark.slow

@@ -238,14 +238,16 @@ class Dist:
             return flag
         return next((f for f in self.gather(flag) if f is not None), None)
 
-    def totals(self, samples: int, nfe_rollout: int, nfe_update: int, seconds: dict[str, float]
-               ) -> tuple[int, int, int, dict[str, float]]:
-        """Global iteration totals: samples and NFE summed, phase seconds of the slowest rank."""
+    def totals(self, samples: int, nfe_rollout: int, nfe_update: int, seconds: dict[str, float], edges: int = 0
+               ) -> tuple[int, int, int, dict[str, float], int]:
+        """Global iteration totals: samples, NFE and trained edge terms summed, phase seconds of the slowest
+        rank."""
         if not self.active:
-            return samples, nfe_rollout, nfe_update, seconds
-        parts = self.gather((samples, nfe_rollout, nfe_update, seconds))
+            return samples, nfe_rollout, nfe_update, seconds, edges
+        parts = self.gather((samples, nfe_rollout, nfe_update, seconds, edges))
         secs = {k: max(p[3].get(k, 0.0) for p in parts) for k in set().union(*(p[3] for p in parts))}
-        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), secs)
+        return (sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts), secs,
+                sum(p[4] for p in parts))
 
     def barrier(self) -> None:
         if self.active:

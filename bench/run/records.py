@@ -60,7 +60,7 @@ class IterationRecord:
                              "peak from run.peak_flops or the known-device table for the run's precision; null "
                              "without a known peak (CPU: set run.peak_flops)")
     flops_uncounted_calls: int = _doc("training calls of kinds with no FLOP count (0 FLOPs in flops)", 0)
-    edges: int = _doc("edge loss terms trained this iteration", 0)
+    edges: int = _doc("edge loss terms trained this iteration (all ranks)", 0)
     optimizer_steps: int = _doc("optimizer steps this iteration", 0)
     micro_batches: int = _doc("forward+backward micro-batches this iteration (gradient accumulation)", 0)
     zero_spread_frac: float = _doc("fraction of prompts whose images all got the same reward (no learning signal)")

@@ -244,8 +244,9 @@ class Run:
     def _record(self, i: int, plan: RolloutPlan, rollout: Rollout, rewards: RewardOutput, adv: Advantages | None,
                 stats: UpdateStats | None, local: tuple[int, int], update_nfe: int, seconds: dict[str, float]
                 ) -> IterationRecord:
-        # budgets count globally: samples and NFE of all ranks, seconds of the slowest
-        n_samples, nfe_r, nfe_u, seconds = self.dist.totals(local[0], local[1], update_nfe, seconds)
+        # budgets count globally: samples, NFE and trained edges of all ranks, seconds of the slowest
+        n_samples, nfe_r, nfe_u, seconds, edges = self.dist.totals(local[0], local[1], update_nfe, seconds,
+                                                                    stats.edges if stats is not None else 0)
         secs = sum(seconds.get(p, 0.0) for p in PHASES)
         cost = self.drain_calls(i)
         flops = unc = None
@@ -262,7 +263,7 @@ class Run:
         sc = rewards.scores
         update = {} if stats is None else {
             "loss": stats.loss, "approx_kl": stats.approx_kl, "clip_frac": stats.clip_frac,
-            "grad_norm": stats.grad_norm, "first_ratio": stats.first_ratio, "kl": stats.kl, "edges": stats.edges,
+            "grad_norm": stats.grad_norm, "first_ratio": stats.first_ratio, "kl": stats.kl, "edges": edges,
             "optimizer_steps": stats.optimizer_steps, "micro_batches": stats.micro_batches}
         return IterationRecord(
             iteration=i, samples=n_samples, samples_total=t.samples, nfe_rollout=nfe_r, nfe_update=nfe_u,
