@@ -9,6 +9,7 @@ import pytest
 from synthetic_runs import _head_commit, write_run
 
 from bench.fleet import compare, launch
+from bench.fleet import tune as tune_mod
 
 #: the report steps here check the PDF, the printed verdict and verdict.json; their per-page images
 #: (report_files/: most of a report's time) are tested by tests/test_reports_pdf.py
@@ -43,6 +44,20 @@ def test_dry_run_passes_the_same_options_to_every_run(tmp_path, capsys):
     cache = subprocess.list2cmdline([f"eval.cache={tmp_path / '.eval_cache'}"])
     assert tails == {f"--model shapes --set a=1 --set b=2 --overwrite --set {cache}"}
     assert "run --algo treegrpo --budget 20m --seed 5 --out" in lines[-1]
+
+
+def test_force_widens_overwrite_for_every_run_and_needs_it(tmp_path, capsys):
+    base = [*NOFILES, "--algos", "treegrpo", "--budget", "2it", "--seeds", "1", "--out", str(tmp_path / "c"),
+            "--dry-run"]
+    assert compare.main([*base, "--overwrite", "--force"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert " --overwrite --force " in line
+    assert compare.main([*base, "--force"]) == 2
+    assert "--force only widens --overwrite" in capsys.readouterr().err
+    # neither is a setting of the runs: the options a later compare into DIR must match leave both out
+    assert compare._run_options(["--set", "a=1", "--overwrite", "--force"]) == ["--set", "a=1"]
+    cmd = tune_mod.sweep_command(["bench"], "treegrpo", ["lr"], 2, "2it", tmp_path, "eval/x", ["--overwrite", "--force"])
+    assert "--force" not in cmd and "--overwrite" not in cmd
 
 
 @pytest.mark.parametrize("opts, cache", [([], ".eval_cache"), (["--no-eval-cache"], None),

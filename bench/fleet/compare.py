@@ -145,6 +145,9 @@ def build_parser(prog: str = "bench compare") -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override passed to every run (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="pass --overwrite to every run")
+    p.add_argument("--force", action="store_true",
+                   help="with --overwrite: pass --force to every run, which then also empties a run directory that "
+                        "is not a treebench run (bench run names its entries when --overwrite alone refuses)")
     p.add_argument("--baseline", default=None,
                    help="report baseline, and the algorithm --controls copies (default: dancegrpo if compared; "
                         "the report's default otherwise, the first of --algos for --controls)")
@@ -254,8 +257,13 @@ def passthrough(args: argparse.Namespace) -> list[str]:
         if "=" not in kv:
             raise UsageError(f"--set {kv!r}: expected KEY=VALUE")
         out += ["--set", kv]
+    if args.force and not args.overwrite:
+        raise UsageError("--force only widens --overwrite (emptying run directories that are not treebench runs): "
+                         "give both")
     if args.overwrite:
         out.append("--overwrite")
+    if args.force:
+        out.append("--force")
     return out
 
 
@@ -481,7 +489,7 @@ OPTIONS_FILE = "compare.json"
 
 
 def _run_options(extra: Sequence[str]) -> list[str]:
-    return [x for x in extra if x != "--overwrite"]
+    return [x for x in extra if x not in ("--overwrite", "--force")]
 
 
 def check_options(out: Path, extra: Sequence[str], overwrite: bool) -> None:

@@ -151,10 +151,11 @@ def tuning_dir(out: Path, algo: str) -> Path:
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
                   out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = (),
                   grid: Mapping[str, Sequence[str]] | None = None, seeds: int = 1) -> list[str]:
-    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite): over
+    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite and
+    --force): over
     ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``; each trial at
     ``seeds`` seeds from ``TUNE_SEED``."""
-    passed = [x for x in extra if x != "--overwrite"]
+    passed = [x for x in extra if x not in ("--overwrite", "--force")]
     if grid:
         space = ["--grid", *[f"{k}={','.join(v)}" for k, v in grid.items() if k in names]]
         trials = grid_trials(grid, names)
