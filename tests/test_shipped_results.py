@@ -27,7 +27,7 @@ def _close(a, b, path="") -> list[str]:
     statistics are sums of a few hundred terms), everything else exactly."""
     if isinstance(a, dict) and isinstance(b, dict):
         return ([f"{path}: keys {sorted(set(a) ^ set(b))}"] if set(a) != set(b) else []) + \
-            [d for k in a for d in _close(a[k], b[k], f"{path}.{k}")]
+            [d for k in a if k in b for d in _close(a[k], b[k], f"{path}.{k}")]
     if isinstance(a, list) and isinstance(b, list):
         return [f"{path}: {len(a)} vs {len(b)} items"] if len(a) != len(b) else \
             [d for i, (x, y) in enumerate(zip(a, b)) for d in _close(x, y, f"{path}[{i}]")]
