@@ -214,8 +214,8 @@ class Objective:
             finally:
                 for k, v in totals.items():
                     trial.set_user_attr(k, v)
-            trial.set_user_attr("seed_values", [r[0] if isinstance(r, tuple) else r for r in results])
-        values = [r[0] if isinstance(r, tuple) else r for r in results]
+            values = [r[0] if isinstance(r, tuple) else r for r in results]
+            trial.set_user_attr("seed_values", values)
         value = sum(values) / len(values)
         if self.spec.cost is None:
             return value

@@ -489,7 +489,7 @@ OPTIONS_FILE = "compare.json"
 
 
 def _run_options(extra: Sequence[str]) -> list[str]:
-    return [x for x in extra if x not in ("--overwrite", "--force")]
+    return [x for x in extra if x not in tune_mod.RUN_DIR_FLAGS]
 
 
 def check_options(out: Path, extra: Sequence[str], overwrite: bool) -> None:

@@ -139,6 +139,11 @@ def grid_trials(grid: Mapping[str, Sequence[str]], names: Sequence[str] | None =
 TUNING_DIR = "tuning"
 
 
+#: options of the comparison that act on its run directories, not settings of the runs: neither saved with the
+#: comparison's run options nor passed to a tuning sweep
+RUN_DIR_FLAGS = ("--overwrite", "--force")
+
+
 def tune_seeds(n: int) -> list[int]:
     """The seeds every tuning trial trains at (``--tune-seeds n``)."""
     return list(range(TUNE_SEED, TUNE_SEED + n))
@@ -151,11 +156,10 @@ def tuning_dir(out: Path, algo: str) -> Path:
 def sweep_command(runner: Sequence[str], algo: str, names: Sequence[str], trials: int, budget: str,
                   out: Path, objective: str, extra: Sequence[str], ranges: Sequence[str] = (),
                   grid: Mapping[str, Sequence[str]] | None = None, seeds: int = 1) -> list[str]:
-    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less --overwrite and
-    --force): over
-    ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``; each trial at
-    ``seeds`` seeds from ``TUNE_SEED``."""
-    passed = [x for x in extra if x not in ("--overwrite", "--force")]
+    """``bench sweep`` of one algorithm's tuning study (the comparison's run options, less ``RUN_DIR_FLAGS``):
+    over ``names`` sampled (TPE), or, with ``grid``, over exactly the grid's values of ``names``; each trial
+    at ``seeds`` seeds from ``TUNE_SEED``."""
+    passed = [x for x in extra if x not in RUN_DIR_FLAGS]
     if grid:
         space = ["--grid", *[f"{k}={','.join(v)}" for k, v in grid.items() if k in names]]
         trials = grid_trials(grid, names)
